@@ -1,0 +1,792 @@
+//! Stage 2: semantic checks on the syntax tree.
+//!
+//! Every name resolves, every expression has a type (number or bool) and a
+//! *level* — how often it changes: never (a constant), once per step
+//! (hyperparameters), once per tensor (`t`, `ndim`, reductions) or per
+//! element (`p`, `g`, state) — and every reduction can be scheduled. The
+//! checker collects every error it finds, each with a span and a hint.
+
+use std::collections::HashMap;
+
+use crate::ast::*;
+use crate::builtins::{self, FuncKind, MAX_REDUCTION_PHASES, MAX_STATES};
+use crate::diag::{Diagnostic, Span};
+
+/// How often a value changes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Level {
+    Const,
+    Step,
+    Tensor,
+    Elem,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ty {
+    Num,
+    Bool,
+}
+
+impl Ty {
+    fn name(self) -> &'static str {
+        match self {
+            Ty::Num => "a number",
+            Ty::Bool => "a bool",
+        }
+    }
+}
+
+/// What the checker knows about a value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Val {
+    pub ty: Ty,
+    pub level: Level,
+    /// How many reduction passes must run before the value is known.
+    pub phase: usize,
+}
+
+impl Val {
+    fn num(level: Level) -> Val {
+        Val {
+            ty: Ty::Num,
+            level,
+            phase: 0,
+        }
+    }
+    fn join(self, other: Val, ty: Ty) -> Val {
+        Val {
+            ty,
+            level: self.level.max(other.level),
+            phase: self.phase.max(other.phase),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+enum Binding {
+    Input,
+    Hyper,
+    State { index: usize, read: bool },
+    Param,
+    Let,
+}
+
+#[derive(Clone, Debug)]
+struct Slot {
+    binding: Binding,
+    val: Val,
+}
+
+/// Checks a spec; returns every error found (empty when the spec is valid).
+pub fn check(spec: &Spec) -> Vec<Diagnostic> {
+    let mut c = Checker {
+        spec,
+        errors: vec![],
+        scopes: vec![HashMap::new()],
+        state_assigned: vec![false; spec.states.len()],
+        p_assigned: false,
+        in_init: false,
+    };
+    c.run();
+    c.errors
+}
+
+/// Convenience: the first error, if any.
+pub fn check_first(spec: &Spec) -> Result<(), Diagnostic> {
+    match check(spec).into_iter().next() {
+        Some(d) => Err(d),
+        None => Ok(()),
+    }
+}
+
+struct Checker<'a> {
+    spec: &'a Spec,
+    errors: Vec<Diagnostic>,
+    scopes: Vec<HashMap<String, Slot>>,
+    state_assigned: Vec<bool>,
+    p_assigned: bool,
+    in_init: bool,
+}
+
+impl<'a> Checker<'a> {
+    fn err(&mut self, span: Span, msg: impl Into<String>, help: impl Into<String>) {
+        self.errors.push(Diagnostic::new(span, msg, help));
+    }
+
+    fn lookup(&self, name: &str) -> Option<&Slot> {
+        self.scopes.iter().rev().find_map(|s| s.get(name))
+    }
+
+    fn lookup_mut(&mut self, name: &str) -> Option<&mut Slot> {
+        self.scopes.iter_mut().rev().find_map(|s| s.get_mut(name))
+    }
+
+    fn known_names(&self) -> Vec<&str> {
+        let mut v: Vec<&str> = self
+            .scopes
+            .iter()
+            .flat_map(|s| s.keys().map(|k| k.as_str()))
+            .collect();
+        v.extend(builtins::FUNCS.iter().map(|f| f.name));
+        v
+    }
+
+    fn run(&mut self) {
+        let spec = self.spec;
+        let name = &spec.name;
+        if !name.name.starts_with(|c: char| c.is_ascii_uppercase()) {
+            self.err(
+                name.span.clone(),
+                format!("optimizer name `{}` must start with an uppercase letter", name.name),
+                "it becomes a Rust type name; write it in UpperCamelCase, e.g. `AdamWAgr`",
+            );
+        }
+        for (name, _) in builtins::INPUTS {
+            self.declare(name, Binding::Input, Val::num(input_level(name)));
+        }
+        self.scopes[0].get_mut("p").unwrap().binding = Binding::Param;
+        self.scopes[0].get_mut("p").unwrap().val = Val::num(Level::Elem);
+        self.check_hypers();
+        self.check_states();
+        self.scopes.push(HashMap::new());
+        let step = spec.step.clone();
+        self.check_block(&step);
+        for (i, s) in spec.states.iter().enumerate() {
+            if !self.state_assigned[i] {
+                self.err(
+                    s.name.span.clone(),
+                    format!("state `{}` is never assigned in `step`", s.name.name),
+                    format!(
+                        "update it in `step` (e.g. `{0} = ...;`) or remove it from `state`",
+                        s.name.name
+                    ),
+                );
+            }
+        }
+        if !self.p_assigned {
+            self.err(
+                spec.step_span.clone(),
+                "the step never updates the parameter `p`",
+                "assign the new value, e.g. `p = p - lr * g;`",
+            );
+        }
+    }
+
+    fn declare(&mut self, name: &str, binding: Binding, val: Val) {
+        self.scopes
+            .last_mut()
+            .unwrap()
+            .insert(name.to_string(), Slot { binding, val });
+    }
+
+    /// A new name must not clash with anything already in scope.
+    fn check_new_name(&mut self, id: &Ident, what: &str) -> bool {
+        let n = id.name.as_str();
+        if builtins::is_input(n) {
+            self.err(
+                id.span.clone(),
+                format!("`{n}` is a built-in input and cannot be declared as a {what}"),
+                format!("choose another name; `{n}` is provided by every step"),
+            );
+            return false;
+        }
+        if builtins::func(n).is_some() {
+            self.err(
+                id.span.clone(),
+                format!("`{n}` is a built-in function and cannot be declared as a {what}"),
+                "choose another name",
+            );
+            return false;
+        }
+        if builtins::RUST_KEYWORDS.contains(&n) || n.starts_with("__") {
+            self.err(
+                id.span.clone(),
+                format!("`{n}` cannot be used as a {what} name"),
+                "names become Rust identifiers: choose one that is not a Rust keyword and does not start with `__`",
+            );
+            return false;
+        }
+        if let Some(slot) = self.lookup(n) {
+            let prev = match &slot.binding {
+                Binding::Hyper => "a hyperparameter",
+                Binding::State { .. } => "a state",
+                Binding::Let => "a `let` in this step",
+                Binding::Input | Binding::Param => "a built-in input",
+            };
+            let help = match slot.binding {
+                Binding::Let | Binding::State { .. } if what == "`let` binding" => {
+                    format!("assign to it with `{n} = ...;` or choose another name")
+                }
+                _ => "rename one of the two".to_string(),
+            };
+            self.err(
+                id.span.clone(),
+                format!("`{n}` is declared twice: it is already {prev}"),
+                help,
+            );
+            return false;
+        }
+        true
+    }
+
+    fn check_hypers(&mut self) {
+        for h in &self.spec.hypers {
+            let n = &h.name.name;
+            let ok = self.check_new_name(&h.name, "hyperparameter");
+            let (ty, ty_span) = match (h.ty.clone(), h.default) {
+                (Some((t, s)), _) => (t, s),
+                (None, Literal::Bool(_)) => (HyperTy::Bool, h.default_span.clone()),
+                (None, Literal::Num { .. }) => (HyperTy::Float, h.default_span.clone()),
+            };
+            match (ty, h.default) {
+                (HyperTy::Bool, Literal::Num { .. }) => self.err(
+                    h.default_span.clone(),
+                    format!("hyperparameter `{n}` is a bool but its default is a number"),
+                    "write `true` or `false`, or declare it `: float`",
+                ),
+                (HyperTy::Float | HyperTy::Int, Literal::Bool(_)) => self.err(
+                    h.default_span.clone(),
+                    format!("hyperparameter `{n}` is declared `: {}` but its default is a bool", ty.keyword()),
+                    "give a number as the default, or declare it `: bool`",
+                ),
+                (HyperTy::Int, Literal::Num { integral: false, value }) => self.err(
+                    h.default_span.clone(),
+                    format!("hyperparameter `{n}` is an int but its default `{value}` is not a whole number"),
+                    "write a whole number such as `0`, or declare it `: float`",
+                ),
+                (_, Literal::Num { value, .. }) if value.is_nan() || value.is_infinite() => self.err(
+                    h.default_span.clone(),
+                    format!("hyperparameter `{n}` needs a finite default"),
+                    "write a finite number; `inf` is only allowed as a range bound",
+                ),
+                _ => {}
+            }
+            let _ = ty_span;
+            if let Some(rn) = &h.range_name {
+                if rn.name != *n {
+                    self.err(
+                        rn.span.clone(),
+                        format!("the range of `{n}` constrains `{}`", rn.name),
+                        format!("write the hyperparameter's own name: `where ... {n} ...`"),
+                    );
+                }
+            }
+            if ty == HyperTy::Bool && h.range_span.is_some() {
+                self.err(
+                    h.range_span.clone().unwrap(),
+                    format!("bool hyperparameter `{n}` cannot have a range"),
+                    "remove the `where` clause",
+                );
+            }
+            if let (Some(lo), Some(hi)) = (h.lower, h.upper) {
+                if lo.value > hi.value || (lo.value == hi.value && !(lo.inclusive && hi.inclusive)) {
+                    self.err(
+                        h.range_span.clone().unwrap(),
+                        format!("the range of `{n}` is empty"),
+                        "the lower bound must be below the upper bound",
+                    );
+                }
+            }
+            if let Literal::Num { value, .. } = h.default {
+                if !in_range(value, h.lower, h.upper) {
+                    self.err(
+                        h.default_span.clone(),
+                        format!(
+                            "the default {value} of `{n}` is outside its range {}",
+                            range_text(h.lower, h.upper)
+                        ),
+                        "change the default or widen the range",
+                    );
+                }
+            }
+            if ok {
+                let val = Val {
+                    ty: if ty == HyperTy::Bool { Ty::Bool } else { Ty::Num },
+                    level: Level::Step,
+                    phase: 0,
+                };
+                self.declare(n, Binding::Hyper, val);
+            }
+        }
+    }
+
+    fn check_states(&mut self) {
+        if self.spec.states.len() > MAX_STATES {
+            let s = &self.spec.states[MAX_STATES];
+            self.err(
+                s.name.span.clone(),
+                format!("a spec may declare at most {MAX_STATES} states"),
+                "combine states or split the optimizer",
+            );
+        }
+        for (index, s) in self.spec.states.iter().enumerate() {
+            if !self.check_new_name(&s.name, "state") {
+                // Reported already; don't also call it unassigned.
+                self.state_assigned[index] = true;
+            } else {
+                self.declare(
+                    &s.name.name,
+                    Binding::State { index, read: false },
+                    Val::num(Level::Elem),
+                );
+            }
+        }
+    }
+
+    fn check_block(&mut self, stmts: &[Stmt]) {
+        for s in stmts {
+            self.check_stmt(s);
+        }
+    }
+
+    fn check_stmt(&mut self, s: &Stmt) {
+        match s {
+            Stmt::Let { name, value } => {
+                let v = self.expr(value);
+                if self.check_new_name(name, "`let` binding") {
+                    if let Some(v) = v {
+                        self.declare(&name.name, Binding::Let, v);
+                    }
+                } else if let Some(v) = v {
+                    // Keep checking later uses without a cascade of errors.
+                    if self.lookup(&name.name).is_none() {
+                        self.declare(&name.name, Binding::Let, v);
+                    }
+                }
+            }
+            Stmt::Assign { target, value } => {
+                let v = self.expr(value);
+                self.assign(target, value, v);
+            }
+            Stmt::If {
+                cond,
+                then,
+                otherwise,
+                ..
+            } => {
+                let c = self.expr(cond);
+                if let Some(c) = c {
+                    if c.ty != Ty::Bool {
+                        self.err(
+                            cond.span.clone(),
+                            "the condition of `if` must be a bool, but this is a number",
+                            "compare it, e.g. `if t <= agr_steps { ... }`",
+                        );
+                    }
+                }
+                // Assignments inside a branch make the variable depend on the
+                // condition too.
+                let before: Vec<HashMap<String, Slot>> = self.scopes.clone();
+                self.scopes.push(HashMap::new());
+                self.check_block(then);
+                self.scopes.pop();
+                self.scopes.push(HashMap::new());
+                self.check_block(otherwise);
+                self.scopes.pop();
+                if let Some(c) = c {
+                    for (depth, scope) in before.iter().enumerate() {
+                        for name in scope.keys() {
+                            let after = self.scopes[depth][name].val;
+                            let merged = after.join(c, after.ty);
+                            if after != scope[name].val {
+                                self.scopes[depth].get_mut(name).unwrap().val = merged;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn assign(&mut self, target: &Ident, value: &Expr, v: Option<Val>) {
+        let n = target.name.as_str();
+        let Some(slot) = self.lookup(n).cloned() else {
+            let hint = match builtins::closest(n, self.known_names()) {
+                Some(c) => format!("did you mean `{c}`? To introduce a temporary, write `let {n} = ...;`"),
+                None => format!("declare it in `state {{ ... }}` or write `let {n} = ...;`"),
+            };
+            self.err(target.span.clone(), format!("cannot assign to unknown name `{n}`"), hint);
+            return;
+        };
+        match slot.binding {
+            Binding::Input => {
+                let help = if n == "g" {
+                    "the gradient is read-only: bind a new name, e.g. `let gr = agr(g);`".to_string()
+                } else {
+                    format!("`{n}` is provided by the step; bind a new name with `let`")
+                };
+                self.err(target.span.clone(), format!("cannot assign to `{n}`"), help);
+                return;
+            }
+            Binding::Hyper => {
+                self.err(
+                    target.span.clone(),
+                    format!("cannot assign to hyperparameter `{n}`"),
+                    "hyperparameters are fixed during a step: bind a new name with `let`",
+                );
+                return;
+            }
+            Binding::State { index, .. } => {
+                if !self.in_init {
+                    self.state_assigned[index] = true;
+                }
+            }
+            Binding::Param => self.p_assigned = true,
+            Binding::Let => {}
+        }
+        let Some(v) = v else { return };
+        let needs_num = !matches!(slot.binding, Binding::Let);
+        if (needs_num && v.ty != Ty::Num) || v.ty != slot.val.ty {
+            self.err(
+                value.span.clone(),
+                format!("`{n}` holds {} but this value is {}", slot.val.ty.name(), v.ty.name()),
+                if v.ty == Ty::Bool {
+                    "turn the condition into a number with `select(cond, 1, 0)`"
+                } else {
+                    "compare it to get a bool, e.g. `x > 0`"
+                },
+            );
+            return;
+        }
+        let slot = self.lookup_mut(n).unwrap();
+        // A state or the parameter stays per-element whatever is assigned.
+        let level = if needs_num { Level::Elem } else { v.level };
+        slot.val = Val { level, ..v };
+    }
+
+    fn expr(&mut self, e: &Expr) -> Option<Val> {
+        match &e.kind {
+            ExprKind::Num(_) => Some(Val::num(Level::Const)),
+            ExprKind::Bool(_) => Some(Val {
+                ty: Ty::Bool,
+                level: Level::Const,
+                phase: 0,
+            }),
+            ExprKind::Name(n) => self.name(n, &e.span),
+            ExprKind::Unary(op, a) => {
+                let v = self.expr(a)?;
+                let want = if *op == UnOp::Neg { Ty::Num } else { Ty::Bool };
+                if v.ty != want {
+                    let (what, help) = if *op == UnOp::Neg {
+                        ("`-` needs a number, but this is a bool", "negate the condition with `!` instead")
+                    } else {
+                        ("`!` needs a bool, but this is a number", "negate a number with `-` instead")
+                    };
+                    self.err(a.span.clone(), what, help);
+                    return None;
+                }
+                Some(v)
+            }
+            ExprKind::Binary(op, a, b) => {
+                let va = self.expr(a);
+                let vb = self.expr(b);
+                let (va, vb) = (va?, vb?);
+                let (want, out) = match op {
+                    BinOp::And | BinOp::Or => (Ty::Bool, Ty::Bool),
+                    o if o.is_comparison() => (Ty::Num, Ty::Bool),
+                    _ => (Ty::Num, Ty::Num),
+                };
+                for (v, side) in [(va, a), (vb, b)] {
+                    if v.ty != want {
+                        let help = if want == Ty::Num {
+                            "use `select(cond, a, b)` to choose between numbers, or `&&`/`||` to combine conditions"
+                        } else {
+                            "compare the number to get a bool, e.g. `x > 0`"
+                        };
+                        self.err(
+                            side.span.clone(),
+                            format!("`{}` needs {} on both sides, but this is {}", op.symbol(), want.name(), v.ty.name()),
+                            help,
+                        );
+                        return None;
+                    }
+                }
+                Some(va.join(vb, out))
+            }
+            ExprKind::If(c, a, b) => {
+                let vc = self.expr(c);
+                let va = self.expr(a);
+                let vb = self.expr(b);
+                let (vc, va, vb) = (vc?, va?, vb?);
+                if vc.ty != Ty::Bool {
+                    self.err(
+                        c.span.clone(),
+                        "the condition of `if` must be a bool, but this is a number",
+                        "compare it, e.g. `if ndim >= 2 { ... }`",
+                    );
+                    return None;
+                }
+                if va.ty != vb.ty {
+                    self.err(
+                        b.span.clone(),
+                        format!("the branches of `if` differ: {} and {}", va.ty.name(), vb.ty.name()),
+                        "make both branches numbers or both bools",
+                    );
+                    return None;
+                }
+                Some(vc.join(va, va.ty).join(vb, va.ty))
+            }
+            ExprKind::Call { func, args } => self.call(e, func, args),
+        }
+    }
+
+    fn name(&mut self, n: &str, span: &Span) -> Option<Val> {
+        let Some(slot) = self.lookup(n).cloned() else {
+            let help = if builtins::func(n).is_some() {
+                format!("`{n}` is a function: call it, e.g. `{n}(x)`")
+            } else {
+                match builtins::closest(n, self.known_names()) {
+                    Some(c) => format!("did you mean `{c}`?"),
+                    None => "declare it in `hyper { ... }`, `state { ... }` or with `let` before this line".into(),
+                }
+            };
+            self.err(span.clone(), format!("unknown name `{n}`"), help);
+            return None;
+        };
+        if let Binding::State { index, read: false } = slot.binding {
+            if self.in_init {
+                self.err(
+                    span.clone(),
+                    format!("the initial value of a state cannot read state `{n}`"),
+                    "initialise from `p`, `g`, hyperparameters or earlier temporaries",
+                );
+                return None;
+            }
+            // The first read of a state: its initial value is evaluated here.
+            if let Some(s) = self.lookup_mut(n) {
+                s.binding = Binding::State { index, read: true };
+            }
+            let init = self.spec.states[index].init.clone();
+            self.in_init = true;
+            let v = self.expr(&init);
+            self.in_init = false;
+            if let Some(v) = v {
+                if v.ty != Ty::Num {
+                    self.err(
+                        init.span.clone(),
+                        format!("the initial value of state `{n}` must be a number"),
+                        "write a number such as `0`, or an expression such as `g`",
+                    );
+                }
+            }
+        }
+        Some(slot.val)
+    }
+
+    fn call(&mut self, e: &Expr, func: &Ident, args: &[Expr]) -> Option<Val> {
+        let Some(f) = builtins::func(&func.name) else {
+            let names = builtins::FUNCS.iter().map(|f| f.name);
+            let help = match builtins::closest(&func.name, names) {
+                Some(c) => format!("did you mean `{c}`?"),
+                None => format!(
+                    "the functions are {}",
+                    builtins::FUNCS.iter().map(|f| f.name).collect::<Vec<_>>().join(", ")
+                ),
+            };
+            self.err(func.span.clone(), format!("unknown function `{}`", func.name), help);
+            for a in args {
+                self.expr(a);
+            }
+            return None;
+        };
+        if args.len() != f.arity {
+            self.err(
+                e.span.clone(),
+                format!(
+                    "`{}` takes {} argument{} but {} {} given",
+                    f.name,
+                    f.arity,
+                    if f.arity == 1 { "" } else { "s" },
+                    args.len(),
+                    if args.len() == 1 { "was" } else { "were" }
+                ),
+                format!("{}: {}", f.name, f.doc),
+            );
+            for a in args {
+                self.expr(a);
+            }
+            return None;
+        }
+        let vals: Vec<Option<Val>> = args.iter().map(|a| self.expr(a)).collect();
+        let vals: Vec<Val> = vals.into_iter().collect::<Option<_>>()?;
+        for (i, (v, a)) in vals.iter().zip(args).enumerate() {
+            let want = if f.kind == FuncKind::Select && i == 0 { Ty::Bool } else { Ty::Num };
+            if v.ty != want {
+                self.err(
+                    a.span.clone(),
+                    format!("argument {} of `{}` must be {}, but this is {}", i + 1, f.name, want.name(), v.ty.name()),
+                    if want == Ty::Bool { "compare it, e.g. `g > 0`" } else { "use `select(cond, 1, 0)` to turn a bool into a number" },
+                );
+                return None;
+            }
+        }
+        let joined = vals.iter().fold(Val::num(Level::Const), |acc, v| acc.join(*v, Ty::Num));
+        match f.kind {
+            FuncKind::Math => Some(joined),
+            FuncKind::Select => Some(Val { ty: vals[1].ty, ..joined }),
+            FuncKind::Agr | FuncKind::TensorReduce | FuncKind::GlobalReduce => {
+                let arg = vals[0];
+                if arg.level != Level::Elem {
+                    self.err(
+                        args[0].span.clone(),
+                        format!("`{}` reduces over a tensor's elements, but this value is the same for every element", f.name),
+                        "pass a per-element value such as `g`, `p` or a state",
+                    );
+                    return None;
+                }
+                let phase = arg.phase + 1;
+                if phase > MAX_REDUCTION_PHASES {
+                    self.err(
+                        e.span.clone(),
+                        format!(
+                            "this reduction cannot be scheduled: it needs {phase} reduction passes before the update, and a step has at most {MAX_REDUCTION_PHASES}"
+                        ),
+                        "reduce over a value that depends on fewer nested reductions",
+                    );
+                    return None;
+                }
+                let level = match f.kind {
+                    FuncKind::Agr => Level::Elem,
+                    FuncKind::TensorReduce => Level::Tensor,
+                    _ => Level::Step,
+                };
+                Some(Val { ty: Ty::Num, level, phase })
+            }
+        }
+    }
+}
+
+fn input_level(name: &str) -> Level {
+    match name {
+        "p" | "g" => Level::Elem,
+        _ => Level::Tensor,
+    }
+}
+
+pub fn in_range(v: f64, lo: Option<Bound>, hi: Option<Bound>) -> bool {
+    let lo_ok = lo.is_none_or(|b| if b.inclusive { v >= b.value } else { v > b.value });
+    let hi_ok = hi.is_none_or(|b| if b.inclusive { v <= b.value } else { v < b.value });
+    lo_ok && hi_ok
+}
+
+/// `[0, 1)` style text for a range.
+pub fn range_text(lo: Option<Bound>, hi: Option<Bound>) -> String {
+    let (lb, lv) = match lo {
+        Some(b) => (if b.inclusive { "[" } else { "(" }, fmt_num(b.value)),
+        None => ("(", "-inf".into()),
+    };
+    let (hb, hv) = match hi {
+        Some(b) => (if b.inclusive { "]" } else { ")" }, fmt_num(b.value)),
+        None => (")", "inf".into()),
+    };
+    format!("{lb}{lv}, {hv}{hb}")
+}
+
+pub fn fmt_num(v: f64) -> String {
+    if v == f64::INFINITY {
+        "inf".into()
+    } else if v == f64::NEG_INFINITY {
+        "-inf".into()
+    } else {
+        format!("{v}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::parse::parse;
+
+    fn errors(src: &str) -> Vec<(String, String)> {
+        let spec = parse(src).unwrap();
+        check(&spec)
+            .into_iter()
+            .map(|d| (src[d.span.clone()].to_string(), d.message))
+            .collect()
+    }
+
+    fn one_error(src: &str) -> (String, String) {
+        let e = errors(src);
+        assert_eq!(e.len(), 1, "{e:?}");
+        e[0].clone()
+    }
+
+    #[test]
+    fn a_valid_spec_has_no_errors() {
+        let e = errors(
+            "X { hyper { lr = 0.1 where lr > 0, on = true, k: int = 3 where 0 <= k }
+                 state { m = 0, prev = g }
+                 step {
+                    let d = g - prev;
+                    let gr = if on && t <= k { agr(g) } else { g };
+                    m = 0.9 * m + gr + d;
+                    prev = g;
+                    if ndim >= 2 { p = p - lr * m; } else { p = p - lr * g; }
+                 } }",
+        );
+        assert!(e.is_empty(), "{e:?}");
+    }
+
+    #[test]
+    fn unknown_name_suggests_the_closest() {
+        let (at, msg) = one_error("X { hyper { beta1 = 0.9 } step { p = p * bata1; } }");
+        assert_eq!(at, "bata1");
+        assert!(msg.contains("unknown name"));
+    }
+
+    #[test]
+    fn assigning_to_g_is_rejected() {
+        let (at, msg) = one_error("X { step { g = g * 2; p = p - g; } }");
+        assert_eq!(at, "g");
+        assert!(msg.contains("cannot assign to `g`"));
+    }
+
+    #[test]
+    fn unassigned_state_and_parameter() {
+        let e = errors("X { state { m = 0 } step { let x = m; } }");
+        assert_eq!(e.len(), 2, "{e:?}");
+        assert_eq!(e[0].0, "m");
+        assert!(e[0].1.contains("never assigned"));
+        assert_eq!(e[1].0, "step");
+    }
+
+    #[test]
+    fn default_outside_range() {
+        let (at, msg) = one_error("X { hyper { b = 1.5 where 0 <= b < 1 } step { p = p * b; } }");
+        assert_eq!(at, "1.5");
+        assert!(msg.contains("[0, 1)"), "{msg}");
+    }
+
+    #[test]
+    fn reductions_need_per_element_arguments_and_a_schedule() {
+        let (at, msg) = one_error("X { hyper { lr = 1 } step { p = p - sum(lr) * g; } }");
+        assert_eq!(at, "lr");
+        assert!(msg.contains("same for every element"));
+        let (at, msg) = one_error(
+            "X { step { p = p - agr(agr(agr(agr(g)))); } }",
+        );
+        assert_eq!(at, "agr(agr(agr(agr(g))))");
+        assert!(msg.contains("cannot be scheduled"));
+    }
+
+    #[test]
+    fn type_mismatch() {
+        let (at, msg) = one_error("X { step { p = p - (g > 0); } }");
+        assert_eq!(at, "g > 0");
+        assert!(msg.contains("needs a number"), "{msg}");
+    }
+
+    #[test]
+    fn duplicate_names() {
+        let (at, msg) = one_error("X { hyper { lr = 1 } state { lr = 0 } step { p = p - lr; } }");
+        assert_eq!(at, "lr");
+        assert!(msg.contains("declared twice"));
+    }
+
+    #[test]
+    fn state_init_reads_temporaries_at_first_read() {
+        assert!(errors("X { state { prev = gr } step { let gr = agr(g); p = p - prev; prev = gr; } }").is_empty());
+        let (at, _) = one_error("X { state { prev = gr } step { p = p - prev; let gr = g; prev = gr; } }");
+        assert_eq!(at, "gr");
+    }
+}
