@@ -80,8 +80,14 @@ pub struct StateDecl {
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Stmt {
-    Let { name: Ident, value: Expr },
-    Assign { target: Ident, value: Expr },
+    Let {
+        name: Ident,
+        value: Expr,
+    },
+    Assign {
+        target: Ident,
+        value: Expr,
+    },
     If {
         cond: Expr,
         then: Vec<Stmt>,

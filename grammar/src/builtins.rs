@@ -23,24 +23,114 @@ pub struct Func {
 }
 
 pub const FUNCS: &[Func] = &[
-    Func { name: "sqrt", arity: 1, kind: FuncKind::Math, doc: "square root" },
-    Func { name: "abs", arity: 1, kind: FuncKind::Math, doc: "absolute value" },
-    Func { name: "sign", arity: 1, kind: FuncKind::Math, doc: "-1, 0 or 1 (sign(0) = 0)" },
-    Func { name: "exp", arity: 1, kind: FuncKind::Math, doc: "e^x" },
-    Func { name: "ln", arity: 1, kind: FuncKind::Math, doc: "natural logarithm" },
-    Func { name: "pow", arity: 2, kind: FuncKind::Math, doc: "pow(x, y) = x ^ y" },
-    Func { name: "min", arity: 2, kind: FuncKind::Math, doc: "the smaller of two numbers" },
-    Func { name: "max", arity: 2, kind: FuncKind::Math, doc: "the larger of two numbers" },
-    Func { name: "clamp", arity: 3, kind: FuncKind::Math, doc: "clamp(x, lo, hi)" },
-    Func { name: "select", arity: 3, kind: FuncKind::Select, doc: "select(cond, a, b): a where cond holds, else b" },
-    Func { name: "agr", arity: 1, kind: FuncKind::Agr, doc: "the AGR operator x - x*|x|/sum(|x|) over the tensor" },
-    Func { name: "sum", arity: 1, kind: FuncKind::TensorReduce, doc: "sum over the tensor's elements" },
-    Func { name: "mean", arity: 1, kind: FuncKind::TensorReduce, doc: "mean over the tensor's elements" },
-    Func { name: "norm", arity: 1, kind: FuncKind::TensorReduce, doc: "L2 norm of the tensor" },
-    Func { name: "max_abs", arity: 1, kind: FuncKind::TensorReduce, doc: "largest |x| in the tensor" },
-    Func { name: "global_sum", arity: 1, kind: FuncKind::GlobalReduce, doc: "sum over every parameter's elements" },
-    Func { name: "global_norm", arity: 1, kind: FuncKind::GlobalReduce, doc: "L2 norm over every parameter" },
-    Func { name: "global_max_abs", arity: 1, kind: FuncKind::GlobalReduce, doc: "largest |x| over every parameter" },
+    Func {
+        name: "sqrt",
+        arity: 1,
+        kind: FuncKind::Math,
+        doc: "square root",
+    },
+    Func {
+        name: "abs",
+        arity: 1,
+        kind: FuncKind::Math,
+        doc: "absolute value",
+    },
+    Func {
+        name: "sign",
+        arity: 1,
+        kind: FuncKind::Math,
+        doc: "-1, 0 or 1 (sign(0) = 0)",
+    },
+    Func {
+        name: "exp",
+        arity: 1,
+        kind: FuncKind::Math,
+        doc: "e^x",
+    },
+    Func {
+        name: "ln",
+        arity: 1,
+        kind: FuncKind::Math,
+        doc: "natural logarithm",
+    },
+    Func {
+        name: "pow",
+        arity: 2,
+        kind: FuncKind::Math,
+        doc: "pow(x, y) = x ^ y",
+    },
+    Func {
+        name: "min",
+        arity: 2,
+        kind: FuncKind::Math,
+        doc: "the smaller of two numbers",
+    },
+    Func {
+        name: "max",
+        arity: 2,
+        kind: FuncKind::Math,
+        doc: "the larger of two numbers",
+    },
+    Func {
+        name: "clamp",
+        arity: 3,
+        kind: FuncKind::Math,
+        doc: "clamp(x, lo, hi)",
+    },
+    Func {
+        name: "select",
+        arity: 3,
+        kind: FuncKind::Select,
+        doc: "select(cond, a, b): a where cond holds, else b",
+    },
+    Func {
+        name: "agr",
+        arity: 1,
+        kind: FuncKind::Agr,
+        doc: "the AGR operator x - x*|x|/sum(|x|) over the tensor",
+    },
+    Func {
+        name: "sum",
+        arity: 1,
+        kind: FuncKind::TensorReduce,
+        doc: "sum over the tensor's elements",
+    },
+    Func {
+        name: "mean",
+        arity: 1,
+        kind: FuncKind::TensorReduce,
+        doc: "mean over the tensor's elements",
+    },
+    Func {
+        name: "norm",
+        arity: 1,
+        kind: FuncKind::TensorReduce,
+        doc: "L2 norm of the tensor",
+    },
+    Func {
+        name: "max_abs",
+        arity: 1,
+        kind: FuncKind::TensorReduce,
+        doc: "largest |x| in the tensor",
+    },
+    Func {
+        name: "global_sum",
+        arity: 1,
+        kind: FuncKind::GlobalReduce,
+        doc: "sum over every parameter's elements",
+    },
+    Func {
+        name: "global_norm",
+        arity: 1,
+        kind: FuncKind::GlobalReduce,
+        doc: "L2 norm over every parameter",
+    },
+    Func {
+        name: "global_max_abs",
+        arity: 1,
+        kind: FuncKind::GlobalReduce,
+        doc: "largest |x| over every parameter",
+    },
 ];
 
 pub fn func(name: &str) -> Option<&'static Func> {
@@ -104,7 +194,10 @@ fn edit_distance(a: &str, b: &str) -> usize {
 mod tests {
     #[test]
     fn closest_suggests_near_misses_only() {
-        assert_eq!(super::closest("bata1", ["beta1", "beta2", "lr"]), Some("beta1"));
+        assert_eq!(
+            super::closest("bata1", ["beta1", "beta2", "lr"]),
+            Some("beta1")
+        );
         assert_eq!(super::closest("zzz", ["beta1", "lr"]), None);
     }
 }

@@ -137,7 +137,10 @@ impl<'a> Checker<'a> {
         if !name.name.starts_with(|c: char| c.is_ascii_uppercase()) {
             self.err(
                 name.span.clone(),
-                format!("optimizer name `{}` must start with an uppercase letter", name.name),
+                format!(
+                    "optimizer name `{}` must start with an uppercase letter",
+                    name.name
+                ),
                 "it becomes a Rust type name; write it in UpperCamelCase, e.g. `AdamWAgr`",
             );
         }
@@ -279,7 +282,8 @@ impl<'a> Checker<'a> {
                 );
             }
             if let (Some(lo), Some(hi)) = (h.lower, h.upper) {
-                if lo.value > hi.value || (lo.value == hi.value && !(lo.inclusive && hi.inclusive)) {
+                if lo.value > hi.value || (lo.value == hi.value && !(lo.inclusive && hi.inclusive))
+                {
                     self.err(
                         h.range_span.clone().unwrap(),
                         format!("the range of `{n}` is empty"),
@@ -301,7 +305,11 @@ impl<'a> Checker<'a> {
             }
             if ok {
                 let val = Val {
-                    ty: if ty == HyperTy::Bool { Ty::Bool } else { Ty::Num },
+                    ty: if ty == HyperTy::Bool {
+                        Ty::Bool
+                    } else {
+                        Ty::Num
+                    },
                     level: Level::Step,
                     phase: 0,
                 };
@@ -402,16 +410,23 @@ impl<'a> Checker<'a> {
         let n = target.name.as_str();
         let Some(slot) = self.lookup(n).cloned() else {
             let hint = match builtins::closest(n, self.known_names()) {
-                Some(c) => format!("did you mean `{c}`? To introduce a temporary, write `let {n} = ...;`"),
+                Some(c) => {
+                    format!("did you mean `{c}`? To introduce a temporary, write `let {n} = ...;`")
+                }
                 None => format!("declare it in `state {{ ... }}` or write `let {n} = ...;`"),
             };
-            self.err(target.span.clone(), format!("cannot assign to unknown name `{n}`"), hint);
+            self.err(
+                target.span.clone(),
+                format!("cannot assign to unknown name `{n}`"),
+                hint,
+            );
             return;
         };
         match slot.binding {
             Binding::Input => {
                 let help = if n == "g" {
-                    "the gradient is read-only: bind a new name, e.g. `let gr = agr(g);`".to_string()
+                    "the gradient is read-only: bind a new name, e.g. `let gr = agr(g);`"
+                        .to_string()
                 } else {
                     format!("`{n}` is provided by the step; bind a new name with `let`")
                 };
@@ -439,7 +454,11 @@ impl<'a> Checker<'a> {
         if (needs_num && v.ty != Ty::Num) || v.ty != slot.val.ty {
             self.err(
                 value.span.clone(),
-                format!("`{n}` holds {} but this value is {}", slot.val.ty.name(), v.ty.name()),
+                format!(
+                    "`{n}` holds {} but this value is {}",
+                    slot.val.ty.name(),
+                    v.ty.name()
+                ),
                 if v.ty == Ty::Bool {
                     "turn the condition into a number with `select(cond, 1, 0)`"
                 } else {
@@ -468,9 +487,15 @@ impl<'a> Checker<'a> {
                 let want = if *op == UnOp::Neg { Ty::Num } else { Ty::Bool };
                 if v.ty != want {
                     let (what, help) = if *op == UnOp::Neg {
-                        ("`-` needs a number, but this is a bool", "negate the condition with `!` instead")
+                        (
+                            "`-` needs a number, but this is a bool",
+                            "negate the condition with `!` instead",
+                        )
                     } else {
-                        ("`!` needs a bool, but this is a number", "negate a number with `-` instead")
+                        (
+                            "`!` needs a bool, but this is a number",
+                            "negate a number with `-` instead",
+                        )
                     };
                     self.err(a.span.clone(), what, help);
                     return None;
@@ -495,7 +520,12 @@ impl<'a> Checker<'a> {
                         };
                         self.err(
                             side.span.clone(),
-                            format!("`{}` needs {} on both sides, but this is {}", op.symbol(), want.name(), v.ty.name()),
+                            format!(
+                                "`{}` needs {} on both sides, but this is {}",
+                                op.symbol(),
+                                want.name(),
+                                v.ty.name()
+                            ),
                             help,
                         );
                         return None;
@@ -519,7 +549,11 @@ impl<'a> Checker<'a> {
                 if va.ty != vb.ty {
                     self.err(
                         b.span.clone(),
-                        format!("the branches of `if` differ: {} and {}", va.ty.name(), vb.ty.name()),
+                        format!(
+                            "the branches of `if` differ: {} and {}",
+                            va.ty.name(),
+                            vb.ty.name()
+                        ),
                         "make both branches numbers or both bools",
                     );
                     return None;
@@ -580,10 +614,18 @@ impl<'a> Checker<'a> {
                 Some(c) => format!("did you mean `{c}`?"),
                 None => format!(
                     "the functions are {}",
-                    builtins::FUNCS.iter().map(|f| f.name).collect::<Vec<_>>().join(", ")
+                    builtins::FUNCS
+                        .iter()
+                        .map(|f| f.name)
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ),
             };
-            self.err(func.span.clone(), format!("unknown function `{}`", func.name), help);
+            self.err(
+                func.span.clone(),
+                format!("unknown function `{}`", func.name),
+                help,
+            );
             for a in args {
                 self.expr(a);
             }
@@ -610,20 +652,39 @@ impl<'a> Checker<'a> {
         let vals: Vec<Option<Val>> = args.iter().map(|a| self.expr(a)).collect();
         let vals: Vec<Val> = vals.into_iter().collect::<Option<_>>()?;
         for (i, (v, a)) in vals.iter().zip(args).enumerate() {
-            let want = if f.kind == FuncKind::Select && i == 0 { Ty::Bool } else { Ty::Num };
+            let want = if f.kind == FuncKind::Select && i == 0 {
+                Ty::Bool
+            } else {
+                Ty::Num
+            };
             if v.ty != want {
                 self.err(
                     a.span.clone(),
-                    format!("argument {} of `{}` must be {}, but this is {}", i + 1, f.name, want.name(), v.ty.name()),
-                    if want == Ty::Bool { "compare it, e.g. `g > 0`" } else { "use `select(cond, 1, 0)` to turn a bool into a number" },
+                    format!(
+                        "argument {} of `{}` must be {}, but this is {}",
+                        i + 1,
+                        f.name,
+                        want.name(),
+                        v.ty.name()
+                    ),
+                    if want == Ty::Bool {
+                        "compare it, e.g. `g > 0`"
+                    } else {
+                        "use `select(cond, 1, 0)` to turn a bool into a number"
+                    },
                 );
                 return None;
             }
         }
-        let joined = vals.iter().fold(Val::num(Level::Const), |acc, v| acc.join(*v, Ty::Num));
+        let joined = vals
+            .iter()
+            .fold(Val::num(Level::Const), |acc, v| acc.join(*v, Ty::Num));
         match f.kind {
             FuncKind::Math => Some(joined),
-            FuncKind::Select => Some(Val { ty: vals[1].ty, ..joined }),
+            FuncKind::Select => Some(Val {
+                ty: vals[1].ty,
+                ..joined
+            }),
             FuncKind::Agr | FuncKind::TensorReduce | FuncKind::GlobalReduce => {
                 let arg = vals[0];
                 if arg.level != Level::Elem {
@@ -650,7 +711,11 @@ impl<'a> Checker<'a> {
                     FuncKind::TensorReduce => Level::Tensor,
                     _ => Level::Step,
                 };
-                Some(Val { ty: Ty::Num, level, phase })
+                Some(Val {
+                    ty: Ty::Num,
+                    level,
+                    phase,
+                })
             }
         }
     }
@@ -664,8 +729,20 @@ fn input_level(name: &str) -> Level {
 }
 
 pub fn in_range(v: f64, lo: Option<Bound>, hi: Option<Bound>) -> bool {
-    let lo_ok = lo.is_none_or(|b| if b.inclusive { v >= b.value } else { v > b.value });
-    let hi_ok = hi.is_none_or(|b| if b.inclusive { v <= b.value } else { v < b.value });
+    let lo_ok = lo.is_none_or(|b| {
+        if b.inclusive {
+            v >= b.value
+        } else {
+            v > b.value
+        }
+    });
+    let hi_ok = hi.is_none_or(|b| {
+        if b.inclusive {
+            v <= b.value
+        } else {
+            v < b.value
+        }
+    });
     lo_ok && hi_ok
 }
 
@@ -762,9 +839,7 @@ mod tests {
         let (at, msg) = one_error("X { hyper { lr = 1 } step { p = p - sum(lr) * g; } }");
         assert_eq!(at, "lr");
         assert!(msg.contains("same for every element"));
-        let (at, msg) = one_error(
-            "X { step { p = p - agr(agr(agr(agr(g)))); } }",
-        );
+        let (at, msg) = one_error("X { step { p = p - agr(agr(agr(agr(g)))); } }");
         assert_eq!(at, "agr(agr(agr(agr(g))))");
         assert!(msg.contains("cannot be scheduled"));
     }
@@ -785,8 +860,12 @@ mod tests {
 
     #[test]
     fn state_init_reads_temporaries_at_first_read() {
-        assert!(errors("X { state { prev = gr } step { let gr = agr(g); p = p - prev; prev = gr; } }").is_empty());
-        let (at, _) = one_error("X { state { prev = gr } step { p = p - prev; let gr = g; prev = gr; } }");
+        assert!(errors(
+            "X { state { prev = gr } step { let gr = agr(g); p = p - prev; prev = gr; } }"
+        )
+        .is_empty());
+        let (at, _) =
+            one_error("X { state { prev = gr } step { p = p - prev; let gr = g; prev = gr; } }");
         assert_eq!(at, "gr");
     }
 }

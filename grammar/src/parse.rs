@@ -100,7 +100,9 @@ fn describe(rule: Rule) -> Option<&'static str> {
 fn syntax_help(positives: &[Rule]) -> String {
     if positives.contains(&Rule::step_block) {
         "a spec is `Name { hyper { ... } state { ... } step { ... } }`, in that order; only `step` is required".into()
-    } else if positives.iter().any(|r| matches!(r, Rule::mul_op | Rule::add_op))
+    } else if positives
+        .iter()
+        .any(|r| matches!(r, Rule::mul_op | Rule::add_op))
         && !positives.contains(&Rule::expr)
     {
         "end each statement with `;` and check the operators between terms".into()
@@ -119,7 +121,12 @@ fn docs<'a>(it: &mut std::iter::Peekable<impl Iterator<Item = Pair<'a, Rule>>>) 
         }
         let text = it.next().unwrap().as_str();
         let text = text.strip_prefix("///").unwrap_or(text);
-        out.push(text.strip_prefix(' ').unwrap_or(text).trim_end().to_string());
+        out.push(
+            text.strip_prefix(' ')
+                .unwrap_or(text)
+                .trim_end()
+                .to_string(),
+        );
     }
     out
 }
@@ -343,7 +350,11 @@ fn build_expr(p: Pair<Rule>) -> Expr {
             let mut e = build_expr(operand[0].clone());
             for op in ops.iter().rev() {
                 let op_span = span(op);
-                let u = if op.as_str() == "-" { UnOp::Neg } else { UnOp::Not };
+                let u = if op.as_str() == "-" {
+                    UnOp::Neg
+                } else {
+                    UnOp::Not
+                };
                 e = Expr {
                     span: op_span.start..e.span.end,
                     kind: ExprKind::Unary(u, Box::new(e)),
@@ -481,7 +492,11 @@ mod tests {
         let src = "X { step { p = p + ; } }";
         let e = parse(src).unwrap_err();
         assert_eq!(&src[e.span.clone()], ";");
-        assert!(e.message.contains("expected an expression"), "{}", e.message);
+        assert!(
+            e.message.contains("expected an expression"),
+            "{}",
+            e.message
+        );
     }
 
     #[test]

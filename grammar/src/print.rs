@@ -28,11 +28,19 @@ pub fn normalize(spec: &Spec) -> String {
             if h.lower.is_some() || h.upper.is_some() {
                 out += " where ";
                 if let Some(lo) = h.lower {
-                    out += &format!("{} {} ", fmt_num(lo.value), if lo.inclusive { "<=" } else { "<" });
+                    out += &format!(
+                        "{} {} ",
+                        fmt_num(lo.value),
+                        if lo.inclusive { "<=" } else { "<" }
+                    );
                 }
                 out += &h.name.name;
                 if let Some(hi) = h.upper {
-                    out += &format!(" {} {}", if hi.inclusive { "<=" } else { "<" }, fmt_num(hi.value));
+                    out += &format!(
+                        " {} {}",
+                        if hi.inclusive { "<=" } else { "<" },
+                        fmt_num(hi.value)
+                    );
                 }
             }
             out += ",\n";
@@ -74,9 +82,18 @@ fn stmts(list: &[Stmt], depth: usize, out: &mut String) {
     let pad = "    ".repeat(depth);
     for s in list {
         match s {
-            Stmt::Let { name, value } => *out += &format!("{pad}let {} = {};\n", name.name, expr(value)),
-            Stmt::Assign { target, value } => *out += &format!("{pad}{} = {};\n", target.name, expr(value)),
-            Stmt::If { cond, then, otherwise, .. } => {
+            Stmt::Let { name, value } => {
+                *out += &format!("{pad}let {} = {};\n", name.name, expr(value))
+            }
+            Stmt::Assign { target, value } => {
+                *out += &format!("{pad}{} = {};\n", target.name, expr(value))
+            }
+            Stmt::If {
+                cond,
+                then,
+                otherwise,
+                ..
+            } => {
                 *out += &format!("{pad}if {} {{\n", expr(cond));
                 stmts(then, depth + 1, out);
                 if otherwise.is_empty() {
@@ -108,16 +125,30 @@ fn prec_expr(e: &Expr, min: u8) -> String {
             let sym = if *op == UnOp::Neg { "-" } else { "!" };
             (format!("{sym}{}", prec_expr(a, 6)), 6)
         }
-        ExprKind::Binary(BinOp::Pow, a, b) => (format!("{} ^ {}", prec_expr(a, 8), prec_expr(b, 6)), 7),
+        ExprKind::Binary(BinOp::Pow, a, b) => {
+            (format!("{} ^ {}", prec_expr(a, 8), prec_expr(b, 6)), 7)
+        }
         ExprKind::Binary(op, a, b) => {
             let p = op.precedence();
             // Comparisons don't chain; everything else is left-associative.
             let right_min = p + 1;
             let left_min = if op.is_comparison() { p + 1 } else { p };
-            (format!("{} {} {}", prec_expr(a, left_min), op.symbol(), prec_expr(b, right_min)), p)
+            (
+                format!(
+                    "{} {} {}",
+                    prec_expr(a, left_min),
+                    op.symbol(),
+                    prec_expr(b, right_min)
+                ),
+                p,
+            )
         }
         ExprKind::Call { func, args } => (
-            format!("{}({})", func.name, args.iter().map(expr).collect::<Vec<_>>().join(", ")),
+            format!(
+                "{}({})",
+                func.name,
+                args.iter().map(expr).collect::<Vec<_>>().join(", ")
+            ),
             9,
         ),
         ExprKind::If(c, a, b) => (
@@ -144,16 +175,23 @@ mod tests {
 
     #[test]
     fn normalising_is_idempotent_and_keeps_meaning() {
-        let src = "/// Doc.\nX { hyper { lr=1e-3 where lr>0, k:int=2, b=0.5 where 0<=b<1 } state{m=0,q=g}
+        let src =
+            "/// Doc.\nX { hyper { lr=1e-3 where lr>0, k:int=2, b=0.5 where 0<=b<1 } state{m=0,q=g}
             step { let a = (lr*(1-b)) * -(m^2)^t; m = a - (g - (1 - b)); q = g;
             if k >= 2 && !(t > 1) { p = p - a; } else { p = p / (1 + a); } } }";
         let once = normalize(&parse(src).unwrap());
         let twice = normalize(&parse(&once).unwrap());
         assert_eq!(once, twice);
-        assert!(once.contains("let a = lr * (1 - b) * -(m ^ 2) ^ t;"), "{once}");
+        assert!(
+            once.contains("let a = lr * (1 - b) * -(m ^ 2) ^ t;"),
+            "{once}"
+        );
         assert!(once.contains("m = a - (g - (1 - b));"), "{once}");
         assert!(once.contains("lr = 0.001 where 0 < lr,"), "{once}");
-        assert!(normalize(&parse("X { hyper { e = 1e-8 } step { p = p; } }").unwrap()).contains("e = 1e-8,"));
+        assert!(
+            normalize(&parse("X { hyper { e = 1e-8 } step { p = p; } }").unwrap())
+                .contains("e = 1e-8,")
+        );
         assert_eq!(strip(&parse(&once).unwrap()), once);
     }
 }

@@ -1,0 +1,186 @@
+//! The CPU side of a generated optimizer: the [`Kernel`] trait the Rust back
+//! end implements, and the helpers its element loops call.
+
+use crate::{HyperConfig, ReductionInfo, StateInfo, TensorMeta, MAX_STATES};
+
+/// The fused phases of one spec, as printed by the Rust back end.
+///
+/// A step runs `PASSES` reduction passes and one update pass. Before pass
+/// `k` (the update pass is `k = PASSES`), `step_scalars(k)` and, per tensor,
+/// `tensor_scalars(k)` compute the host scalars that became known.
+pub trait Kernel: 'static + Send + Sync {
+    type Config: HyperConfig + Clone + Default + std::fmt::Debug + Send + Sync;
+    type StepScalars: Default + Copy + Send + Sync;
+    type TensorScalars: Default + Copy + Send + Sync;
+    /// The spec's name.
+    const NAME: &'static str;
+    /// The normalised spec text.
+    const SPEC: &'static str;
+    /// The Rust code generated for the spec.
+    const GENERATED_RUST: &'static str;
+    const STATES: &'static [StateInfo];
+    const REDUCTIONS: &'static [ReductionInfo];
+    const PASSES: usize;
+    /// Whether the step changes the parameter at all.
+    const WRITES_PARAM: bool;
+
+    fn step_scalars(c: &Self::Config, phase: usize, global: &[f64], s: &mut Self::StepScalars);
+    fn tensor_scalars(
+        c: &Self::Config,
+        phase: usize,
+        s: &Self::StepScalars,
+        meta: &TensorMeta,
+        reduced: &[f64],
+        ts: &mut Self::TensorScalars,
+    );
+    /// Reduction pass `pass` over one chunk of a tensor: writes this chunk's
+    /// partial result of every reduction of that pass into `acc`.
+    fn reduce(
+        pass: usize,
+        s: &Self::StepScalars,
+        ts: &Self::TensorScalars,
+        p: &[f32],
+        g: &[f32],
+        st: [&[f32]; MAX_STATES],
+        acc: &mut [f64],
+    );
+    /// The update pass over one chunk of a tensor.
+    fn update(
+        s: &Self::StepScalars,
+        ts: &Self::TensorScalars,
+        p: &mut [f32],
+        g: &[f32],
+        st: [&mut [f32]; MAX_STATES],
+    );
+}
+
+/// How a reduction combines values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fold {
+    Sum,
+    Max,
+}
+
+impl Fold {
+    /// The value of an empty reduction.
+    pub const fn identity(self) -> f64 {
+        match self {
+            Fold::Sum => 0.0,
+            Fold::Max => f64::NEG_INFINITY,
+        }
+    }
+
+    #[inline(always)]
+    pub fn combine(self, a: f64, b: f64) -> f64 {
+        match self {
+            Fold::Sum => a + b,
+            // NaN wins, so a NaN in the data is never hidden.
+            Fold::Max => {
+                if a.is_nan() || b.is_nan() {
+                    f64::NAN
+                } else {
+                    a.max(b)
+                }
+            }
+        }
+    }
+}
+
+/// Lanes of independent accumulators in [`fold`]: they let the compiler
+/// vectorise the loop while keeping a fixed summation order.
+pub const LANES: usize = 8;
+
+/// Reduces `f(0..n)` with `K` folds at once, accumulating in f64 over
+/// [`LANES`] lanes that are combined in a fixed order: the result depends only
+/// on the values, never on threads or timing.
+#[inline(always)]
+pub fn fold<const K: usize>(n: usize, ops: [Fold; K], f: impl Fn(usize) -> [f32; K]) -> [f64; K] {
+    let mut acc = [[0.0f64; LANES]; K];
+    for k in 0..K {
+        acc[k] = [ops[k].identity(); LANES];
+    }
+    let full = n - n % LANES;
+    let mut i = 0;
+    while i < full {
+        for l in 0..LANES {
+            let v = f(i + l);
+            for k in 0..K {
+                acc[k][l] = ops[k].combine(acc[k][l], f64::from(v[k]));
+            }
+        }
+        i += LANES;
+    }
+    for j in full..n {
+        let v = f(j);
+        for k in 0..K {
+            acc[k][j - full] = ops[k].combine(acc[k][j - full], f64::from(v[k]));
+        }
+    }
+    let mut out = [0.0; K];
+    for k in 0..K {
+        // Pairwise, in a fixed order.
+        let a = &acc[k];
+        let c = |x, y| ops[k].combine(x, y);
+        out[k] = c(
+            c(c(a[0], a[1]), c(a[2], a[3])),
+            c(c(a[4], a[5]), c(a[6], a[7])),
+        );
+    }
+    out
+}
+
+/// -1, 0 or 1 (`sign(0) = 0`, NaN stays NaN).
+#[inline(always)]
+pub fn sign_f32(x: f32) -> f32 {
+    if x > 0.0 {
+        1.0
+    } else if x < 0.0 {
+        -1.0
+    } else {
+        x * 0.0
+    }
+}
+
+/// -1, 0 or 1 (`sign(0) = 0`, NaN stays NaN).
+#[inline(always)]
+pub fn sign_f64(x: f64) -> f64 {
+    if x > 0.0 {
+        1.0
+    } else if x < 0.0 {
+        -1.0
+    } else {
+        x * 0.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fold_matches_a_plain_sum_and_max() {
+        for n in [0usize, 1, 7, 8, 9, 100, 1001] {
+            let x: Vec<f32> = (0..n)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+                .collect();
+            let [s, m] = fold(n, [Fold::Sum, Fold::Max], |i| [x[i], x[i].abs()]);
+            let want: f64 = x.iter().map(|&v| f64::from(v)).sum();
+            assert!((s - want).abs() < 1e-9, "n={n}: {s} vs {want}");
+            let want_max = x
+                .iter()
+                .map(|v| f64::from(v.abs()))
+                .fold(f64::NEG_INFINITY, f64::max);
+            assert_eq!(m, want_max, "n={n}");
+        }
+    }
+
+    #[test]
+    fn max_propagates_nan_and_sign_of_zero_is_zero() {
+        let [m] = fold(3, [Fold::Max], |i| [[1.0, f32::NAN, 2.0][i]]);
+        assert!(m.is_nan());
+        assert_eq!(sign_f32(0.0), 0.0);
+        assert_eq!(sign_f32(-0.0), 0.0);
+        assert_eq!(sign_f32(-3.0), -1.0);
+        assert_eq!(sign_f64(2.0), 1.0);
+    }
+}

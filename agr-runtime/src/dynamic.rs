@@ -1,0 +1,45 @@
+//! Optimizers behind one object-safe trait, so tools can pick one by name.
+
+use crate::cpu::Kernel;
+use crate::{
+    ConfigError, HyperConfig, HyperInfo, HyperValue, Optimizer, ParamMut, StepError, StepReport,
+};
+
+/// Any generated optimizer, chosen at run time.
+pub trait DynOptimizer: Send {
+    fn name(&self) -> &'static str;
+    fn spec(&self) -> &'static str;
+    fn hypers(&self) -> &'static [HyperInfo];
+    fn hyper(&self, name: &str) -> Option<HyperValue>;
+    fn set_hyper(&mut self, name: &str, value: HyperValue) -> Result<(), ConfigError>;
+    fn step(&mut self, params: &mut [ParamMut<'_>]) -> Result<StepReport, StepError>;
+    fn learning_rate(&self) -> Option<f64>;
+    fn set_learning_rate(&mut self, lr: f64) -> Result<(), ConfigError>;
+}
+
+impl<K: Kernel> DynOptimizer for Optimizer<K> {
+    fn name(&self) -> &'static str {
+        K::NAME
+    }
+    fn spec(&self) -> &'static str {
+        K::SPEC
+    }
+    fn hypers(&self) -> &'static [HyperInfo] {
+        <K::Config as HyperConfig>::HYPERS
+    }
+    fn hyper(&self, name: &str) -> Option<HyperValue> {
+        self.config().get(name)
+    }
+    fn set_hyper(&mut self, name: &str, value: HyperValue) -> Result<(), ConfigError> {
+        Optimizer::set_hyper(self, name, value)
+    }
+    fn step(&mut self, params: &mut [ParamMut<'_>]) -> Result<StepReport, StepError> {
+        Optimizer::step(self, params)
+    }
+    fn learning_rate(&self) -> Option<f64> {
+        Optimizer::learning_rate(self)
+    }
+    fn set_learning_rate(&mut self, lr: f64) -> Result<(), ConfigError> {
+        Optimizer::set_learning_rate(self, lr)
+    }
+}

@@ -1,0 +1,177 @@
+//! Replays reference trajectories (format `agr-golden/1`) through a built-in
+//! optimizer and reports the worst deviation.
+
+use std::fmt;
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::optim;
+use crate::{HyperValue, ParamMut};
+
+#[derive(Debug, Deserialize)]
+pub struct Golden {
+    pub format: String,
+    pub optimizer: String,
+    #[serde(default)]
+    pub reference: String,
+    #[serde(default)]
+    pub note: String,
+    pub hyper: serde_json::Map<String, serde_json::Value>,
+    pub params: Vec<GoldenParam>,
+    pub steps: Vec<GoldenStep>,
+    pub tolerance: Tolerance,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct GoldenParam {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub init: Vec<f32>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct GoldenStep {
+    pub grads: Vec<Vec<f32>>,
+    pub params: Vec<Vec<f32>>,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize)]
+pub struct Tolerance {
+    pub atol: f64,
+    pub rtol: f64,
+}
+
+/// The outcome of replaying one file.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Replay {
+    pub optimizer: String,
+    pub steps: usize,
+    /// Largest |ours - reference| over every step, tensor and element.
+    pub worst_abs: f64,
+    /// Where it occurred: (step, 1-based; tensor name; flat index).
+    pub worst_at: (usize, String, usize),
+    /// Largest |ours - reference| / (atol + rtol·|reference|): ≤ 1 passes.
+    pub worst_ratio: f64,
+    pub pass: bool,
+}
+
+impl fmt::Display for Replay {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let at = if self.worst_abs == 0.0 {
+            "(bit-exact)".to_string()
+        } else {
+            format!(
+                "at step {} {}[{}]",
+                self.worst_at.0, self.worst_at.1, self.worst_at.2
+            )
+        };
+        write!(
+            f,
+            "{:<12} steps={:<3} worst_abs={:.3e} {at:<22} tol_ratio={:.3} {}",
+            self.optimizer,
+            self.steps,
+            self.worst_abs,
+            self.worst_ratio,
+            if self.pass { "PASS" } else { "FAIL" }
+        )
+    }
+}
+
+/// Reads a golden file; the error says which file and what is wrong.
+pub fn load(path: &Path) -> Result<Golden, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+    let g: Golden = serde_json::from_str(&text)
+        .map_err(|e| format!("{}: not an agr-golden/1 file: {e}", path.display()))?;
+    if g.format != "agr-golden/1" {
+        return Err(format!(
+            "{}: format is `{}`, expected `agr-golden/1`",
+            path.display(),
+            g.format
+        ));
+    }
+    Ok(g)
+}
+
+/// Runs the golden trajectory through the built-in it names.
+pub fn replay(g: &Golden) -> Result<Replay, String> {
+    let builtin = optim::builtin(&g.optimizer).ok_or_else(|| {
+        format!(
+            "unknown optimizer `{}`; the built-ins are {}",
+            g.optimizer,
+            optim::BUILTINS
+                .iter()
+                .map(|b| b.name)
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    })?;
+    let mut opt = builtin.make();
+    for (name, v) in &g.hyper {
+        let value = match v {
+            serde_json::Value::Bool(b) => HyperValue::Bool(*b),
+            serde_json::Value::Number(n) => match n.as_i64() {
+                Some(i) if !n.is_f64() => HyperValue::Int(i),
+                _ => HyperValue::Float(n.as_f64().unwrap_or(f64::NAN)),
+            },
+            other => {
+                return Err(format!(
+                    "hyperparameter `{name}`: unsupported value {other}"
+                ))
+            }
+        };
+        opt.set_hyper(name, value).map_err(|e| e.to_string())?;
+    }
+    let mut values: Vec<Vec<f32>> = g.params.iter().map(|p| p.init.clone()).collect();
+    let mut worst = Replay {
+        optimizer: g.optimizer.clone(),
+        steps: g.steps.len(),
+        worst_abs: 0.0,
+        worst_at: (0, String::new(), 0),
+        worst_ratio: 0.0,
+        pass: true,
+    };
+    for (k, step) in g.steps.iter().enumerate() {
+        if step.grads.len() != values.len() || step.params.len() != values.len() {
+            return Err(format!("step {}: expected {} tensors", k + 1, values.len()));
+        }
+        let mut params: Vec<ParamMut<'_>> = values
+            .iter_mut()
+            .zip(&g.params)
+            .zip(&step.grads)
+            .map(|((v, p), gr)| ParamMut::new(v, Some(gr), &p.shape))
+            .collect();
+        opt.step(&mut params)
+            .map_err(|e| format!("step {}: {e}", k + 1))?;
+        for (ti, (ours, reference)) in values.iter().zip(&step.params).enumerate() {
+            if ours.len() != reference.len() {
+                return Err(format!(
+                    "step {}: tensor {} has {} values, reference {}",
+                    k + 1,
+                    ti,
+                    ours.len(),
+                    reference.len()
+                ));
+            }
+            for (i, (&x, &r)) in ours.iter().zip(reference).enumerate() {
+                let (x, r) = (f64::from(x), f64::from(r));
+                let err = (x - r).abs();
+                let ratio = if err.is_nan() {
+                    f64::INFINITY
+                } else {
+                    err / (g.tolerance.atol + g.tolerance.rtol * r.abs())
+                };
+                if ratio > worst.worst_ratio || err > worst.worst_abs {
+                    if err >= worst.worst_abs {
+                        worst.worst_abs = err;
+                        worst.worst_at = (k + 1, g.params[ti].name.clone(), i);
+                    }
+                    worst.worst_ratio = worst.worst_ratio.max(ratio);
+                }
+            }
+        }
+    }
+    worst.pass = worst.worst_ratio <= 1.0;
+    Ok(worst)
+}

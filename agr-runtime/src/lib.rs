@@ -1,0 +1,68 @@
+//! The runtime of agr: optimizers generated from specs by [`optimizer!`],
+//! the fused CPU engine that runs them, and the built-in optimizers.
+//!
+//! ```
+//! use agr_runtime::optim::{AdamWAgr, AdamWAgrConfig};
+//! use agr_runtime::ParamMut;
+//!
+//! let mut opt = AdamWAgr::new(AdamWAgrConfig::default().with_lr(1e-2)).unwrap();
+//! let mut w = vec![1.0_f32, -2.0, 3.0, 0.5];
+//! let g = vec![0.1_f32, 0.2, -0.3, 0.0];
+//! opt.step(&mut [ParamMut::new(&mut w, Some(&g), &[2, 2])]).unwrap();
+//! assert!(w[0] < 1.0);
+//! ```
+
+// Generated code names the runtime as `::agr_runtime`, also inside this crate.
+extern crate self as agr_runtime;
+
+mod buf;
+pub mod cpu;
+pub mod dynamic;
+pub mod golden;
+mod hyper;
+pub mod optim;
+mod optimizer;
+
+pub use agr_macros::optimizer;
+pub use cpu::Kernel;
+pub use dynamic::DynOptimizer;
+pub use hyper::{ConfigError, HyperConfig, HyperInfo, HyperKind, HyperValue};
+pub use optimizer::{Optimizer, ParamMut, StepError, StepReport};
+
+/// Most state buffers a spec may declare.
+pub const MAX_STATES: usize = 8;
+
+/// What a kernel knows about the tensor it is updating.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TensorMeta {
+    /// This tensor's step count, 1 on its first step.
+    pub t: u64,
+    pub ndim: usize,
+    pub numel: usize,
+}
+
+/// A state buffer of a generated optimizer.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StateInfo {
+    pub name: &'static str,
+    /// The value the buffer holds when created.
+    pub fill: f32,
+}
+
+/// Which elements a reduction covers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// One result per tensor.
+    Tensor,
+    /// One result per step, over every parameter with a gradient.
+    Global,
+}
+
+/// A reduction of a generated optimizer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReductionInfo {
+    pub op: cpu::Fold,
+    pub scope: Scope,
+    /// The reduction pass that computes it.
+    pub pass: usize,
+}

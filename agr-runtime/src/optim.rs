@@ -1,0 +1,54 @@
+//! The built-in optimizers, each generated from a spec in `specs/`.
+
+use crate::dynamic::DynOptimizer;
+
+crate::optimizer! { file = "specs/adamw.agr" }
+crate::optimizer! { file = "specs/adamw_agr.agr" }
+crate::optimizer! { file = "specs/adamw_agr_m.agr" }
+crate::optimizer! { file = "specs/adan.agr" }
+crate::optimizer! { file = "specs/adan_agr.agr" }
+
+/// A built-in optimizer: its name in golden files and on the command line,
+/// its Rust type name, and its spec source.
+pub struct Builtin {
+    pub name: &'static str,
+    pub type_name: &'static str,
+    pub source: &'static str,
+    make: fn() -> Box<dyn DynOptimizer>,
+}
+
+impl Builtin {
+    /// A fresh instance with the spec's default hyperparameters.
+    pub fn make(&self) -> Box<dyn DynOptimizer> {
+        (self.make)()
+    }
+}
+
+macro_rules! builtins {
+    ($($name:literal => $ty:ident, $file:literal;)*) => {
+        /// Every built-in optimizer.
+        pub const BUILTINS: &[Builtin] = &[$(
+            Builtin {
+                name: $name,
+                type_name: stringify!($ty),
+                source: include_str!(concat!("../specs/", $file)),
+                make: || Box::new($ty::new(Default::default()).expect("built-in defaults are in range")),
+            },
+        )*];
+    };
+}
+
+builtins! {
+    "adamw" => AdamW, "adamw.agr";
+    "adamw_agr" => AdamWAgr, "adamw_agr.agr";
+    "adamw_agr_m" => AdamWAgrM, "adamw_agr_m.agr";
+    "adan" => Adan, "adan.agr";
+    "adan_agr" => AdanAgr, "adan_agr.agr";
+}
+
+/// Looks a built-in up by its name (`adamw_agr`) or type name (`AdamWAgr`).
+pub fn builtin(name: &str) -> Option<&'static Builtin> {
+    BUILTINS
+        .iter()
+        .find(|b| b.name == name || b.type_name == name)
+}

@@ -1,0 +1,507 @@
+//! The CPU engine that runs a generated [`Kernel`] over a list of parameters.
+
+use std::fmt;
+
+use rayon::prelude::*;
+
+use crate::buf::AlignedBuf;
+use crate::cpu::Kernel;
+use crate::{ConfigError, HyperConfig, HyperValue, Scope, TensorMeta, MAX_STATES};
+
+/// One parameter tensor for a step: its values (updated in place), its
+/// gradient (`None` skips the tensor this step, as PyTorch skips a parameter
+/// whose `.grad` is `None`) and its shape (row-major).
+pub struct ParamMut<'a> {
+    pub value: &'a mut [f32],
+    pub grad: Option<&'a [f32]>,
+    pub shape: &'a [usize],
+}
+
+impl<'a> ParamMut<'a> {
+    pub fn new(value: &'a mut [f32], grad: Option<&'a [f32]>, shape: &'a [usize]) -> Self {
+        ParamMut { value, grad, shape }
+    }
+}
+
+/// What a step did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StepReport {
+    /// Steps taken by this optimizer so far, this one included.
+    pub step: u64,
+    /// Tensors updated in this step.
+    pub updated: usize,
+    /// Tensors skipped because they had no gradient.
+    pub skipped: usize,
+}
+
+/// A step that could not run. Nothing was modified: parameters, state and
+/// step counts are exactly as before the call.
+#[derive(Clone, Debug, PartialEq)]
+pub enum StepError {
+    /// The step was given no parameters.
+    NoParams,
+    /// The number of parameters differs from the first step's.
+    ParamCount { expected: usize, got: usize },
+    /// A parameter's value does not have as many elements as its shape says.
+    ShapeLen {
+        index: usize,
+        shape: Vec<usize>,
+        len: usize,
+    },
+    /// A gradient does not have as many elements as its parameter.
+    GradLen {
+        index: usize,
+        expected: usize,
+        got: usize,
+    },
+    /// A parameter's shape differs from the shape its state was created with.
+    StateShape {
+        index: usize,
+        expected: Vec<usize>,
+        got: Vec<usize>,
+    },
+    /// A parameter has no elements.
+    Empty { index: usize },
+}
+
+impl fmt::Display for StepError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StepError::NoParams => write!(f, "the step was given no parameters; pass every parameter the optimizer updates"),
+            StepError::ParamCount { expected, got } => write!(
+                f,
+                "the step was given {got} parameters but the optimizer was first stepped with {expected}; pass the same parameters, in the same order, every step"
+            ),
+            StepError::ShapeLen { index, shape, len } => write!(
+                f,
+                "parameter #{index}: shape {shape:?} has {} elements but its value has {len}; pass the tensor's real shape",
+                shape.iter().product::<usize>()
+            ),
+            StepError::GradLen { index, expected, got } => write!(
+                f,
+                "parameter #{index}: the gradient has {got} elements but the parameter has {expected}; pass the gradient of this parameter"
+            ),
+            StepError::StateShape { index, expected, got } => write!(
+                f,
+                "parameter #{index}: shape {got:?} differs from the shape {expected:?} its optimizer state was created with; pass the parameters in the same order every step"
+            ),
+            StepError::Empty { index } => write!(f, "parameter #{index} has no elements; leave empty tensors out of the optimizer"),
+        }
+    }
+}
+
+impl std::error::Error for StepError {}
+
+/// Per-parameter state: created on the parameter's first gradient.
+#[derive(Clone)]
+struct TensorState {
+    shape: Vec<usize>,
+    /// Steps this tensor has taken.
+    t: u64,
+    bufs: Vec<AlignedBuf>,
+}
+
+/// Elements per unit of parallel work. Fixed, so the reduction order (and so
+/// every bit of the result) does not depend on the number of threads.
+pub const CHUNK: usize = 1 << 15;
+
+/// Below this many elements in a step, run on the calling thread.
+const PARALLEL_MIN: usize = 1 << 16;
+
+#[derive(Clone, Copy)]
+struct Item {
+    /// Index into the active list.
+    slot: usize,
+    start: usize,
+    len: usize,
+}
+
+#[derive(Clone, Copy)]
+struct Ptrs {
+    p: *mut f32,
+    g: *const f32,
+    st: [*mut f32; MAX_STATES],
+}
+
+// SAFETY: the pointers are only dereferenced inside `Optimizer::step`, for
+// disjoint element ranges per work item, while the step holds `&mut` to every
+// parameter and state buffer and `&` to every gradient.
+unsafe impl Send for Ptrs {}
+unsafe impl Sync for Ptrs {}
+
+/// Scratch space reused by every step, so steps allocate nothing once the
+/// set of parameters with gradients is stable.
+struct Scratch<K: Kernel> {
+    active: Vec<usize>,
+    ptrs: Vec<Ptrs>,
+    metas: Vec<TensorMeta>,
+    items: Vec<Item>,
+    acc: Vec<f64>,
+    reduced: Vec<f64>,
+    global: Vec<f64>,
+    ts: Vec<K::TensorScalars>,
+}
+
+impl<K: Kernel> Default for Scratch<K> {
+    fn default() -> Self {
+        Scratch {
+            active: vec![],
+            ptrs: vec![],
+            metas: vec![],
+            items: vec![],
+            acc: vec![],
+            reduced: vec![],
+            global: vec![],
+            ts: vec![],
+        }
+    }
+}
+
+/// An optimizer generated from a spec: its hyperparameters, its per-tensor
+/// state and the fused CPU step. `agr_runtime::optimizer!` defines
+/// `pub type Name = Optimizer<NameKernel>`.
+pub struct Optimizer<K: Kernel> {
+    config: K::Config,
+    tensors: Vec<Option<TensorState>>,
+    n_params: Option<usize>,
+    steps: u64,
+    scratch: Scratch<K>,
+}
+
+impl<K: Kernel> Clone for Optimizer<K> {
+    fn clone(&self) -> Self {
+        Optimizer {
+            config: self.config.clone(),
+            tensors: self.tensors.clone(),
+            n_params: self.n_params,
+            steps: self.steps,
+            scratch: Scratch::default(),
+        }
+    }
+}
+
+impl<K: Kernel> fmt::Debug for Optimizer<K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct(K::NAME)
+            .field("config", &self.config)
+            .field("steps", &self.steps)
+            .field("params", &self.n_params)
+            .finish()
+    }
+}
+
+impl<K: Kernel> Optimizer<K> {
+    /// The spec's name.
+    pub const NAME: &'static str = K::NAME;
+    /// The normalised spec this optimizer was generated from.
+    pub const SPEC: &'static str = K::SPEC;
+    /// The Rust code generated from the spec.
+    pub const GENERATED_RUST: &'static str = K::GENERATED_RUST;
+
+    /// A new optimizer; fails if a hyperparameter is outside its range.
+    pub fn new(config: K::Config) -> Result<Self, ConfigError> {
+        config.validate()?;
+        Ok(Optimizer {
+            config,
+            tensors: vec![],
+            n_params: None,
+            steps: 0,
+            scratch: Scratch::default(),
+        })
+    }
+
+    pub fn config(&self) -> &K::Config {
+        &self.config
+    }
+
+    /// Replaces the hyperparameters; a value out of range is an error and
+    /// changes nothing.
+    pub fn set_config(&mut self, config: K::Config) -> Result<(), ConfigError> {
+        config.validate()?;
+        self.config = config;
+        Ok(())
+    }
+
+    /// Sets one hyperparameter by name (checked).
+    pub fn set_hyper(
+        &mut self,
+        name: &str,
+        value: impl Into<HyperValue>,
+    ) -> Result<(), ConfigError> {
+        let value = value.into();
+        let mut c = self.config.clone();
+        c.set(name, value).map_err(|e| match e {
+            ConfigError::Unknown { name, known, .. } => ConfigError::Unknown {
+                optimizer: K::NAME.into(),
+                name,
+                known,
+            },
+            e => e,
+        })?;
+        self.config = c;
+        Ok(())
+    }
+
+    /// The learning rate, where the spec has a hyperparameter `lr`.
+    pub fn learning_rate(&self) -> Option<f64> {
+        self.config.get("lr").and_then(|v| v.as_float("lr").ok())
+    }
+
+    /// Sets the hyperparameter `lr` (checked).
+    pub fn set_learning_rate(&mut self, lr: f64) -> Result<(), ConfigError> {
+        self.set_hyper("lr", lr)
+    }
+
+    /// Steps taken so far.
+    pub fn steps(&self) -> u64 {
+        self.steps
+    }
+
+    /// The state buffer `name` of parameter `index`, once it exists.
+    pub fn state(&self, index: usize, name: &str) -> Option<&[f32]> {
+        let s = K::STATES.iter().position(|s| s.name == name)?;
+        let t = self.tensors.get(index)?.as_ref()?;
+        Some(t.bufs[s].as_slice())
+    }
+
+    /// Steps taken by parameter `index` (those with a gradient).
+    pub fn tensor_steps(&self, index: usize) -> u64 {
+        self.tensors
+            .get(index)
+            .and_then(|t| t.as_ref())
+            .map_or(0, |t| t.t)
+    }
+
+    fn validate(&self, params: &[ParamMut<'_>]) -> Result<(), StepError> {
+        if params.is_empty() {
+            return Err(StepError::NoParams);
+        }
+        if let Some(n) = self.n_params {
+            if n != params.len() {
+                return Err(StepError::ParamCount {
+                    expected: n,
+                    got: params.len(),
+                });
+            }
+        }
+        for (index, p) in params.iter().enumerate() {
+            let numel: usize = p.shape.iter().product();
+            if numel != p.value.len() {
+                return Err(StepError::ShapeLen {
+                    index,
+                    shape: p.shape.to_vec(),
+                    len: p.value.len(),
+                });
+            }
+            if numel == 0 {
+                return Err(StepError::Empty { index });
+            }
+            if let Some(g) = p.grad {
+                if g.len() != numel {
+                    return Err(StepError::GradLen {
+                        index,
+                        expected: numel,
+                        got: g.len(),
+                    });
+                }
+            }
+            if let Some(Some(t)) = self.tensors.get(index) {
+                if t.shape != p.shape {
+                    return Err(StepError::StateShape {
+                        index,
+                        expected: t.shape.clone(),
+                        got: p.shape.to_vec(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// One optimizer step over `params`, in place. Parameters must be passed
+    /// in the same order every step. On error nothing is modified.
+    pub fn step(&mut self, params: &mut [ParamMut<'_>]) -> Result<StepReport, StepError> {
+        self.validate(params)?;
+        self.n_params = Some(params.len());
+        if self.tensors.len() < params.len() {
+            self.tensors.resize_with(params.len(), || None);
+        }
+        let ns = K::STATES.len();
+        let nr = K::REDUCTIONS.len();
+        let sc = &mut self.scratch;
+        sc.active.clear();
+        sc.ptrs.clear();
+        sc.metas.clear();
+        sc.items.clear();
+        for (i, p) in params.iter_mut().enumerate() {
+            let Some(g) = p.grad else { continue };
+            let st = self.tensors[i].get_or_insert_with(|| TensorState {
+                shape: p.shape.to_vec(),
+                t: 0,
+                bufs: K::STATES
+                    .iter()
+                    .enumerate()
+                    .map(|(k, s)| AlignedBuf::filled(p.value.len(), s.fill, i * ns + k))
+                    .collect(),
+            });
+            let slot = sc.active.len();
+            sc.active.push(i);
+            let mut stp = [std::ptr::null_mut(); MAX_STATES];
+            for (k, b) in st.bufs.iter_mut().enumerate() {
+                stp[k] = b.as_mut_ptr();
+            }
+            sc.ptrs.push(Ptrs {
+                p: p.value.as_mut_ptr(),
+                g: g.as_ptr(),
+                st: stp,
+            });
+            let n = p.value.len();
+            sc.metas.push(TensorMeta {
+                t: st.t + 1,
+                ndim: p.shape.len(),
+                numel: n,
+            });
+            let mut start = 0;
+            while start < n {
+                let len = CHUNK.min(n - start);
+                sc.items.push(Item { slot, start, len });
+                start += len;
+            }
+        }
+        let na = sc.active.len();
+        sc.ts.clear();
+        sc.ts.resize(na, K::TensorScalars::default());
+        sc.reduced.clear();
+        sc.reduced.resize(na * nr, 0.0);
+        sc.global.clear();
+        sc.global.resize(nr, 0.0);
+        sc.acc.clear();
+        sc.acc.resize(sc.items.len() * nr.max(1), 0.0);
+        let total: usize = sc.metas.iter().map(|m| m.numel).sum();
+        let parallel = total >= PARALLEL_MIN && rayon::current_num_threads() > 1;
+
+        let mut ss = K::StepScalars::default();
+        for phase in 0..=K::PASSES {
+            K::step_scalars(&self.config, phase, &sc.global, &mut ss);
+            for j in 0..na {
+                let red = &sc.reduced[j * nr..(j + 1) * nr];
+                K::tensor_scalars(&self.config, phase, &ss, &sc.metas[j], red, &mut sc.ts[j]);
+            }
+            let ptrs = &sc.ptrs;
+            let ts = &sc.ts;
+            let ss = &ss;
+            if phase < K::PASSES {
+                let run = |(item, acc): (&Item, &mut [f64])| {
+                    let pt = ptrs[item.slot];
+                    // SAFETY: see `Ptrs`; read-only access to [start, start+len).
+                    let (p, g, st) = unsafe { chunk_ref(pt, ns, item.start, item.len) };
+                    K::reduce(phase, ss, &ts[item.slot], p, g, st, acc);
+                };
+                if nr > 0 {
+                    if parallel {
+                        sc.items
+                            .par_iter()
+                            .zip(sc.acc.par_chunks_mut(nr))
+                            .for_each(run);
+                    } else {
+                        sc.items.iter().zip(sc.acc.chunks_mut(nr)).for_each(run);
+                    }
+                }
+                combine::<K>(
+                    phase,
+                    &sc.items,
+                    &sc.acc,
+                    nr,
+                    na,
+                    &mut sc.reduced,
+                    &mut sc.global,
+                );
+            } else {
+                let run = |item: &Item| {
+                    let pt = ptrs[item.slot];
+                    // SAFETY: see `Ptrs`; work items cover disjoint ranges.
+                    let (p, g, st) = unsafe { chunk_mut(pt, ns, item.start, item.len) };
+                    K::update(ss, &ts[item.slot], p, g, st);
+                };
+                if parallel {
+                    sc.items.par_iter().for_each(run);
+                } else {
+                    sc.items.iter().for_each(run);
+                }
+            }
+        }
+        for &i in &sc.active {
+            if let Some(t) = self.tensors[i].as_mut() {
+                t.t += 1;
+            }
+        }
+        self.steps += 1;
+        Ok(StepReport {
+            step: self.steps,
+            updated: na,
+            skipped: params.len() - na,
+        })
+    }
+}
+
+/// Combines the per-chunk partial results of pass `phase` in a fixed order:
+/// chunks in element order per tensor, then tensors in parameter order.
+fn combine<K: Kernel>(
+    phase: usize,
+    items: &[Item],
+    acc: &[f64],
+    nr: usize,
+    na: usize,
+    reduced: &mut [f64],
+    global: &mut [f64],
+) {
+    for (r, info) in K::REDUCTIONS.iter().enumerate() {
+        if info.pass != phase {
+            continue;
+        }
+        for j in 0..na {
+            reduced[j * nr + r] = info.op.identity();
+        }
+        for (k, item) in items.iter().enumerate() {
+            let cell = &mut reduced[item.slot * nr + r];
+            *cell = info.op.combine(*cell, acc[k * nr + r]);
+        }
+        if info.scope == Scope::Global {
+            let mut g = info.op.identity();
+            for j in 0..na {
+                g = info.op.combine(g, reduced[j * nr + r]);
+            }
+            global[r] = g;
+        }
+    }
+}
+
+unsafe fn chunk_ref<'a>(
+    pt: Ptrs,
+    ns: usize,
+    start: usize,
+    len: usize,
+) -> (&'a [f32], &'a [f32], [&'a [f32]; MAX_STATES]) {
+    let p = std::slice::from_raw_parts(pt.p.add(start), len);
+    let g = std::slice::from_raw_parts(pt.g.add(start), len);
+    let mut st: [&[f32]; MAX_STATES] = [&[]; MAX_STATES];
+    for k in 0..ns {
+        st[k] = std::slice::from_raw_parts(pt.st[k].add(start), len);
+    }
+    (p, g, st)
+}
+
+unsafe fn chunk_mut<'a>(
+    pt: Ptrs,
+    ns: usize,
+    start: usize,
+    len: usize,
+) -> (&'a mut [f32], &'a [f32], [&'a mut [f32]; MAX_STATES]) {
+    let p = std::slice::from_raw_parts_mut(pt.p.add(start), len);
+    let g = std::slice::from_raw_parts(pt.g.add(start), len);
+    let mut st: [&mut [f32]; MAX_STATES] = Default::default();
+    for k in 0..ns {
+        st[k] = std::slice::from_raw_parts_mut(pt.st[k].add(start), len);
+    }
+    (p, g, st)
+}

@@ -1,0 +1,3 @@
+//! Printers over the IR, one per target.
+
+pub mod rust;

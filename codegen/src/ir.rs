@@ -1,0 +1,393 @@
+//! Stage 3: the IR every back end prints.
+//!
+//! A step is a pure dataflow graph in SSA form over the step's inputs
+//! (`p`, `g`, the old state, hyperparameters, `t`, tensor metadata) and the
+//! results of reductions. Each node carries its *level* (how often it
+//! changes), so printers hoist everything that is not per-element out of
+//! the element loop, and its *phase* (how many reduction passes must finish
+//! before it is known). The step runs as `n_phases` reduction passes and one
+//! update pass; a reduction scheduled in pass `k` reads nodes of phase `<= k`.
+
+pub use agr_grammar::check::{Level, Ty};
+
+pub type NodeId = usize;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum UnaryOp {
+    Neg,
+    Not,
+    Sqrt,
+    Abs,
+    /// -1, 0 or 1; sign(0) = 0.
+    Sign,
+    Exp,
+    Ln,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BinaryOp {
+    Add,
+    Sub,
+    Mul,
+    Div,
+    Pow,
+    Min,
+    Max,
+    Lt,
+    Le,
+    Gt,
+    Ge,
+    Eq,
+    Ne,
+    And,
+    Or,
+}
+
+impl BinaryOp {
+    /// The operator as written in Rust, CUDA C and the spec, for infix ops.
+    pub fn infix(self) -> Option<&'static str> {
+        Some(match self {
+            BinaryOp::Add => "+",
+            BinaryOp::Sub => "-",
+            BinaryOp::Mul => "*",
+            BinaryOp::Div => "/",
+            BinaryOp::Lt => "<",
+            BinaryOp::Le => "<=",
+            BinaryOp::Gt => ">",
+            BinaryOp::Ge => ">=",
+            BinaryOp::Eq => "==",
+            BinaryOp::Ne => "!=",
+            BinaryOp::And => "&&",
+            BinaryOp::Or => "||",
+            BinaryOp::Pow | BinaryOp::Min | BinaryOp::Max => return None,
+        })
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Op {
+    Num(f64),
+    Bool(bool),
+    /// A hyperparameter, by index into [`Program::hypers`].
+    Hyper(usize),
+    /// This tensor's step count (1 on its first step).
+    T,
+    Ndim,
+    Numel,
+    /// The parameter's value before the step.
+    Param,
+    Grad,
+    /// A state buffer's value before the step, by index.
+    State(usize),
+    /// The result of a reduction, by index into [`Program::reductions`].
+    Reduced(usize),
+    Unary(UnaryOp, NodeId),
+    Binary(BinaryOp, NodeId, NodeId),
+    /// `cond ? a : b`; both sides are pure, so either may be evaluated.
+    Select(NodeId, NodeId, NodeId),
+}
+
+impl Op {
+    pub fn children(&self) -> Vec<NodeId> {
+        match *self {
+            Op::Unary(_, a) => vec![a],
+            Op::Binary(_, a, b) => vec![a, b],
+            Op::Select(c, a, b) => vec![c, a, b],
+            _ => vec![],
+        }
+    }
+
+    fn map_children(self, f: impl Fn(NodeId) -> NodeId) -> Op {
+        match self {
+            Op::Unary(o, a) => Op::Unary(o, f(a)),
+            Op::Binary(o, a, b) => Op::Binary(o, f(a), f(b)),
+            Op::Select(c, a, b) => Op::Select(f(c), f(a), f(b)),
+            other => other,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Node {
+    pub op: Op,
+    pub ty: Ty,
+    pub level: Level,
+    /// Reduction passes that must run before this value is known.
+    pub phase: usize,
+    /// A readable name for printers (unique within the program).
+    pub name: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ReduceOp {
+    /// Σ x, accumulated in f64.
+    Sum,
+    /// max x.
+    Max,
+}
+
+/// Which elements one reduction result covers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Scope {
+    /// One result per tensor.
+    Tensor,
+    /// One result per step, over every parameter that has a gradient.
+    Global,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Reduction {
+    pub op: ReduceOp,
+    pub scope: Scope,
+    /// The per-element value reduced.
+    pub arg: NodeId,
+    /// The pass that computes it (`0..n_phases`).
+    pub pass: usize,
+    /// What the spec wrote, for comments and errors (e.g. `agr(g)`).
+    pub origin: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum HyperKind {
+    Float,
+    Int,
+    Bool,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Hyper {
+    pub name: String,
+    pub kind: HyperKind,
+    /// The default (bools as 0/1).
+    pub default: f64,
+    /// `(value, inclusive)`.
+    pub lower: Option<(f64, bool)>,
+    pub upper: Option<(f64, bool)>,
+    pub doc: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct State {
+    pub name: String,
+    pub doc: Vec<String>,
+    /// The buffer's contents when it is created: the constant initial value,
+    /// or 0 where the initial value is an expression (which the step selects
+    /// on the tensor's first step).
+    pub fill: f64,
+    /// The initial value as the spec wrote it.
+    pub init_text: String,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Program {
+    pub name: String,
+    pub doc: Vec<String>,
+    /// The normalised spec text.
+    pub spec_text: String,
+    pub hypers: Vec<Hyper>,
+    pub states: Vec<State>,
+    /// Topologically ordered: children come before parents.
+    pub nodes: Vec<Node>,
+    pub reductions: Vec<Reduction>,
+    /// Number of reduction passes before the update pass.
+    pub n_phases: usize,
+    /// The parameter's new value.
+    pub param_out: NodeId,
+    /// Each state's new value (equal to its `Op::State` node when unchanged).
+    pub state_out: Vec<NodeId>,
+}
+
+impl Program {
+    pub fn node(&self, id: NodeId) -> &Node {
+        &self.nodes[id]
+    }
+
+    /// Reductions computed in pass `k`.
+    pub fn reductions_in(&self, k: usize) -> impl Iterator<Item = (usize, &Reduction)> {
+        self.reductions
+            .iter()
+            .enumerate()
+            .filter(move |(_, r)| r.pass == k)
+    }
+
+    /// The nodes (in order) that `roots` need, stopping at nodes for which
+    /// `stop` holds (they are included but not descended into).
+    pub fn needed(&self, roots: &[NodeId], stop: impl Fn(&Node) -> bool) -> Vec<NodeId> {
+        let mut mark = vec![false; self.nodes.len()];
+        let mut stack: Vec<NodeId> = roots.to_vec();
+        while let Some(n) = stack.pop() {
+            if mark[n] {
+                continue;
+            }
+            mark[n] = true;
+            if !stop(&self.nodes[n]) {
+                stack.extend(self.nodes[n].op.children());
+            }
+        }
+        (0..self.nodes.len()).filter(|&i| mark[i]).collect()
+    }
+
+    /// Whether the state's value changes in a step.
+    pub fn state_written(&self, i: usize) -> bool {
+        self.nodes[self.state_out[i]].op != Op::State(i)
+    }
+
+    /// Whether the parameter changes in a step.
+    pub fn param_written(&self) -> bool {
+        self.nodes[self.param_out].op != Op::Param
+    }
+
+    /// Removes nodes and reductions that no output depends on, renumbering
+    /// the rest (order preserved).
+    pub fn prune(&mut self) {
+        let mut live = vec![false; self.nodes.len()];
+        let mut live_red = vec![false; self.reductions.len()];
+        let mut stack: Vec<NodeId> = vec![self.param_out];
+        stack.extend(&self.state_out);
+        while let Some(n) = stack.pop() {
+            if live[n] {
+                continue;
+            }
+            live[n] = true;
+            if let Op::Reduced(r) = self.nodes[n].op {
+                if !live_red[r] {
+                    live_red[r] = true;
+                    stack.push(self.reductions[r].arg);
+                }
+            }
+            stack.extend(self.nodes[n].op.children());
+        }
+        let mut red_map = vec![usize::MAX; self.reductions.len()];
+        let mut reds = vec![];
+        for (i, r) in self.reductions.iter().enumerate() {
+            if live_red[i] {
+                red_map[i] = reds.len();
+                reds.push(r.clone());
+            }
+        }
+        let mut map = vec![usize::MAX; self.nodes.len()];
+        let mut nodes = vec![];
+        for (i, n) in self.nodes.iter().enumerate() {
+            if live[i] {
+                map[i] = nodes.len();
+                let mut n = n.clone();
+                n.op = n.op.map_children(|c| map[c]);
+                if let Op::Reduced(r) = n.op {
+                    n.op = Op::Reduced(red_map[r]);
+                }
+                nodes.push(n);
+            }
+        }
+        for r in &mut reds {
+            r.arg = map[r.arg];
+        }
+        self.nodes = nodes;
+        self.reductions = reds;
+        self.param_out = map[self.param_out];
+        for s in &mut self.state_out {
+            *s = map[*s];
+        }
+        // Passes keep their order; drop passes left empty.
+        let mut passes: Vec<usize> = self.reductions.iter().map(|r| r.pass).collect();
+        passes.sort();
+        passes.dedup();
+        for r in &mut self.reductions {
+            r.pass = passes.iter().position(|&p| p == r.pass).unwrap();
+        }
+        for n in &mut self.nodes {
+            n.phase = match n.op {
+                Op::Reduced(r) => self.reductions[r].pass + 1,
+                _ => 0,
+            };
+        }
+        for i in 0..self.nodes.len() {
+            let ph = self.nodes[i]
+                .op
+                .children()
+                .iter()
+                .map(|&c| self.nodes[c].phase)
+                .max()
+                .unwrap_or(0);
+            self.nodes[i].phase = self.nodes[i].phase.max(ph);
+        }
+        self.n_phases = passes.len();
+        self.name_nodes();
+    }
+
+    /// Gives every node a unique identifier-safe name: its spec name where it
+    /// has one, `s<id>`/`ts<id>`/`e<id>` (step, tensor, element) otherwise.
+    pub fn name_nodes(&mut self) {
+        let mut used = std::collections::HashSet::new();
+        for i in 0..self.nodes.len() {
+            let n = &self.nodes[i];
+            let base = if n.name.is_empty() {
+                let prefix = match n.level {
+                    Level::Const | Level::Step => "s",
+                    Level::Tensor => "ts",
+                    Level::Elem => "e",
+                };
+                format!("{prefix}{i}")
+            } else {
+                n.name.clone()
+            };
+            let mut name = base.clone();
+            let mut k = 2;
+            while !used.insert(name.clone()) {
+                name = format!("{base}_v{k}");
+                k += 1;
+            }
+            self.nodes[i].name = name;
+        }
+    }
+}
+
+/// A readable listing of the IR: one line per node with its level and
+/// phase, then the reductions and the outputs.
+pub fn dump(prog: &Program) -> String {
+    use std::fmt::Write;
+    let mut out = format!(
+        "program {} ({} reduction passes)\n",
+        prog.name, prog.n_phases
+    );
+    let name = |i: NodeId| prog.nodes[i].name.clone();
+    for (i, n) in prog.nodes.iter().enumerate() {
+        let op = match n.op {
+            Op::Num(v) => format!("{v:?}"),
+            Op::Bool(b) => b.to_string(),
+            Op::Hyper(h) => format!("hyper {}", prog.hypers[h].name),
+            Op::T => "t".into(),
+            Op::Ndim => "ndim".into(),
+            Op::Numel => "numel".into(),
+            Op::Param => "load p".into(),
+            Op::Grad => "load g".into(),
+            Op::State(s) => format!("load {}", prog.states[s].name),
+            Op::Reduced(r) => format!("reduced r{r}"),
+            Op::Unary(o, a) => format!("{o:?} {}", name(a)),
+            Op::Binary(o, a, b) => format!("{o:?} {} {}", name(a), name(b)),
+            Op::Select(c, a, b) => format!("select {} {} {}", name(c), name(a), name(b)),
+        };
+        let level = format!("{:?}", n.level).to_lowercase();
+        let ty = if n.ty == Ty::Bool { ":bool" } else { "" };
+        let _ = writeln!(
+            out,
+            "  %{i:<3} {:<14} {level:<6} ph{}  = {op}{ty}",
+            n.name, n.phase
+        );
+    }
+    for (i, r) in prog.reductions.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "  r{i}: {:?} over {:?} of {} in pass {}  ({})",
+            r.op,
+            r.scope,
+            name(r.arg),
+            r.pass,
+            r.origin
+        );
+    }
+    let _ = writeln!(out, "  out p = {}", name(prog.param_out));
+    for (i, s) in prog.states.iter().enumerate() {
+        let _ = writeln!(out, "  out {} = {}", s.name, name(prog.state_out[i]));
+    }
+    out
+}

@@ -1,0 +1,559 @@
+//! Stage 3a: checked syntax tree → IR.
+//!
+//! Assignments become SSA values, `if` statements become selects, built-in
+//! functions become arithmetic and reductions (Ψ lowers to one Σ|x| per
+//! tensor), identical subexpressions are shared and constant arithmetic is
+//! folded. The spec must have passed [`agr_grammar::check::check`].
+
+use std::collections::HashMap;
+
+use agr_grammar::ast::{self, BinOp, ExprKind, HyperTy, Literal, Stmt, UnOp};
+use agr_grammar::check::{self, Level, Ty};
+use agr_grammar::{print, Diagnostic};
+
+use crate::ir::*;
+
+/// Checks and lowers a spec.
+pub fn lower(spec: &ast::Spec) -> Result<Program, Vec<Diagnostic>> {
+    let errors = check::check(spec);
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    Ok(lower_checked(spec))
+}
+
+/// Parses, checks and lowers spec text.
+pub fn compile(source: &str) -> Result<Program, Vec<Diagnostic>> {
+    let spec = agr_grammar::parse(source).map_err(|e| vec![e])?;
+    lower(&spec)
+}
+
+#[derive(Clone, Debug)]
+enum Bind {
+    Node(NodeId),
+    /// A state not yet read or assigned in this step.
+    StateOld(usize),
+}
+
+struct Lowerer<'a> {
+    spec: &'a ast::Spec,
+    nodes: Vec<Node>,
+    memo: HashMap<OpKey, NodeId>,
+    reductions: Vec<Reduction>,
+    scopes: Vec<HashMap<String, Bind>>,
+    state_old: Vec<Option<NodeId>>,
+    assign_count: HashMap<String, usize>,
+}
+
+/// Hashable form of an op (floats by their bits).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+enum OpKey {
+    Num(u64),
+    Other(OpShape),
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+enum OpShape {
+    Bool(bool),
+    Hyper(usize),
+    T,
+    Ndim,
+    Numel,
+    Param,
+    Grad,
+    State(usize),
+    Reduced(usize),
+    Unary(UnaryOp, NodeId),
+    Binary(BinaryOp, NodeId, NodeId),
+    Select(NodeId, NodeId, NodeId),
+}
+
+fn key(op: Op) -> OpKey {
+    OpKey::Other(match op {
+        Op::Num(v) => return OpKey::Num(v.to_bits()),
+        Op::Bool(b) => OpShape::Bool(b),
+        Op::Hyper(i) => OpShape::Hyper(i),
+        Op::T => OpShape::T,
+        Op::Ndim => OpShape::Ndim,
+        Op::Numel => OpShape::Numel,
+        Op::Param => OpShape::Param,
+        Op::Grad => OpShape::Grad,
+        Op::State(i) => OpShape::State(i),
+        Op::Reduced(i) => OpShape::Reduced(i),
+        Op::Unary(o, a) => OpShape::Unary(o, a),
+        Op::Binary(o, a, b) => OpShape::Binary(o, a, b),
+        Op::Select(c, a, b) => OpShape::Select(c, a, b),
+    })
+}
+
+pub fn lower_checked(spec: &ast::Spec) -> Program {
+    let mut l = Lowerer {
+        spec,
+        nodes: vec![],
+        memo: HashMap::new(),
+        reductions: vec![],
+        scopes: vec![HashMap::new()],
+        state_old: vec![None; spec.states.len()],
+        assign_count: HashMap::new(),
+    };
+    let p = l.leaf(Op::Param, Ty::Num, Level::Elem, "p");
+    let g = l.leaf(Op::Grad, Ty::Num, Level::Elem, "g");
+    let t = l.leaf(Op::T, Ty::Num, Level::Tensor, "t");
+    let ndim = l.leaf(Op::Ndim, Ty::Num, Level::Tensor, "ndim");
+    let numel = l.leaf(Op::Numel, Ty::Num, Level::Tensor, "numel");
+    for (n, id) in [
+        ("p", p),
+        ("g", g),
+        ("t", t),
+        ("ndim", ndim),
+        ("numel", numel),
+    ] {
+        l.bind(n, Bind::Node(id));
+    }
+    let mut hypers = vec![];
+    for (i, h) in spec.hypers.iter().enumerate() {
+        let kind = match (h.ty.as_ref().map(|t| t.0), h.default) {
+            (Some(HyperTy::Int), _) => HyperKind::Int,
+            (Some(HyperTy::Bool), _) | (None, Literal::Bool(_)) => HyperKind::Bool,
+            _ => HyperKind::Float,
+        };
+        let ty = if kind == HyperKind::Bool {
+            Ty::Bool
+        } else {
+            Ty::Num
+        };
+        let id = l.leaf(Op::Hyper(i), ty, Level::Step, &h.name.name);
+        l.bind(&h.name.name, Bind::Node(id));
+        hypers.push(Hyper {
+            name: h.name.name.clone(),
+            kind,
+            default: match h.default {
+                Literal::Bool(b) => f64::from(u8::from(b)),
+                Literal::Num { value, .. } => value,
+            },
+            lower: h.lower.map(|b| (b.value, b.inclusive)),
+            upper: h.upper.map(|b| (b.value, b.inclusive)),
+            doc: h.doc.clone(),
+        });
+    }
+    let mut states = vec![];
+    for (i, s) in spec.states.iter().enumerate() {
+        l.bind(&s.name.name, Bind::StateOld(i));
+        let fill = match s.init.kind {
+            ExprKind::Num(v) => v,
+            ExprKind::Unary(UnOp::Neg, ref e) => match e.kind {
+                ExprKind::Num(v) => -v,
+                _ => 0.0,
+            },
+            _ => 0.0,
+        };
+        states.push(State {
+            name: s.name.name.clone(),
+            doc: s.doc.clone(),
+            fill,
+            init_text: print::expr(&s.init),
+        });
+    }
+    l.scopes.push(HashMap::new());
+    l.block(&spec.step);
+    let param_out = l.read("p");
+    let state_out = spec.states.iter().map(|s| l.read(&s.name.name)).collect();
+    let mut prog = Program {
+        name: spec.name.name.clone(),
+        doc: spec.doc.clone(),
+        spec_text: print::normalize(spec),
+        hypers,
+        states,
+        nodes: l.nodes,
+        reductions: l.reductions,
+        n_phases: 0,
+        param_out,
+        state_out,
+    };
+    prog.prune();
+    prog
+}
+
+impl<'a> Lowerer<'a> {
+    fn bind(&mut self, name: &str, b: Bind) {
+        self.scopes.last_mut().unwrap().insert(name.to_string(), b);
+    }
+
+    fn lookup(&self, name: &str) -> Bind {
+        self.scopes
+            .iter()
+            .rev()
+            .find_map(|s| s.get(name))
+            .cloned()
+            .unwrap_or_else(|| panic!("checked spec: `{name}` is bound"))
+    }
+
+    fn set(&mut self, name: &str, id: NodeId) {
+        for s in self.scopes.iter_mut().rev() {
+            if let Some(b) = s.get_mut(name) {
+                *b = Bind::Node(id);
+                return;
+            }
+        }
+    }
+
+    fn read(&mut self, name: &str) -> NodeId {
+        match self.lookup(name) {
+            Bind::Node(id) => id,
+            Bind::StateOld(i) => self.state_old(i),
+        }
+    }
+
+    /// The value of state `i` before the step, built at its first read.
+    fn state_old(&mut self, i: usize) -> NodeId {
+        if let Some(id) = self.state_old[i] {
+            return id;
+        }
+        let name = self.spec.states[i].name.name.clone();
+        let stored = self.leaf(Op::State(i), Ty::Num, Level::Elem, &name);
+        let init = &self.spec.states[i].init;
+        let id = if is_constant(init) {
+            // The buffer is created holding the constant.
+            stored
+        } else {
+            let init = self.expr(&init.clone());
+            let t = self.read("t");
+            let one = self.num(1.0);
+            let first = self.make(Op::Binary(BinaryOp::Eq, t, one));
+            self.make(Op::Select(first, init, stored))
+        };
+        self.state_old[i] = Some(id);
+        id
+    }
+
+    fn leaf(&mut self, op: Op, ty: Ty, level: Level, name: &str) -> NodeId {
+        let id = self.nodes.len();
+        self.nodes.push(Node {
+            op,
+            ty,
+            level,
+            phase: 0,
+            name: name.to_string(),
+        });
+        self.memo.insert(key(op), id);
+        id
+    }
+
+    fn num(&mut self, v: f64) -> NodeId {
+        self.make(Op::Num(v))
+    }
+
+    /// Adds a node, sharing an identical one and folding constants.
+    fn make(&mut self, op: Op) -> NodeId {
+        if let Some(folded) = self.fold(op) {
+            return self.make_raw(folded);
+        }
+        self.make_raw(op)
+    }
+
+    fn make_raw(&mut self, op: Op) -> NodeId {
+        if let Some(&id) = self.memo.get(&key(op)) {
+            return id;
+        }
+        let kids = op.children();
+        let level = kids
+            .iter()
+            .map(|&c| self.nodes[c].level)
+            .max()
+            .unwrap_or(Level::Const);
+        let phase = kids.iter().map(|&c| self.nodes[c].phase).max().unwrap_or(0);
+        let ty = match op {
+            Op::Bool(_) | Op::Unary(UnaryOp::Not, _) => Ty::Bool,
+            Op::Binary(o, _, _)
+                if !matches!(
+                    o,
+                    BinaryOp::Add
+                        | BinaryOp::Sub
+                        | BinaryOp::Mul
+                        | BinaryOp::Div
+                        | BinaryOp::Pow
+                        | BinaryOp::Min
+                        | BinaryOp::Max
+                ) =>
+            {
+                Ty::Bool
+            }
+            Op::Select(_, a, _) => self.nodes[a].ty,
+            _ => Ty::Num,
+        };
+        let id = self.nodes.len();
+        self.nodes.push(Node {
+            op,
+            ty,
+            level,
+            phase,
+            name: String::new(),
+        });
+        self.memo.insert(key(op), id);
+        id
+    }
+
+    fn constant(&self, id: NodeId) -> Option<f64> {
+        match self.nodes[id].op {
+            Op::Num(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    fn fold(&self, op: Op) -> Option<Op> {
+        match op {
+            // x ^ 2 is x * x exactly, and far cheaper per element than powf.
+            Op::Binary(BinaryOp::Pow, a, b)
+                if self.constant(b) == Some(2.0) && self.constant(a).is_none() =>
+            {
+                Some(Op::Binary(BinaryOp::Mul, a, a))
+            }
+            Op::Unary(UnaryOp::Neg, a) => Some(Op::Num(-self.constant(a)?)),
+            Op::Binary(o, a, b) => {
+                let (x, y) = (self.constant(a)?, self.constant(b)?);
+                Some(match o {
+                    BinaryOp::Add => Op::Num(x + y),
+                    BinaryOp::Sub => Op::Num(x - y),
+                    BinaryOp::Mul => Op::Num(x * y),
+                    BinaryOp::Div => Op::Num(x / y),
+                    BinaryOp::Pow => Op::Num(x.powf(y)),
+                    BinaryOp::Min => Op::Num(x.min(y)),
+                    BinaryOp::Max => Op::Num(x.max(y)),
+                    _ => return None,
+                })
+            }
+            Op::Select(c, a, b) => match self.nodes[c].op {
+                Op::Bool(true) => Some(self.nodes[a].op),
+                Op::Bool(false) => Some(self.nodes[b].op),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
+    fn name_node(&mut self, id: NodeId, name: &str) {
+        if self.nodes[id].name.is_empty() {
+            self.nodes[id].name = name.to_string();
+        }
+    }
+
+    fn block(&mut self, stmts: &[Stmt]) {
+        for s in stmts {
+            self.stmt(s);
+        }
+    }
+
+    fn stmt(&mut self, s: &Stmt) {
+        match s {
+            Stmt::Let { name, value } => {
+                let id = self.expr(value);
+                self.name_node(id, &name.name);
+                self.bind(&name.name, Bind::Node(id));
+            }
+            Stmt::Assign { target, value } => {
+                let id = self.expr(value);
+                let k = self.assign_count.entry(target.name.clone()).or_insert(0);
+                *k += 1;
+                let label = format!("{}_{}", target.name, k);
+                self.name_node(id, &label);
+                self.set(&target.name, id);
+            }
+            Stmt::If {
+                cond,
+                then,
+                otherwise,
+                ..
+            } => {
+                let c = self.expr(cond);
+                let before = self.scopes.clone();
+                self.scopes.push(HashMap::new());
+                self.block(then);
+                self.scopes.pop();
+                let after_then = std::mem::replace(&mut self.scopes, before.clone());
+                self.scopes.push(HashMap::new());
+                self.block(otherwise);
+                self.scopes.pop();
+                let after_else = std::mem::replace(&mut self.scopes, before.clone());
+                for (depth, scope) in before.iter().enumerate() {
+                    let mut names: Vec<&String> = scope.keys().collect();
+                    names.sort();
+                    for name in names {
+                        let a = &after_then[depth][name];
+                        let b = &after_else[depth][name];
+                        let changed = |x: &Bind| {
+                            !matches!((x, &scope[name]), (Bind::Node(p), Bind::Node(q)) if p == q)
+                                && !matches!(
+                                    (x, &scope[name]),
+                                    (Bind::StateOld(_), Bind::StateOld(_))
+                                )
+                        };
+                        if !changed(a) && !changed(b) {
+                            continue;
+                        }
+                        let va = self.resolve(a);
+                        let vb = self.resolve(b);
+                        let id = self.make(Op::Select(c, va, vb));
+                        self.scopes[depth].insert(name.clone(), Bind::Node(id));
+                    }
+                }
+            }
+        }
+    }
+
+    fn resolve(&mut self, b: &Bind) -> NodeId {
+        match *b {
+            Bind::Node(id) => id,
+            Bind::StateOld(i) => self.state_old(i),
+        }
+    }
+
+    fn expr(&mut self, e: &ast::Expr) -> NodeId {
+        match &e.kind {
+            ExprKind::Num(v) => self.num(*v),
+            ExprKind::Bool(b) => self.make(Op::Bool(*b)),
+            ExprKind::Name(n) => self.read(n),
+            ExprKind::Unary(op, a) => {
+                let a = self.expr(a);
+                let op = match op {
+                    UnOp::Neg => UnaryOp::Neg,
+                    UnOp::Not => UnaryOp::Not,
+                };
+                self.make(Op::Unary(op, a))
+            }
+            ExprKind::Binary(op, a, b) => {
+                let a = self.expr(a);
+                let b = self.expr(b);
+                let op = match op {
+                    BinOp::Add => BinaryOp::Add,
+                    BinOp::Sub => BinaryOp::Sub,
+                    BinOp::Mul => BinaryOp::Mul,
+                    BinOp::Div => BinaryOp::Div,
+                    BinOp::Pow => BinaryOp::Pow,
+                    BinOp::Lt => BinaryOp::Lt,
+                    BinOp::Le => BinaryOp::Le,
+                    BinOp::Gt => BinaryOp::Gt,
+                    BinOp::Ge => BinaryOp::Ge,
+                    BinOp::Eq => BinaryOp::Eq,
+                    BinOp::Ne => BinaryOp::Ne,
+                    BinOp::And => BinaryOp::And,
+                    BinOp::Or => BinaryOp::Or,
+                };
+                self.make(Op::Binary(op, a, b))
+            }
+            ExprKind::If(c, a, b) => {
+                let c = self.expr(c);
+                let a = self.expr(a);
+                let b = self.expr(b);
+                self.make(Op::Select(c, a, b))
+            }
+            ExprKind::Call { func, args } => {
+                let origin = print::expr(e);
+                let a: Vec<NodeId> = args.iter().map(|x| self.expr(x)).collect();
+                self.call(&func.name, &a, origin)
+            }
+        }
+    }
+
+    fn reduce(&mut self, op: ReduceOp, scope: Scope, arg: NodeId, origin: String) -> NodeId {
+        let pass = self.nodes[arg].phase;
+        let existing = self
+            .reductions
+            .iter()
+            .position(|r| r.op == op && r.scope == scope && r.arg == arg);
+        let r = existing.unwrap_or_else(|| {
+            self.reductions.push(Reduction {
+                op,
+                scope,
+                arg,
+                pass,
+                origin,
+            });
+            self.reductions.len() - 1
+        });
+        let level = if scope == Scope::Tensor {
+            Level::Tensor
+        } else {
+            Level::Step
+        };
+        let id = self.make_raw(Op::Reduced(r));
+        self.nodes[id].level = level;
+        self.nodes[id].phase = pass + 1;
+        id
+    }
+
+    fn call(&mut self, f: &str, a: &[NodeId], origin: String) -> NodeId {
+        use BinaryOp as B;
+        let un = |s: &mut Self, o, x| s.make(Op::Unary(o, x));
+        let bin = |s: &mut Self, o, x, y| s.make(Op::Binary(o, x, y));
+        match f {
+            "sqrt" => un(self, UnaryOp::Sqrt, a[0]),
+            "abs" => un(self, UnaryOp::Abs, a[0]),
+            "sign" => un(self, UnaryOp::Sign, a[0]),
+            "exp" => un(self, UnaryOp::Exp, a[0]),
+            "ln" => un(self, UnaryOp::Ln, a[0]),
+            "pow" => bin(self, B::Pow, a[0], a[1]),
+            "min" => bin(self, B::Min, a[0], a[1]),
+            "max" => bin(self, B::Max, a[0], a[1]),
+            "clamp" => {
+                let lo = bin(self, B::Max, a[0], a[1]);
+                bin(self, B::Min, lo, a[2])
+            }
+            "select" => self.make(Op::Select(a[0], a[1], a[2])),
+            "sum" => self.reduce(ReduceOp::Sum, Scope::Tensor, a[0], origin),
+            "mean" => {
+                let s = self.reduce(ReduceOp::Sum, Scope::Tensor, a[0], origin);
+                let n = self.read("numel");
+                bin(self, B::Div, s, n)
+            }
+            "norm" | "global_norm" => {
+                let scope = if f == "norm" {
+                    Scope::Tensor
+                } else {
+                    Scope::Global
+                };
+                let sq = bin(self, B::Mul, a[0], a[0]);
+                let s = self.reduce(ReduceOp::Sum, scope, sq, origin);
+                un(self, UnaryOp::Sqrt, s)
+            }
+            "global_sum" => self.reduce(ReduceOp::Sum, Scope::Global, a[0], origin),
+            "max_abs" | "global_max_abs" => {
+                let scope = if f == "max_abs" {
+                    Scope::Tensor
+                } else {
+                    Scope::Global
+                };
+                let x = un(self, UnaryOp::Abs, a[0]);
+                self.reduce(ReduceOp::Max, scope, x, origin)
+            }
+            "agr" => {
+                // Ψ(x) = x − x·|x|·inv, inv = 1/Σ|x| (0 when Σ|x| = 0, so Ψ(0) = 0).
+                let x = a[0];
+                let ax = un(self, UnaryOp::Abs, x);
+                let s = self.reduce(
+                    ReduceOp::Sum,
+                    Scope::Tensor,
+                    ax,
+                    format!("sum(abs(..)) for {origin}"),
+                );
+                let zero = self.num(0.0);
+                let one = self.num(1.0);
+                let pos = bin(self, B::Gt, s, zero);
+                let recip = bin(self, B::Div, one, s);
+                let inv = self.make(Op::Select(pos, recip, zero));
+                self.name_node(inv, "agr_inv");
+                let xa = bin(self, B::Mul, x, ax);
+                let shrink = bin(self, B::Mul, xa, inv);
+                bin(self, B::Sub, x, shrink)
+            }
+            other => unreachable!("checked spec: unknown function `{other}`"),
+        }
+    }
+}
+
+fn is_constant(e: &ast::Expr) -> bool {
+    match &e.kind {
+        ExprKind::Num(_) => true,
+        ExprKind::Unary(UnOp::Neg, a) => matches!(a.kind, ExprKind::Num(_)),
+        _ => false,
+    }
+}

@@ -1,0 +1,84 @@
+//! Every reference trajectory in the shared golden folder replays within its
+//! tolerance through the built-in optimizer it names.
+//!
+//! The folder is `../shared/golden` beside the repository, or `$AGR_GOLDEN_DIR`.
+//! A missing folder fails the test: the numbers are the ground truth.
+
+use std::path::PathBuf;
+
+use agr_runtime::golden;
+
+fn golden_dir() -> PathBuf {
+    match std::env::var_os("AGR_GOLDEN_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/golden"),
+    }
+}
+
+fn files(dir: &PathBuf) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| {
+            panic!(
+                "golden folder {} is missing ({e}); set AGR_GOLDEN_DIR",
+                dir.display()
+            )
+        })
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn the_spine_golden_files_replay() {
+    let dir = golden_dir();
+    let files = files(&dir);
+    let names: Vec<String> = files
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    for want in [
+        "adamw_basic.json",
+        "adamw_agr_basic.json",
+        "adamw_agr_m_basic.json",
+        "adan_basic.json",
+        "adan_agr_basic.json",
+    ] {
+        assert!(
+            names.iter().any(|n| n == want),
+            "{want} missing from {}",
+            dir.display()
+        );
+    }
+    let mut failed = vec![];
+    for f in &files {
+        let g = golden::load(f).unwrap();
+        let r = golden::replay(&g).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+        println!("{:<28} {r}", f.file_name().unwrap().to_string_lossy());
+        assert_eq!(r.steps, g.steps.len());
+        if !r.pass {
+            failed.push(f.display().to_string());
+        }
+    }
+    assert!(failed.is_empty(), "failed: {failed:?}");
+}
+
+#[test]
+fn a_wrong_trajectory_fails() {
+    // The replay must be able to fail: perturb one reference value.
+    let f = golden_dir().join("adamw_agr_basic.json");
+    let mut g = golden::load(&f).unwrap();
+    g.steps[5].params[0][3] += 1e-3;
+    let r = golden::replay(&g).unwrap();
+    assert!(!r.pass);
+    assert_eq!(r.worst_at, (6, "p0".to_string(), 3));
+}
+
+#[test]
+fn agr_and_plain_trajectories_differ() {
+    // Ψ must change the numbers: AdamW-AGR's reference does not replay as AdamW.
+    let mut g = golden::load(&golden_dir().join("adamw_agr_basic.json")).unwrap();
+    g.optimizer = "adamw".into();
+    assert!(!golden::replay(&g).unwrap().pass);
+}
