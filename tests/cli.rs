@@ -1,0 +1,89 @@
+//! The `agr` command line: replay, check and emit.
+
+use std::process::Command;
+
+fn agr(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_agr"))
+        .args(args)
+        .output()
+        .expect("run agr");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn golden(name: &str) -> String {
+    let dir = std::env::var("AGR_GOLDEN_DIR")
+        .unwrap_or_else(|_| format!("{}/../shared/golden", env!("CARGO_MANIFEST_DIR")));
+    format!("{dir}/{name}")
+}
+
+#[test]
+fn replay_prints_one_line_per_file_and_fails_on_an_unreadable_one() {
+    let (code, out, _) = agr(&[
+        "replay",
+        &golden("adamw_agr_basic.json"),
+        &golden("adan_agr_basic.json"),
+    ]);
+    assert_eq!(code, 0, "{out}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    assert!(
+        lines[0].starts_with("adamw_agr_basic.json")
+            && lines[0].contains("adamw_agr")
+            && lines[0].ends_with("PASS"),
+        "{out}"
+    );
+    assert!(lines[0].contains("steps=12"), "{out}");
+    let (code, out, _) = agr(&["replay", &golden("adan_basic.json"), "no-such-file.json"]);
+    assert_eq!(code, 1);
+    assert!(
+        out.contains("no-such-file.json") && out.contains("ERROR"),
+        "{out}"
+    );
+}
+
+#[test]
+fn check_shows_line_column_and_caret() {
+    let dir = std::env::temp_dir().join(format!("agr-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("bad.agr");
+    std::fs::write(
+        &bad,
+        "Sgd {\n    hyper { lr = 0.1 where lr > 0 }\n    step { p = p - lr * grad; }\n}\n",
+    )
+    .unwrap();
+    let (code, _, err) = agr(&["check", bad.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(err.contains("unknown name `grad`"), "{err}");
+    assert!(err.contains("bad.agr:3:25"), "{err}");
+    assert!(err.contains("^^^^"), "{err}");
+    let good = dir.join("good.agr");
+    std::fs::write(
+        &good,
+        "Sgd { hyper { lr = 0.1 where lr > 0 } step { p = p - lr * g; } }",
+    )
+    .unwrap();
+    let (code, out, _) = agr(&["check", good.to_str().unwrap()]);
+    assert_eq!(code, 0);
+    assert!(out.contains("ok"), "{out}");
+}
+
+#[test]
+fn emit_prints_generated_rust_for_a_builtin() {
+    let (code, out, _) = agr(&["emit", "--target", "rust", "adamw_agr"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("pub type AdamWAgr = ::agr_runtime::Optimizer<AdamWAgrKernel>;"));
+    assert_eq!(
+        out,
+        agr_codegen::backend::rust::emit(
+            &agr_codegen::compile(agr_runtime::optim::builtin("adamw_agr").unwrap().source)
+                .unwrap()
+        )
+    );
+    let (code, _, err) = agr(&["emit", "nonesuch"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("neither a built-in"), "{err}");
+}
