@@ -1,0 +1,346 @@
+//! The CPU engine on tensors larger than one work chunk: agreement with a
+//! plain, unfused reference written independently of the spec compiler,
+//! bitwise determinism across thread counts, skipped gradients, and errors
+//! that leave everything unchanged.
+
+use agr_runtime::optim::{AdamWAgr, AdamWAgrConfig, AdanAgr, AdanAgrConfig};
+use agr_runtime::{ParamMut, StepError};
+
+/// Deterministic pseudo-random values in (-1, 1), with some exact zeros.
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|i| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            if i % 97 == 0 {
+                0.0
+            } else {
+                ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            }
+        })
+        .collect()
+}
+
+const SHAPES: &[&[usize]] = &[&[301, 333], &[70_000], &[17], &[4, 8]];
+
+struct Model {
+    values: Vec<Vec<f32>>,
+}
+
+impl Model {
+    fn new(seed: u64) -> Model {
+        Model {
+            values: SHAPES
+                .iter()
+                .enumerate()
+                .map(|(i, s)| values(s.iter().product(), seed + i as u64))
+                .collect(),
+        }
+    }
+    fn grads(&self, step: u64) -> Vec<Vec<f32>> {
+        self.values
+            .iter()
+            .enumerate()
+            .map(|(i, v)| values(v.len(), 1000 * step + i as u64))
+            .collect()
+    }
+}
+
+fn run<F>(
+    model: &mut Model,
+    grads: &[Vec<f32>],
+    mut step: F,
+) -> Result<agr_runtime::StepReport, StepError>
+where
+    F: FnMut(&mut [ParamMut<'_>]) -> Result<agr_runtime::StepReport, StepError>,
+{
+    let mut params: Vec<ParamMut<'_>> = model
+        .values
+        .iter_mut()
+        .zip(grads)
+        .zip(SHAPES)
+        .map(|((v, g), s)| ParamMut::new(v, Some(g), s))
+        .collect();
+    step(&mut params)
+}
+
+/// Ψ(g) as the paper defines it, with Ψ(0) = 0, summing in f64.
+fn psi(g: &[f32]) -> Vec<f32> {
+    let s: f64 = g.iter().map(|&x| f64::from(x.abs())).sum();
+    let inv = if s > 0.0 { (1.0 / s) as f32 } else { 0.0 };
+    g.iter().map(|&x| x - x * x.abs() * inv).collect()
+}
+
+fn assert_close(a: &[f32], b: &[f32], what: &str) {
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        assert!(
+            (x - y).abs() <= 1e-6 + 1e-5 * y.abs(),
+            "{what}[{i}]: {x} vs {y}"
+        );
+    }
+}
+
+#[test]
+fn adamw_agr_matches_an_unfused_reference_over_many_chunks() {
+    let (lr, b1, b2, eps, wd) = (1e-2f64, 0.9f64, 0.999f64, 1e-8f64, 0.01f64);
+    let mut model = Model::new(1);
+    let mut reference = Model::new(1);
+    let mut opt = AdamWAgr::new(AdamWAgrConfig::default().with_lr(lr)).unwrap();
+    let mut m: Vec<Vec<f32>> = reference
+        .values
+        .iter()
+        .map(|v| vec![0.0; v.len()])
+        .collect();
+    let mut v2 = m.clone();
+    for t in 1..=4u64 {
+        let grads = model.grads(t);
+        run(&mut model, &grads, |p| opt.step(p)).unwrap();
+        for (k, p) in reference.values.iter_mut().enumerate() {
+            let gr = psi(&grads[k]);
+            let bc1 = 1.0 - b1.powi(t as i32);
+            let bc2 = (1.0 - b2.powi(t as i32)).sqrt();
+            for i in 0..p.len() {
+                p[i] *= (1.0 - lr * wd) as f32;
+                m[k][i] = b1 as f32 * m[k][i] + (1.0 - b1) as f32 * gr[i];
+                v2[k][i] = b2 as f32 * v2[k][i] + (1.0 - b2) as f32 * gr[i] * gr[i];
+                p[i] -= (lr / bc1) as f32 * m[k][i] / (v2[k][i].sqrt() / bc2 as f32 + eps as f32);
+            }
+        }
+    }
+    for (k, (a, b)) in model.values.iter().zip(&reference.values).enumerate() {
+        assert_close(a, b, &format!("tensor {k}"));
+        assert_close(opt.state(k, "m").unwrap(), &m[k], "m");
+    }
+}
+
+#[test]
+fn adan_agr_with_global_clipping_matches_an_unfused_reference() {
+    let (lr, b1, b2, b3, eps, wd, clip) =
+        (1e-2f64, 0.98f64, 0.92f64, 0.99f64, 1e-8f64, 0.02f64, 5.0f64);
+    let mut model = Model::new(2);
+    let mut reference = Model::new(2);
+    let mut opt = AdanAgr::new(
+        AdanAgrConfig::default()
+            .with_lr(lr)
+            .with_max_grad_norm(clip),
+    )
+    .unwrap();
+    let zeros: Vec<Vec<f32>> = reference
+        .values
+        .iter()
+        .map(|v| vec![0.0; v.len()])
+        .collect();
+    let (mut m, mut d, mut n, mut prev) = (zeros.clone(), zeros.clone(), zeros.clone(), zeros);
+    for t in 1..=3u64 {
+        let grads = model.grads(t);
+        run(&mut model, &grads, |p| opt.step(p)).unwrap();
+        let norm: f64 = grads
+            .iter()
+            .flatten()
+            .map(|&x| f64::from(x) * f64::from(x))
+            .sum::<f64>()
+            .sqrt();
+        let factor = (clip / (norm + eps)).min(1.0);
+        assert!(
+            factor < 1.0,
+            "the test should exercise clipping (norm {norm})"
+        );
+        for (k, p) in reference.values.iter_mut().enumerate() {
+            let gc: Vec<f32> = psi(&grads[k]).iter().map(|&x| x * factor as f32).collect();
+            if t == 1 {
+                prev[k] = gc.clone();
+            }
+            let ti = t as i32;
+            for i in 0..p.len() {
+                let diff = gc[i] - prev[k][i];
+                m[k][i] = b1 as f32 * m[k][i] + (1.0 - b1) as f32 * gc[i];
+                d[k][i] = b2 as f32 * d[k][i] + (1.0 - b2) as f32 * diff;
+                let u = gc[i] + b2 as f32 * diff;
+                n[k][i] = b3 as f32 * n[k][i] + (1.0 - b3) as f32 * u * u;
+                let den = n[k][i].sqrt() / (1.0 - b3.powi(ti)).sqrt() as f32 + eps as f32;
+                let q = p[i]
+                    - (lr / (1.0 - b1.powi(ti))) as f32 * m[k][i] / den
+                    - (lr * b2 / (1.0 - b2.powi(ti))) as f32 * d[k][i] / den;
+                p[i] = q / (1.0 + lr * wd) as f32;
+            }
+            prev[k] = gc;
+        }
+    }
+    for (k, (a, b)) in model.values.iter().zip(&reference.values).enumerate() {
+        assert_close(a, b, &format!("tensor {k}"));
+    }
+}
+
+fn run_with_threads(threads: usize) -> Vec<Vec<f32>> {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .unwrap();
+    pool.install(|| {
+        let mut model = Model::new(3);
+        let mut opt = AdanAgr::new(AdanAgrConfig::default().with_max_grad_norm(1.0)).unwrap();
+        let mut opt2 = AdamWAgr::new(AdamWAgrConfig::default()).unwrap();
+        for t in 1..=3 {
+            let grads = model.grads(t);
+            run(&mut model, &grads, |p| opt.step(p)).unwrap();
+            run(&mut model, &grads, |p| opt2.step(p)).unwrap();
+        }
+        model.values
+    })
+}
+
+#[test]
+fn results_are_bitwise_identical_for_1_2_and_8_threads_and_across_runs() {
+    let one = run_with_threads(1);
+    for threads in [2, 8, 2] {
+        let other = run_with_threads(threads);
+        for (a, b) in one.iter().zip(&other) {
+            assert!(
+                a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                "{threads} threads differ"
+            );
+        }
+    }
+}
+
+#[test]
+fn tensors_without_a_gradient_are_skipped() {
+    let mut w0 = vec![1.0f32; 6];
+    let mut w1 = vec![2.0f32; 3];
+    let g0 = vec![0.5f32; 6];
+    let mut opt = AdamWAgr::new(AdamWAgrConfig::default()).unwrap();
+    let r = opt
+        .step(&mut [
+            ParamMut::new(&mut w0, Some(&g0), &[2, 3]),
+            ParamMut::new(&mut w1, None, &[3]),
+        ])
+        .unwrap();
+    assert_eq!((r.updated, r.skipped, r.step), (1, 1, 1));
+    assert!(w0.iter().all(|&x| x < 1.0));
+    assert_eq!(w1, vec![2.0; 3]);
+    assert_eq!(opt.tensor_steps(0), 1);
+    assert_eq!(opt.tensor_steps(1), 0);
+    assert!(opt.state(1, "m").is_none());
+}
+
+#[test]
+fn an_all_zero_gradient_gives_psi_zero_not_nan() {
+    let mut w = vec![1.0f32, -1.0, 0.5];
+    let g = vec![0.0f32; 3];
+    let mut opt = AdamWAgr::new(AdamWAgrConfig::default().with_weight_decay(0.0)).unwrap();
+    opt.step(&mut [ParamMut::new(&mut w, Some(&g), &[3])])
+        .unwrap();
+    assert_eq!(w, vec![1.0, -1.0, 0.5]);
+}
+
+#[test]
+fn bad_inputs_are_errors_and_change_nothing() {
+    let mut opt = AdamWAgr::new(AdamWAgrConfig::default()).unwrap();
+    let mut w0 = vec![1.0f32; 6];
+    let mut w1 = vec![2.0f32; 3];
+    let g0 = vec![0.5f32; 6];
+    let g1 = vec![0.5f32; 3];
+    opt.step(&mut [
+        ParamMut::new(&mut w0, Some(&g0), &[2, 3]),
+        ParamMut::new(&mut w1, Some(&g1), &[3]),
+    ])
+    .unwrap();
+    let (s0, s1, m0) = (w0.clone(), w1.clone(), opt.state(0, "m").unwrap().to_vec());
+    let short = vec![0.5f32; 2];
+    let cases: Vec<(Box<dyn Fn(&mut Vec<f32>, &mut Vec<f32>) -> StepError>, &str)> = vec![
+        (
+            Box::new(|a, b| {
+                opt.clone()
+                    .step(&mut [
+                        ParamMut::new(a, Some(&g0), &[2, 3]),
+                        ParamMut::new(b, Some(&short), &[3]),
+                    ])
+                    .unwrap_err()
+            }),
+            "gradient has 2 elements",
+        ),
+        (
+            Box::new(|a, _| {
+                opt.clone()
+                    .step(&mut [ParamMut::new(a, Some(&g0), &[2, 3])])
+                    .unwrap_err()
+            }),
+            "given 1 parameters",
+        ),
+        (
+            Box::new(|a, b| {
+                opt.clone()
+                    .step(&mut [
+                        ParamMut::new(a, Some(&g0), &[3, 2]),
+                        ParamMut::new(b, Some(&g1), &[3]),
+                    ])
+                    .unwrap_err()
+            }),
+            "differs from the shape [2, 3]",
+        ),
+        (
+            Box::new(|a, b| {
+                opt.clone()
+                    .step(&mut [
+                        ParamMut::new(a, Some(&g0), &[2, 4]),
+                        ParamMut::new(b, Some(&g1), &[3]),
+                    ])
+                    .unwrap_err()
+            }),
+            "shape [2, 4] has 8 elements",
+        ),
+        (
+            Box::new(|_, _| opt.clone().step(&mut []).unwrap_err()),
+            "no parameters",
+        ),
+    ];
+    for (case, want) in cases {
+        let e = case(&mut w0, &mut w1);
+        assert!(e.to_string().contains(want), "{e} should say {want}");
+        assert_eq!(
+            (&w0, &w1),
+            (&s0, &s1),
+            "parameters changed by a failed step: {e}"
+        );
+    }
+    assert_eq!(opt.state(0, "m").unwrap(), &m0[..]);
+    assert_eq!(opt.steps(), 1);
+    let mut empty: Vec<f32> = vec![];
+    let e = AdamWAgr::new(AdamWAgrConfig::default())
+        .unwrap()
+        .step(&mut [ParamMut::new(&mut empty, Some(&[]), &[0])])
+        .unwrap_err();
+    assert!(matches!(e, StepError::Empty { index: 0 }));
+}
+
+#[test]
+fn hyperparameters_are_range_checked() {
+    let e = AdamWAgr::new(AdamWAgrConfig::default().with_beta1(1.0)).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("`beta1` = 1 is outside its valid range [0, 1)"),
+        "{e}"
+    );
+    let mut c = AdamWAgrConfig::default();
+    assert!(c.set_lr(-1.0).is_err());
+    assert_eq!(c.lr, 1e-3);
+    c.set_lr(0.5).unwrap();
+    assert_eq!(c.lr, 0.5);
+    let mut opt = AdamWAgr::new(c).unwrap();
+    assert_eq!(opt.learning_rate(), Some(0.5));
+    assert!(opt.set_learning_rate(f64::NAN).is_err());
+    opt.set_learning_rate(0.25).unwrap();
+    assert_eq!(opt.config().lr, 0.25);
+    let e = opt.set_hyper("momentum", 0.9).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("AdamWAgr has no hyperparameter `momentum`"),
+        "{e}"
+    );
+    assert!(AdamWAgr::SPEC.contains("let gr = agr(g);"));
+    assert!(AdamWAgr::GENERATED_RUST.contains("impl ::agr_runtime::cpu::Kernel for AdamWAgrKernel"));
+}
