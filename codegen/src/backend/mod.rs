@@ -1,3 +1,200 @@
-//! Printers over the IR, one per target.
+//! Printers over the IR, one per target, and what they share: which nodes a
+//! loop hoists and which it computes per element, which scalars each phase
+//! computes, and the spec-syntax text of a node for comments.
 
+pub mod cuda;
 pub mod rust;
+
+use agr_grammar::check::Level;
+
+use crate::ir::*;
+
+/// An indenting line writer.
+#[derive(Default)]
+pub struct W {
+    pub out: String,
+    pub depth: usize,
+}
+
+impl W {
+    pub fn line(&mut self, s: &str) {
+        if s.is_empty() {
+            self.out.push('\n');
+            return;
+        }
+        for _ in 0..self.depth {
+            self.out.push_str("    ");
+        }
+        self.out.push_str(s);
+        self.out.push('\n');
+    }
+    pub fn blank(&mut self) {
+        self.out.push('\n');
+    }
+    pub fn open(&mut self, s: &str) {
+        self.line(s);
+        self.depth += 1;
+    }
+    pub fn close(&mut self, s: &str) {
+        self.depth -= 1;
+        self.line(s);
+    }
+    pub fn doc(&mut self, lines: &[String]) {
+        for l in lines {
+            if l.is_empty() {
+                self.line("///");
+            } else {
+                self.line(&format!("/// {l}"));
+            }
+        }
+    }
+}
+
+/// Scalar nodes (not per-element, not constants), by level.
+pub fn scalar_nodes(prog: &Program, level: Level) -> Vec<NodeId> {
+    (0..prog.nodes.len())
+        .filter(|&i| prog.nodes[i].level == level && !is_const(&prog.nodes[i]))
+        .collect()
+}
+
+pub fn is_const(n: &Node) -> bool {
+    matches!(n.op, Op::Num(_) | Op::Bool(_))
+}
+
+/// The phases (0 = before any reduction) in which scalars of `level` are computed.
+pub fn scalar_phases(prog: &Program, level: Level) -> Vec<usize> {
+    let mut v: Vec<usize> = scalar_nodes(prog, level)
+        .iter()
+        .map(|&i| prog.nodes[i].phase)
+        .collect();
+    v.sort();
+    v.dedup();
+    v
+}
+
+/// What one element loop needs: scalars to hoist above it (in node order)
+/// and per-element nodes to compute in it (in node order, loads included).
+pub struct LoopPlan {
+    pub hoisted: Vec<NodeId>,
+    pub body: Vec<NodeId>,
+    /// States whose old value the loop reads.
+    pub states_read: Vec<usize>,
+}
+
+impl LoopPlan {
+    pub fn new(prog: &Program, roots: &[NodeId]) -> LoopPlan {
+        let mut plan = LoopPlan {
+            hoisted: vec![],
+            body: vec![],
+            states_read: vec![],
+        };
+        for id in prog.needed(roots, |n| n.level != Level::Elem) {
+            let n = &prog.nodes[id];
+            if is_const(n) {
+                continue;
+            }
+            if n.level != Level::Elem {
+                plan.hoisted.push(id);
+            } else {
+                if let Op::State(s) = n.op {
+                    plan.states_read.push(s);
+                }
+                plan.body.push(id);
+            }
+        }
+        plan
+    }
+}
+
+/// The spec-syntax text of a node; children with a spec name (or leaves)
+/// appear by name, other children are spelled out in parentheses.
+pub fn describe(prog: &Program, id: NodeId, top: bool) -> String {
+    let n = &prog.nodes[id];
+    let leaf_text = match n.op {
+        Op::Num(v) => Some(agr_grammar::check::fmt_num(v)),
+        Op::Bool(b) => Some(b.to_string()),
+        _ if is_leaf(n) || (!top && !is_auto_name(n)) => Some(n.name.clone()),
+        _ => None,
+    };
+    if let Some(t) = leaf_text {
+        return t;
+    }
+    let d = |c| describe(prog, c, false);
+    let text = match n.op {
+        Op::Reduced(r) => {
+            let red = &prog.reductions[r];
+            let f = match (red.op, red.scope) {
+                (ReduceOp::Sum, Scope::Tensor) => "sum",
+                (ReduceOp::Max, Scope::Tensor) => "max",
+                (ReduceOp::Sum, Scope::Global) => "global_sum",
+                (ReduceOp::Max, Scope::Global) => "global_max",
+            };
+            return format!("{f}({})", describe(prog, red.arg, true));
+        }
+        Op::Unary(o, a) => {
+            let f = match o {
+                UnaryOp::Neg => return format!("-{}", d(a)),
+                UnaryOp::Not => return format!("!{}", d(a)),
+                UnaryOp::Sqrt => "sqrt",
+                UnaryOp::Abs => "abs",
+                UnaryOp::Sign => "sign",
+                UnaryOp::Exp => "exp",
+                UnaryOp::Ln => "ln",
+            };
+            return format!("{f}({})", describe(prog, a, true));
+        }
+        Op::Binary(o, a, b) => match o.infix() {
+            Some(sym) => format!("{} {sym} {}", d(a), d(b)),
+            None => {
+                let f = match o {
+                    BinaryOp::Pow => "pow",
+                    BinaryOp::Min => "min",
+                    _ => "max",
+                };
+                return format!(
+                    "{f}({}, {})",
+                    describe(prog, a, true),
+                    describe(prog, b, true)
+                );
+            }
+        },
+        Op::Select(c, a, b) => {
+            return format!(
+                "select({}, {}, {})",
+                describe(prog, c, true),
+                describe(prog, a, true),
+                describe(prog, b, true)
+            )
+        }
+        _ => n.name.clone(),
+    };
+    if top {
+        text
+    } else {
+        format!("({text})")
+    }
+}
+
+/// Names that `Program::name_nodes` made up (`s3`, `ts4`, `e5`).
+pub fn is_auto_name(n: &Node) -> bool {
+    let digits = n.name.trim_start_matches(|c: char| c.is_ascii_alphabetic());
+    let prefix = &n.name[..n.name.len() - digits.len()];
+    matches!(prefix, "s" | "ts" | "e")
+        && !digits.is_empty()
+        && digits.chars().all(|c| c.is_ascii_digit())
+}
+
+fn is_leaf(n: &Node) -> bool {
+    matches!(
+        n.op,
+        Op::Num(_)
+            | Op::Bool(_)
+            | Op::Hyper(_)
+            | Op::T
+            | Op::Ndim
+            | Op::Numel
+            | Op::Param
+            | Op::Grad
+            | Op::State(_)
+    )
+}

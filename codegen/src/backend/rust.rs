@@ -9,6 +9,7 @@
 
 use agr_grammar::check::{range_text, Level, Ty};
 
+use super::{describe, scalar_nodes, scalar_phases, LoopPlan, W};
 use crate::ir::*;
 
 /// Path of the runtime crate in generated code.
@@ -37,46 +38,6 @@ pub fn emit_with(prog: &Program, generated_rust: Option<&str>) -> String {
     w.blank();
     emit_alias(prog, &mut w);
     w.out
-}
-
-#[derive(Default)]
-struct W {
-    out: String,
-    depth: usize,
-}
-
-impl W {
-    fn line(&mut self, s: &str) {
-        if s.is_empty() {
-            self.out.push('\n');
-            return;
-        }
-        for _ in 0..self.depth {
-            self.out.push_str("    ");
-        }
-        self.out.push_str(s);
-        self.out.push('\n');
-    }
-    fn blank(&mut self) {
-        self.out.push('\n');
-    }
-    fn open(&mut self, s: &str) {
-        self.line(s);
-        self.depth += 1;
-    }
-    fn close(&mut self, s: &str) {
-        self.depth -= 1;
-        self.line(s);
-    }
-    fn doc(&mut self, lines: &[String]) {
-        for l in lines {
-            if l.is_empty() {
-                self.line("///");
-            } else {
-                self.line(&format!("/// {l}"));
-            }
-        }
-    }
 }
 
 fn f64_lit(v: f64) -> String {
@@ -278,17 +239,6 @@ fn emit_config(prog: &Program, w: &mut W) {
     w.close("}");
 }
 
-/// Scalar nodes (not per-element, not constants), by level.
-fn scalar_nodes(prog: &Program, level: Level) -> Vec<NodeId> {
-    (0..prog.nodes.len())
-        .filter(|&i| prog.nodes[i].level == level && !is_const(&prog.nodes[i]))
-        .collect()
-}
-
-fn is_const(n: &Node) -> bool {
-    matches!(n.op, Op::Num(_) | Op::Bool(_))
-}
-
 fn scalar_ty(n: &Node) -> &'static str {
     if n.ty == Ty::Bool {
         "bool"
@@ -323,99 +273,6 @@ fn emit_scalars(prog: &Program, w: &mut W) {
             w.blank();
         }
     }
-}
-
-/// The spec-syntax text of a node; children with a spec name (or leaves)
-/// appear by name, other children are spelled out in parentheses.
-fn describe(prog: &Program, id: NodeId, top: bool) -> String {
-    let n = &prog.nodes[id];
-    let leaf_text = match n.op {
-        Op::Num(v) => Some(agr_grammar::check::fmt_num(v)),
-        Op::Bool(b) => Some(b.to_string()),
-        _ if is_leaf(n) || (!top && !is_auto_name(n)) => Some(n.name.clone()),
-        _ => None,
-    };
-    if let Some(t) = leaf_text {
-        return t;
-    }
-    let d = |c| describe(prog, c, false);
-    let text = match n.op {
-        Op::Reduced(r) => {
-            let red = &prog.reductions[r];
-            let f = match (red.op, red.scope) {
-                (ReduceOp::Sum, Scope::Tensor) => "sum",
-                (ReduceOp::Max, Scope::Tensor) => "max",
-                (ReduceOp::Sum, Scope::Global) => "global_sum",
-                (ReduceOp::Max, Scope::Global) => "global_max",
-            };
-            return format!("{f}({})", describe(prog, red.arg, true));
-        }
-        Op::Unary(o, a) => {
-            let f = match o {
-                UnaryOp::Neg => return format!("-{}", d(a)),
-                UnaryOp::Not => return format!("!{}", d(a)),
-                UnaryOp::Sqrt => "sqrt",
-                UnaryOp::Abs => "abs",
-                UnaryOp::Sign => "sign",
-                UnaryOp::Exp => "exp",
-                UnaryOp::Ln => "ln",
-            };
-            return format!("{f}({})", describe(prog, a, true));
-        }
-        Op::Binary(o, a, b) => match o.infix() {
-            Some(sym) => format!("{} {sym} {}", d(a), d(b)),
-            None => {
-                let f = match o {
-                    BinaryOp::Pow => "pow",
-                    BinaryOp::Min => "min",
-                    _ => "max",
-                };
-                return format!(
-                    "{f}({}, {})",
-                    describe(prog, a, true),
-                    describe(prog, b, true)
-                );
-            }
-        },
-        Op::Select(c, a, b) => {
-            return format!(
-                "select({}, {}, {})",
-                describe(prog, c, true),
-                describe(prog, a, true),
-                describe(prog, b, true)
-            )
-        }
-        _ => n.name.clone(),
-    };
-    if top {
-        text
-    } else {
-        format!("({text})")
-    }
-}
-
-/// Names that `Program::name_nodes` made up (`s3`, `ts4`, `e5`).
-fn is_auto_name(n: &Node) -> bool {
-    let digits = n.name.trim_start_matches(|c: char| c.is_ascii_alphabetic());
-    let prefix = &n.name[..n.name.len() - digits.len()];
-    matches!(prefix, "s" | "ts" | "e")
-        && !digits.is_empty()
-        && digits.chars().all(|c| c.is_ascii_digit())
-}
-
-fn is_leaf(n: &Node) -> bool {
-    matches!(
-        n.op,
-        Op::Num(_)
-            | Op::Bool(_)
-            | Op::Hyper(_)
-            | Op::T
-            | Op::Ndim
-            | Op::Numel
-            | Op::Param
-            | Op::Grad
-            | Op::State(_)
-    )
 }
 
 /// How code at a given level refers to a node.
@@ -512,55 +369,50 @@ fn emit_scalar_phase(prog: &Program, level: Level, phase: usize, w: &mut W) {
 struct Loop {
     hoisted: Vec<String>,
     body: Vec<String>,
+    states_read: Vec<usize>,
 }
 
-fn elem_code(
-    prog: &Program,
-    roots: &[NodeId],
-    states_read: &mut Vec<usize>,
-    reads: &mut (bool, bool),
-) -> Loop {
-    let needed = prog.needed(roots, |n| n.level != Level::Elem);
-    let mut hoisted = vec![];
-    let mut body = vec![];
-    for id in needed {
-        let n = &prog.nodes[id];
-        if is_const(n) {
-            continue;
-        }
-        if n.level != Level::Elem {
+fn elem_code(prog: &Program, roots: &[NodeId]) -> Loop {
+    let plan = LoopPlan::new(prog, roots);
+    let hoisted = plan
+        .hoisted
+        .iter()
+        .map(|&id| {
+            let n = &prog.nodes[id];
             let src = if n.level == Level::Step {
                 "__s"
             } else {
                 "__ts"
             };
             if n.ty == Ty::Bool {
-                hoisted.push(format!("let {} = {src}.{};", n.name, n.name));
+                format!("let {} = {src}.{};", n.name, n.name)
             } else {
-                hoisted.push(format!("let {} = {src}.{} as f32;", n.name, n.name));
+                format!("let {} = {src}.{} as f32;", n.name, n.name)
             }
-            continue;
-        }
-        let rhs = match n.op {
-            Op::Param => {
-                reads.0 = true;
-                "__p[__i]".to_string()
-            }
-            Op::Grad => {
-                reads.1 = true;
-                "__g[__i]".to_string()
-            }
-            Op::State(s) => {
-                states_read.push(s);
-                format!("__state_{}[__i]", prog.states[s].name)
-            }
-            _ => expr(prog, id, Ctx::Elem),
-        };
-        body.push(format!("let {} = {rhs};", n.name));
+        })
+        .collect();
+    let body = plan
+        .body
+        .iter()
+        .map(|&id| {
+            let n = &prog.nodes[id];
+            let rhs = match n.op {
+                Op::Param => "__p[__i]".to_string(),
+                Op::Grad => "__g[__i]".to_string(),
+                Op::State(s) => format!("__state_{}[__i]", prog.states[s].name),
+                _ => expr(prog, id, Ctx::Elem),
+            };
+            format!("let {} = {rhs};", n.name)
+        })
+        .collect();
+    Loop {
+        hoisted,
+        body,
+        states_read: plan.states_read,
     }
-    Loop { hoisted, body }
 }
 
+/// `text` as a raw string literal with enough `#`s.
 fn raw_str(text: &str) -> String {
     let mut hashes = String::from("#");
     while text.contains(&format!("\"{hashes}")) {
@@ -667,10 +519,8 @@ fn emit_kernel(prog: &Program, generated_rust: Option<&str>, w: &mut W) {
                 w.line(&format!("// {}", r.origin));
             }
             let roots: Vec<NodeId> = reds.iter().map(|(_, r)| r.arg).collect();
-            let mut sts = vec![];
-            let mut rd = (false, false);
-            let lp = elem_code(prog, &roots, &mut sts, &mut rd);
-            emit_state_slices(prog, &sts, false, w);
+            let lp = elem_code(prog, &roots);
+            emit_state_slices(prog, &lp.states_read, false, w);
             for h in &lp.hoisted {
                 w.line(h);
             }
@@ -717,13 +567,11 @@ fn emit_kernel(prog: &Program, generated_rust: Option<&str>, w: &mut W) {
     w.line("let __g = &__g[..__len];");
     let mut roots = vec![prog.param_out];
     roots.extend(&prog.state_out);
-    let mut sts = vec![];
-    let mut rd = (false, false);
-    let lp = elem_code(prog, &roots, &mut sts, &mut rd);
+    let lp = elem_code(prog, &roots);
     let written: Vec<usize> = (0..prog.states.len())
         .filter(|&i| prog.state_written(i))
         .collect();
-    let mut all: Vec<usize> = sts.clone();
+    let mut all: Vec<usize> = lp.states_read.clone();
     all.extend(&written);
     all.sort();
     all.dedup();
@@ -754,15 +602,7 @@ fn emit_kernel(prog: &Program, generated_rust: Option<&str>, w: &mut W) {
 }
 
 fn emit_phase_match(prog: &Program, level: Level, w: &mut W) {
-    let phases: Vec<usize> = {
-        let mut v: Vec<usize> = scalar_nodes(prog, level)
-            .iter()
-            .map(|&i| prog.nodes[i].phase)
-            .collect();
-        v.sort();
-        v.dedup();
-        v
-    };
+    let phases = scalar_phases(prog, level);
     if phases.is_empty() {
         w.line("// Nothing to compute.");
         return;

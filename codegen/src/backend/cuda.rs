@@ -1,0 +1,1 @@
+//! Stage 4 (GPU): the IR printed as CUDA C. (Filled in below.)
