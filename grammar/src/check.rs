@@ -382,23 +382,36 @@ impl<'a> Checker<'a> {
                         );
                     }
                 }
-                // Assignments inside a branch make the variable depend on the
-                // condition too.
+                // Each branch starts from the values before the `if`; after
+                // it, a variable assigned in either branch depends on both
+                // branches and on the condition.
                 let before: Vec<HashMap<String, Slot>> = self.scopes.clone();
                 self.scopes.push(HashMap::new());
                 self.check_block(then);
                 self.scopes.pop();
+                let after_then = std::mem::replace(&mut self.scopes, before.clone());
                 self.scopes.push(HashMap::new());
                 self.check_block(otherwise);
                 self.scopes.pop();
-                if let Some(c) = c {
-                    for (depth, scope) in before.iter().enumerate() {
-                        for name in scope.keys() {
-                            let after = self.scopes[depth][name].val;
-                            let merged = after.join(c, after.ty);
-                            if after != scope[name].val {
-                                self.scopes[depth].get_mut(name).unwrap().val = merged;
+                for (depth, scope) in before.iter().enumerate() {
+                    for (name, old) in scope {
+                        let a = after_then[depth][name].clone();
+                        let b = self.scopes[depth][name].clone();
+                        if a.val == old.val && b.val == old.val {
+                            // Keep what the branches learned (e.g. a state read).
+                            if !matches!(a.binding, Binding::State { read: false, .. }) {
+                                self.scopes[depth].get_mut(name).unwrap().binding = a.binding;
                             }
+                            continue;
+                        }
+                        let mut merged = a.val.join(b.val, a.val.ty);
+                        if let Some(c) = c {
+                            merged = merged.join(c, merged.ty);
+                        }
+                        let slot = self.scopes[depth].get_mut(name).unwrap();
+                        slot.val = merged;
+                        if matches!(a.binding, Binding::State { read: true, .. }) {
+                            slot.binding = a.binding;
                         }
                     }
                 }
@@ -856,6 +869,16 @@ mod tests {
         let (at, msg) = one_error("X { hyper { lr = 1 } state { lr = 0 } step { p = p - lr; } }");
         assert_eq!(at, "lr");
         assert!(msg.contains("declared twice"));
+    }
+
+    #[test]
+    fn each_branch_of_an_if_starts_from_the_values_before_it() {
+        // In the else branch `p` is the parameter, not the then-branch's value
+        // (which needs three reduction passes).
+        let e = errors(
+            "X { step { let a = agr(agr(agr(g))); if t > 1 { p = p - a; } else { p = p - norm(p); } } }",
+        );
+        assert!(e.is_empty(), "{e:?}");
     }
 
     #[test]
