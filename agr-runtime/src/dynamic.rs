@@ -14,6 +14,8 @@ pub trait DynOptimizer: Send {
     fn set_hyper(&mut self, name: &str, value: HyperValue) -> Result<(), ConfigError>;
     fn step(&mut self, params: &mut [ParamMut<'_>]) -> Result<StepReport, StepError>;
     fn learning_rate(&self) -> Option<f64>;
+    /// The state buffer `name` of parameter `index`, once it exists.
+    fn state(&self, index: usize, name: &str) -> Option<&[f32]>;
     fn set_learning_rate(&mut self, lr: f64) -> Result<(), ConfigError>;
 }
 
@@ -41,5 +43,8 @@ impl<K: Kernel> DynOptimizer for Optimizer<K> {
     }
     fn set_learning_rate(&mut self, lr: f64) -> Result<(), ConfigError> {
         Optimizer::set_learning_rate(self, lr)
+    }
+    fn state(&self, index: usize, name: &str) -> Option<&[f32]> {
+        Optimizer::state(self, index, name)
     }
 }

@@ -28,3 +28,11 @@ fn ir_of_every_builtin() {
         insta::assert_snapshot!(format!("ir_{name}"), ir::dump(&prog));
     }
 }
+
+#[test]
+fn generated_cuda_of_every_builtin() {
+    for name in BUILTINS {
+        let prog = compile(&spec(name)).unwrap();
+        insta::assert_snapshot!(format!("cuda_{name}"), backend::cuda::emit(&prog));
+    }
+}
