@@ -18,6 +18,10 @@ pub trait Kernel: 'static + Send + Sync {
     const SPEC: &'static str;
     /// The Rust code generated for the spec.
     const GENERATED_RUST: &'static str;
+    /// The CUDA C generated for the spec: a complete translation unit.
+    const CUDA_SOURCE: &'static str;
+    /// Its kernels in launch order: one per reduction pass, then the update.
+    const CUDA_KERNELS: &'static [&'static str];
     const STATES: &'static [StateInfo];
     const REDUCTIONS: &'static [ReductionInfo];
     const PASSES: usize;

@@ -197,6 +197,8 @@ impl<K: Kernel> Optimizer<K> {
     pub const SPEC: &'static str = K::SPEC;
     /// The Rust code generated from the spec.
     pub const GENERATED_RUST: &'static str = K::GENERATED_RUST;
+    /// The CUDA C generated from the spec (prelude included).
+    pub const CUDA_SOURCE: &'static str = K::CUDA_SOURCE;
 
     /// A new optimizer; fails if a hyperparameter is outside its range.
     pub fn new(config: K::Config) -> Result<Self, ConfigError> {

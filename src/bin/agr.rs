@@ -42,6 +42,8 @@ enum Command {
 enum Target {
     /// The fused CPU step as Rust source (what `optimizer!` generates).
     Rust,
+    /// The CUDA kernels as one translation unit (prelude included).
+    Cuda,
     /// The IR: one line per node with its level and phase.
     Ir,
     /// The normalised spec.
@@ -138,6 +140,7 @@ fn emit(target: Target, spec: &str) -> ExitCode {
         let prog = compile(&name, &source)?;
         Ok(match target {
             Target::Rust => backend::rust::emit(&prog),
+            Target::Cuda => backend::cuda::full_source(&prog),
             Target::Ir => ir::dump(&prog),
             Target::Spec => prog.spec_text.clone(),
         })

@@ -15,15 +15,24 @@ use crate::ir::*;
 /// Path of the runtime crate in generated code.
 const RT: &str = "::agr_runtime";
 
-/// Prints the whole generated module. `generated_rust` is the text of
-/// `Kernel::GENERATED_RUST`: the macro prints once with `None` and then again
-/// with that first text, so the constant holds the code without itself.
+/// Prints the whole generated module, with `Kernel::GENERATED_RUST` and
+/// `Kernel::CUDA_SOURCE` left empty (see [`emit_with`]).
 pub fn emit(prog: &Program) -> String {
     emit_with(prog, None)
 }
 
-/// See [`emit`].
-pub fn emit_with(prog: &Program, generated_rust: Option<&str>) -> String {
+/// The texts that `optimizer!` embeds in the generated kernel.
+pub struct Embedded<'a> {
+    /// This module as printed by [`emit`].
+    pub generated_rust: &'a str,
+    /// The complete CUDA translation unit (prelude included).
+    pub cuda_source: &'a str,
+}
+
+/// Prints the whole generated module; the macro prints once with `None`,
+/// then again embedding that first text, so `GENERATED_RUST` holds the code
+/// without itself.
+pub fn emit_with(prog: &Program, embedded: Option<Embedded<'_>>) -> String {
     let mut w = W::default();
     let name = &prog.name;
     w.line(&format!(
@@ -34,7 +43,7 @@ pub fn emit_with(prog: &Program, generated_rust: Option<&str>) -> String {
     w.blank();
     emit_scalars(prog, &mut w);
     w.blank();
-    emit_kernel(prog, generated_rust, &mut w);
+    emit_kernel(prog, embedded, &mut w);
     w.blank();
     emit_alias(prog, &mut w);
     w.out
@@ -421,7 +430,7 @@ fn raw_str(text: &str) -> String {
     format!("r{hashes}\"{text}\"{hashes}")
 }
 
-fn emit_kernel(prog: &Program, generated_rust: Option<&str>, w: &mut W) {
+fn emit_kernel(prog: &Program, embedded: Option<Embedded<'_>>, w: &mut W) {
     let name = &prog.name;
     let np = prog.n_phases;
     w.line(&format!(
@@ -446,13 +455,19 @@ fn emit_kernel(prog: &Program, generated_rust: Option<&str>, w: &mut W) {
         "const SPEC: &'static str = {};",
         raw_str(&prog.spec_text)
     ));
-    match generated_rust {
-        Some(text) => w.line(&format!(
-            "const GENERATED_RUST: &'static str = {};",
-            raw_str(text)
-        )),
-        None => w.line("const GENERATED_RUST: &'static str = \"\";"),
+    match embedded {
+        Some(e) => {
+            w.line(&format!("const GENERATED_RUST: &'static str = {};", raw_str(e.generated_rust)));
+            w.line(&format!("const CUDA_SOURCE: &'static str = {};", raw_str(e.cuda_source)));
+        }
+        None => {
+            w.line("// Filled in by `optimizer!`: this code, and the CUDA source `agr emit --target cuda` prints.");
+            w.line("const GENERATED_RUST: &'static str = \"\";");
+            w.line("const CUDA_SOURCE: &'static str = \"\";");
+        }
     }
+    let kernels: Vec<String> = super::cuda::kernel_names(prog).iter().map(|k| format!("\"{k}\"")).collect();
+    w.line(&format!("const CUDA_KERNELS: &'static [&'static str] = &[{}];", kernels.join(", ")));
     w.open(&format!("const STATES: &'static [{RT}::StateInfo] = &["));
     for s in &prog.states {
         w.line(&format!(
