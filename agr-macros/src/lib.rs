@@ -103,8 +103,11 @@ fn expand_file(lit: proc_macro2::Literal) -> TokenStream2 {
 
 fn compile(source: &str) -> Result<TokenStream2, Vec<Diagnostic>> {
     let prog = agr_codegen::compile(source)?;
-    let first = agr_codegen::backend::rust::emit(&prog);
-    let code = agr_codegen::backend::rust::emit_with(&prog, Some(&first));
+    use agr_codegen::backend::{cuda, rust};
+    let first = rust::emit(&prog);
+    let cuda_source = cuda::full_source(&prog);
+    let embedded = rust::Embedded { generated_rust: &first, cuda_source: &cuda_source };
+    let code = rust::emit_with(&prog, Some(embedded));
     match code.parse::<TokenStream2>() {
         Ok(ts) => Ok(ts),
         Err(e) => {
