@@ -17,6 +17,8 @@ extern crate self as agr_runtime;
 
 mod buf;
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod dynamic;
 pub mod golden;
 mod hyper;

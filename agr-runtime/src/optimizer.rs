@@ -92,6 +92,66 @@ impl fmt::Display for StepError {
 
 impl std::error::Error for StepError {}
 
+/// What a step was given for one parameter, for validation.
+pub(crate) struct ParamSeen<'a> {
+    pub shape: &'a [usize],
+    pub len: usize,
+    pub grad_len: Option<usize>,
+}
+
+/// The checks every back end runs before touching anything: parameter count,
+/// shapes, gradient lengths, and shapes against existing state.
+pub(crate) fn validate_params<'a>(
+    n_params: Option<usize>,
+    stored_shape: impl Fn(usize) -> Option<&'a [usize]>,
+    params: impl Iterator<Item = ParamSeen<'a>>,
+    count: usize,
+) -> Result<(), StepError> {
+    if count == 0 {
+        return Err(StepError::NoParams);
+    }
+    if let Some(n) = n_params {
+        if n != count {
+            return Err(StepError::ParamCount {
+                expected: n,
+                got: count,
+            });
+        }
+    }
+    for (index, p) in params.enumerate() {
+        let numel: usize = p.shape.iter().product();
+        if numel != p.len {
+            return Err(StepError::ShapeLen {
+                index,
+                shape: p.shape.to_vec(),
+                len: p.len,
+            });
+        }
+        if numel == 0 {
+            return Err(StepError::Empty { index });
+        }
+        if let Some(g) = p.grad_len {
+            if g != numel {
+                return Err(StepError::GradLen {
+                    index,
+                    expected: numel,
+                    got: g,
+                });
+            }
+        }
+        if let Some(shape) = stored_shape(index) {
+            if shape != p.shape {
+                return Err(StepError::StateShape {
+                    index,
+                    expected: shape.to_vec(),
+                    got: p.shape.to_vec(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Per-parameter state: created on the parameter's first gradient.
 #[derive(Clone)]
 struct TensorState {
@@ -275,49 +335,18 @@ impl<K: Kernel> Optimizer<K> {
     }
 
     fn validate(&self, params: &[ParamMut<'_>]) -> Result<(), StepError> {
-        if params.is_empty() {
-            return Err(StepError::NoParams);
-        }
-        if let Some(n) = self.n_params {
-            if n != params.len() {
-                return Err(StepError::ParamCount {
-                    expected: n,
-                    got: params.len(),
-                });
-            }
-        }
-        for (index, p) in params.iter().enumerate() {
-            let numel: usize = p.shape.iter().product();
-            if numel != p.value.len() {
-                return Err(StepError::ShapeLen {
-                    index,
-                    shape: p.shape.to_vec(),
-                    len: p.value.len(),
-                });
-            }
-            if numel == 0 {
-                return Err(StepError::Empty { index });
-            }
-            if let Some(g) = p.grad {
-                if g.len() != numel {
-                    return Err(StepError::GradLen {
-                        index,
-                        expected: numel,
-                        got: g.len(),
-                    });
-                }
-            }
-            if let Some(Some(t)) = self.tensors.get(index) {
-                if t.shape != p.shape {
-                    return Err(StepError::StateShape {
-                        index,
-                        expected: t.shape.clone(),
-                        got: p.shape.to_vec(),
-                    });
-                }
-            }
-        }
-        Ok(())
+        let stored = |i: usize| {
+            self.tensors
+                .get(i)
+                .and_then(|t| t.as_ref())
+                .map(|t| t.shape.as_slice())
+        };
+        let seen = params.iter().map(|p| ParamSeen {
+            shape: p.shape,
+            len: p.value.len(),
+            grad_len: p.grad.map(|g| g.len()),
+        });
+        validate_params(self.n_params, stored, seen, params.len())
     }
 
     /// One optimizer step over `params`, in place. Parameters must be passed

@@ -1,0 +1,167 @@
+//! Every built-in's generated CUDA compiles through the same cudarc NVRTC
+//! path the runtime uses, for compute_80 and compute_90 and for f32, f16 and
+//! bf16 parameters, and assembles with ptxas for sm_80 and sm_90 without
+//! spills and within the register budget.
+//!
+//! Needs NVRTC (and ptxas for the second half): `eval "$(scripts/cuda-tools.sh)"`
+//! installs both from PyPI wheels, no GPU needed. Without them the test says
+//! so and passes, unless `AGR_REQUIRE_CUDA_TOOLS=1` (as in CI).
+#![cfg(feature = "cuda")]
+
+use std::process::Command;
+
+use agr_runtime::cpu::Kernel;
+use agr_runtime::cuda::{self, DType};
+use agr_runtime::optim::*;
+
+/// The most registers a generated kernel may use: at 256 threads per block
+/// this still allows 4 resident blocks (32 warps) per SM on sm_80/sm_90.
+pub const REGISTER_BUDGET: u32 = 64;
+
+fn required() -> bool {
+    std::env::var("AGR_REQUIRE_CUDA_TOOLS").is_ok_and(|v| v == "1")
+}
+
+struct Usage {
+    kernel: String,
+    registers: u32,
+    spill_bytes: u32,
+}
+
+/// Parses `ptxas -v` output.
+fn ptxas_usage(text: &str) -> Vec<Usage> {
+    let mut out: Vec<Usage> = vec![];
+    for line in text.lines() {
+        if let Some(rest) = line.split("Compiling entry function '").nth(1) {
+            out.push(Usage {
+                kernel: rest.split('\'').next().unwrap_or("").to_string(),
+                registers: 0,
+                spill_bytes: 0,
+            });
+        } else if let Some(u) = out.last_mut() {
+            if let Some(pos) = line.find(" bytes spill stores") {
+                let n = line[..pos].rsplit(' ').next().unwrap_or("0");
+                u.spill_bytes += n.parse::<u32>().unwrap_or(0);
+                if let Some(p2) = line.find(" bytes spill loads") {
+                    let n = line[..p2].rsplit(' ').next().unwrap_or("0");
+                    u.spill_bytes += n.parse::<u32>().unwrap_or(0);
+                }
+            }
+            if let Some(pos) = line.find("Used ") {
+                let n = line[pos + 5..].split(' ').next().unwrap_or("0");
+                u.registers = n.parse().unwrap_or(0);
+            }
+        }
+    }
+    out
+}
+
+fn check<K: Kernel>(report: &mut Vec<String>) {
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("ptx");
+    std::fs::create_dir_all(&dir).unwrap();
+    for (arch, sm) in [("compute_80", "sm_80"), ("compute_90", "sm_90")] {
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            let ptx = cuda::compile_ptx::<K>(arch, dtype).unwrap_or_else(|e| panic!("{e}"));
+            let src = ptx.to_src();
+            for k in K::CUDA_KERNELS {
+                assert!(
+                    src.contains(&format!(".entry {k}(")),
+                    "{k} missing from the PTX"
+                );
+            }
+            let Ok(ptxas) = std::env::var("AGR_PTXAS") else {
+                assert!(!required(), "AGR_PTXAS is not set");
+                continue;
+            };
+            let file = dir.join(format!("{}_{arch}_{dtype:?}.ptx", K::NAME));
+            std::fs::write(&file, &src).unwrap();
+            let out = Command::new(&ptxas)
+                .arg(format!("-arch={sm}"))
+                .arg("-v")
+                .arg(&file)
+                .arg("-o")
+                .arg(file.with_extension("cubin"))
+                .output()
+                .expect("run ptxas");
+            let text = String::from_utf8_lossy(&out.stderr).to_string()
+                + &String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success(),
+                "ptxas failed for {} {arch} {dtype:?}:\n{text}",
+                K::NAME
+            );
+            let usage = ptxas_usage(&text);
+            assert_eq!(usage.len(), K::CUDA_KERNELS.len(), "{text}");
+            for u in usage {
+                report.push(format!(
+                    "{:<22} {sm} {:<5} registers={:<3} spill_bytes={}",
+                    u.kernel,
+                    format!("{dtype:?}"),
+                    u.registers,
+                    u.spill_bytes
+                ));
+                assert_eq!(
+                    u.spill_bytes, 0,
+                    "{} spills on {sm} ({dtype:?}):\n{text}",
+                    u.kernel
+                );
+                assert!(
+                    u.registers <= REGISTER_BUDGET,
+                    "{} uses {} registers on {sm} ({dtype:?}), budget {REGISTER_BUDGET}",
+                    u.kernel,
+                    u.registers
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn every_builtin_compiles_and_assembles_within_budget() {
+    if !cuda::nvrtc_available() {
+        assert!(
+            !required(),
+            "NVRTC is required (AGR_REQUIRE_CUDA_TOOLS=1) but could not be loaded"
+        );
+        println!("skipped: NVRTC not found; run `eval \"$(scripts/cuda-tools.sh)\"` first");
+        return;
+    }
+    let mut report = vec![];
+    check::<AdamWKernel>(&mut report);
+    check::<AdamWAgrKernel>(&mut report);
+    check::<AdamWAgrMKernel>(&mut report);
+    check::<AdanKernel>(&mut report);
+    check::<AdanAgrKernel>(&mut report);
+    for line in &report {
+        println!("{line}");
+    }
+}
+
+#[test]
+fn a_compile_error_is_reported_with_the_nvrtc_log() {
+    if !cuda::nvrtc_available() {
+        assert!(!required(), "NVRTC is required but could not be loaded");
+        println!("skipped: NVRTC not found");
+        return;
+    }
+    let broken = AdamWAgrKernel::CUDA_SOURCE.replace("sqrtf(", "sqrt_typo(");
+    let e = cuda::compile_source("Broken", &broken, "compute_90", DType::F32).unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        msg.contains("NVRTC could not compile the kernels of Broken for compute_90"),
+        "{msg}"
+    );
+    assert!(msg.contains("sqrt_typo"), "{msg}");
+}
+
+#[test]
+fn without_a_gpu_the_optimizer_reports_an_error() {
+    match cuda::CudaOptimizer::<AdamWAgrKernel>::on_default_device(Default::default(), DType::F32) {
+        Ok(_) => println!("a GPU is present: see tests/gpu.rs"),
+        Err(e) => {
+            let msg = e.to_string();
+            assert!(!msg.is_empty());
+            println!("no GPU, as expected here: {msg}");
+        }
+    }
+}

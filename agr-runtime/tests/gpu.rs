@@ -1,0 +1,316 @@
+//! The GPU suite: generated kernels launched on a real GPU, checked against
+//! the golden files and the CPU back end, for determinism, and for the launch
+//! count of a 150-tensor model. Without a GPU every test prints one line
+//! saying why it skipped. `scripts/gpu-check.sh` runs it on a GPU machine.
+#![cfg(feature = "cuda")]
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use agr_runtime::cpu::Kernel;
+use agr_runtime::cuda::{self, CudaOptimizer, CudaParam, DType, RawCudaParam};
+use agr_runtime::optim::*;
+use agr_runtime::{golden, HyperConfig, HyperValue, Optimizer, ParamMut};
+use cudarc::driver::{CudaContext, CudaStream, DevicePtr, DevicePtrMut};
+
+fn gpu() -> Option<Arc<CudaStream>> {
+    if !cuda::driver_available() {
+        println!("skipped: no CUDA driver on this machine");
+        return None;
+    }
+    if !cuda::nvrtc_available() {
+        println!("skipped: NVRTC not found (set LD_LIBRARY_PATH or AGR_NVRTC)");
+        return None;
+    }
+    match CudaContext::new(0) {
+        Ok(ctx) => Some(ctx.default_stream()),
+        Err(e) => {
+            println!("skipped: no GPU ({e})");
+            None
+        }
+    }
+}
+
+fn golden_dir() -> PathBuf {
+    std::env::var_os("AGR_GOLDEN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/golden"))
+}
+
+fn set_hypers<C: HyperConfig>(c: &mut C, g: &golden::Golden) {
+    for (name, v) in &g.hyper {
+        let value = match v {
+            serde_json::Value::Bool(b) => HyperValue::Bool(*b),
+            v => HyperValue::Float(v.as_f64().unwrap()),
+        };
+        c.set(name, value).unwrap();
+    }
+}
+
+/// Replays a golden file on the GPU; returns the worst |gpu - reference|.
+fn replay_gpu<K: Kernel>(stream: &Arc<CudaStream>, g: &golden::Golden) -> f64 {
+    let mut config = K::Config::default();
+    set_hypers(&mut config, g);
+    let mut opt = CudaOptimizer::<K>::new(stream.clone(), config, DType::F32).unwrap();
+    let mut values: Vec<_> = g
+        .params
+        .iter()
+        .map(|p| stream.clone_htod(&p.init).unwrap())
+        .collect();
+    let mut worst = 0.0f64;
+    for step in &g.steps {
+        let grads: Vec<_> = step
+            .grads
+            .iter()
+            .map(|x| stream.clone_htod(x).unwrap())
+            .collect();
+        let mut params: Vec<CudaParam<'_>> = values
+            .iter_mut()
+            .zip(&grads)
+            .zip(&g.params)
+            .map(|((v, gr), p)| CudaParam {
+                value: v,
+                grad: Some(gr),
+                shape: &p.shape,
+            })
+            .collect();
+        opt.step(&mut params).unwrap();
+        for (v, reference) in values.iter().zip(&step.params) {
+            let host = stream.clone_dtoh(v).unwrap();
+            for (x, r) in host.iter().zip(reference) {
+                let (x, r) = (f64::from(*x), f64::from(*r));
+                assert!(
+                    (x - r).abs() <= g.tolerance.atol + g.tolerance.rtol * r.abs(),
+                    "{}: GPU {x} vs reference {r}",
+                    g.optimizer
+                );
+                worst = worst.max((x - r).abs());
+            }
+        }
+    }
+    worst
+}
+
+#[test]
+fn golden_files_replay_on_the_gpu() {
+    let Some(stream) = gpu() else { return };
+    let mut files: Vec<PathBuf> = std::fs::read_dir(golden_dir())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.retain(|p| p.extension().is_some_and(|e| e == "json"));
+    files.sort();
+    assert!(!files.is_empty());
+    for f in files {
+        let g = golden::load(&f).unwrap();
+        let worst = match g.optimizer.as_str() {
+            "adamw" => replay_gpu::<AdamWKernel>(&stream, &g),
+            "adamw_agr" => replay_gpu::<AdamWAgrKernel>(&stream, &g),
+            "adamw_agr_m" => replay_gpu::<AdamWAgrMKernel>(&stream, &g),
+            "adan" => replay_gpu::<AdanKernel>(&stream, &g),
+            "adan_agr" => replay_gpu::<AdanAgrKernel>(&stream, &g),
+            other => {
+                println!("{other}: not a built-in of this suite");
+                continue;
+            }
+        };
+        println!(
+            "gpu replay {:<28} worst_abs={worst:.3e} PASS",
+            f.file_name().unwrap().to_string_lossy()
+        );
+    }
+}
+
+/// The 150-tensor GPT-like model of the benchmarks.
+fn gpt_shapes() -> Vec<Vec<usize>> {
+    let mut v = vec![vec![3072, 768]];
+    for _ in 0..2 {
+        for _ in 0..4 {
+            v.push(vec![768, 768]);
+        }
+        v.push(vec![768, 3072]);
+        v.push(vec![3072, 768]);
+    }
+    v.extend(std::iter::repeat_n(vec![3072], 68));
+    v.extend(std::iter::repeat_n(vec![768], 69));
+    v
+}
+
+fn data(n: usize, seed: u64) -> Vec<f32> {
+    let mut x = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+/// Three steps on the GPU; returns the parameters.
+fn run_gpu<K: Kernel>(
+    stream: &Arc<CudaStream>,
+    config: K::Config,
+    shapes: &[Vec<usize>],
+) -> Vec<Vec<f32>> {
+    let mut opt = CudaOptimizer::<K>::new(stream.clone(), config, DType::F32).unwrap();
+    let mut values: Vec<_> = shapes
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            stream
+                .clone_htod(&data(s.iter().product(), i as u64))
+                .unwrap()
+        })
+        .collect();
+    for t in 0..3u64 {
+        let grads: Vec<_> = shapes
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                stream
+                    .clone_htod(&data(s.iter().product(), 1000 * (t + 1) + i as u64))
+                    .unwrap()
+            })
+            .collect();
+        let mut params: Vec<CudaParam<'_>> = values
+            .iter_mut()
+            .zip(&grads)
+            .zip(shapes)
+            .map(|((v, g), s)| CudaParam {
+                value: v,
+                grad: Some(g),
+                shape: s,
+            })
+            .collect();
+        opt.step(&mut params).unwrap();
+    }
+    values
+        .iter()
+        .map(|v| stream.clone_dtoh(v).unwrap())
+        .collect()
+}
+
+fn run_cpu<K: Kernel>(config: K::Config, shapes: &[Vec<usize>]) -> Vec<Vec<f32>> {
+    let mut opt = Optimizer::<K>::new(config).unwrap();
+    let mut values: Vec<Vec<f32>> = shapes
+        .iter()
+        .enumerate()
+        .map(|(i, s)| data(s.iter().product(), i as u64))
+        .collect();
+    for t in 0..3u64 {
+        let grads: Vec<Vec<f32>> = shapes
+            .iter()
+            .enumerate()
+            .map(|(i, s)| data(s.iter().product(), 1000 * (t + 1) + i as u64))
+            .collect();
+        let mut params: Vec<ParamMut<'_>> = values
+            .iter_mut()
+            .zip(&grads)
+            .zip(shapes)
+            .map(|((v, g), s)| ParamMut::new(v, Some(g), s))
+            .collect();
+        opt.step(&mut params).unwrap();
+    }
+    values
+}
+
+fn compare(name: &str, gpu: &[Vec<f32>], cpu: &[Vec<f32>]) {
+    let mut worst = 0.0f32;
+    for (a, b) in gpu.iter().zip(cpu) {
+        for (x, y) in a.iter().zip(b) {
+            let err = (x - y).abs();
+            assert!(err <= 1e-6 + 1e-5 * y.abs(), "{name}: GPU {x} vs CPU {y}");
+            worst = worst.max(err);
+        }
+    }
+    println!("{name}: 150 tensors, GPU vs CPU worst |diff| = {worst:.3e}");
+}
+
+#[test]
+fn a_150_tensor_model_matches_the_cpu_is_deterministic_and_takes_one_launch_per_pass() {
+    let Some(stream) = gpu() else { return };
+    let shapes = gpt_shapes();
+    assert_eq!(shapes.len(), 150);
+    let adan = AdanAgrConfig::default()
+        .with_lr(1e-2)
+        .with_max_grad_norm(1.0);
+    let a = run_gpu::<AdanAgrKernel>(&stream, adan.clone(), &shapes);
+    let b = run_gpu::<AdanAgrKernel>(&stream, adan.clone(), &shapes);
+    let same = a
+        .iter()
+        .zip(&b)
+        .all(|(x, y)| x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits()));
+    assert!(same, "two GPU runs differ");
+    println!("adan_agr: two GPU runs bitwise identical");
+    compare("adan_agr", &a, &run_cpu::<AdanAgrKernel>(adan, &shapes));
+    let adamw = AdamWAgrConfig::default().with_lr(1e-2);
+    compare(
+        "adamw_agr",
+        &run_gpu::<AdamWAgrKernel>(&stream, adamw.clone(), &shapes),
+        &run_cpu::<AdamWAgrKernel>(adamw, &shapes),
+    );
+    println!(
+        "launches per step for 150 tensors: adamw {}, adamw_agr {}, adan_agr {}",
+        CudaOptimizer::<AdamWKernel>::LAUNCHES_PER_STEP,
+        CudaOptimizer::<AdamWAgrKernel>::LAUNCHES_PER_STEP,
+        CudaOptimizer::<AdanAgrKernel>::LAUNCHES_PER_STEP
+    );
+    assert_eq!(CudaOptimizer::<AdamWAgrKernel>::LAUNCHES_PER_STEP, 2);
+}
+
+fn to_bf16(x: f32) -> u16 {
+    let b = x.to_bits();
+    ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
+}
+
+fn from_bf16(x: u16) -> f32 {
+    f32::from_bits(u32::from(x) << 16)
+}
+
+#[test]
+fn bf16_parameters_step_with_f32_arithmetic() {
+    let Some(stream) = gpu() else { return };
+    let n = 10_000;
+    let init: Vec<u16> = data(n, 1).into_iter().map(to_bf16).collect();
+    let grad: Vec<u16> = data(n, 2).into_iter().map(to_bf16).collect();
+    let mut d_p = stream.clone_htod(&init).unwrap();
+    let d_g = stream.clone_htod(&grad).unwrap();
+    let config = AdamWAgrConfig::default().with_lr(1e-2);
+    let mut opt =
+        CudaOptimizer::<AdamWAgrKernel>::new(stream.clone(), config.clone(), DType::BF16).unwrap();
+    {
+        let (p, _sp) = d_p.device_ptr_mut(&stream);
+        let (g, _sg) = d_g.device_ptr(&stream);
+        let shape = [n];
+        // SAFETY: both buffers hold n bf16 values on this stream.
+        unsafe {
+            opt.step_raw(&[RawCudaParam {
+                value: p,
+                grad: Some(g),
+                shape: &shape,
+            }])
+            .unwrap()
+        };
+    }
+    let out: Vec<f32> = stream
+        .clone_dtoh(&d_p)
+        .unwrap()
+        .into_iter()
+        .map(from_bf16)
+        .collect();
+    let mut cpu: Vec<f32> = init.iter().map(|&x| from_bf16(x)).collect();
+    let g32: Vec<f32> = grad.iter().map(|&x| from_bf16(x)).collect();
+    AdamWAgr::new(config)
+        .unwrap()
+        .step(&mut [ParamMut::new(&mut cpu, Some(&g32), &[n])])
+        .unwrap();
+    for (x, y) in out.iter().zip(&cpu) {
+        assert!(
+            (x - y).abs() <= 1e-2 * y.abs().max(1e-2),
+            "bf16 GPU {x} vs CPU {y}"
+        );
+    }
+    println!("bf16: {n} values within bf16 rounding of the f32 CPU step");
+}

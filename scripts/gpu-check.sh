@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The GPU check, in two halves, because the GPU machine has no Rust tool chain:
+#
+#   scripts/gpu-check.sh build   # here: builds the GPU test binaries into gpu-bundle/
+#   scripts/gpu-check.sh run     # on the GPU machine: runs them, results under $OUT
+#
+# With the device tool: run `bash scripts/gpu-check.sh run` carrying gpu-bundle.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bundle=gpu-bundle
+
+case "${1:-}" in
+build)
+    rm -rf "$bundle" && mkdir -p "$bundle/bin" "$bundle/golden"
+    cargo test -p agr-runtime --features cuda --release --no-run --message-format=json \
+        | python3 -c '
+import json, sys, shutil
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] in ("gpu", "cuda_kernels"):
+        shutil.copy(m["executable"], sys.argv[1] + "/" + m["target"]["name"])
+        print("bundled", m["target"]["name"])
+' "$bundle/bin"
+    cp ../shared/golden/*.json "$bundle/golden/"
+    [ -d ../shared/golden/more ] && mkdir -p "$bundle/golden-more" && cp ../shared/golden/more/*.json "$bundle/golden-more/"
+    du -sh "$bundle"
+    ;;
+run)
+    out="${OUT:-out/gpu}"
+    mkdir -p "$out"
+    cuda="${CUDA_HOME:-/usr/local/cuda}"
+    export LD_LIBRARY_PATH="$cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    export AGR_CUDA_INCLUDE="$cuda/include"
+    export AGR_GOLDEN_DIR="$PWD/$bundle/golden"
+    (nvidia-smi || true) > "$out/nvidia-smi.txt" 2>&1
+    status=0
+    "$bundle/bin/gpu" --nocapture --test-threads=1 > "$out/gpu-tests.txt" 2>&1 || status=$?
+    cat "$out/gpu-tests.txt"
+    exit $status
+    ;;
+*)
+    echo "usage: scripts/gpu-check.sh build|run" >&2
+    exit 2
+    ;;
+esac

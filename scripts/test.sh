@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The test suite: installs the pinned CUDA compiler wheels (NVRTC, ptxas,
+# headers; no GPU needed) into .tools/cuda, then runs every test of the
+# workspace with the `cuda` feature, so generated kernels are compiled and
+# assembled too. GPU tests skip with one line each where there is no GPU.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+eval "$(scripts/cuda-tools.sh)"
+export AGR_REQUIRE_CUDA_TOOLS="${AGR_REQUIRE_CUDA_TOOLS:-1}"
+cargo test --workspace --features agr-runtime/cuda "$@"
