@@ -7,6 +7,14 @@ crate::optimizer! { file = "specs/adamw_agr.agr" }
 crate::optimizer! { file = "specs/adamw_agr_m.agr" }
 crate::optimizer! { file = "specs/adan.agr" }
 crate::optimizer! { file = "specs/adan_agr.agr" }
+crate::optimizer! { file = "specs/adam.agr" }
+crate::optimizer! { file = "specs/rmsprop.agr" }
+crate::optimizer! { file = "specs/sgdm.agr" }
+crate::optimizer! { file = "specs/sgdm_agr.agr" }
+crate::optimizer! { file = "specs/lion.agr" }
+crate::optimizer! { file = "specs/lion_agr.agr" }
+crate::optimizer! { file = "specs/acprop.agr" }
+crate::optimizer! { file = "specs/lamb.agr" }
 
 /// A built-in optimizer: its name in golden files and on the command line,
 /// its Rust type name, and its spec source.
@@ -44,6 +52,14 @@ builtins! {
     "adamw_agr_m" => AdamWAgrM, "adamw_agr_m.agr";
     "adan" => Adan, "adan.agr";
     "adan_agr" => AdanAgr, "adan_agr.agr";
+    "adam" => Adam, "adam.agr";
+    "rmsprop" => RmsProp, "rmsprop.agr";
+    "sgdm" => Sgdm, "sgdm.agr";
+    "sgdm_agr" => SgdmAgr, "sgdm_agr.agr";
+    "lion" => Lion, "lion.agr";
+    "lion_agr" => LionAgr, "lion_agr.agr";
+    "acprop" => AcProp, "acprop.agr";
+    "lamb" => Lamb, "lamb.agr";
 }
 
 /// Looks a built-in up by its name (`adamw_agr`) or type name (`AdamWAgr`).
