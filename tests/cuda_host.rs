@@ -36,6 +36,7 @@ int main() {
     std::vector<float> fill(NAME(_NUM_STATES) + 1);
     rd(fill.data(), NAME(_NUM_STATES));
     std::vector<std::vector<float>> p(nt), g(nt);
+    std::vector<std::vector<double>> rows(nt);
     std::vector<std::vector<std::vector<float>>> st(nt);
     std::vector<AgrTensor> tensors(nt);
     std::vector<AgrChunk> chunks;
@@ -44,16 +45,22 @@ int main() {
         rd(&numel, 1); rd(&ndim, 1);
         p[j].resize(numel); g[j].resize(numel);
         rd(p[j].data(), numel);
+        long long row_len;
+        rd(&row_len, 1);
         AgrTensor& T = tensors[j];
-        T.p = p[j].data(); T.numel = numel; T.ndim = ndim; T.t = 0;
+        T.p = p[j].data(); T.numel = numel; T.ndim = ndim; T.t = 0; T.row_len = row_len;
+        rows[j].assign(numel / row_len * (NAME(_ROW_REDUCTIONS) + 1), 0.0);
+        T.rows = rows[j].data();
         st[j].resize(NAME(_NUM_STATES));
         for (int k = 0; k < NAME(_NUM_STATES); ++k) {
             st[j][k].assign(numel, fill[k]);
             T.st[k] = st[j][k].data();
         }
         T.first_chunk = (int)chunks.size();
-        for (long long s = 0; s < numel; s += chunk) {
-            AgrChunk c; c.tensor = j; c.start = s; c.len = (int)(numel - s < chunk ? numel - s : chunk);
+        // With row reductions a chunk holds whole rows.
+        long long ch = NAME(_ROW_REDUCTIONS) > 0 ? row_len * (chunk / row_len > 0 ? chunk / row_len : 1) : chunk;
+        for (long long s = 0; s < numel; s += ch) {
+            AgrChunk c; c.tensor = j; c.start = s; c.len = (int)(numel - s < ch ? numel - s : ch);
             chunks.push_back(c);
         }
         T.n_chunks = (int)chunks.size() - T.first_chunk;
@@ -97,7 +104,7 @@ int main() {
 }
 "#;
 
-const SHAPES: &[&[usize]] = &[&[37, 29], &[4096], &[5], &[3, 1, 4]];
+const SHAPES: &[&[usize]] = &[&[37, 29], &[4096], &[5], &[3, 1, 4], &[2, 300]];
 const STEPS: usize = 4;
 const CHUNK: i32 = 256;
 
@@ -166,6 +173,7 @@ fn run_host(
         input.extend((init.len() as i64).to_le_bytes());
         input.extend((s.len() as i64).to_le_bytes());
         init.iter().for_each(|v| input.extend(v.to_le_bytes()));
+        input.extend((agr_runtime::TensorMeta::row_len_of(s) as i64).to_le_bytes());
     }
     for step in grads {
         for g in step {
@@ -280,7 +288,20 @@ fn builtin(name: &str) -> (&'static str, Box<dyn DynOptimizer>) {
 #[test]
 fn builtins_agree_with_the_rust_back_end() {
     let lr = ("lr", HyperValue::Float(1e-2));
-    for name in ["adamw", "adamw_agr", "adamw_agr_m"] {
+    for name in [
+        "adamw",
+        "adamw_agr",
+        "adamw_agr_m",
+        "adam",
+        "rmsprop",
+        "sgdm",
+        "sgdm_agr",
+        "lion",
+        "lion_agr",
+        "acprop",
+        "lamb",
+        "adamw_gc",
+    ] {
         let (src, opt) = builtin(name);
         check(name, src, opt, &[lr]);
     }

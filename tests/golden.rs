@@ -65,6 +65,28 @@ fn the_spine_golden_files_replay() {
 }
 
 #[test]
+fn the_more_golden_files_replay() {
+    let dir = golden_dir().join("more");
+    let files = files(&dir);
+    assert_eq!(
+        files.len(),
+        9,
+        "expected the nine files of {}",
+        dir.display()
+    );
+    let mut failed = vec![];
+    for f in &files {
+        let g = golden::load(f).unwrap();
+        let r = golden::replay(&g).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+        println!("{:<28} {r}", f.file_name().unwrap().to_string_lossy());
+        if !r.pass {
+            failed.push(f.display().to_string());
+        }
+    }
+    assert!(failed.is_empty(), "failed: {failed:?}");
+}
+
+#[test]
 fn a_wrong_trajectory_fails() {
     // The replay must be able to fail: perturb one reference value.
     let f = golden_dir().join("adamw_agr_basic.json");

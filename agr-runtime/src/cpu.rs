@@ -25,6 +25,8 @@ pub trait Kernel: 'static + Send + Sync {
     const STATES: &'static [StateInfo];
     const REDUCTIONS: &'static [ReductionInfo];
     const PASSES: usize;
+    /// Reductions with one result per row (see `row_sum`).
+    const ROW_REDUCTIONS: usize;
     /// Whether the step changes the parameter at all.
     const WRITES_PARAM: bool;
 
@@ -38,7 +40,10 @@ pub trait Kernel: 'static + Send + Sync {
         ts: &mut Self::TensorScalars,
     );
     /// Reduction pass `pass` over one chunk of a tensor: writes this chunk's
-    /// partial result of every reduction of that pass into `acc`.
+    /// partial result of every tensor or global reduction of that pass into
+    /// `acc`, and the results of its row reductions into `rows` (the chunk's
+    /// whole rows of `row_len` elements, `ROW_REDUCTIONS` values per row).
+    #[allow(clippy::too_many_arguments)]
     fn reduce(
         pass: usize,
         s: &Self::StepScalars,
@@ -46,15 +51,20 @@ pub trait Kernel: 'static + Send + Sync {
         p: &[f32],
         g: &[f32],
         st: [&[f32]; MAX_STATES],
+        rows: &mut [f64],
+        row_len: usize,
         acc: &mut [f64],
     );
     /// The update pass over one chunk of a tensor.
+    #[allow(clippy::too_many_arguments)]
     fn update(
         s: &Self::StepScalars,
         ts: &Self::TensorScalars,
         p: &mut [f32],
         g: &[f32],
         st: [&mut [f32]; MAX_STATES],
+        rows: &[f64],
+        row_len: usize,
     );
 }
 

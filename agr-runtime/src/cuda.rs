@@ -19,7 +19,7 @@ use cudarc::nvrtc::{CompileOptions, Ptx};
 
 use crate::cpu::Kernel;
 use crate::optimizer::{validate_params, ParamSeen};
-use crate::{ConfigError, HyperConfig, HyperValue, StepError, StepReport, MAX_STATES};
+use crate::{ConfigError, HyperConfig, HyperValue, StepError, StepReport, TensorMeta, MAX_STATES};
 
 /// Threads per block and elements per chunk; must match the CUDA prelude.
 pub const BLOCK: u32 = 256;
@@ -190,6 +190,8 @@ struct AgrTensor {
     t: f64,
     first_chunk: i32,
     n_chunks: i32,
+    rows: u64,
+    row_len: i64,
 }
 // SAFETY: plain old data with the C layout of the prelude's struct; all
 // zero bits is a valid (null) entry.
@@ -280,6 +282,8 @@ struct GpuTensor {
     shape: Vec<usize>,
     t: u64,
     bufs: Vec<CudaSlice<f32>>,
+    /// Row-reduction results (`ROW_REDUCTIONS` per row).
+    rows: Option<CudaSlice<f64>>,
 }
 
 /// A generated optimizer running on a CUDA stream.
@@ -484,10 +488,19 @@ impl<K: Kernel> CudaOptimizer<K> {
                 };
                 bufs.push(b);
             }
+            let rows =
+                if K::ROW_REDUCTIONS > 0 {
+                    Some(stream.alloc_zeros::<f64>(
+                        n / TensorMeta::row_len_of(p.shape) * K::ROW_REDUCTIONS,
+                    )?)
+                } else {
+                    None
+                };
             self.tensors[i] = Some(GpuTensor {
                 shape: p.shape.to_vec(),
                 t: 0,
                 bufs,
+                rows,
             });
         }
         // The tensor and chunk tables.
@@ -503,11 +516,22 @@ impl<K: Kernel> CudaOptimizer<K> {
                 let (ptr, _sync) = b.device_ptr_mut(&stream);
                 st[k] = ptr;
             }
+            let rows = match state.rows.as_mut() {
+                Some(r) => r.device_ptr_mut(&stream).0,
+                None => 0,
+            };
+            let row_len = TensorMeta::row_len_of(p.shape);
+            // With row reductions a chunk holds whole rows.
+            let chunk = if K::ROW_REDUCTIONS > 0 {
+                row_len * (CHUNK / row_len).max(1)
+            } else {
+                CHUNK
+            };
             let first = self.host_chunks.len();
             let slot = self.host_tensors.len() as i32;
             let mut start = 0;
             while start < n {
-                let len = CHUNK.min(n - start);
+                let len = chunk.min(n - start);
                 self.host_chunks.push(AgrChunk {
                     tensor: slot,
                     len: len as i32,
@@ -524,6 +548,8 @@ impl<K: Kernel> CudaOptimizer<K> {
                 t: (state.t + 1) as f64,
                 first_chunk: first as i32,
                 n_chunks: (self.host_chunks.len() - first) as i32,
+                rows,
+                row_len: row_len as i64,
             });
             active.push(i);
         }

@@ -41,6 +41,20 @@ pub struct TensorMeta {
     pub t: u64,
     pub ndim: usize,
     pub numel: usize,
+    /// Elements per row: the product of every dimension but the first (the
+    /// whole tensor when it has fewer than two dimensions).
+    pub row_len: usize,
+}
+
+impl TensorMeta {
+    /// Elements per row of a tensor of this shape.
+    pub fn row_len_of(shape: &[usize]) -> usize {
+        if shape.len() >= 2 {
+            shape[1..].iter().product()
+        } else {
+            shape.iter().product()
+        }
+    }
 }
 
 /// A state buffer of a generated optimizer.
@@ -58,6 +72,8 @@ pub enum Scope {
     Tensor,
     /// One result per step, over every parameter with a gradient.
     Global,
+    /// One result per row (every dimension but the first).
+    Rows,
 }
 
 /// A reduction of a generated optimizer.

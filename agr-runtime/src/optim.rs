@@ -15,6 +15,7 @@ crate::optimizer! { file = "specs/lion.agr" }
 crate::optimizer! { file = "specs/lion_agr.agr" }
 crate::optimizer! { file = "specs/acprop.agr" }
 crate::optimizer! { file = "specs/lamb.agr" }
+crate::optimizer! { file = "specs/adamw_gc.agr" }
 
 /// A built-in optimizer: its name in golden files and on the command line,
 /// its Rust type name, and its spec source.
@@ -60,6 +61,7 @@ builtins! {
     "lion_agr" => LionAgr, "lion_agr.agr";
     "acprop" => AcProp, "acprop.agr";
     "lamb" => Lamb, "lamb.agr";
+    "adamw_gc" => AdamWGc, "adamw_gc.agr";
 }
 
 /// Looks a built-in up by its name (`adamw_agr`) or type name (`AdamWAgr`).

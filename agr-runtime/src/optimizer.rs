@@ -159,6 +159,8 @@ struct TensorState {
     /// Steps this tensor has taken.
     t: u64,
     bufs: Vec<AlignedBuf>,
+    /// Row-reduction results of the current step (`ROW_REDUCTIONS` per row).
+    rows: Vec<f64>,
 }
 
 /// Elements per unit of parallel work. Fixed, so the reduction order (and so
@@ -181,6 +183,8 @@ struct Ptrs {
     p: *mut f32,
     g: *const f32,
     st: [*mut f32; MAX_STATES],
+    rows: *mut f64,
+    row_len: usize,
 }
 
 // SAFETY: the pointers are only dereferenced inside `Optimizer::step`, for
@@ -374,6 +378,10 @@ impl<K: Kernel> Optimizer<K> {
                     .enumerate()
                     .map(|(k, s)| AlignedBuf::filled(p.value.len(), s.fill, i * ns + k))
                     .collect(),
+                rows: vec![
+                    0.0;
+                    (p.value.len() / TensorMeta::row_len_of(p.shape)) * K::ROW_REDUCTIONS
+                ],
             });
             let slot = sc.active.len();
             sc.active.push(i);
@@ -381,20 +389,30 @@ impl<K: Kernel> Optimizer<K> {
             for (k, b) in st.bufs.iter_mut().enumerate() {
                 stp[k] = b.as_mut_ptr();
             }
+            let n = p.value.len();
+            let row_len = TensorMeta::row_len_of(p.shape);
             sc.ptrs.push(Ptrs {
                 p: p.value.as_mut_ptr(),
                 g: g.as_ptr(),
                 st: stp,
+                rows: st.rows.as_mut_ptr(),
+                row_len,
             });
-            let n = p.value.len();
             sc.metas.push(TensorMeta {
                 t: st.t + 1,
                 ndim: p.shape.len(),
                 numel: n,
+                row_len,
             });
+            // With row reductions a chunk holds whole rows.
+            let chunk = if K::ROW_REDUCTIONS > 0 {
+                row_len * (CHUNK / row_len).max(1)
+            } else {
+                CHUNK
+            };
             let mut start = 0;
             while start < n {
-                let len = CHUNK.min(n - start);
+                let len = chunk.min(n - start);
                 sc.items.push(Item { slot, start, len });
                 start += len;
             }
@@ -426,7 +444,9 @@ impl<K: Kernel> Optimizer<K> {
                     let pt = ptrs[item.slot];
                     // SAFETY: see `Ptrs`; read-only access to [start, start+len).
                     let (p, g, st) = unsafe { chunk_ref(pt, ns, item.start, item.len) };
-                    K::reduce(phase, ss, &ts[item.slot], p, g, st, acc);
+                    // SAFETY: whole rows per item, so items' row ranges are disjoint.
+                    let rows = unsafe { rows_of(pt, item.start, item.len, K::ROW_REDUCTIONS) };
+                    K::reduce(phase, ss, &ts[item.slot], p, g, st, rows, pt.row_len, acc);
                 };
                 if nr > 0 {
                     if parallel {
@@ -452,7 +472,8 @@ impl<K: Kernel> Optimizer<K> {
                     let pt = ptrs[item.slot];
                     // SAFETY: see `Ptrs`; work items cover disjoint ranges.
                     let (p, g, st) = unsafe { chunk_mut(pt, ns, item.start, item.len) };
-                    K::update(ss, &ts[item.slot], p, g, st);
+                    let rows = unsafe { rows_of(pt, item.start, item.len, K::ROW_REDUCTIONS) };
+                    K::update(ss, &ts[item.slot], p, g, st, rows, pt.row_len);
                 };
                 if parallel {
                     sc.items.par_iter().for_each(run);
@@ -505,6 +526,17 @@ fn combine<K: Kernel>(
             global[r] = g;
         }
     }
+}
+
+/// The row results of the rows in [start, start+len) (empty without row
+/// reductions).
+unsafe fn rows_of<'a>(pt: Ptrs, start: usize, len: usize, per_row: usize) -> &'a mut [f64] {
+    if per_row == 0 || len == 0 {
+        return &mut [];
+    }
+    let first = start / pt.row_len;
+    let count = len.div_ceil(pt.row_len);
+    std::slice::from_raw_parts_mut(pt.rows.add(first * per_row), count * per_row)
 }
 
 unsafe fn chunk_ref<'a>(

@@ -132,6 +132,15 @@ fn every_builtin_compiles_and_assembles_within_budget() {
     check::<AdamWAgrMKernel>(&mut report);
     check::<AdanKernel>(&mut report);
     check::<AdanAgrKernel>(&mut report);
+    check::<AdamKernel>(&mut report);
+    check::<RmsPropKernel>(&mut report);
+    check::<SgdmKernel>(&mut report);
+    check::<SgdmAgrKernel>(&mut report);
+    check::<LionKernel>(&mut report);
+    check::<LionAgrKernel>(&mut report);
+    check::<AcPropKernel>(&mut report);
+    check::<LambKernel>(&mut report);
+    check::<AdamWGcKernel>(&mut report);
     for line in &report {
         println!("{line}");
     }

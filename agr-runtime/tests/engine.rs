@@ -175,6 +175,47 @@ fn adan_agr_with_global_clipping_matches_an_unfused_reference() {
     }
 }
 
+#[test]
+fn gradient_centralization_subtracts_each_row_mean_over_many_chunks() {
+    use agr_runtime::optim::{AdamWGc, AdamWGcConfig};
+    let (lr, b1, b2, eps, wd) = (1e-2f64, 0.9f64, 0.999f64, 1e-8f64, 0.01f64);
+    let mut model = Model::new(4);
+    let mut reference = Model::new(4);
+    let mut opt = AdamWGc::new(AdamWGcConfig::default().with_lr(lr)).unwrap();
+    let mut m: Vec<Vec<f32>> = reference
+        .values
+        .iter()
+        .map(|v| vec![0.0; v.len()])
+        .collect();
+    let mut v2 = m.clone();
+    for t in 1..=2u64 {
+        let grads = model.grads(t);
+        run(&mut model, &grads, |p| opt.step(p)).unwrap();
+        for (k, p) in reference.values.iter_mut().enumerate() {
+            let shape = SHAPES[k];
+            let mut g = grads[k].clone();
+            if shape.len() > 1 {
+                let row = shape[1..].iter().product::<usize>();
+                for r in g.chunks_mut(row) {
+                    let mean = (r.iter().map(|&x| f64::from(x)).sum::<f64>() / row as f64) as f32;
+                    r.iter_mut().for_each(|x| *x -= mean);
+                }
+            }
+            let bc1 = 1.0 - b1.powi(t as i32);
+            let bc2 = (1.0 - b2.powi(t as i32)).sqrt();
+            for i in 0..p.len() {
+                p[i] *= (1.0 - lr * wd) as f32;
+                m[k][i] = b1 as f32 * m[k][i] + (1.0 - b1) as f32 * g[i];
+                v2[k][i] = b2 as f32 * v2[k][i] + (1.0 - b2) as f32 * g[i] * g[i];
+                p[i] -= (lr / bc1) as f32 * m[k][i] / (v2[k][i].sqrt() / bc2 as f32 + eps as f32);
+            }
+        }
+    }
+    for (k, (a, b)) in model.values.iter().zip(&reference.values).enumerate() {
+        assert_close(a, b, &format!("tensor {k}"));
+    }
+}
+
 fn run_with_threads(threads: usize) -> Vec<Vec<f32>> {
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)

@@ -109,6 +109,15 @@ fn golden_files_replay_on_the_gpu() {
             "adamw_agr_m" => replay_gpu::<AdamWAgrMKernel>(&stream, &g),
             "adan" => replay_gpu::<AdanKernel>(&stream, &g),
             "adan_agr" => replay_gpu::<AdanAgrKernel>(&stream, &g),
+            "adam" => replay_gpu::<AdamKernel>(&stream, &g),
+            "rmsprop" => replay_gpu::<RmsPropKernel>(&stream, &g),
+            "sgdm" => replay_gpu::<SgdmKernel>(&stream, &g),
+            "sgdm_agr" => replay_gpu::<SgdmAgrKernel>(&stream, &g),
+            "lion" => replay_gpu::<LionKernel>(&stream, &g),
+            "lion_agr" => replay_gpu::<LionAgrKernel>(&stream, &g),
+            "acprop" => replay_gpu::<AcPropKernel>(&stream, &g),
+            "lamb" => replay_gpu::<LambKernel>(&stream, &g),
+            "adamw_gc" => replay_gpu::<AdamWGcKernel>(&stream, &g),
             other => {
                 println!("{other}: not a built-in of this suite");
                 continue;

@@ -74,6 +74,8 @@ pub enum Op {
     T,
     Ndim,
     Numel,
+    /// Elements per row (see [`Scope::Rows`]).
+    RowLen,
     /// The parameter's value before the step.
     Param,
     Grad,
@@ -133,6 +135,9 @@ pub enum Scope {
     Tensor,
     /// One result per step, over every parameter that has a gradient.
     Global,
+    /// One result per row: over every dimension but the first (a tensor of
+    /// fewer than two dimensions is one row). Read back per element.
+    Rows,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -228,6 +233,28 @@ impl Program {
     }
 
     /// Whether the state's value changes in a step.
+    /// Index of reduction `r` among the row reductions (their slot in a row's
+    /// results), if it is one.
+    pub fn row_slot(&self, r: usize) -> Option<usize> {
+        if self.reductions[r].scope != Scope::Rows {
+            return None;
+        }
+        Some(
+            self.reductions[..r]
+                .iter()
+                .filter(|x| x.scope == Scope::Rows)
+                .count(),
+        )
+    }
+
+    /// Number of row reductions.
+    pub fn row_reductions(&self) -> usize {
+        self.reductions
+            .iter()
+            .filter(|x| x.scope == Scope::Rows)
+            .count()
+    }
+
     pub fn state_written(&self, i: usize) -> bool {
         self.nodes[self.state_out[i]].op != Op::State(i)
     }
@@ -358,6 +385,7 @@ pub fn dump(prog: &Program) -> String {
             Op::T => "t".into(),
             Op::Ndim => "ndim".into(),
             Op::Numel => "numel".into(),
+            Op::RowLen => "row_len".into(),
             Op::Param => "load p".into(),
             Op::Grad => "load g".into(),
             Op::State(s) => format!("load {}", prog.states[s].name),

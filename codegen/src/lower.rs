@@ -59,6 +59,7 @@ enum OpShape {
     T,
     Ndim,
     Numel,
+    RowLen,
     Param,
     Grad,
     State(usize),
@@ -76,6 +77,7 @@ fn key(op: Op) -> OpKey {
         Op::T => OpShape::T,
         Op::Ndim => OpShape::Ndim,
         Op::Numel => OpShape::Numel,
+        Op::RowLen => OpShape::RowLen,
         Op::Param => OpShape::Param,
         Op::Grad => OpShape::Grad,
         Op::State(i) => OpShape::State(i),
@@ -470,15 +472,22 @@ impl<'a> Lowerer<'a> {
             });
             self.reductions.len() - 1
         });
-        let level = if scope == Scope::Tensor {
-            Level::Tensor
-        } else {
-            Level::Step
+        let level = match scope {
+            Scope::Tensor => Level::Tensor,
+            Scope::Global => Level::Step,
+            Scope::Rows => Level::Elem,
         };
         let id = self.make_raw(Op::Reduced(r));
         self.nodes[id].level = level;
         self.nodes[id].phase = pass + 1;
         id
+    }
+
+    fn row_len(&mut self) -> NodeId {
+        match self.memo.get(&key(Op::RowLen)) {
+            Some(&id) => id,
+            None => self.leaf(Op::RowLen, Ty::Num, Level::Tensor, "row_len"),
+        }
     }
 
     fn call(&mut self, f: &str, a: &[NodeId], origin: String) -> NodeId {
@@ -516,6 +525,12 @@ impl<'a> Lowerer<'a> {
                 un(self, UnaryOp::Sqrt, s)
             }
             "global_sum" => self.reduce(ReduceOp::Sum, Scope::Global, a[0], origin),
+            "row_sum" => self.reduce(ReduceOp::Sum, Scope::Rows, a[0], origin),
+            "row_mean" => {
+                let s = self.reduce(ReduceOp::Sum, Scope::Rows, a[0], origin);
+                let n = self.row_len();
+                bin(self, B::Div, s, n)
+            }
             "max_abs" | "global_max_abs" => {
                 let scope = if f == "max_abs" {
                     Scope::Tensor

@@ -11,7 +11,22 @@ fn spec(name: &str) -> String {
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-const BUILTINS: &[&str] = &["adamw", "adamw_agr", "adamw_agr_m", "adan", "adan_agr"];
+const BUILTINS: &[&str] = &[
+    "adamw",
+    "adamw_agr",
+    "adamw_agr_m",
+    "adan",
+    "adan_agr",
+    "adam",
+    "rmsprop",
+    "sgdm",
+    "sgdm_agr",
+    "lion",
+    "lion_agr",
+    "acprop",
+    "lamb",
+    "adamw_gc",
+];
 
 #[test]
 fn generated_rust_of_every_builtin() {

@@ -11,6 +11,10 @@ pub enum FuncKind {
     TensorReduce,
     /// A reduction over every parameter's elements; one number per step.
     GlobalReduce,
+    /// A reduction over every dimension but the first: one number per row
+    /// (per output channel), read back by every element of its row. A tensor
+    /// with fewer than two dimensions is one row.
+    RowReduce,
     /// The AGR operator Ψ(x) = x − x·|x| / Σ|x| (Σ over the tensor, Ψ(0) = 0).
     Agr,
 }
@@ -112,6 +116,18 @@ pub const FUNCS: &[Func] = &[
         arity: 1,
         kind: FuncKind::TensorReduce,
         doc: "largest |x| in the tensor",
+    },
+    Func {
+        name: "row_sum",
+        arity: 1,
+        kind: FuncKind::RowReduce,
+        doc: "sum over every dimension but the first (one value per row)",
+    },
+    Func {
+        name: "row_mean",
+        arity: 1,
+        kind: FuncKind::RowReduce,
+        doc: "mean over every dimension but the first (one value per row)",
     },
     Func {
         name: "global_sum",

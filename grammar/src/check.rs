@@ -361,6 +361,11 @@ impl<'a> Checker<'a> {
                         self.declare(&name.name, Binding::Let, v);
                     }
                 }
+                if v.is_none() && self.lookup(&name.name).is_none() {
+                    // The value had an error (already reported): declare the
+                    // name anyway so later uses don't report it as unknown.
+                    self.declare(&name.name, Binding::Let, Val::num(Level::Elem));
+                }
             }
             Stmt::Assign { target, value } => {
                 let v = self.expr(value);
@@ -698,7 +703,10 @@ impl<'a> Checker<'a> {
                 ty: vals[1].ty,
                 ..joined
             }),
-            FuncKind::Agr | FuncKind::TensorReduce | FuncKind::GlobalReduce => {
+            FuncKind::Agr
+            | FuncKind::TensorReduce
+            | FuncKind::GlobalReduce
+            | FuncKind::RowReduce => {
                 let arg = vals[0];
                 if arg.level != Level::Elem {
                     self.err(
@@ -720,7 +728,7 @@ impl<'a> Checker<'a> {
                     return None;
                 }
                 let level = match f.kind {
-                    FuncKind::Agr => Level::Elem,
+                    FuncKind::Agr | FuncKind::RowReduce => Level::Elem,
                     FuncKind::TensorReduce => Level::Tensor,
                     _ => Level::Step,
                 };

@@ -103,6 +103,10 @@ fn emit_constants(prog: &Program, w: &mut W) {
         prog.reductions.len()
     ));
     w.line(&format!("#define {x}_PASSES {}", prog.n_phases));
+    w.line(&format!(
+        "#define {x}_ROW_REDUCTIONS {}",
+        prog.row_reductions()
+    ));
     w.line(&format!("#define {x}_NUM_HYPERS {}", prog.hypers.len()));
     w.blank();
 }
@@ -217,7 +221,7 @@ fn emit_scalars(prog: &Program, w: &mut W) {
     w.line("// The scalars known after `upto` reduction passes. `reduced` holds this");
     w.line("// tensor's reduction results, `global` the global ones (by reduction index).");
     w.open(&format!(
-        "AGR_HD void {x}_scalars(int upto, const {x}Hyper& h, double t, double ndim, double numel, const double* reduced, const double* global, {x}Step& s, {x}Tensor& ts) {{"
+        "AGR_HD void {x}_scalars(int upto, const {x}Hyper& h, double t, double ndim, double numel, double row_len, const double* reduced, const double* global, {x}Step& s, {x}Tensor& ts) {{"
     ));
     let mut phases = scalar_phases(prog, Level::Step);
     phases.extend(scalar_phases(prog, Level::Tensor));
@@ -250,6 +254,7 @@ fn emit_scalars(prog: &Program, w: &mut W) {
                 Op::T => "t".into(),
                 Op::Ndim => "ndim".into(),
                 Op::Numel => "numel".into(),
+                Op::RowLen => "row_len".into(),
                 Op::Reduced(r) => {
                     let src = if prog.reductions[r].scope == Scope::Global {
                         "global"
@@ -267,7 +272,7 @@ fn emit_scalars(prog: &Program, w: &mut W) {
     if !used_all {
         w.line("// This spec has no scalars.");
     }
-    w.line("(void)h; (void)t; (void)ndim; (void)numel; (void)reduced; (void)global; (void)s; (void)ts;");
+    w.line("(void)h; (void)t; (void)ndim; (void)numel; (void)row_len; (void)reduced; (void)global; (void)s; (void)ts;");
     w.close("}");
     w.blank();
 }
@@ -287,6 +292,8 @@ struct Param {
     written: bool,
     /// `true` for the parameter and gradient (which may be half types).
     typed: bool,
+    /// A row reduction's result, read per element (by its slot).
+    row: Option<usize>,
 }
 
 /// Prints the hoisted-argument struct and the element function of a loop.
@@ -347,6 +354,7 @@ fn emit_elem_fn(
             read: p_read,
             written: p_write.is_some(),
             typed: true,
+            row: None,
         });
     }
     if reads_op(Op::Grad) {
@@ -356,6 +364,7 @@ fn emit_elem_fn(
             read: true,
             written: false,
             typed: true,
+            row: None,
         });
     }
     for (i, s) in prog.states.iter().enumerate() {
@@ -368,6 +377,19 @@ fn emit_elem_fn(
                 read,
                 written,
                 typed: false,
+                row: None,
+            });
+        }
+    }
+    for &id in &plan.body {
+        if let Op::Reduced(r) = prog.nodes[id].op {
+            params.push(Param {
+                name: prog.nodes[id].name.clone(),
+                buf: String::new(),
+                read: true,
+                written: false,
+                typed: false,
+                row: prog.row_slot(r),
             });
         }
     }
@@ -393,7 +415,7 @@ fn emit_elem_fn(
     }
     for &id in &plan.body {
         let n = &prog.nodes[id];
-        if matches!(n.op, Op::Param | Op::Grad | Op::State(_)) {
+        if matches!(n.op, Op::Param | Op::Grad | Op::State(_) | Op::Reduced(_)) {
             continue;
         }
         w.line(
@@ -437,12 +459,12 @@ fn emit_prologue(prog: &Program, upto: usize, fname: &str, f: &ElemFn, w: &mut W
     w.line(&format!("{x}Step s;"));
     w.line(&format!("{x}Tensor ts;"));
     w.line(&format!(
-        "{x}_scalars({upto}, h, T.t, (double)T.ndim, (double)T.numel, reduced + (size_t)c.tensor * {x}_NUM_REDUCTIONS, global, s, ts);"
+        "{x}_scalars({upto}, h, T.t, (double)T.ndim, (double)T.numel, (double)T.row_len, reduced + (size_t)c.tensor * {x}_NUM_REDUCTIONS, global, s, ts);"
     ));
     w.line(&format!(
         "const {x}_{fname}_args a = {x}_{fname}_args_from(s, ts);"
     ));
-    for p in &f.params {
+    for p in f.params.iter().filter(|p| p.row.is_none()) {
         let (ty, src) = match p.name.as_str() {
             "p" if p.typed && p.buf == "P" => ("AGR_P_T", "T.p".to_string()),
             "g" if p.typed && p.buf == "G" => ("const AGR_G_T", "T.g".to_string()),
@@ -467,85 +489,17 @@ fn emit_prologue(prog: &Program, upto: usize, fname: &str, f: &ElemFn, w: &mut W
     }
 }
 
-/// The element loop: loads, the element function, stores. With `vec4` the
-/// f32 fast path (float4 loads and stores).
-fn emit_loop(
-    prog: &Program,
-    fname: &str,
-    f: &ElemFn,
-    n_out: usize,
-    fold: Option<&[(bool, usize)]>,
-    w: &mut W,
-) {
+/// One element's loads, element function, folds and stores, at index `i`.
+fn emit_element(prog: &Program, fname: &str, f: &ElemFn, n_out: usize, folds: &[Fold], w: &mut W) {
     let x = &prog.name;
-    let call_args = |lane: Option<&str>| {
-        let mut v = vec!["a".to_string()];
-        for p in &f.params {
-            v.push(match lane {
-                Some(k) => format!("agr_lane({}4, {k})", p.name),
-                None => p.name.clone(),
-            });
-        }
-        if n_out > 0 {
-            v.push("out".into());
-        }
-        v.join(", ")
-    };
-    let accumulate = |w: &mut W| {
-        if let Some(folds) = fold {
-            for (k, (is_max, _)) in folds.iter().enumerate() {
-                w.line(&format!(
-                    "acc[{k}] = agr_fold(acc[{k}], (double)out[{k}], {is_max});"
-                ));
-            }
-        }
-    };
-    // The f32 fast path.
-    let all_f32: Vec<String> = f
-        .params
-        .iter()
-        .filter(|p| p.typed)
-        .map(|p| format!("agr_is_f32({})", p.buf))
-        .collect();
-    let aligned: Vec<String> = f
-        .params
-        .iter()
-        .map(|p| format!("agr_aligned16({})", p.buf))
-        .collect();
-    let mut cond = vec!["c.len % 4 == 0".to_string()];
-    cond.extend(all_f32);
-    cond.extend(aligned);
-    w.line("// 128-bit loads and stores where every buffer is f32 and aligned.");
-    w.open(&format!("if ({}) {{", cond.join(" && ")));
-    w.open("for (int j = (int)threadIdx.x; j < c.len / 4; j += AGR_BLOCK) {");
+    let nrow = prog.row_reductions();
     for p in &f.params {
-        if p.read {
+        if let Some(slot) = p.row {
             w.line(&format!(
-                "float4 {}4 = ((const float4*){})[j];",
-                p.name, p.buf
+                "float {} = (float)T.rows[((c.start + i) / T.row_len) * {nrow} + {slot}];",
+                p.name
             ));
-        } else {
-            w.line(&format!("float4 {}4;", p.name));
-        }
-    }
-    if n_out > 0 {
-        w.line(&format!("float out[{n_out}];"));
-    }
-    w.open("for (int k = 0; k < 4; ++k) {");
-    w.line(&format!("{x}_{fname}_elem({});", call_args(Some("k"))));
-    accumulate(w);
-    w.close("}");
-    for p in &f.params {
-        if p.written {
-            w.line(&format!("((float4*){})[j] = {}4;", p.buf, p.name));
-        }
-    }
-    w.close("}");
-    w.close("} else {");
-    w.depth += 1;
-    w.open("for (int i = (int)threadIdx.x; i < c.len; i += AGR_BLOCK) {");
-    for p in &f.params {
-        if p.read {
+        } else if p.read {
             if p.typed {
                 w.line(&format!("float {} = agr_ld({}[i]);", p.name, p.buf));
             } else {
@@ -558,8 +512,18 @@ fn emit_loop(
     if n_out > 0 {
         w.line(&format!("float out[{n_out}];"));
     }
-    w.line(&format!("{x}_{fname}_elem({});", call_args(None)));
-    accumulate(w);
+    let mut args = vec!["a".to_string()];
+    args.extend(f.params.iter().map(|p| p.name.clone()));
+    if n_out > 0 {
+        args.push("out".into());
+    }
+    w.line(&format!("{x}_{fname}_elem({});", args.join(", ")));
+    for (k, fold) in folds.iter().enumerate() {
+        w.line(&format!(
+            "{}[{}] = agr_fold({0}[{1}], (double)out[{k}], {});",
+            fold.acc, fold.index, fold.is_max
+        ));
+    }
     for p in &f.params {
         if p.written {
             if p.typed {
@@ -569,8 +533,74 @@ fn emit_loop(
             }
         }
     }
+}
+
+/// Where an element function's `out[k]` is folded: `acc[index]`.
+struct Fold {
+    acc: &'static str,
+    index: usize,
+    is_max: bool,
+}
+
+/// The element loop over a chunk: an f32 fast path with 128-bit loads and
+/// stores where every buffer allows it, and a path for any type and length.
+fn emit_loop(prog: &Program, fname: &str, f: &ElemFn, n_out: usize, folds: &[Fold], w: &mut W) {
+    let x = &prog.name;
+    let reads_rows = f.params.iter().any(|p| p.row.is_some());
+    if !reads_rows {
+        let mut cond = vec!["c.len % 4 == 0".to_string()];
+        cond.extend(
+            f.params
+                .iter()
+                .filter(|p| p.typed)
+                .map(|p| format!("agr_is_f32({})", p.buf)),
+        );
+        cond.extend(f.params.iter().map(|p| format!("agr_aligned16({})", p.buf)));
+        w.line("// 128-bit loads and stores where every buffer is f32 and aligned.");
+        w.open(&format!("if ({}) {{", cond.join(" && ")));
+        w.open("for (int j = (int)threadIdx.x; j < c.len / 4; j += AGR_BLOCK) {");
+        for p in &f.params {
+            if p.read {
+                w.line(&format!(
+                    "float4 {}4 = ((const float4*){})[j];",
+                    p.name, p.buf
+                ));
+            } else {
+                w.line(&format!("float4 {}4;", p.name));
+            }
+        }
+        if n_out > 0 {
+            w.line(&format!("float out[{n_out}];"));
+        }
+        w.open("for (int k = 0; k < 4; ++k) {");
+        let mut args = vec!["a".to_string()];
+        args.extend(f.params.iter().map(|p| format!("agr_lane({}4, k)", p.name)));
+        if n_out > 0 {
+            args.push("out".into());
+        }
+        w.line(&format!("{x}_{fname}_elem({});", args.join(", ")));
+        for (k, fold) in folds.iter().enumerate() {
+            w.line(&format!(
+                "{}[{}] = agr_fold({0}[{1}], (double)out[{k}], {});",
+                fold.acc, fold.index, fold.is_max
+            ));
+        }
+        w.close("}");
+        for p in &f.params {
+            if p.written {
+                w.line(&format!("((float4*){})[j] = {}4;", p.buf, p.name));
+            }
+        }
+        w.close("}");
+        w.close("} else {");
+        w.depth += 1;
+    }
+    w.open("for (int i = (int)threadIdx.x; i < c.len; i += AGR_BLOCK) {");
+    emit_element(prog, fname, f, n_out, folds, w);
     w.close("}");
-    w.close("}");
+    if !reads_rows {
+        w.close("}");
+    }
 }
 
 fn emit_reduce(prog: &Program, pass: usize, w: &mut W) {
@@ -578,10 +608,10 @@ fn emit_reduce(prog: &Program, pass: usize, w: &mut W) {
     let reds: Vec<(usize, &Reduction)> = prog.reductions_in(pass).collect();
     w.line(&format!("// ---- Reduction pass {pass} ----"));
     for (i, r) in &reds {
-        let scope = if r.scope == Scope::Global {
-            "over every tensor"
-        } else {
-            "per tensor"
+        let scope = match r.scope {
+            Scope::Global => "over every tensor",
+            Scope::Tensor => "per tensor",
+            Scope::Rows => "per row",
         };
         let op = if r.op == ReduceOp::Sum { "sum" } else { "max" };
         w.line(&format!(
@@ -599,35 +629,111 @@ fn emit_reduce(prog: &Program, pass: usize, w: &mut W) {
         "extern \"C\" __global__ void __launch_bounds__(AGR_BLOCK) {x}_reduce{pass}({x}Hyper h, const AgrChunk* __restrict__ chunks, const AgrTensor* __restrict__ tensors, int ntensors, double* partials, double* reduced, double* global, unsigned* counters) {{"
     ));
     emit_prologue(prog, pass, &fname, &f, w);
+    let whole: Vec<(usize, usize, &Reduction)> = reds
+        .iter()
+        .enumerate()
+        .filter(|(_, (_, r))| r.scope != Scope::Rows)
+        .map(|(k, (i, r))| (k, *i, *r))
+        .collect();
+    let rows: Vec<(usize, usize, &Reduction)> = reds
+        .iter()
+        .enumerate()
+        .filter(|(_, (_, r))| r.scope == Scope::Rows)
+        .map(|(k, (i, r))| (k, *i, *r))
+        .collect();
     let n = reds.len();
-    let folds: Vec<(bool, usize)> = reds
-        .iter()
-        .map(|(i, r)| (r.op == ReduceOp::Max, *i))
-        .collect();
-    let idents: Vec<String> = folds
-        .iter()
-        .map(|(m, _)| format!("agr_identity({m})"))
-        .collect();
-    w.line(&format!("double acc[{n}] = {{{}}};", idents.join(", ")));
-    emit_loop(prog, &fname, &f, n, Some(&folds), w);
-    let ids: Vec<String> = reds.iter().map(|(i, _)| i.to_string()).collect();
-    let maxes: Vec<String> = folds.iter().map(|(m, _)| m.to_string()).collect();
-    let globals: Vec<String> = reds
-        .iter()
-        .map(|(_, r)| (r.scope == Scope::Global).to_string())
-        .collect();
-    w.line(&format!("const int ids[{n}] = {{{}}};", ids.join(", ")));
-    w.line(&format!(
-        "const bool is_max[{n}] = {{{}}};",
-        maxes.join(", ")
-    ));
-    w.line(&format!(
-        "const bool is_global[{n}] = {{{}}};",
-        globals.join(", ")
-    ));
-    w.line(&format!(
-        "agr_finish<{n}>(acc, ids, is_max, is_global, {x}_NUM_REDUCTIONS, c, T, ntensors, partials, reduced, global, counters);"
-    ));
+    let is_max = |r: &Reduction| r.op == ReduceOp::Max;
+    // out[k] of the element function folds into acc (tensor and global
+    // reductions, over the whole chunk) or racc (row reductions, per row).
+    let mut folds: Vec<Fold> = vec![];
+    for (k, (_, r)) in reds.iter().enumerate() {
+        let pos_whole = whole.iter().position(|(kk, _, _)| *kk == k);
+        let pos_row = rows.iter().position(|(kk, _, _)| *kk == k);
+        folds.push(match (pos_whole, pos_row) {
+            (Some(j), _) => Fold {
+                acc: "acc",
+                index: j,
+                is_max: is_max(r),
+            },
+            (_, Some(j)) => Fold {
+                acc: "racc",
+                index: j,
+                is_max: is_max(r),
+            },
+            _ => unreachable!(),
+        });
+    }
+    if !whole.is_empty() {
+        let idents: Vec<String> = whole
+            .iter()
+            .map(|(_, _, r)| format!("agr_identity({})", is_max(r)))
+            .collect();
+        w.line(&format!(
+            "double acc[{}] = {{{}}};",
+            whole.len(),
+            idents.join(", ")
+        ));
+    }
+    if rows.is_empty() {
+        emit_loop(prog, &fname, &f, n, &folds, w);
+    } else {
+        let nrow = prog.row_reductions();
+        w.line(
+            "// Row reductions: a chunk holds whole rows; each row is folded by the whole block.",
+        );
+        w.line("__shared__ double sm_rows[AGR_BLOCK];");
+        w.open("for (long long r = 0; r < c.len / T.row_len; ++r) {");
+        let idents: Vec<String> = rows
+            .iter()
+            .map(|(_, _, r)| format!("agr_identity({})", is_max(r)))
+            .collect();
+        w.line(&format!(
+            "double racc[{}] = {{{}}};",
+            rows.len(),
+            idents.join(", ")
+        ));
+        w.open("for (long long j = threadIdx.x; j < T.row_len; j += AGR_BLOCK) {");
+        w.line("const int i = (int)(r * T.row_len + j);");
+        emit_element(prog, &fname, &f, n, &folds, w);
+        w.close("}");
+        for (j, (_, i, r)) in rows.iter().enumerate() {
+            let slot = prog.row_slot(*i).unwrap();
+            w.line(&format!(
+                "const double row{j} = agr_block_fold(racc[{j}], {}, sm_rows);",
+                is_max(r)
+            ));
+            w.line(&format!(
+                "if (threadIdx.x == 0) T.rows[(c.start / T.row_len + r) * {nrow} + {slot}] = row{j};"
+            ));
+        }
+        w.close("}");
+    }
+    if !whole.is_empty() {
+        let m = whole.len();
+        let ids: Vec<String> = whole.iter().map(|(_, i, _)| i.to_string()).collect();
+        let maxes: Vec<String> = whole
+            .iter()
+            .map(|(_, _, r)| is_max(r).to_string())
+            .collect();
+        let globals: Vec<String> = whole
+            .iter()
+            .map(|(_, _, r)| (r.scope == Scope::Global).to_string())
+            .collect();
+        w.line(&format!("const int ids[{m}] = {{{}}};", ids.join(", ")));
+        w.line(&format!(
+            "const bool is_max[{m}] = {{{}}};",
+            maxes.join(", ")
+        ));
+        w.line(&format!(
+            "const bool is_global[{m}] = {{{}}};",
+            globals.join(", ")
+        ));
+        w.line(&format!(
+            "agr_finish<{m}>(acc, ids, is_max, is_global, {x}_NUM_REDUCTIONS, c, T, ntensors, partials, reduced, global, counters);"
+        ));
+    } else {
+        w.line("(void)ntensors; (void)partials; (void)counters;");
+    }
     w.close("}");
     w.blank();
 }
@@ -648,6 +754,6 @@ fn emit_update(prog: &Program, w: &mut W) {
         "extern \"C\" __global__ void __launch_bounds__(AGR_BLOCK) {x}_update({x}Hyper h, const AgrChunk* __restrict__ chunks, const AgrTensor* __restrict__ tensors, int ntensors, const double* reduced, const double* global) {{"
     ));
     emit_prologue(prog, prog.n_phases, "update", &f, w);
-    emit_loop(prog, "update", &f, 0, None, w);
+    emit_loop(prog, "update", &f, 0, &[], w);
     w.close("}");
 }

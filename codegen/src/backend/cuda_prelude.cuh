@@ -64,9 +64,12 @@ struct AgrTensor {
     double t;          // this tensor's step count, 1 on its first step
     int first_chunk;   // index of its first chunk in the chunk table
     int n_chunks;
+    double* rows;      // row-reduction results, ROW_REDUCTIONS per row
+    long long row_len; // elements per row (every dimension but the first)
 };
 
-// One block's share of the work: `len` elements of `tensor` from `start`.
+// One block's share of the work: `len` elements of `tensor` from `start`
+// (whole rows when the optimizer has row reductions).
 struct AgrChunk {
     int tensor;
     int len;

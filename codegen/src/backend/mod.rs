@@ -128,6 +128,8 @@ pub fn describe(prog: &Program, id: NodeId, top: bool) -> String {
                 (ReduceOp::Max, Scope::Tensor) => "max",
                 (ReduceOp::Sum, Scope::Global) => "global_sum",
                 (ReduceOp::Max, Scope::Global) => "global_max",
+                (ReduceOp::Sum, Scope::Rows) => "row_sum",
+                (ReduceOp::Max, Scope::Rows) => "row_max",
             };
             return format!("{f}({})", describe(prog, red.arg, true));
         }
@@ -193,6 +195,7 @@ fn is_leaf(n: &Node) -> bool {
             | Op::T
             | Op::Ndim
             | Op::Numel
+            | Op::RowLen
             | Op::Param
             | Op::Grad
             | Op::State(_)

@@ -360,6 +360,7 @@ fn emit_scalar_phase(prog: &Program, level: Level, phase: usize, w: &mut W) {
             Op::T => "__meta.t as f64".into(),
             Op::Ndim => "__meta.ndim as f64".into(),
             Op::Numel => "__meta.numel as f64".into(),
+            Op::RowLen => "__meta.row_len as f64".into(),
             Op::Reduced(r) => {
                 let src = if prog.reductions[r].scope == Scope::Global {
                     "__global"
@@ -409,6 +410,12 @@ fn elem_code(prog: &Program, roots: &[NodeId]) -> Loop {
                 Op::Param => "__p[__i]".to_string(),
                 Op::Grad => "__g[__i]".to_string(),
                 Op::State(s) => format!("__state_{}[__i]", prog.states[s].name),
+                Op::Reduced(r) => format!(
+                    "__rows[(__i / __row_len) * {} + {}] as f32",
+                    prog.row_reductions(),
+                    prog.row_slot(r)
+                        .expect("only row reductions are per-element")
+                ),
                 _ => expr(prog, id, Ctx::Elem),
             };
             format!("let {} = {rhs};", n.name)
@@ -457,8 +464,14 @@ fn emit_kernel(prog: &Program, embedded: Option<Embedded<'_>>, w: &mut W) {
     ));
     match embedded {
         Some(e) => {
-            w.line(&format!("const GENERATED_RUST: &'static str = {};", raw_str(e.generated_rust)));
-            w.line(&format!("const CUDA_SOURCE: &'static str = {};", raw_str(e.cuda_source)));
+            w.line(&format!(
+                "const GENERATED_RUST: &'static str = {};",
+                raw_str(e.generated_rust)
+            ));
+            w.line(&format!(
+                "const CUDA_SOURCE: &'static str = {};",
+                raw_str(e.cuda_source)
+            ));
         }
         None => {
             w.line("// Filled in by `optimizer!`: this code, and the CUDA source `agr emit --target cuda` prints.");
@@ -466,8 +479,14 @@ fn emit_kernel(prog: &Program, embedded: Option<Embedded<'_>>, w: &mut W) {
             w.line("const CUDA_SOURCE: &'static str = \"\";");
         }
     }
-    let kernels: Vec<String> = super::cuda::kernel_names(prog).iter().map(|k| format!("\"{k}\"")).collect();
-    w.line(&format!("const CUDA_KERNELS: &'static [&'static str] = &[{}];", kernels.join(", ")));
+    let kernels: Vec<String> = super::cuda::kernel_names(prog)
+        .iter()
+        .map(|k| format!("\"{k}\""))
+        .collect();
+    w.line(&format!(
+        "const CUDA_KERNELS: &'static [&'static str] = &[{}];",
+        kernels.join(", ")
+    ));
     w.open(&format!("const STATES: &'static [{RT}::StateInfo] = &["));
     for s in &prog.states {
         w.line(&format!(
@@ -482,10 +501,10 @@ fn emit_kernel(prog: &Program, embedded: Option<Embedded<'_>>, w: &mut W) {
     ));
     for r in &prog.reductions {
         let op = if r.op == ReduceOp::Sum { "Sum" } else { "Max" };
-        let scope = if r.scope == Scope::Tensor {
-            "Tensor"
-        } else {
-            "Global"
+        let scope = match r.scope {
+            Scope::Tensor => "Tensor",
+            Scope::Global => "Global",
+            Scope::Rows => "Rows",
         };
         w.line(&format!(
             "// {} of {}\n{}{RT}::ReductionInfo {{ op: {RT}::cpu::Fold::{op}, scope: {RT}::Scope::{scope}, pass: {} }},",
@@ -497,6 +516,10 @@ fn emit_kernel(prog: &Program, embedded: Option<Embedded<'_>>, w: &mut W) {
     }
     w.close("];");
     w.line(&format!("const PASSES: usize = {np};"));
+    w.line(&format!(
+        "const ROW_REDUCTIONS: usize = {};",
+        prog.row_reductions()
+    ));
     w.line(&format!(
         "const WRITES_PARAM: bool = {};",
         prog.param_written()
@@ -519,7 +542,7 @@ fn emit_kernel(prog: &Program, embedded: Option<Embedded<'_>>, w: &mut W) {
 
     // Reduction passes.
     w.open(&format!(
-        "fn reduce(__pass: usize, __s: &Self::StepScalars, __ts: &Self::TensorScalars, __p: &[f32], __g: &[f32], __st: [&[f32]; {RT}::MAX_STATES], __acc: &mut [f64]) {{"
+        "fn reduce(__pass: usize, __s: &Self::StepScalars, __ts: &Self::TensorScalars, __p: &[f32], __g: &[f32], __st: [&[f32]; {RT}::MAX_STATES], __rows: &mut [f64], __row_len: usize, __acc: &mut [f64]) {{"
     ));
     if np == 0 {
         w.line("// This optimizer has no reductions.");
@@ -539,32 +562,33 @@ fn emit_kernel(prog: &Program, embedded: Option<Embedded<'_>>, w: &mut W) {
             for h in &lp.hoisted {
                 w.line(h);
             }
-            let ops: Vec<String> = reds
-                .iter()
-                .map(|(_, r)| {
-                    format!(
-                        "{RT}::cpu::Fold::{}",
-                        if r.op == ReduceOp::Sum { "Sum" } else { "Max" }
-                    )
-                })
-                .collect();
-            let outs: Vec<String> = reds.iter().map(|(i, _)| format!("__r{i}")).collect();
-            w.open(&format!(
-                "let [{}] = {RT}::cpu::fold(__len, [{}], |__i| {{",
-                outs.join(", "),
-                ops.join(", ")
-            ));
-            for b in &lp.body {
-                w.line(b);
+            let (rows, whole): (Vec<_>, Vec<_>) =
+                reds.iter().partition(|(_, r)| r.scope == Scope::Rows);
+            if !whole.is_empty() {
+                emit_fold(prog, &whole, &lp, "__len", None, w);
+                for (i, _) in &whole {
+                    w.line(&format!("__acc[{i}] = __r{i};"));
+                }
             }
-            let vals: Vec<String> = reds
-                .iter()
-                .map(|(_, r)| operand(prog, r.arg, Ctx::Elem))
-                .collect();
-            w.line(&format!("[{}]", vals.join(", ")));
-            w.close("});");
-            for (i, _) in &reds {
-                w.line(&format!("__acc[{i}] = __r{i};"));
+            if !rows.is_empty() {
+                w.line("// One result per row; a chunk holds whole rows.");
+                w.open("for __row in 0..__len / __row_len {");
+                emit_fold(
+                    prog,
+                    &rows,
+                    &lp,
+                    "__row_len",
+                    Some("__row * __row_len + __j"),
+                    w,
+                );
+                for (i, _) in &rows {
+                    let slot = prog.row_slot(*i).unwrap();
+                    w.line(&format!(
+                        "__rows[__row * {} + {slot}] = __r{i};",
+                        prog.row_reductions()
+                    ));
+                }
+                w.close("}");
             }
             w.close("}");
         }
@@ -576,7 +600,7 @@ fn emit_kernel(prog: &Program, embedded: Option<Embedded<'_>>, w: &mut W) {
 
     // The update pass.
     w.open(&format!(
-        "fn update(__s: &Self::StepScalars, __ts: &Self::TensorScalars, __p: &mut [f32], __g: &[f32], __st: [&mut [f32]; {RT}::MAX_STATES]) {{"
+        "fn update(__s: &Self::StepScalars, __ts: &Self::TensorScalars, __p: &mut [f32], __g: &[f32], __st: [&mut [f32]; {RT}::MAX_STATES], __rows: &[f64], __row_len: usize) {{"
     ));
     w.line("let __len = __p.len();");
     w.line("let __g = &__g[..__len];");
@@ -614,6 +638,46 @@ fn emit_kernel(prog: &Program, embedded: Option<Embedded<'_>>, w: &mut W) {
     w.close("}");
     w.close("}");
     w.close("}");
+}
+
+/// `let [__r..] = fold(len, ops, |__i| body)` over the given reductions; with
+/// `index`, the closure's variable is `__j` and `__i` is computed from it.
+fn emit_fold(
+    prog: &Program,
+    reds: &[&(usize, &Reduction)],
+    lp: &Loop,
+    len: &str,
+    index: Option<&str>,
+    w: &mut W,
+) {
+    let ops: Vec<String> = reds
+        .iter()
+        .map(|(_, r)| {
+            format!(
+                "{RT}::cpu::Fold::{}",
+                if r.op == ReduceOp::Sum { "Sum" } else { "Max" }
+            )
+        })
+        .collect();
+    let outs: Vec<String> = reds.iter().map(|(i, _)| format!("__r{i}")).collect();
+    let var = if index.is_some() { "__j" } else { "__i" };
+    w.open(&format!(
+        "let [{}] = {RT}::cpu::fold({len}, [{}], |{var}| {{",
+        outs.join(", "),
+        ops.join(", ")
+    ));
+    if let Some(ix) = index {
+        w.line(&format!("let __i = {ix};"));
+    }
+    for b in &lp.body {
+        w.line(b);
+    }
+    let vals: Vec<String> = reds
+        .iter()
+        .map(|(_, r)| operand(prog, r.arg, Ctx::Elem))
+        .collect();
+    w.line(&format!("[{}]", vals.join(", ")));
+    w.close("});");
 }
 
 fn emit_phase_match(prog: &Program, level: Level, w: &mut W) {
