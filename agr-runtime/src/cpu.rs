@@ -25,6 +25,8 @@ pub trait Kernel: 'static + Send + Sync {
     const STATES: &'static [StateInfo];
     const REDUCTIONS: &'static [ReductionInfo];
     const PASSES: usize;
+    /// The reduction (`global max |g|`, pass 0) that finds NaN and infinities.
+    const FINITE_CHECK: usize;
     /// Reductions with one result per row (see `row_sum`).
     const ROW_REDUCTIONS: usize;
     /// Whether the step changes the parameter at all.

@@ -18,8 +18,10 @@ use cudarc::driver::{
 use cudarc::nvrtc::{CompileOptions, Ptx};
 
 use crate::cpu::Kernel;
-use crate::optimizer::{validate_params, ParamSeen};
-use crate::{ConfigError, HyperConfig, HyperValue, StepError, StepReport, TensorMeta, MAX_STATES};
+use crate::optimizer::{skip_pass_of, validate_params, ParamSeen};
+use crate::{
+    ConfigError, HyperConfig, HyperValue, NonFinite, StepError, StepReport, TensorMeta, MAX_STATES,
+};
 
 /// Threads per block and elements per chunk; must match the CUDA prelude.
 pub const BLOCK: u32 = 256;
@@ -295,6 +297,8 @@ pub struct CudaOptimizer<K: Kernel> {
     tensors: Vec<Option<GpuTensor>>,
     n_params: Option<usize>,
     steps: u64,
+    non_finite: NonFinite,
+    non_finite_skips: u64,
     host_tensors: Vec<AgrTensor>,
     host_chunks: Vec<AgrChunk>,
     d_tensors: Option<CudaSlice<AgrTensor>>,
@@ -341,6 +345,8 @@ impl<K: Kernel> CudaOptimizer<K> {
             tensors: vec![],
             n_params: None,
             steps: 0,
+            non_finite: NonFinite::default(),
+            non_finite_skips: 0,
             host_tensors: vec![],
             host_chunks: vec![],
             d_tensors: None,
@@ -369,6 +375,16 @@ impl<K: Kernel> CudaOptimizer<K> {
     }
     pub fn steps(&self) -> u64 {
         self.steps
+    }
+
+    /// Chooses what a step does with a NaN or infinite gradient (see [`NonFinite`]).
+    pub fn set_non_finite_policy(&mut self, policy: NonFinite) {
+        self.non_finite = policy;
+    }
+
+    /// Steps skipped so far because a gradient was not finite.
+    pub fn non_finite_skips(&self) -> u64 {
+        self.non_finite_skips
     }
 
     /// Sets one hyperparameter by name (checked; on error nothing changes).
@@ -589,6 +605,9 @@ impl<K: Kernel> CudaOptimizer<K> {
             };
             let nt_arg = nt as i32;
             for pass in 0..K::PASSES {
+                if skip_pass_of::<K>(pass, self.non_finite) {
+                    continue;
+                }
                 let mut b = stream.launch_builder(&self.functions[pass]);
                 b.arg(&hyper).arg(&*d_chunks).arg(&*d_tensors).arg(&nt_arg);
                 b.arg(&mut *partials)
@@ -596,6 +615,27 @@ impl<K: Kernel> CudaOptimizer<K> {
                     .arg(&mut self.d_global)
                     .arg(&mut *counters);
                 b.launch(cfg)?;
+                if pass == 0 && self.non_finite != NonFinite::Ignore {
+                    // One small read back per step, as GradScaler's found_inf.
+                    let global = stream.clone_dtoh(&self.d_global)?;
+                    if !global[K::FINITE_CHECK].is_finite() {
+                        let red = stream.clone_dtoh(&*reduced)?;
+                        let j = (0..nt)
+                            .find(|&j| !red[j * nr + K::FINITE_CHECK].is_finite())
+                            .unwrap_or(0);
+                        let index = active[j];
+                        if self.non_finite == NonFinite::Error {
+                            return Err(CudaError::Step(StepError::NonFinite { index }));
+                        }
+                        self.non_finite_skips += 1;
+                        return Ok(StepReport {
+                            step: self.steps,
+                            updated: 0,
+                            skipped: params.len(),
+                            skipped_non_finite: Some(index),
+                        });
+                    }
+                }
             }
             let mut b = stream.launch_builder(&self.functions[K::PASSES]);
             b.arg(&hyper)
@@ -616,6 +656,7 @@ impl<K: Kernel> CudaOptimizer<K> {
             step: self.steps,
             updated: nt,
             skipped: params.len() - nt,
+            skipped_non_finite: None,
         })
     }
 

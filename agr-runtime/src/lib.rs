@@ -29,7 +29,7 @@ pub use agr_macros::optimizer;
 pub use cpu::Kernel;
 pub use dynamic::DynOptimizer;
 pub use hyper::{ConfigError, HyperConfig, HyperInfo, HyperKind, HyperValue};
-pub use optimizer::{Optimizer, ParamMut, StepError, StepReport};
+pub use optimizer::{NonFinite, Optimizer, ParamMut, StepError, StepReport};
 
 /// Most state buffers a spec may declare.
 pub const MAX_STATES: usize = 8;

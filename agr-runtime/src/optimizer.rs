@@ -32,6 +32,26 @@ pub struct StepReport {
     pub updated: usize,
     /// Tensors skipped because they had no gradient.
     pub skipped: usize,
+    /// `Some(index)`: the gradient of parameter `index` held a NaN or an
+    /// infinity, so (under [`NonFinite::Skip`]) the whole step was skipped:
+    /// no parameter, state or step count changed.
+    pub skipped_non_finite: Option<usize>,
+}
+
+/// What a step does when a gradient holds a NaN or an infinity. The check
+/// is a `max |g|` folded into the step's first reduction pass (one extra
+/// read of the gradients for optimizers that have no reduction of their own).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum NonFinite {
+    /// Skip the whole step, change nothing, report it in
+    /// [`StepReport::skipped_non_finite`] and count it (as PyTorch's
+    /// `GradScaler` and optax's `apply_if_finite` do).
+    #[default]
+    Skip,
+    /// Change nothing and return [`StepError::NonFinite`].
+    Error,
+    /// Don't check: NaN and infinities flow into the parameters.
+    Ignore,
 }
 
 /// A step that could not run. Nothing was modified: parameters, state and
@@ -62,6 +82,8 @@ pub enum StepError {
     },
     /// A parameter has no elements.
     Empty { index: usize },
+    /// A gradient holds a NaN or an infinity (policy [`NonFinite::Error`]).
+    NonFinite { index: usize },
 }
 
 impl fmt::Display for StepError {
@@ -86,6 +108,10 @@ impl fmt::Display for StepError {
                 "parameter #{index}: shape {got:?} differs from the shape {expected:?} its optimizer state was created with; pass the parameters in the same order every step"
             ),
             StepError::Empty { index } => write!(f, "parameter #{index} has no elements; leave empty tensors out of the optimizer"),
+            StepError::NonFinite { index } => write!(
+                f,
+                "the gradient of parameter #{index} holds a NaN or an infinity; nothing was changed (lower the learning rate or scale the loss)"
+            ),
         }
     }
 }
@@ -229,6 +255,8 @@ pub struct Optimizer<K: Kernel> {
     tensors: Vec<Option<TensorState>>,
     n_params: Option<usize>,
     steps: u64,
+    non_finite: NonFinite,
+    non_finite_skips: u64,
     scratch: Scratch<K>,
 }
 
@@ -239,6 +267,8 @@ impl<K: Kernel> Clone for Optimizer<K> {
             tensors: self.tensors.clone(),
             n_params: self.n_params,
             steps: self.steps,
+            non_finite: self.non_finite,
+            non_finite_skips: self.non_finite_skips,
             scratch: Scratch::default(),
         }
     }
@@ -272,6 +302,8 @@ impl<K: Kernel> Optimizer<K> {
             tensors: vec![],
             n_params: None,
             steps: 0,
+            non_finite: NonFinite::default(),
+            non_finite_skips: 0,
             scratch: Scratch::default(),
         })
     }
@@ -321,6 +353,20 @@ impl<K: Kernel> Optimizer<K> {
     /// Steps taken so far.
     pub fn steps(&self) -> u64 {
         self.steps
+    }
+
+    /// Chooses what a step does with a NaN or infinite gradient.
+    pub fn set_non_finite_policy(&mut self, policy: NonFinite) {
+        self.non_finite = policy;
+    }
+
+    pub fn non_finite_policy(&self) -> NonFinite {
+        self.non_finite
+    }
+
+    /// Steps skipped so far because a gradient was not finite.
+    pub fn non_finite_skips(&self) -> u64 {
+        self.non_finite_skips
     }
 
     /// The state buffer `name` of parameter `index`, once it exists.
@@ -439,6 +485,9 @@ impl<K: Kernel> Optimizer<K> {
             let ptrs = &sc.ptrs;
             let ts = &sc.ts;
             let ss = &ss;
+            if phase < K::PASSES && skip_pass_of::<K>(phase, self.non_finite) {
+                continue;
+            }
             if phase < K::PASSES {
                 let run = |(item, acc): (&Item, &mut [f64])| {
                     let pt = ptrs[item.slot];
@@ -467,6 +516,26 @@ impl<K: Kernel> Optimizer<K> {
                     &mut sc.reduced,
                     &mut sc.global,
                 );
+                if phase == 0
+                    && self.non_finite != NonFinite::Ignore
+                    && !sc.global[K::FINITE_CHECK].is_finite()
+                {
+                    // Nothing has been written yet: report and leave everything as it was.
+                    let j = (0..na)
+                        .find(|&j| !sc.reduced[j * nr + K::FINITE_CHECK].is_finite())
+                        .unwrap_or(0);
+                    let index = sc.active[j];
+                    if self.non_finite == NonFinite::Error {
+                        return Err(StepError::NonFinite { index });
+                    }
+                    self.non_finite_skips += 1;
+                    return Ok(StepReport {
+                        step: self.steps,
+                        updated: 0,
+                        skipped: params.len(),
+                        skipped_non_finite: Some(index),
+                    });
+                }
             } else {
                 let run = |item: &Item| {
                     let pt = ptrs[item.slot];
@@ -492,8 +561,19 @@ impl<K: Kernel> Optimizer<K> {
             step: self.steps,
             updated: na,
             skipped: params.len() - na,
+            skipped_non_finite: None,
         })
     }
+}
+
+/// Whether reduction pass `phase` can be skipped: it holds only the finite
+/// check and the policy does not check.
+pub(crate) fn skip_pass_of<K: Kernel>(phase: usize, policy: NonFinite) -> bool {
+    policy == NonFinite::Ignore
+        && K::REDUCTIONS
+            .iter()
+            .enumerate()
+            .all(|(r, info)| info.pass != phase || r == K::FINITE_CHECK)
 }
 
 /// Combines the per-chunk partial results of pass `phase` in a fixed order:

@@ -385,3 +385,57 @@ fn hyperparameters_are_range_checked() {
     assert!(AdamWAgr::SPEC.contains("let gr = agr(g);"));
     assert!(AdamWAgr::GENERATED_RUST.contains("impl ::agr_runtime::cpu::Kernel for AdamWAgrKernel"));
 }
+
+#[test]
+fn a_non_finite_gradient_skips_the_step_and_changes_nothing() {
+    use agr_runtime::optim::{AdamW, AdamWConfig};
+    use agr_runtime::NonFinite;
+    for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+        let mut model = Model::new(5);
+        let mut opt = AdamWAgr::new(AdamWAgrConfig::default()).unwrap();
+        let grads = model.grads(1);
+        run(&mut model, &grads, |p| opt.step(p)).unwrap();
+        let before = model.values.clone();
+        let m_before: Vec<Vec<f32>> = (0..SHAPES.len())
+            .map(|k| opt.state(k, "m").unwrap().to_vec())
+            .collect();
+        let mut grads = model.grads(2);
+        grads[1][40_000] = bad;
+        let r = run(&mut model, &grads, |p| opt.step(p)).unwrap();
+        assert_eq!(r.skipped_non_finite, Some(1), "{bad}");
+        assert_eq!(r.updated, 0);
+        assert_eq!(opt.non_finite_skips(), 1);
+        assert_eq!(opt.steps(), 1, "the step count must not advance");
+        assert_eq!(opt.tensor_steps(0), 1);
+        for k in 0..SHAPES.len() {
+            let same = model.values[k]
+                .iter()
+                .zip(&before[k])
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "parameter {k} changed on a skipped step");
+            assert_eq!(opt.state(k, "m").unwrap(), &m_before[k][..]);
+        }
+        // With the error policy the caller gets an error, and still nothing changes.
+        opt.set_non_finite_policy(NonFinite::Error);
+        let e = run(&mut model, &grads, |p| opt.step(p)).unwrap_err();
+        assert_eq!(e, StepError::NonFinite { index: 1 });
+        assert!(model.values.iter().zip(&before).all(|(a, b)| a == b));
+    }
+    // An optimizer with no reduction of its own checks too (one extra pass),
+    // and with the check off the NaN flows through, as in PyTorch.
+    let mut w = vec![1.0f32; 8];
+    let mut g = vec![0.5f32; 8];
+    g[3] = f32::NAN;
+    let mut opt = AdamW::new(AdamWConfig::default()).unwrap();
+    let r = opt
+        .step(&mut [ParamMut::new(&mut w, Some(&g), &[8])])
+        .unwrap();
+    assert_eq!(r.skipped_non_finite, Some(0));
+    assert_eq!(w, vec![1.0; 8]);
+    opt.set_non_finite_policy(NonFinite::Ignore);
+    let r = opt
+        .step(&mut [ParamMut::new(&mut w, Some(&g), &[8])])
+        .unwrap();
+    assert_eq!(r.skipped_non_finite, None);
+    assert!(w[3].is_nan() && w[0].is_finite());
+}

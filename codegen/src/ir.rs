@@ -200,6 +200,9 @@ pub struct Program {
     pub param_out: NodeId,
     /// Each state's new value (equal to its `Op::State` node when unchanged).
     pub state_out: Vec<NodeId>,
+    /// The reduction `global max |g|` (in pass 0) that detects a NaN or an
+    /// infinity in any gradient before anything is written.
+    pub finite_check: usize,
 }
 
 impl Program {
@@ -271,6 +274,8 @@ impl Program {
         let mut live_red = vec![false; self.reductions.len()];
         let mut stack: Vec<NodeId> = vec![self.param_out];
         stack.extend(&self.state_out);
+        live_red[self.finite_check] = true;
+        stack.push(self.reductions[self.finite_check].arg);
         while let Some(n) = stack.pop() {
             if live[n] {
                 continue;
@@ -308,6 +313,7 @@ impl Program {
         for r in &mut reds {
             r.arg = map[r.arg];
         }
+        self.finite_check = red_map[self.finite_check];
         self.nodes = nodes;
         self.reductions = reds;
         self.param_out = map[self.param_out];
@@ -413,6 +419,7 @@ pub fn dump(prog: &Program) -> String {
             r.origin
         );
     }
+    let _ = writeln!(out, "  finite check: r{}", prog.finite_check);
     let _ = writeln!(out, "  out p = {}", name(prog.param_out));
     for (i, s) in prog.states.iter().enumerate() {
         let _ = writeln!(out, "  out {} = {}", s.name, name(prog.state_out[i]));

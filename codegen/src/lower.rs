@@ -160,6 +160,20 @@ pub fn lower_checked(spec: &ast::Spec) -> Program {
     l.block(&spec.step);
     let param_out = l.read("p");
     let state_out = spec.states.iter().map(|s| l.read(&s.name.name)).collect();
+    // Every step first checks its gradients for NaN and infinities: a global
+    // max |g| in pass 0, folded into the pass that already reads g if any.
+    let abs_g = l.make(Op::Unary(UnaryOp::Abs, g));
+    l.reduce(
+        ReduceOp::Max,
+        Scope::Global,
+        abs_g,
+        "finite check of the gradients".into(),
+    );
+    let finite_check = l
+        .reductions
+        .iter()
+        .position(|r| r.op == ReduceOp::Max && r.scope == Scope::Global && r.arg == abs_g)
+        .expect("just added");
     let mut prog = Program {
         name: spec.name.name.clone(),
         doc: spec.doc.clone(),
@@ -171,6 +185,7 @@ pub fn lower_checked(spec: &ast::Spec) -> Program {
         n_phases: 0,
         param_out,
         state_out,
+        finite_check,
     };
     prog.prune();
     prog

@@ -103,6 +103,7 @@ fn emit_constants(prog: &Program, w: &mut W) {
         prog.reductions.len()
     ));
     w.line(&format!("#define {x}_PASSES {}", prog.n_phases));
+    w.line(&format!("#define {x}_FINITE_CHECK {}", prog.finite_check));
     w.line(&format!(
         "#define {x}_ROW_REDUCTIONS {}",
         prog.row_reductions()

@@ -517,6 +517,10 @@ fn emit_kernel(prog: &Program, embedded: Option<Embedded<'_>>, w: &mut W) {
     w.close("];");
     w.line(&format!("const PASSES: usize = {np};"));
     w.line(&format!(
+        "const FINITE_CHECK: usize = {};",
+        prog.finite_check
+    ));
+    w.line(&format!(
         "const ROW_REDUCTIONS: usize = {};",
         prog.row_reductions()
     ));
