@@ -1,0 +1,3 @@
+agr_runtime::optimizer! { file = "specs/does_not_exist.agr" }
+
+fn main() {}
