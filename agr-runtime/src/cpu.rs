@@ -25,7 +25,7 @@ pub trait Kernel: 'static + Send + Sync {
     const STATES: &'static [StateInfo];
     const REDUCTIONS: &'static [ReductionInfo];
     const PASSES: usize;
-    /// The reduction (`global max |g|`, pass 0) that finds NaN and infinities.
+    /// The reduction (`global_sum(g * 0)`, pass 0) that finds NaN and infinities.
     const FINITE_CHECK: usize;
     /// Reductions with one result per row (see `row_sum`).
     const ROW_REDUCTIONS: usize;
@@ -143,6 +143,16 @@ pub fn fold<const K: usize>(n: usize, ops: [Fold; K], f: impl Fn(usize) -> [f32;
         );
     }
     out
+}
+
+/// Combines [`LANES`] accumulators pairwise, in a fixed order.
+#[inline(always)]
+pub fn combine_lanes(op: Fold, a: &[f64; LANES]) -> f64 {
+    let c = |x, y| op.combine(x, y);
+    c(
+        c(c(a[0], a[1]), c(a[2], a[3])),
+        c(c(a[4], a[5]), c(a[6], a[7])),
+    )
 }
 
 /// -1, 0 or 1 (`sign(0) = 0`, NaN stays NaN).

@@ -1,6 +1,7 @@
 //! Optimizers behind one object-safe trait, so tools can pick one by name.
 
 use crate::cpu::Kernel;
+use crate::NonFinite;
 use crate::{
     ConfigError, HyperConfig, HyperInfo, HyperValue, Optimizer, ParamMut, StepError, StepReport,
 };
@@ -16,6 +17,10 @@ pub trait DynOptimizer: Send {
     fn learning_rate(&self) -> Option<f64>;
     /// The state buffer `name` of parameter `index`, once it exists.
     fn state(&self, index: usize, name: &str) -> Option<&[f32]>;
+    /// What a step does with a NaN or infinite gradient.
+    fn set_non_finite_policy(&mut self, policy: NonFinite);
+    /// Steps skipped so far because a gradient was not finite.
+    fn non_finite_skips(&self) -> u64;
     fn set_learning_rate(&mut self, lr: f64) -> Result<(), ConfigError>;
 }
 
@@ -46,5 +51,11 @@ impl<K: Kernel> DynOptimizer for Optimizer<K> {
     }
     fn state(&self, index: usize, name: &str) -> Option<&[f32]> {
         Optimizer::state(self, index, name)
+    }
+    fn set_non_finite_policy(&mut self, policy: NonFinite) {
+        Optimizer::set_non_finite_policy(self, policy)
+    }
+    fn non_finite_skips(&self) -> u64 {
+        Optimizer::non_finite_skips(self)
     }
 }

@@ -39,7 +39,7 @@ pub struct StepReport {
 }
 
 /// What a step does when a gradient holds a NaN or an infinity. The check
-/// is a `max |g|` folded into the step's first reduction pass (one extra
+/// is a sum of `g · 0` folded into the step's first reduction pass (one extra
 /// read of the gradients for optimizers that have no reduction of their own).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum NonFinite {

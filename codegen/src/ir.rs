@@ -200,8 +200,8 @@ pub struct Program {
     pub param_out: NodeId,
     /// Each state's new value (equal to its `Op::State` node when unchanged).
     pub state_out: Vec<NodeId>,
-    /// The reduction `global max |g|` (in pass 0) that detects a NaN or an
-    /// infinity in any gradient before anything is written.
+    /// The reduction `global_sum(g * 0)` (in pass 0): NaN exactly when some
+    /// gradient holds a NaN or an infinity, found before anything is written.
     pub finite_check: usize,
 }
 

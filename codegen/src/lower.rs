@@ -160,19 +160,17 @@ pub fn lower_checked(spec: &ast::Spec) -> Program {
     l.block(&spec.step);
     let param_out = l.read("p");
     let state_out = spec.states.iter().map(|s| l.read(&s.name.name)).collect();
-    // Every step first checks its gradients for NaN and infinities: a global
-    // max |g| in pass 0, folded into the pass that already reads g if any.
-    let abs_g = l.make(Op::Unary(UnaryOp::Abs, g));
-    l.reduce(
-        ReduceOp::Max,
-        Scope::Global,
-        abs_g,
-        "finite check of the gradients".into(),
-    );
+    // Every step first checks its gradients for NaN and infinities: Σ g·0 is
+    // 0 when every value is finite and NaN otherwise (NaN·0 = ∞·0 = NaN). It
+    // is a plain sum, so it vectorises, and it shares pass 0 with any other
+    // reduction over g.
+    let zero = l.num(0.0);
+    let g_zero = l.make_raw(Op::Binary(BinaryOp::Mul, g, zero));
+    l.reduce(ReduceOp::Sum, Scope::Global, g_zero, "finite check of the gradients".into());
     let finite_check = l
         .reductions
         .iter()
-        .position(|r| r.op == ReduceOp::Max && r.scope == Scope::Global && r.arg == abs_g)
+        .position(|r| r.op == ReduceOp::Sum && r.scope == Scope::Global && r.arg == g_zero)
         .expect("just added");
     let mut prog = Program {
         name: spec.name.name.clone(),

@@ -36,6 +36,22 @@ enum Command {
     },
     /// List the built-in optimizers.
     List,
+    /// Measure the built-ins' CPU steps against the memory-bandwidth floor.
+    Bench {
+        /// Built-ins to measure.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "adamw,adamw_agr,adamw_agr_m,adan,adan_agr"
+        )]
+        optimizers: Vec<String>,
+        /// Workloads: one_2^24 (one tensor of 2^24 parameters), gpt_150 (150 GPT-like tensors).
+        #[arg(long, value_delimiter = ',', default_value = "one_2^24,gpt_150")]
+        workloads: Vec<String>,
+        /// Timed steps per measurement (the median is reported).
+        #[arg(long, default_value_t = 11)]
+        iters: usize,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -56,6 +72,11 @@ fn main() -> ExitCode {
         Command::Check { files } => check(&files),
         Command::Emit { target, spec } => emit(target, &spec),
         Command::Replay { files } => replay(&files),
+        Command::Bench {
+            optimizers,
+            workloads,
+            iters,
+        } => bench(&optimizers, &workloads, iters),
         Command::List => {
             for b in optim::BUILTINS {
                 let doc = b
@@ -183,4 +204,93 @@ fn replay(files: &[PathBuf]) -> ExitCode {
     } else {
         ExitCode::SUCCESS
     }
+}
+
+fn bench(optimizers: &[String], workloads: &[String], iters: usize) -> ExitCode {
+    use agr::bench::{self, Floor, Row, Stepper};
+    let iters = iters.max(1);
+    println!(
+        "threads: {}; each ratio is against a floor kernel timed alternately with it",
+        rayon::current_num_threads()
+    );
+    let mut rows = vec![];
+    let fail = |e: String| {
+        eprintln!("bench: {e}");
+        ExitCode::FAILURE
+    };
+    for w in bench::workloads()
+        .into_iter()
+        .filter(|w| workloads.iter().any(|n| n == w.name))
+    {
+        let mut subjects: Vec<(String, (usize, usize), Option<Stepper>)> = vec![];
+        for name in optimizers {
+            let Some(rw) = bench::ideal_traffic(name) else {
+                eprintln!("no floor is defined for `{name}`; skipped");
+                continue;
+            };
+            for check in [true, false] {
+                if !check && !name.starts_with("adamw") {
+                    continue;
+                }
+                let label = if check {
+                    name.clone()
+                } else {
+                    format!("{name}/no_finite_check")
+                };
+                match Stepper::new(name, &w, check) {
+                    Ok(s) => subjects.push((label, rw, Some(s))),
+                    Err(e) => return fail(e),
+                }
+            }
+        }
+        for (label, rw, stepper) in &mut subjects {
+            let mut floor = Floor::new(&w, rw.0, rw.1);
+            let mut stepper = stepper.take().unwrap();
+            match bench::interleaved(iters, || stepper.run_ms(), || Ok(floor.run_ms())) {
+                Ok((ms, f)) => {
+                    let row = Row {
+                        optimizer: label.clone(),
+                        workload: w.name,
+                        median_ms: ms,
+                        floor_ms: f,
+                    };
+                    println!("{}", row.line());
+                    rows.push(row);
+                }
+                Err(e) => return fail(e),
+            }
+        }
+        #[cfg(feature = "candle-bench")]
+        {
+            let mut floor = Floor::new(&w, 4, 3);
+            match bench::candle_adamw(&w)
+                .and_then(|c| bench::interleaved(iters.min(5), c, || Ok(floor.run_ms())))
+            {
+                Ok((ms, f)) => {
+                    let row = Row {
+                        optimizer: "candle-nn_adamw".into(),
+                        workload: w.name,
+                        median_ms: ms,
+                        floor_ms: f,
+                    };
+                    println!("{}", row.line());
+                    rows.push(row);
+                }
+                Err(e) => eprintln!("candle-nn AdamW: {e}"),
+            }
+        }
+    }
+    println!("\n| optimizer | workload | median ms | floor ms | ratio |");
+    println!("|---|---|---|---|---|");
+    for r in &rows {
+        println!(
+            "| {} | {} | {:.2} | {:.2} | {:.2}x |",
+            r.optimizer,
+            r.workload,
+            r.median_ms,
+            r.floor_ms,
+            r.median_ms / r.floor_ms
+        );
+    }
+    ExitCode::SUCCESS
 }

@@ -569,7 +569,7 @@ fn emit_kernel(prog: &Program, embedded: Option<Embedded<'_>>, w: &mut W) {
             let (rows, whole): (Vec<_>, Vec<_>) =
                 reds.iter().partition(|(_, r)| r.scope == Scope::Rows);
             if !whole.is_empty() {
-                emit_fold(prog, &whole, &lp, "__len", None, w);
+                emit_block_fold(prog, &whole, &lp, w);
                 for (i, _) in &whole {
                     w.line(&format!("__acc[{i}] = __r{i};"));
                 }
@@ -642,6 +642,87 @@ fn emit_kernel(prog: &Program, embedded: Option<Embedded<'_>>, w: &mut W) {
     w.close("}");
     w.close("}");
     w.close("}");
+}
+
+/// The buffers a loop body reads, as (slice name, element load).
+fn loads(lp: &Loop) -> Vec<String> {
+    let mut v: Vec<String> = vec![];
+    for line in &lp.body {
+        if let Some(rhs) = line.split(" = ").nth(1) {
+            if let Some(buf) = rhs.strip_suffix("[__i];") {
+                if buf.starts_with("__") && !buf.contains(' ') && !v.contains(&buf.to_string()) {
+                    v.push(buf.to_string());
+                }
+            }
+        }
+    }
+    v
+}
+
+/// Tensor and global reductions over the chunk: blocks of LANES elements
+/// read as fixed-size arrays (so the lane loop has no bounds checks and
+/// vectorises), f64 accumulators per lane, lanes combined in a fixed order.
+fn emit_block_fold(prog: &Program, reds: &[&(usize, &Reduction)], lp: &Loop, w: &mut W) {
+    let lanes = format!("{RT}::cpu::LANES");
+    let idents: Vec<String> = reds
+        .iter()
+        .map(|(_, r)| format!("[{RT}::cpu::Fold::{}.identity(); {lanes}]", fold_name(r)))
+        .collect();
+    w.line(&format!("let mut __lanes = [{}];", idents.join(", ")));
+    let accumulate = |w: &mut W, lane: &str| {
+        for (k, (_, r)) in reds.iter().enumerate() {
+            let v = operand(prog, r.arg, Ctx::Elem);
+            if r.op == ReduceOp::Sum {
+                w.line(&format!("__lanes[{k}][{lane}] += f64::from({v});"));
+            } else {
+                w.line(&format!(
+                    "__lanes[{k}][{lane}] = {RT}::cpu::Fold::Max.combine(__lanes[{k}][{lane}], f64::from({v}));"
+                ));
+            }
+        }
+    };
+    let bufs = loads(lp);
+    w.line(&format!("let __blocks = __len / {lanes};"));
+    w.open("for __b in 0..__blocks {");
+    w.line(&format!("let __o = __b * {lanes};"));
+    for b in &bufs {
+        w.line(&format!(
+            "let {b}_block: &[f32; {lanes}] = {b}[__o..__o + {lanes}].try_into().unwrap();"
+        ));
+    }
+    w.open(&format!("for __l in 0..{lanes} {{"));
+    w.line("let __i = __o + __l;");
+    for line in &lp.body {
+        let mut l = line.clone();
+        for b in &bufs {
+            l = l.replace(&format!("{b}[__i]"), &format!("{b}_block[__l]"));
+        }
+        w.line(&l);
+    }
+    accumulate(w, "__l");
+    w.close("}");
+    w.close("}");
+    w.line("// The tail, into the first lanes.");
+    w.open(&format!("for __i in __blocks * {lanes}..__len {{"));
+    for line in &lp.body {
+        w.line(line);
+    }
+    accumulate(w, &format!("__i - __blocks * {lanes}"));
+    w.close("}");
+    for (k, (i, r)) in reds.iter().enumerate() {
+        w.line(&format!(
+            "let __r{i} = {RT}::cpu::combine_lanes({RT}::cpu::Fold::{}, &__lanes[{k}]);",
+            fold_name(r)
+        ));
+    }
+}
+
+fn fold_name(r: &Reduction) -> &'static str {
+    if r.op == ReduceOp::Sum {
+        "Sum"
+    } else {
+        "Max"
+    }
 }
 
 /// `let [__r..] = fold(len, ops, |__i| body)` over the given reductions; with

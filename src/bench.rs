@@ -1,0 +1,285 @@
+//! `agr bench`: the generated CPU steps against the memory-bandwidth floor
+//! (and candle-nn's AdamW, with the `candle-bench` feature), measured in the
+//! same run. Every result is a ratio against a yardstick of that run.
+
+use std::time::Instant;
+
+use agr_runtime::{optim, HyperValue, NonFinite, ParamMut};
+use rayon::prelude::*;
+
+/// A benchmark workload: the shapes of a model's parameters.
+pub struct Workload {
+    pub name: &'static str,
+    pub shapes: Vec<Vec<usize>>,
+}
+
+impl Workload {
+    pub fn params(&self) -> usize {
+        self.shapes
+            .iter()
+            .map(|s| s.iter().product::<usize>())
+            .sum()
+    }
+}
+
+/// One tensor of 2^24 parameters, and the 150 tensors of a GPT-like model.
+pub fn workloads() -> Vec<Workload> {
+    let mut gpt = vec![vec![3072, 768]];
+    for _ in 0..2 {
+        gpt.extend(std::iter::repeat_n(vec![768, 768], 4));
+        gpt.push(vec![768, 3072]);
+        gpt.push(vec![3072, 768]);
+    }
+    gpt.extend(std::iter::repeat_n(vec![3072], 68));
+    gpt.extend(std::iter::repeat_n(vec![768], 69));
+    vec![
+        Workload {
+            name: "one_2^24",
+            shapes: vec![vec![1 << 24]],
+        },
+        Workload {
+            name: "gpt_150",
+            shapes: gpt,
+        },
+    ]
+}
+
+/// Arrays an ideal fused step must read and write per parameter (f32):
+/// every state and the parameter are read and written once, the gradient
+/// read once, plus one more read of the gradient where a reduction over it
+/// must finish before the update (Ψ's Σ|g|).
+pub fn ideal_traffic(name: &str) -> Option<(usize, usize)> {
+    Some(match name {
+        "adamw" | "adam" | "lamb" | "adamw_gc" => (4, 3),
+        "adamw_agr" | "adamw_agr_m" => (5, 3),
+        "adan" => (6, 5),
+        "adan_agr" => (7, 5),
+        "sgdm" | "lion" | "rmsprop" | "acprop" => return None,
+        _ => return None,
+    })
+}
+
+/// The floor: a fused loop that reads `reads` f32 arrays and writes the
+/// first `writes` of them in place, per tensor, chunked and threaded like
+/// the optimizer engine (the best a fused step with this traffic can do).
+/// Arrays are staggered like the engine's state buffers.
+pub struct Floor {
+    reads: usize,
+    arrays: Vec<Vec<Vec<f32>>>,
+    offsets: Vec<usize>,
+    writes: usize,
+}
+
+impl Floor {
+    pub fn new(w: &Workload, reads: usize, writes: usize) -> Floor {
+        // The same layout as a step's buffers: the parameter and gradient
+        // are the caller's plain allocations; the states start at staggered
+        // cache lines, as the engine allocates them (equal-sized arrays at
+        // equal page offsets contend for the same cache sets).
+        let offsets: Vec<usize> = (0..reads)
+            .map(|k| if k < 2 { 0 } else { (k - 2) * 16 })
+            .collect();
+        let arrays = w
+            .shapes
+            .iter()
+            .map(|s| {
+                let n: usize = s.iter().product();
+                (0..reads)
+                    .map(|k| vec![k as f32 * 0.25; n + offsets[k]])
+                    .collect()
+            })
+            .collect();
+        Floor {
+            reads,
+            arrays,
+            offsets,
+            writes,
+        }
+    }
+
+    /// One timed run, in milliseconds.
+    pub fn run_ms(&mut self) -> f64 {
+        let start = Instant::now();
+        match (self.reads, self.writes) {
+            (4, 3) => self.run::<4, 3>(),
+            (5, 3) => self.run::<5, 3>(),
+            (6, 5) => self.run::<6, 5>(),
+            (7, 5) => self.run::<7, 5>(),
+            (r, w) => panic!("no floor kernel for read {r} / write {w}"),
+        }
+        start.elapsed().as_secs_f64() * 1e3
+    }
+
+    fn run<const R: usize, const W: usize>(&mut self) {
+        const CHUNK: usize = 1 << 15;
+        let offsets = &self.offsets;
+        let items: Vec<([usize; R], usize, usize)> = self
+            .arrays
+            .iter_mut()
+            .flat_map(|t| {
+                let n = t[0].len() - offsets[0];
+                let ptrs: [usize; R] =
+                    std::array::from_fn(|k| t[k][offsets[k]..].as_mut_ptr() as usize);
+                (0..n.div_ceil(CHUNK)).map(move |c| (ptrs, c * CHUNK, CHUNK.min(n - c * CHUNK)))
+            })
+            .collect();
+        items.par_iter().for_each(|&(ptrs, start, len)| {
+            // SAFETY: items are disjoint ranges of arrays that outlive the loop.
+            let a: [&mut [f32]; R] = std::array::from_fn(|k| unsafe {
+                std::slice::from_raw_parts_mut((ptrs[k] as *mut f32).add(start), len)
+            });
+            kernel::<R, W>(a);
+        });
+    }
+}
+
+#[inline(never)]
+fn kernel<const R: usize, const W: usize>(mut a: [&mut [f32]; R]) {
+    let len = a[0].len();
+    for x in a.iter_mut() {
+        assert_eq!(x.len(), len);
+    }
+    for i in 0..len {
+        let mut s = 0.0f32;
+        for x in a.iter() {
+            s += x[i];
+        }
+        for x in a.iter_mut().take(W) {
+            x[i] = x[i] * 0.999 + s * 1e-6;
+        }
+    }
+}
+
+/// A built-in ready to step on a workload.
+pub struct Stepper {
+    opt: Box<dyn agr_runtime::DynOptimizer>,
+    values: Vec<Vec<f32>>,
+    grads: Vec<Vec<f32>>,
+    shapes: Vec<Vec<usize>>,
+}
+
+impl Stepper {
+    pub fn new(name: &str, w: &Workload, check_finite: bool) -> Result<Stepper, String> {
+        let b = optim::builtin(name).ok_or_else(|| format!("unknown optimizer `{name}`"))?;
+        let mut opt = b.make();
+        opt.set_hyper("lr", HyperValue::Float(1e-4))
+            .map_err(|e| e.to_string())?;
+        if !check_finite {
+            opt.set_non_finite_policy(NonFinite::Ignore);
+        }
+        let values = w
+            .shapes
+            .iter()
+            .map(|s| vec![0.5; s.iter().product()])
+            .collect();
+        let grads = w
+            .shapes
+            .iter()
+            .map(|s| {
+                (0..s.iter().product::<usize>())
+                    .map(|i| ((i % 13) as f32 - 6.0) * 1e-3)
+                    .collect()
+            })
+            .collect();
+        Ok(Stepper {
+            opt,
+            values,
+            grads,
+            shapes: w.shapes.clone(),
+        })
+    }
+
+    /// One timed step, in milliseconds.
+    pub fn run_ms(&mut self) -> Result<f64, String> {
+        let start = Instant::now();
+        let mut params: Vec<ParamMut<'_>> = self
+            .values
+            .iter_mut()
+            .zip(&self.grads)
+            .zip(&self.shapes)
+            .map(|((v, g), s)| ParamMut::new(v, Some(g), s))
+            .collect();
+        self.opt.step(&mut params).map_err(|e| e.to_string())?;
+        Ok(start.elapsed().as_secs_f64() * 1e3)
+    }
+}
+
+/// Runs `a` and `b` alternately (after two warm-up rounds) and returns their
+/// median times: a yardstick measured in the same moments as the subject.
+pub fn interleaved(
+    iters: usize,
+    mut a: impl FnMut() -> Result<f64, String>,
+    mut b: impl FnMut() -> Result<f64, String>,
+) -> Result<(f64, f64), String> {
+    let (mut ta, mut tb) = (vec![], vec![]);
+    for round in 0..iters + 2 {
+        let x = a()?;
+        let y = b()?;
+        if round >= 2 {
+            ta.push(x);
+            tb.push(y);
+        }
+    }
+    Ok((median(ta), median(tb)))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// candle-nn's AdamW on the same workload: returns a function doing one
+/// timed step.
+#[cfg(feature = "candle-bench")]
+pub fn candle_adamw(w: &Workload) -> Result<impl FnMut() -> Result<f64, String>, String> {
+    use candle_core::{Device, Tensor, Var};
+    use candle_nn::Optimizer;
+    let dev = Device::Cpu;
+    let e = |e: candle_core::Error| e.to_string();
+    let vars: Vec<Var> = w
+        .shapes
+        .iter()
+        .map(|s| Var::ones(s.as_slice(), candle_core::DType::F32, &dev))
+        .collect::<Result<_, _>>()
+        .map_err(e)?;
+    let mut grads = candle_core::backprop::GradStore::default();
+    for v in &vars {
+        let g = (Tensor::ones(v.shape(), candle_core::DType::F32, &dev).map_err(e)? * 1e-3)
+            .map_err(e)?;
+        grads.insert(v.as_tensor(), g);
+    }
+    let mut opt = candle_nn::AdamW::new(
+        vars,
+        candle_nn::ParamsAdamW {
+            lr: 1e-4,
+            ..Default::default()
+        },
+    )
+    .map_err(e)?;
+    Ok(move || {
+        let start = Instant::now();
+        opt.step(&grads).map_err(|x| x.to_string())?;
+        Ok(start.elapsed().as_secs_f64() * 1e3)
+    })
+}
+
+/// One measurement, printed as a table row and a machine-readable line.
+pub struct Row {
+    pub optimizer: String,
+    pub workload: &'static str,
+    pub median_ms: f64,
+    pub floor_ms: f64,
+}
+
+impl Row {
+    pub fn line(&self) -> String {
+        format!(
+            "bench {} {} median_ms={:.3} floor_ms={:.3} ratio={:.3}",
+            self.optimizer,
+            self.workload,
+            self.median_ms,
+            self.floor_ms,
+            self.median_ms / self.floor_ms
+        )
+    }
+}

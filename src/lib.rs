@@ -1,0 +1,3 @@
+//! The `agr` command line's library half: the benchmark.
+
+pub mod bench;
