@@ -26,9 +26,13 @@ agr_runtime::optimizer! {
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Fit w in y = X w: 256 samples, 16 features, a known w*.
     let (n, d) = (256usize, 16usize);
-    let x: Vec<f32> = (0..n * d).map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0).collect();
+    let x: Vec<f32> = (0..n * d)
+        .map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0)
+        .collect();
     let w_true: Vec<f32> = (0..d).map(|j| (j as f32 - 8.0) / 4.0).collect();
-    let y: Vec<f32> = (0..n).map(|r| (0..d).map(|j| x[r * d + j] * w_true[j]).sum()).collect();
+    let y: Vec<f32> = (0..n)
+        .map(|r| (0..d).map(|j| x[r * d + j] * w_true[j]).sum())
+        .collect();
 
     let mut w = vec![0.0f32; d];
     let mut opt = LionAgr::new(LionAgrConfig::default().with_lr(3e-3))?;

@@ -106,7 +106,10 @@ fn compile(source: &str) -> Result<TokenStream2, Vec<Diagnostic>> {
     use agr_codegen::backend::{cuda, rust};
     let first = rust::emit(&prog);
     let cuda_source = cuda::full_source(&prog);
-    let embedded = rust::Embedded { generated_rust: &first, cuda_source: &cuda_source };
+    let embedded = rust::Embedded {
+        generated_rust: &first,
+        cuda_source: &cuda_source,
+    };
     let code = rust::emit_with(&prog, Some(embedded));
     match code.parse::<TokenStream2>() {
         Ok(ts) => Ok(ts),

@@ -166,7 +166,12 @@ pub fn lower_checked(spec: &ast::Spec) -> Program {
     // reduction over g.
     let zero = l.num(0.0);
     let g_zero = l.make_raw(Op::Binary(BinaryOp::Mul, g, zero));
-    l.reduce(ReduceOp::Sum, Scope::Global, g_zero, "finite check of the gradients".into());
+    l.reduce(
+        ReduceOp::Sum,
+        Scope::Global,
+        g_zero,
+        "finite check of the gradients".into(),
+    );
     let finite_check = l
         .reductions
         .iter()
