@@ -5,6 +5,7 @@
 //! fused CPU step as Rust source.
 
 pub mod backend;
+pub mod interp;
 pub mod ir;
 pub mod lower;
 

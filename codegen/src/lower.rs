@@ -559,7 +559,10 @@ impl<'a> Lowerer<'a> {
                 self.reduce(ReduceOp::Max, scope, x, origin)
             }
             "agr" => {
-                // Ψ(x) = x − x·|x|·inv, inv = 1/Σ|x| (0 when Σ|x| = 0, so Ψ(0) = 0).
+                // Ψ(x) = x − x·|x|/Σ|x|, computed as x · max(0, 1 − |x|·inv)
+                // with inv = 1/Σ|x| (0 when Σ|x| = 0, so Ψ(0) = 0): the same
+                // value, but under rounding it still never flips a sign or
+                // grows an element (the factor stays in [0, 1]).
                 let x = a[0];
                 let ax = un(self, UnaryOp::Abs, x);
                 let s = self.reduce(
@@ -574,9 +577,10 @@ impl<'a> Lowerer<'a> {
                 let recip = bin(self, B::Div, one, s);
                 let inv = self.make(Op::Select(pos, recip, zero));
                 self.name_node(inv, "agr_inv");
-                let xa = bin(self, B::Mul, x, ax);
-                let shrink = bin(self, B::Mul, xa, inv);
-                bin(self, B::Sub, x, shrink)
+                let share = bin(self, B::Mul, ax, inv);
+                let keep = bin(self, B::Sub, one, share);
+                let keep = bin(self, B::Max, keep, zero);
+                bin(self, B::Mul, x, keep)
             }
             other => unreachable!("checked spec: unknown function `{other}`"),
         }

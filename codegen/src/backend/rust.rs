@@ -227,23 +227,30 @@ fn emit_config(prog: &Program, w: &mut W) {
     w.open(&format!(
         "fn set_unchecked(&mut self, name: &str, value: {RT}::HyperValue) -> Result<(), {RT}::ConfigError> {{"
     ));
-    w.open("match name {");
-    for h in &prog.hypers {
-        let conv = match h.kind {
-            HyperKind::Float => "as_float",
-            HyperKind::Int => "as_int",
-            HyperKind::Bool => "as_bool",
-        };
+    if prog.hypers.is_empty() {
+        w.line("let _ = value;");
         w.line(&format!(
-            "\"{0}\" => self.{0} = value.{conv}(name)?,",
-            h.name
+            "Err({RT}::ConfigError::unknown(\"{name}\", name, Self::HYPERS))"
         ));
+    } else {
+        w.open("match name {");
+        for h in &prog.hypers {
+            let conv = match h.kind {
+                HyperKind::Float => "as_float",
+                HyperKind::Int => "as_int",
+                HyperKind::Bool => "as_bool",
+            };
+            w.line(&format!(
+                "\"{0}\" => self.{0} = value.{conv}(name)?,",
+                h.name
+            ));
+        }
+        w.line(&format!(
+            "_ => return Err({RT}::ConfigError::unknown(\"{name}\", name, Self::HYPERS)),"
+        ));
+        w.close("}");
+        w.line("Ok(())");
     }
-    w.line(&format!(
-        "_ => return Err({RT}::ConfigError::unknown(\"{name}\", name, Self::HYPERS)),"
-    ));
-    w.close("}");
-    w.line("Ok(())");
     w.close("}");
     w.close("}");
 }

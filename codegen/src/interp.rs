@@ -1,0 +1,323 @@
+//! A reference evaluation of the IR: unfused and unhoisted, every node
+//! materialised for a whole tensor, reductions summed element by element in
+//! order. Slow and simple, it defines what a step means, and tests compare
+//! the fused back ends with it.
+
+use agr_grammar::check::Level;
+
+use crate::ir::*;
+
+/// One tensor's data for [`step`].
+pub struct TensorData {
+    pub shape: Vec<usize>,
+    pub p: Vec<f32>,
+    pub g: Vec<f32>,
+    /// One buffer per state, created with each state's fill value.
+    pub states: Vec<Vec<f32>>,
+    /// Steps taken so far.
+    pub t: u64,
+}
+
+impl TensorData {
+    pub fn new(prog: &Program, shape: Vec<usize>, p: Vec<f32>) -> TensorData {
+        let n = p.len();
+        TensorData {
+            shape,
+            g: vec![0.0; n],
+            states: prog.states.iter().map(|s| vec![s.fill as f32; n]).collect(),
+            p,
+            t: 0,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+enum V {
+    S(f64),
+    B(bool),
+    A(Vec<f32>),
+    BA(Vec<bool>),
+}
+
+impl V {
+    fn f32_at(&self, i: usize) -> f32 {
+        match self {
+            V::S(x) => *x as f32,
+            V::A(a) => a[i],
+            _ => panic!("not a number"),
+        }
+    }
+    fn bool_at(&self, i: usize) -> bool {
+        match self {
+            V::B(b) => *b,
+            V::BA(a) => a[i],
+            _ => panic!("not a bool"),
+        }
+    }
+}
+
+/// Hyperparameter values in spec order (bools as 0/1).
+pub fn step(prog: &Program, hyper: &[f64], tensors: &mut [TensorData]) {
+    let nr = prog.reductions.len();
+    let mut reduced = vec![vec![0.0f64; nr]; tensors.len()];
+    let mut global = vec![0.0f64; nr];
+    let mut rows: Vec<Vec<Vec<f64>>> = vec![vec![vec![]; nr]; tensors.len()];
+    for pass in 0..prog.n_phases {
+        let mut per_tensor = vec![];
+        for (j, t) in tensors.iter().enumerate() {
+            let vals = eval(prog, hyper, t, pass, &reduced[j], &global, &rows[j]);
+            per_tensor.push(vals);
+        }
+        for (r, red) in prog.reductions.iter().enumerate() {
+            if red.pass != pass {
+                continue;
+            }
+            let fold = |acc: f64, x: f64| match red.op {
+                ReduceOp::Sum => acc + x,
+                ReduceOp::Max => {
+                    if acc.is_nan() || x.is_nan() {
+                        f64::NAN
+                    } else {
+                        acc.max(x)
+                    }
+                }
+            };
+            let id = if red.op == ReduceOp::Sum {
+                0.0
+            } else {
+                f64::NEG_INFINITY
+            };
+            let mut g = id;
+            for (j, t) in tensors.iter().enumerate() {
+                let v = &per_tensor[j][red.arg];
+                let n = t.p.len();
+                match red.scope {
+                    Scope::Rows => {
+                        let row_len = row_len(&t.shape);
+                        rows[j][r] = (0..n / row_len)
+                            .map(|row| {
+                                (0..row_len).fold(id, |a, k| {
+                                    fold(a, f64::from(v.f32_at(row * row_len + k)))
+                                })
+                            })
+                            .collect();
+                    }
+                    _ => {
+                        let s = (0..n).fold(id, |a, i| fold(a, f64::from(v.f32_at(i))));
+                        reduced[j][r] = s;
+                        g = fold(g, s);
+                    }
+                }
+            }
+            if red.scope == Scope::Global {
+                global[r] = g;
+            }
+        }
+    }
+    for (j, t) in tensors.iter_mut().enumerate() {
+        let vals = eval(
+            prog,
+            hyper,
+            t,
+            prog.n_phases,
+            &reduced[j],
+            &global,
+            &rows[j],
+        );
+        let n = t.p.len();
+        let new_p: Vec<f32> = (0..n).map(|i| vals[prog.param_out].f32_at(i)).collect();
+        let new_states: Vec<Vec<f32>> = prog
+            .state_out
+            .iter()
+            .map(|&id| (0..n).map(|i| vals[id].f32_at(i)).collect())
+            .collect();
+        t.p = new_p;
+        t.states = new_states;
+        t.t += 1;
+    }
+}
+
+fn row_len(shape: &[usize]) -> usize {
+    if shape.len() >= 2 {
+        shape[1..].iter().product()
+    } else {
+        shape.iter().product()
+    }
+}
+
+/// Every node's value for one tensor, with reductions of passes `< upto`.
+fn eval(
+    prog: &Program,
+    hyper: &[f64],
+    t: &TensorData,
+    upto: usize,
+    reduced: &[f64],
+    global: &[f64],
+    rows: &[Vec<f64>],
+) -> Vec<V> {
+    let n = t.p.len();
+    let rl = row_len(&t.shape);
+    let mut vals: Vec<V> = Vec::with_capacity(prog.nodes.len());
+    for node in &prog.nodes {
+        if node.phase > upto {
+            vals.push(V::S(f64::NAN));
+            continue;
+        }
+        let v = match node.op {
+            Op::Num(x) => V::S(x),
+            Op::Bool(b) => V::B(b),
+            Op::Hyper(h) => match prog.hypers[h].kind {
+                HyperKind::Bool => V::B(hyper[h] != 0.0),
+                _ => V::S(hyper[h]),
+            },
+            Op::T => V::S((t.t + 1) as f64),
+            Op::Ndim => V::S(t.shape.len() as f64),
+            Op::Numel => V::S(n as f64),
+            Op::RowLen => V::S(rl as f64),
+            Op::Param => V::A(t.p.clone()),
+            Op::Grad => V::A(t.g.clone()),
+            Op::State(s) => V::A(t.states[s].clone()),
+            Op::Reduced(r) => match prog.reductions[r].scope {
+                Scope::Tensor => V::S(reduced[r]),
+                Scope::Global => V::S(global[r]),
+                Scope::Rows => V::A((0..n).map(|i| rows[r][i / rl] as f32).collect()),
+            },
+            Op::Unary(op, a) => unary(op, &vals[a], n),
+            Op::Binary(op, a, b) => binary(op, &vals[a], &vals[b], n),
+            Op::Select(c, a, b) => {
+                let elem = node.level == Level::Elem;
+                match (&vals[c], elem) {
+                    (V::B(c), false) => {
+                        if *c {
+                            vals[a].clone()
+                        } else {
+                            vals[b].clone()
+                        }
+                    }
+                    _ if node.ty == agr_grammar::check::Ty::Bool => V::BA(
+                        (0..n)
+                            .map(|i| {
+                                if vals[c].bool_at(i) {
+                                    vals[a].bool_at(i)
+                                } else {
+                                    vals[b].bool_at(i)
+                                }
+                            })
+                            .collect(),
+                    ),
+                    _ => V::A(
+                        (0..n)
+                            .map(|i| {
+                                if vals[c].bool_at(i) {
+                                    vals[a].f32_at(i)
+                                } else {
+                                    vals[b].f32_at(i)
+                                }
+                            })
+                            .collect(),
+                    ),
+                }
+            }
+        };
+        vals.push(v);
+    }
+    vals
+}
+
+fn sign64(x: f64) -> f64 {
+    if x > 0.0 {
+        1.0
+    } else if x < 0.0 {
+        -1.0
+    } else {
+        x * 0.0
+    }
+}
+
+fn unary(op: UnaryOp, a: &V, n: usize) -> V {
+    let f64op = |x: f64| match op {
+        UnaryOp::Neg => -x,
+        UnaryOp::Sqrt => x.sqrt(),
+        UnaryOp::Abs => x.abs(),
+        UnaryOp::Sign => sign64(x),
+        UnaryOp::Exp => x.exp(),
+        UnaryOp::Ln => x.ln(),
+        UnaryOp::Not => unreachable!(),
+    };
+    let f32op = |x: f32| match op {
+        UnaryOp::Neg => -x,
+        UnaryOp::Sqrt => x.sqrt(),
+        UnaryOp::Abs => x.abs(),
+        UnaryOp::Sign => sign64(f64::from(x)) as f32,
+        UnaryOp::Exp => x.exp(),
+        UnaryOp::Ln => x.ln(),
+        UnaryOp::Not => unreachable!(),
+    };
+    match (op, a) {
+        (UnaryOp::Not, V::B(b)) => V::B(!b),
+        (UnaryOp::Not, V::BA(v)) => V::BA(v.iter().map(|b| !b).collect()),
+        (_, V::S(x)) => V::S(f64op(*x)),
+        (_, V::A(v)) => V::A((0..n).map(|i| f32op(v[i])).collect()),
+        _ => panic!("bad unary operand"),
+    }
+}
+
+fn binary(op: BinaryOp, a: &V, b: &V, n: usize) -> V {
+    use BinaryOp as B;
+    match (a, b) {
+        (V::S(x), V::S(y)) => match op {
+            B::Add => V::S(x + y),
+            B::Sub => V::S(x - y),
+            B::Mul => V::S(x * y),
+            B::Div => V::S(x / y),
+            B::Pow => V::S(x.powf(*y)),
+            B::Min => V::S(x.min(*y)),
+            B::Max => V::S(x.max(*y)),
+            B::Lt => V::B(x < y),
+            B::Le => V::B(x <= y),
+            B::Gt => V::B(x > y),
+            B::Ge => V::B(x >= y),
+            B::Eq => V::B(x == y),
+            B::Ne => V::B(x != y),
+            B::And | B::Or => panic!("bool op on numbers"),
+        },
+        (V::B(x), V::B(y)) => V::B(if op == B::And { *x && *y } else { *x || *y }),
+        (V::B(_) | V::BA(_), V::B(_) | V::BA(_)) => V::BA(
+            (0..n)
+                .map(|i| {
+                    if op == B::And {
+                        a.bool_at(i) && b.bool_at(i)
+                    } else {
+                        a.bool_at(i) || b.bool_at(i)
+                    }
+                })
+                .collect(),
+        ),
+        _ => {
+            let f = |x: f32, y: f32| -> Result<f32, bool> {
+                Ok(match op {
+                    B::Add => x + y,
+                    B::Sub => x - y,
+                    B::Mul => x * y,
+                    B::Div => x / y,
+                    B::Pow => x.powf(y),
+                    B::Min => x.min(y),
+                    B::Max => x.max(y),
+                    B::Lt => return Err(x < y),
+                    B::Le => return Err(x <= y),
+                    B::Gt => return Err(x > y),
+                    B::Ge => return Err(x >= y),
+                    B::Eq => return Err(x == y),
+                    B::Ne => return Err(x != y),
+                    B::And | B::Or => unreachable!(),
+                })
+            };
+            let r: Vec<Result<f32, bool>> = (0..n).map(|i| f(a.f32_at(i), b.f32_at(i))).collect();
+            if r.first().is_some_and(|x| x.is_err()) {
+                V::BA(r.into_iter().map(|x| x.unwrap_err()).collect())
+            } else {
+                V::A(r.into_iter().map(|x| x.unwrap_or(f32::NAN)).collect())
+            }
+        }
+    }
+}
