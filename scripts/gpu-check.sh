@@ -22,7 +22,7 @@ for line in sys.stdin:
         print("bundled", m["target"]["name"])
 ' "$bundle/bin"
     cp ../shared/golden/*.json "$bundle/golden/"
-    [ -d ../shared/golden/more ] && mkdir -p "$bundle/golden-more" && cp ../shared/golden/more/*.json "$bundle/golden-more/"
+    [ -d ../shared/golden/more ] && mkdir -p "$bundle/golden/more" && cp ../shared/golden/more/*.json "$bundle/golden/more/"
     du -sh "$bundle"
     ;;
 run)
