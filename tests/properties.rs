@@ -237,3 +237,51 @@ proptest! {
         prop_assert!(compile_everything(&s).is_ok(), "{:?}", compile_everything(&s));
     }
 }
+
+/// The macro's token path: text → Rust tokens → flattened spec text →
+/// compiler; every error's offset maps back to a token without panicking.
+fn through_tokens(source: &str) -> Result<(), String> {
+    use std::str::FromStr;
+    // Inputs that are not valid Rust tokens never reach the macro.
+    let Ok(tokens) = proc_macro2::TokenStream::from_str(source) else {
+        return Ok(());
+    };
+    let flat = agr_codegen::tokens::Flat::new(tokens);
+    match agr_codegen::compile(&flat.text) {
+        Ok(_) => Ok(()),
+        Err(diags) => {
+            for d in diags {
+                if d.span.start > flat.text.len() {
+                    return Err(format!("span {:?} outside the flattened text", d.span));
+                }
+                let _ = flat.span_at(d.span.start);
+            }
+            Ok(())
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 5000, ..ProptestConfig::default() })]
+
+    #[test]
+    fn the_token_path_never_panics_on_mutated_specs(s in mutated_spec()) {
+        prop_assert!(through_tokens(&s).is_ok(), "{:?}", through_tokens(&s));
+    }
+}
+
+#[test]
+fn every_builtin_compiles_through_the_token_path() {
+    for name in BUILTINS {
+        let src = optim::builtin(name).unwrap().source;
+        let tokens: proc_macro2::TokenStream = src.parse().unwrap();
+        let flat = agr_codegen::tokens::Flat::new(tokens);
+        let a = agr_codegen::compile(&flat.text)
+            .unwrap_or_else(|e| panic!("{name}: {e:?}\n{}", flat.text));
+        let b = agr_codegen::compile(src).unwrap();
+        assert_eq!(
+            a.spec_text, b.spec_text,
+            "{name}: the token path reads a different spec"
+        );
+    }
+}

@@ -16,6 +16,7 @@
 extern crate self as agr_runtime;
 
 mod buf;
+pub mod checkpoint;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
@@ -26,6 +27,7 @@ pub mod optim;
 mod optimizer;
 
 pub use agr_macros::optimizer;
+pub use checkpoint::CheckpointError;
 pub use cpu::Kernel;
 pub use dynamic::DynOptimizer;
 pub use hyper::{ConfigError, HyperConfig, HyperInfo, HyperKind, HyperValue};

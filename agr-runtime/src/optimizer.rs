@@ -180,13 +180,13 @@ pub(crate) fn validate_params<'a>(
 
 /// Per-parameter state: created on the parameter's first gradient.
 #[derive(Clone)]
-struct TensorState {
-    shape: Vec<usize>,
+pub(crate) struct TensorState {
+    pub(crate) shape: Vec<usize>,
     /// Steps this tensor has taken.
-    t: u64,
-    bufs: Vec<AlignedBuf>,
+    pub(crate) t: u64,
+    pub(crate) bufs: Vec<AlignedBuf>,
     /// Row-reduction results of the current step (`ROW_REDUCTIONS` per row).
-    rows: Vec<f64>,
+    pub(crate) rows: Vec<f64>,
 }
 
 /// Elements per unit of parallel work. Fixed, so the reduction order (and so
@@ -251,10 +251,10 @@ impl<K: Kernel> Default for Scratch<K> {
 /// state and the fused CPU step. `agr_runtime::optimizer!` defines
 /// `pub type Name = Optimizer<NameKernel>`.
 pub struct Optimizer<K: Kernel> {
-    config: K::Config,
-    tensors: Vec<Option<TensorState>>,
-    n_params: Option<usize>,
-    steps: u64,
+    pub(crate) config: K::Config,
+    pub(crate) tensors: Vec<Option<TensorState>>,
+    pub(crate) n_params: Option<usize>,
+    pub(crate) steps: u64,
     non_finite: NonFinite,
     non_finite_skips: u64,
     scratch: Scratch<K>,

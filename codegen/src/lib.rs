@@ -8,5 +8,6 @@ pub mod backend;
 pub mod interp;
 pub mod ir;
 pub mod lower;
+pub mod tokens;
 
 pub use lower::{compile, lower};

@@ -231,6 +231,9 @@ impl<'a> Lowerer<'a> {
         }
         let name = self.spec.states[i].name.name.clone();
         let stored = self.leaf(Op::State(i), Ty::Num, Level::Elem, &name);
+        // The checker rejects an initial value that reads a state; should one
+        // get here anyway, reading the stored buffer ends the recursion.
+        self.state_old[i] = Some(stored);
         let init = &self.spec.states[i].init;
         let id = if is_constant(init) {
             // The buffer is created holding the constant.

@@ -595,6 +595,14 @@ impl<'a> Checker<'a> {
             self.err(span.clone(), format!("unknown name `{n}`"), help);
             return None;
         };
+        if self.in_init && matches!(slot.binding, Binding::State { .. }) {
+            self.err(
+                span.clone(),
+                format!("the initial value of a state cannot read state `{n}`"),
+                "initialise from `p`, `g`, hyperparameters or earlier temporaries",
+            );
+            return None;
+        }
         if let Binding::State { index, read: false } = slot.binding {
             if self.in_init {
                 self.err(
@@ -887,6 +895,13 @@ mod tests {
             "X { step { let a = agr(agr(agr(g))); if t > 1 { p = p - a; } else { p = p - norm(p); } } }",
         );
         assert!(e.is_empty(), "{e:?}");
+    }
+
+    #[test]
+    fn a_state_cannot_start_from_itself() {
+        let (at, msg) = one_error("X { state { m = m } step { m = m + g; p = p - m; } }");
+        assert_eq!(at, "m");
+        assert!(msg.contains("cannot read state `m`"), "{msg}");
     }
 
     #[test]

@@ -1,0 +1,274 @@
+//! Checkpoints: an optimizer's whole state — every state buffer, the step
+//! counts, the hyperparameters — as a safetensors file. Loading checks
+//! everything before changing anything: a truncated or corrupt file, another
+//! optimizer's checkpoint, or one whose shapes disagree with the parameters
+//! this optimizer already steps is an error, and the optimizer is unchanged.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::Path;
+
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+
+use crate::buf::AlignedBuf;
+use crate::cpu::Kernel;
+use crate::optimizer::TensorState;
+use crate::{HyperConfig, HyperValue, Optimizer, TensorMeta};
+
+/// The format tag stored in every checkpoint.
+pub const FORMAT: &str = "agr-checkpoint/1";
+
+/// Why a checkpoint could not be loaded. The optimizer is unchanged.
+#[derive(Debug)]
+pub enum CheckpointError {
+    Io(String),
+    /// Not a readable safetensors file, or a field is missing or malformed.
+    Corrupt(String),
+    /// The checkpoint was saved by another optimizer.
+    WrongOptimizer {
+        expected: String,
+        found: String,
+    },
+    /// Same optimizer name, different spec.
+    SpecChanged {
+        optimizer: String,
+    },
+    /// The checkpoint's tensors disagree with the parameters already stepped.
+    Mismatch(String),
+}
+
+impl fmt::Display for CheckpointError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CheckpointError::Io(e) => write!(f, "cannot read or write the checkpoint: {e}"),
+            CheckpointError::Corrupt(e) => write!(f, "the checkpoint is corrupt or truncated: {e}"),
+            CheckpointError::WrongOptimizer { expected, found } => write!(
+                f,
+                "this checkpoint was saved by {found}, not {expected}; load it into a {found} optimizer"
+            ),
+            CheckpointError::SpecChanged { optimizer } => write!(
+                f,
+                "this checkpoint was saved by a different spec of {optimizer}; resume with the spec it was saved with"
+            ),
+            CheckpointError::Mismatch(e) => write!(f, "the checkpoint does not fit this optimizer's parameters: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for CheckpointError {}
+
+fn corrupt(e: impl fmt::Display) -> CheckpointError {
+    CheckpointError::Corrupt(e.to_string())
+}
+
+/// FNV-1a of the spec text: identifies the spec a checkpoint was saved with.
+fn spec_hash(spec: &str) -> String {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in spec.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    format!("{h:016x}")
+}
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+impl<K: Kernel> Optimizer<K> {
+    /// The whole optimizer state as safetensors bytes.
+    pub fn save_checkpoint(&self) -> Vec<u8> {
+        let mut meta = HashMap::new();
+        meta.insert("format".to_string(), FORMAT.to_string());
+        meta.insert("optimizer".to_string(), K::NAME.to_string());
+        meta.insert("spec_hash".to_string(), spec_hash(K::SPEC));
+        meta.insert("steps".to_string(), self.steps.to_string());
+        meta.insert(
+            "n_params".to_string(),
+            self.n_params.map_or("none".into(), |n| n.to_string()),
+        );
+        let mut hypers = serde_json::Map::new();
+        for h in <K::Config as HyperConfig>::HYPERS {
+            let v = match self.config.get(h.name) {
+                Some(HyperValue::Float(x)) => serde_json::json!(x),
+                Some(HyperValue::Int(x)) => serde_json::json!(x),
+                Some(HyperValue::Bool(x)) => serde_json::json!(x),
+                None => continue,
+            };
+            hypers.insert(h.name.to_string(), v);
+        }
+        meta.insert(
+            "hypers".to_string(),
+            serde_json::Value::Object(hypers).to_string(),
+        );
+        let steps: Vec<Option<u64>> = self
+            .tensors
+            .iter()
+            .map(|t| t.as_ref().map(|t| t.t))
+            .collect();
+        meta.insert(
+            "tensor_steps".to_string(),
+            serde_json::json!(steps).to_string(),
+        );
+        let mut data: Vec<(String, Vec<u8>, Vec<usize>)> = vec![];
+        for (i, t) in self.tensors.iter().enumerate() {
+            if let Some(t) = t {
+                for (k, s) in K::STATES.iter().enumerate() {
+                    data.push((
+                        format!("{i}.{}", s.name),
+                        f32_bytes(t.bufs[k].as_slice()),
+                        t.shape.clone(),
+                    ));
+                }
+            }
+        }
+        let views: Vec<(String, TensorView<'_>)> = data
+            .iter()
+            .map(|(n, b, s)| {
+                (
+                    n.clone(),
+                    TensorView::new(Dtype::F32, s.clone(), b).expect("sizes match"),
+                )
+            })
+            .collect();
+        safetensors::serialize(views, Some(meta)).expect("a checkpoint always serialises")
+    }
+
+    /// Writes [`Optimizer::save_checkpoint`] to `path` (through a temporary
+    /// file, so an interrupted save never leaves a truncated checkpoint).
+    pub fn save_checkpoint_to(&self, path: impl AsRef<Path>) -> Result<(), CheckpointError> {
+        let path = path.as_ref();
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, self.save_checkpoint())
+            .map_err(|e| CheckpointError::Io(format!("{}: {e}", tmp.display())))?;
+        std::fs::rename(&tmp, path)
+            .map_err(|e| CheckpointError::Io(format!("{}: {e}", path.display())))
+    }
+
+    /// Reads a checkpoint file; see [`Optimizer::load_checkpoint`].
+    pub fn load_checkpoint_from(&mut self, path: impl AsRef<Path>) -> Result<(), CheckpointError> {
+        let path = path.as_ref();
+        let bytes = std::fs::read(path)
+            .map_err(|e| CheckpointError::Io(format!("{}: {e}", path.display())))?;
+        self.load_checkpoint(&bytes)
+    }
+
+    /// Restores the state saved by [`Optimizer::save_checkpoint`]. Resuming
+    /// gives bit-identical parameters to an uninterrupted run. On error the
+    /// optimizer is unchanged.
+    pub fn load_checkpoint(&mut self, bytes: &[u8]) -> Result<(), CheckpointError> {
+        let (_, header) = SafeTensors::read_metadata(bytes).map_err(corrupt)?;
+        let st = SafeTensors::deserialize(bytes).map_err(corrupt)?;
+        let meta = header
+            .metadata()
+            .clone()
+            .ok_or_else(|| corrupt("no metadata"))?;
+        let get = |k: &str| {
+            meta.get(k)
+                .ok_or_else(|| corrupt(format!("no `{k}` field")))
+        };
+        if get("format")? != FORMAT {
+            return Err(corrupt(format!(
+                "format `{}` is not {FORMAT}",
+                get("format")?
+            )));
+        }
+        let found = get("optimizer")?;
+        if found != K::NAME {
+            return Err(CheckpointError::WrongOptimizer {
+                expected: K::NAME.into(),
+                found: found.clone(),
+            });
+        }
+        if get("spec_hash")? != &spec_hash(K::SPEC) {
+            return Err(CheckpointError::SpecChanged {
+                optimizer: K::NAME.into(),
+            });
+        }
+        let steps: u64 = get("steps")?.parse().map_err(corrupt)?;
+        let n_params: Option<usize> = match get("n_params")?.as_str() {
+            "none" => None,
+            n => Some(n.parse().map_err(corrupt)?),
+        };
+        let tensor_steps: Vec<Option<u64>> =
+            serde_json::from_str(get("tensor_steps")?).map_err(corrupt)?;
+        let hypers: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(get("hypers")?).map_err(corrupt)?;
+        let mut config = self.config.clone();
+        for (name, v) in &hypers {
+            let value = match v {
+                serde_json::Value::Bool(b) => HyperValue::Bool(*b),
+                serde_json::Value::Number(n) if n.is_i64() => HyperValue::Int(n.as_i64().unwrap()),
+                serde_json::Value::Number(n) => HyperValue::Float(n.as_f64().unwrap_or(f64::NAN)),
+                other => return Err(corrupt(format!("hyperparameter `{name}` = {other}"))),
+            };
+            config
+                .set(name, value)
+                .map_err(|e| corrupt(e.to_string()))?;
+        }
+        if let (Some(mine), Some(theirs)) = (self.n_params, n_params) {
+            if mine != theirs {
+                return Err(CheckpointError::Mismatch(format!(
+                    "it holds {theirs} parameters, this optimizer steps {mine}"
+                )));
+            }
+        }
+        let mut tensors: Vec<Option<TensorState>> = Vec::with_capacity(tensor_steps.len());
+        for (i, t) in tensor_steps.iter().enumerate() {
+            let Some(t) = *t else {
+                tensors.push(None);
+                continue;
+            };
+            let mut shape: Option<Vec<usize>> = None;
+            let mut bufs = vec![];
+            for (k, s) in K::STATES.iter().enumerate() {
+                let name = format!("{i}.{}", s.name);
+                let view = st
+                    .tensor(&name)
+                    .map_err(|e| corrupt(format!("`{name}`: {e}")))?;
+                if view.dtype() != Dtype::F32 {
+                    return Err(corrupt(format!("`{name}` is {:?}, not F32", view.dtype())));
+                }
+                match &shape {
+                    None => shape = Some(view.shape().to_vec()),
+                    Some(sh) if sh != view.shape() => {
+                        return Err(corrupt(format!("`{name}` has shape {:?}", view.shape())))
+                    }
+                    _ => {}
+                }
+                let n: usize = view.shape().iter().product();
+                let mut b = AlignedBuf::filled(n, 0.0, i * K::STATES.len() + k);
+                for (x, chunk) in b.as_mut_slice().iter_mut().zip(view.data().chunks_exact(4)) {
+                    *x = f32::from_le_bytes(chunk.try_into().unwrap());
+                }
+                bufs.push(b);
+            }
+            let shape = shape.unwrap_or_default();
+            if let Some(Some(mine)) = self.tensors.get(i) {
+                if mine.shape != shape {
+                    return Err(CheckpointError::Mismatch(format!(
+                        "parameter #{i} has shape {:?} here and {shape:?} in the checkpoint",
+                        mine.shape
+                    )));
+                }
+            }
+            let rows = vec![
+                0.0;
+                shape.iter().product::<usize>() / TensorMeta::row_len_of(&shape).max(1)
+                    * K::ROW_REDUCTIONS
+            ];
+            tensors.push(Some(TensorState {
+                shape,
+                t,
+                bufs,
+                rows,
+            }));
+        }
+        // Everything checked: commit.
+        self.config = config;
+        self.tensors = tensors;
+        self.n_params = n_params;
+        self.steps = steps;
+        Ok(())
+    }
+}

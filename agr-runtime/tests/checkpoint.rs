@@ -1,0 +1,180 @@
+//! Checkpoints: resuming gives bit-identical parameters; a truncated, corrupt
+//! or mismatched checkpoint is an error and leaves the optimizer unchanged.
+
+use agr_runtime::optim::{AdamW, AdamWAgr, AdamWAgrConfig, AdanAgr, AdanAgrConfig};
+use agr_runtime::{CheckpointError, ParamMut};
+
+const SHAPES: &[&[usize]] = &[&[40, 30], &[30], &[70_000]];
+
+fn data(n: usize, seed: u64) -> Vec<f32> {
+    let mut x = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn init() -> Vec<Vec<f32>> {
+    SHAPES
+        .iter()
+        .enumerate()
+        .map(|(i, s)| data(s.iter().product(), i as u64))
+        .collect()
+}
+
+fn step<K: agr_runtime::Kernel>(
+    opt: &mut agr_runtime::Optimizer<K>,
+    values: &mut [Vec<f32>],
+    t: u64,
+) {
+    let grads: Vec<Vec<f32>> = values
+        .iter()
+        .enumerate()
+        .map(|(i, v)| data(v.len(), 100 * t + i as u64))
+        .collect();
+    let mut params: Vec<ParamMut<'_>> = values
+        .iter_mut()
+        .zip(&grads)
+        .zip(SHAPES)
+        .map(|((v, g), s)| ParamMut::new(v, Some(g), s))
+        .collect();
+    // The middle tensor has no gradient on odd steps: per-tensor step counts differ.
+    if t % 2 == 1 {
+        params[1].grad = None;
+    }
+    opt.step(&mut params).unwrap();
+}
+
+/// Whether two checkpoints hold the same state (their metadata maps may be
+/// serialised in different orders).
+fn same_state(a: &[u8], b: &[u8]) -> bool {
+    use safetensors::SafeTensors;
+    let (_, ma) = SafeTensors::read_metadata(a).unwrap();
+    let (_, mb) = SafeTensors::read_metadata(b).unwrap();
+    let (ta, tb) = (
+        SafeTensors::deserialize(a).unwrap(),
+        SafeTensors::deserialize(b).unwrap(),
+    );
+    let mut na = ta.names();
+    let mut nb = tb.names();
+    na.sort();
+    nb.sort();
+    ma.metadata() == mb.metadata()
+        && na == nb
+        && na
+            .iter()
+            .all(|n| ta.tensor(n).unwrap().data() == tb.tensor(n).unwrap().data())
+}
+
+fn bits(v: &[Vec<f32>]) -> Vec<u32> {
+    v.iter().flatten().map(|x| x.to_bits()).collect()
+}
+
+#[test]
+fn resuming_from_a_checkpoint_is_bit_identical() {
+    let config = AdanAgrConfig::default()
+        .with_lr(1e-2)
+        .with_max_grad_norm(3.0)
+        .with_no_prox(true);
+    let mut straight = AdanAgr::new(config.clone()).unwrap();
+    let mut a = init();
+    for t in 1..=8 {
+        step(&mut straight, &mut a, t);
+    }
+
+    let mut first = AdanAgr::new(config).unwrap();
+    let mut b = init();
+    for t in 1..=4 {
+        step(&mut first, &mut b, t);
+    }
+    let dir = std::env::temp_dir().join(format!("agr-ckpt-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("adan_agr.safetensors");
+    first.save_checkpoint_to(&path).unwrap();
+    drop(first);
+    // A fresh optimizer with default hyperparameters: the checkpoint brings its own.
+    let mut resumed = AdanAgr::new(AdanAgrConfig::default()).unwrap();
+    resumed.load_checkpoint_from(&path).unwrap();
+    assert_eq!(resumed.config().lr, 1e-2);
+    assert!(resumed.config().no_prox);
+    assert_eq!(resumed.steps(), 4);
+    for t in 5..=8 {
+        step(&mut resumed, &mut b, t);
+    }
+    assert_eq!(
+        bits(&a),
+        bits(&b),
+        "resumed run differs from the uninterrupted one"
+    );
+}
+
+#[test]
+fn broken_checkpoints_are_errors_and_change_nothing() {
+    let mut source = AdamWAgr::new(AdamWAgrConfig::default().with_lr(3e-3)).unwrap();
+    let mut v = init();
+    for t in 1..=2 {
+        step(&mut source, &mut v, t);
+    }
+    let good = source.save_checkpoint();
+
+    // The victim: an optimizer mid-run, whose state must survive every failure.
+    let mut victim = AdamWAgr::new(AdamWAgrConfig::default()).unwrap();
+    let mut w = init();
+    step(&mut victim, &mut w, 1);
+    let before = victim.save_checkpoint();
+
+    let mut flipped = good.clone();
+    flipped[10] ^= 0xff; // inside the JSON header
+    let wrong_shape = {
+        let mut other = AdamWAgr::new(AdamWAgrConfig::default()).unwrap();
+        let mut x = vec![0.5f32; 12];
+        let g = vec![0.1f32; 12];
+        other
+            .step(&mut [
+                ParamMut::new(&mut x.clone(), Some(&g), &[3, 4]),
+                ParamMut::new(&mut x, Some(&g), &[12]),
+                ParamMut::new(&mut vec![0.0; 12], Some(&g), &[12]),
+            ])
+            .unwrap();
+        other.save_checkpoint()
+    };
+    let other_optimizer = AdamW::new(Default::default()).unwrap().save_checkpoint();
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "truncated",
+            good[..good.len() / 2].to_vec(),
+            "corrupt or truncated",
+        ),
+        ("empty", vec![], "corrupt or truncated"),
+        ("flipped header byte", flipped, "corrupt or truncated"),
+        (
+            "another optimizer",
+            other_optimizer,
+            "saved by AdamW, not AdamWAgr",
+        ),
+        (
+            "other shapes",
+            wrong_shape,
+            "parameter #0 has shape [40, 30] here and [3, 4] in the checkpoint",
+        ),
+    ];
+    for (what, bytes, want) in cases {
+        let e: CheckpointError = victim.load_checkpoint(&bytes).unwrap_err();
+        assert!(e.to_string().contains(want), "{what}: {e}");
+        assert!(
+            same_state(&victim.save_checkpoint(), &before),
+            "{what}: the optimizer changed"
+        );
+    }
+    assert!(victim
+        .load_checkpoint_from("/nonexistent/ckpt.safetensors")
+        .is_err());
+    // And a good one loads.
+    victim.load_checkpoint(&good).unwrap();
+    assert_eq!(victim.steps(), 2);
+    assert_eq!(victim.config().lr, 3e-3);
+}
