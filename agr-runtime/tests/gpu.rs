@@ -13,6 +13,9 @@ use agr_runtime::optim::*;
 use agr_runtime::{golden, HyperConfig, HyperValue, Optimizer, ParamMut};
 use cudarc::driver::{CudaContext, CudaStream, DevicePtr, DevicePtrMut};
 
+mod common;
+use common::data;
+
 fn gpu() -> Option<Arc<CudaStream>> {
     if !cuda::driver_available() {
         println!("skipped: no CUDA driver on this machine");
@@ -143,18 +146,6 @@ fn gpt_shapes() -> Vec<Vec<usize>> {
     v.extend(std::iter::repeat_n(vec![3072], 68));
     v.extend(std::iter::repeat_n(vec![768], 69));
     v
-}
-
-fn data(n: usize, seed: u64) -> Vec<f32> {
-    let mut x = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
 }
 
 /// Three steps on the GPU; returns the parameters.
