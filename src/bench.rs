@@ -128,12 +128,25 @@ impl Floor {
             let a: [&mut [f32]; R] = std::array::from_fn(|k| unsafe {
                 std::slice::from_raw_parts_mut((ptrs[k] as *mut f32).add(start), len)
             });
+            #[cfg(target_arch = "x86_64")]
+            if agr_runtime::cpu::has_avx2() {
+                // SAFETY: the CPU supports AVX2 (checked at run time).
+                unsafe { kernel_avx2::<R, W>(a) };
+                return;
+            }
             kernel::<R, W>(a);
         });
     }
 }
 
-#[inline(never)]
+/// The floor kernel built with AVX2, as the optimizers' loops are.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn kernel_avx2<const R: usize, const W: usize>(a: [&mut [f32]; R]) {
+    kernel::<R, W>(a)
+}
+
+#[inline(always)]
 fn kernel<const R: usize, const W: usize>(mut a: [&mut [f32]; R]) {
     let len = a[0].len();
     for x in a.iter_mut() {

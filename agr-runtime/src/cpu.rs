@@ -70,6 +70,33 @@ pub trait Kernel: 'static + Send + Sync {
     );
 }
 
+/// Whether the CPU has AVX2 (detected once; `AGR_NO_AVX2` turns it off).
+/// Generated kernels run an AVX2 build of their loops where it is available:
+/// the same operations in the same order, so the same bits, only wider
+/// vectors. (FMA is not enabled: it would change rounding.)
+#[inline]
+pub fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::sync::atomic::{AtomicU8, Ordering};
+        static STATE: AtomicU8 = AtomicU8::new(0);
+        match STATE.load(Ordering::Relaxed) {
+            1 => false,
+            2 => true,
+            _ => {
+                let yes = std::is_x86_feature_detected!("avx2")
+                    && std::env::var_os("AGR_NO_AVX2").is_none();
+                STATE.store(if yes { 2 } else { 1 }, Ordering::Relaxed);
+                yes
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// How a reduction combines values.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fold {

@@ -439,3 +439,41 @@ fn a_non_finite_gradient_skips_the_step_and_changes_nothing() {
     assert_eq!(r.skipped_non_finite, None);
     assert!(w[3].is_nan() && w[0].is_finite());
 }
+
+/// A hash of every bit of a short AdanAgr + AdamWAgr run.
+fn run_hash() -> u64 {
+    let values = run_with_threads(2);
+    let mut h: u64 = 0xcbf29ce484222325;
+    for x in values.iter().flatten() {
+        h ^= u64::from(x.to_bits());
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    h
+}
+
+#[test]
+#[ignore = "run by the test below in a child process"]
+fn print_run_hash() {
+    println!("RUN_HASH={:016x}", run_hash());
+}
+
+#[test]
+fn the_avx2_and_baseline_builds_give_the_same_bits() {
+    // The child runs with the AVX2 path switched off.
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "print_run_hash", "--ignored", "--nocapture"])
+        .env("AGR_NO_AVX2", "1")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let child = text
+        .lines()
+        .find_map(|l| l.strip_prefix("RUN_HASH="))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert_eq!(
+        child,
+        format!("{:016x}", run_hash()),
+        "AVX2 on: {}",
+        agr_runtime::cpu::has_avx2()
+    );
+}

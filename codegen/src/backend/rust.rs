@@ -551,103 +551,149 @@ fn emit_kernel(prog: &Program, embedded: Option<Embedded<'_>>, w: &mut W) {
     w.close("}");
     w.blank();
 
-    // Reduction passes.
-    w.open(&format!(
-        "fn reduce(__pass: usize, __s: &Self::StepScalars, __ts: &Self::TensorScalars, __p: &[f32], __g: &[f32], __st: [&[f32]; {RT}::MAX_STATES], __rows: &mut [f64], __row_len: usize, __acc: &mut [f64]) {{"
+    // The passes' bodies go into an inherent impl (see below); the trait's
+    // methods dispatch to an AVX2 build of them where the CPU has it.
+    let mut bw = W {
+        out: String::new(),
+        depth: 1,
+    };
+    {
+        let w = &mut bw;
+        // Reduction passes.
+        w.open(&format!(
+        "#[inline(always)]\nfn reduce_body(__pass: usize, __s: &{name}StepScalars, __ts: &{name}TensorScalars, __p: &[f32], __g: &[f32], __st: [&[f32]; {RT}::MAX_STATES], __rows: &mut [f64], __row_len: usize, __acc: &mut [f64]) {{"
     ));
-    if np == 0 {
-        w.line("// This optimizer has no reductions.");
-    } else {
-        w.line("let __len = __p.len();");
-        w.line("let __g = &__g[..__len];");
-        w.open("match __pass {");
-        for k in 0..np {
-            let reds: Vec<(usize, &Reduction)> = prog.reductions_in(k).collect();
-            w.open(&format!("{k} => {{"));
-            for (_, r) in &reds {
-                w.line(&format!("// {}", r.origin));
-            }
-            let roots: Vec<NodeId> = reds.iter().map(|(_, r)| r.arg).collect();
-            let lp = elem_code(prog, &roots);
-            emit_state_slices(prog, &lp.states_read, false, w);
-            for h in &lp.hoisted {
-                w.line(h);
-            }
-            let (rows, whole): (Vec<_>, Vec<_>) =
-                reds.iter().partition(|(_, r)| r.scope == Scope::Rows);
-            if !whole.is_empty() {
-                emit_block_fold(prog, &whole, &lp, w);
-                for (i, _) in &whole {
-                    w.line(&format!("__acc[{i}] = __r{i};"));
+        if np == 0 {
+            w.line("// This optimizer has no reductions.");
+        } else {
+            w.line("let __len = __p.len();");
+            w.line("let __g = &__g[..__len];");
+            w.open("match __pass {");
+            for k in 0..np {
+                let reds: Vec<(usize, &Reduction)> = prog.reductions_in(k).collect();
+                w.open(&format!("{k} => {{"));
+                for (_, r) in &reds {
+                    w.line(&format!("// {}", r.origin));
                 }
-            }
-            if !rows.is_empty() {
-                w.line("// One result per row; a chunk holds whole rows.");
-                w.open("for __row in 0..__len / __row_len {");
-                emit_fold(
-                    prog,
-                    &rows,
-                    &lp,
-                    "__row_len",
-                    Some("__row * __row_len + __j"),
-                    w,
-                );
-                for (i, _) in &rows {
-                    let slot = prog.row_slot(*i).unwrap();
-                    w.line(&format!(
-                        "__rows[__row * {} + {slot}] = __r{i};",
-                        prog.row_reductions()
-                    ));
+                let roots: Vec<NodeId> = reds.iter().map(|(_, r)| r.arg).collect();
+                let lp = elem_code(prog, &roots);
+                emit_state_slices(prog, &lp.states_read, false, w);
+                for h in &lp.hoisted {
+                    w.line(h);
+                }
+                let (rows, whole): (Vec<_>, Vec<_>) =
+                    reds.iter().partition(|(_, r)| r.scope == Scope::Rows);
+                if !whole.is_empty() {
+                    emit_block_fold(prog, &whole, &lp, w);
+                    for (i, _) in &whole {
+                        w.line(&format!("__acc[{i}] = __r{i};"));
+                    }
+                }
+                if !rows.is_empty() {
+                    w.line("// One result per row; a chunk holds whole rows.");
+                    w.open("for __row in 0..__len / __row_len {");
+                    emit_fold(
+                        prog,
+                        &rows,
+                        &lp,
+                        "__row_len",
+                        Some("__row * __row_len + __j"),
+                        w,
+                    );
+                    for (i, _) in &rows {
+                        let slot = prog.row_slot(*i).unwrap();
+                        w.line(&format!(
+                            "__rows[__row * {} + {slot}] = __r{i};",
+                            prog.row_reductions()
+                        ));
+                    }
+                    w.close("}");
                 }
                 w.close("}");
             }
+            w.line("_ => {}");
             w.close("}");
         }
-        w.line("_ => {}");
+        w.close("}");
+        w.blank();
+
+        // The update pass.
+        w.open(&format!(
+        "#[inline(always)]\nfn update_body(__s: &{name}StepScalars, __ts: &{name}TensorScalars, __p: &mut [f32], __g: &[f32], __st: [&mut [f32]; {RT}::MAX_STATES], __rows: &[f64], __row_len: usize) {{"
+    ));
+        w.line("let __len = __p.len();");
+        w.line("let __g = &__g[..__len];");
+        let mut roots = vec![prog.param_out];
+        roots.extend(&prog.state_out);
+        let lp = elem_code(prog, &roots);
+        let written: Vec<usize> = (0..prog.states.len())
+            .filter(|&i| prog.state_written(i))
+            .collect();
+        let mut all: Vec<usize> = lp.states_read.clone();
+        all.extend(&written);
+        all.sort();
+        all.dedup();
+        emit_state_slices(prog, &all, true, w);
+        for h in &lp.hoisted {
+            w.line(h);
+        }
+        w.open("for __i in 0..__len {");
+        for b in &lp.body {
+            w.line(b);
+        }
+        if prog.param_written() {
+            w.line(&format!(
+                "__p[__i] = {};",
+                operand(prog, prog.param_out, Ctx::Elem)
+            ));
+        }
+        for &i in &written {
+            w.line(&format!(
+                "__state_{}[__i] = {};",
+                prog.states[i].name,
+                operand(prog, prog.state_out[i], Ctx::Elem)
+            ));
+        }
+        w.close("}");
+        w.close("}");
+    }
+    let rt = RT;
+    let reduce_sig = format!("__pass: usize, __s: &{name}StepScalars, __ts: &{name}TensorScalars, __p: &[f32], __g: &[f32], __st: [&[f32]; {rt}::MAX_STATES], __rows: &mut [f64], __row_len: usize, __acc: &mut [f64]");
+    let reduce_args = "__pass, __s, __ts, __p, __g, __st, __rows, __row_len, __acc";
+    let update_sig = format!("__s: &{name}StepScalars, __ts: &{name}TensorScalars, __p: &mut [f32], __g: &[f32], __st: [&mut [f32]; {rt}::MAX_STATES], __rows: &[f64], __row_len: usize");
+    let update_args = "__s, __ts, __p, __g, __st, __rows, __row_len";
+    for (f, sig, args) in [
+        ("reduce", &reduce_sig, reduce_args),
+        ("update", &update_sig, update_args),
+    ] {
+        w.blank();
+        w.open(&format!("fn {f}({sig}) {{"));
+        w.line("#[cfg(target_arch = \"x86_64\")]");
+        w.open(&format!("if {RT}::cpu::has_avx2() {{"));
+        w.line("// SAFETY: the CPU supports AVX2 (checked at run time).");
+        w.line(&format!("return unsafe {{ Self::{f}_avx2({args}) }};"));
+        w.close("}");
+        w.line(&format!("Self::{f}_body({args})"));
         w.close("}");
     }
     w.close("}");
     w.blank();
-
-    // The update pass.
-    w.open(&format!(
-        "fn update(__s: &Self::StepScalars, __ts: &Self::TensorScalars, __p: &mut [f32], __g: &[f32], __st: [&mut [f32]; {RT}::MAX_STATES], __rows: &[f64], __row_len: usize) {{"
-    ));
-    w.line("let __len = __p.len();");
-    w.line("let __g = &__g[..__len];");
-    let mut roots = vec![prog.param_out];
-    roots.extend(&prog.state_out);
-    let lp = elem_code(prog, &roots);
-    let written: Vec<usize> = (0..prog.states.len())
-        .filter(|&i| prog.state_written(i))
-        .collect();
-    let mut all: Vec<usize> = lp.states_read.clone();
-    all.extend(&written);
-    all.sort();
-    all.dedup();
-    emit_state_slices(prog, &all, true, w);
-    for h in &lp.hoisted {
-        w.line(h);
+    w.line("/// The passes' bodies, compiled twice: for the baseline CPU and with AVX2");
+    w.line("/// (the same operations in the same order, so the same bits).");
+    w.line("#[allow(unused_variables, unused_mut, clippy::all)]");
+    w.open(&format!("impl {name}Kernel {{"));
+    w.out.push_str(&bw.out);
+    for (f, sig, args) in [
+        ("reduce", &reduce_sig, reduce_args),
+        ("update", &update_sig, update_args),
+    ] {
+        w.blank();
+        w.line("#[cfg(target_arch = \"x86_64\")]");
+        w.line("#[target_feature(enable = \"avx2\")]");
+        w.open(&format!("unsafe fn {f}_avx2({sig}) {{"));
+        w.line(&format!("Self::{f}_body({args})"));
+        w.close("}");
     }
-    w.open("for __i in 0..__len {");
-    for b in &lp.body {
-        w.line(b);
-    }
-    if prog.param_written() {
-        w.line(&format!(
-            "__p[__i] = {};",
-            operand(prog, prog.param_out, Ctx::Elem)
-        ));
-    }
-    for &i in &written {
-        w.line(&format!(
-            "__state_{}[__i] = {};",
-            prog.states[i].name,
-            operand(prog, prog.state_out[i], Ctx::Elem)
-        ));
-    }
-    w.close("}");
-    w.close("}");
     w.close("}");
 }
 
