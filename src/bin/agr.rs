@@ -280,6 +280,23 @@ fn bench(optimizers: &[String], workloads: &[String], iters: usize) -> ExitCode 
             }
         }
     }
+    // What optimizer! does at compile time, per built-in (this build's
+    // optimisation level; the macro itself is built in the dev profile).
+    for b in optim::BUILTINS {
+        let mut times = vec![];
+        for _ in 0..5 {
+            let start = std::time::Instant::now();
+            if let Ok(prog) = agr_codegen::compile(b.source) {
+                let first = backend::rust::emit(&prog);
+                let cuda = backend::cuda::full_source(&prog);
+                let embedded = backend::rust::Embedded { generated_rust: &first, cuda_source: &cuda };
+                std::hint::black_box(backend::rust::emit_with(&prog, Some(embedded)));
+            }
+            times.push(start.elapsed().as_secs_f64() * 1e3);
+        }
+        times.sort_by(|a, b| a.total_cmp(b));
+        println!("expand {} ms={:.3}", b.name, times[2]);
+    }
     println!("\n| optimizer | workload | median ms | floor ms | ratio |");
     println!("|---|---|---|---|---|");
     for r in &rows {
