@@ -289,7 +289,10 @@ fn bench(optimizers: &[String], workloads: &[String], iters: usize) -> ExitCode 
             if let Ok(prog) = agr_codegen::compile(b.source) {
                 let first = backend::rust::emit(&prog);
                 let cuda = backend::cuda::full_source(&prog);
-                let embedded = backend::rust::Embedded { generated_rust: &first, cuda_source: &cuda };
+                let embedded = backend::rust::Embedded {
+                    generated_rust: &first,
+                    cuda_source: &cuda,
+                };
                 std::hint::black_box(backend::rust::emit_with(&prog, Some(embedded)));
             }
             times.push(start.elapsed().as_secs_f64() * 1e3);
