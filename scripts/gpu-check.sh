@@ -17,7 +17,7 @@ build)
 import json, sys, shutil
 for line in sys.stdin:
     m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] in ("gpu", "cuda_kernels"):
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] in ("gpu", "gpu_bench", "cuda_kernels"):
         shutil.copy(m["executable"], sys.argv[1] + "/" + m["target"]["name"])
         print("bundled", m["target"]["name"])
 ' "$bundle/bin"
@@ -36,6 +36,9 @@ run)
     status=0
     "$bundle/bin/gpu" --nocapture --test-threads=1 > "$out/gpu-tests.txt" 2>&1 || status=$?
     cat "$out/gpu-tests.txt"
+    "$bundle/bin/gpu_bench" --nocapture > "$out/gpu-bench.txt" 2>&1 || status=$?
+    (python3 scripts/torch_adamw_bench.py || true) >> "$out/gpu-bench.txt" 2>&1
+    cat "$out/gpu-bench.txt"
     exit $status
     ;;
 *)

@@ -1,0 +1,129 @@
+//! The GPU benchmark (run by `scripts/gpu-check.sh run`): each built-in's
+//! step against the device-to-device copy bandwidth measured in the same run,
+//! on one tensor of 2^24 parameters and on the 150-tensor GPT-like model.
+//! Prints `bench <optimizer> <workload> median_ms= floor_ms= ratio=` lines,
+//! where the floor is the ideal step's bytes at copy bandwidth. Skips with
+//! one line without a GPU.
+#![cfg(feature = "cuda")]
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use agr_runtime::cpu::Kernel;
+use agr_runtime::cuda::{self, CudaOptimizer, CudaParam, DType};
+use agr_runtime::optim::*;
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
+
+fn workloads() -> Vec<(&'static str, Vec<Vec<usize>>)> {
+    let mut gpt = vec![vec![3072, 768]];
+    for _ in 0..2 {
+        gpt.extend(std::iter::repeat_n(vec![768, 768], 4));
+        gpt.push(vec![768, 3072]);
+        gpt.push(vec![3072, 768]);
+    }
+    gpt.extend(std::iter::repeat_n(vec![3072], 68));
+    gpt.extend(std::iter::repeat_n(vec![768], 69));
+    vec![("one_2^24", vec![vec![1 << 24]]), ("gpt_150", gpt)]
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Milliseconds per device-to-device copy of `n` floats.
+fn copy_ms(stream: &Arc<CudaStream>, n: usize) -> f64 {
+    let src: CudaSlice<f32> = stream.alloc_zeros(n).unwrap();
+    let mut dst: CudaSlice<f32> = stream.alloc_zeros(n).unwrap();
+    let times = (0..25)
+        .map(|_| {
+            stream.synchronize().unwrap();
+            let t = Instant::now();
+            stream.memcpy_dtod(&src, &mut dst).unwrap();
+            stream.synchronize().unwrap();
+            t.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    median(times)
+}
+
+fn step_ms<K: Kernel>(stream: &Arc<CudaStream>, shapes: &[Vec<usize>]) -> f64 {
+    let mut opt = CudaOptimizer::<K>::new(stream.clone(), Default::default(), DType::F32).unwrap();
+    let mut values: Vec<CudaSlice<f32>> = shapes
+        .iter()
+        .map(|s| {
+            stream
+                .clone_htod(&vec![0.5f32; s.iter().product()])
+                .unwrap()
+        })
+        .collect();
+    let grads: Vec<CudaSlice<f32>> = shapes
+        .iter()
+        .map(|s| {
+            stream
+                .clone_htod(&vec![1e-3f32; s.iter().product()])
+                .unwrap()
+        })
+        .collect();
+    let times = (0..25)
+        .map(|_| {
+            let mut params: Vec<CudaParam<'_>> = values
+                .iter_mut()
+                .zip(&grads)
+                .zip(shapes)
+                .map(|((v, g), s)| CudaParam {
+                    value: v,
+                    grad: Some(g),
+                    shape: s,
+                })
+                .collect();
+            stream.synchronize().unwrap();
+            let t = Instant::now();
+            opt.step(&mut params).unwrap();
+            stream.synchronize().unwrap();
+            t.elapsed().as_secs_f64() * 1e3
+        })
+        .collect::<Vec<f64>>();
+    median(times[3..].to_vec())
+}
+
+#[test]
+fn gpu_steps_against_copy_bandwidth() {
+    if !cuda::driver_available() || !cuda::nvrtc_available() {
+        println!("skipped: no CUDA driver or NVRTC on this machine");
+        return;
+    }
+    let ctx = match CudaContext::new(0) {
+        Ok(c) => c,
+        Err(e) => {
+            println!("skipped: no GPU ({e})");
+            return;
+        }
+    };
+    let stream = ctx.default_stream();
+    for (name, shapes) in workloads() {
+        let n: usize = shapes.iter().map(|s| s.iter().product::<usize>()).sum();
+        let copy = copy_ms(&stream, n);
+        let gbs = 8.0 * n as f64 / (copy * 1e-3) / 1e9;
+        println!("copy {name}: {copy:.3} ms for {n} floats ({gbs:.0} GB/s device to device)");
+        // Ideal traffic in f32 arrays per parameter: reads + writes.
+        let cases: [(&str, usize, f64); 3] = [
+            ("adamw", 7, step_ms::<AdamWKernel>(&stream, &shapes)),
+            ("adamw_agr", 8, step_ms::<AdamWAgrKernel>(&stream, &shapes)),
+            ("adan_agr", 12, step_ms::<AdanAgrKernel>(&stream, &shapes)),
+        ];
+        for (opt, arrays, ms) in cases {
+            let floor = copy * arrays as f64 / 2.0;
+            println!(
+                "bench {opt} {name} median_ms={ms:.3} floor_ms={floor:.3} ratio={:.3}",
+                ms / floor
+            );
+        }
+    }
+    println!(
+        "launches per step: adamw {}, adamw_agr {}, adan_agr {}",
+        CudaOptimizer::<AdamWKernel>::LAUNCHES_PER_STEP,
+        CudaOptimizer::<AdamWAgrKernel>::LAUNCHES_PER_STEP,
+        CudaOptimizer::<AdanAgrKernel>::LAUNCHES_PER_STEP
+    );
+}
