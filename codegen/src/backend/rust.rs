@@ -722,10 +722,18 @@ fn emit_block_fold(prog: &Program, reds: &[&(usize, &Reduction)], lp: &Loop, w: 
         .map(|(_, r)| format!("[{RT}::cpu::Fold::{}.identity(); {lanes}]", fold_name(r)))
         .collect();
     w.line(&format!("let mut __lanes = [{}];", idents.join(", ")));
+    // The finite check sums g·0, which is exactly 0 or NaN: f32 lanes suffice
+    // (twice as wide as f64 ones).
+    let check = reds.iter().position(|(i, _)| *i == prog.finite_check);
+    if check.is_some() {
+        w.line(&format!("let mut __check = [0.0f32; {lanes}];"));
+    }
     let accumulate = |w: &mut W, lane: &str| {
         for (k, (_, r)) in reds.iter().enumerate() {
             let v = operand(prog, r.arg, Ctx::Elem);
-            if r.op == ReduceOp::Sum {
+            if Some(k) == check {
+                w.line(&format!("__check[{lane}] += {v};"));
+            } else if r.op == ReduceOp::Sum {
                 w.line(&format!("__lanes[{k}][{lane}] += f64::from({v});"));
             } else {
                 w.line(&format!(
@@ -763,6 +771,12 @@ fn emit_block_fold(prog: &Program, reds: &[&(usize, &Reduction)], lp: &Loop, w: 
     accumulate(w, &format!("__i - __blocks * {lanes}"));
     w.close("}");
     for (k, (i, r)) in reds.iter().enumerate() {
+        if Some(k) == check {
+            w.line(&format!(
+                "let __r{i} = f64::from(__check.iter().sum::<f32>());"
+            ));
+            continue;
+        }
         w.line(&format!(
             "let __r{i} = {RT}::cpu::combine_lanes({RT}::cpu::Fold::{}, &__lanes[{k}]);",
             fold_name(r)
