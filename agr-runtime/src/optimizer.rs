@@ -628,8 +628,8 @@ unsafe fn chunk_ref<'a>(
     let p = std::slice::from_raw_parts(pt.p.add(start), len);
     let g = std::slice::from_raw_parts(pt.g.add(start), len);
     let mut st: [&[f32]; MAX_STATES] = [&[]; MAX_STATES];
-    for k in 0..ns {
-        st[k] = std::slice::from_raw_parts(pt.st[k].add(start), len);
+    for (s, &ptr) in st.iter_mut().zip(&pt.st).take(ns) {
+        *s = std::slice::from_raw_parts(ptr.add(start), len);
     }
     (p, g, st)
 }
@@ -643,8 +643,8 @@ unsafe fn chunk_mut<'a>(
     let p = std::slice::from_raw_parts_mut(pt.p.add(start), len);
     let g = std::slice::from_raw_parts(pt.g.add(start), len);
     let mut st: [&mut [f32]; MAX_STATES] = Default::default();
-    for k in 0..ns {
-        st[k] = std::slice::from_raw_parts_mut(pt.st[k].add(start), len);
+    for (s, &ptr) in st.iter_mut().zip(&pt.st).take(ns) {
+        *s = std::slice::from_raw_parts_mut(ptr.add(start), len);
     }
     (p, g, st)
 }

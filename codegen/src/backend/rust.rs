@@ -538,9 +538,7 @@ fn emit_kernel(prog: &Program, embedded: Option<Embedded<'_>>, w: &mut W) {
     w.blank();
 
     // Host scalars.
-    w.open(&format!(
-        "fn step_scalars(__c: &Self::Config, __phase: usize, __global: &[f64], __s: &mut Self::StepScalars) {{"
-    ));
+    w.open(&"fn step_scalars(__c: &Self::Config, __phase: usize, __global: &[f64], __s: &mut Self::StepScalars) {".to_string());
     emit_phase_match(prog, Level::Step, w);
     w.close("}");
     w.blank();
@@ -897,7 +895,7 @@ fn emit_alias(prog: &Program, w: &mut W) {
     w.line("///");
     w.line("/// ```text");
     for l in prog.spec_text.lines() {
-        w.line(&format!("/// {l}").trim_end().to_string());
+        w.line(format!("/// {l}").trim_end());
     }
     w.line("/// ```");
     w.line(&format!("pub type {name} = {RT}::Optimizer<{name}Kernel>;"));
