@@ -35,7 +35,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .collect();
 
     let mut w = vec![0.0f32; d];
-    let mut opt = LionAgr::new(LionAgrConfig::default().with_lr(3e-3))?;
+    let mut opt = LionAgr::with_config(LionAgrConfig::default().with_lr(3e-3))?;
     let loss_and_grad = |w: &[f32]| {
         let mut g = vec![0.0f32; d];
         let mut loss = 0.0f32;

@@ -7,4 +7,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 eval "$(scripts/cuda-tools.sh)"
 export AGR_REQUIRE_CUDA_TOOLS="${AGR_REQUIRE_CUDA_TOOLS:-1}"
-cargo test --workspace --features agr-runtime/cuda "$@"
+cargo test --workspace --features agr-runtime/cuda,agr-runtime/candle "$@"

@@ -261,7 +261,7 @@ pub fn candle_adamw(w: &Workload) -> Result<impl FnMut() -> Result<f64, String>,
             .map_err(e)?;
         grads.insert(v.as_tensor(), g);
     }
-    let mut opt = candle_nn::AdamW::new(
+    let mut opt = candle_nn::AdamW::with_config(
         vars,
         candle_nn::ParamsAdamW {
             lr: 1e-4,

@@ -253,7 +253,7 @@ fn check(
             .collect();
         opt.step(&mut params).unwrap();
     }
-    let mut rust = vec![];
+    let mut rust: Vec<f32> = vec![];
     for (j, v) in values.iter().enumerate() {
         rust.extend(v);
         for s in &prog.states {
@@ -331,8 +331,9 @@ fn every_operation_agrees_with_the_rust_back_end() {
         "/tests/specs/kitchen_sink.agr"
     ))
     .unwrap();
-    let opt =
-        || -> Box<dyn DynOptimizer> { Box::new(KitchenSink::new(Default::default()).unwrap()) };
+    let opt = || -> Box<dyn DynOptimizer> {
+        Box::new(KitchenSink::with_config(Default::default()).unwrap())
+    };
     check("kitchen_sink", &src, opt(), &[]);
     check(
         "kitchen_sink",

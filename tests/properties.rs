@@ -27,7 +27,7 @@ proptest! {
     #[test]
     fn psi_never_grows_the_gradient(g in gradient()) {
         let mut p = vec![0.0f32; g.len()];
-        let mut opt = Psi::new(PsiConfig::default()).unwrap();
+        let mut opt = Psi::with_config(PsiConfig::default()).unwrap();
         opt.step(&mut [ParamMut::new(&mut p, Some(&g), &[g.len()])]).unwrap();
         let norm = |v: &[f32]| v.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>().sqrt();
         prop_assert!(norm(&p) <= norm(&g) * (1.0 + 1e-6), "{} > {}", norm(&p), norm(&g));

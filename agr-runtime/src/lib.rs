@@ -5,7 +5,7 @@
 //! use agr_runtime::optim::{AdamWAgr, AdamWAgrConfig};
 //! use agr_runtime::ParamMut;
 //!
-//! let mut opt = AdamWAgr::new(AdamWAgrConfig::default().with_lr(1e-2)).unwrap();
+//! let mut opt = AdamWAgr::with_config(AdamWAgrConfig::default().with_lr(1e-2)).unwrap();
 //! let mut w = vec![1.0_f32, -2.0, 3.0, 0.5];
 //! let g = vec![0.1_f32, 0.2, -0.3, 0.0];
 //! opt.step(&mut [ParamMut::new(&mut w, Some(&g), &[2, 2])]).unwrap();
@@ -16,6 +16,8 @@
 extern crate self as agr_runtime;
 
 mod buf;
+#[cfg(feature = "candle")]
+pub mod candle;
 pub mod checkpoint;
 pub mod cpu;
 #[cfg(feature = "cuda")]

@@ -41,7 +41,7 @@ macro_rules! builtins {
                 name: $name,
                 type_name: stringify!($ty),
                 source: include_str!(concat!("../specs/", $file)),
-                make: || Box::new($ty::new(Default::default()).expect("built-in defaults are in range")),
+                make: || Box::new($ty::with_config(Default::default()).expect("built-in defaults are in range")),
             },
         )*];
     };

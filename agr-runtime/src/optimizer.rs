@@ -258,6 +258,9 @@ pub struct Optimizer<K: Kernel> {
     non_finite: NonFinite,
     non_finite_skips: u64,
     scratch: Scratch<K>,
+    /// The variables a candle optimizer updates (`candle_nn::Optimizer::new`).
+    #[cfg(feature = "candle")]
+    pub(crate) vars: Vec<candle_core::Var>,
 }
 
 impl<K: Kernel> Clone for Optimizer<K> {
@@ -270,6 +273,8 @@ impl<K: Kernel> Clone for Optimizer<K> {
             non_finite: self.non_finite,
             non_finite_skips: self.non_finite_skips,
             scratch: Scratch::default(),
+            #[cfg(feature = "candle")]
+            vars: self.vars.clone(),
         }
     }
 }
@@ -295,7 +300,7 @@ impl<K: Kernel> Optimizer<K> {
     pub const CUDA_SOURCE: &'static str = K::CUDA_SOURCE;
 
     /// A new optimizer; fails if a hyperparameter is outside its range.
-    pub fn new(config: K::Config) -> Result<Self, ConfigError> {
+    pub fn with_config(config: K::Config) -> Result<Self, ConfigError> {
         config.validate()?;
         Ok(Optimizer {
             config,
@@ -305,6 +310,8 @@ impl<K: Kernel> Optimizer<K> {
             non_finite: NonFinite::default(),
             non_finite_skips: 0,
             scratch: Scratch::default(),
+            #[cfg(feature = "candle")]
+            vars: vec![],
         })
     }
 

@@ -71,13 +71,13 @@ fn resuming_from_a_checkpoint_is_bit_identical() {
         .with_lr(1e-2)
         .with_max_grad_norm(3.0)
         .with_no_prox(true);
-    let mut straight = AdanAgr::new(config.clone()).unwrap();
+    let mut straight = AdanAgr::with_config(config.clone()).unwrap();
     let mut a = init();
     for t in 1..=8 {
         step(&mut straight, &mut a, t);
     }
 
-    let mut first = AdanAgr::new(config).unwrap();
+    let mut first = AdanAgr::with_config(config).unwrap();
     let mut b = init();
     for t in 1..=4 {
         step(&mut first, &mut b, t);
@@ -88,7 +88,7 @@ fn resuming_from_a_checkpoint_is_bit_identical() {
     first.save_checkpoint_to(&path).unwrap();
     drop(first);
     // A fresh optimizer with default hyperparameters: the checkpoint brings its own.
-    let mut resumed = AdanAgr::new(AdanAgrConfig::default()).unwrap();
+    let mut resumed = AdanAgr::with_config(AdanAgrConfig::default()).unwrap();
     resumed.load_checkpoint_from(&path).unwrap();
     assert_eq!(resumed.config().lr, 1e-2);
     assert!(resumed.config().no_prox);
@@ -105,7 +105,7 @@ fn resuming_from_a_checkpoint_is_bit_identical() {
 
 #[test]
 fn broken_checkpoints_are_errors_and_change_nothing() {
-    let mut source = AdamWAgr::new(AdamWAgrConfig::default().with_lr(3e-3)).unwrap();
+    let mut source = AdamWAgr::with_config(AdamWAgrConfig::default().with_lr(3e-3)).unwrap();
     let mut v = init();
     for t in 1..=2 {
         step(&mut source, &mut v, t);
@@ -113,7 +113,7 @@ fn broken_checkpoints_are_errors_and_change_nothing() {
     let good = source.save_checkpoint();
 
     // The victim: an optimizer mid-run, whose state must survive every failure.
-    let mut victim = AdamWAgr::new(AdamWAgrConfig::default()).unwrap();
+    let mut victim = AdamWAgr::with_config(AdamWAgrConfig::default()).unwrap();
     let mut w = init();
     step(&mut victim, &mut w, 1);
     let before = victim.save_checkpoint();
@@ -121,7 +121,7 @@ fn broken_checkpoints_are_errors_and_change_nothing() {
     let mut flipped = good.clone();
     flipped[10] ^= 0xff; // inside the JSON header
     let wrong_shape = {
-        let mut other = AdamWAgr::new(AdamWAgrConfig::default()).unwrap();
+        let mut other = AdamWAgr::with_config(AdamWAgrConfig::default()).unwrap();
         let mut x = vec![0.5f32; 12];
         let g = vec![0.1f32; 12];
         other
@@ -133,7 +133,9 @@ fn broken_checkpoints_are_errors_and_change_nothing() {
             .unwrap();
         other.save_checkpoint()
     };
-    let other_optimizer = AdamW::new(Default::default()).unwrap().save_checkpoint();
+    let other_optimizer = AdamW::with_config(Default::default())
+        .unwrap()
+        .save_checkpoint();
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
         (
             "truncated",

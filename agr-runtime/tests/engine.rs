@@ -89,7 +89,7 @@ fn adamw_agr_matches_an_unfused_reference_over_many_chunks() {
     let (lr, b1, b2, eps, wd) = (1e-2f64, 0.9f64, 0.999f64, 1e-8f64, 0.01f64);
     let mut model = Model::new(1);
     let mut reference = Model::new(1);
-    let mut opt = AdamWAgr::new(AdamWAgrConfig::default().with_lr(lr)).unwrap();
+    let mut opt = AdamWAgr::with_config(AdamWAgrConfig::default().with_lr(lr)).unwrap();
     let mut m: Vec<Vec<f32>> = reference
         .values
         .iter()
@@ -123,7 +123,7 @@ fn adan_agr_with_global_clipping_matches_an_unfused_reference() {
         (1e-2f64, 0.98f64, 0.92f64, 0.99f64, 1e-8f64, 0.02f64, 5.0f64);
     let mut model = Model::new(2);
     let mut reference = Model::new(2);
-    let mut opt = AdanAgr::new(
+    let mut opt = AdanAgr::with_config(
         AdanAgrConfig::default()
             .with_lr(lr)
             .with_max_grad_norm(clip),
@@ -181,7 +181,7 @@ fn gradient_centralization_subtracts_each_row_mean_over_many_chunks() {
     let (lr, b1, b2, eps, wd) = (1e-2f64, 0.9f64, 0.999f64, 1e-8f64, 0.01f64);
     let mut model = Model::new(4);
     let mut reference = Model::new(4);
-    let mut opt = AdamWGc::new(AdamWGcConfig::default().with_lr(lr)).unwrap();
+    let mut opt = AdamWGc::with_config(AdamWGcConfig::default().with_lr(lr)).unwrap();
     let mut m: Vec<Vec<f32>> = reference
         .values
         .iter()
@@ -223,8 +223,9 @@ fn run_with_threads(threads: usize) -> Vec<Vec<f32>> {
         .unwrap();
     pool.install(|| {
         let mut model = Model::new(3);
-        let mut opt = AdanAgr::new(AdanAgrConfig::default().with_max_grad_norm(1.0)).unwrap();
-        let mut opt2 = AdamWAgr::new(AdamWAgrConfig::default()).unwrap();
+        let mut opt =
+            AdanAgr::with_config(AdanAgrConfig::default().with_max_grad_norm(1.0)).unwrap();
+        let mut opt2 = AdamWAgr::with_config(AdamWAgrConfig::default()).unwrap();
         for t in 1..=3 {
             let grads = model.grads(t);
             run(&mut model, &grads, |p| opt.step(p)).unwrap();
@@ -253,7 +254,7 @@ fn tensors_without_a_gradient_are_skipped() {
     let mut w0 = vec![1.0f32; 6];
     let mut w1 = vec![2.0f32; 3];
     let g0 = vec![0.5f32; 6];
-    let mut opt = AdamWAgr::new(AdamWAgrConfig::default()).unwrap();
+    let mut opt = AdamWAgr::with_config(AdamWAgrConfig::default()).unwrap();
     let r = opt
         .step(&mut [
             ParamMut::new(&mut w0, Some(&g0), &[2, 3]),
@@ -272,7 +273,7 @@ fn tensors_without_a_gradient_are_skipped() {
 fn an_all_zero_gradient_gives_psi_zero_not_nan() {
     let mut w = vec![1.0f32, -1.0, 0.5];
     let g = vec![0.0f32; 3];
-    let mut opt = AdamWAgr::new(AdamWAgrConfig::default().with_weight_decay(0.0)).unwrap();
+    let mut opt = AdamWAgr::with_config(AdamWAgrConfig::default().with_weight_decay(0.0)).unwrap();
     opt.step(&mut [ParamMut::new(&mut w, Some(&g), &[3])])
         .unwrap();
     assert_eq!(w, vec![1.0, -1.0, 0.5]);
@@ -280,7 +281,7 @@ fn an_all_zero_gradient_gives_psi_zero_not_nan() {
 
 #[test]
 fn bad_inputs_are_errors_and_change_nothing() {
-    let mut opt = AdamWAgr::new(AdamWAgrConfig::default()).unwrap();
+    let mut opt = AdamWAgr::with_config(AdamWAgrConfig::default()).unwrap();
     let mut w0 = vec![1.0f32; 6];
     let mut w1 = vec![2.0f32; 3];
     let g0 = vec![0.5f32; 6];
@@ -351,7 +352,7 @@ fn bad_inputs_are_errors_and_change_nothing() {
     assert_eq!(opt.state(0, "m").unwrap(), &m0[..]);
     assert_eq!(opt.steps(), 1);
     let mut empty: Vec<f32> = vec![];
-    let e = AdamWAgr::new(AdamWAgrConfig::default())
+    let e = AdamWAgr::with_config(AdamWAgrConfig::default())
         .unwrap()
         .step(&mut [ParamMut::new(&mut empty, Some(&[]), &[0])])
         .unwrap_err();
@@ -360,7 +361,7 @@ fn bad_inputs_are_errors_and_change_nothing() {
 
 #[test]
 fn hyperparameters_are_range_checked() {
-    let e = AdamWAgr::new(AdamWAgrConfig::default().with_beta1(1.0)).unwrap_err();
+    let e = AdamWAgr::with_config(AdamWAgrConfig::default().with_beta1(1.0)).unwrap_err();
     assert!(
         e.to_string()
             .contains("`beta1` = 1 is outside its valid range [0, 1)"),
@@ -371,7 +372,7 @@ fn hyperparameters_are_range_checked() {
     assert_eq!(c.lr, 1e-3);
     c.set_lr(0.5).unwrap();
     assert_eq!(c.lr, 0.5);
-    let mut opt = AdamWAgr::new(c).unwrap();
+    let mut opt = AdamWAgr::with_config(c).unwrap();
     assert_eq!(opt.learning_rate(), Some(0.5));
     assert!(opt.set_learning_rate(f64::NAN).is_err());
     opt.set_learning_rate(0.25).unwrap();
@@ -392,7 +393,7 @@ fn a_non_finite_gradient_skips_the_step_and_changes_nothing() {
     use agr_runtime::NonFinite;
     for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
         let mut model = Model::new(5);
-        let mut opt = AdamWAgr::new(AdamWAgrConfig::default()).unwrap();
+        let mut opt = AdamWAgr::with_config(AdamWAgrConfig::default()).unwrap();
         let grads = model.grads(1);
         run(&mut model, &grads, |p| opt.step(p)).unwrap();
         let before = model.values.clone();
@@ -426,7 +427,7 @@ fn a_non_finite_gradient_skips_the_step_and_changes_nothing() {
     let mut w = vec![1.0f32; 8];
     let mut g = vec![0.5f32; 8];
     g[3] = f32::NAN;
-    let mut opt = AdamW::new(AdamWConfig::default()).unwrap();
+    let mut opt = AdamW::with_config(AdamWConfig::default()).unwrap();
     let r = opt
         .step(&mut [ParamMut::new(&mut w, Some(&g), &[8])])
         .unwrap();

@@ -193,7 +193,7 @@ fn run_gpu<K: Kernel>(
 }
 
 fn run_cpu<K: Kernel>(config: K::Config, shapes: &[Vec<usize>]) -> Vec<Vec<f32>> {
-    let mut opt = Optimizer::<K>::new(config).unwrap();
+    let mut opt = Optimizer::<K>::with_config(config).unwrap();
     let mut values: Vec<Vec<f32>> = shapes
         .iter()
         .enumerate()
@@ -302,7 +302,7 @@ fn bf16_parameters_step_with_f32_arithmetic() {
         .collect();
     let mut cpu: Vec<f32> = init.iter().map(|&x| from_bf16(x)).collect();
     let g32: Vec<f32> = grad.iter().map(|&x| from_bf16(x)).collect();
-    AdamWAgr::new(config)
+    AdamWAgr::with_config(config)
         .unwrap()
         .step(&mut [ParamMut::new(&mut cpu, Some(&g32), &[n])])
         .unwrap();

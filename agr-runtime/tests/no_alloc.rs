@@ -32,8 +32,8 @@ fn steady_state_steps_do_not_allocate() {
         let g0: Vec<f32> = (0..n).map(|i| (i % 7) as f32 - 3.0).collect();
         let g1 = vec![0.25f32; 64];
         let shapes: [&[usize]; 2] = [&[n], &[8, 8]];
-        let mut a = AdamWAgr::new(AdamWAgrConfig::default()).unwrap();
-        let mut b = AdanAgr::new(AdanAgrConfig::default().with_max_grad_norm(1.0)).unwrap();
+        let mut a = AdamWAgr::with_config(AdamWAgrConfig::default()).unwrap();
+        let mut b = AdanAgr::with_config(AdanAgrConfig::default().with_max_grad_norm(1.0)).unwrap();
         let mut counts = vec![];
         for step in 0..4 {
             let before = ALLOCS.load(Ordering::SeqCst);

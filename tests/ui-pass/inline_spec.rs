@@ -13,7 +13,7 @@ agr_runtime::optimizer! {
 }
 
 fn main() {
-    let mut opt = SgdAgr::new(SgdAgrConfig::default()).unwrap();
+    let mut opt = SgdAgr::with_config(SgdAgrConfig::default()).unwrap();
     let mut w = vec![1.0f32, 2.0, 3.0];
     let g = vec![1.0f32, 0.0, -1.0];
     let r = opt.step(&mut [agr_runtime::ParamMut::new(&mut w, Some(&g), &[3])]).unwrap();

@@ -890,7 +890,7 @@ fn emit_alias(prog: &Program, w: &mut W) {
     }
     w.line("///");
     w.line(&format!(
-        "/// Build it with `{name}::new({name}Config::default())`; the spec it was generated from:"
+        "/// Build it with `{name}::with_config({name}Config::default())` (or, with the `candle` feature, `{name}::new(vars, config)` as a `candle_nn::Optimizer`); the spec it was generated from:"
     ));
     w.line("///");
     w.line("/// ```text");

@@ -1,0 +1,178 @@
+//! The candle adapter: the golden trajectories replayed through
+//! `candle_nn::Optimizer`, training with each built-in lowers the loss, and
+//! variables without a gradient are skipped.
+#![cfg(feature = "candle")]
+
+use std::path::PathBuf;
+
+use agr_runtime::golden;
+use agr_runtime::optim::*;
+use agr_runtime::{HyperConfig, HyperValue};
+use candle_core::backprop::GradStore;
+use candle_core::{Device, Tensor, Var};
+use candle_nn::Optimizer as _;
+
+fn golden_dir() -> PathBuf {
+    std::env::var_os("AGR_GOLDEN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/golden"))
+}
+
+fn replay<O: candle_nn::Optimizer>(file: &str) -> f64
+where
+    O::Config: HyperConfig + Default,
+{
+    let g = golden::load(&golden_dir().join(file)).unwrap();
+    let mut config = O::Config::default();
+    for (name, v) in &g.hyper {
+        let value = match v {
+            serde_json::Value::Bool(b) => HyperValue::Bool(*b),
+            v => HyperValue::Float(v.as_f64().unwrap()),
+        };
+        config.set(name, value).unwrap();
+    }
+    let vars: Vec<Var> = g
+        .params
+        .iter()
+        .map(|p| {
+            Var::from_tensor(
+                &Tensor::from_vec(p.init.clone(), p.shape.as_slice(), &Device::Cpu).unwrap(),
+            )
+            .unwrap()
+        })
+        .collect();
+    let mut opt = O::new(vars.clone(), config).unwrap();
+    let mut worst = 0.0f64;
+    for step in &g.steps {
+        let mut grads = GradStore::default();
+        for (v, (gr, p)) in vars.iter().zip(step.grads.iter().zip(&g.params)) {
+            grads.insert(
+                v.as_tensor(),
+                Tensor::from_vec(gr.clone(), p.shape.as_slice(), &Device::Cpu).unwrap(),
+            );
+        }
+        opt.step(&grads).unwrap();
+        for (v, reference) in vars.iter().zip(&step.params) {
+            let ours = v
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            for (x, r) in ours.iter().zip(reference) {
+                let (x, r) = (f64::from(*x), f64::from(*r));
+                assert!(
+                    (x - r).abs() <= g.tolerance.atol + g.tolerance.rtol * r.abs(),
+                    "{file}: {x} vs {r}"
+                );
+                worst = worst.max((x - r).abs());
+            }
+        }
+    }
+    worst
+}
+
+#[test]
+fn the_golden_files_replay_through_candle() {
+    println!("adamw      {:e}", replay::<AdamW>("adamw_basic.json"));
+    println!(
+        "adamw_agr  {:e}",
+        replay::<AdamWAgr>("adamw_agr_basic.json")
+    );
+    println!(
+        "adamw_agr_m {:e}",
+        replay::<AdamWAgrM>("adamw_agr_m_basic.json")
+    );
+    println!("adan       {:e}", replay::<Adan>("adan_basic.json"));
+    println!("adan_agr   {:e}", replay::<AdanAgr>("adan_agr_basic.json"));
+}
+
+/// Fits y = x·w* with candle's autograd; returns (first loss, last loss).
+fn train<O: candle_nn::Optimizer>(config: O::Config) -> (f32, f32) {
+    let dev = Device::Cpu;
+    let x = Tensor::from_vec(
+        (0..64 * 8)
+            .map(|i| ((i * 37 % 17) as f32 - 8.0) / 8.0)
+            .collect::<Vec<f32>>(),
+        (64, 8),
+        &dev,
+    )
+    .unwrap();
+    let w_true = Tensor::from_vec(
+        (0..8).map(|i| i as f32 / 4.0 - 1.0).collect::<Vec<f32>>(),
+        (8, 1),
+        &dev,
+    )
+    .unwrap();
+    let y = x.matmul(&w_true).unwrap();
+    let w = Var::zeros((8, 1), candle_core::DType::F32, &dev).unwrap();
+    let b = Var::zeros(1, candle_core::DType::F32, &dev).unwrap();
+    let mut opt = O::new(vec![w.clone(), b.clone()], config).unwrap();
+    let loss = |w: &Var, b: &Var| {
+        x.matmul(w.as_tensor())
+            .unwrap()
+            .broadcast_add(b.as_tensor())
+            .unwrap()
+            .sub(&y)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .mean_all()
+            .unwrap()
+    };
+    let first = loss(&w, &b).to_scalar::<f32>().unwrap();
+    for _ in 0..200 {
+        opt.backward_step(&loss(&w, &b)).unwrap();
+    }
+    (first, loss(&w, &b).to_scalar::<f32>().unwrap())
+}
+
+#[test]
+fn training_with_each_builtin_lowers_the_loss() {
+    let cases = [
+        (
+            "adamw",
+            train::<AdamW>(AdamWConfig::default().with_lr(5e-2)),
+        ),
+        (
+            "adamw_agr",
+            train::<AdamWAgr>(AdamWAgrConfig::default().with_lr(5e-2)),
+        ),
+        (
+            "adamw_agr_m",
+            train::<AdamWAgrM>(AdamWAgrMConfig::default().with_lr(5e-2)),
+        ),
+        ("adan", train::<Adan>(AdanConfig::default().with_lr(5e-2))),
+        (
+            "adan_agr",
+            train::<AdanAgr>(AdanAgrConfig::default().with_lr(5e-2)),
+        ),
+    ];
+    for (name, (first, last)) in cases {
+        println!("{name}: loss {first:.4} -> {last:.6}");
+        assert!(last < first * 0.05, "{name}: {first} -> {last}");
+    }
+}
+
+#[test]
+fn variables_without_a_gradient_are_skipped_and_the_learning_rate_is_shared() {
+    let dev = Device::Cpu;
+    let a = Var::ones(4, candle_core::DType::F32, &dev).unwrap();
+    let b = Var::ones(3, candle_core::DType::F32, &dev).unwrap();
+    let mut opt = AdamWAgr::new(vec![a.clone(), b.clone()], AdamWAgrConfig::default()).unwrap();
+    assert_eq!(candle_nn::Optimizer::learning_rate(&opt), 1e-3);
+    candle_nn::Optimizer::set_learning_rate(&mut opt, 0.1);
+    assert_eq!(opt.config().lr, 0.1);
+    let mut grads = GradStore::default();
+    grads.insert(
+        a.as_tensor(),
+        Tensor::from_vec(vec![1.0f32, -1.0, 0.5, 0.0], 4, &dev).unwrap(),
+    );
+    candle_nn::Optimizer::step(&mut opt, &grads).unwrap();
+    assert!(a.as_tensor().to_vec1::<f32>().unwrap()[0] < 1.0);
+    assert_eq!(b.as_tensor().to_vec1::<f32>().unwrap(), vec![1.0; 3]);
+    // Wrong inputs are errors.
+    assert!(AdamWAgr::new(vec![a.clone(), a.clone()], Default::default()).is_err());
+    let half = Var::ones(2, candle_core::DType::F16, &dev).unwrap();
+    assert!(AdamWAgr::new(vec![half], Default::default()).is_err());
+}
