@@ -27,6 +27,7 @@ pub mod golden;
 mod hyper;
 pub mod optim;
 mod optimizer;
+pub mod schedule;
 
 pub use agr_macros::optimizer;
 pub use checkpoint::CheckpointError;

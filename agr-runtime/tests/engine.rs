@@ -478,3 +478,61 @@ fn the_avx2_and_baseline_builds_give_the_same_bits() {
         agr_runtime::cpu::has_avx2()
     );
 }
+
+agr_runtime::optimizer! {
+    /// AdamW-AGR with Ψ switched off after `agr_steps` steps (the paper's Table 7).
+    AdamWAgrUntil {
+        hyper { lr = 1e-3 where lr > 0, beta1 = 0.9 where 0 <= beta1 < 1, beta2 = 0.999 where 0 <= beta2 < 1,
+                eps = 1e-8 where eps > 0, weight_decay = 1e-2 where weight_decay >= 0, agr_steps: int = 3 where agr_steps >= 0 }
+        state { m = 0, v = 0 }
+        step {
+            let gr = if t <= agr_steps { agr(g) } else { g };
+            p = p * (1 - lr * weight_decay);
+            m = beta1 * m + (1 - beta1) * gr;
+            v = beta2 * v + (1 - beta2) * gr * gr;
+            p = p - lr / (1 - beta1 ^ t) * m / (sqrt(v) / sqrt(1 - beta2 ^ t) + eps);
+        }
+    }
+}
+
+#[test]
+fn agr_can_be_switched_off_after_a_number_of_steps() {
+    use agr_runtime::optim::{AdamW, AdamWConfig};
+    let grads: Vec<Vec<f32>> = (0..6).map(|t| values(50, 77 + t)).collect();
+    let run = |steps: &mut dyn FnMut(&mut [f32], &[f32])| {
+        let mut w = values(50, 5);
+        for g in &grads {
+            steps(&mut w, g);
+        }
+        w
+    };
+    let mut until = AdamWAgrUntil::with_config(AdamWAgrUntilConfig::default()).unwrap();
+    let mut agr = AdamWAgr::with_config(AdamWAgrConfig::default()).unwrap();
+    let mut plain = AdamW::with_config(AdamWConfig::default()).unwrap();
+    let mut first_three = vec![];
+    let w_until = run(&mut |w, g| {
+        until.step(&mut [ParamMut::new(w, Some(g), &[50])]).unwrap();
+        if until.steps() == 3 {
+            first_three = w.to_vec();
+        }
+    });
+    let mut agr_three = vec![];
+    let _ = run(&mut |w, g| {
+        agr.step(&mut [ParamMut::new(w, Some(g), &[50])]).unwrap();
+        if agr.steps() == 3 {
+            agr_three = w.to_vec();
+        }
+    });
+    // Identical to AdamW-AGR for three steps...
+    assert_eq!(first_three, agr_three);
+    // ...and then different from both AdamW-AGR and AdamW over six.
+    let w_plain = run(&mut |w, g| {
+        plain.step(&mut [ParamMut::new(w, Some(g), &[50])]).unwrap();
+    });
+    assert_ne!(w_until, w_plain);
+    let mut agr6 = AdamWAgr::with_config(AdamWAgrConfig::default()).unwrap();
+    let w_agr = run(&mut |w, g| {
+        agr6.step(&mut [ParamMut::new(w, Some(g), &[50])]).unwrap();
+    });
+    assert_ne!(w_until, w_agr);
+}
