@@ -1,5 +1,6 @@
 //! Checkpoints: an optimizer's whole state — every state buffer, the step
-//! counts, the hyperparameters — as a safetensors file. Loading checks
+//! counts, the hyperparameters, the parameter groups (names, overrides and
+//! which parameter is in which) — as a safetensors file. Loading checks
 //! everything before changing anything: a truncated or corrupt file, another
 //! optimizer's checkpoint, or one whose shapes disagree with the parameters
 //! this optimizer already steps is an error, and the optimizer is unchanged.
@@ -12,6 +13,7 @@ use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 
 use crate::buf::AlignedBuf;
 use crate::cpu::Kernel;
+use crate::groups::{self, Group, Override, DEFAULT_GROUP};
 use crate::optimizer::TensorState;
 use crate::{HyperConfig, HyperValue, Optimizer, TensorMeta};
 
@@ -71,6 +73,68 @@ fn spec_hash(spec: &str) -> String {
     format!("{h:016x}")
 }
 
+fn hyper_json(v: HyperValue) -> serde_json::Value {
+    match v {
+        HyperValue::Float(x) => serde_json::json!(x),
+        HyperValue::Int(x) => serde_json::json!(x),
+        HyperValue::Bool(x) => serde_json::json!(x),
+    }
+}
+
+fn hyper_value(name: &str, v: &serde_json::Value) -> Result<HyperValue, CheckpointError> {
+    Ok(match v {
+        serde_json::Value::Bool(b) => HyperValue::Bool(*b),
+        serde_json::Value::Number(n) if n.is_i64() => HyperValue::Int(n.as_i64().unwrap()),
+        serde_json::Value::Number(n) => HyperValue::Float(n.as_f64().unwrap_or(f64::NAN)),
+        other => return Err(corrupt(format!("hyperparameter `{name}` = {other}"))),
+    })
+}
+
+/// The groups beyond `default`, as stored: `[{"name", "overrides": [{"hyper", "set" | "scale"}]}]`.
+fn groups_json<C>(groups: &[Group<C>]) -> serde_json::Value {
+    serde_json::Value::Array(
+        groups[1..]
+            .iter()
+            .map(|g| {
+                let overrides: Vec<serde_json::Value> = g
+                    .overrides
+                    .iter()
+                    .map(|(name, o)| match o {
+                        Override::Set(v) => {
+                            serde_json::json!({"hyper": name, "set": hyper_json(*v)})
+                        }
+                        Override::Scale(s) => serde_json::json!({"hyper": name, "scale": s}),
+                    })
+                    .collect();
+                serde_json::json!({"name": g.name, "overrides": overrides})
+            })
+            .collect(),
+    )
+}
+
+type StoredGroups = Vec<(String, Vec<(String, Override)>)>;
+
+fn parse_groups(text: &str) -> Result<StoredGroups, CheckpointError> {
+    let v: serde_json::Value = serde_json::from_str(text).map_err(corrupt)?;
+    let bad = || corrupt(format!("malformed `groups` field: {text}"));
+    let mut out = vec![];
+    for g in v.as_array().ok_or_else(bad)? {
+        let name = g["name"].as_str().ok_or_else(bad)?.to_string();
+        let mut overrides = vec![];
+        for o in g["overrides"].as_array().ok_or_else(bad)? {
+            let hyper = o["hyper"].as_str().ok_or_else(bad)?.to_string();
+            let ov = if let Some(s) = o.get("scale") {
+                Override::Scale(s.as_f64().ok_or_else(bad)?)
+            } else {
+                Override::Set(hyper_value(&hyper, o.get("set").ok_or_else(bad)?)?)
+            };
+            overrides.push((hyper, ov));
+        }
+        out.push((name, overrides));
+    }
+    Ok(out)
+}
+
 fn f32_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
@@ -89,14 +153,15 @@ impl<K: Kernel> Optimizer<K> {
         );
         let mut hypers = serde_json::Map::new();
         for h in <K::Config as HyperConfig>::HYPERS {
-            let v = match self.config.get(h.name) {
-                Some(HyperValue::Float(x)) => serde_json::json!(x),
-                Some(HyperValue::Int(x)) => serde_json::json!(x),
-                Some(HyperValue::Bool(x)) => serde_json::json!(x),
-                None => continue,
-            };
-            hypers.insert(h.name.to_string(), v);
+            if let Some(v) = self.config.get(h.name) {
+                hypers.insert(h.name.to_string(), hyper_json(v));
+            }
         }
+        meta.insert("groups".to_string(), groups_json(&self.groups).to_string());
+        meta.insert(
+            "group_of".to_string(),
+            serde_json::json!(self.group_of).to_string(),
+        );
         meta.insert(
             "hypers".to_string(),
             serde_json::Value::Object(hypers).to_string(),
@@ -196,15 +261,51 @@ impl<K: Kernel> Optimizer<K> {
             serde_json::from_str(get("hypers")?).map_err(corrupt)?;
         let mut config = self.config.clone();
         for (name, v) in &hypers {
-            let value = match v {
-                serde_json::Value::Bool(b) => HyperValue::Bool(*b),
-                serde_json::Value::Number(n) if n.is_i64() => HyperValue::Int(n.as_i64().unwrap()),
-                serde_json::Value::Number(n) => HyperValue::Float(n.as_f64().unwrap_or(f64::NAN)),
-                other => return Err(corrupt(format!("hyperparameter `{name}` = {other}"))),
-            };
             config
-                .set(name, value)
+                .set(name, hyper_value(name, v)?)
                 .map_err(|e| corrupt(e.to_string()))?;
+        }
+        // Parameter groups (absent: every parameter in `default`).
+        let stored = match meta.get("groups") {
+            Some(text) => parse_groups(text)?,
+            None => vec![],
+        };
+        let group_of: Vec<usize> = match meta.get("group_of") {
+            Some(text) => serde_json::from_str(text).map_err(corrupt)?,
+            None => vec![],
+        };
+        if group_of.iter().any(|&k| k > stored.len()) {
+            return Err(corrupt("`group_of` names a group that is not stored"));
+        }
+        if !group_of.is_empty() && Some(group_of.len()) != n_params {
+            return Err(corrupt("`group_of` does not list every parameter"));
+        }
+        let mut new_groups = vec![Group {
+            name: DEFAULT_GROUP.to_string(),
+            overrides: vec![],
+            config: config.clone(),
+        }];
+        for (name, overrides) in stored {
+            let c = groups::apply(&config, &overrides)
+                .map_err(|e| corrupt(format!("parameter group `{name}`: {e}")))?;
+            new_groups.push(Group {
+                name,
+                overrides,
+                config: c,
+            });
+        }
+        if self.groups.len() > 1 || !self.group_of.is_empty() {
+            let names =
+                |g: &[Group<K::Config>]| g.iter().map(|g| g.name.clone()).collect::<Vec<_>>();
+            if names(&self.groups) != names(&new_groups) || self.group_of != group_of {
+                return Err(CheckpointError::Mismatch(format!(
+                    "its parameter groups {:?} (parameter to group: {:?}) differ from this optimizer's {:?} ({:?})",
+                    names(&new_groups),
+                    group_of,
+                    names(&self.groups),
+                    self.group_of
+                )));
+            }
         }
         if let (Some(mine), Some(theirs)) = (self.n_params, n_params) {
             if mine != theirs {
@@ -266,6 +367,8 @@ impl<K: Kernel> Optimizer<K> {
         }
         // Everything checked: commit.
         self.config = config;
+        self.groups = new_groups;
+        self.group_of = group_of;
         self.tensors = tensors;
         self.n_params = n_params;
         self.steps = steps;

@@ -1,7 +1,7 @@
 //! Optimizers behind one object-safe trait, so tools can pick one by name.
 
 use crate::cpu::Kernel;
-use crate::NonFinite;
+use crate::{CheckpointError, GroupError, NonFinite, ParamGroups};
 use crate::{
     ConfigError, HyperConfig, HyperInfo, HyperValue, Optimizer, ParamMut, StepError, StepReport,
 };
@@ -22,6 +22,18 @@ pub trait DynOptimizer: Send {
     /// Steps skipped so far because a gradient was not finite.
     fn non_finite_skips(&self) -> u64;
     fn set_learning_rate(&mut self, lr: f64) -> Result<(), ConfigError>;
+    /// See [`Optimizer::set_param_groups`].
+    fn set_param_groups(
+        &mut self,
+        groups: &ParamGroups,
+        params: &[(&str, &[usize])],
+    ) -> Result<(), GroupError>;
+    /// The name of parameter `index`'s group.
+    fn group_name(&self, index: usize) -> &str;
+    /// The whole state as a checkpoint (see [`Optimizer::save_checkpoint`]).
+    fn save_checkpoint(&self) -> Vec<u8>;
+    /// See [`Optimizer::load_checkpoint`].
+    fn load_checkpoint(&mut self, bytes: &[u8]) -> Result<(), CheckpointError>;
 }
 
 impl<K: Kernel> DynOptimizer for Optimizer<K> {
@@ -57,5 +69,21 @@ impl<K: Kernel> DynOptimizer for Optimizer<K> {
     }
     fn non_finite_skips(&self) -> u64 {
         Optimizer::non_finite_skips(self)
+    }
+    fn set_param_groups(
+        &mut self,
+        groups: &ParamGroups,
+        params: &[(&str, &[usize])],
+    ) -> Result<(), GroupError> {
+        Optimizer::set_param_groups(self, groups, params)
+    }
+    fn group_name(&self, index: usize) -> &str {
+        Optimizer::group_name(self, index)
+    }
+    fn save_checkpoint(&self) -> Vec<u8> {
+        Optimizer::save_checkpoint(self)
+    }
+    fn load_checkpoint(&mut self, bytes: &[u8]) -> Result<(), CheckpointError> {
+        Optimizer::load_checkpoint(self, bytes)
     }
 }

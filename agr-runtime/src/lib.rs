@@ -24,15 +24,19 @@ pub mod cpu;
 pub mod cuda;
 pub mod dynamic;
 pub mod golden;
+pub mod groups;
 mod hyper;
 pub mod optim;
 mod optimizer;
 pub mod schedule;
+#[cfg(feature = "tch")]
+pub mod tch;
 
 pub use agr_macros::optimizer;
 pub use checkpoint::CheckpointError;
 pub use cpu::Kernel;
 pub use dynamic::DynOptimizer;
+pub use groups::{GroupError, ParamGroups};
 pub use hyper::{ConfigError, HyperConfig, HyperInfo, HyperKind, HyperValue};
 pub use optimizer::{NonFinite, Optimizer, ParamMut, StepError, StepReport};
 

@@ -6,6 +6,7 @@ use rayon::prelude::*;
 
 use crate::buf::AlignedBuf;
 use crate::cpu::Kernel;
+use crate::groups::{self, Group, GroupError, Override, ParamGroups, DEFAULT_GROUP};
 use crate::{ConfigError, HyperConfig, HyperValue, Scope, TensorMeta, MAX_STATES};
 
 /// One parameter tensor for a step: its values (updated in place), its
@@ -230,6 +231,10 @@ struct Scratch<K: Kernel> {
     reduced: Vec<f64>,
     global: Vec<f64>,
     ts: Vec<K::TensorScalars>,
+    /// Step scalars per parameter group.
+    ss: Vec<K::StepScalars>,
+    /// The group of each active tensor.
+    slot_group: Vec<usize>,
 }
 
 impl<K: Kernel> Default for Scratch<K> {
@@ -243,6 +248,8 @@ impl<K: Kernel> Default for Scratch<K> {
             reduced: vec![],
             global: vec![],
             ts: vec![],
+            ss: vec![],
+            slot_group: vec![],
         }
     }
 }
@@ -251,7 +258,12 @@ impl<K: Kernel> Default for Scratch<K> {
 /// state and the fused CPU step. `agr_runtime::optimizer!` defines
 /// `pub type Name = Optimizer<NameKernel>`.
 pub struct Optimizer<K: Kernel> {
+    /// The optimizer's hyperparameters (those of the group `default`).
     pub(crate) config: K::Config,
+    /// Parameter groups; group 0 is `default` (no overrides).
+    pub(crate) groups: Vec<Group<K::Config>>,
+    /// The group of each parameter; empty: every parameter is in `default`.
+    pub(crate) group_of: Vec<usize>,
     pub(crate) tensors: Vec<Option<TensorState>>,
     pub(crate) n_params: Option<usize>,
     pub(crate) steps: u64,
@@ -261,12 +273,20 @@ pub struct Optimizer<K: Kernel> {
     /// The variables a candle optimizer updates (`candle_nn::Optimizer::new`).
     #[cfg(feature = "candle")]
     pub(crate) vars: Vec<candle_core::Var>,
+    /// Their names (for groups).
+    #[cfg(feature = "candle")]
+    pub(crate) var_names: Vec<String>,
+    /// What the last candle step did.
+    #[cfg(feature = "candle")]
+    pub(crate) last_report: Option<StepReport>,
 }
 
 impl<K: Kernel> Clone for Optimizer<K> {
     fn clone(&self) -> Self {
         Optimizer {
             config: self.config.clone(),
+            groups: self.groups.clone(),
+            group_of: self.group_of.clone(),
             tensors: self.tensors.clone(),
             n_params: self.n_params,
             steps: self.steps,
@@ -275,6 +295,10 @@ impl<K: Kernel> Clone for Optimizer<K> {
             scratch: Scratch::default(),
             #[cfg(feature = "candle")]
             vars: self.vars.clone(),
+            #[cfg(feature = "candle")]
+            var_names: self.var_names.clone(),
+            #[cfg(feature = "candle")]
+            last_report: self.last_report,
         }
     }
 }
@@ -303,6 +327,12 @@ impl<K: Kernel> Optimizer<K> {
     pub fn with_config(config: K::Config) -> Result<Self, ConfigError> {
         config.validate()?;
         Ok(Optimizer {
+            groups: vec![Group {
+                name: DEFAULT_GROUP.into(),
+                overrides: vec![],
+                config: config.clone(),
+            }],
+            group_of: vec![],
             config,
             tensors: vec![],
             n_params: None,
@@ -312,6 +342,10 @@ impl<K: Kernel> Optimizer<K> {
             scratch: Scratch::default(),
             #[cfg(feature = "candle")]
             vars: vec![],
+            #[cfg(feature = "candle")]
+            var_names: vec![],
+            #[cfg(feature = "candle")]
+            last_report: None,
         })
     }
 
@@ -323,6 +357,19 @@ impl<K: Kernel> Optimizer<K> {
     /// changes nothing.
     pub fn set_config(&mut self, config: K::Config) -> Result<(), ConfigError> {
         config.validate()?;
+        self.set_base(config)
+    }
+
+    /// Makes `config` the optimizer's hyperparameters and re-derives every
+    /// group's; if a group's override no longer fits, nothing changes.
+    fn set_base(&mut self, config: K::Config) -> Result<(), ConfigError> {
+        let mut derived = Vec::with_capacity(self.groups.len());
+        for g in &self.groups {
+            derived.push(groups::apply(&config, &g.overrides)?);
+        }
+        for (g, c) in self.groups.iter_mut().zip(derived) {
+            g.config = c;
+        }
         self.config = config;
         Ok(())
     }
@@ -343,8 +390,7 @@ impl<K: Kernel> Optimizer<K> {
             },
             e => e,
         })?;
-        self.config = c;
-        Ok(())
+        self.set_base(c)
     }
 
     /// The learning rate, where the spec has a hyperparameter `lr`.
@@ -391,6 +437,91 @@ impl<K: Kernel> Optimizer<K> {
             .map_or(0, |t| t.t)
     }
 
+    /// Puts each parameter into the first of `groups` whose predicate holds
+    /// (or into `default`). `params` lists every parameter's name and shape
+    /// in the order steps pass them. Checked first; on error nothing changes.
+    pub fn set_param_groups(
+        &mut self,
+        groups: &ParamGroups,
+        params: &[(&str, &[usize])],
+    ) -> Result<(), GroupError> {
+        if let Some(n) = self.n_params {
+            if n != params.len() {
+                return Err(GroupError::ParamCount {
+                    expected: n,
+                    got: params.len(),
+                });
+            }
+        }
+        let group_of = groups.assign(params)?;
+        let mut resolved = vec![self.groups[0].clone()];
+        for spec in groups.specs() {
+            resolved.push(Group {
+                name: spec.name.clone(),
+                overrides: spec.overrides.clone(),
+                config: groups::derive(&self.config, &spec.name, &spec.overrides)
+                    .map_err(named::<K>)?,
+            });
+        }
+        self.groups = resolved;
+        self.group_of = group_of;
+        self.n_params = Some(params.len());
+        Ok(())
+    }
+
+    /// The group index of parameter `index` (0 is `default`).
+    pub fn group_of(&self, index: usize) -> usize {
+        self.group_of.get(index).copied().unwrap_or(0)
+    }
+
+    /// The name of parameter `index`'s group.
+    pub fn group_name(&self, index: usize) -> &str {
+        &self.groups[self.group_of(index)].name
+    }
+
+    /// The names of the groups, `default` first.
+    pub fn group_names(&self) -> Vec<&str> {
+        self.groups.iter().map(|g| g.name.as_str()).collect()
+    }
+
+    /// The hyperparameters group `name` steps with.
+    pub fn group_config(&self, name: &str) -> Option<&K::Config> {
+        self.groups
+            .iter()
+            .find(|g| g.name == name)
+            .map(|g| &g.config)
+    }
+
+    /// Overrides hyperparameter `hyper` in group `group` (checked; on error
+    /// nothing changes).
+    pub fn set_group_hyper(
+        &mut self,
+        group: &str,
+        hyper: &str,
+        value: impl Into<HyperValue>,
+    ) -> Result<(), GroupError> {
+        let Some(k) = self.groups.iter().position(|g| g.name == group) else {
+            return Err(GroupError::UnknownGroup {
+                name: group.into(),
+                known: self.groups.iter().map(|g| g.name.clone()).collect(),
+            });
+        };
+        let mut overrides = self.groups[k].overrides.clone();
+        overrides.retain(|(n, _)| n != hyper);
+        overrides.push((hyper.to_string(), Override::Set(value.into())));
+        let config = groups::derive(&self.config, group, &overrides).map_err(named::<K>)?;
+        if k == 0 {
+            // `default` has no overrides: this sets the optimizer's own value.
+            return self.set_base(config).map_err(|error| GroupError::Config {
+                group: group.into(),
+                error,
+            });
+        }
+        self.groups[k].overrides = overrides;
+        self.groups[k].config = config;
+        Ok(())
+    }
+
     fn validate(&self, params: &[ParamMut<'_>]) -> Result<(), StepError> {
         let stored = |i: usize| {
             self.tensors
@@ -421,6 +552,7 @@ impl<K: Kernel> Optimizer<K> {
         sc.ptrs.clear();
         sc.metas.clear();
         sc.items.clear();
+        sc.slot_group.clear();
         for (i, p) in params.iter_mut().enumerate() {
             let Some(g) = p.grad else { continue };
             let st = self.tensors[i].get_or_insert_with(|| TensorState {
@@ -438,6 +570,8 @@ impl<K: Kernel> Optimizer<K> {
             });
             let slot = sc.active.len();
             sc.active.push(i);
+            sc.slot_group
+                .push(self.group_of.get(i).copied().unwrap_or(0));
             let mut stp = [std::ptr::null_mut(); MAX_STATES];
             for (k, b) in st.bufs.iter_mut().enumerate() {
                 stp[k] = b.as_mut_ptr();
@@ -482,16 +616,23 @@ impl<K: Kernel> Optimizer<K> {
         let total: usize = sc.metas.iter().map(|m| m.numel).sum();
         let parallel = total >= PARALLEL_MIN && rayon::current_num_threads() > 1;
 
-        let mut ss = K::StepScalars::default();
+        let ng = self.groups.len();
+        sc.ss.clear();
+        sc.ss.resize(ng, K::StepScalars::default());
         for phase in 0..=K::PASSES {
-            K::step_scalars(&self.config, phase, &sc.global, &mut ss);
+            for (g, ss) in self.groups.iter().zip(sc.ss.iter_mut()) {
+                K::step_scalars(&g.config, phase, &sc.global, ss);
+            }
             for j in 0..na {
                 let red = &sc.reduced[j * nr..(j + 1) * nr];
-                K::tensor_scalars(&self.config, phase, &ss, &sc.metas[j], red, &mut sc.ts[j]);
+                let g = sc.slot_group[j];
+                let (c, ss) = (&self.groups[g].config, &sc.ss[g]);
+                K::tensor_scalars(c, phase, ss, &sc.metas[j], red, &mut sc.ts[j]);
             }
             let ptrs = &sc.ptrs;
             let ts = &sc.ts;
-            let ss = &ss;
+            let sss = &sc.ss;
+            let slot_group = &sc.slot_group;
             if phase < K::PASSES && skip_pass_of::<K>(phase, self.non_finite) {
                 continue;
             }
@@ -502,6 +643,7 @@ impl<K: Kernel> Optimizer<K> {
                     let (p, g, st) = unsafe { chunk_ref(pt, ns, item.start, item.len) };
                     // SAFETY: whole rows per item, so items' row ranges are disjoint.
                     let rows = unsafe { rows_of(pt, item.start, item.len, K::ROW_REDUCTIONS) };
+                    let ss = &sss[slot_group[item.slot]];
                     K::reduce(phase, ss, &ts[item.slot], p, g, st, rows, pt.row_len, acc);
                 };
                 if nr > 0 {
@@ -549,6 +691,7 @@ impl<K: Kernel> Optimizer<K> {
                     // SAFETY: see `Ptrs`; work items cover disjoint ranges.
                     let (p, g, st) = unsafe { chunk_mut(pt, ns, item.start, item.len) };
                     let rows = unsafe { rows_of(pt, item.start, item.len, K::ROW_REDUCTIONS) };
+                    let ss = &sss[slot_group[item.slot]];
                     K::update(ss, &ts[item.slot], p, g, st, rows, pt.row_len);
                 };
                 if parallel {
@@ -570,6 +713,24 @@ impl<K: Kernel> Optimizer<K> {
             skipped: params.len() - na,
             skipped_non_finite: None,
         })
+    }
+}
+
+/// Puts the optimizer's name into an unknown-hyperparameter error.
+fn named<K: Kernel>(e: GroupError) -> GroupError {
+    match e {
+        GroupError::Config {
+            group,
+            error: ConfigError::Unknown { name, known, .. },
+        } => GroupError::Config {
+            group,
+            error: ConfigError::Unknown {
+                optimizer: K::NAME.into(),
+                name,
+                known,
+            },
+        },
+        e => e,
     }
 }
 
