@@ -354,6 +354,61 @@ impl<'a> Lowerer<'a> {
         }
     }
 
+    /// `x · max(0, 1 − |x|·inv)`: Ψ(x) for `inv = 1/Σ|x|`, and exactly `x`
+    /// for `inv = 0`.
+    fn psi(&mut self, x: NodeId, inv: NodeId) -> NodeId {
+        let zero = self.num(0.0);
+        let one = self.num(1.0);
+        let ax = self.make(Op::Unary(UnaryOp::Abs, x));
+        let share = self.make(Op::Binary(BinaryOp::Mul, ax, inv));
+        let keep = self.make(Op::Binary(BinaryOp::Sub, one, share));
+        let keep = self.make(Op::Binary(BinaryOp::Max, keep, zero));
+        self.make(Op::Binary(BinaryOp::Mul, x, keep))
+    }
+
+    /// `(x, inv)` when `n` is [`Lowerer::psi`]`(x, inv)`.
+    fn as_psi(&self, n: NodeId) -> Option<(NodeId, NodeId)> {
+        let op = |n: NodeId| self.nodes[n].op;
+        let Op::Binary(BinaryOp::Mul, x, keep) = op(n) else {
+            return None;
+        };
+        let Op::Binary(BinaryOp::Max, keep, zero) = op(keep) else {
+            return None;
+        };
+        let Op::Binary(BinaryOp::Sub, one, share) = op(keep) else {
+            return None;
+        };
+        let Op::Binary(BinaryOp::Mul, ax, inv) = op(share) else {
+            return None;
+        };
+        let is_psi = self.constant(zero) == Some(0.0)
+            && self.constant(one) == Some(1.0)
+            && op(ax) == Op::Unary(UnaryOp::Abs, x)
+            && self.nodes[inv].level != Level::Elem;
+        is_psi.then_some((x, inv))
+    }
+
+    /// `select(c, a, b)`. A switch around Ψ with a condition that is the
+    /// same for the whole tensor (`if use_agr { agr(g) } else { g }`) becomes
+    /// Ψ with its scale switched, `inv' = select(c, inv, 0)`: exactly the same
+    /// values (Ψ with `inv = 0` is `x · 1`), and nothing extra per element.
+    fn select(&mut self, c: NodeId, a: NodeId, b: NodeId) -> NodeId {
+        if self.nodes[c].level != Level::Elem {
+            let zero = self.num(0.0);
+            if let Some((x, inv)) = self.as_psi(a).filter(|&(x, _)| x == b) {
+                let inv = self.make(Op::Select(c, inv, zero));
+                self.name_node(inv, "agr_inv_if");
+                return self.psi(x, inv);
+            }
+            if let Some((x, inv)) = self.as_psi(b).filter(|&(x, _)| x == a) {
+                let inv = self.make(Op::Select(c, zero, inv));
+                self.name_node(inv, "agr_inv_if");
+                return self.psi(x, inv);
+            }
+        }
+        self.make(Op::Select(c, a, b))
+    }
+
     fn name_node(&mut self, id: NodeId, name: &str) {
         if self.nodes[id].name.is_empty() {
             self.nodes[id].name = name.to_string();
@@ -467,7 +522,7 @@ impl<'a> Lowerer<'a> {
                 let c = self.expr(c);
                 let a = self.expr(a);
                 let b = self.expr(b);
-                self.make(Op::Select(c, a, b))
+                self.select(c, a, b)
             }
             ExprKind::Call { func, args } => {
                 let origin = print::expr(e);
@@ -528,7 +583,7 @@ impl<'a> Lowerer<'a> {
                 let lo = bin(self, B::Max, a[0], a[1]);
                 bin(self, B::Min, lo, a[2])
             }
-            "select" => self.make(Op::Select(a[0], a[1], a[2])),
+            "select" => self.select(a[0], a[1], a[2]),
             "sum" => self.reduce(ReduceOp::Sum, Scope::Tensor, a[0], origin),
             "mean" => {
                 let s = self.reduce(ReduceOp::Sum, Scope::Tensor, a[0], origin);
@@ -580,10 +635,7 @@ impl<'a> Lowerer<'a> {
                 let recip = bin(self, B::Div, one, s);
                 let inv = self.make(Op::Select(pos, recip, zero));
                 self.name_node(inv, "agr_inv");
-                let share = bin(self, B::Mul, ax, inv);
-                let keep = bin(self, B::Sub, one, share);
-                let keep = bin(self, B::Max, keep, zero);
-                bin(self, B::Mul, x, keep)
+                self.psi(x, inv)
             }
             other => unreachable!("checked spec: unknown function `{other}`"),
         }
