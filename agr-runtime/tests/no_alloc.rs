@@ -1,5 +1,6 @@
 //! Once the set of parameters is stable, a CPU step allocates nothing, on
-//! the single-threaded path and on the parallel one.
+//! the single-threaded path and on the parallel one; a step through the
+//! candle adapter allocates a few bytes per variable, whatever its size.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -10,10 +11,14 @@ use agr_runtime::ParamMut;
 struct Counting;
 
 static ALLOCS: AtomicUsize = AtomicUsize::new(0);
+static BYTES: AtomicUsize = AtomicUsize::new(0);
+/// The counters are global: tests that read them run one at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         ALLOCS.fetch_add(1, Ordering::SeqCst);
+        BYTES.fetch_add(layout.size(), Ordering::SeqCst);
         System.alloc(layout)
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
@@ -26,6 +31,7 @@ static GLOBAL: Counting = Counting;
 
 #[test]
 fn steady_state_steps_do_not_allocate() {
+    let _one_at_a_time = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     for n in [1000usize, 300_000] {
         let mut w0 = vec![0.5f32; n];
         let mut w1 = vec![-0.5f32; 64];
@@ -53,4 +59,41 @@ fn steady_state_steps_do_not_allocate() {
         }
         assert_eq!(counts, vec![0, 0], "allocations per step with {n} elements");
     }
+}
+
+/// Bytes allocated by steady-state candle steps over two variables of `n`
+/// and 64 elements.
+#[cfg(feature = "candle")]
+fn candle_step_bytes(n: usize) -> usize {
+    use candle_core::{backprop::GradStore, Device, Tensor, Var};
+    use candle_nn::Optimizer as _;
+    let dev = Device::Cpu;
+    let a = Var::from_tensor(&Tensor::ones(n, candle_core::DType::F32, &dev).unwrap()).unwrap();
+    let b =
+        Var::from_tensor(&Tensor::ones((8, 8), candle_core::DType::F32, &dev).unwrap()).unwrap();
+    let mut grads = GradStore::default();
+    grads.insert(a.as_tensor(), Tensor::full(0.5f32, n, &dev).unwrap());
+    grads.insert(b.as_tensor(), Tensor::full(-0.25f32, (8, 8), &dev).unwrap());
+    let mut opt = AdamWAgr::new(vec![a, b], AdamWAgrConfig::default()).unwrap();
+    let mut bytes = vec![];
+    for _ in 0..4 {
+        let before = BYTES.load(Ordering::SeqCst);
+        candle_nn::Optimizer::step(&mut opt, &grads).unwrap();
+        bytes.push(BYTES.load(Ordering::SeqCst) - before);
+    }
+    // The first step creates the state (n floats per moment).
+    assert!(bytes[0] >= 2 * 4 * n, "{bytes:?}");
+    assert_eq!(bytes[2], bytes[3], "{bytes:?}");
+    bytes[3]
+}
+
+#[cfg(feature = "candle")]
+#[test]
+fn candle_steps_allocate_per_variable_not_per_element() {
+    let _one_at_a_time = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let small = candle_step_bytes(1000);
+    let large = candle_step_bytes(1_000_000);
+    println!("candle adapter: {small} bytes allocated per step with 1,000 elements, {large} with 1,000,000");
+    assert_eq!(small, large);
+    assert!(large < 2048, "{large} bytes per step");
 }
