@@ -1,7 +1,7 @@
 //! The main job: a real training run with the built-in AGR optimizers.
 //!
-//! Trains a 64-64-10 MLP (ReLU, softmax cross-entropy, written out by hand)
-//! on the handwritten-digits data the repository ships, with AdamW,
+//! Trains a candle MLP (64 → 64 ReLU → 10, softmax cross-entropy) on the
+//! handwritten-digits data the repository ships, with AdamW,
 //! AdamW-AGR, Adan and Adan-AGR over several seeds on one fixed train/test
 //! split; prints progress and a table of final test accuracy and loss
 //! (mean ± std over seeds); writes the curves (CSV and SVG) and the table.
@@ -13,8 +13,13 @@ use std::io::Read;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use agr_runtime::{optim, DynOptimizer, HyperValue, ParamMut};
-use clap::Parser;
+use agr_codegen::interp;
+use agr_runtime::candle::CandleDyn;
+use agr_runtime::groups::{select, ParamGroups};
+use agr_runtime::{optim, DynOptimizer, HyperValue};
+use candle_core::{DType, Device, Module, Tensor, Var};
+use candle_nn::{Linear, VarBuilder, VarMap};
+use clap::{Parser, ValueEnum};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -23,7 +28,9 @@ use rayon::prelude::*;
 #[derive(Parser, Debug)]
 #[command(about = "Train a digit classifier with agr's optimizers and compare them")]
 struct Args {
-    /// Optimizers to compare: built-in names (see `agr list`).
+    /// Optimizers to compare: built-in names (see `agr list`) or paths of
+    /// your own `.agr` spec files (stepped by the reference interpreter, with
+    /// the spec's defaults and one parameter group).
     #[arg(
         long,
         value_delimiter = ',',
@@ -39,6 +46,11 @@ struct Args {
     /// Learning rate for every optimizer (default: 2e-3 for AdamW-type, 5e-3 for Adan-type).
     #[arg(long)]
     lr: Option<f64>,
+    /// Parameter groups: `paper` trains 1-D parameters (biases) without
+    /// weight decay and without Ψ, as the AGR paper did; `none` treats every
+    /// parameter alike.
+    #[arg(long, value_enum, default_value = "paper")]
+    groups: Groups,
     /// Mini-batch size.
     #[arg(long, default_value_t = 64)]
     batch: usize,
@@ -48,6 +60,12 @@ struct Args {
     /// The data: gzipped CSV, 64 pixels (0..16) then the label per line.
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/data/digits.csv.gz"))]
     data: PathBuf,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Groups {
+    Paper,
+    None,
 }
 
 const IN: usize = 64;
@@ -122,96 +140,85 @@ fn split(d: &Data) -> (Data, Data) {
     (take(&idx[..n_train]), take(&idx[n_train..]))
 }
 
-/// The model: w1 [HIDDEN, IN], b1 [HIDDEN], w2 [CLASSES, HIDDEN], b2 [CLASSES].
+/// The model: a candle MLP, 64 → 64 (ReLU) → 10, its variables named
+/// `fc1.weight`, `fc1.bias`, `fc2.weight`, `fc2.bias` in a `VarMap`.
 struct Mlp {
-    params: Vec<Vec<f32>>,
+    varmap: VarMap,
+    fc1: Linear,
+    fc2: Linear,
 }
 
-const SHAPES: [&[usize]; 4] = [&[HIDDEN, IN], &[HIDDEN], &[CLASSES, HIDDEN], &[CLASSES]];
-
 impl Mlp {
-    fn new(rng: &mut StdRng) -> Mlp {
-        let mut he = |fan_in: usize, n: usize| -> Vec<f32> {
+    /// He-initialised weights and zero biases from `rng` (candle's own
+    /// initialisers draw from an unseeded generator; runs must repeat).
+    fn new(rng: &mut StdRng) -> candle_core::Result<Mlp> {
+        let mut he = |fan_in: usize, shape: (usize, usize)| -> candle_core::Result<Tensor> {
             let s = (2.0 / fan_in as f32).sqrt();
-            (0..n)
+            let v: Vec<f32> = (0..shape.0 * shape.1)
                 .map(|_| {
                     // Box-Muller.
                     let (u, v): (f32, f32) = (rng.random::<f32>().max(1e-7), rng.random());
                     s * (-2.0 * u.ln()).sqrt() * (std::f32::consts::TAU * v).cos()
                 })
-                .collect()
+                .collect();
+            Tensor::from_vec(v, shape, &Device::Cpu)
         };
-        let w1 = he(IN, HIDDEN * IN);
-        let w2 = he(HIDDEN, CLASSES * HIDDEN);
-        Mlp {
-            params: vec![w1, vec![0.0; HIDDEN], w2, vec![0.0; CLASSES]],
+        let varmap = VarMap::new();
+        {
+            let mut data = varmap.data().lock().expect("not poisoned");
+            let mut put = |name: &str, t: Tensor| -> candle_core::Result<()> {
+                data.insert(name.to_string(), Var::from_tensor(&t)?);
+                Ok(())
+            };
+            put("fc1.weight", he(IN, (HIDDEN, IN))?)?;
+            put("fc1.bias", Tensor::zeros(HIDDEN, DType::F32, &Device::Cpu)?)?;
+            put("fc2.weight", he(HIDDEN, (CLASSES, HIDDEN))?)?;
+            put(
+                "fc2.bias",
+                Tensor::zeros(CLASSES, DType::F32, &Device::Cpu)?,
+            )?;
         }
+        // The layers take the variables just stored (same names and shapes).
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let fc1 = candle_nn::linear(IN, HIDDEN, vb.pp("fc1"))?;
+        let fc2 = candle_nn::linear(HIDDEN, CLASSES, vb.pp("fc2"))?;
+        Ok(Mlp { varmap, fc1, fc2 })
     }
 
-    /// Mean cross-entropy and accuracy over `rows` of `d`; with `grads`, also
-    /// accumulates the gradient of the mean loss.
-    fn run(&self, d: &Data, rows: &[usize], mut grads: Option<&mut [Vec<f32>]>) -> (f32, f32) {
-        let [w1, b1, w2, b2] = [
-            &self.params[0],
-            &self.params[1],
-            &self.params[2],
-            &self.params[3],
-        ];
-        let scale = 1.0 / rows.len() as f32;
-        let (mut loss, mut correct) = (0.0f32, 0usize);
-        let mut h = [0.0f32; HIDDEN];
-        let mut z = [0.0f32; CLASSES];
-        for &r in rows {
-            let x = &d.x[r * IN..(r + 1) * IN];
-            for j in 0..HIDDEN {
-                let a: f32 = b1[j]
-                    + w1[j * IN..(j + 1) * IN]
-                        .iter()
-                        .zip(x)
-                        .map(|(w, x)| w * x)
-                        .sum::<f32>();
-                h[j] = a.max(0.0);
-            }
-            for k in 0..CLASSES {
-                z[k] = b2[k]
-                    + w2[k * HIDDEN..(k + 1) * HIDDEN]
-                        .iter()
-                        .zip(&h)
-                        .map(|(w, h)| w * h)
-                        .sum::<f32>();
-            }
-            let zmax = z.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-            let sum: f32 = z.iter().map(|v| (v - zmax).exp()).sum();
-            let logp = |k: usize| z[k] - zmax - sum.ln();
-            loss -= logp(d.y[r]);
-            let pred = (0..CLASSES).max_by(|&a, &b| z[a].total_cmp(&z[b])).unwrap();
-            correct += usize::from(pred == d.y[r]);
-            if let Some(g) = grads.as_deref_mut() {
-                // dL/dz = softmax - onehot, averaged over the batch.
-                let mut dz = [0.0f32; CLASSES];
-                for k in 0..CLASSES {
-                    dz[k] = (logp(k).exp() - f32::from(u8::from(k == d.y[r]))) * scale;
-                }
-                let mut dh = [0.0f32; HIDDEN];
-                for k in 0..CLASSES {
-                    g[3][k] += dz[k];
-                    for j in 0..HIDDEN {
-                        g[2][k * HIDDEN + j] += dz[k] * h[j];
-                        dh[j] += dz[k] * w2[k * HIDDEN + j];
-                    }
-                }
-                for j in 0..HIDDEN {
-                    if h[j] <= 0.0 {
-                        continue;
-                    }
-                    g[1][j] += dh[j];
-                    for (gw, xi) in g[0][j * IN..(j + 1) * IN].iter_mut().zip(x) {
-                        *gw += dh[j] * xi;
-                    }
-                }
-            }
-        }
-        (loss * scale, correct as f32 * scale)
+    fn logits(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.fc2.forward(&self.fc1.forward(x)?.relu()?)
+    }
+}
+
+/// A data set as candle tensors: images [n, 64], labels [n] (u32).
+struct Tensors {
+    x: Tensor,
+    y: Tensor,
+}
+
+impl Tensors {
+    fn new(d: &Data) -> candle_core::Result<Tensors> {
+        Ok(Tensors {
+            x: Tensor::from_slice(&d.x, (d.len(), IN), &Device::Cpu)?,
+            y: Tensor::from_vec(
+                d.y.iter().map(|&v| v as u32).collect::<Vec<u32>>(),
+                d.len(),
+                &Device::Cpu,
+            )?,
+        })
+    }
+
+    /// Mean cross-entropy and accuracy of `model`.
+    fn evaluate(&self, model: &Mlp) -> candle_core::Result<(f32, f32)> {
+        let logits = model.logits(&self.x)?;
+        let loss = candle_nn::loss::cross_entropy(&logits, &self.y)?.to_scalar::<f32>()?;
+        let correct = logits
+            .argmax(1)?
+            .eq(&self.y)?
+            .to_dtype(DType::F32)?
+            .mean_all()?
+            .to_scalar::<f32>()?;
+        Ok((loss, correct))
     }
 }
 
@@ -248,6 +255,111 @@ fn make(name: &str, lr: f64) -> Result<Box<dyn DynOptimizer>, String> {
     Ok(opt)
 }
 
+/// An optimizer for one run: a built-in through the candle adapter, or a
+/// user's spec file compiled at run time and stepped by the reference
+/// interpreter (`agr_codegen::interp`).
+enum Stepper {
+    Builtin(CandleDyn),
+    Spec {
+        prog: agr_codegen::ir::Program,
+        hyper: Vec<f64>,
+        tensors: Vec<interp::TensorData>,
+        vars: Vec<Var>,
+    },
+}
+
+impl Stepper {
+    fn new(name: &str, lr: f64, groups: Groups, model: &Mlp) -> Result<Stepper, String> {
+        if !name.ends_with(".agr") {
+            let mut opt = CandleDyn::from_varmap(make(name, lr)?, &model.varmap)
+                .map_err(|e| format!("{name}: {e}"))?;
+            if groups == Groups::Paper {
+                let g = paper_groups(opt.opt.as_ref());
+                opt.set_param_groups(&g)
+                    .map_err(|e| format!("{name}: {e}"))?;
+            }
+            return Ok(Stepper::Builtin(opt));
+        }
+        let prog = compile_spec(name)?;
+        let mut hyper: Vec<f64> = prog.hypers.iter().map(|h| h.default).collect();
+        let k = prog
+            .hypers
+            .iter()
+            .position(|h| h.name == "lr")
+            .ok_or_else(|| format!("{name}: the spec has no hyperparameter `lr`"))?;
+        hyper[k] = lr;
+        let (_, vars) = agr_runtime::candle::named_vars(&model.varmap);
+        let tensors = vars
+            .iter()
+            .map(|v| {
+                let p = v.as_tensor().flatten_all()?.to_vec1::<f32>()?;
+                Ok(interp::TensorData::new(&prog, v.dims().to_vec(), p))
+            })
+            .collect::<candle_core::Result<Vec<_>>>()
+            .map_err(|e| format!("{name}: {e}"))?;
+        Ok(Stepper::Spec {
+            prog,
+            hyper,
+            tensors,
+            vars,
+        })
+    }
+
+    /// `loss.backward()` and one step; the index of a variable whose
+    /// gradient was not finite, if the step was skipped for it.
+    fn backward_step(&mut self, loss: &Tensor) -> candle_core::Result<Option<usize>> {
+        match self {
+            Stepper::Builtin(opt) => {
+                Ok(opt.backward_step(loss)?.and_then(|r| r.skipped_non_finite))
+            }
+            Stepper::Spec {
+                prog,
+                hyper,
+                tensors,
+                vars,
+            } => {
+                let grads = loss.backward()?;
+                for (t, v) in tensors.iter_mut().zip(vars.iter()) {
+                    let g = grads.get(v.as_tensor()).ok_or_else(|| {
+                        candle_core::Error::Msg("a variable has no gradient".into())
+                    })?;
+                    t.g = g.flatten_all()?.to_vec1::<f32>()?;
+                }
+                interp::step(prog, hyper, tensors);
+                for (t, v) in tensors.iter().zip(vars.iter()) {
+                    v.set(&Tensor::from_slice(&t.p, v.dims(), &Device::Cpu)?)?;
+                }
+                Ok(None)
+            }
+        }
+    }
+}
+
+/// Reads and compiles a spec file; errors show line, column and a caret.
+fn compile_spec(path: &str) -> Result<agr_codegen::ir::Program, String> {
+    let source =
+        std::fs::read_to_string(path).map_err(|e| format!("cannot read the spec {path}: {e}"))?;
+    agr_codegen::compile(&source).map_err(|diags| {
+        diags
+            .iter()
+            .map(|d| d.render(path, &source))
+            .collect::<Vec<_>>()
+            .join("\n")
+    })
+}
+
+/// The paper's layout: 1-D parameters (biases) get no weight decay and, for
+/// the AGR optimizers, no Ψ.
+fn paper_groups(opt: &dyn DynOptimizer) -> ParamGroups {
+    let mut g = ParamGroups::new()
+        .group("vectors", select::ndim_below(2))
+        .set("weight_decay", 0.0);
+    if opt.hyper("use_agr").is_some() {
+        g = g.set("use_agr", false);
+    }
+    g
+}
+
 fn train(
     name: &str,
     lr: f64,
@@ -256,35 +368,29 @@ fn train(
     train: &Data,
     test: &Data,
 ) -> Result<Curve, String> {
-    let mut opt = make(name, lr)?;
+    let e = |e: candle_core::Error| format!("{name} seed {seed}: {e}");
     let mut rng = StdRng::seed_from_u64(seed);
-    let mut model = Mlp::new(&mut rng);
-    let mut order: Vec<usize> = (0..train.len()).collect();
-    let all_test: Vec<usize> = (0..test.len()).collect();
+    let model = Mlp::new(&mut rng).map_err(e)?;
+    let mut opt = Stepper::new(name, lr, args.groups, &model)?;
+    let train_t = Tensors::new(train).map_err(e)?;
+    let test_t = Tensors::new(test).map_err(e)?;
+    let mut order: Vec<u32> = (0..train.len() as u32).collect();
     let mut curve = Curve::default();
-    let mut grads: Vec<Vec<f32>> = model.params.iter().map(|p| vec![0.0; p.len()]).collect();
     for _ in 0..args.epochs {
         order.shuffle(&mut rng);
         let mut epoch_loss = 0.0;
         for batch in order.chunks(args.batch) {
-            grads
-                .iter_mut()
-                .for_each(|g| g.iter_mut().for_each(|x| *x = 0.0));
-            let (loss, _) = model.run(train, batch, Some(&mut grads));
-            epoch_loss += loss * batch.len() as f32;
-            let mut params: Vec<ParamMut<'_>> = model
-                .params
-                .iter_mut()
-                .zip(&grads)
-                .zip(SHAPES)
-                .map(|((p, g), s)| ParamMut::new(p, Some(g), s))
-                .collect();
-            let report = opt.step(&mut params).map_err(|e| format!("{name}: {e}"))?;
-            if let Some(i) = report.skipped_non_finite {
-                eprintln!("{name} seed {seed}: skipped a step, gradient {i} was not finite");
+            let idx = Tensor::from_slice(batch, batch.len(), &Device::Cpu).map_err(e)?;
+            let x = train_t.x.index_select(&idx, 0).map_err(e)?;
+            let y = train_t.y.index_select(&idx, 0).map_err(e)?;
+            let loss =
+                candle_nn::loss::cross_entropy(&model.logits(&x).map_err(e)?, &y).map_err(e)?;
+            epoch_loss += loss.to_scalar::<f32>().map_err(e)? * batch.len() as f32;
+            if let Some(i) = opt.backward_step(&loss).map_err(e)? {
+                eprintln!("{name} seed {seed}: skipped a step, the gradient of variable #{i} was not finite");
             }
         }
-        let (test_loss, test_acc) = model.run(test, &all_test, None);
+        let (test_loss, test_acc) = test_t.evaluate(&model).map_err(e)?;
         curve.train_loss.push(epoch_loss / train.len() as f32);
         curve.test_loss.push(test_loss);
         curve.test_acc.push(test_acc);
@@ -386,7 +492,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let data = load(&args.data)?;
     let (train_set, test_set) = split(&data);
     for name in &args.optimizers {
-        make(name, 1e-3)?; // unknown names fail before any training
+        // Unknown names and broken specs fail before any training.
+        if name.ends_with(".agr") {
+            compile_spec(name)?;
+        } else {
+            make(name, 1e-3)?;
+        }
     }
     eprintln!(
         "digits: {} train / {} test images; {} optimizers x {} seeds x {} epochs",

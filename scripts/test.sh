@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # The test suite: installs the pinned CUDA compiler wheels (NVRTC, ptxas,
-# headers; no GPU needed) into .tools/cuda, then runs every test of the
-# workspace with the `cuda` feature, so generated kernels are compiled and
-# assembled too. GPU tests skip with one line each where there is no GPU.
+# headers; no GPU needed) into .tools/cuda and libtorch 2.13.0 (for tch) into
+# .tools/libtorch, then runs every test of the workspace with the `cuda`,
+# `candle` and `tch` features, so generated kernels are compiled and assembled
+# and both framework adapters are tested. GPU tests skip with one line each
+# where there is no GPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 eval "$(scripts/cuda-tools.sh)"
+eval "$(scripts/libtorch.sh)"
 export AGR_REQUIRE_CUDA_TOOLS="${AGR_REQUIRE_CUDA_TOOLS:-1}"
-cargo test --workspace --features agr-runtime/cuda,agr-runtime/candle "$@"
+cargo test --workspace --features agr-runtime/cuda,agr-runtime/candle,agr-runtime/tch "$@"
