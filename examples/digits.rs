@@ -16,6 +16,7 @@ use std::time::Instant;
 use agr_codegen::interp;
 use agr_runtime::candle::CandleDyn;
 use agr_runtime::groups::{select, ParamGroups};
+use agr_runtime::schedule::{Constant, Schedule, WarmupCosine};
 use agr_runtime::{optim, DynOptimizer, HyperValue};
 use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::{Linear, VarBuilder, VarMap};
@@ -51,6 +52,10 @@ struct Args {
     /// parameter alike.
     #[arg(long, value_enum, default_value = "paper")]
     groups: Groups,
+    /// Learning-rate schedule: `constant`, or `cosine` (linear warm-up over
+    /// the first epoch, then a half cosine down to lr/100 at the last step).
+    #[arg(long, value_enum, default_value = "constant")]
+    schedule: ScheduleKind,
     /// Mini-batch size.
     #[arg(long, default_value_t = 64)]
     batch: usize,
@@ -60,6 +65,12 @@ struct Args {
     /// The data: gzipped CSV, 64 pixels (0..16) then the label per line.
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/data/digits.csv.gz"))]
     data: PathBuf,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum ScheduleKind {
+    Constant,
+    Cosine,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -263,6 +274,7 @@ enum Stepper {
     Spec {
         prog: agr_codegen::ir::Program,
         hyper: Vec<f64>,
+        lr_index: usize,
         tensors: Vec<interp::TensorData>,
         vars: Vec<Var>,
     },
@@ -288,6 +300,7 @@ impl Stepper {
             .position(|h| h.name == "lr")
             .ok_or_else(|| format!("{name}: the spec has no hyperparameter `lr`"))?;
         hyper[k] = lr;
+        let lr_index = k;
         let (_, vars) = agr_runtime::candle::named_vars(&model.varmap);
         let tensors = vars
             .iter()
@@ -300,9 +313,22 @@ impl Stepper {
         Ok(Stepper::Spec {
             prog,
             hyper,
+            lr_index,
             tensors,
             vars,
         })
+    }
+
+    fn set_learning_rate(&mut self, lr: f64) -> Result<(), String> {
+        match self {
+            Stepper::Builtin(opt) => opt.opt.set_learning_rate(lr).map_err(|e| e.to_string()),
+            Stepper::Spec {
+                hyper, lr_index, ..
+            } => {
+                hyper[*lr_index] = lr;
+                Ok(())
+            }
+        }
     }
 
     /// `loss.backward()` and one step; the index of a variable whose
@@ -317,6 +343,7 @@ impl Stepper {
                 hyper,
                 tensors,
                 vars,
+                ..
             } => {
                 let grads = loss.backward()?;
                 for (t, v) in tensors.iter_mut().zip(vars.iter()) {
@@ -375,6 +402,17 @@ fn train(
     let train_t = Tensors::new(train).map_err(e)?;
     let test_t = Tensors::new(test).map_err(e)?;
     let mut order: Vec<u32> = (0..train.len() as u32).collect();
+    let steps_per_epoch = train.len().div_ceil(args.batch) as u64;
+    let schedule: Box<dyn Schedule> = match args.schedule {
+        ScheduleKind::Constant => Box::new(Constant(lr)),
+        ScheduleKind::Cosine => Box::new(WarmupCosine {
+            peak: lr,
+            floor: lr / 100.0,
+            warmup: steps_per_epoch,
+            total: steps_per_epoch * args.epochs as u64,
+        }),
+    };
+    let mut step = 0u64;
     let mut curve = Curve::default();
     for _ in 0..args.epochs {
         order.shuffle(&mut rng);
@@ -386,6 +424,9 @@ fn train(
             let loss =
                 candle_nn::loss::cross_entropy(&model.logits(&x).map_err(e)?, &y).map_err(e)?;
             epoch_loss += loss.to_scalar::<f32>().map_err(e)? * batch.len() as f32;
+            opt.set_learning_rate(schedule.lr(step))
+                .map_err(|e| format!("{name}: {e}"))?;
+            step += 1;
             if let Some(i) = opt.backward_step(&loss).map_err(e)? {
                 eprintln!("{name} seed {seed}: skipped a step, the gradient of variable #{i} was not finite");
             }
