@@ -1,6 +1,7 @@
 //! The candle adapter: the golden trajectories replayed through
-//! `candle_nn::Optimizer`, training with each built-in lowers the loss, and
-//! variables without a gradient are skipped.
+//! `candle_nn::Optimizer` (five) and `CandleDyn` (all fourteen), training
+//! with every built-in lowers the loss, variables without a gradient are
+//! skipped, groups and checkpoints work through candle variables.
 #![cfg(feature = "candle")]
 
 use std::path::PathBuf;
@@ -309,4 +310,98 @@ fn an_optimizer_chosen_by_name_steps_candle_variables_like_the_typed_one() {
             .contains("variable #0 is not an f32 CPU tensor"),
         "{e}"
     );
+}
+
+/// Every golden file, both folders, replayed through `CandleDyn` with the
+/// built-in it names: the path the main job uses.
+#[test]
+fn every_golden_file_replays_through_candle_dyn() {
+    use agr_runtime::candle::CandleDyn;
+    let mut files: Vec<PathBuf> = vec![];
+    for dir in [golden_dir(), golden_dir().join("more")] {
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|x| x == "json") {
+                files.push(p);
+            }
+        }
+    }
+    files.sort();
+    assert!(files.len() >= 14, "{files:?}");
+    for path in &files {
+        let g = golden::load(path).unwrap();
+        let mut opt = agr_runtime::optim::builtin(&g.optimizer).unwrap().make();
+        for (name, v) in &g.hyper {
+            let value = match v {
+                serde_json::Value::Bool(b) => HyperValue::Bool(*b),
+                serde_json::Value::Number(n) if !n.is_f64() => HyperValue::Int(n.as_i64().unwrap()),
+                v => HyperValue::Float(v.as_f64().unwrap()),
+            };
+            opt.set_hyper(name, value).unwrap();
+        }
+        let vars: Vec<Var> = g
+            .params
+            .iter()
+            .map(|p| {
+                Var::from_tensor(
+                    &Tensor::from_vec(p.init.clone(), p.shape.as_slice(), &Device::Cpu).unwrap(),
+                )
+                .unwrap()
+            })
+            .collect();
+        let mut opt = CandleDyn::new(opt, vars.clone()).unwrap();
+        let mut worst = 0.0f64;
+        for step in &g.steps {
+            let mut grads = GradStore::default();
+            for (v, (gr, p)) in vars.iter().zip(step.grads.iter().zip(&g.params)) {
+                grads.insert(
+                    v.as_tensor(),
+                    Tensor::from_vec(gr.clone(), p.shape.as_slice(), &Device::Cpu).unwrap(),
+                );
+            }
+            opt.step(&grads).unwrap();
+            for (v, reference) in vars.iter().zip(&step.params) {
+                let ours = v
+                    .as_tensor()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap();
+                for (x, r) in ours.iter().zip(reference) {
+                    let (x, r) = (f64::from(*x), f64::from(*r));
+                    assert!(
+                        (x - r).abs() <= g.tolerance.atol + g.tolerance.rtol * r.abs(),
+                        "{}: {x} vs {r}",
+                        path.display()
+                    );
+                    worst = worst.max((x - r).abs());
+                }
+            }
+        }
+        println!("{:<14} {worst:e}", g.optimizer);
+    }
+}
+
+#[test]
+fn training_with_every_builtin_chosen_by_name_lowers_the_loss() {
+    use agr_runtime::candle::CandleDyn;
+    for b in agr_runtime::optim::BUILTINS {
+        let vm = varmap();
+        let mut opt = b.make();
+        // Sign-based steps (Lion) move every weight by lr: a smaller rate.
+        let lr = if b.name.starts_with("lion") {
+            3e-3
+        } else {
+            2e-2
+        };
+        opt.set_learning_rate(lr).unwrap();
+        let mut opt = CandleDyn::from_varmap(opt, &vm).unwrap();
+        let first = lin_loss(&vm).to_scalar::<f32>().unwrap();
+        for _ in 0..150 {
+            opt.backward_step(&lin_loss(&vm)).unwrap();
+        }
+        let last = lin_loss(&vm).to_scalar::<f32>().unwrap();
+        println!("{:<12} loss {first:.4} -> {last:.5}", b.name);
+        assert!(last < first * 0.5, "{}: {first} -> {last}", b.name);
+    }
 }
