@@ -22,11 +22,15 @@ fn err(e: impl std::fmt::Display) -> candle_core::Error {
     candle_core::Error::Msg(e.to_string())
 }
 
+/// What runs once every variable's write lock is held: the step over
+/// (pointer, length) of each variable.
+type AtBottom<'f> = &'f mut dyn FnMut(&[(usize, usize)]) -> candle_core::Result<()>;
+
 /// One variable's place in the nested in-place ops.
 struct Gather<'a, 'f> {
     rest: &'a [Var],
     ptrs: &'a RefCell<Vec<(usize, usize)>>,
-    at_bottom: &'a RefCell<&'f mut dyn FnMut(&[(usize, usize)]) -> candle_core::Result<()>>,
+    at_bottom: &'a RefCell<AtBottom<'f>>,
 }
 
 impl InplaceOp1 for Gather<'_, '_> {
@@ -75,6 +79,12 @@ fn check_vars(vars: &[Var]) -> candle_core::Result<()> {
             return Err(err(format!(
                 "variable #{i} is {:?}; agr's candle adapter updates f32 variables",
                 v.dtype()
+            )));
+        }
+        if !v.device().is_cpu() {
+            return Err(err(format!(
+                "variable #{i} is on {:?}; agr's candle adapter steps CPU variables (for GPU tensors use agr_runtime::cuda::CudaOptimizer on their device pointers)",
+                v.device().location()
             )));
         }
     }
@@ -152,8 +162,7 @@ pub fn step_vars<E: std::fmt::Display>(
         Ok(())
     };
     let ptrs = RefCell::new(Vec::with_capacity(vars.len()));
-    let bottom: RefCell<&mut dyn FnMut(&[(usize, usize)]) -> candle_core::Result<()>> =
-        RefCell::new(&mut run);
+    let bottom: RefCell<AtBottom<'_>> = RefCell::new(&mut run);
     let (first, rest) = vars.split_first().expect("not empty");
     first.inplace_op1(&Gather {
         rest,

@@ -538,7 +538,7 @@ fn emit_kernel(prog: &Program, embedded: Option<Embedded<'_>>, w: &mut W) {
     w.blank();
 
     // Host scalars.
-    w.open(&"fn step_scalars(__c: &Self::Config, __phase: usize, __global: &[f64], __s: &mut Self::StepScalars) {".to_string());
+    w.open("fn step_scalars(__c: &Self::Config, __phase: usize, __global: &[f64], __s: &mut Self::StepScalars) {");
     emit_phase_match(prog, Level::Step, w);
     w.close("}");
     w.blank();
