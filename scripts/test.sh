@@ -2,7 +2,8 @@
 # The test suite: installs the pinned CUDA compiler wheels (NVRTC, ptxas,
 # headers; no GPU needed) into .tools/cuda and libtorch 2.13.0 (for tch) into
 # .tools/libtorch, then runs every test of the workspace with the `cuda`,
-# `candle` and `tch` features, so generated kernels are compiled and assembled
+# `candle` and `tch` features (and the root's `candle-bench`, so `agr bench`
+# with candle compiles), so generated kernels are compiled and assembled
 # and both framework adapters are tested. GPU tests skip with one line each
 # where there is no GPU.
 set -euo pipefail
@@ -10,4 +11,4 @@ cd "$(dirname "$0")/.."
 eval "$(scripts/cuda-tools.sh)"
 eval "$(scripts/libtorch.sh)"
 export AGR_REQUIRE_CUDA_TOOLS="${AGR_REQUIRE_CUDA_TOOLS:-1}"
-cargo test --workspace --features agr-runtime/cuda,agr-runtime/candle,agr-runtime/tch "$@"
+cargo test --workspace --features agr-runtime/cuda,agr-runtime/candle,agr-runtime/tch,candle-bench "$@"

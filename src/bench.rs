@@ -261,7 +261,7 @@ pub fn candle_adamw(w: &Workload) -> Result<impl FnMut() -> Result<f64, String>,
             .map_err(e)?;
         grads.insert(v.as_tensor(), g);
     }
-    let mut opt = candle_nn::AdamW::with_config(
+    let mut opt = candle_nn::AdamW::new(
         vars,
         candle_nn::ParamsAdamW {
             lr: 1e-4,
@@ -272,6 +272,37 @@ pub fn candle_adamw(w: &Workload) -> Result<impl FnMut() -> Result<f64, String>,
     Ok(move || {
         let start = Instant::now();
         opt.step(&grads).map_err(|x| x.to_string())?;
+        Ok(start.elapsed().as_secs_f64() * 1e3)
+    })
+}
+
+/// agr's AdamW-AGR stepping the same candle variables through the candle
+/// adapter (`candle_nn::Optimizer::step`): the adapter's cost over the engine.
+#[cfg(feature = "candle-bench")]
+pub fn candle_adapter_adamw_agr(
+    w: &Workload,
+) -> Result<impl FnMut() -> Result<f64, String>, String> {
+    use candle_core::{Device, Tensor, Var};
+    use candle_nn::Optimizer;
+    let dev = Device::Cpu;
+    let e = |e: candle_core::Error| e.to_string();
+    let vars: Vec<Var> = w
+        .shapes
+        .iter()
+        .map(|s| Var::ones(s.as_slice(), candle_core::DType::F32, &dev))
+        .collect::<Result<_, _>>()
+        .map_err(e)?;
+    let mut grads = candle_core::backprop::GradStore::default();
+    for v in &vars {
+        let g = (Tensor::ones(v.shape(), candle_core::DType::F32, &dev).map_err(e)? * 1e-3)
+            .map_err(e)?;
+        grads.insert(v.as_tensor(), g);
+    }
+    let mut opt =
+        optim::AdamWAgr::new(vars, optim::AdamWAgrConfig::default().with_lr(1e-4)).map_err(e)?;
+    Ok(move || {
+        let start = Instant::now();
+        Optimizer::step(&mut opt, &grads).map_err(|x| x.to_string())?;
         Ok(start.elapsed().as_secs_f64() * 1e3)
     })
 }

@@ -278,6 +278,22 @@ fn bench(optimizers: &[String], workloads: &[String], iters: usize) -> ExitCode 
                 }
                 Err(e) => eprintln!("candle-nn AdamW: {e}"),
             }
+            let mut floor = Floor::new(&w, 5, 3);
+            match bench::candle_adapter_adamw_agr(&w)
+                .and_then(|c| bench::interleaved(iters, c, || Ok(floor.run_ms())))
+            {
+                Ok((ms, f)) => {
+                    let row = Row {
+                        optimizer: "adamw_agr_via_candle".into(),
+                        workload: w.name,
+                        median_ms: ms,
+                        floor_ms: f,
+                    };
+                    println!("{}", row.line());
+                    rows.push(row);
+                }
+                Err(e) => eprintln!("AdamW-AGR through candle: {e}"),
+            }
         }
     }
     // What optimizer! does at compile time, per built-in (this build's
