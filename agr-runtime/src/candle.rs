@@ -182,6 +182,7 @@ impl<K: Kernel> Optimizer<K> {
     pub fn from_varmap(varmap: &VarMap, config: K::Config) -> candle_core::Result<Self> {
         let (names, vars) = named_vars(varmap);
         let mut opt = <Self as candle_nn::Optimizer>::new(vars, config)?;
+        opt.set_param_names(names.clone()).map_err(err)?;
         opt.var_names = names;
         Ok(opt)
     }

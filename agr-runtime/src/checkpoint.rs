@@ -163,6 +163,10 @@ impl<K: Kernel> Optimizer<K> {
             serde_json::json!(self.group_of).to_string(),
         );
         meta.insert(
+            "param_names".to_string(),
+            serde_json::json!(self.param_names).to_string(),
+        );
+        meta.insert(
             "hypers".to_string(),
             serde_json::Value::Object(hypers).to_string(),
         );
@@ -294,6 +298,24 @@ impl<K: Kernel> Optimizer<K> {
                 config: c,
             });
         }
+        let param_names: Vec<String> = match meta.get("param_names") {
+            Some(text) => serde_json::from_str(text).map_err(corrupt)?,
+            None => vec![],
+        };
+        if !param_names.is_empty() && Some(param_names.len()) != n_params {
+            return Err(corrupt("`param_names` does not list every parameter"));
+        }
+        if !self.param_names.is_empty() && !param_names.is_empty() {
+            if let Some(i) =
+                (0..param_names.len()).find(|&i| self.param_names.get(i) != Some(&param_names[i]))
+            {
+                return Err(CheckpointError::Mismatch(format!(
+                    "parameter #{i} is `{}` here and `{}` in the checkpoint; step the same parameters, in the same order",
+                    self.param_names.get(i).map_or("(none)", |s| s.as_str()),
+                    param_names[i]
+                )));
+            }
+        }
         if self.groups.len() > 1 || !self.group_of.is_empty() {
             let names =
                 |g: &[Group<K::Config>]| g.iter().map(|g| g.name.clone()).collect::<Vec<_>>();
@@ -369,6 +391,9 @@ impl<K: Kernel> Optimizer<K> {
         self.config = config;
         self.groups = new_groups;
         self.group_of = group_of;
+        if !param_names.is_empty() {
+            self.param_names = param_names;
+        }
         self.tensors = tensors;
         self.n_params = n_params;
         self.steps = steps;

@@ -264,6 +264,8 @@ pub struct Optimizer<K: Kernel> {
     pub(crate) groups: Vec<Group<K::Config>>,
     /// The group of each parameter; empty: every parameter is in `default`.
     pub(crate) group_of: Vec<usize>,
+    /// The parameters' names, where known (checked against checkpoints).
+    pub(crate) param_names: Vec<String>,
     pub(crate) tensors: Vec<Option<TensorState>>,
     pub(crate) n_params: Option<usize>,
     pub(crate) steps: u64,
@@ -287,6 +289,7 @@ impl<K: Kernel> Clone for Optimizer<K> {
             config: self.config.clone(),
             groups: self.groups.clone(),
             group_of: self.group_of.clone(),
+            param_names: self.param_names.clone(),
             tensors: self.tensors.clone(),
             n_params: self.n_params,
             steps: self.steps,
@@ -333,6 +336,7 @@ impl<K: Kernel> Optimizer<K> {
                 config: config.clone(),
             }],
             group_of: vec![],
+            param_names: vec![],
             config,
             tensors: vec![],
             n_params: None,
@@ -466,7 +470,30 @@ impl<K: Kernel> Optimizer<K> {
         self.groups = resolved;
         self.group_of = group_of;
         self.n_params = Some(params.len());
+        self.param_names = params.iter().map(|(n, _)| n.to_string()).collect();
         Ok(())
+    }
+
+    /// Names the parameters, in step order. Checkpoints store the names and
+    /// refuse to load into an optimizer whose parameters have other names,
+    /// so a reordered model cannot silently receive another tensor's
+    /// moments. (The candle and tch adapters name them from their stores.)
+    pub fn set_param_names(&mut self, names: Vec<String>) -> Result<(), GroupError> {
+        if let Some(n) = self.n_params {
+            if n != names.len() {
+                return Err(GroupError::ParamCount {
+                    expected: n,
+                    got: names.len(),
+                });
+            }
+        }
+        self.param_names = names;
+        Ok(())
+    }
+
+    /// The parameters' names, where known (empty otherwise).
+    pub fn param_names(&self) -> &[String] {
+        &self.param_names
     }
 
     /// The group index of parameter `index` (0 is `default`).

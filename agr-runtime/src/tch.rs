@@ -137,9 +137,10 @@ impl<K: Kernel> TchOptimizer<K> {
         Self::from_named(named, config)
     }
 
-    /// The given named tensors, stepped in this order.
+    /// The given named tensors, stepped in this order (checkpoints check the
+    /// names).
     pub fn from_named(named: Vec<(String, Tensor)>, config: K::Config) -> Result<Self, TchError> {
-        let inner = Optimizer::<K>::with_config(config).map_err(TchError::Config)?;
+        let mut inner = Optimizer::<K>::with_config(config).map_err(TchError::Config)?;
         let mut seen = std::collections::HashMap::new();
         let mut names = vec![];
         let mut vars = vec![];
@@ -156,6 +157,9 @@ impl<K: Kernel> TchOptimizer<K> {
             names.push(name);
             vars.push(t.shallow_clone());
         }
+        inner
+            .set_param_names(names.clone())
+            .expect("a fresh optimizer takes any number of names");
         Ok(TchOptimizer {
             inner,
             names,

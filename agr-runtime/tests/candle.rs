@@ -405,3 +405,26 @@ fn training_with_every_builtin_chosen_by_name_lowers_the_loss() {
         assert!(last < first * 0.5, "{}: {first} -> {last}", b.name);
     }
 }
+
+#[test]
+fn a_checkpoint_does_not_load_into_a_varmap_with_other_names() {
+    let vm = varmap();
+    let mut opt = AdamWAgr::from_varmap(&vm, Default::default()).unwrap();
+    opt.backward_step(&lin_loss(&vm)).unwrap();
+    let ckpt = opt.save_checkpoint();
+    let other = candle_nn::VarMap::new();
+    {
+        let src = vm.data().lock().unwrap();
+        let mut dst = other.data().lock().unwrap();
+        dst.insert("a.bias".into(), src["lin.bias"].clone());
+        dst.insert("a.weight".into(), src["lin.weight"].clone());
+    }
+    let mut renamed = AdamWAgr::from_varmap(&other, Default::default()).unwrap();
+    let e = renamed.load_checkpoint(&ckpt).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("parameter #0 is `a.bias` here and `lin.bias` in the checkpoint"),
+        "{e}"
+    );
+    assert_eq!(renamed.steps(), 0);
+}

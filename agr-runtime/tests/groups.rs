@@ -327,3 +327,33 @@ fn configs_list_the_new_switch() {
         .iter()
         .any(|h| h.name == "use_agr"));
 }
+
+#[test]
+fn checkpoints_refuse_parameters_with_other_names() {
+    let mut a = AdamWAgr::with_config(Default::default()).unwrap();
+    a.set_param_names(NAMES.iter().map(|s| s.to_string()).collect())
+        .unwrap();
+    let mut w = init();
+    step_all(&mut a, &mut w, 1);
+    let ckpt = a.save_checkpoint();
+    // The same shapes in another order: the moments would land on the
+    // wrong tensors; the names catch it.
+    let mut swapped = AdamWAgr::with_config(Default::default()).unwrap();
+    let mut names: Vec<String> = NAMES.iter().map(|s| s.to_string()).collect();
+    names.swap(1, 3);
+    swapped.set_param_names(names).unwrap();
+    let e = swapped.load_checkpoint(&ckpt).unwrap_err();
+    assert!(matches!(e, CheckpointError::Mismatch(_)), "{e}");
+    assert!(
+        e.to_string()
+            .contains("parameter #1 is `head.bias` here and `body.bias` in the checkpoint"),
+        "{e}"
+    );
+    assert_eq!(swapped.steps(), 0);
+    // Unnamed optimizers take the names from the checkpoint.
+    let mut fresh = AdamWAgr::with_config(Default::default()).unwrap();
+    fresh.load_checkpoint(&ckpt).unwrap();
+    assert_eq!(fresh.param_names(), NAMES);
+    // A name list of the wrong length is refused once the count is known.
+    assert!(fresh.set_param_names(vec!["x".into()]).is_err());
+}
