@@ -53,6 +53,8 @@ pub struct Replay {
     pub worst_at: (usize, String, usize),
     /// Largest |ours - reference| / (atol + rtol·|reference|): ≤ 1 passes.
     pub worst_ratio: f64,
+    /// Largest |ours - reference| per tensor, in the file's order.
+    pub worst_abs_per_tensor: Vec<f64>,
     pub pass: bool,
 }
 
@@ -130,6 +132,7 @@ pub fn replay(g: &Golden) -> Result<Replay, String> {
         worst_abs: 0.0,
         worst_at: (0, String::new(), 0),
         worst_ratio: 0.0,
+        worst_abs_per_tensor: vec![0.0; g.params.len()],
         pass: true,
     };
     for (k, step) in g.steps.iter().enumerate() {
@@ -157,6 +160,12 @@ pub fn replay(g: &Golden) -> Result<Replay, String> {
             for (i, (&x, &r)) in ours.iter().zip(reference).enumerate() {
                 let (x, r) = (f64::from(x), f64::from(r));
                 let err = (x - r).abs();
+                let tensor_worst = &mut worst.worst_abs_per_tensor[ti];
+                *tensor_worst = if err.is_nan() {
+                    f64::INFINITY
+                } else {
+                    tensor_worst.max(err)
+                };
                 let ratio = if err.is_nan() {
                     f64::INFINITY
                 } else {

@@ -354,56 +354,55 @@ impl<'a> Lowerer<'a> {
         }
     }
 
-    /// `x · max(0, 1 − |x|·inv)`: Ψ(x) for `inv = 1/Σ|x|`, and exactly `x`
-    /// for `inv = 0`.
-    fn psi(&mut self, x: NodeId, inv: NodeId) -> NodeId {
-        let zero = self.num(0.0);
-        let one = self.num(1.0);
+    /// `x − x·(|x| / den)`: Ψ(x) as the published code computes it, with a
+    /// true f32 division per element. `den` is a per-tensor scalar: Σ|x|
+    /// (accumulated in f64, rounded once to f32 where the element loop reads
+    /// it), or +∞ where Σ|x| = 0 or Ψ is switched off. With `den = +∞` the
+    /// ratio is exactly 0 and Ψ(x) is exactly `x` (so Ψ(0) = 0). Since
+    /// f32(Σ|x|) ≥ |x| for every element, the ratio is in [0, 1] under IEEE
+    /// rounding: no sign flips, no element grows, and a tensor whose Σ|x| is
+    /// one element's |x| (one element, or one non-zero) gives exactly 0 there.
+    fn psi(&mut self, x: NodeId, den: NodeId) -> NodeId {
         let ax = self.make(Op::Unary(UnaryOp::Abs, x));
-        let share = self.make(Op::Binary(BinaryOp::Mul, ax, inv));
-        let keep = self.make(Op::Binary(BinaryOp::Sub, one, share));
-        let keep = self.make(Op::Binary(BinaryOp::Max, keep, zero));
-        self.make(Op::Binary(BinaryOp::Mul, x, keep))
+        let ratio = self.make(Op::Binary(BinaryOp::Div, ax, den));
+        let share = self.make(Op::Binary(BinaryOp::Mul, x, ratio));
+        self.make(Op::Binary(BinaryOp::Sub, x, share))
     }
 
-    /// `(x, inv)` when `n` is [`Lowerer::psi`]`(x, inv)`.
+    /// `(x, den)` when `n` is [`Lowerer::psi`]`(x, den)`.
     fn as_psi(&self, n: NodeId) -> Option<(NodeId, NodeId)> {
         let op = |n: NodeId| self.nodes[n].op;
-        let Op::Binary(BinaryOp::Mul, x, keep) = op(n) else {
+        let Op::Binary(BinaryOp::Sub, x, share) = op(n) else {
             return None;
         };
-        let Op::Binary(BinaryOp::Max, keep, zero) = op(keep) else {
+        let Op::Binary(BinaryOp::Mul, x2, ratio) = op(share) else {
             return None;
         };
-        let Op::Binary(BinaryOp::Sub, one, share) = op(keep) else {
+        let Op::Binary(BinaryOp::Div, ax, den) = op(ratio) else {
             return None;
         };
-        let Op::Binary(BinaryOp::Mul, ax, inv) = op(share) else {
-            return None;
-        };
-        let is_psi = self.constant(zero) == Some(0.0)
-            && self.constant(one) == Some(1.0)
-            && op(ax) == Op::Unary(UnaryOp::Abs, x)
-            && self.nodes[inv].level != Level::Elem;
-        is_psi.then_some((x, inv))
+        let is_psi =
+            x2 == x && op(ax) == Op::Unary(UnaryOp::Abs, x) && self.nodes[den].level != Level::Elem;
+        is_psi.then_some((x, den))
     }
 
     /// `select(c, a, b)`. A switch around Ψ with a condition that is the
     /// same for the whole tensor (`if use_agr { agr(g) } else { g }`) becomes
-    /// Ψ with its scale switched, `inv' = select(c, inv, 0)`: exactly the same
-    /// values (Ψ with `inv = 0` is `x · 1`), and nothing extra per element.
+    /// Ψ with its denominator switched, `den' = select(c, den, +∞)`: exactly
+    /// the same values (Ψ with `den = +∞` is `x − x·0 = x`), and nothing
+    /// extra per element.
     fn select(&mut self, c: NodeId, a: NodeId, b: NodeId) -> NodeId {
         if self.nodes[c].level != Level::Elem {
-            let zero = self.num(0.0);
-            if let Some((x, inv)) = self.as_psi(a).filter(|&(x, _)| x == b) {
-                let inv = self.make(Op::Select(c, inv, zero));
-                self.name_node(inv, "agr_inv_if");
-                return self.psi(x, inv);
+            let off = self.num(f64::INFINITY);
+            if let Some((x, den)) = self.as_psi(a).filter(|&(x, _)| x == b) {
+                let den = self.make(Op::Select(c, den, off));
+                self.name_node(den, "agr_den_if");
+                return self.psi(x, den);
             }
-            if let Some((x, inv)) = self.as_psi(b).filter(|&(x, _)| x == a) {
-                let inv = self.make(Op::Select(c, zero, inv));
-                self.name_node(inv, "agr_inv_if");
-                return self.psi(x, inv);
+            if let Some((x, den)) = self.as_psi(b).filter(|&(x, _)| x == a) {
+                let den = self.make(Op::Select(c, off, den));
+                self.name_node(den, "agr_den_if");
+                return self.psi(x, den);
             }
         }
         self.make(Op::Select(c, a, b))
@@ -617,10 +616,9 @@ impl<'a> Lowerer<'a> {
                 self.reduce(ReduceOp::Max, scope, x, origin)
             }
             "agr" => {
-                // Ψ(x) = x − x·|x|/Σ|x|, computed as x · max(0, 1 − |x|·inv)
-                // with inv = 1/Σ|x| (0 when Σ|x| = 0, so Ψ(0) = 0): the same
-                // value, but under rounding it still never flips a sign or
-                // grows an element (the factor stays in [0, 1]).
+                // Ψ(x) = x − x·(|x| / Σ|x|), as the published code: Σ|x| in
+                // f64 over the tensor, rounded once to f32; the ratio a true
+                // f32 division (see `psi`); Ψ(0) = 0 through den = +∞.
                 let x = a[0];
                 let ax = un(self, UnaryOp::Abs, x);
                 let s = self.reduce(
@@ -630,12 +628,11 @@ impl<'a> Lowerer<'a> {
                     format!("sum(abs(..)) for {origin}"),
                 );
                 let zero = self.num(0.0);
-                let one = self.num(1.0);
+                let off = self.num(f64::INFINITY);
                 let pos = bin(self, B::Gt, s, zero);
-                let recip = bin(self, B::Div, one, s);
-                let inv = self.make(Op::Select(pos, recip, zero));
-                self.name_node(inv, "agr_inv");
-                self.psi(x, inv)
+                let den = self.make(Op::Select(pos, s, off));
+                self.name_node(den, "agr_den");
+                self.psi(x, den)
             }
             other => unreachable!("checked spec: unknown function `{other}`"),
         }

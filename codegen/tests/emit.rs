@@ -56,7 +56,7 @@ fn generated_cuda_of_every_builtin() {
 fn a_uniform_switch_around_psi_costs_nothing_per_element() {
     use agr_codegen::ir::Op;
     use agr_grammar::check::Level;
-    // `if use_agr { agr(g) } else { g }` becomes Ψ with a switched scale: no
+    // `if use_agr { agr(g) } else { g }` becomes Ψ with a switched denominator: no
     // per-element select, and the same Ψ node shape as a bare `agr(g)`.
     let switched = agr_codegen::compile(&spec("adamw_agr")).unwrap();
     let elem_selects = |p: &agr_codegen::ir::Program| {
@@ -66,10 +66,10 @@ fn a_uniform_switch_around_psi_costs_nothing_per_element() {
             .count()
     };
     assert_eq!(elem_selects(&switched), 0);
-    assert!(switched.nodes.iter().any(|n| n.name == "agr_inv_if"));
+    assert!(switched.nodes.iter().any(|n| n.name == "agr_den_if"));
     // An element-wise condition keeps its select.
     let per_element = spec("adamw_agr").replace("if use_agr {", "if g > 0 {");
     let p = agr_codegen::compile(&per_element).unwrap();
     assert_eq!(elem_selects(&p), 1);
-    assert!(!p.nodes.iter().any(|n| n.name == "agr_inv_if"));
+    assert!(!p.nodes.iter().any(|n| n.name == "agr_den_if"));
 }
