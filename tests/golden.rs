@@ -86,6 +86,48 @@ fn the_more_golden_files_replay() {
     assert!(failed.is_empty(), "failed: {failed:?}");
 }
 
+/// The repository's own references (`tests/golden/`, each folder's script
+/// beside its data): long trajectories where Ψ must be exactly 0 — one-element
+/// tensors, a tensor with one non-zero gradient element per step, all-zero
+/// gradients. Those tensors move only by weight decay, so ours must equal the
+/// published code's to the bit, not just within the tolerance.
+#[test]
+fn the_repository_golden_files_replay_and_psi_zero_is_exact() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden");
+    let files = files(&dir);
+    assert!(
+        files.len() >= 4,
+        "expected the psi_exact files in {}",
+        dir.display()
+    );
+    let mut failed = vec![];
+    for f in &files {
+        let g = golden::load(f).unwrap();
+        assert!(g.steps.len() >= 200, "{}: a long trajectory", f.display());
+        let r = golden::replay(&g).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+        println!("{:<28} {r}", f.file_name().unwrap().to_string_lossy());
+        if !r.pass {
+            failed.push(f.display().to_string());
+        }
+        for (p, worst) in g.params.iter().zip(&r.worst_abs_per_tensor) {
+            if matches!(p.name.as_str(), "temperature" | "gate" | "sparse") {
+                assert_eq!(
+                    *worst,
+                    0.0,
+                    "{}: tensor `{}` (Psi = 0 exactly) differs from the reference",
+                    f.display(),
+                    p.name
+                );
+            }
+        }
+    }
+    assert!(failed.is_empty(), "failed: {failed:?}");
+    // The one-element tensor without weight decay never moves, in the
+    // reference and in ours.
+    let g = golden::load(&dir.join("adamw_agr_scalar_long.json")).unwrap();
+    assert!(g.steps.iter().all(|s| s.params[0] == g.params[0].init));
+}
+
 #[test]
 fn a_wrong_trajectory_fails() {
     // The replay must be able to fail: perturb one reference value.

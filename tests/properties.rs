@@ -39,6 +39,52 @@ proptest! {
     }
 }
 
+/// Any finite, non-zero f32: normal and subnormal, of either sign.
+fn nonzero_f32() -> impl Strategy<Value = f32> {
+    (prop::num::f32::NORMAL
+        | prop::num::f32::SUBNORMAL
+        | prop::num::f32::NEGATIVE
+        | prop::num::f32::POSITIVE)
+        .prop_filter("finite and non-zero", |x| x.is_finite() && *x != 0.0)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+    /// The published code computes g − g·(|g|/Σ|g|) with a true division: in a
+    /// one-element tensor |g|/|g| = 1 and Ψ(g) = 0 exactly, for every f32.
+    #[test]
+    fn psi_of_a_one_element_tensor_is_exactly_zero(x in nonzero_f32()) {
+        let g = [x];
+        let mut p = [f32::NAN];
+        let mut opt = Psi::with_config(PsiConfig::default()).unwrap();
+        opt.step(&mut [ParamMut::new(&mut p, Some(&g), &[1])]).unwrap();
+        prop_assert_eq!(p[0].to_bits(), 0.0f32.to_bits(), "Ψ([{:e}]) = {:e}", x, p[0]);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+    /// Likewise where one element carries all of Σ|g|, in tensors large enough
+    /// to span many chunks and threads.
+    #[test]
+    fn psi_of_a_single_non_zero_element_is_exactly_zero(
+        n in prop_oneof![1usize..64, 64usize..200_000],
+        at in any::<prop::sample::Index>(),
+        x in nonzero_f32(),
+    ) {
+        let mut g = vec![0.0f32; n];
+        g[at.index(n)] = x;
+        let mut p = vec![f32::NAN; n];
+        let mut opt = Psi::with_config(PsiConfig::default()).unwrap();
+        opt.step(&mut [ParamMut::new(&mut p, Some(&g), &[n])]).unwrap();
+        for (i, v) in p.iter().enumerate() {
+            prop_assert_eq!(v.to_bits(), 0.0f32.to_bits(), "element {} of {} (g = {:e}): {:e}", i, n, x, v);
+        }
+    }
+}
+
 const BUILTINS: &[&str] = &[
     "adamw",
     "adamw_agr",
