@@ -275,3 +275,105 @@ fn constant_conditions_leave_no_dangling_scalar() {
         cuda_compiles("fold", &cuda).unwrap_or_else(|e| panic!("{step}\n{e}"));
     }
 }
+
+#[test]
+fn constant_expressions_that_fold_to_nan_or_infinity_are_errors() {
+    let spec = |step: &str| format!("C {{ hyper {{ lr = 0.1 }} step {{ {step} }} }}");
+    for (step, bad) in [
+        ("let z = 0 / 0; p = p - z * g;", "0 / 0"),
+        ("p = p - lr * g * (1 / 0);", "1 / 0"),
+        ("p = p - lr * g * sqrt(-1);", "sqrt(-1)"),
+        ("p = p - lr * g * ln(0);", "ln(0)"),
+        ("p = p - lr * g * exp(1000);", "exp(1000)"),
+        ("p = p - lr * g * (inf - inf);", "inf - inf"),
+        (
+            "let a = 0; let b = 2 * a; p = p - lr * g / (b / a);",
+            "b / a",
+        ),
+        ("p = p - lr * select(1 > 0, g * 0 ^ -1, g);", "0 ^ -1"),
+    ] {
+        let src = spec(step);
+        let errs = compile(&src).expect_err(step);
+        assert_eq!(errs.len(), 1, "{step}: {errs:?}");
+        assert_eq!(&src[errs[0].span.clone()], bad, "{step}: {errs:?}");
+        assert!(
+            errs[0].message.contains("constant expression evaluates to"),
+            "{step}: {errs:?}"
+        );
+    }
+    // Infinities written as such are values, and fold like any other.
+    for step in [
+        "p = p - lr * clamp(g, -inf, inf);",
+        "let big = inf * 2; p = p - lr * min(g, big);",
+        "p = max(p - lr * g, -inf);",
+    ] {
+        let prog = compile(&spec(step)).unwrap_or_else(|e| panic!("{step}: {e:?}"));
+        cuda_compiles("inf", &backend::cuda::full_source(&prog))
+            .unwrap_or_else(|e| panic!("{step}\n{e}"));
+    }
+}
+
+/// Both printers' literals, read back by the target language, are the value
+/// printed: NaN and the infinities included (CUDA once printed `NaN.0f`).
+#[test]
+fn literals_read_back_as_the_value_in_cuda() {
+    use agr_codegen::backend::{float_lit, Lang};
+    let values = [
+        f64::NAN,
+        f64::INFINITY,
+        f64::NEG_INFINITY,
+        1e300,
+        -1e300,
+        1e-45,
+        -0.0,
+        0.1,
+        3.0,
+        1e-8,
+        123456789.0,
+        f64::MIN_POSITIVE,
+    ];
+    let mut body = String::new();
+    for v in values {
+        body += &format!(
+            "{{ float f = {}; double d = {}; unsigned u; unsigned long long w; memcpy(&u, &f, 4); memcpy(&w, &d, 8); printf(\"%u %llu\\n\", u, w); }}\n",
+            float_lit(v, true, Lang::Cuda),
+            float_lit(v, false, Lang::Cuda)
+        );
+    }
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("hygiene");
+    std::fs::create_dir_all(&dir).unwrap();
+    let cpp = dir.join("literals.cpp");
+    let exe = dir.join("literals");
+    std::fs::write(
+        &cpp,
+        format!("#include <stdio.h>\n#include <string.h>\nint main() {{\n{body}return 0;\n}}\n"),
+    )
+    .unwrap();
+    let out = Command::new("g++")
+        .args(["-std=c++17", "-w", "-o"])
+        .arg(&exe)
+        .arg(&cpp)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let run = Command::new(&exe).output().unwrap();
+    let text = String::from_utf8(run.stdout).unwrap();
+    for (v, line) in values.iter().zip(text.lines()) {
+        let mut it = line.split(' ');
+        let f = f32::from_bits(it.next().unwrap().parse().unwrap());
+        let d = f64::from_bits(it.next().unwrap().parse().unwrap());
+        let same32 = f.to_bits() == (*v as f32).to_bits() || (f.is_nan() && v.is_nan());
+        let same64 = d.to_bits() == v.to_bits() || (d.is_nan() && v.is_nan());
+        assert!(same32 && same64, "{v:?}: read back as {f:?} / {d:?}");
+    }
+    for v in values {
+        for single in [true, false] {
+            let lit = float_lit(v, single, Lang::Rust);
+            assert!(!lit.contains("NaN") && !lit.contains("inf."), "{lit}");
+        }
+    }
+}
