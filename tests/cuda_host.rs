@@ -31,7 +31,7 @@ template <class T> static void rd(T* x, size_t n) {
 int main() {
     int nt, nsteps, chunk;
     rd(&nt, 1); rd(&nsteps, 1); rd(&chunk, 1);
-    NAME(Hyper) h;
+    NAME(_Hyper) h;
     rd(h.v, NAME(_NUM_HYPERS) > 0 ? NAME(_NUM_HYPERS) : 0);
     std::vector<float> fill(NAME(_NUM_STATES) + 1);
     rd(fill.data(), NAME(_NUM_STATES));

@@ -344,32 +344,51 @@ impl Program {
             self.nodes[i].phase = self.nodes[i].phase.max(ph);
         }
         self.n_phases = passes.len();
+        // Printers hold every computed scalar in the step's or a tensor's
+        // struct, by level. Lowering folds every op over constants, so no
+        // computed node should be constant; should one be, it is computed
+        // once per step like any other, rather than referenced and missing.
+        for n in &mut self.nodes {
+            if n.level == Level::Const && !matches!(n.op, Op::Num(_) | Op::Bool(_)) {
+                n.level = Level::Step;
+            }
+        }
         self.name_nodes();
     }
 
-    /// Gives every node a unique identifier-safe name: its spec name where it
-    /// has one, `s<id>`/`ts<id>`/`e<id>` (step, tensor, element) otherwise.
+    /// Gives every node a unique name: its spec name where it has one (those
+    /// are taken first, so they survive unchanged where they can),
+    /// `s<id>`/`ts<id>`/`e<id>` (step, tensor, element) otherwise. Printers
+    /// never print these names bare: see [`crate::backend::ident`].
     pub fn name_nodes(&mut self) {
         let mut used = std::collections::HashSet::new();
-        for i in 0..self.nodes.len() {
-            let n = &self.nodes[i];
-            let base = if n.name.is_empty() {
-                let prefix = match n.level {
-                    Level::Const | Level::Step => "s",
-                    Level::Tensor => "ts",
-                    Level::Elem => "e",
-                };
-                format!("{prefix}{i}")
-            } else {
-                n.name.clone()
-            };
+        let mut unique = |base: String| {
             let mut name = base.clone();
             let mut k = 2;
             while !used.insert(name.clone()) {
                 name = format!("{base}_v{k}");
                 k += 1;
             }
-            self.nodes[i].name = name;
+            name
+        };
+        let mut names = vec![String::new(); self.nodes.len()];
+        for (i, n) in self.nodes.iter().enumerate() {
+            if !n.name.is_empty() {
+                names[i] = unique(n.name.clone());
+            }
+        }
+        for (i, n) in self.nodes.iter().enumerate() {
+            if n.name.is_empty() {
+                let prefix = match n.level {
+                    Level::Const | Level::Step => "s",
+                    Level::Tensor => "ts",
+                    Level::Elem => "e",
+                };
+                names[i] = unique(format!("{prefix}{i}"));
+            }
+        }
+        for (n, name) in self.nodes.iter_mut().zip(names) {
+            n.name = name;
         }
     }
 }

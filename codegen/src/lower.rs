@@ -323,6 +323,19 @@ impl<'a> Lowerer<'a> {
         }
     }
 
+    fn boolean(&self, id: NodeId) -> Option<bool> {
+        match self.nodes[id].op {
+            Op::Bool(b) => Some(b),
+            _ => None,
+        }
+    }
+
+    /// Folds an op whose operands are all constants into a constant (in
+    /// f64, as the reference evaluation computes constants), and a select
+    /// on a constant condition into the chosen side. Every op over
+    /// constants folds, so no node above the literals is constant: each
+    /// computed node is a step, tensor or element value that some printed
+    /// struct or loop holds.
     fn fold(&self, op: Op) -> Option<Op> {
         match op {
             // x ^ 2 is x * x exactly, and far cheaper per element than powf.
@@ -331,7 +344,31 @@ impl<'a> Lowerer<'a> {
             {
                 Some(Op::Binary(BinaryOp::Mul, a, a))
             }
-            Op::Unary(UnaryOp::Neg, a) => Some(Op::Num(-self.constant(a)?)),
+            Op::Unary(UnaryOp::Not, a) => Some(Op::Bool(!self.boolean(a)?)),
+            Op::Unary(o, a) => {
+                let x = self.constant(a)?;
+                Some(Op::Num(match o {
+                    UnaryOp::Neg => -x,
+                    UnaryOp::Sqrt => x.sqrt(),
+                    UnaryOp::Abs => x.abs(),
+                    UnaryOp::Sign => {
+                        if x > 0.0 {
+                            1.0
+                        } else if x < 0.0 {
+                            -1.0
+                        } else {
+                            x * 0.0
+                        }
+                    }
+                    UnaryOp::Exp => x.exp(),
+                    UnaryOp::Ln => x.ln(),
+                    UnaryOp::Not => unreachable!("handled above"),
+                }))
+            }
+            Op::Binary(o @ (BinaryOp::And | BinaryOp::Or), a, b) => {
+                let (x, y) = (self.boolean(a)?, self.boolean(b)?);
+                Some(Op::Bool(if o == BinaryOp::And { x && y } else { x || y }))
+            }
             Op::Binary(o, a, b) => {
                 let (x, y) = (self.constant(a)?, self.constant(b)?);
                 Some(match o {
@@ -342,7 +379,13 @@ impl<'a> Lowerer<'a> {
                     BinaryOp::Pow => Op::Num(x.powf(y)),
                     BinaryOp::Min => Op::Num(x.min(y)),
                     BinaryOp::Max => Op::Num(x.max(y)),
-                    _ => return None,
+                    BinaryOp::Lt => Op::Bool(x < y),
+                    BinaryOp::Le => Op::Bool(x <= y),
+                    BinaryOp::Gt => Op::Bool(x > y),
+                    BinaryOp::Ge => Op::Bool(x >= y),
+                    BinaryOp::Eq => Op::Bool(x == y),
+                    BinaryOp::Ne => Op::Bool(x != y),
+                    BinaryOp::And | BinaryOp::Or => unreachable!("handled above"),
                 })
             }
             Op::Select(c, a, b) => match self.nodes[c].op {

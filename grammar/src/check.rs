@@ -75,6 +75,8 @@ enum Binding {
 struct Slot {
     binding: Binding,
     val: Val,
+    /// The value of a `let` bound to a constant number (as lowering folds it).
+    konst: Option<f64>,
 }
 
 /// Checks a spec; returns every error found (empty when the spec is valid).
@@ -176,10 +178,14 @@ impl<'a> Checker<'a> {
     }
 
     fn declare(&mut self, name: &str, binding: Binding, val: Val) {
-        self.scopes
-            .last_mut()
-            .unwrap()
-            .insert(name.to_string(), Slot { binding, val });
+        self.scopes.last_mut().unwrap().insert(
+            name.to_string(),
+            Slot {
+                binding,
+                val,
+                konst: None,
+            },
+        );
     }
 
     /// A new name must not clash with anything already in scope.
@@ -354,6 +360,8 @@ impl<'a> Checker<'a> {
                 if self.check_new_name(name, "`let` binding") {
                     if let Some(v) = v {
                         self.declare(&name.name, Binding::Let, v);
+                        let konst = self.const_num(value);
+                        self.lookup_mut(&name.name).unwrap().konst = konst;
                     }
                 } else if let Some(v) = v {
                     // Keep checking later uses without a cascade of errors.
@@ -415,6 +423,7 @@ impl<'a> Checker<'a> {
                         }
                         let slot = self.scopes[depth].get_mut(name).unwrap();
                         slot.val = merged;
+                        slot.konst = None;
                         if matches!(a.binding, Binding::State { read: true, .. }) {
                             slot.binding = a.binding;
                         }
@@ -485,13 +494,152 @@ impl<'a> Checker<'a> {
             );
             return;
         }
+        let konst = if needs_num {
+            None
+        } else {
+            self.const_num(value)
+        };
         let slot = self.lookup_mut(n).unwrap();
         // A state or the parameter stays per-element whatever is assigned.
         let level = if needs_num { Level::Elem } else { v.level };
         slot.val = Val { level, ..v };
+        slot.konst = konst;
     }
 
+    /// Checks an expression; a constant number that folds to NaN, or to an
+    /// infinity from finite operands (`0 / 0`, `1 / 0`, `sqrt(-1)`,
+    /// `exp(1000)`), is an error at the innermost such subexpression.
     fn expr(&mut self, e: &Expr) -> Option<Val> {
+        let v = self.expr_inner(e)?;
+        if v.level == Level::Const
+            && v.ty == Ty::Num
+            && !matches!(e.kind, ExprKind::Num(_) | ExprKind::Name(_))
+        {
+            if let Some(x) = self.const_num(e).filter(|x| !x.is_finite()) {
+                let kids: Vec<f64> = match &e.kind {
+                    ExprKind::Unary(_, a) => vec![a.as_ref()],
+                    ExprKind::Binary(_, a, b) => vec![a.as_ref(), b.as_ref()],
+                    ExprKind::If(_, a, b) => vec![a.as_ref(), b.as_ref()],
+                    ExprKind::Call { args, .. } => args.iter().collect(),
+                    _ => vec![],
+                }
+                .into_iter()
+                .filter_map(|k| self.const_num(k))
+                .collect();
+                let reported = kids.iter().any(|k| k.is_nan());
+                let from_inf = kids.iter().any(|k| k.is_infinite());
+                if !reported && (x.is_nan() || !from_inf) {
+                    let what = if x.is_nan() {
+                        "NaN".to_string()
+                    } else if x > 0.0 {
+                        "infinity".to_string()
+                    } else {
+                        "minus infinity".to_string()
+                    };
+                    self.err(
+                        e.span.clone(),
+                        format!("this constant expression evaluates to {what}"),
+                        "write a finite value (or `inf` where an infinite bound is meant)",
+                    );
+                    return None;
+                }
+            }
+        }
+        Some(v)
+    }
+
+    /// The value of a constant number expression, folded as lowering folds it.
+    fn const_num(&self, e: &Expr) -> Option<f64> {
+        Some(match &e.kind {
+            ExprKind::Num(v) => *v,
+            ExprKind::Name(n) => self.lookup(n)?.konst?,
+            ExprKind::Unary(UnOp::Neg, a) => -self.const_num(a)?,
+            ExprKind::Binary(op, a, b) => {
+                let (x, y) = (self.const_num(a)?, self.const_num(b)?);
+                match op {
+                    BinOp::Add => x + y,
+                    BinOp::Sub => x - y,
+                    BinOp::Mul => x * y,
+                    BinOp::Div => x / y,
+                    BinOp::Pow => x.powf(y),
+                    _ => return None,
+                }
+            }
+            ExprKind::If(c, a, b) => {
+                if self.const_bool(c)? {
+                    self.const_num(a)?
+                } else {
+                    self.const_num(b)?
+                }
+            }
+            ExprKind::Call { func, args } => {
+                if func.name == "select" && args.len() == 3 {
+                    return if self.const_bool(&args[0])? {
+                        self.const_num(&args[1])
+                    } else {
+                        self.const_num(&args[2])
+                    };
+                }
+                let a: Vec<f64> = args
+                    .iter()
+                    .map(|x| self.const_num(x))
+                    .collect::<Option<_>>()?;
+                match (func.name.as_str(), a.as_slice()) {
+                    ("sqrt", [x]) => x.sqrt(),
+                    ("abs", [x]) => x.abs(),
+                    ("sign", [x]) => {
+                        if *x > 0.0 {
+                            1.0
+                        } else if *x < 0.0 {
+                            -1.0
+                        } else {
+                            x * 0.0
+                        }
+                    }
+                    ("exp", [x]) => x.exp(),
+                    ("ln", [x]) => x.ln(),
+                    ("pow", [x, y]) => x.powf(*y),
+                    ("min", [x, y]) => x.min(*y),
+                    ("max", [x, y]) => x.max(*y),
+                    ("clamp", [x, lo, hi]) => x.max(*lo).min(*hi),
+                    _ => return None,
+                }
+            }
+            _ => return None,
+        })
+    }
+
+    /// The value of a constant bool expression.
+    fn const_bool(&self, e: &Expr) -> Option<bool> {
+        Some(match &e.kind {
+            ExprKind::Bool(b) => *b,
+            ExprKind::Unary(UnOp::Not, a) => !self.const_bool(a)?,
+            ExprKind::Binary(BinOp::And, a, b) => self.const_bool(a)? && self.const_bool(b)?,
+            ExprKind::Binary(BinOp::Or, a, b) => self.const_bool(a)? || self.const_bool(b)?,
+            ExprKind::Binary(op, a, b) => {
+                let (x, y) = (self.const_num(a)?, self.const_num(b)?);
+                match op {
+                    BinOp::Lt => x < y,
+                    BinOp::Le => x <= y,
+                    BinOp::Gt => x > y,
+                    BinOp::Ge => x >= y,
+                    BinOp::Eq => x == y,
+                    BinOp::Ne => x != y,
+                    _ => return None,
+                }
+            }
+            ExprKind::If(c, a, b) => {
+                if self.const_bool(c)? {
+                    self.const_bool(a)?
+                } else {
+                    self.const_bool(b)?
+                }
+            }
+            _ => return None,
+        })
+    }
+
+    fn expr_inner(&mut self, e: &Expr) -> Option<Val> {
         match &e.kind {
             ExprKind::Num(_) => Some(Val::num(Level::Const)),
             ExprKind::Bool(_) => Some(Val {

@@ -1,8 +1,8 @@
 //! Stage 4 (GPU): the IR printed as CUDA C.
 //!
 //! For a spec `X` the output holds, after the shared [`PRELUDE`]:
-//! - `XHyper` (the hyperparameters as doubles, in spec order), `XStep` and
-//!   `XTensor` (the step and tensor scalars, as in the Rust back end);
+//! - `X_Hyper` (the hyperparameters as doubles, in spec order), `X_Step` and
+//!   `X_Tensor` (the step and tensor scalars, as in the Rust back end);
 //! - `X_scalars(upto, ...)`: every scalar known after reduction pass
 //!   `upto - 1`, computed once per block (never per element) from the
 //!   hyperparameters, the tensor's metadata and earlier reductions;
@@ -18,7 +18,7 @@
 
 use agr_grammar::check::{Level, Ty};
 
-use super::{describe, scalar_nodes, scalar_phases, LoopPlan, W};
+use super::{describe, float_lit, ident, scalar_nodes, scalar_phases, Lang, LoopPlan, W};
 use crate::ir::*;
 
 /// Types and helpers shared by every generated optimizer.
@@ -61,38 +61,11 @@ pub fn kernel_names(prog: &Program) -> Vec<String> {
 }
 
 fn f64_lit(v: f64) -> String {
-    if v.is_infinite() {
-        if v > 0.0 {
-            "(1.0 / 0.0)".into()
-        } else {
-            "(-1.0 / 0.0)".into()
-        }
-    } else {
-        let s = format!("{v:?}");
-        if s.contains(['.', 'e']) {
-            s
-        } else {
-            format!("{s}.0")
-        }
-    }
+    float_lit(v, false, Lang::Cuda)
 }
 
 fn f32_lit(v: f64) -> String {
-    let v = v as f32;
-    if v.is_infinite() {
-        if v > 0.0 {
-            "(1.0f / 0.0f)".into()
-        } else {
-            "(-1.0f / 0.0f)".into()
-        }
-    } else {
-        let s = format!("{v:?}");
-        if s.contains(['.', 'e']) {
-            format!("{s}f")
-        } else {
-            format!("{s}.0f")
-        }
-    }
+    float_lit(v, true, Lang::Cuda)
 }
 
 fn emit_constants(prog: &Program, w: &mut W) {
@@ -138,13 +111,13 @@ fn emit_structs(prog: &Program, w: &mut W) {
         }
     ));
     w.line(&format!(
-        "struct {x}Hyper {{ double v[{}]; }};",
+        "struct {x}_Hyper {{ double v[{}]; }};",
         prog.hypers.len().max(1)
     ));
     w.blank();
     for (level, suffix, what) in [
-        (Level::Step, "Step", "once per step"),
-        (Level::Tensor, "Tensor", "once per tensor"),
+        (Level::Step, "_Step", "once per step"),
+        (Level::Tensor, "_Tensor", "once per tensor"),
     ] {
         w.line(&format!("// Scalars that change {what}."));
         w.open(&format!("struct {x}{suffix} {{"));
@@ -155,11 +128,12 @@ fn emit_structs(prog: &Program, w: &mut W) {
         for id in nodes {
             let n = &prog.nodes[id];
             let text = describe(prog, id, true);
-            if text == n.name {
-                w.line(&format!("{} {};", scalar_ty(n), n.name));
-            } else {
-                w.line(&format!("{} {};  // {}", scalar_ty(n), n.name, text));
-            }
+            w.line(&format!(
+                "{} {};  // {}",
+                scalar_ty(n),
+                ident(prog, id),
+                text
+            ));
         }
         w.close("};");
         w.blank();
@@ -177,18 +151,23 @@ fn operand(prog: &Program, id: NodeId, ctx: Ctx) -> String {
     let n = &prog.nodes[id];
     match n.op {
         Op::Num(v) => {
-            if ctx == Ctx::Elem {
+            let lit = if ctx == Ctx::Elem {
                 f32_lit(v)
             } else {
                 f64_lit(v)
+            };
+            if lit.starts_with('-') {
+                format!("({lit})")
+            } else {
+                lit
             }
         }
         Op::Bool(b) => b.to_string(),
         _ => match (ctx, n.level) {
-            (Ctx::Elem, Level::Elem) => n.name.clone(),
-            (Ctx::Elem, _) => format!("a.{}", n.name),
-            (_, Level::Step) => format!("s.{}", n.name),
-            (_, _) => format!("ts.{}", n.name),
+            (Ctx::Elem, Level::Elem) => ident(prog, id),
+            (Ctx::Elem, _) => format!("a.{}", ident(prog, id)),
+            (_, Level::Step) => format!("s.{}", ident(prog, id)),
+            (_, _) => format!("ts.{}", ident(prog, id)),
         },
     }
 }
@@ -222,7 +201,7 @@ fn emit_scalars(prog: &Program, w: &mut W) {
     w.line("// The scalars known after `upto` reduction passes. `reduced` holds this");
     w.line("// tensor's reduction results, `global` the global ones (by reduction index).");
     w.open(&format!(
-        "AGR_HD void {x}_scalars(int upto, const {x}Hyper& h, double t, double ndim, double numel, double row_len, const double* reduced, const double* global, {x}Step& s, {x}Tensor& ts) {{"
+        "AGR_HD void {x}_scalars(int upto, const {x}_Hyper& h, double t, double ndim, double numel, double row_len, const double* reduced, const double* global, {x}_Step& s, {x}_Tensor& ts) {{"
     ));
     let mut phases = scalar_phases(prog, Level::Step);
     phases.extend(scalar_phases(prog, Level::Tensor));
@@ -266,7 +245,7 @@ fn emit_scalars(prog: &Program, w: &mut W) {
                 }
                 _ => expr(prog, id, Ctx::Scalar),
             };
-            w.line(&format!("{target}.{} = {rhs};", n.name));
+            w.line(&format!("{target}.{} = {rhs};", ident(prog, id)));
             used_all = true;
         }
     }
@@ -280,13 +259,21 @@ fn emit_scalars(prog: &Program, w: &mut W) {
 
 /// Loads, element function and stores of one loop.
 struct ElemFn {
-    /// (name, C expression of the buffer in the kernel, is_state index).
     params: Vec<Param>,
 }
 
+/// One per-element input or output of an element function. Every name here
+/// is printer-made from a prefix that nothing else uses (see
+/// [`super::VALUE_PREFIX`]), so none can meet a spec's name.
 struct Param {
-    /// The element's local name in the element function.
+    /// The value's identifier inside the element function: the identifier
+    /// of the node that reads it (when it is read).
     name: String,
+    /// The element function's output reference (when written).
+    out: String,
+    /// The kernel's local holding the element, and its float4 for the fast path.
+    local: String,
+    local4: String,
     /// The buffer pointer's name in the kernel.
     buf: String,
     read: bool,
@@ -295,6 +282,25 @@ struct Param {
     typed: bool,
     /// A row reduction's result, read per element (by its slot).
     row: Option<usize>,
+    /// The state it is, by index.
+    state: Option<usize>,
+}
+
+impl Param {
+    fn new(label: &str, name: String, buf: String) -> Param {
+        Param {
+            name,
+            out: format!("__out_{label}"),
+            local: format!("__k_{label}"),
+            local4: format!("__k4_{label}"),
+            buf,
+            read: false,
+            written: false,
+            typed: false,
+            row: None,
+            state: None,
+        }
+    }
 }
 
 /// Prints the hoisted-argument struct and the element function of a loop.
@@ -321,22 +327,22 @@ fn emit_elem_fn(
         w.line(&format!(
             "{} {};",
             if n.ty == Ty::Bool { "bool" } else { "float" },
-            n.name
+            ident(prog, id)
         ));
     }
     w.close("};");
     w.blank();
     w.open(&format!(
-        "AGR_HD {args} {args}_from(const {x}Step& s, const {x}Tensor& ts) {{"
+        "AGR_HD {args} {args}_from(const {x}_Step& s, const {x}_Tensor& ts) {{"
     ));
     w.line(&format!("{args} a = {{}};"));
     for &id in &plan.hoisted {
         let n = &prog.nodes[id];
         let src = if n.level == Level::Step { "s" } else { "ts" };
         if n.ty == Ty::Bool {
-            w.line(&format!("a.{0} = {src}.{0};", n.name));
+            w.line(&format!("a.{0} = {src}.{0};", ident(prog, id)));
         } else {
-            w.line(&format!("a.{0} = (float){src}.{0};", n.name));
+            w.line(&format!("a.{0} = (float){src}.{0};", ident(prog, id)));
         }
     }
     w.line("(void)s; (void)ts;");
@@ -346,58 +352,68 @@ fn emit_elem_fn(
 
     // Parameters: the parameter, the gradient, then the states.
     let mut params = vec![];
-    let reads_op = |op: Op| plan.body.iter().any(|&id| prog.nodes[id].op == op);
-    let p_read = reads_op(Op::Param);
-    if p_read || p_write.is_some() {
+    let reader = |op: Op| {
+        plan.body
+            .iter()
+            .copied()
+            .find(|&id| prog.nodes[id].op == op)
+    };
+    let value_name = |id: Option<NodeId>, label: &str| match id {
+        Some(id) => ident(prog, id),
+        // Not read: the element function never names the value.
+        None => format!("__in_{label}"),
+    };
+    let p_read = reader(Op::Param);
+    if p_read.is_some() || p_write.is_some() {
         params.push(Param {
-            name: "p".into(),
-            buf: "P".into(),
-            read: p_read,
+            read: p_read.is_some(),
             written: p_write.is_some(),
             typed: true,
-            row: None,
+            ..Param::new("p", value_name(p_read, "p"), "P".into())
         });
     }
-    if reads_op(Op::Grad) {
+    if let Some(id) = reader(Op::Grad) {
         params.push(Param {
-            name: "g".into(),
-            buf: "G".into(),
             read: true,
-            written: false,
             typed: true,
-            row: None,
+            ..Param::new("g", ident(prog, id), "G".into())
         });
     }
     for (i, s) in prog.states.iter().enumerate() {
         let read = plan.states_read.contains(&i);
         let written = writes.iter().any(|(k, _)| *k == i);
         if read || written {
+            let label = format!("st_{}", s.name);
             params.push(Param {
-                name: s.name.clone(),
-                buf: format!("state_{}", s.name),
                 read,
                 written,
-                typed: false,
-                row: None,
+                state: Some(i),
+                ..Param::new(
+                    &label,
+                    value_name(reader(Op::State(i)), &label),
+                    format!("state_{}", s.name),
+                )
             });
         }
     }
     for &id in &plan.body {
         if let Op::Reduced(r) = prog.nodes[id].op {
+            let slot = prog.row_slot(r);
             params.push(Param {
-                name: prog.nodes[id].name.clone(),
-                buf: String::new(),
                 read: true,
-                written: false,
-                typed: false,
-                row: prog.row_slot(r),
+                row: slot,
+                ..Param::new(
+                    &format!("row{}", slot.expect("only row reductions are per-element")),
+                    ident(prog, id),
+                    String::new(),
+                )
             });
         }
     }
     let mut sig: Vec<String> = vec![format!("const {args}& a")];
     for p in &params {
         if p.written {
-            sig.push(format!("float& {}", out_name(p)));
+            sig.push(format!("float& {}", p.out));
         } else {
             sig.push(format!("float {}", p.name));
         }
@@ -411,7 +427,7 @@ fn emit_elem_fn(
     ));
     for p in &params {
         if p.written && p.read {
-            w.line(&format!("const float {} = {};", p.name, out_name(p)));
+            w.line(&format!("const float {} = {};", p.name, p.out));
         }
     }
     for &id in &plan.body {
@@ -419,37 +435,26 @@ fn emit_elem_fn(
         if matches!(n.op, Op::Param | Op::Grad | Op::State(_) | Op::Reduced(_)) {
             continue;
         }
-        w.line(
-            &format!("const float {} = {};", n.name, expr(prog, id, Ctx::Elem)).replace(
-                "const float",
-                if n.ty == Ty::Bool {
-                    "const bool"
-                } else {
-                    "const float"
-                },
-            ),
-        );
+        w.line(&format!(
+            "const {} {} = {};",
+            if n.ty == Ty::Bool { "bool" } else { "float" },
+            ident(prog, id),
+            expr(prog, id, Ctx::Elem)
+        ));
     }
     for (k, (id, _)) in outs.iter().enumerate() {
         w.line(&format!("out[{k}] = {};", operand(prog, *id, Ctx::Elem)));
     }
-    if let Some(id) = p_write {
-        w.line(&format!("p_out = {};", operand(prog, id, Ctx::Elem)));
-    }
-    for (i, id) in writes {
-        w.line(&format!(
-            "{}_out = {};",
-            prog.states[*i].name,
-            operand(prog, *id, Ctx::Elem)
-        ));
+    for p in params.iter().filter(|p| p.written) {
+        let id = match p.state {
+            Some(i) => writes.iter().find(|(k, _)| *k == i).unwrap().1,
+            None => p_write.expect("the parameter is written"),
+        };
+        w.line(&format!("{} = {};", p.out, operand(prog, id, Ctx::Elem)));
     }
     w.close("}");
     w.blank();
     ElemFn { params }
-}
-
-fn out_name(p: &Param) -> String {
-    format!("{}_out", p.name)
 }
 
 /// Kernel prologue: the chunk, its tensor, the scalars and the buffers.
@@ -457,8 +462,8 @@ fn emit_prologue(prog: &Program, upto: usize, fname: &str, f: &ElemFn, w: &mut W
     let x = &prog.name;
     w.line("const AgrChunk c = chunks[blockIdx.x];");
     w.line("const AgrTensor& T = tensors[c.tensor];");
-    w.line(&format!("{x}Step s;"));
-    w.line(&format!("{x}Tensor ts;"));
+    w.line(&format!("{x}_Step s;"));
+    w.line(&format!("{x}_Tensor ts;"));
     w.line(&format!(
         "{x}_scalars({upto}, h, T.t, (double)T.ndim, (double)T.numel, (double)T.row_len, reduced + (size_t)c.tensor * {x}_NUM_REDUCTIONS, global, s, ts);"
     ));
@@ -466,25 +471,14 @@ fn emit_prologue(prog: &Program, upto: usize, fname: &str, f: &ElemFn, w: &mut W
         "const {x}_{fname}_args a = {x}_{fname}_args_from(s, ts);"
     ));
     for p in f.params.iter().filter(|p| p.row.is_none()) {
-        let (ty, src) = match p.name.as_str() {
-            "p" if p.typed && p.buf == "P" => ("AGR_P_T", "T.p".to_string()),
-            "g" if p.typed && p.buf == "G" => ("const AGR_G_T", "T.g".to_string()),
-            _ => {
-                let i = prog
-                    .states
-                    .iter()
-                    .position(|s| format!("state_{}", s.name) == p.buf)
-                    .unwrap();
-                (
-                    if p.written { "float" } else { "const float" },
-                    format!("T.st[{i}]"),
-                )
-            }
-        };
-        let ty = if p.buf == "P" && !p.written {
-            "const AGR_P_T"
-        } else {
-            ty
+        let (ty, src) = match p.state {
+            Some(i) => (
+                if p.written { "float" } else { "const float" },
+                format!("T.st[{i}]"),
+            ),
+            None if p.buf == "P" && p.written => ("AGR_P_T", "T.p".to_string()),
+            None if p.buf == "P" => ("const AGR_P_T", "T.p".to_string()),
+            None => ("const AGR_G_T", "T.g".to_string()),
         };
         w.line(&format!("{ty}* __restrict__ {} = {src} + c.start;", p.buf));
     }
@@ -498,23 +492,23 @@ fn emit_element(prog: &Program, fname: &str, f: &ElemFn, n_out: usize, folds: &[
         if let Some(slot) = p.row {
             w.line(&format!(
                 "float {} = (float)T.rows[((c.start + i) / T.row_len) * {nrow} + {slot}];",
-                p.name
+                p.local
             ));
         } else if p.read {
             if p.typed {
-                w.line(&format!("float {} = agr_ld({}[i]);", p.name, p.buf));
+                w.line(&format!("float {} = agr_ld({}[i]);", p.local, p.buf));
             } else {
-                w.line(&format!("float {} = {}[i];", p.name, p.buf));
+                w.line(&format!("float {} = {}[i];", p.local, p.buf));
             }
         } else {
-            w.line(&format!("float {} = 0.0f;", p.name));
+            w.line(&format!("float {} = 0.0f;", p.local));
         }
     }
     if n_out > 0 {
         w.line(&format!("float out[{n_out}];"));
     }
     let mut args = vec!["a".to_string()];
-    args.extend(f.params.iter().map(|p| p.name.clone()));
+    args.extend(f.params.iter().map(|p| p.local.clone()));
     if n_out > 0 {
         args.push("out".into());
     }
@@ -528,9 +522,9 @@ fn emit_element(prog: &Program, fname: &str, f: &ElemFn, n_out: usize, folds: &[
     for p in &f.params {
         if p.written {
             if p.typed {
-                w.line(&format!("agr_st(&{}[i], {});", p.buf, p.name));
+                w.line(&format!("agr_st(&{}[i], {});", p.buf, p.local));
             } else {
-                w.line(&format!("{}[i] = {};", p.buf, p.name));
+                w.line(&format!("{}[i] = {};", p.buf, p.local));
             }
         }
     }
@@ -563,11 +557,11 @@ fn emit_loop(prog: &Program, fname: &str, f: &ElemFn, n_out: usize, folds: &[Fol
         for p in &f.params {
             if p.read {
                 w.line(&format!(
-                    "float4 {}4 = ((const float4*){})[j];",
-                    p.name, p.buf
+                    "float4 {} = ((const float4*){})[j];",
+                    p.local4, p.buf
                 ));
             } else {
-                w.line(&format!("float4 {}4;", p.name));
+                w.line(&format!("float4 {};", p.local4));
             }
         }
         if n_out > 0 {
@@ -575,7 +569,11 @@ fn emit_loop(prog: &Program, fname: &str, f: &ElemFn, n_out: usize, folds: &[Fol
         }
         w.open("for (int k = 0; k < 4; ++k) {");
         let mut args = vec!["a".to_string()];
-        args.extend(f.params.iter().map(|p| format!("agr_lane({}4, k)", p.name)));
+        args.extend(
+            f.params
+                .iter()
+                .map(|p| format!("agr_lane({}, k)", p.local4)),
+        );
         if n_out > 0 {
             args.push("out".into());
         }
@@ -589,7 +587,7 @@ fn emit_loop(prog: &Program, fname: &str, f: &ElemFn, n_out: usize, folds: &[Fol
         w.close("}");
         for p in &f.params {
             if p.written {
-                w.line(&format!("((float4*){})[j] = {}4;", p.buf, p.name));
+                w.line(&format!("((float4*){})[j] = {};", p.buf, p.local4));
             }
         }
         w.close("}");
@@ -627,7 +625,7 @@ fn emit_reduce(prog: &Program, pass: usize, w: &mut W) {
     let fname = format!("reduce{pass}");
     let f = emit_elem_fn(prog, &fname, &plan, &outs, &[], None, w);
     w.open(&format!(
-        "extern \"C\" __global__ void __launch_bounds__(AGR_BLOCK) {x}_reduce{pass}({x}Hyper h, const AgrChunk* __restrict__ chunks, const AgrTensor* __restrict__ tensors, int ntensors, double* partials, double* reduced, double* global, unsigned* counters) {{"
+        "extern \"C\" __global__ void __launch_bounds__(AGR_BLOCK) {x}_reduce{pass}({x}_Hyper h, const AgrChunk* __restrict__ chunks, const AgrTensor* __restrict__ tensors, int ntensors, double* partials, double* reduced, double* global, unsigned* counters) {{"
     ));
     emit_prologue(prog, pass, &fname, &f, w);
     let whole: Vec<(usize, usize, &Reduction)> = reds
@@ -752,7 +750,7 @@ fn emit_update(prog: &Program, w: &mut W) {
     let p_write = prog.param_written().then_some(prog.param_out);
     let f = emit_elem_fn(prog, "update", &plan, &[], &writes, p_write, w);
     w.open(&format!(
-        "extern \"C\" __global__ void __launch_bounds__(AGR_BLOCK) {x}_update({x}Hyper h, const AgrChunk* __restrict__ chunks, const AgrTensor* __restrict__ tensors, int ntensors, const double* reduced, const double* global) {{"
+        "extern \"C\" __global__ void __launch_bounds__(AGR_BLOCK) {x}_update({x}_Hyper h, const AgrChunk* __restrict__ chunks, const AgrTensor* __restrict__ tensors, int ntensors, const double* reduced, const double* global) {{"
     ));
     emit_prologue(prog, prog.n_phases, "update", &f, w);
     emit_loop(prog, "update", &f, 0, &[], w);

@@ -50,6 +50,89 @@ impl W {
     }
 }
 
+/// The prefix of every identifier a printer derives from a node's name.
+///
+/// Node names are spec names (`let m_hat`, a state `v`, a hyperparameter
+/// `lr`) or the IR's own (`s3`, `e12`). Printed bare they could collide with
+/// anything the printers write themselves (`a`, `s`, `out`, `p_out`, ...),
+/// with the target language (`float`, `None`), with a macro (`INFINITY`) or,
+/// in the Rust back end, with an item in scope where `optimizer!` expands.
+/// Printed as `__v_<name>` they cannot: spec names cannot start with `__`
+/// (the checker reserves that prefix), nothing else a printer writes starts
+/// with `__v_`, and node names are unique within a program.
+pub const VALUE_PREFIX: &str = "__v_";
+
+/// The identifier under which printers hold node `id`'s value.
+pub fn ident(prog: &Program, id: NodeId) -> String {
+    format!("{VALUE_PREFIX}{}", prog.nodes[id].name)
+}
+
+/// The language of a numeric literal.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lang {
+    Rust,
+    Cuda,
+}
+
+/// A numeric literal in `f64` (`single = false`) or `f32` precision, for
+/// either back end: every value prints, infinities and NaN included (as
+/// `f32::INFINITY` or `(1.0f / 0.0f)`), and the text reads back as the same
+/// value in that precision.
+pub fn float_lit(v: f64, single: bool, lang: Lang) -> String {
+    let (v, suffix) = if single {
+        (f64::from(v as f32), "f32")
+    } else {
+        (v, "f64")
+    };
+    if !v.is_finite() {
+        return match lang {
+            Lang::Rust => {
+                let c = if v.is_nan() {
+                    "NAN"
+                } else if v > 0.0 {
+                    "INFINITY"
+                } else {
+                    "NEG_INFINITY"
+                };
+                format!("{suffix}::{c}")
+            }
+            Lang::Cuda => {
+                let f = if single { "f" } else { "" };
+                let num = if v.is_nan() {
+                    "0.0"
+                } else if v > 0.0 {
+                    "1.0"
+                } else {
+                    "-1.0"
+                };
+                format!("({num}{f} / 0.0{f})")
+            }
+        };
+    }
+    // `{:?}` prints the shortest text that reads back as the same value in
+    // that precision (`0.1`, `1e-8`, `3.0`).
+    let text = if single {
+        format!("{:?}", v as f32)
+    } else {
+        format!("{v:?}")
+    };
+    match lang {
+        Lang::Rust => format!("{text}_{suffix}"),
+        Lang::Cuda => {
+            let text = if text.contains(['.', 'e']) {
+                text
+            } else {
+                format!("{text}.0")
+            };
+            if single {
+                format!("{text}f")
+            } else {
+                text
+            }
+        }
+    }
+}
+
 /// Scalar nodes (not per-element, not constants), by level.
 pub fn scalar_nodes(prog: &Program, level: Level) -> Vec<NodeId> {
     (0..prog.nodes.len())

@@ -9,7 +9,7 @@
 
 use agr_grammar::check::{range_text, Level, Ty};
 
-use super::{describe, scalar_nodes, scalar_phases, LoopPlan, W};
+use super::{describe, float_lit, ident, scalar_nodes, scalar_phases, Lang, LoopPlan, W};
 use crate::ir::*;
 
 /// Path of the runtime crate in generated code.
@@ -50,31 +50,11 @@ pub fn emit_with(prog: &Program, embedded: Option<Embedded<'_>>) -> String {
 }
 
 fn f64_lit(v: f64) -> String {
-    if v == f64::INFINITY {
-        "f64::INFINITY".into()
-    } else if v == f64::NEG_INFINITY {
-        "f64::NEG_INFINITY".into()
-    } else if v.is_nan() {
-        "f64::NAN".into()
-    } else {
-        let s = format!("{v:?}");
-        format!("{s}_f64")
-    }
+    float_lit(v, false, Lang::Rust)
 }
 
 fn f32_lit(v: f64) -> String {
-    let v = v as f32;
-    if v.is_infinite() {
-        if v > 0.0 {
-            "f32::INFINITY".into()
-        } else {
-            "f32::NEG_INFINITY".into()
-        }
-    } else if v.is_nan() {
-        "f32::NAN".into()
-    } else {
-        format!("{v:?}_f32")
-    }
+    float_lit(v, true, Lang::Rust)
 }
 
 fn rust_ty(k: HyperKind) -> &'static str {
@@ -149,7 +129,9 @@ fn emit_config(prog: &Program, w: &mut W) {
     }
     w.close("}");
     w.blank();
-    w.open(&format!("impl Default for {name}Config {{"));
+    w.open(&format!(
+        "impl ::core::default::Default for {name}Config {{"
+    ));
     w.open("fn default() -> Self {");
     w.open("Self {");
     for h in &prog.hypers {
@@ -171,8 +153,10 @@ fn emit_config(prog: &Program, w: &mut W) {
         w.line(&format!(
             "/// Returns the config with `{n}` set{range}; the optimizer checks it when built."
         ));
-        w.open(&format!("pub fn with_{n}(mut self, {n}: {ty}) -> Self {{"));
-        w.line(&format!("self.{n} = {n};"));
+        w.open(&format!(
+            "pub fn with_{n}(mut self, value: {ty}) -> Self {{"
+        ));
+        w.line(&format!("self.{n} = value;"));
         w.line("self");
         w.close("}");
         w.blank();
@@ -180,10 +164,10 @@ fn emit_config(prog: &Program, w: &mut W) {
             "/// Sets `{n}`{range}; a value out of range is an error and changes nothing."
         ));
         w.open(&format!(
-            "pub fn set_{n}(&mut self, {n}: {ty}) -> Result<(), {RT}::ConfigError> {{"
+            "pub fn set_{n}(&mut self, value: {ty}) -> ::core::result::Result<(), {RT}::ConfigError> {{"
         ));
         w.line(&format!(
-            "{RT}::HyperConfig::set(self, \"{n}\", {RT}::HyperValue::from({n}))"
+            "{RT}::HyperConfig::set(self, \"{n}\", {RT}::HyperValue::from(value))"
         ));
         w.close("}");
         if i + 1 < prog.hypers.len() {
@@ -211,7 +195,7 @@ fn emit_config(prog: &Program, w: &mut W) {
     w.close("];");
     w.blank();
     w.open(&format!(
-        "fn get(&self, name: &str) -> Option<{RT}::HyperValue> {{"
+        "fn get(&self, name: &str) -> ::core::option::Option<{RT}::HyperValue> {{"
     ));
     w.open("match name {");
     for h in &prog.hypers {
@@ -225,7 +209,7 @@ fn emit_config(prog: &Program, w: &mut W) {
     w.close("}");
     w.blank();
     w.open(&format!(
-        "fn set_unchecked(&mut self, name: &str, value: {RT}::HyperValue) -> Result<(), {RT}::ConfigError> {{"
+        "fn set_unchecked(&mut self, name: &str, value: {RT}::HyperValue) -> ::core::result::Result<(), {RT}::ConfigError> {{"
     ));
     if prog.hypers.is_empty() {
         w.line("let _ = value;");
@@ -306,15 +290,21 @@ fn operand(prog: &Program, id: NodeId, ctx: Ctx) -> String {
     let n = &prog.nodes[id];
     match n.op {
         Op::Num(v) => {
-            if ctx == Ctx::Elem {
+            let lit = if ctx == Ctx::Elem {
                 f32_lit(v)
             } else {
                 f64_lit(v)
+            };
+            // `-2.0_f32.powf(x)` would be `-(2^x)`.
+            if lit.starts_with('-') {
+                format!("({lit})")
+            } else {
+                lit
             }
         }
         Op::Bool(b) => b.to_string(),
         _ => match (ctx, n.level) {
-            (Ctx::Elem, _) => n.name.clone(),
+            (Ctx::Elem, _) => ident(prog, id),
             (_, Level::Step) => format!("__s.{}", n.name),
             (_, _) => format!("__ts.{}", n.name),
         },
@@ -402,9 +392,9 @@ fn elem_code(prog: &Program, roots: &[NodeId]) -> Loop {
                 "__ts"
             };
             if n.ty == Ty::Bool {
-                format!("let {} = {src}.{};", n.name, n.name)
+                format!("let {} = {src}.{};", ident(prog, id), n.name)
             } else {
-                format!("let {} = {src}.{} as f32;", n.name, n.name)
+                format!("let {} = {src}.{} as f32;", ident(prog, id), n.name)
             }
         })
         .collect();
@@ -425,7 +415,7 @@ fn elem_code(prog: &Program, roots: &[NodeId]) -> Loop {
                 ),
                 _ => expr(prog, id, Ctx::Elem),
             };
-            format!("let {} = {rhs};", n.name)
+            format!("let {} = {rhs};", ident(prog, id))
         })
         .collect();
     Loop {
@@ -459,7 +449,7 @@ fn emit_kernel(prog: &Program, embedded: Option<Embedded<'_>>, w: &mut W) {
     w.line("#[derive(Clone, Copy, Debug, Default)]");
     w.line(&format!("pub struct {name}Kernel;"));
     w.blank();
-    w.line("#[allow(unused_variables, unused_mut, clippy::all)]");
+    w.line("#[allow(unused_variables, unused_mut, non_snake_case, clippy::all)]");
     w.open(&format!("impl {RT}::cpu::Kernel for {name}Kernel {{"));
     w.line(&format!("type Config = {name}Config;"));
     w.line(&format!("type StepScalars = {name}StepScalars;"));
@@ -678,7 +668,7 @@ fn emit_kernel(prog: &Program, embedded: Option<Embedded<'_>>, w: &mut W) {
     w.blank();
     w.line("/// The passes' bodies, compiled twice: for the baseline CPU and with AVX2");
     w.line("/// (the same operations in the same order, so the same bits).");
-    w.line("#[allow(unused_variables, unused_mut, clippy::all)]");
+    w.line("#[allow(unused_variables, unused_mut, non_snake_case, clippy::all)]");
     w.open(&format!("impl {name}Kernel {{"));
     w.out.push_str(&bw.out);
     for (f, sig, args) in [

@@ -1,0 +1,481 @@
+//! The spec generator (also compiled into the build script).
+
+/// A small deterministic generator (xorshift64*).
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    /// Uniform in `0..n`.
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+    pub fn chance(&mut self, percent: usize) -> bool {
+        self.below(100) < percent
+    }
+    pub fn pick<'a, T>(&mut self, xs: &'a [T]) -> &'a T {
+        &xs[self.below(xs.len())]
+    }
+}
+
+/// Names a spec may take that the printers (or the target languages) also
+/// use; generated specs draw `let` and state names from here.
+pub const HOSTILE_NAMES: &[&str] = &[
+    "a",
+    "s",
+    "ts",
+    "h",
+    "c",
+    "i",
+    "j",
+    "k",
+    "r",
+    "T",
+    "P",
+    "G",
+    "out",
+    "acc",
+    "racc",
+    "ids",
+    "is_max",
+    "is_global",
+    "sm_rows",
+    "row0",
+    "p_out",
+    "m_out",
+    "m4",
+    "e5",
+    "s3",
+    "ts7",
+    "e12",
+    "float",
+    "double",
+    "int",
+    "auto",
+    "NULL",
+    "INFINITY",
+    "NAN",
+    "None",
+    "Some",
+    "Ok",
+    "Err",
+    "reduced",
+    "global",
+    "partials",
+    "counters",
+    "chunks",
+    "tensors",
+    "ntensors",
+    "upto",
+    "row_len",
+    "agr_inv",
+    "agr_inv_if",
+    "lr_1",
+    "x_v2",
+    "state_m",
+    "float4",
+    "sqrtf",
+    "powf",
+    "fmaxf",
+    "threadIdx",
+    "AGR_BLOCK",
+    "AgrTensor",
+    "agr_ld",
+    "value",
+    "name",
+    "HYPERS",
+    "f32",
+    "f64",
+];
+
+/// A value in the step being generated.
+#[derive(Clone)]
+struct Val {
+    text: String,
+    /// Reduction passes before it is known.
+    phase: usize,
+}
+
+struct Gen<'a> {
+    rng: &'a mut Rng,
+    /// Per-element values in scope (p, g, states, lets).
+    elems: Vec<Val>,
+    /// Scalar values in scope.
+    scalars: Vec<Val>,
+    bools: Vec<String>,
+    names: Vec<String>,
+}
+
+impl Gen<'_> {
+    fn fresh(&mut self, base: &str) -> String {
+        let mut n = if self.rng.chance(60) {
+            self.rng.pick(HOSTILE_NAMES).to_string()
+        } else {
+            base.to_string()
+        };
+        let mut k = 2;
+        let stem = n.clone();
+        while self.names.contains(&n) {
+            n = format!("{stem}{k}");
+            k += 1;
+        }
+        self.names.push(n.clone());
+        n
+    }
+
+    fn constant(&mut self) -> String {
+        self.rng
+            .pick(&[
+                "0.5",
+                "2",
+                "1e-3",
+                "0.9",
+                "3",
+                "0.25",
+                "1.5",
+                "(1 - 0.9)",
+                "(2 * 0.5)",
+            ])
+            .to_string()
+    }
+
+    /// A scalar condition (per step or per tensor), sometimes constant.
+    fn scalar_cond(&mut self) -> String {
+        let mut opts = vec![
+            "t > 1".to_string(),
+            "t <= 2".to_string(),
+            "ndim >= 2".to_string(),
+            "numel > 10".to_string(),
+            "2 > 0".to_string(),
+            "1 >= 2".to_string(),
+            "!(3 == 3) || true".to_string(),
+        ];
+        opts.extend(self.bools.iter().cloned());
+        opts.extend(self.bools.iter().map(|b| format!("!{b}")));
+        let c = self.rng.pick(&opts).clone();
+        if self.rng.chance(20) {
+            let d = self.rng.pick(&opts).clone();
+            format!("({c}) && ({d})")
+        } else {
+            c
+        }
+    }
+
+    fn scalar(&mut self, depth: usize) -> Val {
+        let pick = self.rng.below(if depth == 0 { 3 } else { 7 });
+        match pick {
+            0 => Val {
+                text: self.constant(),
+                phase: 0,
+            },
+            1 | 2 => self.rng.pick(&self.scalars.clone()).clone(),
+            3 => {
+                // A reduction over a per-element value.
+                let x = self.elem(depth - 1, 1);
+                let f = *self.rng.pick(&[
+                    "sum",
+                    "mean",
+                    "norm",
+                    "max_abs",
+                    "global_norm",
+                    "global_max_abs",
+                    "global_sum",
+                ]);
+                let text = if f == "sum" || f == "global_sum" {
+                    format!("{f}({}) / numel", x.text)
+                } else {
+                    format!("{f}({})", x.text)
+                };
+                Val {
+                    text,
+                    phase: x.phase + 1,
+                }
+            }
+            4 => {
+                let a = self.scalar(depth - 1);
+                let b = self.scalar(depth - 1);
+                let op = *self.rng.pick(&["+", "-", "*"]);
+                Val {
+                    text: format!("({} {op} {})", a.text, b.text),
+                    phase: a.phase.max(b.phase),
+                }
+            }
+            5 => {
+                let h = self.rng.pick(&self.scalars.clone()).clone();
+                Val {
+                    text: format!("(1 - pow(clamp({}, 0, 0.99), t))", h.text),
+                    phase: h.phase,
+                }
+            }
+            _ => {
+                let c = self.scalar_cond();
+                let a = self.scalar(depth - 1);
+                let b = self.scalar(depth - 1);
+                Val {
+                    text: format!("select({c}, {}, {})", a.text, b.text),
+                    phase: a.phase.max(b.phase),
+                }
+            }
+        }
+    }
+
+    /// A per-element value whose reductions need at most `max_phase` passes.
+    fn elem(&mut self, depth: usize, max_phase: usize) -> Val {
+        let atoms: Vec<Val> = self
+            .elems
+            .iter()
+            .filter(|v| v.phase <= max_phase)
+            .cloned()
+            .collect();
+        if depth == 0 || self.rng.chance(25) {
+            return self.rng.pick(&atoms).clone();
+        }
+        let d = depth - 1;
+        let join = |a: &Val, b: &Val, text: String| Val {
+            text,
+            phase: a.phase.max(b.phase),
+        };
+        match self.rng.below(17) {
+            0..=2 => {
+                let a = self.elem(d, max_phase);
+                let b = self.elem(d, max_phase);
+                let op = *self.rng.pick(&["+", "-", "*"]);
+                join(&a, &b, format!("({} {op} {})", a.text, b.text))
+            }
+            3 | 4 => {
+                let a = self.elem(d, max_phase);
+                let s = self.scalar(1);
+                if s.phase > max_phase {
+                    return a;
+                }
+                let op = *self.rng.pick(&["*", "+", "-"]);
+                join(&a, &s, format!("({} {op} {})", a.text, s.text))
+            }
+            5 => {
+                let a = self.elem(d, max_phase);
+                let b = self.elem(d, max_phase);
+                join(&a, &b, format!("({} / (abs({}) + 1))", a.text, b.text))
+            }
+            6 => {
+                let a = self.elem(d, max_phase);
+                let f = *self.rng.pick(&[
+                    "sqrt(abs({}))",
+                    "ln(abs({}) + 1)",
+                    "exp(-abs({}))",
+                    "pow(abs({}) + 1, 0.5)",
+                    "sign({})",
+                    "clamp({}, -1, 1)",
+                    "-{}",
+                    "({} ^ 2)",
+                    "abs({})",
+                ]);
+                Val {
+                    text: f.replace("{}", &a.text),
+                    ..a
+                }
+            }
+            7 | 8 => {
+                let a = self.elem(d, max_phase);
+                let b = self.elem(d, max_phase);
+                let f = *self.rng.pick(&["max", "min"]);
+                join(&a, &b, format!("{f}({}, {})", a.text, b.text))
+            }
+            9 => {
+                let a = self.elem(d, max_phase);
+                let b = self.elem(d, max_phase);
+                let c = self.elem(0, max_phase);
+                let v = join(&a, &b, String::new());
+                join(
+                    &v,
+                    &c,
+                    format!("select({} > 0, {}, {})", c.text, a.text, b.text),
+                )
+            }
+            10 | 11 => {
+                let cond = self.scalar_cond();
+                let a = self.elem(d, max_phase);
+                let b = self.elem(d, max_phase);
+                join(
+                    &a,
+                    &b,
+                    format!("if {cond} {{ {} }} else {{ {} }}", a.text, b.text),
+                )
+            }
+            12 | 13 if max_phase >= 1 => {
+                let x = self.elem(d, max_phase - 1);
+                let f = *self.rng.pick(&["agr", "row_mean", "row_sum"]);
+                let text = if f == "row_sum" {
+                    format!("(row_sum({}) * 0.1)", x.text)
+                } else {
+                    format!("{f}({})", x.text)
+                };
+                Val {
+                    text,
+                    phase: x.phase + 1,
+                }
+            }
+            14 if max_phase >= 1 => {
+                let x = self.elem(d, max_phase - 1);
+                let a = self.elem(d, max_phase);
+                join(
+                    &a,
+                    &Val {
+                        phase: x.phase + 1,
+                        ..x.clone()
+                    },
+                    format!("({} - mean({}))", a.text, x.text),
+                )
+            }
+            _ => {
+                let a = self.elem(d, max_phase);
+                let c = self.constant();
+                Val {
+                    text: format!("({} * {c})", a.text),
+                    ..a
+                }
+            }
+        }
+    }
+}
+
+/// A random valid spec named `name`.
+pub fn spec(rng: &mut Rng, name: &str) -> String {
+    let mut g = Gen {
+        rng,
+        elems: vec![
+            Val {
+                text: "g".into(),
+                phase: 0,
+            },
+            Val {
+                text: "p".into(),
+                phase: 0,
+            },
+        ],
+        scalars: vec![
+            Val {
+                text: "t".into(),
+                phase: 0,
+            },
+            Val {
+                text: "ndim".into(),
+                phase: 0,
+            },
+        ],
+        bools: vec![],
+        names: vec![],
+    };
+    let mut hypers = vec!["lr = 0.01 where lr > 0".to_string()];
+    g.names.push("lr".into());
+    g.scalars.push(Val {
+        text: "lr".into(),
+        phase: 0,
+    });
+    for _ in 0..g.rng.below(3) {
+        match g.rng.below(3) {
+            0 => {
+                let n = g.fresh("beta");
+                hypers.push(format!("{n} = 0.{} where 0 <= {n} < 1", 1 + g.rng.below(9)));
+                g.scalars.push(Val { text: n, phase: 0 });
+            }
+            1 => {
+                let n = g.fresh("flag");
+                let v = if g.rng.chance(50) { "true" } else { "false" };
+                hypers.push(format!("{n} = {v}"));
+                g.bools.push(n);
+            }
+            _ => {
+                let n = g.fresh("k");
+                hypers.push(format!(
+                    "{n}: int = {} where 0 <= {n} <= 10",
+                    g.rng.below(5)
+                ));
+                g.scalars.push(Val { text: n, phase: 0 });
+            }
+        }
+    }
+    let mut states = vec![];
+    for _ in 0..g.rng.below(4) {
+        let n = g.fresh("m");
+        let init = g
+            .rng
+            .pick(&[
+                "0",
+                "-1",
+                "0.5",
+                "g * 0.5",
+                "abs(g)",
+                "p * 0",
+                "inf * 0 + 1",
+            ])
+            .to_string();
+        // `inf * 0` is NaN: a constant error; keep such specs rare but present.
+        let init = if init.starts_with("inf") && !g.rng.chance(10) {
+            "1".to_string()
+        } else {
+            init
+        };
+        g.elems.push(Val {
+            text: n.clone(),
+            phase: 0,
+        });
+        states.push((n, init));
+    }
+    let mut body = vec![];
+    for _ in 0..1 + g.rng.below(5) {
+        let v = g.elem(3, 2);
+        let n = g.fresh("x");
+        body.push(format!("let {n} = {};", v.text));
+        g.elems.push(Val {
+            text: n,
+            phase: v.phase,
+        });
+        if g.rng.chance(20) {
+            let s = g.scalar(2);
+            let n = g.fresh("sc");
+            body.push(format!("let {n} = {};", s.text));
+            g.scalars.push(Val {
+                text: n,
+                phase: s.phase,
+            });
+        }
+    }
+    for (n, _) in &states {
+        let v = g.elem(2, 2);
+        if g.rng.chance(30) {
+            let c = g.scalar_cond();
+            body.push(format!(
+                "if {c} {{ {n} = 0.9 * {n} + 0.1 * {}; }} else {{ {n} = {n} * 0.5; }}",
+                v.text
+            ));
+        } else {
+            body.push(format!(
+                "{n} = 0.9 * {n} + 0.1 * clamp({}, -10, 10);",
+                v.text
+            ));
+        }
+        for e in g.elems.iter_mut().filter(|e| &e.text == n) {
+            e.phase = e.phase.max(v.phase);
+        }
+    }
+    let upd = g.elem(3, 2);
+    body.push(format!("p = p - lr * clamp({}, -100, 100);", upd.text));
+    let mut text = format!("{name} {{\n    hyper {{ {} }}\n", hypers.join(", "));
+    if !states.is_empty() {
+        let s: Vec<String> = states.iter().map(|(n, i)| format!("{n} = {i}")).collect();
+        text += &format!("    state {{ {} }}\n", s.join(", "));
+    }
+    text += "    step {\n";
+    for b in body {
+        text += &format!("        {b}\n");
+    }
+    text += "    }\n}\n";
+    text
+}

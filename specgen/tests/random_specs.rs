@@ -1,0 +1,444 @@
+//! Every random spec the checker accepts compiles in both back ends and
+//! computes what the reference evaluation of its IR computes:
+//! - the Rust: every spec went through `optimizer!` into this crate (see
+//!   `build.rs`), so rustc compiled them all; each fused CPU step runs
+//!   against `agr_codegen::interp` on random data;
+//! - the CUDA: every spec's kernels compile as host C++ (one g++ run for all)
+//!   and run block by block against the same reference; and, where NVRTC
+//!   and ptxas are installed (`eval "$(scripts/cuda-tools.sh)"`; required
+//!   when `AGR_REQUIRE_CUDA_TOOLS=1`), compile to PTX and assemble for sm_90,
+//!   with the kernels that spill counted.
+//!
+//! `AGR_SPECGEN_SEED=random cargo test -p agr-specgen` tries a fresh seed.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+use agr_codegen::{backend::cuda, interp, ir::Program};
+use agr_runtime::{DynOptimizer, ParamMut};
+
+pub struct Case {
+    pub index: usize,
+    pub source: &'static str,
+    pub make: fn() -> Box<dyn DynOptimizer>,
+}
+
+include!(concat!(env!("OUT_DIR"), "/specs.rs"));
+
+const SHAPES: &[&[usize]] = &[&[7, 5], &[33], &[2, 3, 4], &[1]];
+const STEPS: usize = 3;
+
+struct Data {
+    inits: Vec<Vec<f32>>,
+    grads: Vec<Vec<Vec<f32>>>,
+}
+
+fn data(seed: u64) -> Data {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = move |i: usize| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        if i % 13 == 5 {
+            0.0
+        } else {
+            ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        }
+    };
+    let inits: Vec<Vec<f32>> = SHAPES
+        .iter()
+        .map(|s| (0..s.iter().product::<usize>()).map(&mut next).collect())
+        .collect();
+    let grads = (0..STEPS)
+        .map(|_| {
+            inits
+                .iter()
+                .map(|v| (0..v.len()).map(&mut next).collect())
+                .collect()
+        })
+        .collect();
+    Data { inits, grads }
+}
+
+fn hypers(prog: &Program) -> Vec<f64> {
+    prog.hypers.iter().map(|h| h.default).collect()
+}
+
+/// Parameters then states, per tensor, after the steps.
+fn reference(prog: &Program, d: &Data) -> Vec<f32> {
+    let mut ts: Vec<interp::TensorData> = SHAPES
+        .iter()
+        .zip(&d.inits)
+        .map(|(s, v)| interp::TensorData::new(prog, s.to_vec(), v.clone()))
+        .collect();
+    for step in &d.grads {
+        for (t, g) in ts.iter_mut().zip(step) {
+            t.g = g.clone();
+        }
+        interp::step(prog, &hypers(prog), &mut ts);
+    }
+    ts.iter()
+        .flat_map(|t| t.p.iter().chain(t.states.iter().flatten()).copied())
+        .collect()
+}
+
+fn fused(case: &Case, prog: &Program, d: &Data) -> Vec<f32> {
+    let mut opt = (case.make)();
+    let mut values = d.inits.clone();
+    for step in &d.grads {
+        let mut params: Vec<ParamMut<'_>> = values
+            .iter_mut()
+            .zip(step)
+            .zip(SHAPES)
+            .map(|((v, g), s)| ParamMut::new(v, Some(g), s))
+            .collect();
+        opt.step(&mut params).unwrap();
+    }
+    let mut out = vec![];
+    for (j, v) in values.iter().enumerate() {
+        out.extend(v);
+        for s in &prog.states {
+            out.extend(opt.state(j, &s.name).unwrap());
+        }
+    }
+    out
+}
+
+fn close(a: f32, b: f32) -> bool {
+    a == b || (a.is_nan() && b.is_nan()) || (a - b).abs() <= 1e-5 + 1e-4 * b.abs()
+}
+
+/// The first disagreement, if any.
+fn compare(what: &str, got: &[f32], want: &[f32]) -> Result<(), String> {
+    if got.len() != want.len() {
+        return Err(format!("{what}: {} values, want {}", got.len(), want.len()));
+    }
+    match got.iter().zip(want).position(|(a, b)| !close(*a, *b)) {
+        None => Ok(()),
+        Some(i) => Err(format!(
+            "{what}: value {i} is {} but the reference computes {}",
+            got[i], want[i]
+        )),
+    }
+}
+
+/// Plays the GPU runtime's part for one spec (`@` is its name): builds the
+/// tensor and chunk tables, runs each pass's kernel once per block.
+const DRIVER: &str = r#"
+static int run_@() {
+    int nt, nsteps, chunk;
+    rd(&nt, 1); rd(&nsteps, 1); rd(&chunk, 1);
+    @_Hyper h;
+    rd(h.v, @_NUM_HYPERS);
+    std::vector<float> fill(@_NUM_STATES + 1);
+    rd(fill.data(), @_NUM_STATES);
+    std::vector<std::vector<float>> p(nt), g(nt);
+    std::vector<std::vector<double>> rows(nt);
+    std::vector<std::vector<std::vector<float>>> st(nt);
+    std::vector<AgrTensor> tensors(nt);
+    std::vector<AgrChunk> chunks;
+    for (int j = 0; j < nt; ++j) {
+        long long numel, ndim, row_len;
+        rd(&numel, 1); rd(&ndim, 1); rd(&row_len, 1);
+        p[j].resize(numel); g[j].resize(numel);
+        rd(p[j].data(), numel);
+        AgrTensor& T = tensors[j];
+        T.p = p[j].data(); T.numel = numel; T.ndim = ndim; T.t = 0; T.row_len = row_len;
+        rows[j].assign(numel / row_len * (@_ROW_REDUCTIONS + 1), 0.0);
+        T.rows = rows[j].data();
+        st[j].resize(@_NUM_STATES);
+        for (int k = 0; k < @_NUM_STATES; ++k) {
+            st[j][k].assign(numel, fill[k]);
+            T.st[k] = st[j][k].data();
+        }
+        T.first_chunk = (int)chunks.size();
+        long long ch = @_ROW_REDUCTIONS > 0 ? row_len * (chunk / row_len > 0 ? chunk / row_len : 1) : chunk;
+        for (long long s = 0; s < numel; s += ch) {
+            AgrChunk c; c.tensor = j; c.start = s; c.len = (int)(numel - s < ch ? numel - s : ch);
+            chunks.push_back(c);
+        }
+        T.n_chunks = (int)chunks.size() - T.first_chunk;
+    }
+    const int nr = @_NUM_REDUCTIONS > 0 ? @_NUM_REDUCTIONS : 1;
+    std::vector<double> partials(chunks.size() * nr), reduced(nt * nr), global(nr);
+    std::vector<unsigned> counters(nt + 1, 0);
+    for (int step = 1; step <= nsteps; ++step) {
+        for (int j = 0; j < nt; ++j) {
+            rd(g[j].data(), g[j].size());
+            tensors[j].g = g[j].data();
+            tensors[j].t = step;
+        }
+#define PASS(k) \
+        for (size_t b = 0; b < chunks.size(); ++b) { \
+            blockIdx.x = (unsigned)b; \
+            @_reduce##k(h, chunks.data(), tensors.data(), nt, partials.data(), reduced.data(), global.data(), counters.data()); \
+        }
+#if @_PASSES >= 1
+        PASS(0)
+#endif
+#if @_PASSES >= 2
+        PASS(1)
+#endif
+#if @_PASSES >= 3
+        PASS(2)
+#endif
+#undef PASS
+        for (size_t b = 0; b < chunks.size(); ++b) {
+            blockIdx.x = (unsigned)b;
+            @_update(h, chunks.data(), tensors.data(), nt, reduced.data(), global.data());
+        }
+        for (unsigned c : counters)
+            if (c != 0) { fprintf(stderr, "a reduction counter was left at %u\n", c); return 3; }
+    }
+    for (int j = 0; j < nt; ++j) {
+        fwrite(p[j].data(), 4, p[j].size(), stdout);
+        for (int k = 0; k < @_NUM_STATES; ++k) fwrite(st[j][k].data(), 4, st[j][k].size(), stdout);
+    }
+    return 0;
+}
+"#;
+
+fn host_input(prog: &Program, d: &Data) -> Vec<u8> {
+    let mut input: Vec<u8> = vec![];
+    // Chunks of 8 elements: several blocks per tensor and per row.
+    for x in [SHAPES.len() as i32, STEPS as i32, 8] {
+        input.extend(x.to_le_bytes());
+    }
+    hypers(prog)
+        .iter()
+        .for_each(|v| input.extend(v.to_le_bytes()));
+    for s in &prog.states {
+        input.extend((s.fill as f32).to_le_bytes());
+    }
+    for (s, init) in SHAPES.iter().zip(&d.inits) {
+        input.extend((init.len() as i64).to_le_bytes());
+        input.extend((s.len() as i64).to_le_bytes());
+        input.extend((agr_runtime::TensorMeta::row_len_of(s) as i64).to_le_bytes());
+        init.iter().for_each(|v| input.extend(v.to_le_bytes()));
+    }
+    for step in &d.grads {
+        for g in step {
+            g.iter().for_each(|v| input.extend(v.to_le_bytes()));
+        }
+    }
+    input
+}
+
+/// One host program holding every spec's CUDA, run once per spec.
+fn build_host(progs: &[&Program]) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("random-specs");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut src = format!(
+        "#define AGR_HOST_CHECK 1\n{}\n#include <stdio.h>\n#include <stdlib.h>\n#include <vector>\n\
+         template <class T> static void rd(T* x, size_t n) {{\n\
+             if (n && fread(x, sizeof(T), n, stdin) != n) {{ fprintf(stderr, \"short input\\n\"); exit(2); }}\n}}\n",
+        cuda::PRELUDE
+    );
+    for prog in progs {
+        src += &cuda::emit(prog);
+        src += &DRIVER.replace('@', &prog.name);
+    }
+    src += "int main(int argc, char** argv) {\n    if (argc < 2) return 1;\n";
+    for (i, prog) in progs.iter().enumerate() {
+        src += &format!(
+            "    if (atoi(argv[1]) == {i}) return run_{}();\n",
+            prog.name
+        );
+    }
+    src += "    return 1;\n}\n";
+    let cpp = dir.join("all.cpp");
+    let exe = dir.join("all");
+    std::fs::write(&cpp, src).unwrap();
+    let out = Command::new("g++")
+        .args(["-std=c++17", "-O1", "-w", "-o"])
+        .arg(&exe)
+        .arg(&cpp)
+        .output()
+        .expect("g++ must be installed to check the generated CUDA on the CPU");
+    assert!(
+        out.status.success(),
+        "the generated CUDA does not compile as host C++ ({}):\n{}",
+        cpp.display(),
+        String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .take(30)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    exe
+}
+
+fn run_host(exe: &PathBuf, index: usize, input: &[u8]) -> Result<Vec<f32>, String> {
+    let mut child = Command::new(exe)
+        .arg(index.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    let out = child.wait_with_output().unwrap();
+    if !out.status.success() {
+        return Err(format!(
+            "host run failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(out
+        .stdout
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect())
+}
+
+fn cuda_tools_required() -> bool {
+    std::env::var("AGR_REQUIRE_CUDA_TOOLS").is_ok_and(|v| v == "1")
+}
+
+/// NVRTC for every spec (one translation unit), then ptxas; returns the
+/// number of kernels and those that spill.
+fn nvrtc_and_ptxas(progs: &[&Program]) -> Option<(usize, Vec<String>)> {
+    use agr_runtime::cuda::{self as rt, DType};
+    if !rt::nvrtc_available() {
+        assert!(
+            !cuda_tools_required(),
+            "NVRTC is required (AGR_REQUIRE_CUDA_TOOLS=1) but could not be loaded"
+        );
+        println!("NVRTC not found: the PTX check is skipped (eval \"$(scripts/cuda-tools.sh)\")");
+        return None;
+    }
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("random-specs");
+    std::fs::create_dir_all(&dir).unwrap();
+    let ptxas = std::env::var("AGR_PTXAS").ok();
+    if ptxas.is_none() {
+        assert!(!cuda_tools_required(), "AGR_PTXAS is not set");
+        println!("ptxas not found: spills are not counted");
+    }
+    // A few translation units (the prelude has an include guard, so each
+    // holds one copy), compiled and assembled in parallel.
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 8));
+    let groups: Vec<&[&Program]> = progs.chunks(progs.len().div_ceil(threads).max(1)).collect();
+    let logs: Vec<String> = std::thread::scope(|scope| {
+        let handles: Vec<_> = groups
+            .iter()
+            .enumerate()
+            .map(|(n, group)| {
+                let (dir, ptxas) = (&dir, &ptxas);
+                scope.spawn(move || {
+                    let src: String = group.iter().map(|p| cuda::full_source(p)).collect();
+                    let ptx = rt::compile_source("RandomSpecs", &src, "compute_90", DType::F32)
+                        .unwrap_or_else(|e| panic!("NVRTC rejects the generated CUDA: {e}"));
+                    let text = ptx.to_src();
+                    for prog in group.iter() {
+                        for k in cuda::kernel_names(prog) {
+                            assert!(
+                                text.contains(&format!(".entry {k}(")),
+                                "{k} missing from the PTX"
+                            );
+                        }
+                    }
+                    let Some(ptxas) = ptxas else {
+                        return String::new();
+                    };
+                    let file = dir.join(format!("part{n}.ptx"));
+                    std::fs::write(&file, &text).unwrap();
+                    let out = Command::new(ptxas)
+                        .args(["-arch=sm_90", "-v"])
+                        .arg(&file)
+                        .arg("-o")
+                        .arg(file.with_extension("cubin"))
+                        .output()
+                        .expect("run ptxas");
+                    let log = String::from_utf8_lossy(&out.stderr).to_string()
+                        + &String::from_utf8_lossy(&out.stdout);
+                    assert!(out.status.success(), "ptxas failed:\n{log}");
+                    log
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    ptxas.as_ref()?;
+    let log = logs.join("\n");
+    let mut kernels = 0;
+    let mut spills = vec![];
+    let mut current = String::new();
+    for line in log.lines() {
+        if let Some(rest) = line.split("Compiling entry function '").nth(1) {
+            current = rest.split('\'').next().unwrap_or("").to_string();
+            kernels += 1;
+        } else if line.contains("bytes spill stores")
+            && !line.contains(" 0 bytes spill stores, 0 bytes spill loads")
+        {
+            spills.push(format!("{current}: {}", line.trim()));
+        }
+    }
+    Some((kernels, spills))
+}
+
+#[test]
+fn every_accepted_random_spec_compiles_and_agrees_with_the_reference() {
+    println!(
+        "seed {SEED}: {GENERATED} specs generated, {} accepted by the checker, {} rejected",
+        CASES.len(),
+        REJECTED.len()
+    );
+    // The generator writes valid specs, save a few whose state starts at
+    // `inf * 0 + 1` (NaN): those must be the only rejections.
+    for (src, err) in REJECTED {
+        assert!(
+            err.contains("constant expression evaluates to NaN"),
+            "the generator wrote a spec the checker rejects for another reason: {err}\n{src}"
+        );
+    }
+    assert!(CASES.len() * 10 >= GENERATED * 9, "too many rejections");
+    let progs: Vec<Program> = CASES
+        .iter()
+        .map(|c| agr_codegen::compile(c.source).unwrap())
+        .collect();
+    let mut failures = vec![];
+    // The fused CPU step (compiled by rustc through optimizer!).
+    let mut datas = vec![];
+    for (case, prog) in CASES.iter().zip(&progs) {
+        let d = data(SEED ^ case.index as u64);
+        let want = reference(prog, &d);
+        if let Err(e) = compare("fused CPU step", &fused(case, prog, &d), &want) {
+            failures.push(format!("{e}\n{}", case.source));
+        }
+        datas.push((d, want));
+    }
+    println!("fused CPU step: {} disagreements", failures.len());
+    // The CUDA as host C++.
+    let refs: Vec<&Program> = progs.iter().collect();
+    let exe = build_host(&refs);
+    for (i, (case, prog)) in CASES.iter().zip(&progs).enumerate() {
+        let (d, want) = &datas[i];
+        let r = run_host(&exe, i, &host_input(prog, d))
+            .and_then(|got| compare("CUDA (host C++)", &got, want));
+        if let Err(e) = r {
+            failures.push(format!("{e}\n{}", case.source));
+        }
+    }
+    println!(
+        "{} specs: Rust compiled and run, CUDA compiled and run as host C++",
+        CASES.len()
+    );
+    // NVRTC and ptxas.
+    if let Some((kernels, spills)) = nvrtc_and_ptxas(&refs) {
+        println!(
+            "NVRTC + ptxas (sm_90, f32): {kernels} kernels assembled, {} spill",
+            spills.len()
+        );
+        for s in &spills {
+            println!("  spills: {s}");
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} specs disagree (seed {SEED}):\n\n{}",
+        failures.len(),
+        CASES.len(),
+        failures[..failures.len().min(5)].join("\n\n")
+    );
+}
