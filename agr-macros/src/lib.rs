@@ -106,10 +106,12 @@ fn compile(source: &str) -> Result<TokenStream2, Vec<Diagnostic>> {
     let prog = agr_codegen::compile(source)?;
     use agr_codegen::backend::{cuda, rust};
     let first = rust::emit(&prog);
+    let cuda_kernel_source = cuda::emit(&prog);
     let cuda_source = cuda::full_source(&prog);
     let embedded = rust::Embedded {
         generated_rust: &first,
         cuda_source: &cuda_source,
+        cuda_kernel_source: &cuda_kernel_source,
     };
     let code = rust::emit_with(&prog, Some(embedded));
     match code.parse::<TokenStream2>() {

@@ -304,10 +304,12 @@ fn bench(optimizers: &[String], workloads: &[String], iters: usize) -> ExitCode 
             let start = std::time::Instant::now();
             if let Ok(prog) = agr_codegen::compile(b.source) {
                 let first = backend::rust::emit(&prog);
+                let cuda_kernels = backend::cuda::emit(&prog);
                 let cuda = backend::cuda::full_source(&prog);
                 let embedded = backend::rust::Embedded {
                     generated_rust: &first,
                     cuda_source: &cuda,
+                    cuda_kernel_source: &cuda_kernels,
                 };
                 std::hint::black_box(backend::rust::emit_with(&prog, Some(embedded)));
             }
