@@ -87,3 +87,32 @@ fn emit_prints_generated_rust_for_a_builtin() {
     assert_eq!(code, 1);
     assert!(err.contains("neither a built-in"), "{err}");
 }
+
+#[test]
+fn check_warns_about_an_unused_hyperparameter_and_still_succeeds() {
+    let dir = std::env::temp_dir().join(format!("agr-cli-warn-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let f = dir.join("unused.agr");
+    std::fs::write(
+        &f,
+        "Sgd {\n    hyper { lr = 0.1, beta = 0.9, use_psi = true }\n    step { p = p - lr * select(use_psi, agr(g), g); }\n}\n",
+    )
+    .unwrap();
+    let (code, out, err) = agr(&["check", f.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("ok") && out.contains("1 warning"), "{out}");
+    assert!(
+        err.starts_with("warning: hyperparameter `beta` is never used\n"),
+        "{err}"
+    );
+    assert!(err.contains("unused.agr:2:23"), "{err}");
+    assert!(err.contains("\n  |                       ^^^^\n"), "{err}");
+    assert_eq!(err.matches("warning:").count(), 1, "{err}");
+    // The built-ins have none.
+    let specs = format!("{}/agr-runtime/specs", env!("CARGO_MANIFEST_DIR"));
+    for e in std::fs::read_dir(specs).unwrap() {
+        let path = e.unwrap().path();
+        let (code, _, err) = agr(&["check", path.to_str().unwrap()]);
+        assert_eq!((code, err.as_str()), (0, ""), "{}", path.display());
+    }
+}

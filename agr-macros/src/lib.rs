@@ -41,7 +41,12 @@ fn expand(input: TokenStream2) -> TokenStream2 {
     }
     let flat = Flat::new(input);
     match compile(&flat.text) {
-        Ok(code) => code,
+        Ok((code, warnings)) => {
+            let warnings = warnings
+                .iter()
+                .map(|d| warning(flat.span_at(d.span.start), &d.text()));
+            quote! { #code #(#warnings)* }
+        }
         Err(diags) => {
             let errors = diags.iter().map(|d| {
                 let span = flat.span_at(d.span.start);
@@ -87,12 +92,17 @@ fn expand_file(lit: proc_macro2::Literal) -> TokenStream2 {
         }
     };
     match compile(&source) {
-        Ok(code) => {
+        Ok((code, warnings)) => {
             let full = full.to_string_lossy().to_string();
+            let warnings = warnings
+                .iter()
+                .map(|d| d.render(&rel, &source))
+                .map(|r| warning(span, r.trim_end().trim_start_matches("warning: ")));
             // Rebuild when the spec file changes.
             quote! {
                 const _: &[u8] = include_bytes!(#full);
                 #code
+                #(#warnings)*
             }
         }
         Err(diags) => {
@@ -102,23 +112,94 @@ fn expand_file(lit: proc_macro2::Literal) -> TokenStream2 {
     }
 }
 
-fn compile(source: &str) -> Result<TokenStream2, Vec<Diagnostic>> {
-    let prog = agr_codegen::compile(source)?;
+/// A rustc warning at `span` that does not stop the build. Stable Rust has no
+/// way for a proc-macro to emit a warning, so this uses the standard trick:
+/// an item marked `#[deprecated]` with the message as its note, used at
+/// `span`. rustc prints `warning: use of deprecated constant
+/// `_::agr_warning`: <message>`, which `#[allow(deprecated)]` silences.
+fn warning(span: proc_macro2::Span, message: &str) -> TokenStream2 {
+    let used = proc_macro2::Ident::new("agr_warning", span);
+    quote! {
+        const _: () = {
+            #[deprecated(note = #message)]
+            #[allow(non_upper_case_globals)]
+            const agr_warning: () = ();
+            #used
+        };
+    }
+}
+
+/// The generated code and the spec's warnings.
+fn compile(source: &str) -> Result<(TokenStream2, Vec<Diagnostic>), Vec<Diagnostic>> {
+    let (prog, warnings) = agr_codegen::compile_with_warnings(source)?;
     use agr_codegen::backend::{cuda, rust};
     let first = rust::emit(&prog);
+    let cuda_kernel_source = cuda::emit(&prog);
     let cuda_source = cuda::full_source(&prog);
     let embedded = rust::Embedded {
         generated_rust: &first,
         cuda_source: &cuda_source,
+        cuda_kernel_source: &cuda_kernel_source,
     };
     let code = rust::emit_with(&prog, Some(embedded));
     match code.parse::<TokenStream2>() {
-        Ok(ts) => Ok(ts),
+        Ok(ts) => Ok((ts, warnings)),
         Err(e) => {
             Ok({
                 let msg = format!("internal error: agr generated Rust that does not tokenize ({e}); please report it");
-                quote! { compile_error!(#msg); }
+                (quote! { compile_error!(#msg); }, vec![])
             })
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every identifier named `name`, depth first, with its span.
+    fn idents(ts: TokenStream2, name: &str, out: &mut Vec<proc_macro2::Span>) {
+        for t in ts {
+            match t {
+                TokenTree::Ident(i) if i == name => out.push(i.span()),
+                TokenTree::Group(g) => idents(g.stream(), name, out),
+                _ => {}
+            }
+        }
+    }
+
+    #[test]
+    fn an_unused_hyperparameter_becomes_a_deprecation_warning_at_its_name() {
+        // Parsed from text, so every token has its own span (the dev build
+        // enables proc-macro2's span locations).
+        let input: TokenStream2 = "X { hyper { lr = 0.1, beta = 0.9 } step { p = p - lr * g; } }"
+            .parse()
+            .unwrap();
+        let out = expand(input.clone());
+        let text = out.to_string();
+        assert!(!text.contains("compile_error"), "{text}");
+        assert_eq!(text.matches("deprecated").count(), 1, "{text}");
+        assert!(
+            text.contains("hyperparameter `beta` is never used"),
+            "{text}"
+        );
+        let mut beta = vec![];
+        idents(input, "beta", &mut beta);
+        let mut used = vec![];
+        idents(out, "agr_warning", &mut used);
+        // Declared, then used at `beta`: rustc reports the use.
+        assert_eq!(used.len(), 2, "{text}");
+        assert_eq!(format!("{:?}", used[1]), format!("{:?}", beta[0]));
+        assert_ne!(format!("{:?}", used[0]), format!("{:?}", beta[0]));
+    }
+
+    #[test]
+    fn a_spec_using_every_hyperparameter_gets_no_warning() {
+        let out = expand(quote! {
+            X { hyper { lr = 0.1, on = true } step { p = if on { p - lr * g } else { p }; } }
+        })
+        .to_string();
+        assert!(!out.contains("compile_error"), "{out}");
+        assert!(!out.contains("deprecated"), "{out}");
     }
 }

@@ -18,8 +18,11 @@ pub trait Kernel: 'static + Send + Sync {
     const SPEC: &'static str;
     /// The Rust code generated for the spec.
     const GENERATED_RUST: &'static str;
-    /// The CUDA C generated for the spec: a complete translation unit.
+    /// The CUDA C generated for the spec: a complete translation unit, the
+    /// shared prelude followed by [`Kernel::CUDA_KERNEL_SOURCE`].
     const CUDA_SOURCE: &'static str;
+    /// The spec's own CUDA C, without the shared prelude (what to snapshot).
+    const CUDA_KERNEL_SOURCE: &'static str;
     /// Its kernels in launch order: one per reduction pass, then the update.
     const CUDA_KERNELS: &'static [&'static str];
     const STATES: &'static [StateInfo];

@@ -323,8 +323,13 @@ impl<K: Kernel> Optimizer<K> {
     pub const SPEC: &'static str = K::SPEC;
     /// The Rust code generated from the spec.
     pub const GENERATED_RUST: &'static str = K::GENERATED_RUST;
-    /// The CUDA C generated from the spec (prelude included).
+    /// The CUDA C generated from the spec as one translation unit: the
+    /// shared prelude (the same for every spec), a newline, then
+    /// [`Self::CUDA_KERNEL_SOURCE`]. This is what the CUDA engine compiles.
     pub const CUDA_SOURCE: &'static str = K::CUDA_SOURCE;
+    /// The spec's own CUDA C, without the shared prelude: snapshot this one,
+    /// so the snapshot changes only when the spec's code does.
+    pub const CUDA_KERNEL_SOURCE: &'static str = K::CUDA_KERNEL_SOURCE;
 
     /// A new optimizer; fails if a hyperparameter is outside its range.
     pub fn with_config(config: K::Config) -> Result<Self, ConfigError> {

@@ -388,6 +388,29 @@ fn hyperparameters_are_range_checked() {
 }
 
 #[test]
+fn cuda_kernel_source_is_the_specs_own_code_without_the_prelude() {
+    use agr_codegen::backend::cuda::PRELUDE;
+    // The prelude is the same for every spec; a snapshot of a spec's CUDA
+    // must not change when only the prelude does.
+    let kernels = AdamWAgr::CUDA_KERNEL_SOURCE;
+    assert!(kernels.contains("__global__"), "{kernels}");
+    assert!(kernels.contains("AdamWAgr_update"), "{kernels}");
+    let first_prelude_line = PRELUDE.lines().find(|l| !l.trim().is_empty()).unwrap();
+    assert!(!kernels.contains(first_prelude_line), "{kernels}");
+    assert!(!kernels.contains("struct AgrTensor"), "{kernels}");
+    // The complete translation unit is exactly the prelude, then the kernels.
+    assert_eq!(AdamWAgr::CUDA_SOURCE, format!("{PRELUDE}\n{kernels}"));
+    assert_eq!(
+        AdanAgr::CUDA_SOURCE,
+        format!("{PRELUDE}\n{}", AdanAgr::CUDA_KERNEL_SOURCE)
+    );
+    // The spec's code alone, as `agr_codegen` prints it.
+    let prog =
+        agr_codegen::compile(agr_runtime::optim::builtin("adamw_agr").unwrap().source).unwrap();
+    assert_eq!(kernels, agr_codegen::backend::cuda::emit(&prog));
+}
+
+#[test]
 fn a_non_finite_gradient_skips_the_step_and_changes_nothing() {
     use agr_runtime::optim::{AdamW, AdamWConfig};
     use agr_runtime::NonFinite;

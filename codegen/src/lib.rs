@@ -10,4 +10,4 @@ pub mod ir;
 pub mod lower;
 pub mod tokens;
 
-pub use lower::{compile, lower};
+pub use lower::{compile, compile_with_warnings, lower};

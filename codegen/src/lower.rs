@@ -24,8 +24,16 @@ pub fn lower(spec: &ast::Spec) -> Result<Program, Vec<Diagnostic>> {
 
 /// Parses, checks and lowers spec text.
 pub fn compile(source: &str) -> Result<Program, Vec<Diagnostic>> {
-    let spec = agr_grammar::parse(source).map_err(|e| vec![e])?;
-    lower(&spec)
+    compile_with_warnings(source).map(|(prog, _)| prog)
+}
+
+/// Parses, checks and lowers spec text (every syntax error, or every
+/// semantic error, when it fails); a spec that compiles also gets the
+/// checker's warnings (see [`check::warnings`]), which do not stop it.
+pub fn compile_with_warnings(source: &str) -> Result<(Program, Vec<Diagnostic>), Vec<Diagnostic>> {
+    let spec = agr_grammar::parse::parse_all(source)?;
+    let prog = lower(&spec)?;
+    Ok((prog, check::warnings(&spec)))
 }
 
 #[derive(Clone, Debug)]

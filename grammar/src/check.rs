@@ -898,6 +898,66 @@ impl<'a> Checker<'a> {
     }
 }
 
+/// Warnings about a spec that compiles but probably does not do what was
+/// meant: hyperparameters that neither `step` nor any state's initial value
+/// reads (a condition such as `if use_agr { ... }` counts as a read).
+pub fn warnings(spec: &Spec) -> Vec<Diagnostic> {
+    let mut read = std::collections::HashSet::new();
+    for s in &spec.states {
+        names_read(&s.init, &mut read);
+    }
+    stmts_read(&spec.step, &mut read);
+    spec.hypers
+        .iter()
+        .filter(|h| !read.contains(h.name.name.as_str()))
+        .map(|h| {
+            Diagnostic::warning(
+                h.name.span.clone(),
+                format!("hyperparameter `{}` is never used", h.name.name),
+                "read it in `step` or in a state's initial value, or remove it from `hyper`",
+            )
+        })
+        .collect()
+}
+
+fn stmts_read<'s>(stmts: &'s [Stmt], read: &mut std::collections::HashSet<&'s str>) {
+    for s in stmts {
+        match s {
+            Stmt::Let { value, .. } | Stmt::Assign { value, .. } => names_read(value, read),
+            Stmt::If {
+                cond,
+                then,
+                otherwise,
+                ..
+            } => {
+                names_read(cond, read);
+                stmts_read(then, read);
+                stmts_read(otherwise, read);
+            }
+        }
+    }
+}
+
+fn names_read<'s>(e: &'s Expr, read: &mut std::collections::HashSet<&'s str>) {
+    match &e.kind {
+        ExprKind::Num(_) | ExprKind::Bool(_) => {}
+        ExprKind::Name(n) => {
+            read.insert(n);
+        }
+        ExprKind::Unary(_, a) => names_read(a, read),
+        ExprKind::Binary(_, a, b) => {
+            names_read(a, read);
+            names_read(b, read);
+        }
+        ExprKind::Call { args, .. } => args.iter().for_each(|a| names_read(a, read)),
+        ExprKind::If(c, a, b) => {
+            names_read(c, read);
+            names_read(a, read);
+            names_read(b, read);
+        }
+    }
+}
+
 fn input_level(name: &str) -> Level {
     match name {
         "p" | "g" => Level::Elem,
@@ -1043,6 +1103,61 @@ mod tests {
             "X { step { let a = agr(agr(agr(g))); if t > 1 { p = p - a; } else { p = p - norm(p); } } }",
         );
         assert!(e.is_empty(), "{e:?}");
+    }
+
+    fn warned(src: &str) -> Vec<(String, String)> {
+        let spec = parse(src).unwrap();
+        assert!(check(&spec).is_empty(), "{:?}", check(&spec));
+        warnings(&spec)
+            .into_iter()
+            .map(|d| {
+                assert!(!d.is_error());
+                (src[d.span.clone()].to_string(), d.message)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn an_unused_hyperparameter_is_a_warning_at_its_name() {
+        let w = warned(
+            "X { hyper { lr = 0.1, beta = 0.9 where 0 <= beta < 1, gamma = 2 } step { p = p - lr * g; } }",
+        );
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert_eq!(w[0].0, "beta");
+        assert_eq!(w[0].1, "hyperparameter `beta` is never used");
+        assert_eq!(w[1].0, "gamma");
+    }
+
+    #[test]
+    fn a_hyperparameter_read_only_in_a_condition_or_a_state_init_is_used() {
+        let w = warned(
+            "X { hyper { use_agr = true, k: int = 3, lr = 0.1, c = 1, m0 = 0.5 }
+                 state { m = m0 * g }
+                 step {
+                    if use_agr { p = p - lr * agr(g); } else { p = p - lr * g; }
+                    m = select(t <= k, m + g, if c > 0 { m } else { g });
+                 } }",
+        );
+        assert!(w.is_empty(), "{w:?}");
+    }
+
+    #[test]
+    fn the_builtin_specs_have_no_warnings() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../agr-runtime/specs");
+        let mut n = 0;
+        for f in std::fs::read_dir(&dir).unwrap() {
+            let path = f.unwrap().path();
+            let src = std::fs::read_to_string(&path).unwrap();
+            let spec = parse(&src).unwrap();
+            assert!(
+                warnings(&spec).is_empty(),
+                "{}: {:?}",
+                path.display(),
+                warnings(&spec)
+            );
+            n += 1;
+        }
+        assert!(n >= 14, "{n} specs in {}", dir.display());
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! Diagnostics: an error with the byte span of the offending text, a message
-//! saying what is wrong and a hint saying what to do about it.
+//! Diagnostics: an error (or a warning) with the byte span of the offending
+//! text, a message saying what is wrong and a hint saying what to do about it.
 
 use std::fmt;
 use std::ops::Range;
@@ -7,9 +7,31 @@ use std::ops::Range;
 /// A byte range in the spec text.
 pub type Span = Range<usize>;
 
-/// One error in a spec.
+/// Whether a diagnostic stops the spec from compiling.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Severity {
+    /// The spec is rejected.
+    #[default]
+    Error,
+    /// The spec compiles, but probably does not do what was meant.
+    Warning,
+}
+
+impl Severity {
+    /// `error` or `warning`, as rustc prints it.
+    pub fn label(self) -> &'static str {
+        match self {
+            Severity::Error => "error",
+            Severity::Warning => "warning",
+        }
+    }
+}
+
+/// One error or warning in a spec.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Diagnostic {
+    /// Whether this is an error or a warning.
+    pub severity: Severity,
     /// Byte range of the offending text in the spec source.
     pub span: Span,
     /// What is wrong, in one sentence.
@@ -19,12 +41,26 @@ pub struct Diagnostic {
 }
 
 impl Diagnostic {
+    /// An error.
     pub fn new(span: Span, message: impl Into<String>, help: impl Into<String>) -> Self {
         Diagnostic {
+            severity: Severity::Error,
             span,
             message: message.into(),
             help: help.into(),
         }
+    }
+
+    /// A warning: the spec still compiles.
+    pub fn warning(span: Span, message: impl Into<String>, help: impl Into<String>) -> Self {
+        Diagnostic {
+            severity: Severity::Warning,
+            ..Diagnostic::new(span, message, help)
+        }
+    }
+
+    pub fn is_error(&self) -> bool {
+        self.severity == Severity::Error
     }
 
     /// The message and the hint as one line, as `compile_error!` shows it.
@@ -36,8 +72,9 @@ impl Diagnostic {
         }
     }
 
-    /// Renders the error the way rustc does: `path:line:col`, the source line
-    /// and a caret under the offending text.
+    /// Renders the diagnostic the way rustc does: `error: ...` or
+    /// `warning: ...`, `path:line:col`, the source line and a caret under the
+    /// offending text.
     pub fn render(&self, path: &str, source: &str) -> String {
         let (line, col) = line_col(source, self.span.start);
         let line_text = source.lines().nth(line - 1).unwrap_or("");
@@ -48,7 +85,7 @@ impl Diagnostic {
             .unwrap_or(0)
             .max(1);
         let gutter = format!("{line}").len();
-        let mut out = format!("error: {}\n", self.message);
+        let mut out = format!("{}: {}\n", self.severity.label(), self.message);
         out += &format!("{:gutter$}--> {path}:{line}:{col}\n", "");
         out += &format!("{:gutter$} |\n", "");
         out += &format!("{line} | {line_text}\n");
@@ -110,5 +147,17 @@ mod tests {
         assert!(r.contains("2 |   step { q = 1; }"), "{r}");
         assert!(r.contains("  |          ^\n"), "{r}");
         assert!(r.contains("= help: declare it"), "{r}");
+        assert!(r.starts_with("error: unknown name `q`\n"), "{r}");
+    }
+
+    #[test]
+    fn a_warning_renders_as_a_warning() {
+        let src = "X {\n  hyper { k = 1 }\n  step { p = p; }\n}";
+        let d = Diagnostic::warning(14..15, "`k` is never used", "remove it");
+        assert!(!d.is_error());
+        let r = d.render("x.agr", src);
+        assert!(r.starts_with("warning: `k` is never used\n"), "{r}");
+        assert!(r.contains("--> x.agr:2:11"), "{r}");
+        assert!(r.contains("  |           ^\n"), "{r}");
     }
 }

@@ -9,5 +9,5 @@ pub mod diag;
 pub mod parse;
 pub mod print;
 
-pub use diag::{Diagnostic, Span};
+pub use diag::{Diagnostic, Severity, Span};
 pub use parse::parse;

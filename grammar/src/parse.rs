@@ -12,15 +12,277 @@ struct SpecParser;
 
 pub use self::Rule as GrammarRule;
 
-/// Parses one spec (optionally preceded by `///` doc lines).
+/// Parses one spec (optionally preceded by `///` doc lines); on failure,
+/// the first syntax error (see [`parse_all`] for all of them).
 pub fn parse(source: &str) -> Result<Spec, Diagnostic> {
-    let mut pairs = SpecParser::parse(Rule::file, source).map_err(|e| syntax_error(source, e))?;
-    let file = pairs.next().expect("the file rule always yields one pair");
-    let spec = file
-        .into_inner()
-        .next()
-        .expect("a parsed file holds a spec");
-    Ok(build_spec(spec))
+    parse_all(source).map_err(|mut errors| errors.swap_remove(0))
+}
+
+/// At most this many syntax errors are reported for one spec.
+pub const MAX_SYNTAX_ERRORS: usize = 20;
+
+/// Parses one spec; on failure, every syntax error found (never empty).
+///
+/// After a syntax error the parser skips the statement (or declaration list)
+/// holding it, up to the next `;` or the `}` closing its block, and parses
+/// again, so independent mistakes are all reported at once. Byte offsets stay
+/// those of `source`.
+pub fn parse_all(source: &str) -> Result<Spec, Vec<Diagnostic>> {
+    let mut errors = vec![];
+    let mut text = source.to_string();
+    while errors.len() < MAX_SYNTAX_ERRORS {
+        match SpecParser::parse(Rule::file, &text) {
+            Ok(mut pairs) => {
+                let file = pairs.next().expect("the file rule always yields one pair");
+                let spec = file
+                    .into_inner()
+                    .next()
+                    .expect("a parsed file holds a spec");
+                compound_assignments(spec.clone(), &mut errors);
+                if !errors.is_empty() {
+                    errors.sort_by_key(|d| d.span.start);
+                    return Err(errors);
+                }
+                return Ok(build_spec(spec));
+            }
+            Err(e) => {
+                let d = syntax_error(&text, e);
+                let at = d.span.start;
+                if errors.iter().any(|e: &Diagnostic| e.span.start == at) {
+                    // Skipping did not get past this point: stop here.
+                    break;
+                }
+                errors.push(d);
+                match statement_around(&text, at) {
+                    // Same length, so later offsets still index `source`.
+                    Some(r) => text.replace_range(r.clone(), &" ".repeat(r.len())),
+                    None => break,
+                }
+            }
+        }
+    }
+    errors.sort_by_key(|d| d.span.start);
+    Err(errors)
+}
+
+/// A token that matters for finding statement boundaries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Tok {
+    Semi,
+    Open,
+    Close,
+    If,
+    Else,
+    /// `hyper`, `state` or `step`.
+    Block,
+    Other,
+}
+
+/// The text as tokens (start byte, kind), comments left out.
+fn tokens(text: &str) -> Vec<(usize, Tok)> {
+    let mut out = vec![];
+    let mut it = text.char_indices().peekable();
+    while let Some((i, c)) = it.next() {
+        let rest = &text[i..];
+        if c.is_whitespace() {
+            continue;
+        }
+        if rest.starts_with("//") || rest.starts_with("/*") {
+            let end = if rest.starts_with("//") {
+                rest.find('\n').unwrap_or(rest.len())
+            } else {
+                rest.find("*/").map_or(rest.len(), |e| e + 2)
+            };
+            while it.peek().is_some_and(|(j, _)| *j < i + end) {
+                it.next();
+            }
+            continue;
+        }
+        let word = |c: char| c.is_alphanumeric() || c == '_' || c == '.';
+        let tok = if word(c) {
+            let len = rest.find(|c: char| !word(c)).unwrap_or(rest.len());
+            while it.peek().is_some_and(|(j, _)| *j < i + len) {
+                it.next();
+            }
+            match &rest[..len] {
+                "if" => Tok::If,
+                "else" => Tok::Else,
+                "hyper" | "state" | "step" => Tok::Block,
+                _ => Tok::Other,
+            }
+        } else {
+            match c {
+                ';' => Tok::Semi,
+                '{' => Tok::Open,
+                '}' => Tok::Close,
+                _ => Tok::Other,
+            }
+        };
+        out.push((i, tok));
+    }
+    out
+}
+
+/// The index just past the `{ ... }` opening at `toks[i]` (or the end).
+/// Parentheses are not tracked: a statement never holds `;` or an unmatched
+/// `}` inside them, and an unbalanced `(` must not swallow the rest.
+fn skip_group(toks: &[(usize, Tok)], mut i: usize) -> usize {
+    let mut depth = 0usize;
+    while i < toks.len() {
+        match toks[i].1 {
+            Tok::Open => depth += 1,
+            Tok::Close => {
+                depth = depth.saturating_sub(1);
+                if depth == 0 {
+                    return i + 1;
+                }
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    i
+}
+
+/// Splits the statements of a block starting at `toks[i]` (just inside its
+/// `{`) into byte ranges, nested blocks' statements included; returns the
+/// index of the block's `}` (or the end). A statement runs to its `;`, to
+/// the end of its last block (`if ... { } else { }`), or up to the `}` that
+/// closes the enclosing block.
+fn statements(text_len: usize, toks: &[(usize, Tok)], mut i: usize, out: &mut Vec<Span>) -> usize {
+    let pos = |i: usize| toks.get(i).map_or(text_len, |t| t.0);
+    while i < toks.len() && toks[i].1 != Tok::Close {
+        let start = i;
+        if toks[i].1 == Tok::If {
+            loop {
+                // The condition, then the block.
+                while i < toks.len() && !matches!(toks[i].1, Tok::Open | Tok::Close | Tok::Semi) {
+                    i += 1;
+                }
+                if toks.get(i).map(|t| t.1) != Some(Tok::Open) {
+                    break;
+                }
+                i = statements(text_len, toks, i + 1, out) + 1;
+                if toks.get(i).map(|t| t.1) != Some(Tok::Else) {
+                    break;
+                }
+                i += 1;
+                if toks.get(i).map(|t| t.1) == Some(Tok::Open) {
+                    i = statements(text_len, toks, i + 1, out) + 1;
+                    break;
+                }
+            }
+            if toks.get(i).map(|t| t.1) == Some(Tok::Semi) {
+                i += 1;
+            }
+        } else {
+            while i < toks.len() && !matches!(toks[i].1, Tok::Semi | Tok::Close) {
+                i = match toks[i].1 {
+                    Tok::Open => skip_group(toks, i),
+                    _ => i + 1,
+                };
+            }
+            if toks.get(i).map(|t| t.1) == Some(Tok::Semi) {
+                i += 1;
+            }
+        }
+        let end = if i > start && toks[i - 1].1 != Tok::Close && toks[i - 1].1 != Tok::Semi {
+            // Ends without `;` at the enclosing `}`: up to it.
+            pos(i)
+        } else {
+            toks.get(i - 1).map_or(text_len, |t| t.0 + 1)
+        };
+        out.push(pos(start)..end);
+    }
+    i
+}
+
+/// What to skip after a syntax error at `at`: in `hyper { ... }` or
+/// `state { ... }` the whole list; in `step { ... }` the innermost statement
+/// holding it (from its first token to its `;`, to the end of its last block
+/// for an `if`, or up to the `}` closing its block). `None` when there is
+/// nothing to skip (the error is in the spec's header or at its end).
+fn statement_around(text: &str, at: usize) -> Option<Span> {
+    let toks = tokens(text);
+    let non_blank = |r: Span| Some(r.clone()).filter(|_| !text[r].trim().is_empty());
+    let mut i = 0;
+    while i + 1 < toks.len() {
+        if toks[i].1 != Tok::Block || toks[i + 1].1 != Tok::Open {
+            i += 1;
+            continue;
+        }
+        let is_step = text[toks[i].0..].starts_with("step");
+        let open = i + 1;
+        let close = skip_group(&toks, open) - 1;
+        let (lo, hi) = (toks[open].0, toks.get(close).map_or(text.len(), |t| t.0));
+        if at > lo && at <= hi {
+            if !is_step {
+                return non_blank(lo + 1..hi);
+            }
+            let mut stmts = vec![];
+            statements(text.len(), &toks, open + 1, &mut stmts);
+            return stmts
+                .into_iter()
+                .filter(|r| r.start <= at && at <= r.end)
+                .min_by_key(|r| r.len())
+                .and_then(|r| non_blank(r.start..r.end.min(text.len())));
+        }
+        i = close.max(i + 1);
+    }
+    None
+}
+
+/// `p -= x;` and friends parse only to be rejected with the way to write them.
+fn compound_assignments(p: Pair<Rule>, errors: &mut Vec<Diagnostic>) {
+    for q in p.into_inner().flatten() {
+        if q.as_rule() != Rule::compound_assign {
+            continue;
+        }
+        let mut it = q.into_inner();
+        let target = it.next().unwrap().as_str();
+        let op_pair = it.next().unwrap();
+        let op = op_pair.as_str().chars().next().unwrap_or('+');
+        let value = it.next().unwrap();
+        let text = value
+            .as_str()
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
+        let rhs = if text.chars().count() > 40 {
+            "(...)".to_string()
+        } else if is_atom(value) {
+            text
+        } else {
+            format!("({text})")
+        };
+        errors.push(Diagnostic::new(
+            span(&op_pair),
+            "compound assignment is not supported",
+            format!("write `{target} = {target} {op} {rhs};`"),
+        ));
+    }
+}
+
+/// Whether an expression needs no parentheses as an operand.
+fn is_atom(p: Pair<Rule>) -> bool {
+    match p.as_rule() {
+        Rule::paren | Rule::call | Rule::ident | Rule::number | Rule::boolean | Rule::inf => true,
+        Rule::expr
+        | Rule::or_expr
+        | Rule::and_expr
+        | Rule::cmp_expr
+        | Rule::add_expr
+        | Rule::mul_expr
+        | Rule::unary
+        | Rule::power => {
+            let mut inner = p.into_inner();
+            match (inner.next(), inner.next()) {
+                (Some(only), None) => is_atom(only),
+                _ => false,
+            }
+        }
+        _ => false,
+    }
 }
 
 fn span(p: &Pair<Rule>) -> Span {
@@ -86,12 +348,14 @@ fn describe(rule: Rule) -> Option<&'static str> {
         Rule::step_block => "`step { ... }`",
         Rule::hyper => "a hyperparameter (`name = default`)",
         Rule::state => "a state (`name = initial value`)",
-        Rule::let_stmt | Rule::assign_stmt | Rule::if_stmt => "a statement",
+        Rule::let_stmt | Rule::assign_stmt | Rule::if_stmt | Rule::compound_assign => "a statement",
         Rule::ty => "a type (`float`, `int` or `bool`)",
         Rule::range => "`where ...`",
         Rule::cmp_op | Rule::cmp_lo | Rule::cmp_hi => "a comparison",
         Rule::add_op | Rule::mul_op | Rule::pow_op | Rule::or_op | Rule::and_op => "an operator",
         Rule::EOI => "the end of the spec",
+        // Tried where `=` was expected after a name.
+        Rule::compound_op => "`=`",
         Rule::doc => "a doc comment",
         _ => return None,
     })
@@ -504,5 +768,127 @@ mod tests {
         let src = "X { step { p = p * 2\n m = 1; } }";
         let e = parse(src).unwrap_err();
         assert_eq!(&src[e.span.clone()], "m");
+    }
+
+    #[test]
+    fn compound_assignment_says_how_to_write_it() {
+        for (src, op, help) in [
+            ("X { step { p -= g; } }", "-=", "write `p = p - g;`"),
+            (
+                "X { hyper { lr = 1 } step { p -= lr * g; } }",
+                "-=",
+                "write `p = p - (lr * g);`",
+            ),
+            ("X { step { p *= 0.5; } }", "*=", "write `p = p * 0.5;`"),
+            (
+                "X { step { p /= (1 + g); } }",
+                "/=",
+                "write `p = p / (1 + g);`",
+            ),
+            (
+                "X { state { m = 0 } step { m += sign(g); p = p - m; } }",
+                "+=",
+                "write `m = m + sign(g);`",
+            ),
+            ("X { step { p ^= -g; } }", "^=", "write `p = p ^ (-g);`"),
+        ] {
+            let e = parse_all(src).unwrap_err();
+            assert_eq!(e.len(), 1, "{src}: {e:?}");
+            assert_eq!(&src[e[0].span.clone()], op, "{src}");
+            assert_eq!(e[0].message, "compound assignment is not supported");
+            assert_eq!(e[0].help, help, "{src}");
+        }
+        // Inside an `if` too, and each one is reported.
+        let src = "X { step { if t > 1 { p -= g; } else { p += g; } } }";
+        let e = parse_all(src).unwrap_err();
+        let at: Vec<&str> = e.iter().map(|d| &src[d.span.clone()]).collect();
+        assert_eq!(at, ["-=", "+="]);
+    }
+
+    #[test]
+    fn independent_syntax_errors_are_all_reported() {
+        let src = "X {\n  hyper { lr = 0.1 }\n  step {\n    let a = g * ;\n    let b = (g + 1;\n    p = p - lr * a * b;\n  }\n}";
+        let e = parse_all(src).unwrap_err();
+        let at: Vec<(&str, &str)> = e
+            .iter()
+            .map(|d| (&src[d.span.clone()], d.message.as_str()))
+            .collect();
+        assert_eq!(at.len(), 2, "{at:?}");
+        assert_eq!(at[0].0, ";");
+        assert!(at[0].1.contains("expected an expression"), "{at:?}");
+        assert_eq!(crate::diag::line_col(src, e[0].span.start), (4, 17));
+        assert_eq!(crate::diag::line_col(src, e[1].span.start), (5, 19));
+        // The first error alone, as before.
+        assert_eq!(parse(src).unwrap_err(), e[0]);
+    }
+
+    #[test]
+    fn recovery_skips_whole_statements_and_blocks() {
+        // Errors in a declaration list, an `if` condition (with its block and
+        // `else`), a nested block and a compound assignment: one report each.
+        let src = "X { hyper { lr = 0.1 where lr > , k = 2 }
+                    step {
+                        if t >> 1 { p = p; } else { p = p - g; }
+                        if t > 1 { p = p +; }
+                        p -= lr * g;
+                        p = p * 2
+                    }
+                  }";
+        let e = parse_all(src).unwrap_err();
+        let at: Vec<&str> = e.iter().map(|d| &src[d.span.clone()]).collect();
+        assert_eq!(at, [",", ">", ";", "-=", "}"], "{e:?}");
+        // Errors with nothing to skip stop the search.
+        assert_eq!(parse_all("X step { p = p; }").unwrap_err().len(), 1);
+        assert_eq!(parse_all("X { step { p = p; }").unwrap_err().len(), 1);
+        assert_eq!(parse_all("").unwrap_err().len(), 1);
+    }
+
+    #[test]
+    fn recovery_on_mutated_builtins_keeps_spans_in_bounds_and_distinct() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../agr-runtime/specs");
+        let mut x: u64 = 88172645463325252;
+        let mut rnd = move |n: usize| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % n as u64) as usize
+        };
+        let pieces = [
+            ";", "{", "}", "(", ")", "=", "-=", "+", "if", "else", "let", ",", "é", "", " ",
+            "where", "\n", "<", "x", "//",
+        ];
+        let (mut failed, mut several) = (0, 0);
+        for f in std::fs::read_dir(&dir).unwrap() {
+            let src = std::fs::read_to_string(f.unwrap().path()).unwrap();
+            for _ in 0..100 {
+                let mut s = src.clone();
+                for _ in 0..1 + rnd(3) {
+                    let mut at = rnd(s.len() + 1);
+                    while !s.is_char_boundary(at) {
+                        at -= 1;
+                    }
+                    let mut end = (at + rnd(4)).min(s.len());
+                    while !s.is_char_boundary(end) {
+                        end -= 1;
+                    }
+                    s.replace_range(at..end, pieces[rnd(pieces.len())]);
+                }
+                let Err(e) = parse_all(&s) else { continue };
+                failed += 1;
+                several += (e.len() > 1) as usize;
+                assert!(!e.is_empty() && e.len() <= MAX_SYNTAX_ERRORS);
+                for d in &e {
+                    assert!(
+                        d.span.start <= d.span.end && d.span.end <= s.len(),
+                        "{s}\n{d:?}"
+                    );
+                    d.render("x.agr", &s);
+                }
+                let starts: Vec<usize> = e.iter().map(|d| d.span.start).collect();
+                assert!(starts.windows(2).all(|w| w[0] < w[1]), "{s}\n{e:?}");
+                assert_eq!(parse(&s).unwrap_err(), e[0]);
+            }
+        }
+        assert!(failed > 500 && several > 0, "{failed} {several}");
     }
 }

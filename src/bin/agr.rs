@@ -18,7 +18,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Parse and check spec files; errors show line, column and a caret.
+    /// Parse and check spec files; errors and warnings show line, column and a
+    /// caret. Exits with 1 if any file has an error (warnings alone: 0).
     Check {
         #[arg(required = true)]
         files: Vec<PathBuf>,
@@ -135,16 +136,28 @@ fn check(files: &[PathBuf]) -> ExitCode {
                 continue;
             }
         };
-        match compile(&name, &source) {
-            Ok(p) => println!(
-                "{name}: ok: `{}` with {} hyperparameters, {} states, {} reduction pass(es) + 1 update pass",
-                p.name,
-                p.hypers.len(),
-                p.states.len(),
-                p.n_phases
-            ),
-            Err(e) => {
-                eprint!("{e}");
+        match agr_codegen::compile_with_warnings(&source) {
+            Ok((p, warnings)) => {
+                for w in &warnings {
+                    eprintln!("{}", w.render(&name, &source));
+                }
+                println!(
+                    "{name}: ok: `{}` with {} hyperparameters, {} states, {} reduction pass(es) + 1 update pass{}",
+                    p.name,
+                    p.hypers.len(),
+                    p.states.len(),
+                    p.n_phases,
+                    match warnings.len() {
+                        0 => String::new(),
+                        1 => "; 1 warning".into(),
+                        n => format!("; {n} warnings"),
+                    }
+                );
+            }
+            Err(diags) => {
+                for d in &diags {
+                    eprintln!("{}", d.render(&name, &source));
+                }
                 failed = true;
             }
         }
@@ -304,10 +317,12 @@ fn bench(optimizers: &[String], workloads: &[String], iters: usize) -> ExitCode 
             let start = std::time::Instant::now();
             if let Ok(prog) = agr_codegen::compile(b.source) {
                 let first = backend::rust::emit(&prog);
+                let cuda_kernels = backend::cuda::emit(&prog);
                 let cuda = backend::cuda::full_source(&prog);
                 let embedded = backend::rust::Embedded {
                     generated_rust: &first,
                     cuda_source: &cuda,
+                    cuda_kernel_source: &cuda_kernels,
                 };
                 std::hint::black_box(backend::rust::emit_with(&prog, Some(embedded)));
             }

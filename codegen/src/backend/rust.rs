@@ -15,8 +15,9 @@ use crate::ir::*;
 /// Path of the runtime crate in generated code.
 const RT: &str = "::agr_runtime";
 
-/// Prints the whole generated module, with `Kernel::GENERATED_RUST` and
-/// `Kernel::CUDA_SOURCE` left empty (see [`emit_with`]).
+/// Prints the whole generated module, with `Kernel::GENERATED_RUST`,
+/// `Kernel::CUDA_SOURCE` and `Kernel::CUDA_KERNEL_SOURCE` left empty (see
+/// [`emit_with`]).
 pub fn emit(prog: &Program) -> String {
     emit_with(prog, None)
 }
@@ -27,6 +28,8 @@ pub struct Embedded<'a> {
     pub generated_rust: &'a str,
     /// The complete CUDA translation unit (prelude included).
     pub cuda_source: &'a str,
+    /// The spec's own CUDA code, without the shared prelude.
+    pub cuda_kernel_source: &'a str,
 }
 
 /// Prints the whole generated module; the macro prints once with `None`,
@@ -469,11 +472,16 @@ fn emit_kernel(prog: &Program, embedded: Option<Embedded<'_>>, w: &mut W) {
                 "const CUDA_SOURCE: &'static str = {};",
                 raw_str(e.cuda_source)
             ));
+            w.line(&format!(
+                "const CUDA_KERNEL_SOURCE: &'static str = {};",
+                raw_str(e.cuda_kernel_source)
+            ));
         }
         None => {
             w.line("// Filled in by `optimizer!`: this code, and the CUDA source `agr emit --target cuda` prints.");
             w.line("const GENERATED_RUST: &'static str = \"\";");
             w.line("const CUDA_SOURCE: &'static str = \"\";");
+            w.line("const CUDA_KERNEL_SOURCE: &'static str = \"\";");
         }
     }
     let kernels: Vec<String> = super::cuda::kernel_names(prog)
