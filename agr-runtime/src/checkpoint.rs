@@ -179,6 +179,17 @@ impl<K: Kernel> Optimizer<K> {
             "tensor_steps".to_string(),
             serde_json::json!(steps).to_string(),
         );
+        // The shapes in their own field: a spec without state stores no
+        // tensors to take them from.
+        let shapes: Vec<Option<&[usize]>> = self
+            .tensors
+            .iter()
+            .map(|t| t.as_ref().map(|t| t.shape.as_slice()))
+            .collect();
+        meta.insert(
+            "tensor_shapes".to_string(),
+            serde_json::json!(shapes).to_string(),
+        );
         let mut data: Vec<(String, Vec<u8>, Vec<usize>)> = vec![];
         for (i, t) in self.tensors.iter().enumerate() {
             if let Some(t) = t {
@@ -261,6 +272,42 @@ impl<K: Kernel> Optimizer<K> {
         };
         let tensor_steps: Vec<Option<u64>> =
             serde_json::from_str(get("tensor_steps")?).map_err(corrupt)?;
+        // Absent in checkpoints saved before shapes had a field of their
+        // own: then the state tensors' shapes are the parameters'.
+        let tensor_shapes: Option<Vec<Option<Vec<usize>>>> = match meta.get("tensor_shapes") {
+            Some(text) => Some(serde_json::from_str(text).map_err(corrupt)?),
+            None if K::STATES.is_empty() && tensor_steps.iter().any(|t| t.is_some()) => {
+                return Err(corrupt(
+                    "no `tensor_shapes` field, and this spec has no state tensors to take the parameters' shapes from (a checkpoint saved by an older agr); start the run afresh",
+                ))
+            }
+            None => None,
+        };
+        if let Some(shapes) = &tensor_shapes {
+            if shapes.len() != tensor_steps.len() {
+                return Err(corrupt(
+                    "`tensor_shapes` and `tensor_steps` list different numbers of parameters",
+                ));
+            }
+            for (i, (shape, t)) in shapes.iter().zip(&tensor_steps).enumerate() {
+                match (shape, t) {
+                    (Some(shape), Some(_)) => {
+                        let numel = shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+                        if !matches!(numel, Some(n) if n > 0) {
+                            return Err(corrupt(format!(
+                                "parameter #{i} has shape {shape:?} in `tensor_shapes`"
+                            )));
+                        }
+                    }
+                    (None, None) => {}
+                    _ => {
+                        return Err(corrupt(format!(
+                            "`tensor_shapes` and `tensor_steps` disagree on whether parameter #{i} has state"
+                        )))
+                    }
+                }
+            }
+        }
         let hypers: serde_json::Map<String, serde_json::Value> =
             serde_json::from_str(get("hypers")?).map_err(corrupt)?;
         let mut config = self.config.clone();
@@ -342,7 +389,7 @@ impl<K: Kernel> Optimizer<K> {
                 tensors.push(None);
                 continue;
             };
-            let mut shape: Option<Vec<usize>> = None;
+            let mut shape: Option<Vec<usize>> = tensor_shapes.as_ref().and_then(|s| s[i].clone());
             let mut bufs = vec![];
             for (k, s) in K::STATES.iter().enumerate() {
                 let name = format!("{i}.{}", s.name);
@@ -355,7 +402,10 @@ impl<K: Kernel> Optimizer<K> {
                 match &shape {
                     None => shape = Some(view.shape().to_vec()),
                     Some(sh) if sh != view.shape() => {
-                        return Err(corrupt(format!("`{name}` has shape {:?}", view.shape())))
+                        return Err(corrupt(format!(
+                            "`{name}` has shape {:?}, not its parameter's {sh:?}",
+                            view.shape()
+                        )))
                     }
                     _ => {}
                 }
@@ -366,7 +416,9 @@ impl<K: Kernel> Optimizer<K> {
                 }
                 bufs.push(b);
             }
-            let shape = shape.unwrap_or_default();
+            let Some(shape) = shape else {
+                return Err(corrupt(format!("no shape for parameter #{i}")));
+            };
             if let Some(Some(mine)) = self.tensors.get(i) {
                 if mine.shape != shape {
                     return Err(CheckpointError::Mismatch(format!(
