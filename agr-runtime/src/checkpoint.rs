@@ -352,6 +352,13 @@ impl<K: Kernel> Optimizer<K> {
         if !param_names.is_empty() && Some(param_names.len()) != n_params {
             return Err(corrupt("`param_names` does not list every parameter"));
         }
+        if let (Some(mine), Some(theirs)) = (self.n_params, n_params) {
+            if mine != theirs {
+                return Err(CheckpointError::Mismatch(format!(
+                    "it holds {theirs} parameters, this optimizer steps {mine}"
+                )));
+            }
+        }
         if !self.param_names.is_empty() && !param_names.is_empty() {
             if let Some(i) =
                 (0..param_names.len()).find(|&i| self.param_names.get(i) != Some(&param_names[i]))
@@ -363,23 +370,30 @@ impl<K: Kernel> Optimizer<K> {
                 )));
             }
         }
-        if self.groups.len() > 1 || !self.group_of.is_empty() {
+        // An optimizer whose layout was never set (`set_param_groups`, or a
+        // checkpoint that had one) takes the checkpoint's; one with a layout
+        // of its own, if only "everything in `default`", must match it.
+        let layout_set = self.groups.len() > 1 || !self.group_of.is_empty();
+        if layout_set {
             let names =
                 |g: &[Group<K::Config>]| g.iter().map(|g| g.name.clone()).collect::<Vec<_>>();
-            if names(&self.groups) != names(&new_groups) || self.group_of != group_of {
+            // No `group_of`: every parameter is in `default`.
+            let layout = |of: &[usize], n: Option<usize>| {
+                if of.is_empty() {
+                    vec![0; n.unwrap_or(0)]
+                } else {
+                    of.to_vec()
+                }
+            };
+            if names(&self.groups) != names(&new_groups)
+                || layout(&self.group_of, self.n_params) != layout(&group_of, n_params)
+            {
                 return Err(CheckpointError::Mismatch(format!(
-                    "its parameter groups {:?} (parameter to group: {:?}) differ from this optimizer's {:?} ({:?})",
+                    "its parameter groups {:?} (parameter to group: {:?}) differ from the groups {:?} ({:?}) set on this optimizer; set the layout the checkpoint was saved with, or none",
                     names(&new_groups),
-                    group_of,
+                    layout(&group_of, n_params),
                     names(&self.groups),
-                    self.group_of
-                )));
-            }
-        }
-        if let (Some(mine), Some(theirs)) = (self.n_params, n_params) {
-            if mine != theirs {
-                return Err(CheckpointError::Mismatch(format!(
-                    "it holds {theirs} parameters, this optimizer steps {mine}"
+                    layout(&self.group_of, self.n_params)
                 )));
             }
         }
@@ -442,7 +456,9 @@ impl<K: Kernel> Optimizer<K> {
         // Everything checked: commit.
         self.config = config;
         self.groups = new_groups;
-        self.group_of = group_of;
+        if !layout_set || !group_of.is_empty() {
+            self.group_of = group_of;
+        }
         if !param_names.is_empty() {
             self.param_names = param_names;
         }
