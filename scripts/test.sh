@@ -4,8 +4,9 @@
 # .tools/libtorch, then runs every test of the workspace with the `cuda`,
 # `candle` and `tch` features (and the root's `candle-bench`, so `agr bench`
 # with candle compiles), so generated kernels are compiled and assembled
-# and both framework adapters are tested. GPU tests skip with one line each
-# where there is no GPU.
+# and both framework adapters are tested. The GPU tests are #[ignore]d: the
+# summary of agr-runtime's `gpu` test lists them as ignored
+# (scripts/gpu-check.sh runs them on a GPU machine).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 eval "$(scripts/cuda-tools.sh)"

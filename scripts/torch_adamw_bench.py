@@ -1,5 +1,5 @@
 """PyTorch's fused AdamW on the GPU benchmark's workloads, for comparison
-with `agr-runtime/tests/gpu_bench.rs` (run by scripts/gpu-check.sh run).
+with `agr-runtime/examples/gpu_bench.rs` (run by scripts/gpu-check.sh run).
 Prints `bench torch_fused_adamw <workload> median_ms=<x>` lines."""
 import statistics
 import sys

@@ -179,6 +179,17 @@ impl<K: Kernel> Optimizer<K> {
             "tensor_steps".to_string(),
             serde_json::json!(steps).to_string(),
         );
+        // The shapes in their own field: a spec without state stores no
+        // tensors to take them from.
+        let shapes: Vec<Option<&[usize]>> = self
+            .tensors
+            .iter()
+            .map(|t| t.as_ref().map(|t| t.shape.as_slice()))
+            .collect();
+        meta.insert(
+            "tensor_shapes".to_string(),
+            serde_json::json!(shapes).to_string(),
+        );
         let mut data: Vec<(String, Vec<u8>, Vec<usize>)> = vec![];
         for (i, t) in self.tensors.iter().enumerate() {
             if let Some(t) = t {
@@ -261,6 +272,42 @@ impl<K: Kernel> Optimizer<K> {
         };
         let tensor_steps: Vec<Option<u64>> =
             serde_json::from_str(get("tensor_steps")?).map_err(corrupt)?;
+        // Absent in checkpoints saved before shapes had a field of their
+        // own: then the state tensors' shapes are the parameters'.
+        let tensor_shapes: Option<Vec<Option<Vec<usize>>>> = match meta.get("tensor_shapes") {
+            Some(text) => Some(serde_json::from_str(text).map_err(corrupt)?),
+            None if K::STATES.is_empty() && tensor_steps.iter().any(|t| t.is_some()) => {
+                return Err(corrupt(
+                    "no `tensor_shapes` field, and this spec has no state tensors to take the parameters' shapes from (a checkpoint saved by an older agr); start the run afresh",
+                ))
+            }
+            None => None,
+        };
+        if let Some(shapes) = &tensor_shapes {
+            if shapes.len() != tensor_steps.len() {
+                return Err(corrupt(
+                    "`tensor_shapes` and `tensor_steps` list different numbers of parameters",
+                ));
+            }
+            for (i, (shape, t)) in shapes.iter().zip(&tensor_steps).enumerate() {
+                match (shape, t) {
+                    (Some(shape), Some(_)) => {
+                        let numel = shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+                        if !matches!(numel, Some(n) if n > 0) {
+                            return Err(corrupt(format!(
+                                "parameter #{i} has shape {shape:?} in `tensor_shapes`"
+                            )));
+                        }
+                    }
+                    (None, None) => {}
+                    _ => {
+                        return Err(corrupt(format!(
+                            "`tensor_shapes` and `tensor_steps` disagree on whether parameter #{i} has state"
+                        )))
+                    }
+                }
+            }
+        }
         let hypers: serde_json::Map<String, serde_json::Value> =
             serde_json::from_str(get("hypers")?).map_err(corrupt)?;
         let mut config = self.config.clone();
@@ -305,6 +352,13 @@ impl<K: Kernel> Optimizer<K> {
         if !param_names.is_empty() && Some(param_names.len()) != n_params {
             return Err(corrupt("`param_names` does not list every parameter"));
         }
+        if let (Some(mine), Some(theirs)) = (self.n_params, n_params) {
+            if mine != theirs {
+                return Err(CheckpointError::Mismatch(format!(
+                    "it holds {theirs} parameters, this optimizer steps {mine}"
+                )));
+            }
+        }
         if !self.param_names.is_empty() && !param_names.is_empty() {
             if let Some(i) =
                 (0..param_names.len()).find(|&i| self.param_names.get(i) != Some(&param_names[i]))
@@ -316,23 +370,30 @@ impl<K: Kernel> Optimizer<K> {
                 )));
             }
         }
-        if self.groups.len() > 1 || !self.group_of.is_empty() {
+        // An optimizer whose layout was never set (`set_param_groups`, or a
+        // checkpoint that had one) takes the checkpoint's; one with a layout
+        // of its own, if only "everything in `default`", must match it.
+        let layout_set = self.groups.len() > 1 || !self.group_of.is_empty();
+        if layout_set {
             let names =
                 |g: &[Group<K::Config>]| g.iter().map(|g| g.name.clone()).collect::<Vec<_>>();
-            if names(&self.groups) != names(&new_groups) || self.group_of != group_of {
+            // No `group_of`: every parameter is in `default`.
+            let layout = |of: &[usize], n: Option<usize>| {
+                if of.is_empty() {
+                    vec![0; n.unwrap_or(0)]
+                } else {
+                    of.to_vec()
+                }
+            };
+            if names(&self.groups) != names(&new_groups)
+                || layout(&self.group_of, self.n_params) != layout(&group_of, n_params)
+            {
                 return Err(CheckpointError::Mismatch(format!(
-                    "its parameter groups {:?} (parameter to group: {:?}) differ from this optimizer's {:?} ({:?})",
+                    "its parameter groups {:?} (parameter to group: {:?}) differ from the groups {:?} ({:?}) set on this optimizer; set the layout the checkpoint was saved with, or none",
                     names(&new_groups),
-                    group_of,
+                    layout(&group_of, n_params),
                     names(&self.groups),
-                    self.group_of
-                )));
-            }
-        }
-        if let (Some(mine), Some(theirs)) = (self.n_params, n_params) {
-            if mine != theirs {
-                return Err(CheckpointError::Mismatch(format!(
-                    "it holds {theirs} parameters, this optimizer steps {mine}"
+                    layout(&self.group_of, self.n_params)
                 )));
             }
         }
@@ -342,7 +403,7 @@ impl<K: Kernel> Optimizer<K> {
                 tensors.push(None);
                 continue;
             };
-            let mut shape: Option<Vec<usize>> = None;
+            let mut shape: Option<Vec<usize>> = tensor_shapes.as_ref().and_then(|s| s[i].clone());
             let mut bufs = vec![];
             for (k, s) in K::STATES.iter().enumerate() {
                 let name = format!("{i}.{}", s.name);
@@ -355,7 +416,10 @@ impl<K: Kernel> Optimizer<K> {
                 match &shape {
                     None => shape = Some(view.shape().to_vec()),
                     Some(sh) if sh != view.shape() => {
-                        return Err(corrupt(format!("`{name}` has shape {:?}", view.shape())))
+                        return Err(corrupt(format!(
+                            "`{name}` has shape {:?}, not its parameter's {sh:?}",
+                            view.shape()
+                        )))
                     }
                     _ => {}
                 }
@@ -366,7 +430,9 @@ impl<K: Kernel> Optimizer<K> {
                 }
                 bufs.push(b);
             }
-            let shape = shape.unwrap_or_default();
+            let Some(shape) = shape else {
+                return Err(corrupt(format!("no shape for parameter #{i}")));
+            };
             if let Some(Some(mine)) = self.tensors.get(i) {
                 if mine.shape != shape {
                     return Err(CheckpointError::Mismatch(format!(
@@ -390,7 +456,9 @@ impl<K: Kernel> Optimizer<K> {
         // Everything checked: commit.
         self.config = config;
         self.groups = new_groups;
-        self.group_of = group_of;
+        if !layout_set || !group_of.is_empty() {
+            self.group_of = group_of;
+        }
         if !param_names.is_empty() {
             self.param_names = param_names;
         }

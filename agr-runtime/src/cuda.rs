@@ -484,6 +484,31 @@ impl<K: Kernel> CudaOptimizer<K> {
             }
         });
         validate_params(self.n_params, stored, seen, params.len())?;
+        // A skipped or failed step changes nothing: not even on the first
+        // step, whose state and parameter count are undone here.
+        let (n_params_before, tensors_before) = (self.n_params, self.tensors.len());
+        let mut created = vec![];
+        let result = self.step_validated(params, &mut created);
+        if result
+            .as_ref()
+            .map_or(true, |r| r.skipped_non_finite.is_some())
+        {
+            for i in created {
+                self.tensors[i] = None;
+            }
+            self.tensors.truncate(tensors_before);
+            self.n_params = n_params_before;
+        }
+        result
+    }
+
+    /// [`Self::step_raw_checked`] once the parameters are validated; lists
+    /// the parameters whose state it created in `created`.
+    unsafe fn step_validated(
+        &mut self,
+        params: &[RawCudaParam<'_>],
+        created: &mut Vec<usize>,
+    ) -> Result<StepReport, CudaError> {
         self.n_params = Some(params.len());
         if self.tensors.len() < params.len() {
             self.tensors.resize_with(params.len(), || None);
@@ -494,6 +519,7 @@ impl<K: Kernel> CudaOptimizer<K> {
             if p.grad.is_none() || self.tensors[i].is_some() {
                 continue;
             }
+            created.push(i);
             let n: usize = p.shape.iter().product();
             let mut bufs = vec![];
             for s in K::STATES {

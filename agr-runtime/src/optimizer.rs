@@ -235,6 +235,9 @@ struct Scratch<K: Kernel> {
     ss: Vec<K::StepScalars>,
     /// The group of each active tensor.
     slot_group: Vec<usize>,
+    /// Parameters whose state this step created (removed again if the step
+    /// is skipped, so a skipped step changes nothing).
+    created: Vec<usize>,
 }
 
 impl<K: Kernel> Default for Scratch<K> {
@@ -250,6 +253,7 @@ impl<K: Kernel> Default for Scratch<K> {
             ts: vec![],
             ss: vec![],
             slot_group: vec![],
+            created: vec![],
         }
     }
 }
@@ -573,6 +577,8 @@ impl<K: Kernel> Optimizer<K> {
     /// in the same order every step. On error nothing is modified.
     pub fn step(&mut self, params: &mut [ParamMut<'_>]) -> Result<StepReport, StepError> {
         self.validate(params)?;
+        // What a skipped step restores: on the first step nothing exists yet.
+        let (n_params_before, tensors_before) = (self.n_params, self.tensors.len());
         self.n_params = Some(params.len());
         if self.tensors.len() < params.len() {
             self.tensors.resize_with(params.len(), || None);
@@ -585,8 +591,12 @@ impl<K: Kernel> Optimizer<K> {
         sc.metas.clear();
         sc.items.clear();
         sc.slot_group.clear();
+        sc.created.clear();
         for (i, p) in params.iter_mut().enumerate() {
             let Some(g) = p.grad else { continue };
+            if self.tensors[i].is_none() {
+                sc.created.push(i);
+            }
             let st = self.tensors[i].get_or_insert_with(|| TensorState {
                 shape: p.shape.to_vec(),
                 t: 0,
@@ -701,11 +711,18 @@ impl<K: Kernel> Optimizer<K> {
                     && self.non_finite != NonFinite::Ignore
                     && !sc.global[K::FINITE_CHECK].is_finite()
                 {
-                    // Nothing has been written yet: report and leave everything as it was.
+                    // Nothing has been written yet: report and leave everything
+                    // as it was, including state this step created and the
+                    // parameter count a first step fixes.
                     let j = (0..na)
                         .find(|&j| !sc.reduced[j * nr + K::FINITE_CHECK].is_finite())
                         .unwrap_or(0);
                     let index = sc.active[j];
+                    for &i in &sc.created {
+                        self.tensors[i] = None;
+                    }
+                    self.tensors.truncate(tensors_before);
+                    self.n_params = n_params_before;
                     if self.non_finite == NonFinite::Error {
                         return Err(StepError::NonFinite { index });
                     }

@@ -171,3 +171,97 @@ fn broken_checkpoints_are_errors_and_change_nothing() {
     assert_eq!(victim.steps(), 2);
     assert_eq!(victim.config().lr, 3e-3);
 }
+
+agr_runtime::optimizer! {
+    /// SGD with Ψ and no state: nothing but shapes and step counts to save.
+    StatelessSgd {
+        hyper { lr = 0.1 where lr >= 0 }
+        step { p = p - lr * agr(g); }
+    }
+}
+
+#[test]
+fn an_optimizer_without_state_resumes_from_its_checkpoint() {
+    let config = StatelessSgdConfig::default().with_lr(0.05);
+    let mut straight = StatelessSgd::with_config(config.clone()).unwrap();
+    let mut a = init();
+    for t in 1..=6 {
+        step(&mut straight, &mut a, t);
+    }
+    let mut first = StatelessSgd::with_config(config).unwrap();
+    let mut b = init();
+    for t in 1..=3 {
+        step(&mut first, &mut b, t);
+    }
+    let ckpt = first.save_checkpoint();
+    let mut resumed = StatelessSgd::with_config(Default::default()).unwrap();
+    resumed.load_checkpoint(&ckpt).unwrap();
+    assert_eq!(resumed.config().lr, 0.05);
+    assert_eq!(resumed.steps(), 3);
+    assert_eq!(resumed.tensor_steps(0), 3);
+    for t in 4..=6 {
+        step(&mut resumed, &mut b, t);
+    }
+    assert_eq!(bits(&a), bits(&b));
+
+    // The shapes are checked against a running optimizer's, state or none.
+    let mut other = StatelessSgd::with_config(Default::default()).unwrap();
+    let (mut x, g) = (vec![0.5f32; 12], vec![0.1f32; 12]);
+    other
+        .step(&mut [
+            ParamMut::new(&mut x.clone(), Some(&g), &[3, 4]),
+            ParamMut::new(&mut x.clone(), Some(&g), &[12]),
+            ParamMut::new(&mut x, Some(&g), &[2, 6]),
+        ])
+        .unwrap();
+    let before = resumed.save_checkpoint();
+    let e = resumed
+        .load_checkpoint(&other.save_checkpoint())
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("parameter #0 has shape [40, 30] here and [3, 4] in the checkpoint"),
+        "{e}"
+    );
+    assert!(same_state(&resumed.save_checkpoint(), &before));
+}
+
+#[test]
+fn stored_shapes_are_checked() {
+    use safetensors::SafeTensors;
+    let mut opt = AdamWAgr::with_config(AdamWAgrConfig::default()).unwrap();
+    let mut v = init();
+    step(&mut opt, &mut v, 2); // an even step: every parameter has a gradient
+    let good = opt.save_checkpoint();
+    // The same checkpoint with its metadata field `tensor_shapes` replaced.
+    let with_shapes = |shapes: &str| {
+        let (_, header) = SafeTensors::read_metadata(&good).unwrap();
+        let mut meta = header.metadata().clone().unwrap();
+        meta.insert("tensor_shapes".into(), shapes.into());
+        let st = SafeTensors::deserialize(&good).unwrap();
+        safetensors::serialize(st.tensors(), Some(meta)).unwrap()
+    };
+    let cases = [
+        ("[[40,30],[30]]", "list different numbers of parameters"),
+        (
+            "[[40,30],[30],null]",
+            "disagree on whether parameter #2 has state",
+        ),
+        ("[[40,30],[30],[0]]", "parameter #2 has shape [0]"),
+        (
+            "[[40,30],[31],[70000]]",
+            "`1.m` has shape [30], not its parameter's [31]",
+        ),
+        ("[[40,30],[30],\"x\"]", "corrupt or truncated"),
+    ];
+    let mut fresh = AdamWAgr::with_config(AdamWAgrConfig::default()).unwrap();
+    for (shapes, want) in cases {
+        let e = fresh.load_checkpoint(&with_shapes(shapes)).unwrap_err();
+        assert!(e.to_string().contains(want), "{shapes}: {e}");
+        assert_eq!(fresh.steps(), 0);
+    }
+    fresh
+        .load_checkpoint(&with_shapes("[[40,30],[30],[70000]]"))
+        .unwrap();
+    assert_eq!(fresh.steps(), 1);
+}

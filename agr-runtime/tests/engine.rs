@@ -464,6 +464,56 @@ fn a_non_finite_gradient_skips_the_step_and_changes_nothing() {
     assert!(w[3].is_nan() && w[0].is_finite());
 }
 
+#[test]
+fn a_non_finite_first_step_leaves_the_optimizer_as_new() {
+    use agr_runtime::NonFinite;
+    for policy in [NonFinite::Skip, NonFinite::Error] {
+        let mut model = Model::new(9);
+        let mut opt = AdamWAgr::with_config(AdamWAgrConfig::default()).unwrap();
+        opt.set_non_finite_policy(policy);
+        let fresh = opt.save_checkpoint();
+        let before = model.values.clone();
+        let mut grads = model.grads(1);
+        grads[2][5] = f32::NAN;
+        let r = run(&mut model, &grads, |p| opt.step(p));
+        match policy {
+            NonFinite::Skip => assert_eq!(r.unwrap().skipped_non_finite, Some(2)),
+            _ => assert_eq!(r.unwrap_err(), StepError::NonFinite { index: 2 }),
+        }
+        assert_eq!(model.values, before, "{policy:?}: a parameter changed");
+        assert_eq!(opt.steps(), 0);
+        for k in 0..SHAPES.len() {
+            assert_eq!(
+                opt.state(k, "m"),
+                None,
+                "{policy:?}: state of #{k} was created"
+            );
+            assert_eq!(opt.tensor_steps(k), 0);
+        }
+        let contents = |bytes: &[u8]| {
+            let (_, header) = safetensors::SafeTensors::read_metadata(bytes).unwrap();
+            let tensors = safetensors::SafeTensors::deserialize(bytes).unwrap();
+            (header.metadata().clone(), tensors.len())
+        };
+        assert_eq!(
+            contents(&opt.save_checkpoint()),
+            contents(&fresh),
+            "{policy:?}: the checkpoint differs from a new optimizer's"
+        );
+        // The parameter count is not fixed yet: a step over fewer parameters
+        // (the model without its last tensor) is the real first step.
+        let grads = model.grads(2);
+        let mut params: Vec<ParamMut<'_>> = model.values[..3]
+            .iter_mut()
+            .zip(&grads)
+            .zip(SHAPES)
+            .map(|((v, g), s)| ParamMut::new(v, Some(g), s))
+            .collect();
+        let r = opt.step(&mut params).unwrap();
+        assert_eq!((r.step, r.updated), (1, 3), "{policy:?}");
+    }
+}
+
 /// A hash of every bit of a short AdanAgr + AdamWAgr run.
 fn run_hash() -> u64 {
     let values = run_with_threads(2);

@@ -1,7 +1,9 @@
 //! The GPU suite: generated kernels launched on a real GPU, checked against
 //! the golden files and the CPU back end, for determinism, and for the launch
-//! count of a 150-tensor model. Without a GPU every test prints one line
-//! saying why it skipped. `scripts/gpu-check.sh` runs it on a GPU machine.
+//! count of a 150-tensor model. Every test is `#[ignore]`d, so a run without
+//! a GPU lists them as ignored rather than passed; `scripts/gpu-check.sh`
+//! runs them on a GPU machine with `--include-ignored`, where a missing
+//! driver, NVRTC or GPU fails them.
 #![cfg(feature = "cuda")]
 
 use std::path::PathBuf;
@@ -10,27 +12,25 @@ use std::sync::Arc;
 use agr_runtime::cpu::Kernel;
 use agr_runtime::cuda::{self, CudaOptimizer, CudaParam, DType, RawCudaParam};
 use agr_runtime::optim::*;
-use agr_runtime::{golden, HyperConfig, HyperValue, Optimizer, ParamMut};
+use agr_runtime::{golden, HyperConfig, HyperValue, NonFinite, Optimizer, ParamMut};
 use cudarc::driver::{CudaContext, CudaStream, DevicePtr, DevicePtrMut};
 
 mod common;
 use common::data;
 
-fn gpu() -> Option<Arc<CudaStream>> {
-    if !cuda::driver_available() {
-        println!("skipped: no CUDA driver on this machine");
-        return None;
-    }
-    if !cuda::nvrtc_available() {
-        println!("skipped: NVRTC not found (set LD_LIBRARY_PATH or AGR_NVRTC)");
-        return None;
-    }
+/// The GPU's default stream; panics saying what is missing.
+fn gpu() -> Arc<CudaStream> {
+    assert!(
+        cuda::driver_available(),
+        "no CUDA driver on this machine: the GPU tests need one"
+    );
+    assert!(
+        cuda::nvrtc_available(),
+        "NVRTC not found (set LD_LIBRARY_PATH or AGR_NVRTC)"
+    );
     match CudaContext::new(0) {
-        Ok(ctx) => Some(ctx.default_stream()),
-        Err(e) => {
-            println!("skipped: no GPU ({e})");
-            None
-        }
+        Ok(ctx) => ctx.default_stream(),
+        Err(e) => panic!("no GPU: {e}"),
     }
 }
 
@@ -95,8 +95,9 @@ fn replay_gpu<K: Kernel>(stream: &Arc<CudaStream>, g: &golden::Golden) -> f64 {
 }
 
 #[test]
+#[ignore = "needs a CUDA GPU: scripts/gpu-check.sh runs it (--include-ignored)"]
 fn golden_files_replay_on_the_gpu() {
-    let Some(stream) = gpu() else { return };
+    let stream = gpu();
     let mut files: Vec<PathBuf> = std::fs::read_dir(golden_dir())
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -229,8 +230,9 @@ fn compare(name: &str, gpu: &[Vec<f32>], cpu: &[Vec<f32>]) {
 }
 
 #[test]
+#[ignore = "needs a CUDA GPU: scripts/gpu-check.sh runs it (--include-ignored)"]
 fn a_150_tensor_model_matches_the_cpu_is_deterministic_and_takes_one_launch_per_pass() {
-    let Some(stream) = gpu() else { return };
+    let stream = gpu();
     let shapes = gpt_shapes();
     assert_eq!(shapes.len(), 150);
     let adan = AdanAgrConfig::default()
@@ -270,8 +272,9 @@ fn from_bf16(x: u16) -> f32 {
 }
 
 #[test]
+#[ignore = "needs a CUDA GPU: scripts/gpu-check.sh runs it (--include-ignored)"]
 fn bf16_parameters_step_with_f32_arithmetic() {
-    let Some(stream) = gpu() else { return };
+    let stream = gpu();
     let n = 10_000;
     let init: Vec<u16> = data(n, 1).into_iter().map(to_bf16).collect();
     let grad: Vec<u16> = data(n, 2).into_iter().map(to_bf16).collect();
@@ -313,4 +316,53 @@ fn bf16_parameters_step_with_f32_arithmetic() {
         );
     }
     println!("bf16: {n} values within bf16 rounding of the f32 CPU step");
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: scripts/gpu-check.sh runs it (--include-ignored)"]
+fn a_non_finite_first_step_leaves_the_gpu_optimizer_as_new() {
+    let stream = gpu();
+    for policy in [NonFinite::Skip, NonFinite::Error] {
+        let mut opt =
+            CudaOptimizer::<AdamWAgrKernel>::new(stream.clone(), Default::default(), DType::F32)
+                .unwrap();
+        opt.set_non_finite_policy(policy);
+        let init = data(1000, 3);
+        let mut bad = data(1000, 4);
+        bad[17] = f32::NAN;
+        let mut values: Vec<_> = (0..2).map(|_| stream.clone_htod(&init).unwrap()).collect();
+        let grads: Vec<_> = [&bad, &init]
+            .iter()
+            .map(|g| stream.clone_htod(g.as_slice()).unwrap())
+            .collect();
+        let shape = [1000];
+        let mut params: Vec<CudaParam<'_>> = values
+            .iter_mut()
+            .zip(&grads)
+            .map(|(v, g)| CudaParam {
+                value: v,
+                grad: Some(g),
+                shape: &shape,
+            })
+            .collect();
+        let r = opt.step(&mut params);
+        match policy {
+            NonFinite::Skip => assert_eq!(r.unwrap().skipped_non_finite, Some(0)),
+            _ => assert!(r.is_err(), "{policy:?}"),
+        }
+        assert_eq!(opt.steps(), 0);
+        assert_eq!(opt.state_to_host(0, "m").unwrap(), None, "{policy:?}");
+        drop(params);
+        for v in &values {
+            assert_eq!(stream.clone_dtoh(v).unwrap(), init, "{policy:?}");
+        }
+        // The parameter count is not fixed: one parameter is the first step.
+        let mut one = [CudaParam {
+            value: &mut values[1],
+            grad: Some(&grads[1]),
+            shape: &shape,
+        }];
+        let r = opt.step(&mut one).unwrap();
+        assert_eq!((r.step, r.updated), (1, 1), "{policy:?}");
+    }
 }

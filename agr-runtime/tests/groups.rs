@@ -357,3 +357,59 @@ fn checkpoints_refuse_parameters_with_other_names() {
     // A name list of the wrong length is refused once the count is known.
     assert!(fresh.set_param_names(vec!["x".into()]).is_err());
 }
+
+#[test]
+fn only_an_optimizer_without_a_layout_takes_the_checkpoints_groups() {
+    let mut grouped = AdamWAgr::with_config(Default::default()).unwrap();
+    grouped.set_param_groups(&paper_groups(), &named()).unwrap();
+    let mut plain = AdamWAgr::with_config(Default::default()).unwrap();
+    plain
+        .set_param_names(NAMES.iter().map(|s| s.to_string()).collect())
+        .unwrap();
+    let (mut wa, mut wb) = (init(), init());
+    for t in 1..=2 {
+        step_all(&mut grouped, &mut wa, t);
+        step_all(&mut plain, &mut wb, t);
+    }
+    let (with_groups, without) = (grouped.save_checkpoint(), plain.save_checkpoint());
+    let refuses = |opt: &mut AdamWAgr, ckpt: &[u8], what: &str| {
+        let steps = opt.steps();
+        let groups: Vec<String> = opt.group_names().iter().map(|s| s.to_string()).collect();
+        let e = opt.load_checkpoint(ckpt).unwrap_err();
+        assert!(matches!(e, CheckpointError::Mismatch(_)), "{what}: {e}");
+        assert!(e.to_string().contains("parameter groups"), "{what}: {e}");
+        assert_eq!(opt.steps(), steps, "{what}");
+        assert_eq!(opt.group_names(), groups, "{what}");
+    };
+
+    // Never given a layout (named, as the candle and tch adapters name
+    // them): takes the checkpoint's, and keeps it.
+    let mut fresh = AdamWAgr::with_config(Default::default()).unwrap();
+    fresh
+        .set_param_names(NAMES.iter().map(|s| s.to_string()).collect())
+        .unwrap();
+    fresh.load_checkpoint(&with_groups).unwrap();
+    assert_eq!(fresh.group_names(), ["default", "vectors", "head"]);
+    assert_eq!(fresh.group_name(3), "vectors");
+    refuses(&mut fresh, &without, "a taken layout against none");
+
+    // An explicit "no groups" layout is a layout: it refuses groups...
+    let mut none = AdamWAgr::with_config(Default::default()).unwrap();
+    none.set_param_groups(&ParamGroups::new(), &named())
+        .unwrap();
+    refuses(&mut none, &with_groups, "no groups against groups");
+    // ...and takes a checkpoint without any, the same layout.
+    none.load_checkpoint(&without).unwrap();
+    assert_eq!(none.steps(), 2);
+    assert_eq!(none.group_names(), ["default"]);
+    refuses(&mut none, &with_groups, "after loading");
+
+    // Groups set explicitly refuse a checkpoint without groups.
+    let mut set = AdamWAgr::with_config(Default::default()).unwrap();
+    set.set_param_groups(&paper_groups(), &named()).unwrap();
+    refuses(&mut set, &without, "groups against none");
+    // The same layout loads, with the checkpoint's overrides.
+    set.set_group_hyper("head", "lr", 0.5).unwrap();
+    set.load_checkpoint(&with_groups).unwrap();
+    assert_eq!(set.group_config("head").unwrap().lr, 1e-4);
+}
