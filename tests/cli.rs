@@ -116,3 +116,53 @@ fn check_warns_about_an_unused_hyperparameter_and_still_succeeds() {
         assert_eq!((code, err.as_str()), (0, ""), "{}", path.display());
     }
 }
+
+#[test]
+fn check_reports_every_independent_mistake_not_only_the_first() {
+    let dir = std::env::temp_dir().join(format!("agr-cli-multi-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // Two syntax errors in different statements, and a compound assignment.
+    let f = dir.join("syntax.agr");
+    std::fs::write(
+        &f,
+        "Sgd {\n    hyper { lr = 0.1 }\n    state { m = 0 }\n    step {\n        m = 0.9 * m + ;\n        let d = g * * 2;\n        p -= lr * m;\n    }\n}\n",
+    )
+    .unwrap();
+    let (code, _, err) = agr(&["check", f.to_str().unwrap()]);
+    assert_eq!(code, 1, "{err}");
+    assert_eq!(
+        err.lines().filter(|l| l.starts_with("error: ")).count(),
+        3,
+        "{err}"
+    );
+    assert!(err.contains("syntax.agr:5:23"), "{err}");
+    assert!(err.contains("syntax.agr:6:21"), "{err}");
+    assert!(
+        err.contains("error: compound assignment is not supported\n")
+            && err.contains("syntax.agr:7:11")
+            && err.contains("= help: write `p = p - (lr * m);`"),
+        "{err}"
+    );
+    // Two semantic errors in different statements: both, too.
+    let f = dir.join("names.agr");
+    std::fs::write(
+        &f,
+        "Sgd {\n    hyper { lr = 0.1 }\n    step {\n        let d = gg * 2;\n        p = p - lrr * d;\n    }\n}\n",
+    )
+    .unwrap();
+    let (code, _, err) = agr(&["check", f.to_str().unwrap()]);
+    assert_eq!(code, 1, "{err}");
+    assert_eq!(
+        err.lines().filter(|l| l.starts_with("error: ")).count(),
+        2,
+        "{err}"
+    );
+    assert!(
+        err.contains("unknown name `gg`") && err.contains("names.agr:4:17"),
+        "{err}"
+    );
+    assert!(
+        err.contains("unknown name `lrr`") && err.contains("names.agr:5:17"),
+        "{err}"
+    );
+}

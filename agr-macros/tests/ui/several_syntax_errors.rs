@@ -1,0 +1,14 @@
+agr_runtime::optimizer! {
+    Sgd {
+        hyper { lr = 0.1 }
+        state { m = 0 }
+        step {
+            m = 0.9 * m + ;
+            let d = g * * 2;
+            m += d;
+            p = p - lr * m;
+        }
+    }
+}
+
+fn main() {}
