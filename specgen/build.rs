@@ -53,7 +53,7 @@ fn main() {
             Ok(_) => {
                 writeln!(
                     out,
-                    "#[allow(non_snake_case, non_upper_case_globals, dead_code)]\npub mod r{i} {{\n::agr_runtime::optimizer! {{\n{src}}}\n}}"
+                    "// Random specs may leave a hyperparameter unread: that warning is expected.\n#[allow(non_snake_case, non_upper_case_globals, dead_code, deprecated)]\npub mod r{i} {{\n::agr_runtime::optimizer! {{\n{src}}}\n}}"
                 )
                 .unwrap();
                 writeln!(
