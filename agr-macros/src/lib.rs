@@ -106,7 +106,11 @@ fn expand_file(lit: proc_macro2::Literal) -> TokenStream2 {
             }
         }
         Err(diags) => {
-            let errors = diags.iter().map(|d| err(d.render(&rel, &source)));
+            // compile_error! prints its own `error: `: keep one.
+            let errors = diags.iter().map(|d| {
+                let r = d.render(&rel, &source);
+                err(r.trim_end().trim_start_matches("error: ").to_string())
+            });
             quote! { #(#errors)* }
         }
     }
@@ -201,5 +205,15 @@ mod tests {
         .to_string();
         assert!(!out.contains("compile_error"), "{out}");
         assert!(!out.contains("deprecated"), "{out}");
+    }
+
+    #[test]
+    fn a_spec_file_error_says_error_once() {
+        let out = expand(quote! { file = "tests/specs/bad.agr" }).to_string();
+        assert!(out.contains("compile_error"), "{out}");
+        assert!(out.contains("unknown name `gg`"), "{out}");
+        assert!(out.contains("tests/specs/bad.agr:4:"), "{out}");
+        assert!(!out.contains("error: error"), "{out}");
+        assert!(!out.contains("\"error: "), "{out}");
     }
 }
