@@ -428,3 +428,106 @@ fn a_checkpoint_does_not_load_into_a_varmap_with_other_names() {
     );
     assert_eq!(renamed.steps(), 0);
 }
+
+/// `n` variables of two elements and their gradients (±1).
+fn many_vars(n: usize) -> (Vec<Var>, GradStore) {
+    let dev = Device::Cpu;
+    let vars: Vec<Var> = (0..n)
+        .map(|_| Var::ones(2, candle_core::DType::F32, &dev).unwrap())
+        .collect();
+    let mut grads = GradStore::default();
+    for (i, v) in vars.iter().enumerate() {
+        let s = if i % 2 == 0 { 1.0f32 } else { -1.0 };
+        grads.insert(
+            v.as_tensor(),
+            Tensor::from_vec(vec![s, s], 2, &dev).unwrap(),
+        );
+    }
+    (vars, grads)
+}
+
+/// Each variable's lock used to be taken by one nested call per variable: a
+/// 2 MiB thread (test harnesses, thread pools) overflowed its stack at about
+/// 10,000 variables in a release build, fewer in a debug one.
+#[test]
+fn a_hundred_thousand_variables_step_on_a_thread_with_a_small_stack() {
+    let n = 100_000;
+    std::thread::Builder::new()
+        .stack_size(2 << 20)
+        .spawn(move || {
+            let (vars, grads) = many_vars(n);
+            let config = AdamWConfig::default().with_lr(0.1).with_weight_decay(0.0);
+            let mut opt = AdamW::new(vars.clone(), config).unwrap();
+            candle_nn::Optimizer::step(&mut opt, &grads).unwrap();
+            assert_eq!(opt.last_report().unwrap().updated, n);
+            // Adam's first step moves each element by lr against the sign
+            // of its gradient.
+            for (i, v) in vars.iter().enumerate() {
+                let want = if i % 2 == 0 { 0.9 } else { 1.1 };
+                for x in v.as_tensor().to_vec1::<f32>().unwrap() {
+                    assert!((x - want).abs() < 1e-6, "variable #{i}: {x}");
+                }
+            }
+        })
+        .unwrap()
+        .join()
+        .unwrap();
+}
+
+/// Locks are taken in one global order (by storage), not in each
+/// optimizer's order: two optimizers over the same variables, listed in
+/// opposite orders, stepping on two threads, both finish.
+#[test]
+fn optimizers_over_shared_variables_in_opposite_orders_do_not_deadlock() {
+    use std::sync::mpsc;
+    use std::time::Duration;
+    // Both ways of holding the locks: on the calling thread and on a helper.
+    for n in [8, 200] {
+        let (vars, _) = many_vars(n);
+        let (done_tx, done) = mpsc::channel();
+        for reversed in [false, true] {
+            let mut vs = vars.clone();
+            if reversed {
+                vs.reverse();
+            }
+            let done_tx = done_tx.clone();
+            std::thread::spawn(move || {
+                let mut grads = GradStore::default();
+                for v in &vs {
+                    grads.insert(v.as_tensor(), v.as_tensor().ones_like().unwrap());
+                }
+                let config = AdamWConfig::default().with_lr(1e-4);
+                let mut opt = AdamW::new(vs, config).unwrap();
+                for _ in 0..300 {
+                    candle_nn::Optimizer::step(&mut opt, &grads).unwrap();
+                }
+                done_tx.send(()).unwrap();
+            });
+        }
+        for _ in 0..2 {
+            done.recv_timeout(Duration::from_secs(120))
+                .unwrap_or_else(|_| panic!("{n} variables: the two optimizers deadlocked"));
+        }
+    }
+}
+
+/// A variable whose gradient is its own storage used to deadlock (read lock,
+/// then write lock); now it is an error.
+#[test]
+fn a_gradient_sharing_a_variables_storage_is_an_error() {
+    let (vars, _) = many_vars(2);
+    let mut grads = GradStore::default();
+    grads.insert(vars[0].as_tensor(), vars[1].as_tensor().clone());
+    grads.insert(
+        vars[1].as_tensor(),
+        vars[0].as_tensor().ones_like().unwrap(),
+    );
+    let mut opt = AdamW::new(vars.clone(), Default::default()).unwrap();
+    let e = candle_nn::Optimizer::step(&mut opt, &grads).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("the gradient of variable #0 shares its storage with a variable"),
+        "{e}"
+    );
+    assert_eq!(vars[1].as_tensor().to_vec1::<f32>().unwrap(), vec![1.0; 2]);
+}
