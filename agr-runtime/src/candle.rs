@@ -379,20 +379,22 @@ impl<K: Kernel> candle_nn::Optimizer for Optimizer<K> {
 
     fn step(&mut self, grads: &GradStore) -> candle_core::Result<()> {
         let vars = self.vars.clone();
-        self.last_report = step_vars(&vars, grads, &mut |params| {
-            Optimizer::<K>::step(self, params)
-        })?;
+        self.last_report = step_vars(&vars, grads, &mut |params| self.step_params(params))?;
         Ok(())
     }
 
+    /// The hyperparameter `lr` (0 for a spec without one).
     fn learning_rate(&self) -> f64 {
-        Optimizer::<K>::learning_rate(self).unwrap_or(0.0)
+        self.lr().unwrap_or(0.0)
     }
 
-    /// Sets `lr`; a value outside its range is ignored (the trait cannot
-    /// report it: use `Optimizer::set_learning_rate` to get the error).
+    /// Sets `lr`; a value outside its range changes nothing and is logged
+    /// (a warning through the `log` crate): the trait cannot return it. Use
+    /// [`Optimizer::set_lr`] to get the error.
     fn set_learning_rate(&mut self, lr: f64) {
-        let _ = Optimizer::<K>::set_learning_rate(self, lr);
+        if let Err(e) = self.set_lr(lr) {
+            log::warn!("{}: set_learning_rate({lr}) ignored: {e}", K::NAME);
+        }
     }
 }
 
@@ -445,7 +447,7 @@ impl CandleDyn {
     /// One step from `grads`; returns what it did.
     pub fn step(&mut self, grads: &GradStore) -> candle_core::Result<Option<StepReport>> {
         let opt = &mut self.opt;
-        self.last_report = step_vars(&self.vars, grads, &mut |params| opt.step(params))?;
+        self.last_report = step_vars(&self.vars, grads, &mut |params| opt.step_params(params))?;
         Ok(self.last_report)
     }
 

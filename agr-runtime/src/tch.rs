@@ -327,7 +327,7 @@ impl<K: Kernel> TchOptimizer<K> {
             params.push(ParamMut::new(value, grad, shape));
         }
         let names = &self.names;
-        tch::no_grad(|| self.inner.step(&mut params)).map_err(|error| {
+        tch::no_grad(|| self.inner.step_params(&mut params)).map_err(|error| {
             let index = match &error {
                 StepError::ShapeLen { index, .. }
                 | StepError::GradLen { index, .. }

@@ -161,15 +161,21 @@ fn variables_without_a_gradient_are_skipped_and_the_learning_rate_is_shared() {
     let a = Var::ones(4, candle_core::DType::F32, &dev).unwrap();
     let b = Var::ones(3, candle_core::DType::F32, &dev).unwrap();
     let mut opt = AdamWAgr::new(vec![a.clone(), b.clone()], AdamWAgrConfig::default()).unwrap();
-    assert_eq!(candle_nn::Optimizer::learning_rate(&opt), 1e-3);
-    candle_nn::Optimizer::set_learning_rate(&mut opt, 0.1);
+    // On the concrete type, candle's names are candle's methods.
+    let lr: f64 = opt.learning_rate();
+    assert_eq!(lr, 1e-3);
+    let () = opt.set_learning_rate(0.1);
     assert_eq!(opt.config().lr, 0.1);
+    // Out of range: nothing changes (logged; `set_lr` returns the error).
+    opt.set_learning_rate(-1.0);
+    assert_eq!(opt.config().lr, 0.1);
+    assert!(opt.set_lr(-1.0).is_err());
     let mut grads = GradStore::default();
     grads.insert(
         a.as_tensor(),
         Tensor::from_vec(vec![1.0f32, -1.0, 0.5, 0.0], 4, &dev).unwrap(),
     );
-    candle_nn::Optimizer::step(&mut opt, &grads).unwrap();
+    let () = opt.step(&grads).unwrap();
     assert!(a.as_tensor().to_vec1::<f32>().unwrap()[0] < 1.0);
     assert_eq!(b.as_tensor().to_vec1::<f32>().unwrap(), vec![1.0; 3]);
     // Wrong inputs are errors.
@@ -289,7 +295,7 @@ fn an_optimizer_chosen_by_name_steps_candle_variables_like_the_typed_one() {
     let (a, b) = (varmap(), varmap());
     let mut typed = AdanAgr::from_varmap(&a, AdanAgrConfig::default().with_lr(0.02)).unwrap();
     let mut by_name = agr_runtime::optim::builtin("adan_agr").unwrap().make();
-    by_name.set_learning_rate(0.02).unwrap();
+    by_name.set_lr(0.02).unwrap();
     let mut dynamic = CandleDyn::from_varmap(by_name, &b).unwrap();
     for _ in 0..5 {
         typed.backward_step(&lin_loss(&a)).unwrap();
@@ -394,7 +400,7 @@ fn training_with_every_builtin_chosen_by_name_lowers_the_loss() {
         } else {
             2e-2
         };
-        opt.set_learning_rate(lr).unwrap();
+        opt.set_lr(lr).unwrap();
         let mut opt = CandleDyn::from_varmap(opt, &vm).unwrap();
         let first = lin_loss(&vm).to_scalar::<f32>().unwrap();
         for _ in 0..150 {
@@ -458,7 +464,7 @@ fn a_hundred_thousand_variables_step_on_a_thread_with_a_small_stack() {
             let (vars, grads) = many_vars(n);
             let config = AdamWConfig::default().with_lr(0.1).with_weight_decay(0.0);
             let mut opt = AdamW::new(vars.clone(), config).unwrap();
-            candle_nn::Optimizer::step(&mut opt, &grads).unwrap();
+            opt.step(&grads).unwrap();
             assert_eq!(opt.last_report().unwrap().updated, n);
             // Adam's first step moves each element by lr against the sign
             // of its gradient.
@@ -499,7 +505,7 @@ fn optimizers_over_shared_variables_in_opposite_orders_do_not_deadlock() {
                 let config = AdamWConfig::default().with_lr(1e-4);
                 let mut opt = AdamW::new(vs, config).unwrap();
                 for _ in 0..300 {
-                    candle_nn::Optimizer::step(&mut opt, &grads).unwrap();
+                    opt.step(&grads).unwrap();
                 }
                 done_tx.send(()).unwrap();
             });
@@ -523,7 +529,7 @@ fn a_gradient_sharing_a_variables_storage_is_an_error() {
         vars[0].as_tensor().ones_like().unwrap(),
     );
     let mut opt = AdamW::new(vars.clone(), Default::default()).unwrap();
-    let e = candle_nn::Optimizer::step(&mut opt, &grads).unwrap_err();
+    let e = opt.step(&grads).unwrap_err();
     assert!(
         e.to_string()
             .contains("the gradient of variable #0 shares its storage with a variable"),
