@@ -321,7 +321,7 @@ impl Stepper {
 
     fn set_learning_rate(&mut self, lr: f64) -> Result<(), String> {
         match self {
-            Stepper::Builtin(opt) => opt.opt.set_learning_rate(lr).map_err(|e| e.to_string()),
+            Stepper::Builtin(opt) => opt.opt.set_lr(lr).map_err(|e| e.to_string()),
             Stepper::Spec {
                 hyper, lr_index, ..
             } => {

@@ -54,7 +54,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         if step % 300 == 0 {
             println!("step {step:>4}  loss {loss:.5}");
         }
-        opt.step(&mut [ParamMut::new(&mut w, Some(&g), &[d])])?;
+        opt.step_params(&mut [ParamMut::new(&mut w, Some(&g), &[d])])?;
     }
     let (last, _) = loss_and_grad(&w);
     println!("loss {first:.4} -> {last:.6}");

@@ -212,7 +212,9 @@ impl Stepper {
             .zip(&self.shapes)
             .map(|((v, g), s)| ParamMut::new(v, Some(g), s))
             .collect();
-        self.opt.step(&mut params).map_err(|e| e.to_string())?;
+        self.opt
+            .step_params(&mut params)
+            .map_err(|e| e.to_string())?;
         Ok(start.elapsed().as_secs_f64() * 1e3)
     }
 }
@@ -302,7 +304,7 @@ pub fn candle_adapter_adamw_agr(
         optim::AdamWAgr::new(vars, optim::AdamWAgrConfig::default().with_lr(1e-4)).map_err(e)?;
     Ok(move || {
         let start = Instant::now();
-        Optimizer::step(&mut opt, &grads).map_err(|x| x.to_string())?;
+        opt.step(&grads).map_err(|x| x.to_string())?;
         Ok(start.elapsed().as_secs_f64() * 1e3)
     })
 }

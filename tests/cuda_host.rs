@@ -251,7 +251,7 @@ fn check(
             .zip(SHAPES)
             .map(|((v, g), s)| ParamMut::new(v, Some(g), s))
             .collect();
-        opt.step(&mut params).unwrap();
+        opt.step_params(&mut params).unwrap();
     }
     let mut rust: Vec<f32> = vec![];
     for (j, v) in values.iter().enumerate() {

@@ -28,7 +28,7 @@ proptest! {
     fn psi_never_grows_the_gradient(g in gradient()) {
         let mut p = vec![0.0f32; g.len()];
         let mut opt = Psi::with_config(PsiConfig::default()).unwrap();
-        opt.step(&mut [ParamMut::new(&mut p, Some(&g), &[g.len()])]).unwrap();
+        opt.step_params(&mut [ParamMut::new(&mut p, Some(&g), &[g.len()])]).unwrap();
         let norm = |v: &[f32]| v.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>().sqrt();
         prop_assert!(norm(&p) <= norm(&g) * (1.0 + 1e-6), "{} > {}", norm(&p), norm(&g));
         for (psi, gi) in p.iter().zip(&g) {
@@ -146,7 +146,7 @@ proptest! {
             let grads: Vec<Vec<f32>> = values.iter().map(|v| v.iter().map(|_| next()).collect()).collect();
             let mut params: Vec<ParamMut<'_>> =
                 values.iter_mut().zip(&grads).zip(&shapes).map(|((v, g), s)| ParamMut::new(v, Some(g), s)).collect();
-            opt.step(&mut params).unwrap();
+            opt.step_params(&mut params).unwrap();
             for (t, g) in reference.iter_mut().zip(&grads) {
                 t.g = g.clone();
             }

@@ -72,7 +72,7 @@ fn adamw_agr_trains_softmax_regression_on_digits() {
         let (loss, gw, gb) = loss_and_grad(&x, &y, &w, &b);
         losses.push(loss);
         let report = opt
-            .step(&mut [
+            .step_params(&mut [
                 ParamMut::new(&mut w, Some(&gw), &[CLASSES, IN]),
                 ParamMut::new(&mut b, Some(&gb), &[CLASSES]),
             ])

@@ -4,11 +4,19 @@
 //!
 //! CPU `f32` variables are updated in place with the fused step, through
 //! candle's public in-place custom ops: the write locks of all variables are
-//! taken one inside the other, then one step runs over all of them (global
-//! reductions need every tensor at once). Variables without a gradient in the
-//! `GradStore` are skipped. No per-step copy of parameters or gradients.
+//! held at once (global reductions need every tensor at once), taken in one
+//! global order (by storage address, the order candle's own in-place ops
+//! use), so optimizers sharing variables never deadlock. Variables without a
+//! gradient in the `GradStore` are skipped. No per-step copy of parameters or
+//! gradients.
+//!
+//! candle only lends a variable's storage mutably inside an in-place op, so
+//! holding n locks takes n nested calls. Past a few dozen variables they run
+//! on a helper thread whose stack is sized for them (the step itself stays on
+//! the calling thread): 100,000 variables step on any thread.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
+use std::sync::{mpsc, OnceLock};
 
 use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, InplaceOp1, Layout, Storage, Var};
@@ -22,50 +30,163 @@ fn err(e: impl std::fmt::Display) -> candle_core::Error {
     candle_core::Error::Msg(e.to_string())
 }
 
-/// What runs once every variable's write lock is held: the step over
-/// (pointer, length) of each variable.
-type AtBottom<'f> = &'f mut dyn FnMut(&[(usize, usize)]) -> candle_core::Result<()>;
+/// Variables locked on the calling thread; more go to a helper thread.
+const INLINE_VARS: usize = 32;
+/// The helper thread's stack: a base plus twice what one nested in-place op
+/// uses per variable (measured once: a debug build uses about ten times what
+/// a release build does).
+const STACK_BASE: usize = 256 << 10;
 
-/// One variable's place in the nested in-place ops.
-struct Gather<'a, 'f> {
-    rest: &'a [Var],
-    ptrs: &'a RefCell<Vec<(usize, usize)>>,
-    at_bottom: &'a RefCell<AtBottom<'f>>,
+/// Stack bytes one level of the nested in-place ops uses, measured on two
+/// throwaway variables the first time it is needed.
+fn stack_per_var() -> usize {
+    static PER_VAR: OnceLock<usize> = OnceLock::new();
+    *PER_VAR.get_or_init(|| {
+        let measured = (|| {
+            let dev = candle_core::Device::Cpu;
+            let vars = [
+                Var::ones(1, candle_core::DType::F32, &dev)?,
+                Var::ones(1, candle_core::DType::F32, &dev)?,
+            ];
+            let marks = Cell::new([0; 2]);
+            lock_nested(&vars, &[0, 1], &marks, &mut |_| {})?;
+            let [a, b] = marks.get();
+            candle_core::Result::Ok(a.abs_diff(b))
+        })();
+        // Unmeasurable (it cannot be): far more than a debug build uses.
+        measured.unwrap_or(16 << 10).clamp(256, 64 << 10)
+    })
 }
 
-impl InplaceOp1 for Gather<'_, '_> {
+/// What runs once every variable's write lock is held: gets the (pointer,
+/// length) of each variable, in the caller's order.
+type AtBottom<'f> = &'f mut dyn FnMut(&[(usize, usize)]);
+
+/// One variable's place in the nested in-place ops: `order[depth]` is the
+/// index of the variable this level locks.
+struct Nest<'a, 'f> {
+    vars: &'a [Var],
+    order: &'a [usize],
+    depth: usize,
+    ptrs: &'a RefCell<Vec<(usize, usize)>>,
+    at_bottom: &'a RefCell<AtBottom<'f>>,
+    /// The stack address of the first two levels (see `stack_per_var`).
+    marks: &'a Cell<[usize; 2]>,
+}
+
+impl InplaceOp1 for Nest<'_, '_> {
     fn name(&self) -> &'static str {
         "agr-step"
     }
 
     fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
+        let i = self.order[self.depth];
+        if self.depth < 2 {
+            let here = 0u8;
+            let mut marks = self.marks.get();
+            marks[self.depth] = std::hint::black_box(&here) as *const u8 as usize;
+            self.marks.set(marks);
+        }
         let CpuStorage::F32(data) = storage else {
-            return Err(err(
-                "agr's candle adapter updates f32 variables; convert the model to f32",
-            ));
+            return Err(err(format!(
+                "variable #{i} is not f32; agr's candle adapter updates f32 variables"
+            )));
         };
         let Some((start, end)) = layout.contiguous_offsets() else {
-            return Err(err(
-                "a variable is not contiguous; agr updates contiguous variables in place",
-            ));
+            return Err(err(format!(
+                "variable #{i} is not contiguous; agr updates contiguous variables in place"
+            )));
         };
         let slice = &mut data[start..end];
-        self.ptrs
-            .borrow_mut()
-            .push((slice.as_mut_ptr() as usize, slice.len()));
-        match self.rest.split_first() {
+        self.ptrs.borrow_mut()[i] = (slice.as_mut_ptr() as usize, slice.len());
+        match self.order.get(self.depth + 1) {
             // Still holding this variable's write lock: take the next one's.
-            Some((next, rest)) => next.inplace_op1(&Gather {
-                rest,
-                ptrs: self.ptrs,
-                at_bottom: self.at_bottom,
+            Some(&next) => self.vars[next].inplace_op1(&Nest {
+                depth: self.depth + 1,
+                ..*self
             }),
             None => {
-                let ptrs = self.ptrs.borrow().clone();
-                (self.at_bottom.borrow_mut())(&ptrs)
+                let ptrs = self.ptrs.borrow();
+                (self.at_bottom.borrow_mut())(&ptrs);
+                Ok(())
             }
         }
     }
+}
+
+/// Takes the write lock of every variable in `order` (nested) and runs
+/// `at_bottom` with all of them held, on the current thread.
+fn lock_nested(
+    vars: &[Var],
+    order: &[usize],
+    marks: &Cell<[usize; 2]>,
+    at_bottom: AtBottom<'_>,
+) -> candle_core::Result<()> {
+    let ptrs = RefCell::new(vec![(0, 0); vars.len()]);
+    let at_bottom = RefCell::new(at_bottom);
+    let Some(&first) = order.first() else {
+        return Ok(());
+    };
+    vars[first].inplace_op1(&Nest {
+        vars,
+        order,
+        depth: 0,
+        ptrs: &ptrs,
+        at_bottom: &at_bottom,
+        marks,
+    })
+}
+
+/// Runs `f` on the calling thread while every variable's write lock is held,
+/// the locks taken in `order`; `f` gets each variable's (pointer, length).
+fn with_write_locks(vars: &[Var], order: &[usize], f: AtBottom<'_>) -> candle_core::Result<()> {
+    if vars.len() <= INLINE_VARS {
+        return lock_nested(vars, order, &Cell::new([0; 2]), f);
+    }
+    let stack = vars
+        .len()
+        .saturating_mul(2 * stack_per_var())
+        .saturating_add(STACK_BASE);
+    std::thread::scope(|s| {
+        let (ptrs_tx, ptrs_rx) = mpsc::sync_channel::<Vec<(usize, usize)>>(1);
+        // Dropping `release` (after `f`, or while unwinding from a panic in
+        // it) lets the helper return, which releases the locks.
+        let (release, released) = mpsc::sync_channel::<()>(0);
+        let helper = std::thread::Builder::new()
+            .name("agr-candle-locks".into())
+            .stack_size(stack)
+            .spawn_scoped(s, move || {
+                lock_nested(vars, order, &Cell::new([0; 2]), &mut |ptrs| {
+                    if ptrs_tx.send(ptrs.to_vec()).is_ok() {
+                        let _ = released.recv();
+                    }
+                })
+            })
+            .map_err(|e| {
+                err(format!(
+                    "cannot start a thread to hold the locks of {} variables: {e}",
+                    vars.len()
+                ))
+            })?;
+        // An error while locking (a variable that is not f32, ...) drops the
+        // sender without sending.
+        if let Ok(ptrs) = ptrs_rx.recv() {
+            f(&ptrs);
+        }
+        drop(release);
+        match helper.join() {
+            Ok(r) => r,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    })
+}
+
+/// A key naming a tensor's storage (its address inside candle's lock):
+/// tensors with equal keys share one storage; the order of keys is the order
+/// in which candle's own in-place ops take locks.
+fn storage_key(t: &candle_core::Tensor) -> usize {
+    let (storage, _) = t.storage_and_layout();
+    &*storage as *const Storage as usize
 }
 
 /// Checks `vars` for an optimizer: distinct `f32` variables.
@@ -88,7 +209,25 @@ fn check_vars(vars: &[Var]) -> candle_core::Result<()> {
             )));
         }
     }
-    Ok(())
+    lock_order(vars).map(|_| ())
+}
+
+/// The variables' indices in lock order (by storage); an error if two share
+/// a storage. Returns the sorted keys too.
+fn lock_order(vars: &[Var]) -> candle_core::Result<(Vec<usize>, Vec<usize>)> {
+    let keys: Vec<usize> = vars.iter().map(|v| storage_key(v.as_tensor())).collect();
+    let mut order: Vec<usize> = (0..vars.len()).collect();
+    order.sort_unstable_by_key(|&i| keys[i]);
+    for w in order.windows(2) {
+        if keys[w[0]] == keys[w[1]] {
+            let (a, b) = (w[0].min(w[1]), w[0].max(w[1]));
+            return Err(err(format!(
+                "variables #{a} and #{b} share one storage; pass each variable once"
+            )));
+        }
+    }
+    let sorted = order.iter().map(|&i| keys[i]).collect();
+    Ok((order, sorted))
 }
 
 /// The variables of `varmap`, sorted by name (a stable order for state and
@@ -107,6 +246,11 @@ pub fn named_vars(varmap: &VarMap) -> (Vec<String>, Vec<Var>) {
 /// variable's storage borrowed in place (CPU, f32, contiguous). Variables
 /// without a gradient are passed with `grad: None`. This is how every agr
 /// optimizer steps candle variables; use it to drive your own steppers.
+///
+/// The variables' write locks are held for the whole step, taken in the
+/// order of their storages' addresses (whatever the order of `vars`), so
+/// steppers over overlapping variables on different threads wait for each
+/// other instead of deadlocking.
 pub fn step_vars<E: std::fmt::Display>(
     vars: &[Var],
     grads: &GradStore,
@@ -115,11 +259,30 @@ pub fn step_vars<E: std::fmt::Display>(
     if vars.is_empty() {
         return Ok(None);
     }
+    for (i, v) in vars.iter().enumerate() {
+        if !v.device().is_cpu() {
+            return Err(err(format!(
+                "variable #{i} is on {:?}; agr's candle adapter steps CPU variables",
+                v.device().location()
+            )));
+        }
+    }
+    let (order, var_keys) = lock_order(vars)?;
     // Read access to every gradient for the whole step.
     let grad_tensors: Vec<Option<candle_core::Tensor>> = vars
         .iter()
         .map(|v| grads.get(v.as_tensor()).cloned())
         .collect();
+    for (i, g) in grad_tensors.iter().enumerate() {
+        if let Some(g) = g {
+            // Reading a variable's storage while writing it would deadlock.
+            if var_keys.binary_search(&storage_key(g)).is_ok() {
+                return Err(err(format!(
+                    "the gradient of variable #{i} shares its storage with a variable; pass gradients in tensors of their own"
+                )));
+            }
+        }
+    }
     let guards: Vec<Option<(candle_core::StorageRef<'_>, &Layout)>> = grad_tensors
         .iter()
         .map(|g| g.as_ref().map(|g| g.storage_and_layout()))
@@ -145,29 +308,21 @@ pub fn step_vars<E: std::fmt::Display>(
     }
     let shapes: Vec<Vec<usize>> = vars.iter().map(|v| v.dims().to_vec()).collect();
     let mut outcome: Option<Result<StepReport, String>> = None;
-    let mut run = |ptrs: &[(usize, usize)]| -> candle_core::Result<()> {
+    with_write_locks(vars, &order, &mut |ptrs: &[(usize, usize)]| {
         let mut params: Vec<ParamMut<'_>> = ptrs
             .iter()
             .zip(&grad_slices)
             .zip(&shapes)
             .map(|((&(p, n), g), s)| {
                 // SAFETY: each pointer is a live, exclusively locked f32
-                // slice of length n (the nested in-place ops hold the
-                // write locks while this runs); variables are distinct.
+                // slice of length n (the write locks are held while this
+                // runs); the variables' storages are distinct (checked by
+                // `lock_order`), as are the gradients' from theirs.
                 let value = unsafe { std::slice::from_raw_parts_mut(p as *mut f32, n) };
                 ParamMut::new(value, *g, s)
             })
             .collect();
         outcome = Some(step(&mut params).map_err(|e| e.to_string()));
-        Ok(())
-    };
-    let ptrs = RefCell::new(Vec::with_capacity(vars.len()));
-    let bottom: RefCell<AtBottom<'_>> = RefCell::new(&mut run);
-    let (first, rest) = vars.split_first().expect("not empty");
-    first.inplace_op1(&Gather {
-        rest,
-        ptrs: &ptrs,
-        at_bottom: &bottom,
     })?;
     match outcome {
         Some(Ok(report)) => Ok(Some(report)),
@@ -224,20 +379,22 @@ impl<K: Kernel> candle_nn::Optimizer for Optimizer<K> {
 
     fn step(&mut self, grads: &GradStore) -> candle_core::Result<()> {
         let vars = self.vars.clone();
-        self.last_report = step_vars(&vars, grads, &mut |params| {
-            Optimizer::<K>::step(self, params)
-        })?;
+        self.last_report = step_vars(&vars, grads, &mut |params| self.step_params(params))?;
         Ok(())
     }
 
+    /// The hyperparameter `lr` (0 for a spec without one).
     fn learning_rate(&self) -> f64 {
-        Optimizer::<K>::learning_rate(self).unwrap_or(0.0)
+        self.lr().unwrap_or(0.0)
     }
 
-    /// Sets `lr`; a value outside its range is ignored (the trait cannot
-    /// report it: use `Optimizer::set_learning_rate` to get the error).
+    /// Sets `lr`; a value outside its range changes nothing and is logged
+    /// (a warning through the `log` crate): the trait cannot return it. Use
+    /// [`Optimizer::set_lr`] to get the error.
     fn set_learning_rate(&mut self, lr: f64) {
-        let _ = Optimizer::<K>::set_learning_rate(self, lr);
+        if let Err(e) = self.set_lr(lr) {
+            log::warn!("{}: set_learning_rate({lr}) ignored: {e}", K::NAME);
+        }
     }
 }
 
@@ -290,7 +447,7 @@ impl CandleDyn {
     /// One step from `grads`; returns what it did.
     pub fn step(&mut self, grads: &GradStore) -> candle_core::Result<Option<StepReport>> {
         let opt = &mut self.opt;
-        self.last_report = step_vars(&self.vars, grads, &mut |params| opt.step(params))?;
+        self.last_report = step_vars(&self.vars, grads, &mut |params| opt.step_params(params))?;
         Ok(self.last_report)
     }
 

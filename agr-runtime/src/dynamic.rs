@@ -13,15 +13,16 @@ pub trait DynOptimizer: Send {
     fn hypers(&self) -> &'static [HyperInfo];
     fn hyper(&self, name: &str) -> Option<HyperValue>;
     fn set_hyper(&mut self, name: &str, value: HyperValue) -> Result<(), ConfigError>;
-    fn step(&mut self, params: &mut [ParamMut<'_>]) -> Result<StepReport, StepError>;
-    fn learning_rate(&self) -> Option<f64>;
+    fn step_params(&mut self, params: &mut [ParamMut<'_>]) -> Result<StepReport, StepError>;
+    fn lr(&self) -> Option<f64>;
     /// The state buffer `name` of parameter `index`, once it exists.
     fn state(&self, index: usize, name: &str) -> Option<&[f32]>;
     /// What a step does with a NaN or infinite gradient.
     fn set_non_finite_policy(&mut self, policy: NonFinite);
     /// Steps skipped so far because a gradient was not finite.
     fn non_finite_skips(&self) -> u64;
-    fn set_learning_rate(&mut self, lr: f64) -> Result<(), ConfigError>;
+    /// Sets `lr` (checked).
+    fn set_lr(&mut self, lr: f64) -> Result<(), ConfigError>;
     /// See [`Optimizer::set_param_groups`].
     fn set_param_groups(
         &mut self,
@@ -52,14 +53,14 @@ impl<K: Kernel> DynOptimizer for Optimizer<K> {
     fn set_hyper(&mut self, name: &str, value: HyperValue) -> Result<(), ConfigError> {
         Optimizer::set_hyper(self, name, value)
     }
-    fn step(&mut self, params: &mut [ParamMut<'_>]) -> Result<StepReport, StepError> {
-        Optimizer::step(self, params)
+    fn step_params(&mut self, params: &mut [ParamMut<'_>]) -> Result<StepReport, StepError> {
+        Optimizer::step_params(self, params)
     }
-    fn learning_rate(&self) -> Option<f64> {
-        Optimizer::learning_rate(self)
+    fn lr(&self) -> Option<f64> {
+        Optimizer::lr(self)
     }
-    fn set_learning_rate(&mut self, lr: f64) -> Result<(), ConfigError> {
-        Optimizer::set_learning_rate(self, lr)
+    fn set_lr(&mut self, lr: f64) -> Result<(), ConfigError> {
+        Optimizer::set_lr(self, lr)
     }
     fn state(&self, index: usize, name: &str) -> Option<&[f32]> {
         Optimizer::state(self, index, name)

@@ -145,7 +145,7 @@ pub fn replay(g: &Golden) -> Result<Replay, String> {
             .zip(&step.grads)
             .map(|((v, p), gr)| ParamMut::new(v, Some(gr), &p.shape))
             .collect();
-        opt.step(&mut params)
+        opt.step_params(&mut params)
             .map_err(|e| format!("step {}: {e}", k + 1))?;
         for (ti, (ours, reference)) in values.iter().zip(&step.params).enumerate() {
             if ours.len() != reference.len() {

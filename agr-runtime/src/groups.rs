@@ -26,7 +26,7 @@
 //! Each parameter joins the first group whose predicate holds; a parameter no
 //! predicate selects stays in the group `default`, which uses the optimizer's
 //! own hyperparameters. A group's hyperparameters are the optimizer's with
-//! the group's overrides applied, so `set_learning_rate` (and a schedule
+//! the group's overrides applied, so `set_lr` (and a schedule
 //! driving it) moves every group that does not set `lr` itself, and a group
 //! that scales `lr` follows it at its own ratio.
 //!

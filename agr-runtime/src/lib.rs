@@ -8,7 +8,7 @@
 //! let mut opt = AdamWAgr::with_config(AdamWAgrConfig::default().with_lr(1e-2)).unwrap();
 //! let mut w = vec![1.0_f32, -2.0, 3.0, 0.5];
 //! let g = vec![0.1_f32, 0.2, -0.3, 0.0];
-//! opt.step(&mut [ParamMut::new(&mut w, Some(&g), &[2, 2])]).unwrap();
+//! opt.step_params(&mut [ParamMut::new(&mut w, Some(&g), &[2, 2])]).unwrap();
 //! assert!(w[0] < 1.0);
 //! ```
 

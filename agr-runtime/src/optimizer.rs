@@ -406,13 +406,17 @@ impl<K: Kernel> Optimizer<K> {
         self.set_base(c)
     }
 
-    /// The learning rate, where the spec has a hyperparameter `lr`.
-    pub fn learning_rate(&self) -> Option<f64> {
+    /// The learning rate, where the spec has a hyperparameter `lr`. (Not
+    /// named `learning_rate`: in a candle program that name is
+    /// `candle_nn::Optimizer::learning_rate`.)
+    pub fn lr(&self) -> Option<f64> {
         self.config.get("lr").and_then(|v| v.as_float("lr").ok())
     }
 
-    /// Sets the hyperparameter `lr` (checked).
-    pub fn set_learning_rate(&mut self, lr: f64) -> Result<(), ConfigError> {
+    /// Sets the hyperparameter `lr` (checked: a value out of range is an
+    /// error and changes nothing). In a candle program
+    /// `set_learning_rate` is `candle_nn::Optimizer::set_learning_rate`.
+    pub fn set_lr(&mut self, lr: f64) -> Result<(), ConfigError> {
         self.set_hyper("lr", lr)
     }
 
@@ -574,8 +578,10 @@ impl<K: Kernel> Optimizer<K> {
     }
 
     /// One optimizer step over `params`, in place. Parameters must be passed
-    /// in the same order every step. On error nothing is modified.
-    pub fn step(&mut self, params: &mut [ParamMut<'_>]) -> Result<StepReport, StepError> {
+    /// in the same order every step. On error nothing is modified. (Not
+    /// named `step`: in a candle program `opt.step(&grads)` is
+    /// `candle_nn::Optimizer::step`.)
+    pub fn step_params(&mut self, params: &mut [ParamMut<'_>]) -> Result<StepReport, StepError> {
         self.validate(params)?;
         // What a skipped step restores: on the first step nothing exists yet.
         let (n_params_before, tensors_before) = (self.n_params, self.tensors.len());

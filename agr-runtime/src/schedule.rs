@@ -1,5 +1,5 @@
 //! Learning-rate schedules: a function of the step number, applied with any
-//! optimizer's `set_learning_rate` before its step.
+//! optimizer's `set_lr` (candle: `set_learning_rate`) before its step.
 //!
 //! ```
 //! use agr_runtime::schedule::{Schedule, WarmupCosine};

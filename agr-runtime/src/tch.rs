@@ -115,6 +115,88 @@ fn check_tensor(name: &str, what: &str, t: &Tensor) -> Result<(), TchError> {
     Ok(())
 }
 
+/// The bytes a contiguous f32 tensor's elements occupy, `None` when it has
+/// none (its data pointer may then be null).
+fn byte_range(t: &Tensor) -> Option<(usize, usize)> {
+    let n = t.numel();
+    if n == 0 {
+        return None;
+    }
+    let start = t.data_ptr() as usize;
+    Some((start, start + n * std::mem::size_of::<f32>()))
+}
+
+/// Checks that the variables' element ranges are pairwise disjoint and that
+/// no gradient overlaps a variable (views of one storage at different offsets
+/// can overlap: comparing data pointers is not enough), and that each data
+/// pointer can make a slice (non-null, aligned).
+fn check_disjoint(
+    names: &[String],
+    vars: &[Tensor],
+    grads: &[Option<Tensor>],
+) -> Result<(), TchError> {
+    let mut ranges: Vec<(usize, usize, usize)> = Vec::with_capacity(vars.len());
+    let tensors = vars
+        .iter()
+        .enumerate()
+        .map(|(i, v)| (i, "the variable", v))
+        .chain(
+            grads
+                .iter()
+                .enumerate()
+                .filter_map(|(i, g)| g.as_ref().map(|g| (i, "the gradient", g))),
+        );
+    for (i, what, t) in tensors {
+        if let Some((start, _)) = byte_range(t) {
+            if start == 0 || start % std::mem::align_of::<f32>() != 0 {
+                return Err(param_error(
+                    &names[i],
+                    format!("{what}'s data pointer {start:#x} is null or not aligned for f32"),
+                ));
+            }
+        }
+    }
+    for (i, v) in vars.iter().enumerate() {
+        if let Some((start, end)) = byte_range(v) {
+            ranges.push((start, end, i));
+        }
+    }
+    ranges.sort_unstable();
+    for w in ranges.windows(2) {
+        let ((_, end_a, a), (start_b, _, b)) = (w[0], w[1]);
+        if start_b < end_a {
+            let (a, b) = (a.min(b), a.max(b));
+            return Err(param_error(
+                &names[b],
+                format!(
+                    "shares its storage with `{}` (their elements overlap); pass each variable once",
+                    names[a]
+                ),
+            ));
+        }
+    }
+    for (i, g) in grads.iter().enumerate() {
+        let Some((start, end)) = g.as_ref().and_then(byte_range) else {
+            continue;
+        };
+        // The last variable starting before this gradient ends is the only
+        // one that can overlap it (the variables are disjoint).
+        let k = ranges.partition_point(|r| r.0 < end);
+        if let Some(&(_, v_end, v)) = k.checked_sub(1).map(|k| &ranges[k]) {
+            if v_end > start {
+                return Err(param_error(
+                    &names[i],
+                    format!(
+                        "the gradient overlaps the storage of variable `{}`; gradients must be tensors of their own",
+                        names[v]
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 impl<K: Kernel> TchOptimizer<K> {
     /// Every trainable variable of `vs`, in name order.
     pub fn new(vs: &tch::nn::VarStore, config: K::Config) -> Result<Self, TchError> {
@@ -141,22 +223,16 @@ impl<K: Kernel> TchOptimizer<K> {
     /// names).
     pub fn from_named(named: Vec<(String, Tensor)>, config: K::Config) -> Result<Self, TchError> {
         let mut inner = Optimizer::<K>::with_config(config).map_err(TchError::Config)?;
-        let mut seen = std::collections::HashMap::new();
         let mut names = vec![];
         let mut vars = vec![];
         let mut shapes = vec![];
         for (name, t) in named {
             check_tensor(&name, "the variable", &t)?;
-            if let Some(other) = seen.insert(t.data_ptr() as usize, name.clone()) {
-                return Err(param_error(
-                    &name,
-                    format!("shares its storage with `{other}`; pass each variable once"),
-                ));
-            }
             shapes.push(t.size().iter().map(|&d| d as usize).collect());
             names.push(name);
             vars.push(t.shallow_clone());
         }
+        check_disjoint(&names, &vars, &[])?;
         inner
             .set_param_names(names.clone())
             .expect("a fresh optimizer takes any number of names");
@@ -225,21 +301,33 @@ impl<K: Kernel> TchOptimizer<K> {
                 }
             }
         }
+        // Overlapping variables would become overlapping `&mut` slices, a
+        // variable overlapping a gradient a `&mut` aliasing a `&`: refused,
+        // every step (a variable's data can be replaced between steps).
+        check_disjoint(&self.names, &self.vars, &grads)?;
         let mut params: Vec<ParamMut<'_>> = Vec::with_capacity(self.vars.len());
         for ((v, g), shape) in self.vars.iter().zip(&grads).zip(&self.shapes) {
-            let n = v.numel();
-            // SAFETY: checked above: contiguous f32 CPU storage of n
-            // elements, distinct per variable (checked at construction); the
-            // gradients are separate tensors, only read. The tensors outlive
-            // `params`.
-            let value = unsafe { std::slice::from_raw_parts_mut(v.data_ptr() as *mut f32, n) };
-            let grad = g
-                .as_ref()
-                .map(|g| unsafe { std::slice::from_raw_parts(g.data_ptr() as *const f32, n) });
+            // SAFETY: checked above: contiguous, aligned f32 CPU storage of
+            // `numel` elements (an empty tensor, whose pointer may be null,
+            // becomes an empty slice), no variable overlapping another
+            // variable or a gradient; gradients are only read. The tensors
+            // outlive `params`.
+            let value: &mut [f32] = match byte_range(v) {
+                None => &mut [],
+                Some((start, end)) => unsafe {
+                    std::slice::from_raw_parts_mut(start as *mut f32, (end - start) / 4)
+                },
+            };
+            let grad: Option<&[f32]> = g.as_ref().map(|g| match byte_range(g) {
+                None => &[][..],
+                Some((start, end)) => unsafe {
+                    std::slice::from_raw_parts(start as *const f32, (end - start) / 4)
+                },
+            });
             params.push(ParamMut::new(value, grad, shape));
         }
         let names = &self.names;
-        tch::no_grad(|| self.inner.step(&mut params)).map_err(|error| {
+        tch::no_grad(|| self.inner.step_params(&mut params)).map_err(|error| {
             let index = match &error {
                 StepError::ShapeLen { index, .. }
                 | StepError::GradLen { index, .. }

@@ -161,15 +161,21 @@ fn variables_without_a_gradient_are_skipped_and_the_learning_rate_is_shared() {
     let a = Var::ones(4, candle_core::DType::F32, &dev).unwrap();
     let b = Var::ones(3, candle_core::DType::F32, &dev).unwrap();
     let mut opt = AdamWAgr::new(vec![a.clone(), b.clone()], AdamWAgrConfig::default()).unwrap();
-    assert_eq!(candle_nn::Optimizer::learning_rate(&opt), 1e-3);
-    candle_nn::Optimizer::set_learning_rate(&mut opt, 0.1);
+    // On the concrete type, candle's names are candle's methods.
+    let lr: f64 = opt.learning_rate();
+    assert_eq!(lr, 1e-3);
+    let () = opt.set_learning_rate(0.1);
     assert_eq!(opt.config().lr, 0.1);
+    // Out of range: nothing changes (logged; `set_lr` returns the error).
+    opt.set_learning_rate(-1.0);
+    assert_eq!(opt.config().lr, 0.1);
+    assert!(opt.set_lr(-1.0).is_err());
     let mut grads = GradStore::default();
     grads.insert(
         a.as_tensor(),
         Tensor::from_vec(vec![1.0f32, -1.0, 0.5, 0.0], 4, &dev).unwrap(),
     );
-    candle_nn::Optimizer::step(&mut opt, &grads).unwrap();
+    let () = opt.step(&grads).unwrap();
     assert!(a.as_tensor().to_vec1::<f32>().unwrap()[0] < 1.0);
     assert_eq!(b.as_tensor().to_vec1::<f32>().unwrap(), vec![1.0; 3]);
     // Wrong inputs are errors.
@@ -289,7 +295,7 @@ fn an_optimizer_chosen_by_name_steps_candle_variables_like_the_typed_one() {
     let (a, b) = (varmap(), varmap());
     let mut typed = AdanAgr::from_varmap(&a, AdanAgrConfig::default().with_lr(0.02)).unwrap();
     let mut by_name = agr_runtime::optim::builtin("adan_agr").unwrap().make();
-    by_name.set_learning_rate(0.02).unwrap();
+    by_name.set_lr(0.02).unwrap();
     let mut dynamic = CandleDyn::from_varmap(by_name, &b).unwrap();
     for _ in 0..5 {
         typed.backward_step(&lin_loss(&a)).unwrap();
@@ -394,7 +400,7 @@ fn training_with_every_builtin_chosen_by_name_lowers_the_loss() {
         } else {
             2e-2
         };
-        opt.set_learning_rate(lr).unwrap();
+        opt.set_lr(lr).unwrap();
         let mut opt = CandleDyn::from_varmap(opt, &vm).unwrap();
         let first = lin_loss(&vm).to_scalar::<f32>().unwrap();
         for _ in 0..150 {
@@ -427,4 +433,107 @@ fn a_checkpoint_does_not_load_into_a_varmap_with_other_names() {
         "{e}"
     );
     assert_eq!(renamed.steps(), 0);
+}
+
+/// `n` variables of two elements and their gradients (±1).
+fn many_vars(n: usize) -> (Vec<Var>, GradStore) {
+    let dev = Device::Cpu;
+    let vars: Vec<Var> = (0..n)
+        .map(|_| Var::ones(2, candle_core::DType::F32, &dev).unwrap())
+        .collect();
+    let mut grads = GradStore::default();
+    for (i, v) in vars.iter().enumerate() {
+        let s = if i % 2 == 0 { 1.0f32 } else { -1.0 };
+        grads.insert(
+            v.as_tensor(),
+            Tensor::from_vec(vec![s, s], 2, &dev).unwrap(),
+        );
+    }
+    (vars, grads)
+}
+
+/// Each variable's lock used to be taken by one nested call per variable: a
+/// 2 MiB thread (test harnesses, thread pools) overflowed its stack at about
+/// 10,000 variables in a release build, fewer in a debug one.
+#[test]
+fn a_hundred_thousand_variables_step_on_a_thread_with_a_small_stack() {
+    let n = 100_000;
+    std::thread::Builder::new()
+        .stack_size(2 << 20)
+        .spawn(move || {
+            let (vars, grads) = many_vars(n);
+            let config = AdamWConfig::default().with_lr(0.1).with_weight_decay(0.0);
+            let mut opt = AdamW::new(vars.clone(), config).unwrap();
+            opt.step(&grads).unwrap();
+            assert_eq!(opt.last_report().unwrap().updated, n);
+            // Adam's first step moves each element by lr against the sign
+            // of its gradient.
+            for (i, v) in vars.iter().enumerate() {
+                let want = if i % 2 == 0 { 0.9 } else { 1.1 };
+                for x in v.as_tensor().to_vec1::<f32>().unwrap() {
+                    assert!((x - want).abs() < 1e-6, "variable #{i}: {x}");
+                }
+            }
+        })
+        .unwrap()
+        .join()
+        .unwrap();
+}
+
+/// Locks are taken in one global order (by storage), not in each
+/// optimizer's order: two optimizers over the same variables, listed in
+/// opposite orders, stepping on two threads, both finish.
+#[test]
+fn optimizers_over_shared_variables_in_opposite_orders_do_not_deadlock() {
+    use std::sync::mpsc;
+    use std::time::Duration;
+    // Both ways of holding the locks: on the calling thread and on a helper.
+    for n in [8, 200] {
+        let (vars, _) = many_vars(n);
+        let (done_tx, done) = mpsc::channel();
+        for reversed in [false, true] {
+            let mut vs = vars.clone();
+            if reversed {
+                vs.reverse();
+            }
+            let done_tx = done_tx.clone();
+            std::thread::spawn(move || {
+                let mut grads = GradStore::default();
+                for v in &vs {
+                    grads.insert(v.as_tensor(), v.as_tensor().ones_like().unwrap());
+                }
+                let config = AdamWConfig::default().with_lr(1e-4);
+                let mut opt = AdamW::new(vs, config).unwrap();
+                for _ in 0..300 {
+                    opt.step(&grads).unwrap();
+                }
+                done_tx.send(()).unwrap();
+            });
+        }
+        for _ in 0..2 {
+            done.recv_timeout(Duration::from_secs(120))
+                .unwrap_or_else(|_| panic!("{n} variables: the two optimizers deadlocked"));
+        }
+    }
+}
+
+/// A variable whose gradient is its own storage used to deadlock (read lock,
+/// then write lock); now it is an error.
+#[test]
+fn a_gradient_sharing_a_variables_storage_is_an_error() {
+    let (vars, _) = many_vars(2);
+    let mut grads = GradStore::default();
+    grads.insert(vars[0].as_tensor(), vars[1].as_tensor().clone());
+    grads.insert(
+        vars[1].as_tensor(),
+        vars[0].as_tensor().ones_like().unwrap(),
+    );
+    let mut opt = AdamW::new(vars.clone(), Default::default()).unwrap();
+    let e = opt.step(&grads).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("the gradient of variable #0 shares its storage with a variable"),
+        "{e}"
+    );
+    assert_eq!(vars[1].as_tensor().to_vec1::<f32>().unwrap(), vec![1.0; 2]);
 }

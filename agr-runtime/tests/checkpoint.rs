@@ -37,7 +37,7 @@ fn step<K: agr_runtime::Kernel>(
     if t % 2 == 1 {
         params[1].grad = None;
     }
-    opt.step(&mut params).unwrap();
+    opt.step_params(&mut params).unwrap();
 }
 
 /// Whether two checkpoints hold the same state (their metadata maps may be
@@ -125,7 +125,7 @@ fn broken_checkpoints_are_errors_and_change_nothing() {
         let mut x = vec![0.5f32; 12];
         let g = vec![0.1f32; 12];
         other
-            .step(&mut [
+            .step_params(&mut [
                 ParamMut::new(&mut x.clone(), Some(&g), &[3, 4]),
                 ParamMut::new(&mut x, Some(&g), &[12]),
                 ParamMut::new(&mut vec![0.0; 12], Some(&g), &[12]),

@@ -98,7 +98,7 @@ fn adamw_agr_matches_an_unfused_reference_over_many_chunks() {
     let mut v2 = m.clone();
     for t in 1..=4u64 {
         let grads = model.grads(t);
-        run(&mut model, &grads, |p| opt.step(p)).unwrap();
+        run(&mut model, &grads, |p| opt.step_params(p)).unwrap();
         for (k, p) in reference.values.iter_mut().enumerate() {
             let gr = psi(&grads[k]);
             let bc1 = 1.0 - b1.powi(t as i32);
@@ -137,7 +137,7 @@ fn adan_agr_with_global_clipping_matches_an_unfused_reference() {
     let (mut m, mut d, mut n, mut prev) = (zeros.clone(), zeros.clone(), zeros.clone(), zeros);
     for t in 1..=3u64 {
         let grads = model.grads(t);
-        run(&mut model, &grads, |p| opt.step(p)).unwrap();
+        run(&mut model, &grads, |p| opt.step_params(p)).unwrap();
         let norm: f64 = grads
             .iter()
             .flatten()
@@ -190,7 +190,7 @@ fn gradient_centralization_subtracts_each_row_mean_over_many_chunks() {
     let mut v2 = m.clone();
     for t in 1..=2u64 {
         let grads = model.grads(t);
-        run(&mut model, &grads, |p| opt.step(p)).unwrap();
+        run(&mut model, &grads, |p| opt.step_params(p)).unwrap();
         for (k, p) in reference.values.iter_mut().enumerate() {
             let shape = SHAPES[k];
             let mut g = grads[k].clone();
@@ -228,8 +228,8 @@ fn run_with_threads(threads: usize) -> Vec<Vec<f32>> {
         let mut opt2 = AdamWAgr::with_config(AdamWAgrConfig::default()).unwrap();
         for t in 1..=3 {
             let grads = model.grads(t);
-            run(&mut model, &grads, |p| opt.step(p)).unwrap();
-            run(&mut model, &grads, |p| opt2.step(p)).unwrap();
+            run(&mut model, &grads, |p| opt.step_params(p)).unwrap();
+            run(&mut model, &grads, |p| opt2.step_params(p)).unwrap();
         }
         model.values
     })
@@ -256,7 +256,7 @@ fn tensors_without_a_gradient_are_skipped() {
     let g0 = vec![0.5f32; 6];
     let mut opt = AdamWAgr::with_config(AdamWAgrConfig::default()).unwrap();
     let r = opt
-        .step(&mut [
+        .step_params(&mut [
             ParamMut::new(&mut w0, Some(&g0), &[2, 3]),
             ParamMut::new(&mut w1, None, &[3]),
         ])
@@ -274,7 +274,7 @@ fn an_all_zero_gradient_gives_psi_zero_not_nan() {
     let mut w = vec![1.0f32, -1.0, 0.5];
     let g = vec![0.0f32; 3];
     let mut opt = AdamWAgr::with_config(AdamWAgrConfig::default().with_weight_decay(0.0)).unwrap();
-    opt.step(&mut [ParamMut::new(&mut w, Some(&g), &[3])])
+    opt.step_params(&mut [ParamMut::new(&mut w, Some(&g), &[3])])
         .unwrap();
     assert_eq!(w, vec![1.0, -1.0, 0.5]);
 }
@@ -286,7 +286,7 @@ fn bad_inputs_are_errors_and_change_nothing() {
     let mut w1 = vec![2.0f32; 3];
     let g0 = vec![0.5f32; 6];
     let g1 = vec![0.5f32; 3];
-    opt.step(&mut [
+    opt.step_params(&mut [
         ParamMut::new(&mut w0, Some(&g0), &[2, 3]),
         ParamMut::new(&mut w1, Some(&g1), &[3]),
     ])
@@ -297,7 +297,7 @@ fn bad_inputs_are_errors_and_change_nothing() {
         (
             Box::new(|a, b| {
                 opt.clone()
-                    .step(&mut [
+                    .step_params(&mut [
                         ParamMut::new(a, Some(&g0), &[2, 3]),
                         ParamMut::new(b, Some(&short), &[3]),
                     ])
@@ -308,7 +308,7 @@ fn bad_inputs_are_errors_and_change_nothing() {
         (
             Box::new(|a, _| {
                 opt.clone()
-                    .step(&mut [ParamMut::new(a, Some(&g0), &[2, 3])])
+                    .step_params(&mut [ParamMut::new(a, Some(&g0), &[2, 3])])
                     .unwrap_err()
             }),
             "given 1 parameters",
@@ -316,7 +316,7 @@ fn bad_inputs_are_errors_and_change_nothing() {
         (
             Box::new(|a, b| {
                 opt.clone()
-                    .step(&mut [
+                    .step_params(&mut [
                         ParamMut::new(a, Some(&g0), &[3, 2]),
                         ParamMut::new(b, Some(&g1), &[3]),
                     ])
@@ -327,7 +327,7 @@ fn bad_inputs_are_errors_and_change_nothing() {
         (
             Box::new(|a, b| {
                 opt.clone()
-                    .step(&mut [
+                    .step_params(&mut [
                         ParamMut::new(a, Some(&g0), &[2, 4]),
                         ParamMut::new(b, Some(&g1), &[3]),
                     ])
@@ -336,7 +336,7 @@ fn bad_inputs_are_errors_and_change_nothing() {
             "shape [2, 4] has 8 elements",
         ),
         (
-            Box::new(|_, _| opt.clone().step(&mut []).unwrap_err()),
+            Box::new(|_, _| opt.clone().step_params(&mut []).unwrap_err()),
             "no parameters",
         ),
     ];
@@ -354,7 +354,7 @@ fn bad_inputs_are_errors_and_change_nothing() {
     let mut empty: Vec<f32> = vec![];
     let e = AdamWAgr::with_config(AdamWAgrConfig::default())
         .unwrap()
-        .step(&mut [ParamMut::new(&mut empty, Some(&[]), &[0])])
+        .step_params(&mut [ParamMut::new(&mut empty, Some(&[]), &[0])])
         .unwrap_err();
     assert!(matches!(e, StepError::Empty { index: 0 }));
 }
@@ -373,9 +373,9 @@ fn hyperparameters_are_range_checked() {
     c.set_lr(0.5).unwrap();
     assert_eq!(c.lr, 0.5);
     let mut opt = AdamWAgr::with_config(c).unwrap();
-    assert_eq!(opt.learning_rate(), Some(0.5));
-    assert!(opt.set_learning_rate(f64::NAN).is_err());
-    opt.set_learning_rate(0.25).unwrap();
+    assert_eq!(opt.lr(), Some(0.5));
+    assert!(opt.set_lr(f64::NAN).is_err());
+    opt.set_lr(0.25).unwrap();
     assert_eq!(opt.config().lr, 0.25);
     let e = opt.set_hyper("momentum", 0.9).unwrap_err();
     assert!(
@@ -418,14 +418,14 @@ fn a_non_finite_gradient_skips_the_step_and_changes_nothing() {
         let mut model = Model::new(5);
         let mut opt = AdamWAgr::with_config(AdamWAgrConfig::default()).unwrap();
         let grads = model.grads(1);
-        run(&mut model, &grads, |p| opt.step(p)).unwrap();
+        run(&mut model, &grads, |p| opt.step_params(p)).unwrap();
         let before = model.values.clone();
         let m_before: Vec<Vec<f32>> = (0..SHAPES.len())
             .map(|k| opt.state(k, "m").unwrap().to_vec())
             .collect();
         let mut grads = model.grads(2);
         grads[1][40_000] = bad;
-        let r = run(&mut model, &grads, |p| opt.step(p)).unwrap();
+        let r = run(&mut model, &grads, |p| opt.step_params(p)).unwrap();
         assert_eq!(r.skipped_non_finite, Some(1), "{bad}");
         assert_eq!(r.updated, 0);
         assert_eq!(opt.non_finite_skips(), 1);
@@ -441,7 +441,7 @@ fn a_non_finite_gradient_skips_the_step_and_changes_nothing() {
         }
         // With the error policy the caller gets an error, and still nothing changes.
         opt.set_non_finite_policy(NonFinite::Error);
-        let e = run(&mut model, &grads, |p| opt.step(p)).unwrap_err();
+        let e = run(&mut model, &grads, |p| opt.step_params(p)).unwrap_err();
         assert_eq!(e, StepError::NonFinite { index: 1 });
         assert!(model.values.iter().zip(&before).all(|(a, b)| a == b));
     }
@@ -452,13 +452,13 @@ fn a_non_finite_gradient_skips_the_step_and_changes_nothing() {
     g[3] = f32::NAN;
     let mut opt = AdamW::with_config(AdamWConfig::default()).unwrap();
     let r = opt
-        .step(&mut [ParamMut::new(&mut w, Some(&g), &[8])])
+        .step_params(&mut [ParamMut::new(&mut w, Some(&g), &[8])])
         .unwrap();
     assert_eq!(r.skipped_non_finite, Some(0));
     assert_eq!(w, vec![1.0; 8]);
     opt.set_non_finite_policy(NonFinite::Ignore);
     let r = opt
-        .step(&mut [ParamMut::new(&mut w, Some(&g), &[8])])
+        .step_params(&mut [ParamMut::new(&mut w, Some(&g), &[8])])
         .unwrap();
     assert_eq!(r.skipped_non_finite, None);
     assert!(w[3].is_nan() && w[0].is_finite());
@@ -584,14 +584,17 @@ fn agr_can_be_switched_off_after_a_number_of_steps() {
     let mut plain = AdamW::with_config(AdamWConfig::default()).unwrap();
     let mut first_three = vec![];
     let w_until = run(&mut |w, g| {
-        until.step(&mut [ParamMut::new(w, Some(g), &[50])]).unwrap();
+        until
+            .step_params(&mut [ParamMut::new(w, Some(g), &[50])])
+            .unwrap();
         if until.steps() == 3 {
             first_three = w.to_vec();
         }
     });
     let mut agr_three = vec![];
     let _ = run(&mut |w, g| {
-        agr.step(&mut [ParamMut::new(w, Some(g), &[50])]).unwrap();
+        agr.step_params(&mut [ParamMut::new(w, Some(g), &[50])])
+            .unwrap();
         if agr.steps() == 3 {
             agr_three = w.to_vec();
         }
@@ -600,12 +603,15 @@ fn agr_can_be_switched_off_after_a_number_of_steps() {
     assert_eq!(first_three, agr_three);
     // ...and then different from both AdamW-AGR and AdamW over six.
     let w_plain = run(&mut |w, g| {
-        plain.step(&mut [ParamMut::new(w, Some(g), &[50])]).unwrap();
+        plain
+            .step_params(&mut [ParamMut::new(w, Some(g), &[50])])
+            .unwrap();
     });
     assert_ne!(w_until, w_plain);
     let mut agr6 = AdamWAgr::with_config(AdamWAgrConfig::default()).unwrap();
     let w_agr = run(&mut |w, g| {
-        agr6.step(&mut [ParamMut::new(w, Some(g), &[50])]).unwrap();
+        agr6.step_params(&mut [ParamMut::new(w, Some(g), &[50])])
+            .unwrap();
     });
     assert_ne!(w_until, w_agr);
 }

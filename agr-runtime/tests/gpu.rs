@@ -212,7 +212,7 @@ fn run_cpu<K: Kernel>(config: K::Config, shapes: &[Vec<usize>]) -> Vec<Vec<f32>>
             .zip(shapes)
             .map(|((v, g), s)| ParamMut::new(v, Some(g), s))
             .collect();
-        opt.step(&mut params).unwrap();
+        opt.step_params(&mut params).unwrap();
     }
     values
 }
@@ -307,7 +307,7 @@ fn bf16_parameters_step_with_f32_arithmetic() {
     let g32: Vec<f32> = grad.iter().map(|&x| from_bf16(x)).collect();
     AdamWAgr::with_config(config)
         .unwrap()
-        .step(&mut [ParamMut::new(&mut cpu, Some(&g32), &[n])])
+        .step_params(&mut [ParamMut::new(&mut cpu, Some(&g32), &[n])])
         .unwrap();
     for (x, y) in out.iter().zip(&cpu) {
         assert!(

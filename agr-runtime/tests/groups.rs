@@ -42,13 +42,13 @@ fn step_all<K: Kernel>(opt: &mut Optimizer<K>, values: &mut [Vec<f32>], t: u64) 
         .zip(SHAPES)
         .map(|((v, g), s)| ParamMut::new(v, Some(g), s))
         .collect();
-    opt.step(&mut params).unwrap();
+    opt.step_params(&mut params).unwrap();
 }
 
 /// One step of `opt` over parameter `i` alone.
 fn step_one<K: Kernel>(opt: &mut Optimizer<K>, value: &mut [f32], i: usize, t: u64) {
     let g = &grads(t)[i];
-    opt.step(&mut [ParamMut::new(value, Some(g), SHAPES[i])])
+    opt.step_params(&mut [ParamMut::new(value, Some(g), SHAPES[i])])
         .unwrap();
 }
 
@@ -163,16 +163,16 @@ fn learning_rate_changes_reach_the_groups() {
         .set("lr", 0.125);
     let mut opt = AdamWAgr::with_config(Default::default()).unwrap();
     opt.set_param_groups(&groups, &named()).unwrap();
-    opt.set_learning_rate(0.25).unwrap();
-    assert_eq!(opt.learning_rate(), Some(0.25));
+    opt.set_lr(0.25).unwrap();
+    assert_eq!(opt.lr(), Some(0.25));
     assert_eq!(opt.group_config("default").unwrap().lr, 0.25);
     assert_eq!(opt.group_config("scaled").unwrap().lr, 0.125);
     assert_eq!(opt.group_config("fixed").unwrap().lr, 0.125);
-    opt.set_learning_rate(0.5).unwrap();
+    opt.set_lr(0.5).unwrap();
     assert_eq!(opt.group_config("scaled").unwrap().lr, 0.25);
     assert_eq!(opt.group_config("fixed").unwrap().lr, 0.125);
     // A schedule's zero (warm-up start) is a valid rate, as in PyTorch.
-    opt.set_learning_rate(0.0).unwrap();
+    opt.set_lr(0.0).unwrap();
     assert_eq!(opt.group_config("scaled").unwrap().lr, 0.0);
     // One group's value, set later.
     opt.set_group_hyper("fixed", "weight_decay", 0.0).unwrap();

@@ -43,12 +43,12 @@ fn steady_state_steps_do_not_allocate() {
         let mut counts = vec![];
         for step in 0..4 {
             let before = ALLOCS.load(Ordering::SeqCst);
-            a.step(&mut [
+            a.step_params(&mut [
                 ParamMut::new(&mut w0, Some(&g0), shapes[0]),
                 ParamMut::new(&mut w1, Some(&g1), shapes[1]),
             ])
             .unwrap();
-            b.step(&mut [
+            b.step_params(&mut [
                 ParamMut::new(&mut w0, Some(&g0), shapes[0]),
                 ParamMut::new(&mut w1, Some(&g1), shapes[1]),
             ])

@@ -260,3 +260,107 @@ fn missing_gradients_are_skipped_and_bad_tensors_are_errors() {
     let t = Tensor::ones([3, 2], (Kind::Float, Device::Cpu)).tr();
     assert!(TchOptimizer::<AdamWAgrKernel>::from_tensors(vec![t], Default::default()).is_err());
 }
+
+/// Two views of one storage at different offsets have different data
+/// pointers but overlapping elements: stepping both would make two
+/// overlapping `&mut` slices. Refused when built, and at every step (a
+/// variable's data can be replaced between steps), changing nothing.
+#[test]
+fn overlapping_views_are_refused_when_built_and_at_every_step() {
+    let base = Tensor::zeros([10], (Kind::Float, Device::Cpu));
+    let (v1, v2) = (base.narrow(0, 0, 6), base.narrow(0, 4, 6));
+    assert_ne!(v1.data_ptr(), v2.data_ptr());
+    let e = TchOptimizer::<AdamWAgrKernel>::from_named(
+        vec![("v1".into(), v1), ("v2".into(), v2)],
+        Default::default(),
+    )
+    .err()
+    .unwrap();
+    assert!(
+        e.to_string()
+            .contains("variable `v2`: shares its storage with `v1`"),
+        "{e}"
+    );
+    // Adjacent views do not overlap: fine.
+    assert!(TchOptimizer::<AdamWAgrKernel>::from_tensors(
+        vec![base.narrow(0, 0, 5), base.narrow(0, 5, 5)],
+        Default::default()
+    )
+    .is_ok());
+
+    let a = Tensor::ones([4], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+    let mut b = Tensor::ones([3], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+    let mut opt = TchOptimizer::<AdamWKernel>::from_named(
+        vec![
+            ("a".into(), a.shallow_clone()),
+            ("b".into(), b.shallow_clone()),
+        ],
+        AdamWConfig::default().with_lr(0.1),
+    )
+    .unwrap();
+    let loss = |a: &Tensor, b: &Tensor| (a * a).sum(Kind::Float) + (b * b).sum(Kind::Float);
+    opt.backward_step(&loss(&a, &b)).unwrap();
+    // `b` becomes a view of `a`'s elements 1..4, behind the optimizer's back.
+    tch::no_grad(|| b.set_data(&a.detach().narrow(0, 1, 3)));
+    let before = to_vec(&a);
+    let e = opt.backward_step(&loss(&a, &b)).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("variable `b`: shares its storage with `a`"),
+        "{e}"
+    );
+    assert_eq!(to_vec(&a), before);
+    assert_eq!(opt.steps(), 1);
+}
+
+/// A gradient whose elements are a variable's would alias a `&mut` with a
+/// `&`: refused, naming both.
+#[test]
+fn a_gradient_overlapping_a_variable_is_refused() {
+    let a = Tensor::ones([4], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+    let b = Tensor::ones([3], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+    let mut opt = TchOptimizer::<AdamWKernel>::from_named(
+        vec![
+            ("a".into(), a.shallow_clone()),
+            ("b".into(), b.shallow_clone()),
+        ],
+        Default::default(),
+    )
+    .unwrap();
+    ((&a * &a).sum(Kind::Float) + (&b * &b).sum(Kind::Float)).backward();
+    let mut g = b.grad();
+    tch::no_grad(|| g.set_data(&a.detach().narrow(0, 1, 3)));
+    let before = (to_vec(&a), to_vec(&b));
+    let e = opt.step().unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("variable `b`: the gradient overlaps the storage of variable `a`"),
+        "{e}"
+    );
+    assert_eq!((to_vec(&a), to_vec(&b)), before);
+}
+
+/// An empty tensor's data pointer (null in libtorch) never becomes a slice:
+/// the step is an error naming the variable.
+#[test]
+fn an_empty_variable_is_an_error_not_a_null_slice() {
+    let a = Tensor::ones([2], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+    let empty = Tensor::zeros([0], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+    let mut opt = TchOptimizer::<AdamWKernel>::from_named(
+        vec![
+            ("a".into(), a.shallow_clone()),
+            ("empty".into(), empty.shallow_clone()),
+        ],
+        Default::default(),
+    )
+    .unwrap();
+    let e = opt
+        .backward_step(&((&a * &a).sum(Kind::Float) + empty.sum(Kind::Float)))
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("variable `empty`: parameter #1 has no elements"),
+        "{e}"
+    );
+    assert_eq!(to_vec(&a), vec![1.0; 2]);
+}

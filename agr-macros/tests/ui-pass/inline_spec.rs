@@ -16,7 +16,7 @@ fn main() {
     let mut opt = SgdAgr::with_config(SgdAgrConfig::default()).unwrap();
     let mut w = vec![1.0f32, 2.0, 3.0];
     let g = vec![1.0f32, 0.0, -1.0];
-    let r = opt.step(&mut [agr_runtime::ParamMut::new(&mut w, Some(&g), &[3])]).unwrap();
+    let r = opt.step_params(&mut [agr_runtime::ParamMut::new(&mut w, Some(&g), &[3])]).unwrap();
     assert_eq!(r.updated, 1);
     // Ψ(g) = g - g|g|/Σ|g| = [0.5, 0, -0.5]
     assert_eq!(w, vec![0.95, 2.0, 3.05]);
