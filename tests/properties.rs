@@ -58,7 +58,7 @@ proptest! {
         let g = [x];
         let mut p = [f32::NAN];
         let mut opt = Psi::with_config(PsiConfig::default()).unwrap();
-        opt.step(&mut [ParamMut::new(&mut p, Some(&g), &[1])]).unwrap();
+        opt.step_params(&mut [ParamMut::new(&mut p, Some(&g), &[1])]).unwrap();
         prop_assert_eq!(p[0].to_bits(), 0.0f32.to_bits(), "Ψ([{:e}]) = {:e}", x, p[0]);
     }
 }
@@ -78,7 +78,7 @@ proptest! {
         g[at.index(n)] = x;
         let mut p = vec![f32::NAN; n];
         let mut opt = Psi::with_config(PsiConfig::default()).unwrap();
-        opt.step(&mut [ParamMut::new(&mut p, Some(&g), &[n])]).unwrap();
+        opt.step_params(&mut [ParamMut::new(&mut p, Some(&g), &[n])]).unwrap();
         for (i, v) in p.iter().enumerate() {
             prop_assert_eq!(v.to_bits(), 0.0f32.to_bits(), "element {} of {} (g = {:e}): {:e}", i, n, x, v);
         }

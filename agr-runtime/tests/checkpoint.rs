@@ -208,7 +208,7 @@ fn an_optimizer_without_state_resumes_from_its_checkpoint() {
     let mut other = StatelessSgd::with_config(Default::default()).unwrap();
     let (mut x, g) = (vec![0.5f32; 12], vec![0.1f32; 12]);
     other
-        .step(&mut [
+        .step_params(&mut [
             ParamMut::new(&mut x.clone(), Some(&g), &[3, 4]),
             ParamMut::new(&mut x.clone(), Some(&g), &[12]),
             ParamMut::new(&mut x, Some(&g), &[2, 6]),

@@ -475,7 +475,7 @@ fn a_non_finite_first_step_leaves_the_optimizer_as_new() {
         let before = model.values.clone();
         let mut grads = model.grads(1);
         grads[2][5] = f32::NAN;
-        let r = run(&mut model, &grads, |p| opt.step(p));
+        let r = run(&mut model, &grads, |p| opt.step_params(p));
         match policy {
             NonFinite::Skip => assert_eq!(r.unwrap().skipped_non_finite, Some(2)),
             _ => assert_eq!(r.unwrap_err(), StepError::NonFinite { index: 2 }),
@@ -509,7 +509,7 @@ fn a_non_finite_first_step_leaves_the_optimizer_as_new() {
             .zip(SHAPES)
             .map(|((v, g), s)| ParamMut::new(v, Some(g), s))
             .collect();
-        let r = opt.step(&mut params).unwrap();
+        let r = opt.step_params(&mut params).unwrap();
         assert_eq!((r.step, r.updated), (1, 3), "{policy:?}");
     }
 }

@@ -93,7 +93,7 @@ fn fused(case: &Case, prog: &Program, d: &Data) -> Vec<f32> {
             .zip(SHAPES)
             .map(|((v, g), s)| ParamMut::new(v, Some(g), s))
             .collect();
-        opt.step(&mut params).unwrap();
+        opt.step_params(&mut params).unwrap();
     }
     let mut out = vec![];
     for (j, v) in values.iter().enumerate() {
