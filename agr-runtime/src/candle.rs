@@ -30,6 +30,25 @@ fn err(e: impl std::fmt::Display) -> candle_core::Error {
     candle_core::Error::Msg(e.to_string())
 }
 
+/// agr's errors convert into `candle_core::Error` (wrapped, message kept),
+/// so `?` works in a function returning `candle_core::Result`.
+macro_rules! into_candle_error {
+    ($($t:ty),*) => {$(
+        impl From<$t> for candle_core::Error {
+            fn from(e: $t) -> Self {
+                candle_core::Error::wrap(e)
+            }
+        }
+    )*};
+}
+
+into_candle_error!(
+    crate::StepError,
+    crate::ConfigError,
+    crate::GroupError,
+    crate::CheckpointError
+);
+
 /// Variables locked on the calling thread; more go to a helper thread.
 const INLINE_VARS: usize = 32;
 /// The helper thread's stack: a base plus twice what one nested in-place op

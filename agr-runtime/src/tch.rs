@@ -58,6 +58,27 @@ impl fmt::Display for TchError {
 
 impl std::error::Error for TchError {}
 
+/// agr's errors convert into `tch::TchError`, so `?` works in a function
+/// returning `Result<_, tch::TchError>`. tch has no variant for a caller's
+/// error: they become `TchError::Torch` with agr's message.
+macro_rules! into_tch_error {
+    ($($t:ty),*) => {$(
+        impl From<$t> for tch::TchError {
+            fn from(e: $t) -> Self {
+                tch::TchError::Torch(format!("agr: {e}"))
+            }
+        }
+    )*};
+}
+
+into_tch_error!(
+    TchError,
+    StepError,
+    ConfigError,
+    GroupError,
+    crate::CheckpointError
+);
+
 /// A generated optimizer driving tch tensors.
 pub struct TchOptimizer<K: Kernel> {
     inner: Optimizer<K>,

@@ -537,3 +537,45 @@ fn a_gradient_sharing_a_variables_storage_is_an_error() {
     );
     assert_eq!(vars[1].as_tensor().to_vec1::<f32>().unwrap(), vec![1.0; 2]);
 }
+
+/// agr's errors convert into `candle_core::Error`: `?` works in a function
+/// returning `candle_core::Result`, and the message is kept.
+#[test]
+fn agr_errors_convert_into_candle_errors() {
+    use agr_runtime::groups::{select, ParamGroups};
+    use agr_runtime::ParamMut;
+    fn bad_config() -> candle_core::Result<AdamWAgr> {
+        Ok(AdamWAgr::with_config(
+            AdamWAgrConfig::default().with_lr(-1.0),
+        )?)
+    }
+    fn bad_step() -> candle_core::Result<()> {
+        let mut opt = AdamWAgr::with_config(Default::default())?;
+        let mut w = vec![1.0f32; 3];
+        opt.step_params(&mut [ParamMut::new(&mut w, Some(&[0.5; 2]), &[3])])?;
+        Ok(())
+    }
+    fn bad_groups(vm: &candle_nn::VarMap) -> candle_core::Result<()> {
+        let mut opt = AdamWAgr::from_varmap(vm, Default::default())?;
+        opt.set_candle_groups(
+            &ParamGroups::new()
+                .group("v", select::ndim_below(2))
+                .set("no_such", 1.0),
+        )?;
+        Ok(())
+    }
+    fn bad_checkpoint(vm: &candle_nn::VarMap) -> candle_core::Result<()> {
+        let mut opt = AdamWAgr::from_varmap(vm, Default::default())?;
+        opt.load_checkpoint(b"not a checkpoint")?;
+        Ok(())
+    }
+    let vm = varmap();
+    for (e, want) in [
+        (bad_config().err().unwrap(), "lr"),
+        (bad_step().unwrap_err(), "the gradient has 2 elements"),
+        (bad_groups(&vm).unwrap_err(), "no_such"),
+        (bad_checkpoint(&vm).unwrap_err(), "corrupt"),
+    ] {
+        assert!(e.to_string().contains(want), "{e}");
+    }
+}

@@ -364,3 +364,52 @@ fn an_empty_variable_is_an_error_not_a_null_slice() {
     );
     assert_eq!(to_vec(&a), vec![1.0; 2]);
 }
+
+/// agr's errors convert into `tch::TchError`: `?` works in a function
+/// returning `Result<_, tch::TchError>`, and the message is kept.
+#[test]
+fn agr_errors_convert_into_tch_errors() {
+    fn bad_step(a: &Tensor) -> Result<(), tch::TchError> {
+        let mut opt = TchOptimizer::<AdamWAgrKernel>::from_named(
+            vec![("a".into(), a.shallow_clone())],
+            Default::default(),
+        )?;
+        opt.set_non_finite_policy(agr_runtime::NonFinite::Error);
+        opt.backward_step(&(a * f64::NAN).sum(Kind::Float))?;
+        Ok(())
+    }
+    fn bad_config() -> Result<(), tch::TchError> {
+        let mut opt = AdamWAgr::with_config(Default::default())?;
+        opt.set_lr(-1.0)?;
+        Ok(())
+    }
+    fn bad_groups(a: &Tensor) -> Result<(), tch::TchError> {
+        let mut opt = TchOptimizer::<AdamWAgrKernel>::from_tensors(
+            vec![a.shallow_clone()],
+            Default::default(),
+        )?;
+        opt.set_param_groups(
+            &ParamGroups::new()
+                .group("v", select::ndim_below(2))
+                .set("no_such", 1.0),
+        )?;
+        Ok(())
+    }
+    fn bad_checkpoint(a: &Tensor) -> Result<(), tch::TchError> {
+        let mut opt = TchOptimizer::<AdamWAgrKernel>::from_tensors(
+            vec![a.shallow_clone()],
+            Default::default(),
+        )?;
+        opt.load_checkpoint(b"not a checkpoint")?;
+        Ok(())
+    }
+    let a = Tensor::ones([2], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+    for (e, want) in [
+        (bad_step(&a).unwrap_err(), "variable `a`: the gradient"),
+        (bad_config().unwrap_err(), "lr"),
+        (bad_groups(&a).unwrap_err(), "no_such"),
+        (bad_checkpoint(&a).unwrap_err(), "corrupt"),
+    ] {
+        assert!(e.to_string().contains(want), "{e}");
+    }
+}
