@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use agr_codegen::interp;
 use agr_runtime::candle::CandleDyn;
-use agr_runtime::groups::{select, ParamGroups};
+use agr_runtime::groups::ParamGroups;
 use agr_runtime::schedule::{Constant, Schedule, WarmupCosine};
 use agr_runtime::{optim, DynOptimizer, HyperValue};
 use candle_core::{DType, Device, Module, Tensor, Var};
@@ -286,8 +286,9 @@ impl Stepper {
             let mut opt = CandleDyn::from_varmap(make(name, lr)?, &model.varmap)
                 .map_err(|e| format!("{name}: {e}"))?;
             if groups == Groups::Paper {
-                let g = paper_groups(opt.opt.as_ref());
-                opt.set_param_groups(&g)
+                // 1-D parameters (biases) without weight decay and, for the
+                // AGR optimizers, without Ψ.
+                opt.set_param_groups(&ParamGroups::paper())
                     .map_err(|e| format!("{name}: {e}"))?;
             }
             return Ok(Stepper::Builtin(opt));
@@ -373,18 +374,6 @@ fn compile_spec(path: &str) -> Result<agr_codegen::ir::Program, String> {
             .collect::<Vec<_>>()
             .join("\n")
     })
-}
-
-/// The paper's layout: 1-D parameters (biases) get no weight decay and, for
-/// the AGR optimizers, no Ψ.
-fn paper_groups(opt: &dyn DynOptimizer) -> ParamGroups {
-    let mut g = ParamGroups::new()
-        .group("vectors", select::ndim_below(2))
-        .set("weight_decay", 0.0);
-    if opt.hyper("use_agr").is_some() {
-        g = g.set("use_agr", false);
-    }
-    g
 }
 
 fn train(

@@ -80,6 +80,20 @@ pub struct GroupSpec {
     pub name: String,
     select: Selector,
     pub overrides: Vec<(String, Override)>,
+    /// Overrides dropped for an optimizer without this hyperparameter.
+    optional: Vec<String>,
+}
+
+impl GroupSpec {
+    /// The overrides that apply to an optimizer whose hyperparameters
+    /// `known` accepts (optional overrides of others are dropped).
+    pub(crate) fn overrides_for(&self, known: impl Fn(&str) -> bool) -> Vec<(String, Override)> {
+        self.overrides
+            .iter()
+            .filter(|(n, _)| known(n) || !self.optional.contains(n))
+            .cloned()
+            .collect()
+    }
 }
 
 impl fmt::Debug for GroupSpec {
@@ -104,6 +118,36 @@ impl ParamGroups {
         Self::default()
     }
 
+    /// The AGR paper's layout: parameters of fewer than two dimensions
+    /// (biases, norm scales, scalars) form the group `vectors`, trained
+    /// without weight decay and without Ψ (`weight_decay = 0`,
+    /// `use_agr = false`, each where the optimizer has that
+    /// hyperparameter); weight matrices and kernels stay in `default`.
+    /// Without it, the AGR built-ins apply Ψ to every parameter, as the
+    /// authors' code does, and Ψ of a one-element tensor is 0: a scalar
+    /// parameter never trains.
+    ///
+    /// ```
+    /// use agr_runtime::groups::ParamGroups;
+    /// use agr_runtime::optim::{AdamW, AdamWAgr};
+    ///
+    /// let params: [(&str, &[usize]); 3] = [("w", &[64, 32]), ("b", &[64]), ("temperature", &[])];
+    /// let mut opt = AdamWAgr::with_config(Default::default()).unwrap();
+    /// opt.set_param_groups(&ParamGroups::paper(), &params).unwrap();
+    /// assert_eq!(opt.group_name(2), "vectors");
+    /// assert_eq!(opt.group_config("vectors").unwrap().use_agr, false);
+    /// // AdamW has no `use_agr`: only the weight decay is set.
+    /// let mut plain = AdamW::with_config(Default::default()).unwrap();
+    /// plain.set_param_groups(&ParamGroups::paper(), &params).unwrap();
+    /// assert_eq!(plain.group_config("vectors").unwrap().weight_decay, 0.0);
+    /// ```
+    pub fn paper() -> Self {
+        ParamGroups::new()
+            .group("vectors", select::ndim_below(2))
+            .set_if_known("weight_decay", 0.0)
+            .set_if_known("use_agr", false)
+    }
+
     /// Starts a group of the parameters `select` picks (those no earlier
     /// group took).
     pub fn group(
@@ -120,6 +164,7 @@ impl ParamGroups {
             name: name.to_string(),
             select: Arc::new(select),
             overrides: vec![],
+            optional: vec![],
         });
         self
     }
@@ -127,6 +172,17 @@ impl ParamGroups {
     /// In the group last started: hyperparameter `name` takes `value`.
     pub fn set(self, name: &str, value: impl Into<HyperValue>) -> Self {
         self.with_override(name, Override::Set(value.into()))
+    }
+
+    /// In the group last started: hyperparameter `name` takes `value` if the
+    /// optimizer has a hyperparameter `name`; otherwise nothing (so one set of
+    /// groups fits several optimizers).
+    pub fn set_if_known(mut self, name: &str, value: impl Into<HyperValue>) -> Self {
+        self = self.with_override(name, Override::Set(value.into()));
+        if let Some(spec) = self.specs.last_mut() {
+            spec.optional.push(name.to_string());
+        }
+        self
     }
 
     /// In the group last started: hyperparameter `name` is the optimizer's
@@ -139,6 +195,7 @@ impl ParamGroups {
         match self.specs.last_mut() {
             Some(spec) => {
                 spec.overrides.retain(|(n, _)| n != name);
+                spec.optional.retain(|n| n != name);
                 spec.overrides.push((name.to_string(), o));
             }
             None => {

@@ -23,6 +23,7 @@ pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod dynamic;
+mod frozen;
 pub mod golden;
 pub mod groups;
 mod hyper;

@@ -275,6 +275,9 @@ pub struct Optimizer<K: Kernel> {
     pub(crate) steps: u64,
     non_finite: NonFinite,
     non_finite_skips: u64,
+    /// Whether the first step looked for parameters their gradient cannot
+    /// move (see `frozen`).
+    pub(crate) frozen_checked: bool,
     scratch: Scratch<K>,
     /// The variables a candle optimizer updates (`candle_nn::Optimizer::new`).
     #[cfg(feature = "candle")]
@@ -299,6 +302,7 @@ impl<K: Kernel> Clone for Optimizer<K> {
             steps: self.steps,
             non_finite: self.non_finite,
             non_finite_skips: self.non_finite_skips,
+            frozen_checked: self.frozen_checked,
             scratch: Scratch::default(),
             #[cfg(feature = "candle")]
             vars: self.vars.clone(),
@@ -352,6 +356,7 @@ impl<K: Kernel> Optimizer<K> {
             steps: 0,
             non_finite: NonFinite::default(),
             non_finite_skips: 0,
+            frozen_checked: false,
             scratch: Scratch::default(),
             #[cfg(feature = "candle")]
             vars: vec![],
@@ -473,11 +478,11 @@ impl<K: Kernel> Optimizer<K> {
         let group_of = groups.assign(params)?;
         let mut resolved = vec![self.groups[0].clone()];
         for spec in groups.specs() {
+            let overrides = spec.overrides_for(|n| self.config.get(n).is_some());
             resolved.push(Group {
                 name: spec.name.clone(),
-                overrides: spec.overrides.clone(),
-                config: groups::derive(&self.config, &spec.name, &spec.overrides)
-                    .map_err(named::<K>)?,
+                config: groups::derive(&self.config, &spec.name, &overrides).map_err(named::<K>)?,
+                overrides,
             });
         }
         self.groups = resolved;
@@ -583,6 +588,12 @@ impl<K: Kernel> Optimizer<K> {
     /// `candle_nn::Optimizer::step`.)
     pub fn step_params(&mut self, params: &mut [ParamMut<'_>]) -> Result<StepReport, StepError> {
         self.validate(params)?;
+        if !self.frozen_checked {
+            // Once: one-element parameters Ψ (or the like) freezes are
+            // logged as a warning.
+            self.frozen_checked = true;
+            crate::frozen::warn_frozen_scalars(self, params);
+        }
         // What a skipped step restores: on the first step nothing exists yet.
         let (n_params_before, tensors_before) = (self.n_params, self.tensors.len());
         self.n_params = Some(params.len());

@@ -579,3 +579,150 @@ fn agr_errors_convert_into_candle_errors() {
         assert!(e.to_string().contains(want), "{e}");
     }
 }
+
+/// Collects every log record of this test binary.
+struct Capture;
+
+static RECORDS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+static CAPTURE: Capture = Capture;
+
+impl log::Log for Capture {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+    fn log(&self, record: &log::Record<'_>) {
+        RECORDS
+            .lock()
+            .unwrap()
+            .push(format!("{} {}", record.level(), record.args()));
+    }
+    fn flush(&self) {}
+}
+
+/// Installs the capturing logger (once per test binary).
+fn capture_logs() {
+    static INIT: std::sync::Once = std::sync::Once::new();
+    INIT.call_once(|| {
+        log::set_logger(&CAPTURE).unwrap();
+        log::set_max_level(log::LevelFilter::Warn);
+    });
+}
+
+/// The warnings logged so far that mention `needle`.
+fn warnings_about(needle: &str) -> Vec<String> {
+    RECORDS
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|r| r.starts_with("WARN") && r.contains(needle))
+        .cloned()
+        .collect()
+}
+
+/// A model with a learnable temperature (0-d) and gate (one element), its
+/// names prefixed with `prefix`.
+fn scalar_model(prefix: &str) -> (candle_nn::VarMap, impl Fn() -> Tensor) {
+    let dev = Device::Cpu;
+    let vm = candle_nn::VarMap::new();
+    let new = |t: Tensor| Var::from_tensor(&t).unwrap();
+    let (w, b, temp, gate) = (
+        new(Tensor::from_vec(
+            (0..24).map(|i| ((i * 7 % 11) as f32 - 5.0) / 5.0).collect(),
+            (4, 6),
+            &dev,
+        )
+        .unwrap()),
+        new(Tensor::zeros(4, candle_core::DType::F32, &dev).unwrap()),
+        new(Tensor::new(1.5f32, &dev).unwrap()),
+        new(Tensor::new(&[0.25f32], &dev).unwrap()),
+    );
+    {
+        let mut data = vm.data().lock().unwrap();
+        for (name, v) in [
+            ("weight", &w),
+            ("bias", &b),
+            ("temperature", &temp),
+            ("gate", &gate),
+        ] {
+            data.insert(format!("{prefix}.{name}"), v.clone());
+        }
+    }
+    let x = Tensor::from_vec(
+        (0..48)
+            .map(|i| ((i * 5 % 13) as f32 - 6.0) / 6.0)
+            .collect::<Vec<f32>>(),
+        (8, 6),
+        &dev,
+    )
+    .unwrap();
+    let loss = move || {
+        let y = x
+            .matmul(&w.as_tensor().t().unwrap())
+            .unwrap()
+            .broadcast_add(b.as_tensor())
+            .unwrap()
+            .broadcast_mul(temp.as_tensor())
+            .unwrap()
+            .broadcast_add(gate.as_tensor())
+            .unwrap();
+        (y - 1.0).unwrap().sqr().unwrap().mean_all().unwrap()
+    };
+    (vm, loss)
+}
+
+fn scalar(vm: &candle_nn::VarMap, name: &str) -> f32 {
+    var(vm, name)
+        .as_tensor()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()[0]
+}
+
+/// Under the AGR built-ins Ψ of a one-element parameter is 0 (faithful to
+/// the published code), so a learnable temperature or gate never trains:
+/// the first step says so once, as a `log` warning naming them;
+/// `ParamGroups::paper()` (one call) trains them.
+#[test]
+fn parameters_psi_freezes_are_named_once_in_a_warning() {
+    use agr_runtime::groups::ParamGroups;
+    capture_logs();
+    let (vm, loss) = scalar_model("frozen");
+    let mut opt = AdamWAgr::from_varmap(&vm, AdamWAgrConfig::default().with_lr(0.05)).unwrap();
+    for _ in 0..3 {
+        opt.backward_step(&loss()).unwrap();
+    }
+    let logged = warnings_about("`frozen.");
+    assert_eq!(logged.len(), 1, "{logged:?}");
+    println!("{}", logged[0]);
+    assert!(
+        logged[0].contains(
+            "AdamWAgr: the gradient of 2 one-element parameters never moves them (Ψ of a one-element tensor is 0"
+        ) && logged[0].contains("`frozen.gate` [1], `frozen.temperature` []")
+            && logged[0].contains("ParamGroups::paper()"),
+        "{logged:?}"
+    );
+    assert!(!logged[0].contains("frozen.weight") && !logged[0].contains("frozen.bias"));
+
+    // The paper's grouping: no warning, and the scalars train.
+    let (vm, loss) = scalar_model("paper");
+    let mut opt = AdamWAgr::from_varmap(&vm, AdamWAgrConfig::default().with_lr(0.05)).unwrap();
+    opt.set_candle_groups(&ParamGroups::paper()).unwrap();
+    let before = scalar(&vm, "paper.temperature");
+    for _ in 0..3 {
+        opt.backward_step(&loss()).unwrap();
+    }
+    assert!((scalar(&vm, "paper.temperature") - before).abs() > 0.05);
+    assert_eq!(warnings_about("`paper."), Vec::<String>::new());
+
+    // Ψ switched off, or an optimizer without Ψ: no warning either.
+    let (vm, loss) = scalar_model("off");
+    let config = AdamWAgrConfig::default().with_use_agr(false);
+    let mut opt = AdamWAgr::from_varmap(&vm, config).unwrap();
+    opt.backward_step(&loss()).unwrap();
+    let (vm2, loss2) = scalar_model("adamw");
+    let mut plain = AdamW::from_varmap(&vm2, Default::default()).unwrap();
+    plain.backward_step(&loss2()).unwrap();
+    assert_eq!(warnings_about("`off."), Vec::<String>::new());
+    assert_eq!(warnings_about("`adamw."), Vec::<String>::new());
+}
