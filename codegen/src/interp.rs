@@ -224,31 +224,13 @@ fn eval(
     vals
 }
 
-fn sign64(x: f64) -> f64 {
-    if x > 0.0 {
-        1.0
-    } else if x < 0.0 {
-        -1.0
-    } else {
-        x * 0.0
-    }
-}
-
 fn unary(op: UnaryOp, a: &V, n: usize) -> V {
-    let f64op = |x: f64| match op {
-        UnaryOp::Neg => -x,
-        UnaryOp::Sqrt => x.sqrt(),
-        UnaryOp::Abs => x.abs(),
-        UnaryOp::Sign => sign64(x),
-        UnaryOp::Exp => x.exp(),
-        UnaryOp::Ln => x.ln(),
-        UnaryOp::Not => unreachable!(),
-    };
+    let f64op = |x: f64| op.eval_f64(x).expect("numeric unary op");
     let f32op = |x: f32| match op {
         UnaryOp::Neg => -x,
         UnaryOp::Sqrt => x.sqrt(),
         UnaryOp::Abs => x.abs(),
-        UnaryOp::Sign => sign64(f64::from(x)) as f32,
+        UnaryOp::Sign => UnaryOp::Sign.eval_f64(f64::from(x)).unwrap() as f32,
         UnaryOp::Exp => x.exp(),
         UnaryOp::Ln => x.ln(),
         UnaryOp::Not => unreachable!(),
@@ -265,21 +247,9 @@ fn unary(op: UnaryOp, a: &V, n: usize) -> V {
 fn binary(op: BinaryOp, a: &V, b: &V, n: usize) -> V {
     use BinaryOp as B;
     match (a, b) {
-        (V::S(x), V::S(y)) => match op {
-            B::Add => V::S(x + y),
-            B::Sub => V::S(x - y),
-            B::Mul => V::S(x * y),
-            B::Div => V::S(x / y),
-            B::Pow => V::S(x.powf(*y)),
-            B::Min => V::S(x.min(*y)),
-            B::Max => V::S(x.max(*y)),
-            B::Lt => V::B(x < y),
-            B::Le => V::B(x <= y),
-            B::Gt => V::B(x > y),
-            B::Ge => V::B(x >= y),
-            B::Eq => V::B(x == y),
-            B::Ne => V::B(x != y),
-            B::And | B::Or => panic!("bool op on numbers"),
+        (V::S(x), V::S(y)) => match op.eval_f64(*x, *y).expect("bool op on numbers") {
+            Scalar::Num(v) => V::S(v),
+            Scalar::Bool(v) => V::B(v),
         },
         (V::B(x), V::B(y)) => V::B(if op == B::And { *x && *y } else { *x || *y }),
         (V::B(_) | V::BA(_), V::B(_) | V::BA(_)) => V::BA(

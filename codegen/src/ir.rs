@@ -64,6 +64,59 @@ impl BinaryOp {
     }
 }
 
+/// A step- or tensor-level value: how constants fold and how the reference
+/// evaluation computes scalars (in f64).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Scalar {
+    Num(f64),
+    Bool(bool),
+}
+
+impl UnaryOp {
+    /// The op on a number in f64; `None` for `Not` (a boolean op).
+    pub fn eval_f64(self, x: f64) -> Option<f64> {
+        Some(match self {
+            UnaryOp::Neg => -x,
+            UnaryOp::Sqrt => x.sqrt(),
+            UnaryOp::Abs => x.abs(),
+            UnaryOp::Sign => {
+                if x > 0.0 {
+                    1.0
+                } else if x < 0.0 {
+                    -1.0
+                } else {
+                    x * 0.0
+                }
+            }
+            UnaryOp::Exp => x.exp(),
+            UnaryOp::Ln => x.ln(),
+            UnaryOp::Not => return None,
+        })
+    }
+}
+
+impl BinaryOp {
+    /// The op on two numbers in f64; `None` for `&&` and `||` (boolean ops).
+    pub fn eval_f64(self, x: f64, y: f64) -> Option<Scalar> {
+        Some(match self {
+            BinaryOp::Add => Scalar::Num(x + y),
+            BinaryOp::Sub => Scalar::Num(x - y),
+            BinaryOp::Mul => Scalar::Num(x * y),
+            BinaryOp::Div => Scalar::Num(x / y),
+            BinaryOp::Pow => Scalar::Num(x.powf(y)),
+            BinaryOp::Min => Scalar::Num(x.min(y)),
+            BinaryOp::Max => Scalar::Num(x.max(y)),
+            BinaryOp::Lt => Scalar::Bool(x < y),
+            BinaryOp::Le => Scalar::Bool(x <= y),
+            BinaryOp::Gt => Scalar::Bool(x > y),
+            BinaryOp::Ge => Scalar::Bool(x >= y),
+            BinaryOp::Eq => Scalar::Bool(x == y),
+            BinaryOp::Ne => Scalar::Bool(x != y),
+            BinaryOp::And | BinaryOp::Or => return None,
+        })
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Op {
     Num(f64),

@@ -353,47 +353,16 @@ impl<'a> Lowerer<'a> {
                 Some(Op::Binary(BinaryOp::Mul, a, a))
             }
             Op::Unary(UnaryOp::Not, a) => Some(Op::Bool(!self.boolean(a)?)),
-            Op::Unary(o, a) => {
-                let x = self.constant(a)?;
-                Some(Op::Num(match o {
-                    UnaryOp::Neg => -x,
-                    UnaryOp::Sqrt => x.sqrt(),
-                    UnaryOp::Abs => x.abs(),
-                    UnaryOp::Sign => {
-                        if x > 0.0 {
-                            1.0
-                        } else if x < 0.0 {
-                            -1.0
-                        } else {
-                            x * 0.0
-                        }
-                    }
-                    UnaryOp::Exp => x.exp(),
-                    UnaryOp::Ln => x.ln(),
-                    UnaryOp::Not => unreachable!("handled above"),
-                }))
-            }
+            Op::Unary(o, a) => Some(Op::Num(o.eval_f64(self.constant(a)?)?)),
             Op::Binary(o @ (BinaryOp::And | BinaryOp::Or), a, b) => {
                 let (x, y) = (self.boolean(a)?, self.boolean(b)?);
                 Some(Op::Bool(if o == BinaryOp::And { x && y } else { x || y }))
             }
             Op::Binary(o, a, b) => {
                 let (x, y) = (self.constant(a)?, self.constant(b)?);
-                Some(match o {
-                    BinaryOp::Add => Op::Num(x + y),
-                    BinaryOp::Sub => Op::Num(x - y),
-                    BinaryOp::Mul => Op::Num(x * y),
-                    BinaryOp::Div => Op::Num(x / y),
-                    BinaryOp::Pow => Op::Num(x.powf(y)),
-                    BinaryOp::Min => Op::Num(x.min(y)),
-                    BinaryOp::Max => Op::Num(x.max(y)),
-                    BinaryOp::Lt => Op::Bool(x < y),
-                    BinaryOp::Le => Op::Bool(x <= y),
-                    BinaryOp::Gt => Op::Bool(x > y),
-                    BinaryOp::Ge => Op::Bool(x >= y),
-                    BinaryOp::Eq => Op::Bool(x == y),
-                    BinaryOp::Ne => Op::Bool(x != y),
-                    BinaryOp::And | BinaryOp::Or => unreachable!("handled above"),
+                Some(match o.eval_f64(x, y)? {
+                    Scalar::Num(v) => Op::Num(v),
+                    Scalar::Bool(v) => Op::Bool(v),
                 })
             }
             Op::Select(c, a, b) => match self.nodes[c].op {
