@@ -22,7 +22,8 @@ impl Workload {
     }
 }
 
-/// One tensor of 2^24 parameters, and the 150 tensors of a GPT-like model.
+/// One tensor of 2^24 parameters, the 150 tensors of a GPT-like model, and
+/// 100,000 tensors of 64 parameters (per-tensor costs; not run by default).
 pub fn workloads() -> Vec<Workload> {
     let mut gpt = vec![vec![3072, 768]];
     for _ in 0..2 {
@@ -40,6 +41,10 @@ pub fn workloads() -> Vec<Workload> {
         Workload {
             name: "gpt_150",
             shapes: gpt,
+        },
+        Workload {
+            name: "vars_100k",
+            shapes: vec![vec![64]; 100_000],
         },
     ]
 }

@@ -11,9 +11,10 @@
 //! gradients.
 //!
 //! candle only lends a variable's storage mutably inside an in-place op, so
-//! holding n locks takes n nested calls. Past a few dozen variables they run
-//! on a helper thread whose stack is sized for them (the step itself stays on
-//! the calling thread): 100,000 variables step on any thread.
+//! holding n locks takes n nested calls. Past 512 KiB of stack (about 1,500
+//! variables in a release build) they run on a helper thread whose stack is
+//! sized for them and kept between steps (the step itself runs on the
+//! calling thread): 100,000 variables step on any thread.
 
 use std::cell::{Cell, RefCell};
 use std::sync::{mpsc, OnceLock};
@@ -49,11 +50,13 @@ into_candle_error!(
     crate::CheckpointError
 );
 
-/// Variables locked on the calling thread; more go to a helper thread.
-const INLINE_VARS: usize = 32;
+/// The most stack the nested locks may take on the calling thread (which may
+/// be a 2 MiB thread of a pool or a test harness); beyond it they move to a
+/// helper thread. About 1,500 variables in a release build, 150 in a debug
+/// one.
+const INLINE_STACK: usize = 512 << 10;
 /// The helper thread's stack: a base plus twice what one nested in-place op
-/// uses per variable (measured once: a debug build uses about ten times what
-/// a release build does).
+/// uses per variable.
 const STACK_BASE: usize = 256 << 10;
 
 /// Stack bytes one level of the nested in-place ops uses, measured on two
@@ -156,48 +159,112 @@ fn lock_nested(
     })
 }
 
-/// Runs `f` on the calling thread while every variable's write lock is held,
-/// the locks taken in `order`; `f` gets each variable's (pointer, length).
-fn with_write_locks(vars: &[Var], order: &[usize], f: AtBottom<'_>) -> candle_core::Result<()> {
-    if vars.len() <= INLINE_VARS {
-        return lock_nested(vars, order, &Cell::new([0; 2]), f);
-    }
-    let stack = vars
-        .len()
-        .saturating_mul(2 * stack_per_var())
-        .saturating_add(STACK_BASE);
-    std::thread::scope(|s| {
-        let (ptrs_tx, ptrs_rx) = mpsc::sync_channel::<Vec<(usize, usize)>>(1);
-        // Dropping `release` (after `f`, or while unwinding from a panic in
-        // it) lets the helper return, which releases the locks.
-        let (release, released) = mpsc::sync_channel::<()>(0);
-        let helper = std::thread::Builder::new()
+/// A request to a lock holder: lock `vars` in `order`, send their pointers,
+/// hold the locks until `release` is dropped.
+struct LockRequest {
+    vars: Vec<Var>,
+    order: Vec<usize>,
+    ptrs: mpsc::SyncSender<Vec<(usize, usize)>>,
+    release: mpsc::Receiver<()>,
+    /// The outcome, for when the pointers were never sent.
+    done: mpsc::SyncSender<candle_core::Result<()>>,
+}
+
+/// A long-lived thread that takes and holds locks for one calling thread,
+/// on a stack sized for `capacity` variables. Kept between steps: a fresh
+/// thread's stack costs a page fault per 4 KiB touched, every step.
+struct LockHolder {
+    capacity: usize,
+    requests: mpsc::Sender<LockRequest>,
+}
+
+impl LockHolder {
+    fn spawn(capacity: usize, per_var: usize) -> candle_core::Result<Self> {
+        let (requests, incoming) = mpsc::channel::<LockRequest>();
+        std::thread::Builder::new()
             .name("agr-candle-locks".into())
-            .stack_size(stack)
-            .spawn_scoped(s, move || {
-                lock_nested(vars, order, &Cell::new([0; 2]), &mut |ptrs| {
-                    if ptrs_tx.send(ptrs.to_vec()).is_ok() {
-                        let _ = released.recv();
-                    }
-                })
+            .stack_size(
+                capacity
+                    .saturating_mul(2 * per_var)
+                    .saturating_add(STACK_BASE),
+            )
+            .spawn(move || {
+                // Ends when the calling thread drops its holder.
+                for r in incoming {
+                    let outcome = lock_nested(&r.vars, &r.order, &Cell::new([0; 2]), &mut |p| {
+                        if r.ptrs.send(p.to_vec()).is_ok() {
+                            let _ = r.release.recv();
+                        }
+                    });
+                    let _ = r.done.send(outcome);
+                }
             })
             .map_err(|e| {
                 err(format!(
-                    "cannot start a thread to hold the locks of {} variables: {e}",
-                    vars.len()
+                    "cannot start a thread to hold the locks of {capacity} variables: {e}"
                 ))
             })?;
-        // An error while locking (a variable that is not f32, ...) drops the
-        // sender without sending.
-        if let Ok(ptrs) = ptrs_rx.recv() {
+        Ok(LockHolder { capacity, requests })
+    }
+}
+
+thread_local! {
+    /// This thread's lock holder (taken out while in use, so a step inside a
+    /// step gets a holder of its own).
+    static HOLDER: RefCell<Option<LockHolder>> = const { RefCell::new(None) };
+}
+
+/// Runs `f` on the calling thread while every variable's write lock is held,
+/// the locks taken in `order`; `f` gets each variable's (pointer, length).
+/// Many variables are locked by this thread's lock holder, whose stack is
+/// sized for them.
+fn with_write_locks(vars: &[Var], order: &[usize], f: AtBottom<'_>) -> candle_core::Result<()> {
+    let per_var = stack_per_var();
+    if vars.len().saturating_mul(per_var) <= INLINE_STACK {
+        return lock_nested(vars, order, &Cell::new([0; 2]), f);
+    }
+    let mut holder = match HOLDER.with(|h| h.borrow_mut().take()) {
+        Some(h) if h.capacity >= vars.len() => h,
+        // Grown by half again at least, so a growing model rarely respawns it.
+        Some(h) => LockHolder::spawn(vars.len().max(h.capacity.saturating_mul(3) / 2), per_var)?,
+        None => LockHolder::spawn(vars.len(), per_var)?,
+    };
+    let (ptrs_tx, ptrs_rx) = mpsc::sync_channel(1);
+    let (release, released) = mpsc::sync_channel::<()>(0);
+    let (done_tx, done) = mpsc::sync_channel(1);
+    let request = |ptrs, release, done| LockRequest {
+        vars: vars.to_vec(),
+        order: order.to_vec(),
+        ptrs,
+        release,
+        done,
+    };
+    if let Err(mpsc::SendError(r)) = holder.requests.send(request(ptrs_tx, released, done_tx)) {
+        // The holder is gone (a panic inside candle): a new one.
+        holder = LockHolder::spawn(holder.capacity, per_var)?;
+        let _ = holder.requests.send(r);
+    }
+    let outcome = match ptrs_rx.recv() {
+        Ok(ptrs) => {
             f(&ptrs);
+            // The locks are released once `release` is dropped (also while
+            // unwinding from a panic in `f`); whoever reads a variable next
+            // waits for that, nothing more.
+            drop(release);
+            Ok(())
         }
-        drop(release);
-        match helper.join() {
-            Ok(r) => r,
-            Err(panic) => std::panic::resume_unwind(panic),
+        Err(_) => done
+            .recv()
+            .unwrap_or_else(|_| Err(err("the thread holding the variables' locks stopped"))),
+    };
+    HOLDER.with(|h| {
+        let mut h = h.borrow_mut();
+        let keep_old = matches!(&*h, Some(old) if old.capacity >= holder.capacity);
+        if !keep_old {
+            *h = Some(holder);
         }
-    })
+    });
+    outcome
 }
 
 /// A key naming a tensor's storage (its address inside candle's lock):
@@ -269,7 +336,9 @@ pub fn named_vars(varmap: &VarMap) -> (Vec<String>, Vec<Var>) {
 /// The variables' write locks are held for the whole step, taken in the
 /// order of their storages' addresses (whatever the order of `vars`), so
 /// steppers over overlapping variables on different threads wait for each
-/// other instead of deadlocking.
+/// other instead of deadlocking. Past about 1,500 variables (release build)
+/// a helper thread, kept per calling thread, holds the locks on a stack large
+/// enough for them.
 pub fn step_vars<E: std::fmt::Display>(
     vars: &[Var],
     grads: &GradStore,

@@ -726,3 +726,36 @@ fn parameters_psi_freezes_are_named_once_in_a_warning() {
     assert_eq!(warnings_about("`off."), Vec::<String>::new());
     assert_eq!(warnings_about("`adamw."), Vec::<String>::new());
 }
+
+/// Past a few hundred variables a helper thread holds the locks: an error
+/// while locking (here a variable that is not f32, through `step_vars`) comes
+/// back as an error, and the helper keeps serving steps.
+#[test]
+fn errors_while_locking_many_variables_come_back_and_steps_go_on() {
+    let dev = Device::Cpu;
+    let mut vars: Vec<Var> = (0..400)
+        .map(|_| Var::ones(2, candle_core::DType::F32, &dev).unwrap())
+        .collect();
+    vars.push(Var::ones(2, candle_core::DType::F64, &dev).unwrap());
+    let grads = GradStore::default();
+    let mut ran = false;
+    let e = agr_runtime::candle::step_vars(&vars, &grads, &mut |_| {
+        ran = true;
+        Ok::<_, String>(agr_runtime::StepReport {
+            step: 1,
+            updated: 0,
+            skipped: 0,
+            skipped_non_finite: None,
+        })
+    })
+    .unwrap_err();
+    assert!(!ran);
+    assert!(e.to_string().contains("variable #400 is not f32"), "{e}");
+    let (vars, grads) = many_vars(400);
+    let mut opt = AdamW::new(vars.clone(), AdamWConfig::default().with_lr(0.1)).unwrap();
+    for _ in 0..3 {
+        opt.step(&grads).unwrap();
+    }
+    assert_eq!(opt.last_report().unwrap().updated, 400);
+    assert!(vars[399].as_tensor().to_vec1::<f32>().unwrap()[0] > 1.0);
+}

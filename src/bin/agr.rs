@@ -46,7 +46,8 @@ enum Command {
             default_value = "adamw,adamw_agr,adamw_agr_m,adan,adan_agr"
         )]
         optimizers: Vec<String>,
-        /// Workloads: one_2^24 (one tensor of 2^24 parameters), gpt_150 (150 GPT-like tensors).
+        /// Workloads: one_2^24 (one tensor of 2^24 parameters), gpt_150 (150 GPT-like tensors),
+        /// vars_100k (100,000 tensors of 64 parameters).
         #[arg(long, value_delimiter = ',', default_value = "one_2^24,gpt_150")]
         workloads: Vec<String>,
         /// Timed steps per measurement (the median is reported).
