@@ -13,7 +13,6 @@ use std::io::Read;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use agr_codegen::interp;
 use agr_runtime::candle::CandleDyn;
 use agr_runtime::groups::ParamGroups;
 use agr_runtime::schedule::{Constant, Schedule, WarmupCosine};
@@ -30,8 +29,8 @@ use rayon::prelude::*;
 #[command(about = "Train a digit classifier with agr's optimizers and compare them")]
 struct Args {
     /// Optimizers to compare: built-in names (see `agr list`) or paths of
-    /// your own `.agr` spec files (stepped by the reference interpreter, with
-    /// the spec's defaults and one parameter group).
+    /// your own `.agr` spec files (compiled at run time, with the spec's
+    /// defaults).
     #[arg(
         long,
         value_delimiter = ',',
@@ -249,131 +248,64 @@ fn default_lr(name: &str) -> f64 {
     }
 }
 
+/// A built-in by name, or a user's spec file compiled at run time
+/// (`agr_runtime::compile_file`): either way the same engine, with groups,
+/// the non-finite check and the candle adapter.
 fn make(name: &str, lr: f64) -> Result<Box<dyn DynOptimizer>, String> {
-    let b = optim::builtin(name).ok_or_else(|| {
-        format!(
-            "unknown optimizer `{name}`; the built-ins are {}",
-            optim::BUILTINS
-                .iter()
-                .map(|b| b.name)
-                .collect::<Vec<_>>()
-                .join(", ")
-        )
-    })?;
-    let mut opt = b.make();
+    let mut opt = if name.ends_with(".agr") {
+        agr_runtime::compile_file(name)
+            .map_err(|e| e.to_string())?
+            .boxed()
+    } else {
+        optim::builtin(name)
+            .ok_or_else(|| {
+                format!(
+                    "unknown optimizer `{name}`; the built-ins are {} (or give a `.agr` spec file)",
+                    optim::BUILTINS
+                        .iter()
+                        .map(|b| b.name)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            })?
+            .make()
+    };
+    if opt.hyper("lr").is_none() {
+        return Err(format!("{name}: the spec has no hyperparameter `lr`"));
+    }
     opt.set_hyper("lr", HyperValue::Float(lr))
         .map_err(|e| format!("{name}: {e}"))?;
     Ok(opt)
 }
 
-/// An optimizer for one run: a built-in through the candle adapter, or a
-/// user's spec file compiled at run time and stepped by the reference
-/// interpreter (`agr_codegen::interp`).
-enum Stepper {
-    Builtin(CandleDyn),
-    Spec {
-        prog: agr_codegen::ir::Program,
-        hyper: Vec<f64>,
-        lr_index: usize,
-        tensors: Vec<interp::TensorData>,
-        vars: Vec<Var>,
-    },
-}
+/// An optimizer for one run, through the candle adapter.
+struct Stepper(CandleDyn);
 
 impl Stepper {
     fn new(name: &str, lr: f64, groups: Groups, model: &Mlp) -> Result<Stepper, String> {
-        if !name.ends_with(".agr") {
-            let mut opt = CandleDyn::from_varmap(make(name, lr)?, &model.varmap)
-                .map_err(|e| format!("{name}: {e}"))?;
-            if groups == Groups::Paper {
-                // 1-D parameters (biases) without weight decay and, for the
-                // AGR optimizers, without Ψ.
-                opt.set_param_groups(&ParamGroups::paper())
-                    .map_err(|e| format!("{name}: {e}"))?;
-            }
-            return Ok(Stepper::Builtin(opt));
-        }
-        let prog = compile_spec(name)?;
-        let mut hyper: Vec<f64> = prog.hypers.iter().map(|h| h.default).collect();
-        let k = prog
-            .hypers
-            .iter()
-            .position(|h| h.name == "lr")
-            .ok_or_else(|| format!("{name}: the spec has no hyperparameter `lr`"))?;
-        hyper[k] = lr;
-        let lr_index = k;
-        let (_, vars) = agr_runtime::candle::named_vars(&model.varmap);
-        let tensors = vars
-            .iter()
-            .map(|v| {
-                let p = v.as_tensor().flatten_all()?.to_vec1::<f32>()?;
-                Ok(interp::TensorData::new(&prog, v.dims().to_vec(), p))
-            })
-            .collect::<candle_core::Result<Vec<_>>>()
+        let mut opt = CandleDyn::from_varmap(make(name, lr)?, &model.varmap)
             .map_err(|e| format!("{name}: {e}"))?;
-        Ok(Stepper::Spec {
-            prog,
-            hyper,
-            lr_index,
-            tensors,
-            vars,
-        })
+        if groups == Groups::Paper {
+            // 1-D parameters (biases) without weight decay and, for the
+            // AGR optimizers, without Ψ.
+            opt.set_param_groups(&ParamGroups::paper())
+                .map_err(|e| format!("{name}: {e}"))?;
+        }
+        Ok(Stepper(opt))
     }
 
     fn set_learning_rate(&mut self, lr: f64) -> Result<(), String> {
-        match self {
-            Stepper::Builtin(opt) => opt.opt.set_lr(lr).map_err(|e| e.to_string()),
-            Stepper::Spec {
-                hyper, lr_index, ..
-            } => {
-                hyper[*lr_index] = lr;
-                Ok(())
-            }
-        }
+        self.0.opt.set_lr(lr).map_err(|e| e.to_string())
     }
 
     /// `loss.backward()` and one step; the index of a variable whose
     /// gradient was not finite, if the step was skipped for it.
     fn backward_step(&mut self, loss: &Tensor) -> candle_core::Result<Option<usize>> {
-        match self {
-            Stepper::Builtin(opt) => {
-                Ok(opt.backward_step(loss)?.and_then(|r| r.skipped_non_finite))
-            }
-            Stepper::Spec {
-                prog,
-                hyper,
-                tensors,
-                vars,
-                ..
-            } => {
-                let grads = loss.backward()?;
-                for (t, v) in tensors.iter_mut().zip(vars.iter()) {
-                    let g = grads.get(v.as_tensor()).ok_or_else(|| {
-                        candle_core::Error::Msg("a variable has no gradient".into())
-                    })?;
-                    t.g = g.flatten_all()?.to_vec1::<f32>()?;
-                }
-                interp::step(prog, hyper, tensors);
-                for (t, v) in tensors.iter().zip(vars.iter()) {
-                    v.set(&Tensor::from_slice(&t.p, v.dims(), &Device::Cpu)?)?;
-                }
-                Ok(None)
-            }
-        }
+        Ok(self
+            .0
+            .backward_step(loss)?
+            .and_then(|r| r.skipped_non_finite))
     }
-}
-
-/// Reads and compiles a spec file; errors show line, column and a caret.
-fn compile_spec(path: &str) -> Result<agr_codegen::ir::Program, String> {
-    let source =
-        std::fs::read_to_string(path).map_err(|e| format!("cannot read the spec {path}: {e}"))?;
-    agr_codegen::compile(&source).map_err(|diags| {
-        diags
-            .iter()
-            .map(|d| d.render(path, &source))
-            .collect::<Vec<_>>()
-            .join("\n")
-    })
 }
 
 fn train(
@@ -523,11 +455,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (train_set, test_set) = split(&data);
     for name in &args.optimizers {
         // Unknown names and broken specs fail before any training.
-        if name.ends_with(".agr") {
-            compile_spec(name)?;
-        } else {
-            make(name, 1e-3)?;
-        }
+        make(name, 1e-3)?;
     }
     eprintln!(
         "digits: {} train / {} test images; {} optimizers x {} seeds x {} epochs",

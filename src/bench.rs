@@ -105,13 +105,25 @@ impl Floor {
     /// One timed run, in milliseconds.
     pub fn run_ms(&mut self) -> f64 {
         let start = Instant::now();
-        match (self.reads, self.writes) {
-            (4, 3) => self.run::<4, 3>(),
-            (5, 3) => self.run::<5, 3>(),
-            (6, 5) => self.run::<6, 5>(),
-            (7, 5) => self.run::<7, 5>(),
-            (r, w) => panic!("no floor kernel for read {r} / write {w}"),
+        macro_rules! floors {
+            ($(($r:literal, $($w:literal),*)),*) => {
+                match (self.reads, self.writes) {
+                    $($(($r, $w) => self.run::<$r, $w>(),)*)*
+                    (r, w) => panic!("no floor kernel for read {r} / write {w}"),
+                }
+            };
         }
+        floors!(
+            (2, 1),
+            (3, 1, 2),
+            (4, 1, 2, 3),
+            (5, 1, 2, 3, 4),
+            (6, 1, 2, 3, 4, 5),
+            (7, 1, 2, 3, 4, 5),
+            (8, 1, 2, 3, 4, 5),
+            (9, 1, 2, 3, 4, 5),
+            (10, 1, 2, 3, 4, 5)
+        );
         start.elapsed().as_secs_f64() * 1e3
     }
 
@@ -176,12 +188,33 @@ pub struct Stepper {
     shapes: Vec<Vec<usize>>,
 }
 
+/// The floor's traffic for a spec: its parameter, gradient and states read
+/// once per pass that touches them (approximated as: everything once, plus
+/// the gradient once per reduction pass), its written buffers written once.
+/// At most 10 reads and 5 writes (the floor kernels this file has).
+pub fn spec_traffic(desc: &agr_runtime::KernelDesc) -> (usize, usize) {
+    let ns = desc.states.len();
+    let reads = (2 + ns + desc.passes).min(10);
+    let writes = (usize::from(desc.writes_param) + ns).clamp(1, 5).min(reads);
+    (reads, writes)
+}
+
 impl Stepper {
     pub fn new(name: &str, w: &Workload, check_finite: bool) -> Result<Stepper, String> {
         let b = optim::builtin(name).ok_or_else(|| format!("unknown optimizer `{name}`"))?;
-        let mut opt = b.make();
-        opt.set_hyper("lr", HyperValue::Float(1e-4))
-            .map_err(|e| e.to_string())?;
+        Self::with(b.make(), w, check_finite)
+    }
+
+    /// Steps `opt` (a spec compiled at run time, say) on the workload.
+    pub fn with(
+        mut opt: Box<dyn agr_runtime::DynOptimizer>,
+        w: &Workload,
+        check_finite: bool,
+    ) -> Result<Stepper, String> {
+        if opt.hyper("lr").is_some() {
+            opt.set_hyper("lr", HyperValue::Float(1e-4))
+                .map_err(|e| e.to_string())?;
+        }
         if !check_finite {
             opt.set_non_finite_policy(NonFinite::Ignore);
         }

@@ -48,7 +48,10 @@ fn copy_ms(stream: &Arc<CudaStream>, n: usize) -> f64 {
     median(times)
 }
 
-fn step_ms<K: Kernel>(stream: &Arc<CudaStream>, shapes: &[Vec<usize>]) -> f64 {
+fn step_ms<K: Kernel>(stream: &Arc<CudaStream>, shapes: &[Vec<usize>]) -> f64
+where
+    K::Config: Default,
+{
     let mut opt = CudaOptimizer::<K>::new(stream.clone(), Default::default(), DType::F32).unwrap();
     let mut values: Vec<CudaSlice<f32>> = shapes
         .iter()

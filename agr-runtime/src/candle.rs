@@ -481,7 +481,7 @@ impl<K: Kernel> candle_nn::Optimizer for Optimizer<K> {
     /// [`Optimizer::set_lr`] to get the error.
     fn set_learning_rate(&mut self, lr: f64) {
         if let Err(e) = self.set_lr(lr) {
-            log::warn!("{}: set_learning_rate({lr}) ignored: {e}", K::NAME);
+            log::warn!("{}: set_learning_rate({lr}) ignored: {e}", self.desc.name);
         }
     }
 }

@@ -144,15 +144,15 @@ impl<K: Kernel> Optimizer<K> {
     pub fn save_checkpoint(&self) -> Vec<u8> {
         let mut meta = HashMap::new();
         meta.insert("format".to_string(), FORMAT.to_string());
-        meta.insert("optimizer".to_string(), K::NAME.to_string());
-        meta.insert("spec_hash".to_string(), spec_hash(K::SPEC));
+        meta.insert("optimizer".to_string(), self.desc.name.to_string());
+        meta.insert("spec_hash".to_string(), spec_hash(self.desc.spec));
         meta.insert("steps".to_string(), self.steps.to_string());
         meta.insert(
             "n_params".to_string(),
             self.n_params.map_or("none".into(), |n| n.to_string()),
         );
         let mut hypers = serde_json::Map::new();
-        for h in <K::Config as HyperConfig>::HYPERS {
+        for h in self.desc.hypers {
             if let Some(v) = self.config.get(h.name) {
                 hypers.insert(h.name.to_string(), hyper_json(v));
             }
@@ -193,7 +193,7 @@ impl<K: Kernel> Optimizer<K> {
         let mut data: Vec<(String, Vec<u8>, Vec<usize>)> = vec![];
         for (i, t) in self.tensors.iter().enumerate() {
             if let Some(t) = t {
-                for (k, s) in K::STATES.iter().enumerate() {
+                for (k, s) in self.desc.states.iter().enumerate() {
                     data.push((
                         format!("{i}.{}", s.name),
                         f32_bytes(t.bufs[k].as_slice()),
@@ -254,15 +254,15 @@ impl<K: Kernel> Optimizer<K> {
             )));
         }
         let found = get("optimizer")?;
-        if found != K::NAME {
+        if found != self.desc.name {
             return Err(CheckpointError::WrongOptimizer {
-                expected: K::NAME.into(),
+                expected: self.desc.name.into(),
                 found: found.clone(),
             });
         }
-        if get("spec_hash")? != &spec_hash(K::SPEC) {
+        if get("spec_hash")? != &spec_hash(self.desc.spec) {
             return Err(CheckpointError::SpecChanged {
-                optimizer: K::NAME.into(),
+                optimizer: self.desc.name.into(),
             });
         }
         let steps: u64 = get("steps")?.parse().map_err(corrupt)?;
@@ -276,7 +276,7 @@ impl<K: Kernel> Optimizer<K> {
         // own: then the state tensors' shapes are the parameters'.
         let tensor_shapes: Option<Vec<Option<Vec<usize>>>> = match meta.get("tensor_shapes") {
             Some(text) => Some(serde_json::from_str(text).map_err(corrupt)?),
-            None if K::STATES.is_empty() && tensor_steps.iter().any(|t| t.is_some()) => {
+            None if self.desc.states.is_empty() && tensor_steps.iter().any(|t| t.is_some()) => {
                 return Err(corrupt(
                     "no `tensor_shapes` field, and this spec has no state tensors to take the parameters' shapes from (a checkpoint saved by an older agr); start the run afresh",
                 ))
@@ -405,7 +405,7 @@ impl<K: Kernel> Optimizer<K> {
             };
             let mut shape: Option<Vec<usize>> = tensor_shapes.as_ref().and_then(|s| s[i].clone());
             let mut bufs = vec![];
-            for (k, s) in K::STATES.iter().enumerate() {
+            for (k, s) in self.desc.states.iter().enumerate() {
                 let name = format!("{i}.{}", s.name);
                 let view = st
                     .tensor(&name)
@@ -424,7 +424,7 @@ impl<K: Kernel> Optimizer<K> {
                     _ => {}
                 }
                 let n: usize = view.shape().iter().product();
-                let mut b = AlignedBuf::filled(n, 0.0, i * K::STATES.len() + k);
+                let mut b = AlignedBuf::filled(n, 0.0, i * self.desc.states.len() + k);
                 for (x, chunk) in b.as_mut_slice().iter_mut().zip(view.data().chunks_exact(4)) {
                     *x = f32::from_le_bytes(chunk.try_into().unwrap());
                 }
@@ -444,7 +444,7 @@ impl<K: Kernel> Optimizer<K> {
             let rows = vec![
                 0.0;
                 shape.iter().product::<usize>() / TensorMeta::row_len_of(&shape).max(1)
-                    * K::ROW_REDUCTIONS
+                    * self.desc.row_reductions
             ];
             tensors.push(Some(TensorState {
                 shape,

@@ -1,42 +1,70 @@
 //! The CPU side of a generated optimizer: the [`Kernel`] trait the Rust back
 //! end implements, and the helpers its element loops call.
 
-use crate::{HyperConfig, ReductionInfo, StateInfo, TensorMeta, MAX_STATES};
+use crate::{HyperConfig, HyperInfo, ReductionInfo, StateInfo, TensorMeta, MAX_STATES};
 
-/// The fused phases of one spec, as printed by the Rust back end.
-///
-/// A step runs `PASSES` reduction passes and one update pass. Before pass
-/// `k` (the update pass is `k = PASSES`), `step_scalars(k)` and, per tensor,
-/// `tensor_scalars(k)` compute the host scalars that became known.
-pub trait Kernel: 'static + Send + Sync {
-    type Config: HyperConfig + Clone + Default + std::fmt::Debug + Send + Sync;
-    type StepScalars: Default + Copy + Send + Sync;
-    type TensorScalars: Default + Copy + Send + Sync;
+/// What the engine knows about a spec: its hyperparameters, states,
+/// reductions and passes, and its generated code. A value, so a spec
+/// compiled into the binary by `optimizer!` and one compiled at run time
+/// ([`crate::compile`]) describe themselves the same way.
+#[derive(Clone, Copy, Debug)]
+pub struct KernelDesc {
     /// The spec's name.
-    const NAME: &'static str;
+    pub name: &'static str,
     /// The normalised spec text.
-    const SPEC: &'static str;
-    /// The Rust code generated for the spec.
-    const GENERATED_RUST: &'static str;
+    pub spec: &'static str,
+    /// The Rust code generated for the spec (empty for a spec compiled at
+    /// run time: it runs on the IR executor instead).
+    pub generated_rust: &'static str,
     /// The CUDA C generated for the spec: a complete translation unit, the
-    /// shared prelude followed by [`Kernel::CUDA_KERNEL_SOURCE`].
-    const CUDA_SOURCE: &'static str;
+    /// shared prelude followed by [`KernelDesc::cuda_kernel_source`].
+    pub cuda_source: &'static str,
     /// The spec's own CUDA C, without the shared prelude (what to snapshot).
-    const CUDA_KERNEL_SOURCE: &'static str;
+    pub cuda_kernel_source: &'static str,
     /// Its kernels in launch order: one per reduction pass, then the update.
-    const CUDA_KERNELS: &'static [&'static str];
-    const STATES: &'static [StateInfo];
-    const REDUCTIONS: &'static [ReductionInfo];
-    const PASSES: usize;
+    pub cuda_kernels: &'static [&'static str],
+    /// Every hyperparameter, in spec order.
+    pub hypers: &'static [HyperInfo],
+    pub states: &'static [StateInfo],
+    pub reductions: &'static [ReductionInfo],
+    /// Reduction passes before the update pass.
+    pub passes: usize,
     /// The reduction (`global_sum(g * 0)`, pass 0) that finds NaN and infinities.
-    const FINITE_CHECK: usize;
+    pub finite_check: usize,
     /// Reductions with one result per row (see `row_sum`).
-    const ROW_REDUCTIONS: usize;
+    pub row_reductions: usize,
     /// Whether the step changes the parameter at all.
-    const WRITES_PARAM: bool;
+    pub writes_param: bool,
+}
 
-    fn step_scalars(c: &Self::Config, phase: usize, global: &[f64], s: &mut Self::StepScalars);
+/// The fused phases of one spec: what the engine runs on the CPU.
+///
+/// A step runs `desc().passes` reduction passes and one update pass. Before
+/// pass `k` (the update pass is `k = passes`), `step_scalars(k)` and, per
+/// tensor, `tensor_scalars(k)` compute the host scalars that became known.
+/// The Rust back end implements it for each spec with straight-line loops
+/// (a unit struct, see [`StaticKernel`]); [`crate::compile`] implements it
+/// for a spec read at run time.
+pub trait Kernel: 'static + Clone + Send + Sync {
+    type Config: HyperConfig + Clone + std::fmt::Debug + Send + Sync;
+    type StepScalars: Default + Clone + Send + Sync;
+    type TensorScalars: Default + Clone + Send + Sync;
+
+    /// The kernel that steps with `config`. (A generated kernel is a unit
+    /// value; a spec compiled at run time travels in its config.)
+    fn of_config(config: &Self::Config) -> Self;
+    /// The spec's description.
+    fn desc(&self) -> &'static KernelDesc;
+
+    fn step_scalars(
+        &self,
+        c: &Self::Config,
+        phase: usize,
+        global: &[f64],
+        s: &mut Self::StepScalars,
+    );
     fn tensor_scalars(
+        &self,
         c: &Self::Config,
         phase: usize,
         s: &Self::StepScalars,
@@ -47,9 +75,10 @@ pub trait Kernel: 'static + Send + Sync {
     /// Reduction pass `pass` over one chunk of a tensor: writes this chunk's
     /// partial result of every tensor or global reduction of that pass into
     /// `acc`, and the results of its row reductions into `rows` (the chunk's
-    /// whole rows of `row_len` elements, `ROW_REDUCTIONS` values per row).
+    /// whole rows of `row_len` elements, `row_reductions` values per row).
     #[allow(clippy::too_many_arguments)]
     fn reduce(
+        &self,
         pass: usize,
         s: &Self::StepScalars,
         ts: &Self::TensorScalars,
@@ -63,6 +92,7 @@ pub trait Kernel: 'static + Send + Sync {
     /// The update pass over one chunk of a tensor.
     #[allow(clippy::too_many_arguments)]
     fn update(
+        &self,
         s: &Self::StepScalars,
         ts: &Self::TensorScalars,
         p: &mut [f32],
@@ -71,6 +101,13 @@ pub trait Kernel: 'static + Send + Sync {
         rows: &[f64],
         row_len: usize,
     );
+}
+
+/// A kernel generated by `optimizer!`: a unit value whose description is a
+/// constant, so `Optimizer::<K>::NAME`, `CUDA_SOURCE` and the like are
+/// constants too.
+pub trait StaticKernel: Kernel + Default + Copy {
+    const DESC: KernelDesc;
 }
 
 /// Whether the CPU has AVX2 (detected once; `AGR_NO_AVX2` turns it off).

@@ -1,6 +1,6 @@
 //! Optimizers behind one object-safe trait, so tools can pick one by name.
 
-use crate::cpu::Kernel;
+use crate::cpu::{Kernel, KernelDesc};
 use crate::{CheckpointError, GroupError, NonFinite, ParamGroups};
 use crate::{
     ConfigError, HyperConfig, HyperInfo, HyperValue, Optimizer, ParamMut, StepError, StepReport,
@@ -8,6 +8,8 @@ use crate::{
 
 /// Any generated optimizer, chosen at run time.
 pub trait DynOptimizer: Send {
+    /// What the spec declares: hyperparameters, states, passes, generated code.
+    fn desc(&self) -> &'static KernelDesc;
     fn name(&self) -> &'static str;
     fn spec(&self) -> &'static str;
     fn hypers(&self) -> &'static [HyperInfo];
@@ -38,14 +40,17 @@ pub trait DynOptimizer: Send {
 }
 
 impl<K: Kernel> DynOptimizer for Optimizer<K> {
+    fn desc(&self) -> &'static KernelDesc {
+        self.desc
+    }
     fn name(&self) -> &'static str {
-        K::NAME
+        self.desc.name
     }
     fn spec(&self) -> &'static str {
-        K::SPEC
+        self.desc.spec
     }
     fn hypers(&self) -> &'static [HyperInfo] {
-        <K::Config as HyperConfig>::HYPERS
+        self.desc.hypers
     }
     fn hyper(&self, name: &str) -> Option<HyperValue> {
         self.config().get(name)

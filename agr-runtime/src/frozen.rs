@@ -91,7 +91,7 @@ pub(crate) fn warn_frozen_scalars<K: Kernel>(opt: &Optimizer<K>, params: &[Param
     } else {
         ("s", "them")
     };
-    let (why, fix) = if K::SPEC.contains("agr(") {
+    let (why, fix) = if opt.desc.spec.contains("agr(") {
         (
             "Ψ of a one-element tensor is 0, as in the AGR authors' code",
             format!(" To train {them}, step {them} without Ψ: `ParamGroups::paper()` (parameters of fewer than 2 dimensions without Ψ or weight decay, as the paper ran) or a group with `use_agr = false`."),
@@ -104,7 +104,7 @@ pub(crate) fn warn_frozen_scalars<K: Kernel>(opt: &Optimizer<K>, params: &[Param
     };
     log::warn!(
         "{}: the gradient of {count} one-element parameter{s} never moves {them} ({why}): {}{more}.{fix}",
-        K::NAME,
+        opt.desc.name,
         frozen.join(", "),
     );
 }

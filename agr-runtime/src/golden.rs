@@ -7,7 +7,7 @@ use std::path::Path;
 use serde::Deserialize;
 
 use crate::optim;
-use crate::{HyperValue, ParamMut};
+use crate::{DynOptimizer, HyperValue, ParamMut};
 
 #[derive(Debug, Deserialize)]
 pub struct Golden {
@@ -109,7 +109,12 @@ pub fn replay(g: &Golden) -> Result<Replay, String> {
                 .join(", ")
         )
     })?;
-    let mut opt = builtin.make();
+    replay_with(g, builtin.make())
+}
+
+/// Runs the golden trajectory through `opt` (a spec of the user's, say,
+/// compiled with [`crate::compile`]), with the file's hyperparameters.
+pub fn replay_with(g: &Golden, mut opt: Box<dyn DynOptimizer>) -> Result<Replay, String> {
     for (name, v) in &g.hyper {
         let value = match v {
             serde_json::Value::Bool(b) => HyperValue::Bool(*b),

@@ -270,7 +270,7 @@ pub(crate) fn apply<C: HyperConfig + Clone>(
                     .ok_or_else(|| ConfigError::Unknown {
                         optimizer: String::new(),
                         name: name.clone(),
-                        known: C::HYPERS.iter().map(|h| h.name).collect(),
+                        known: base.hypers().iter().map(|h| h.name).collect(),
                     })?
                     .as_float(name)?;
                 HyperValue::Float(v * s)

@@ -158,6 +158,8 @@ pub enum ConfigError {
         expected: HyperKind,
         got: HyperValue,
     },
+    /// A config of another spec (see [`crate::compile`]).
+    WrongSpec { expected: String, got: String },
 }
 
 impl ConfigError {
@@ -191,6 +193,10 @@ impl fmt::Display for ConfigError {
                     HyperKind::Bool => "`true` or `false`",
                 }
             ),
+            ConfigError::WrongSpec { expected, got } => write!(
+                f,
+                "this is a config of {got}, not of {expected}; take it from this optimizer (`config()`) or from its spec"
+            ),
         }
     }
 }
@@ -200,7 +206,7 @@ impl std::error::Error for ConfigError {}
 /// A generated optimizer's hyperparameters.
 pub trait HyperConfig: Sized {
     /// Every hyperparameter, in spec order.
-    const HYPERS: &'static [HyperInfo];
+    fn hypers(&self) -> &'static [HyperInfo];
     fn get(&self, name: &str) -> Option<HyperValue>;
     /// Sets without checking the range (use [`HyperConfig::set`]).
     fn set_unchecked(&mut self, name: &str, value: HyperValue) -> Result<(), ConfigError>;
@@ -208,11 +214,11 @@ pub trait HyperConfig: Sized {
     /// Sets a hyperparameter by name after checking its type and range; on
     /// error nothing changes.
     fn set(&mut self, name: &str, value: HyperValue) -> Result<(), ConfigError> {
-        let Some(info) = Self::HYPERS.iter().find(|h| h.name == name) else {
+        let Some(info) = self.hypers().iter().find(|h| h.name == name) else {
             return Err(ConfigError::Unknown {
                 optimizer: String::new(),
                 name: name.into(),
-                known: Self::HYPERS.iter().map(|h| h.name).collect(),
+                known: self.hypers().iter().map(|h| h.name).collect(),
             });
         };
         info.check(value)?;
@@ -221,7 +227,7 @@ pub trait HyperConfig: Sized {
 
     /// Checks every hyperparameter against its declared range.
     fn validate(&self) -> Result<(), ConfigError> {
-        for info in Self::HYPERS {
+        for info in self.hypers() {
             if let Some(v) = self.get(info.name) {
                 info.check(v)?;
             }

@@ -19,6 +19,7 @@ mod buf;
 #[cfg(feature = "candle")]
 pub mod candle;
 pub mod checkpoint;
+pub mod compiled;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
@@ -35,7 +36,8 @@ pub mod tch;
 
 pub use agr_macros::optimizer;
 pub use checkpoint::CheckpointError;
-pub use cpu::Kernel;
+pub use compiled::{compile, compile_file, CompiledOptimizer, CompiledSpec, DynConfig, SpecError};
+pub use cpu::{Kernel, KernelDesc, StaticKernel};
 pub use dynamic::DynOptimizer;
 pub use groups::{GroupError, ParamGroups};
 pub use hyper::{ConfigError, HyperConfig, HyperInfo, HyperKind, HyperValue};

@@ -5,7 +5,7 @@ use std::fmt;
 use rayon::prelude::*;
 
 use crate::buf::AlignedBuf;
-use crate::cpu::Kernel;
+use crate::cpu::{Kernel, KernelDesc, StaticKernel};
 use crate::groups::{self, Group, GroupError, Override, ParamGroups, DEFAULT_GROUP};
 use crate::{ConfigError, HyperConfig, HyperValue, Scope, TensorMeta, MAX_STATES};
 
@@ -262,6 +262,11 @@ impl<K: Kernel> Default for Scratch<K> {
 /// state and the fused CPU step. `agr_runtime::optimizer!` defines
 /// `pub type Name = Optimizer<NameKernel>`.
 pub struct Optimizer<K: Kernel> {
+    /// The fused step: a unit value for a generated kernel, the compiled
+    /// program for a spec compiled at run time.
+    pub(crate) kernel: K,
+    /// Its description.
+    pub(crate) desc: &'static KernelDesc,
     /// The optimizer's hyperparameters (those of the group `default`).
     pub(crate) config: K::Config,
     /// Parameter groups; group 0 is `default` (no overrides).
@@ -293,6 +298,8 @@ pub struct Optimizer<K: Kernel> {
 impl<K: Kernel> Clone for Optimizer<K> {
     fn clone(&self) -> Self {
         Optimizer {
+            kernel: self.kernel.clone(),
+            desc: self.desc,
             config: self.config.clone(),
             groups: self.groups.clone(),
             group_of: self.group_of.clone(),
@@ -316,7 +323,7 @@ impl<K: Kernel> Clone for Optimizer<K> {
 
 impl<K: Kernel> fmt::Debug for Optimizer<K> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct(K::NAME)
+        f.debug_struct(self.desc.name)
             .field("config", &self.config)
             .field("steps", &self.steps)
             .field("params", &self.n_params)
@@ -324,25 +331,30 @@ impl<K: Kernel> fmt::Debug for Optimizer<K> {
     }
 }
 
-impl<K: Kernel> Optimizer<K> {
+impl<K: StaticKernel> Optimizer<K> {
     /// The spec's name.
-    pub const NAME: &'static str = K::NAME;
+    pub const NAME: &'static str = K::DESC.name;
     /// The normalised spec this optimizer was generated from.
-    pub const SPEC: &'static str = K::SPEC;
+    pub const SPEC: &'static str = K::DESC.spec;
     /// The Rust code generated from the spec.
-    pub const GENERATED_RUST: &'static str = K::GENERATED_RUST;
+    pub const GENERATED_RUST: &'static str = K::DESC.generated_rust;
     /// The CUDA C generated from the spec as one translation unit: the
     /// shared prelude (the same for every spec), a newline, then
     /// [`Self::CUDA_KERNEL_SOURCE`]. This is what the CUDA engine compiles.
-    pub const CUDA_SOURCE: &'static str = K::CUDA_SOURCE;
+    pub const CUDA_SOURCE: &'static str = K::DESC.cuda_source;
     /// The spec's own CUDA C, without the shared prelude: snapshot this one,
     /// so the snapshot changes only when the spec's code does.
-    pub const CUDA_KERNEL_SOURCE: &'static str = K::CUDA_KERNEL_SOURCE;
+    pub const CUDA_KERNEL_SOURCE: &'static str = K::DESC.cuda_kernel_source;
+}
 
+impl<K: Kernel> Optimizer<K> {
     /// A new optimizer; fails if a hyperparameter is outside its range.
     pub fn with_config(config: K::Config) -> Result<Self, ConfigError> {
         config.validate()?;
+        let kernel = K::of_config(&config);
         Ok(Optimizer {
+            desc: kernel.desc(),
+            kernel,
             groups: vec![Group {
                 name: DEFAULT_GROUP.into(),
                 overrides: vec![],
@@ -371,9 +383,27 @@ impl<K: Kernel> Optimizer<K> {
         &self.config
     }
 
+    /// What the optimizer's spec declares: hyperparameters, states,
+    /// reductions, passes and generated code.
+    pub fn desc(&self) -> &'static KernelDesc {
+        self.desc
+    }
+
+    /// The spec's name.
+    pub fn name(&self) -> &'static str {
+        self.desc.name
+    }
+
     /// Replaces the hyperparameters; a value out of range is an error and
     /// changes nothing.
     pub fn set_config(&mut self, config: K::Config) -> Result<(), ConfigError> {
+        let other = K::of_config(&config).desc();
+        if !std::ptr::eq(other, self.desc) {
+            return Err(ConfigError::WrongSpec {
+                expected: self.desc.name.into(),
+                got: other.name.into(),
+            });
+        }
         config.validate()?;
         self.set_base(config)
     }
@@ -402,7 +432,7 @@ impl<K: Kernel> Optimizer<K> {
         let mut c = self.config.clone();
         c.set(name, value).map_err(|e| match e {
             ConfigError::Unknown { name, known, .. } => ConfigError::Unknown {
-                optimizer: K::NAME.into(),
+                optimizer: self.desc.name.into(),
                 name,
                 known,
             },
@@ -446,7 +476,7 @@ impl<K: Kernel> Optimizer<K> {
 
     /// The state buffer `name` of parameter `index`, once it exists.
     pub fn state(&self, index: usize, name: &str) -> Option<&[f32]> {
-        let s = K::STATES.iter().position(|s| s.name == name)?;
+        let s = self.desc.states.iter().position(|s| s.name == name)?;
         let t = self.tensors.get(index)?.as_ref()?;
         Some(t.bufs[s].as_slice())
     }
@@ -481,7 +511,8 @@ impl<K: Kernel> Optimizer<K> {
             let overrides = spec.overrides_for(|n| self.config.get(n).is_some());
             resolved.push(Group {
                 name: spec.name.clone(),
-                config: groups::derive(&self.config, &spec.name, &overrides).map_err(named::<K>)?,
+                config: groups::derive(&self.config, &spec.name, &overrides)
+                    .map_err(|e| named(self.desc.name, e))?,
                 overrides,
             });
         }
@@ -554,7 +585,8 @@ impl<K: Kernel> Optimizer<K> {
         let mut overrides = self.groups[k].overrides.clone();
         overrides.retain(|(n, _)| n != hyper);
         overrides.push((hyper.to_string(), Override::Set(value.into())));
-        let config = groups::derive(&self.config, group, &overrides).map_err(named::<K>)?;
+        let config = groups::derive(&self.config, group, &overrides)
+            .map_err(|e| named(self.desc.name, e))?;
         if k == 0 {
             // `default` has no overrides: this sets the optimizer's own value.
             return self.set_base(config).map_err(|error| GroupError::Config {
@@ -600,8 +632,10 @@ impl<K: Kernel> Optimizer<K> {
         if self.tensors.len() < params.len() {
             self.tensors.resize_with(params.len(), || None);
         }
-        let ns = K::STATES.len();
-        let nr = K::REDUCTIONS.len();
+        let desc = self.desc;
+        let kernel = &self.kernel;
+        let ns = desc.states.len();
+        let nr = desc.reductions.len();
         let sc = &mut self.scratch;
         sc.active.clear();
         sc.ptrs.clear();
@@ -617,14 +651,15 @@ impl<K: Kernel> Optimizer<K> {
             let st = self.tensors[i].get_or_insert_with(|| TensorState {
                 shape: p.shape.to_vec(),
                 t: 0,
-                bufs: K::STATES
+                bufs: desc
+                    .states
                     .iter()
                     .enumerate()
                     .map(|(k, s)| AlignedBuf::filled(p.value.len(), s.fill, i * ns + k))
                     .collect(),
                 rows: vec![
                     0.0;
-                    (p.value.len() / TensorMeta::row_len_of(p.shape)) * K::ROW_REDUCTIONS
+                    (p.value.len() / TensorMeta::row_len_of(p.shape)) * desc.row_reductions
                 ],
             });
             let slot = sc.active.len();
@@ -651,7 +686,7 @@ impl<K: Kernel> Optimizer<K> {
                 row_len,
             });
             // With row reductions a chunk holds whole rows.
-            let chunk = if K::ROW_REDUCTIONS > 0 {
+            let chunk = if desc.row_reductions > 0 {
                 row_len * (CHUNK / row_len).max(1)
             } else {
                 CHUNK
@@ -678,32 +713,32 @@ impl<K: Kernel> Optimizer<K> {
         let ng = self.groups.len();
         sc.ss.clear();
         sc.ss.resize(ng, K::StepScalars::default());
-        for phase in 0..=K::PASSES {
+        for phase in 0..=desc.passes {
             for (g, ss) in self.groups.iter().zip(sc.ss.iter_mut()) {
-                K::step_scalars(&g.config, phase, &sc.global, ss);
+                kernel.step_scalars(&g.config, phase, &sc.global, ss);
             }
             for j in 0..na {
                 let red = &sc.reduced[j * nr..(j + 1) * nr];
                 let g = sc.slot_group[j];
                 let (c, ss) = (&self.groups[g].config, &sc.ss[g]);
-                K::tensor_scalars(c, phase, ss, &sc.metas[j], red, &mut sc.ts[j]);
+                kernel.tensor_scalars(c, phase, ss, &sc.metas[j], red, &mut sc.ts[j]);
             }
             let ptrs = &sc.ptrs;
             let ts = &sc.ts;
             let sss = &sc.ss;
             let slot_group = &sc.slot_group;
-            if phase < K::PASSES && skip_pass_of::<K>(phase, self.non_finite) {
+            if phase < desc.passes && skip_pass_of(desc, phase, self.non_finite) {
                 continue;
             }
-            if phase < K::PASSES {
+            if phase < desc.passes {
                 let run = |(item, acc): (&Item, &mut [f64])| {
                     let pt = ptrs[item.slot];
                     // SAFETY: see `Ptrs`; read-only access to [start, start+len).
                     let (p, g, st) = unsafe { chunk_ref(pt, ns, item.start, item.len) };
                     // SAFETY: whole rows per item, so items' row ranges are disjoint.
-                    let rows = unsafe { rows_of(pt, item.start, item.len, K::ROW_REDUCTIONS) };
+                    let rows = unsafe { rows_of(pt, item.start, item.len, desc.row_reductions) };
                     let ss = &sss[slot_group[item.slot]];
-                    K::reduce(phase, ss, &ts[item.slot], p, g, st, rows, pt.row_len, acc);
+                    kernel.reduce(phase, ss, &ts[item.slot], p, g, st, rows, pt.row_len, acc);
                 };
                 if nr > 0 {
                     if parallel {
@@ -715,7 +750,8 @@ impl<K: Kernel> Optimizer<K> {
                         sc.items.iter().zip(sc.acc.chunks_mut(nr)).for_each(run);
                     }
                 }
-                combine::<K>(
+                combine(
+                    desc,
                     phase,
                     &sc.items,
                     &sc.acc,
@@ -726,13 +762,13 @@ impl<K: Kernel> Optimizer<K> {
                 );
                 if phase == 0
                     && self.non_finite != NonFinite::Ignore
-                    && !sc.global[K::FINITE_CHECK].is_finite()
+                    && !sc.global[desc.finite_check].is_finite()
                 {
                     // Nothing has been written yet: report and leave everything
                     // as it was, including state this step created and the
                     // parameter count a first step fixes.
                     let j = (0..na)
-                        .find(|&j| !sc.reduced[j * nr + K::FINITE_CHECK].is_finite())
+                        .find(|&j| !sc.reduced[j * nr + desc.finite_check].is_finite())
                         .unwrap_or(0);
                     let index = sc.active[j];
                     for &i in &sc.created {
@@ -756,9 +792,9 @@ impl<K: Kernel> Optimizer<K> {
                     let pt = ptrs[item.slot];
                     // SAFETY: see `Ptrs`; work items cover disjoint ranges.
                     let (p, g, st) = unsafe { chunk_mut(pt, ns, item.start, item.len) };
-                    let rows = unsafe { rows_of(pt, item.start, item.len, K::ROW_REDUCTIONS) };
+                    let rows = unsafe { rows_of(pt, item.start, item.len, desc.row_reductions) };
                     let ss = &sss[slot_group[item.slot]];
-                    K::update(ss, &ts[item.slot], p, g, st, rows, pt.row_len);
+                    kernel.update(ss, &ts[item.slot], p, g, st, rows, pt.row_len);
                 };
                 if parallel {
                     sc.items.par_iter().for_each(run);
@@ -783,7 +819,7 @@ impl<K: Kernel> Optimizer<K> {
 }
 
 /// Puts the optimizer's name into an unknown-hyperparameter error.
-fn named<K: Kernel>(e: GroupError) -> GroupError {
+fn named(optimizer: &str, e: GroupError) -> GroupError {
     match e {
         GroupError::Config {
             group,
@@ -791,7 +827,7 @@ fn named<K: Kernel>(e: GroupError) -> GroupError {
         } => GroupError::Config {
             group,
             error: ConfigError::Unknown {
-                optimizer: K::NAME.into(),
+                optimizer: optimizer.into(),
                 name,
                 known,
             },
@@ -802,17 +838,19 @@ fn named<K: Kernel>(e: GroupError) -> GroupError {
 
 /// Whether reduction pass `phase` can be skipped: it holds only the finite
 /// check and the policy does not check.
-pub(crate) fn skip_pass_of<K: Kernel>(phase: usize, policy: NonFinite) -> bool {
+pub(crate) fn skip_pass_of(desc: &KernelDesc, phase: usize, policy: NonFinite) -> bool {
     policy == NonFinite::Ignore
-        && K::REDUCTIONS
+        && desc
+            .reductions
             .iter()
             .enumerate()
-            .all(|(r, info)| info.pass != phase || r == K::FINITE_CHECK)
+            .all(|(r, info)| info.pass != phase || r == desc.finite_check)
 }
 
 /// Combines the per-chunk partial results of pass `phase` in a fixed order:
 /// chunks in element order per tensor, then tensors in parameter order.
-fn combine<K: Kernel>(
+fn combine(
+    desc: &KernelDesc,
     phase: usize,
     items: &[Item],
     acc: &[f64],
@@ -821,7 +859,7 @@ fn combine<K: Kernel>(
     reduced: &mut [f64],
     global: &mut [f64],
 ) {
-    for (r, info) in K::REDUCTIONS.iter().enumerate() {
+    for (r, info) in desc.reductions.iter().enumerate() {
         if info.pass != phase {
             continue;
         }

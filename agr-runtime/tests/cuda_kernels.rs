@@ -10,9 +10,9 @@
 
 use std::process::Command;
 
-use agr_runtime::cpu::Kernel;
 use agr_runtime::cuda::{self, DType};
 use agr_runtime::optim::*;
+use agr_runtime::KernelDesc;
 
 /// The most registers a generated kernel may use: at 256 threads per block
 /// this still allows 4 resident blocks (32 warps) per SM on sm_80/sm_90.
@@ -56,14 +56,15 @@ fn ptxas_usage(text: &str) -> Vec<Usage> {
     out
 }
 
-fn check<K: Kernel>(report: &mut Vec<String>) {
+fn check(desc: &KernelDesc, report: &mut Vec<String>) {
     let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("ptx");
     std::fs::create_dir_all(&dir).unwrap();
     for (arch, sm) in [("compute_80", "sm_80"), ("compute_90", "sm_90")] {
         for dtype in [DType::F32, DType::BF16, DType::F16] {
-            let ptx = cuda::compile_ptx::<K>(arch, dtype).unwrap_or_else(|e| panic!("{e}"));
+            let ptx = cuda::compile_source(desc.name, desc.cuda_source, arch, dtype)
+                .unwrap_or_else(|e| panic!("{e}"));
             let src = ptx.to_src();
-            for k in K::CUDA_KERNELS {
+            for k in desc.cuda_kernels {
                 assert!(
                     src.contains(&format!(".entry {k}(")),
                     "{k} missing from the PTX"
@@ -73,7 +74,7 @@ fn check<K: Kernel>(report: &mut Vec<String>) {
                 assert!(!required(), "AGR_PTXAS is not set");
                 continue;
             };
-            let file = dir.join(format!("{}_{arch}_{dtype:?}.ptx", K::NAME));
+            let file = dir.join(format!("{}_{arch}_{dtype:?}.ptx", desc.name));
             std::fs::write(&file, &src).unwrap();
             let out = Command::new(&ptxas)
                 .arg(format!("-arch={sm}"))
@@ -88,10 +89,10 @@ fn check<K: Kernel>(report: &mut Vec<String>) {
             assert!(
                 out.status.success(),
                 "ptxas failed for {} {arch} {dtype:?}:\n{text}",
-                K::NAME
+                desc.name
             );
             let usage = ptxas_usage(&text);
-            assert_eq!(usage.len(), K::CUDA_KERNELS.len(), "{text}");
+            assert_eq!(usage.len(), desc.cuda_kernels.len(), "{text}");
             for u in usage {
                 report.push(format!(
                     "{:<22} {sm} {:<5} registers={:<3} spill_bytes={}",
@@ -126,21 +127,26 @@ fn every_builtin_compiles_and_assembles_within_budget() {
         println!("skipped: NVRTC not found; run `eval \"$(scripts/cuda-tools.sh)\"` first");
         return;
     }
-    let mut report = vec![];
-    check::<AdamWKernel>(&mut report);
-    check::<AdamWAgrKernel>(&mut report);
-    check::<AdamWAgrMKernel>(&mut report);
-    check::<AdanKernel>(&mut report);
-    check::<AdanAgrKernel>(&mut report);
-    check::<AdamKernel>(&mut report);
-    check::<RmsPropKernel>(&mut report);
-    check::<SgdmKernel>(&mut report);
-    check::<SgdmAgrKernel>(&mut report);
-    check::<LionKernel>(&mut report);
-    check::<LionAgrKernel>(&mut report);
-    check::<AcPropKernel>(&mut report);
-    check::<LambKernel>(&mut report);
-    check::<AdamWGcKernel>(&mut report);
+    // Two threads: NVRTC and ptxas are single-threaded.
+    let descs: Vec<&KernelDesc> = BUILTINS.iter().map(|b| b.make().desc()).collect();
+    let report: Vec<String> = std::thread::scope(|scope| {
+        let handles: Vec<_> = descs
+            .chunks(descs.len().div_ceil(2))
+            .map(|part| {
+                scope.spawn(move || {
+                    let mut report = vec![];
+                    for d in part {
+                        check(d, &mut report);
+                    }
+                    report
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+            .collect()
+    });
     for line in &report {
         println!("{line}");
     }
@@ -153,7 +159,7 @@ fn a_compile_error_is_reported_with_the_nvrtc_log() {
         println!("skipped: NVRTC not found");
         return;
     }
-    let broken = AdamWAgrKernel::CUDA_SOURCE.replace("sqrtf(", "sqrt_typo(");
+    let broken = AdamWAgr::CUDA_SOURCE.replace("sqrtf(", "sqrt_typo(");
     let e = cuda::compile_source("Broken", &broken, "compute_90", DType::F32).unwrap_err();
     let msg = e.to_string();
     assert!(

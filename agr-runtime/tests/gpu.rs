@@ -51,7 +51,10 @@ fn set_hypers<C: HyperConfig>(c: &mut C, g: &golden::Golden) {
 }
 
 /// Replays a golden file on the GPU; returns the worst |gpu - reference|.
-fn replay_gpu<K: Kernel>(stream: &Arc<CudaStream>, g: &golden::Golden) -> f64 {
+fn replay_gpu<K: Kernel>(stream: &Arc<CudaStream>, g: &golden::Golden) -> f64
+where
+    K::Config: Default,
+{
     let mut config = K::Config::default();
     set_hypers(&mut config, g);
     let mut opt = CudaOptimizer::<K>::new(stream.clone(), config, DType::F32).unwrap();

@@ -5,7 +5,7 @@
 
 use agr_runtime::groups::{select, GroupError, ParamGroups};
 use agr_runtime::optim::{AdamW, AdamWAgr, AdamWAgrConfig, AdanAgr, AdanAgrConfig};
-use agr_runtime::{CheckpointError, ConfigError, HyperConfig, Kernel, Optimizer, ParamMut};
+use agr_runtime::{CheckpointError, ConfigError, Kernel, Optimizer, ParamMut};
 
 mod common;
 use common::data;
@@ -323,9 +323,7 @@ fn configs_list_the_new_switch() {
             "{name}"
         );
     }
-    assert!(<AdamWAgrConfig as HyperConfig>::HYPERS
-        .iter()
-        .any(|h| h.name == "use_agr"));
+    assert!(AdamWAgrConfig::HYPERS.iter().any(|h| h.name == "use_agr"));
 }
 
 #[test]

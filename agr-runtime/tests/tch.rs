@@ -31,7 +31,10 @@ fn to_vec(t: &Tensor) -> Vec<f32> {
 
 /// Replays a golden file; each step's gradient reaches `.grad()` through
 /// autograd (the gradient of Σ p·G is exactly G).
-fn replay<K: Kernel>(file: &str) -> f64 {
+fn replay<K: Kernel>(file: &str) -> f64
+where
+    K::Config: Default,
+{
     let g = golden::load(&golden_dir().join(file)).unwrap();
     let mut config = K::Config::default();
     for (name, v) in &g.hyper {

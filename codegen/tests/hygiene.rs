@@ -93,8 +93,9 @@ fn hostile_spec(name: &str, names: &[String]) -> String {
         prev = n.clone();
     }
     for n in s {
-        text += &format!("    {n} = {n} * 0.9 + {prev};\n    let {n}_x = {n} + 1;\n");
-        prev = format!("{n}_x");
+        // `x_` first: a state named `_` must not give the reserved `__x`.
+        text += &format!("    {n} = {n} * 0.9 + {prev};\n    let x_{n} = {n} + 1;\n");
+        prev = format!("x_{n}");
     }
     let hs: Vec<String> = h.iter().map(|n| format!("(1 + {n})")).collect();
     let scale = if hs.is_empty() {

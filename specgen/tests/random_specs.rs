@@ -2,7 +2,8 @@
 //! computes what the reference evaluation of its IR computes:
 //! - the Rust: every spec went through `optimizer!` into this crate (see
 //!   `build.rs`), so rustc compiled them all; each fused CPU step runs
-//!   against `agr_codegen::interp` on random data;
+//!   against `agr_codegen::interp` on random data, and the same spec
+//!   compiled at run time (`agr_runtime::compile`) must step bit-identically;
 //! - the CUDA: every spec's kernels compile as host C++ (one g++ run for all)
 //!   and run block by block against the same reference; and, where NVRTC
 //!   and ptxas are installed (`eval "$(scripts/cuda-tools.sh)"`; required
@@ -83,8 +84,7 @@ fn reference(prog: &Program, d: &Data) -> Vec<f32> {
         .collect()
 }
 
-fn fused(case: &Case, prog: &Program, d: &Data) -> Vec<f32> {
-    let mut opt = (case.make)();
+fn fused(mut opt: Box<dyn DynOptimizer>, prog: &Program, d: &Data) -> Vec<f32> {
     let mut values = d.inits.clone();
     for step in &d.grads {
         let mut params: Vec<ParamMut<'_>> = values
@@ -226,7 +226,9 @@ fn host_input(prog: &Program, d: &Data) -> Vec<u8> {
 }
 
 /// One host program holding every spec's CUDA, run once per spec.
-fn build_host(progs: &[&Program]) -> PathBuf {
+/// Starts g++ on every spec's CUDA as one host C++ program (it runs while
+/// the Rust steps and NVRTC are checked); [`wait_host`] finishes it.
+fn build_host(progs: &[&Program]) -> (std::process::Child, PathBuf, PathBuf) {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("random-specs");
     std::fs::create_dir_all(&dir).unwrap();
     let mut src = format!(
@@ -250,12 +252,20 @@ fn build_host(progs: &[&Program]) -> PathBuf {
     let cpp = dir.join("all.cpp");
     let exe = dir.join("all");
     std::fs::write(&cpp, src).unwrap();
-    let out = Command::new("g++")
-        .args(["-std=c++17", "-O1", "-w", "-o"])
+    // -O0: twice as fast to compile as -O1, and the runs are tiny.
+    let child = Command::new("g++")
+        .args(["-std=c++17", "-O0", "-w", "-o"])
         .arg(&exe)
         .arg(&cpp)
-        .output()
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
         .expect("g++ must be installed to check the generated CUDA on the CPU");
+    (child, exe, cpp)
+}
+
+fn wait_host((child, exe, cpp): (std::process::Child, PathBuf, PathBuf)) -> PathBuf {
+    let out = child.wait_with_output().expect("wait for g++");
     assert!(
         out.status.success(),
         "the generated CUDA does not compile as host C++ ({}):\n{}",
@@ -397,21 +407,38 @@ fn every_accepted_random_spec_compiles_and_agrees_with_the_reference() {
         .iter()
         .map(|c| agr_codegen::compile(c.source).unwrap())
         .collect();
+    let refs: Vec<&Program> = progs.iter().collect();
+    let host = build_host(&refs);
     let mut failures = vec![];
     // The fused CPU step (compiled by rustc through optimizer!).
     let mut datas = vec![];
     for (case, prog) in CASES.iter().zip(&progs) {
         let d = data(SEED ^ case.index as u64);
         let want = reference(prog, &d);
-        if let Err(e) = compare("fused CPU step", &fused(case, prog, &d), &want) {
+        let generated = fused((case.make)(), prog, &d);
+        if let Err(e) = compare("fused CPU step", &generated, &want) {
             failures.push(format!("{e}\n{}", case.source));
+        }
+        // The same spec compiled at run time: the IR evaluator must give the
+        // generated step's bits.
+        let run_time = fused(agr_runtime::compile(case.source).unwrap().boxed(), prog, &d);
+        let same = |a: &f32, b: &f32| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan());
+        if let Some(i) = (0..generated.len()).find(|&i| !same(&run_time[i], &generated[i])) {
+            failures.push(format!(
+                "compiled at run time: value {i} is {} but the generated step computes {}\n{}",
+                run_time[i], generated[i], case.source
+            ));
         }
         datas.push((d, want));
     }
-    println!("fused CPU step: {} disagreements", failures.len());
+    println!(
+        "fused CPU step and the same spec compiled at run time: {} disagreements",
+        failures.len()
+    );
+    // NVRTC and ptxas.
+    let nvrtc = nvrtc_and_ptxas(&refs);
     // The CUDA as host C++.
-    let refs: Vec<&Program> = progs.iter().collect();
-    let exe = build_host(&refs);
+    let exe = wait_host(host);
     for (i, (case, prog)) in CASES.iter().zip(&progs).enumerate() {
         let (d, want) = &datas[i];
         let r = run_host(&exe, i, &host_input(prog, d))
@@ -424,8 +451,7 @@ fn every_accepted_random_spec_compiles_and_agrees_with_the_reference() {
         "{} specs: Rust compiled and run, CUDA compiled and run as host C++",
         CASES.len()
     );
-    // NVRTC and ptxas.
-    if let Some((kernels, spills)) = nvrtc_and_ptxas(&refs) {
+    if let Some((kernels, spills)) = nvrtc {
         println!(
             "NVRTC + ptxas (sm_90, f32): {kernels} kernels assembled, {} spill",
             spills.len()

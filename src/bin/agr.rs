@@ -30,8 +30,13 @@ enum Command {
         target: Target,
         spec: String,
     },
-    /// Replay `agr-golden/1` trajectories through the built-in each file names.
+    /// Replay `agr-golden/1` trajectories through the built-in each file
+    /// names, or through a spec of yours compiled at run time (`--spec`).
     Replay {
+        /// A `.agr` spec to replay instead of the built-in each file names
+        /// (its hyperparameters must have the files' names).
+        #[arg(long)]
+        spec: Option<PathBuf>,
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
@@ -53,6 +58,14 @@ enum Command {
         /// Timed steps per measurement (the median is reported).
         #[arg(long, default_value_t = 11)]
         iters: usize,
+        /// Also step each built-in compiled at run time (the IR evaluator of
+        /// `agr_runtime::compile`), as `NAME/run_time`, with its ratio to the
+        /// generated step.
+        #[arg(long)]
+        run_time: bool,
+        /// `.agr` specs to measure, compiled at run time.
+        #[arg(long, value_delimiter = ',')]
+        spec: Vec<PathBuf>,
     },
 }
 
@@ -73,12 +86,14 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check { files } => check(&files),
         Command::Emit { target, spec } => emit(target, &spec),
-        Command::Replay { files } => replay(&files),
+        Command::Replay { spec, files } => replay(spec.as_deref(), &files),
         Command::Bench {
             optimizers,
             workloads,
             iters,
-        } => bench(&optimizers, &workloads, iters),
+            run_time,
+            spec,
+        } => bench(&optimizers, &workloads, iters, run_time, &spec),
         Command::List => {
             for b in optim::BUILTINS {
                 let doc = b
@@ -195,14 +210,28 @@ fn emit(target: Target, spec: &str) -> ExitCode {
     }
 }
 
-fn replay(files: &[PathBuf]) -> ExitCode {
+fn replay(spec: Option<&Path>, files: &[PathBuf]) -> ExitCode {
+    let compiled = match spec.map(agr_runtime::compile_file).transpose() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let mut failed = false;
     for f in files {
         let name = f
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        match golden::load(f).and_then(|g| golden::replay(&g)) {
+        let run = |g: golden::Golden| match &compiled {
+            Some(c) => golden::replay_with(&g, c.boxed()).map(|mut r| {
+                r.optimizer = format!("{} (spec {})", c.name(), g.optimizer);
+                r
+            }),
+            None => golden::replay(&g),
+        };
+        match golden::load(f).and_then(run) {
             Ok(r) => {
                 println!("{name:<28} {r}");
                 failed |= !r.pass;
@@ -220,7 +249,13 @@ fn replay(files: &[PathBuf]) -> ExitCode {
     }
 }
 
-fn bench(optimizers: &[String], workloads: &[String], iters: usize) -> ExitCode {
+fn bench(
+    optimizers: &[String],
+    workloads: &[String],
+    iters: usize,
+    run_time: bool,
+    specs: &[PathBuf],
+) -> ExitCode {
     use agr::bench::{self, Floor, Row, Stepper};
     let iters = iters.max(1);
     println!(
@@ -237,11 +272,33 @@ fn bench(optimizers: &[String], workloads: &[String], iters: usize) -> ExitCode 
         .filter(|w| workloads.iter().any(|n| n == w.name))
     {
         let mut subjects: Vec<(String, (usize, usize), Option<Stepper>)> = vec![];
+        for path in specs {
+            let spec = match agr_runtime::compile_file(path) {
+                Ok(s) => s,
+                Err(e) => return fail(e.to_string()),
+            };
+            let label = format!("{}/run_time", path.display());
+            match Stepper::with(spec.boxed(), &w, true) {
+                Ok(s) => subjects.push((label, bench::spec_traffic(spec.desc()), Some(s))),
+                Err(e) => return fail(e),
+            }
+        }
         for name in optimizers {
             let Some(rw) = bench::ideal_traffic(name) else {
                 eprintln!("no floor is defined for `{name}`; skipped");
                 continue;
             };
+            if run_time {
+                let b = optim::builtin(name).expect("a floor is defined for built-ins only");
+                let spec = match agr_runtime::compile(b.source) {
+                    Ok(s) => s,
+                    Err(e) => return fail(e.to_string()),
+                };
+                match Stepper::with(spec.boxed(), &w, true) {
+                    Ok(s) => subjects.push((format!("{name}/run_time"), rw, Some(s))),
+                    Err(e) => return fail(e),
+                }
+            }
             for check in [true, false] {
                 if !check && !name.starts_with("adamw") {
                     continue;
@@ -331,6 +388,21 @@ fn bench(optimizers: &[String], workloads: &[String], iters: usize) -> ExitCode 
         }
         times.sort_by(|a, b| a.total_cmp(b));
         println!("expand {} ms={:.3}", b.name, times[2]);
+    }
+    // A step compiled at run time against the generated one, same workload.
+    for r in &rows {
+        if let Some(name) = r.optimizer.strip_suffix("/run_time") {
+            if let Some(g) = rows
+                .iter()
+                .find(|g| g.optimizer == name && g.workload == r.workload)
+            {
+                println!(
+                    "run_time {name} {} ratio_to_generated={:.3}",
+                    r.workload,
+                    (r.median_ms / r.floor_ms) / (g.median_ms / g.floor_ms)
+                );
+            }
+        }
     }
     println!("\n| optimizer | workload | median ms | floor ms | ratio |");
     println!("|---|---|---|---|---|");

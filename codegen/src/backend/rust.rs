@@ -179,8 +179,12 @@ fn emit_config(prog: &Program, w: &mut W) {
     }
     w.close("}");
     w.blank();
-    w.open(&format!("impl {RT}::HyperConfig for {name}Config {{"));
-    w.open(&format!("const HYPERS: &'static [{RT}::HyperInfo] = &["));
+    // The table of hyperparameters, a constant of the config type.
+    w.open(&format!("impl {name}Config {{"));
+    w.line("/// Every hyperparameter, in spec order.");
+    w.open(&format!(
+        "pub const HYPERS: &'static [{RT}::HyperInfo] = &["
+    ));
     for h in &prog.hypers {
         let kind = match h.kind {
             HyperKind::Float => "Float",
@@ -196,6 +200,14 @@ fn emit_config(prog: &Program, w: &mut W) {
         w.close("},");
     }
     w.close("];");
+    w.close("}");
+    w.blank();
+    w.open(&format!("impl {RT}::HyperConfig for {name}Config {{"));
+    w.open(&format!(
+        "fn hypers(&self) -> &'static [{RT}::HyperInfo] {{"
+    ));
+    w.line("Self::HYPERS");
+    w.close("}");
     w.blank();
     w.open(&format!(
         "fn get(&self, name: &str) -> ::core::option::Option<{RT}::HyperValue> {{"
@@ -452,47 +464,36 @@ fn emit_kernel(prog: &Program, embedded: Option<Embedded<'_>>, w: &mut W) {
     w.line("#[derive(Clone, Copy, Debug, Default)]");
     w.line(&format!("pub struct {name}Kernel;"));
     w.blank();
-    w.line("#[allow(unused_variables, unused_mut, non_snake_case, clippy::all)]");
-    w.open(&format!("impl {RT}::cpu::Kernel for {name}Kernel {{"));
-    w.line(&format!("type Config = {name}Config;"));
-    w.line(&format!("type StepScalars = {name}StepScalars;"));
-    w.line(&format!("type TensorScalars = {name}TensorScalars;"));
-    w.line(&format!("const NAME: &'static str = \"{name}\";"));
-    w.line(&format!(
-        "const SPEC: &'static str = {};",
-        raw_str(&prog.spec_text)
+    // The description, a constant.
+    w.open(&format!("impl {RT}::cpu::StaticKernel for {name}Kernel {{"));
+    w.open(&format!(
+        "const DESC: {RT}::KernelDesc = {RT}::KernelDesc {{"
     ));
+    w.line(&format!("name: \"{name}\","));
+    w.line(&format!("spec: {},", raw_str(&prog.spec_text)));
     match embedded {
         Some(e) => {
+            w.line(&format!("generated_rust: {},", raw_str(e.generated_rust)));
+            w.line(&format!("cuda_source: {},", raw_str(e.cuda_source)));
             w.line(&format!(
-                "const GENERATED_RUST: &'static str = {};",
-                raw_str(e.generated_rust)
-            ));
-            w.line(&format!(
-                "const CUDA_SOURCE: &'static str = {};",
-                raw_str(e.cuda_source)
-            ));
-            w.line(&format!(
-                "const CUDA_KERNEL_SOURCE: &'static str = {};",
+                "cuda_kernel_source: {},",
                 raw_str(e.cuda_kernel_source)
             ));
         }
         None => {
             w.line("// Filled in by `optimizer!`: this code, and the CUDA source `agr emit --target cuda` prints.");
-            w.line("const GENERATED_RUST: &'static str = \"\";");
-            w.line("const CUDA_SOURCE: &'static str = \"\";");
-            w.line("const CUDA_KERNEL_SOURCE: &'static str = \"\";");
+            w.line("generated_rust: \"\",");
+            w.line("cuda_source: \"\",");
+            w.line("cuda_kernel_source: \"\",");
         }
     }
     let kernels: Vec<String> = super::cuda::kernel_names(prog)
         .iter()
         .map(|k| format!("\"{k}\""))
         .collect();
-    w.line(&format!(
-        "const CUDA_KERNELS: &'static [&'static str] = &[{}];",
-        kernels.join(", ")
-    ));
-    w.open(&format!("const STATES: &'static [{RT}::StateInfo] = &["));
+    w.line(&format!("cuda_kernels: &[{}],", kernels.join(", ")));
+    w.line(&format!("hypers: {name}Config::HYPERS,"));
+    w.open("states: &[");
     for s in &prog.states {
         w.line(&format!(
             "{RT}::StateInfo {{ name: \"{}\", fill: {} }},",
@@ -500,10 +501,8 @@ fn emit_kernel(prog: &Program, embedded: Option<Embedded<'_>>, w: &mut W) {
             f32_lit(s.fill)
         ));
     }
-    w.close("];");
-    w.open(&format!(
-        "const REDUCTIONS: &'static [{RT}::ReductionInfo] = &["
-    ));
+    w.close("],");
+    w.open("reductions: &[");
     for r in &prog.reductions {
         let op = if r.op == ReduceOp::Sum { "Sum" } else { "Max" };
         let scope = match r.scope {
@@ -519,29 +518,36 @@ fn emit_kernel(prog: &Program, embedded: Option<Embedded<'_>>, w: &mut W) {
             r.pass
         ));
     }
-    w.close("];");
-    w.line(&format!("const PASSES: usize = {np};"));
-    w.line(&format!(
-        "const FINITE_CHECK: usize = {};",
-        prog.finite_check
-    ));
-    w.line(&format!(
-        "const ROW_REDUCTIONS: usize = {};",
-        prog.row_reductions()
-    ));
-    w.line(&format!(
-        "const WRITES_PARAM: bool = {};",
-        prog.param_written()
-    ));
+    w.close("],");
+    w.line(&format!("passes: {np},"));
+    w.line(&format!("finite_check: {},", prog.finite_check));
+    w.line(&format!("row_reductions: {},", prog.row_reductions()));
+    w.line(&format!("writes_param: {},", prog.param_written()));
+    w.close("};");
+    w.close("}");
+    w.blank();
+    w.line("#[allow(unused_variables, unused_mut, non_snake_case, clippy::all)]");
+    w.open(&format!("impl {RT}::cpu::Kernel for {name}Kernel {{"));
+    w.line(&format!("type Config = {name}Config;"));
+    w.line(&format!("type StepScalars = {name}StepScalars;"));
+    w.line(&format!("type TensorScalars = {name}TensorScalars;"));
+    w.blank();
+    w.open("fn of_config(__config: &Self::Config) -> Self {");
+    w.line("Self");
+    w.close("}");
+    w.blank();
+    w.open(&format!("fn desc(&self) -> &'static {RT}::KernelDesc {{"));
+    w.line(&format!("&<Self as {RT}::cpu::StaticKernel>::DESC"));
+    w.close("}");
     w.blank();
 
     // Host scalars.
-    w.open("fn step_scalars(__c: &Self::Config, __phase: usize, __global: &[f64], __s: &mut Self::StepScalars) {");
+    w.open("fn step_scalars(&self, __c: &Self::Config, __phase: usize, __global: &[f64], __s: &mut Self::StepScalars) {");
     emit_phase_match(prog, Level::Step, w);
     w.close("}");
     w.blank();
     w.open(&format!(
-        "fn tensor_scalars(__c: &Self::Config, __phase: usize, __s: &Self::StepScalars, __meta: &{RT}::TensorMeta, __reduced: &[f64], __ts: &mut Self::TensorScalars) {{"
+        "fn tensor_scalars(&self, __c: &Self::Config, __phase: usize, __s: &Self::StepScalars, __meta: &{RT}::TensorMeta, __reduced: &[f64], __ts: &mut Self::TensorScalars) {{"
     ));
     emit_phase_match(prog, Level::Tensor, w);
     w.close("}");
@@ -663,7 +669,7 @@ fn emit_kernel(prog: &Program, embedded: Option<Embedded<'_>>, w: &mut W) {
         ("update", &update_sig, update_args),
     ] {
         w.blank();
-        w.open(&format!("fn {f}({sig}) {{"));
+        w.open(&format!("fn {f}(&self, {sig}) {{"));
         w.line("#[cfg(target_arch = \"x86_64\")]");
         w.open(&format!("if {RT}::cpu::has_avx2() {{"));
         w.line("// SAFETY: the CPU supports AVX2 (checked at run time).");
