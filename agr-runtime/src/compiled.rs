@@ -23,7 +23,6 @@
 //! assert_eq!(w, vec![0.95, 2.0, 3.05]);
 //! ```
 
-use std::cell::RefCell;
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -39,7 +38,7 @@ use crate::{
 };
 
 /// Elements the evaluator computes per node at a time.
-pub const BLOCK: usize = 512;
+pub const BLOCK: usize = 256;
 
 /// A spec that did not compile: every diagnostic, rendered against its text.
 #[derive(Clone, Debug)]
@@ -335,83 +334,12 @@ impl Kernel for DynKernel {
         row_len: usize,
         acc: &mut [f64],
     ) {
-        let e = &*self.exec;
-        let Some(plan) = e.passes.get(pass) else {
-            return;
-        };
-        let len = p.len();
-        let inputs = Inputs {
-            p,
-            g: &g[..len],
-            st,
-        };
-        let per_row = e.row_reductions;
-        with_scratch(|sc| {
-            sc.prepare(&plan.code, s, ts);
-            if !plan.whole.is_empty() {
-                let mut lanes: Vec<[f64; LANES]> = plan
-                    .whole
-                    .iter()
-                    .map(|w| [w.op.identity(); LANES])
-                    .collect();
-                let mut check = [0.0f32; LANES];
-                let mut off = 0;
-                while off < len {
-                    let n = BLOCK.min(len - off);
-                    sc.eval(
-                        &plan.code,
-                        &inputs,
-                        RowCtx::of(rows, row_len, per_row),
-                        off,
-                        n,
-                    );
-                    for (w, lanes) in plan.whole.iter().zip(lanes.iter_mut()) {
-                        let v = sc.arg(w.arg, &inputs, off, n);
-                        // `off` is a multiple of LANES: element `off + i` is in lane `i % LANES`.
-                        if w.check {
-                            v.for_each(n, |i, x| check[i % LANES] += x);
-                        } else {
-                            fold_into(lanes, w.op, v, n, 0);
-                        }
-                    }
-                    off += n;
-                }
-                for (w, lanes) in plan.whole.iter().zip(&lanes) {
-                    acc[w.index] = if w.check {
-                        f64::from(check.iter().sum::<f32>())
-                    } else {
-                        combine_lanes(w.op, lanes)
-                    };
-                }
-            }
-            if !plan.rows.is_empty() {
-                let nrr = e.row_reductions;
-                for row in 0..len / row_len {
-                    let mut lanes: Vec<[f64; LANES]> =
-                        plan.rows.iter().map(|w| [w.op.identity(); LANES]).collect();
-                    let mut j = 0;
-                    while j < row_len {
-                        let n = BLOCK.min(row_len - j);
-                        let off = row * row_len + j;
-                        sc.eval(
-                            &plan.code,
-                            &inputs,
-                            RowCtx::of(rows, row_len, per_row),
-                            off,
-                            n,
-                        );
-                        for (w, lanes) in plan.rows.iter().zip(lanes.iter_mut()) {
-                            // Lanes by the element's place in its row, as `cpu::fold`.
-                            fold_into(lanes, w.op, sc.arg(w.arg, &inputs, off, n), n, j);
-                        }
-                        j += n;
-                    }
-                    for (w, lanes) in plan.rows.iter().zip(&lanes) {
-                        rows[row * nrr + w.index] = combine_lanes(w.op, lanes);
-                    }
-                }
-            }
-        });
+        #[cfg(target_arch = "x86_64")]
+        if crate::cpu::has_avx2() {
+            // SAFETY: the CPU supports AVX2 (checked at run time).
+            return unsafe { self.reduce_avx2(pass, s, ts, p, g, st, rows, row_len, acc) };
+        }
+        self.reduce_body(pass, s, ts, p, g, st, rows, row_len, acc)
     }
 
     fn update(
@@ -424,51 +352,207 @@ impl Kernel for DynKernel {
         rows: &[f64],
         row_len: usize,
     ) {
+        #[cfg(target_arch = "x86_64")]
+        if crate::cpu::has_avx2() {
+            // SAFETY: the CPU supports AVX2 (checked at run time).
+            return unsafe { self.update_avx2(s, ts, p, g, st, rows, row_len) };
+        }
+        self.update_body(s, ts, p, g, st, rows, row_len)
+    }
+}
+
+/// The passes, compiled twice as the generated kernels are: for the baseline
+/// CPU and with AVX2 (the same operations in the same order, so the same
+/// bits; everything they call is inlined into them).
+#[allow(clippy::too_many_arguments)]
+impl DynKernel {
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn reduce_avx2(
+        &self,
+        pass: usize,
+        s: &Scalars,
+        ts: &Scalars,
+        p: &[f32],
+        g: &[f32],
+        st: [&[f32]; MAX_STATES],
+        rows: &mut [f64],
+        row_len: usize,
+        acc: &mut [f64],
+    ) {
+        self.reduce_body(pass, s, ts, p, g, st, rows, row_len, acc)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn update_avx2(
+        &self,
+        s: &Scalars,
+        ts: &Scalars,
+        p: &mut [f32],
+        g: &[f32],
+        st: [&mut [f32]; MAX_STATES],
+        rows: &[f64],
+        row_len: usize,
+    ) {
+        self.update_body(s, ts, p, g, st, rows, row_len)
+    }
+
+    #[inline(always)]
+    fn reduce_body(
+        &self,
+        pass: usize,
+        s: &Scalars,
+        ts: &Scalars,
+        p: &[f32],
+        g: &[f32],
+        st: [&[f32]; MAX_STATES],
+        rows: &mut [f64],
+        row_len: usize,
+        acc: &mut [f64],
+    ) {
         let e = &*self.exec;
-        let plan = &e.update;
+        let Some(plan) = e.passes.get(pass) else {
+            return;
+        };
         let len = p.len();
-        let mut st = st;
-        with_scratch(|sc| {
-            sc.prepare(&plan.code, s, ts);
-            let mut outs = std::mem::take(&mut sc.out);
-            outs.resize_with(plan.outputs.len(), || Vec::with_capacity(BLOCK));
+        let inputs = Inputs {
+            p,
+            g: &g[..len],
+            st,
+        };
+        let per_row = e.row_reductions;
+        let mut sc = take_scratch();
+        sc.prepare(&plan.code, s, ts);
+        if !plan.whole.is_empty() {
+            let mut lanes: Vec<[f64; LANES]> = plan
+                .whole
+                .iter()
+                .map(|w| [w.op.identity(); LANES])
+                .collect();
+            let mut check = [0.0f32; LANES];
             let mut off = 0;
             while off < len {
                 let n = BLOCK.min(len - off);
-                {
-                    let inputs = Inputs {
-                        p: &*p,
-                        g: &g[..len],
-                        st: [
-                            &*st[0], &*st[1], &*st[2], &*st[3], &*st[4], &*st[5], &*st[6], &*st[7],
-                        ],
-                    };
-                    let row_ctx = (e.row_reductions > 0).then_some(RowCtx {
-                        rows,
-                        row_len,
-                        per_row: e.row_reductions,
-                    });
-                    sc.eval(&plan.code, &inputs, row_ctx, off, n);
-                    // Every output of this block into the output columns,
-                    // before any input of it is overwritten.
-                    for (k, &(_, r)) in plan.outputs.iter().enumerate() {
-                        let out = &mut outs[k];
-                        out.clear();
-                        out.resize(n, 0.0);
-                        sc.arg(r, &inputs, off, n).for_each(n, |i, x| out[i] = x);
+                sc.eval(
+                    &plan.code,
+                    &inputs,
+                    RowCtx::of(rows, row_len, per_row),
+                    off,
+                    n,
+                );
+                for (w, lanes) in plan.whole.iter().zip(lanes.iter_mut()) {
+                    // `off` is a multiple of LANES: element `off + i` is in lane `i % LANES`.
+                    let v = sc.arg(w.arg, &inputs, off, n);
+                    if w.check {
+                        fold_check(&mut check, v, n);
+                    } else {
+                        fold_into(lanes, w.op, v, n);
                     }
-                }
-                for (k, &(target, _)) in plan.outputs.iter().enumerate() {
-                    let dst = match target {
-                        Target::Param => &mut p[off..off + n],
-                        Target::State(i) => &mut st[i][off..off + n],
-                    };
-                    dst.copy_from_slice(&outs[k][..n]);
                 }
                 off += n;
             }
-            sc.out = outs;
-        });
+            for (w, lanes) in plan.whole.iter().zip(&lanes) {
+                acc[w.index] = if w.check {
+                    f64::from(check.iter().sum::<f32>())
+                } else {
+                    combine_lanes(w.op, lanes)
+                };
+            }
+        }
+        if !plan.rows.is_empty() {
+            let nrr = e.row_reductions;
+            for row in 0..len / row_len {
+                let mut lanes: Vec<[f64; LANES]> =
+                    plan.rows.iter().map(|w| [w.op.identity(); LANES]).collect();
+                let mut j = 0;
+                while j < row_len {
+                    let n = BLOCK.min(row_len - j);
+                    let off = row * row_len + j;
+                    sc.eval(
+                        &plan.code,
+                        &inputs,
+                        RowCtx::of(rows, row_len, per_row),
+                        off,
+                        n,
+                    );
+                    // Lanes by the element's place in its row, as `cpu::fold`
+                    // (`j` is a multiple of LANES).
+                    for (w, lanes) in plan.rows.iter().zip(lanes.iter_mut()) {
+                        fold_into(lanes, w.op, sc.arg(w.arg, &inputs, off, n), n);
+                    }
+                    j += n;
+                }
+                for (w, lanes) in plan.rows.iter().zip(&lanes) {
+                    rows[row * nrr + w.index] = combine_lanes(w.op, lanes);
+                }
+            }
+        }
+        put_scratch(sc);
+    }
+
+    #[inline(always)]
+    fn update_body(
+        &self,
+        s: &Scalars,
+        ts: &Scalars,
+        p: &mut [f32],
+        g: &[f32],
+        st: [&mut [f32]; MAX_STATES],
+        rows: &[f64],
+        row_len: usize,
+    ) {
+        let e = &*self.exec;
+        let plan = &e.update;
+        let len = p.len();
+        let mut sc = take_scratch();
+        sc.prepare(&plan.code, s, ts);
+        let mut outs = std::mem::take(&mut sc.out);
+        outs.resize_with(plan.outputs.len(), || vec![0.0; BLOCK]);
+        let mut off = 0;
+        while off < len {
+            let n = BLOCK.min(len - off);
+            {
+                let inputs = Inputs {
+                    p: &*p,
+                    g: &g[..len],
+                    st: [
+                        &*st[0], &*st[1], &*st[2], &*st[3], &*st[4], &*st[5], &*st[6], &*st[7],
+                    ],
+                };
+                sc.eval(
+                    &plan.code,
+                    &inputs,
+                    RowCtx::of(rows, row_len, e.row_reductions),
+                    off,
+                    n,
+                );
+                // An output that is an input (`m = g`, `p = v`) is copied
+                // before any output of this block is written.
+                for (k, &(_, r)) in plan.outputs.iter().enumerate() {
+                    if matches!(r, Ref::P | Ref::G | Ref::State(_)) {
+                        if let Arg::Slice(x) = sc.arg(r, &inputs, off, n) {
+                            outs[k][..n].copy_from_slice(x);
+                        }
+                    }
+                }
+            }
+            for (k, &(target, r)) in plan.outputs.iter().enumerate() {
+                let dst = match target {
+                    Target::Param => &mut p[off..off + n],
+                    Target::State(i) => &mut st[i][off..off + n],
+                };
+                match r {
+                    Ref::Col(c) => dst.copy_from_slice(&sc.cols[c][..n]),
+                    Ref::Hoisted(h) => dst.fill(sc.hoisted[h]),
+                    Ref::Const(v) => dst.fill(v),
+                    Ref::P | Ref::G | Ref::State(_) => dst.copy_from_slice(&outs[k][..n]),
+                }
+            }
+            off += n;
+        }
+        sc.out = outs;
+        put_scratch(sc);
     }
 }
 
@@ -803,24 +887,6 @@ enum Arg<'a> {
     Splat(f32),
 }
 
-impl Arg<'_> {
-    #[inline(always)]
-    fn for_each(self, n: usize, mut f: impl FnMut(usize, f32)) {
-        match self {
-            Arg::Slice(s) => {
-                for (i, &x) in s[..n].iter().enumerate() {
-                    f(i, x)
-                }
-            }
-            Arg::Splat(x) => {
-                for i in 0..n {
-                    f(i, x)
-                }
-            }
-        }
-    }
-}
-
 /// Per-thread columns, reused by every call.
 #[derive(Default)]
 struct Scratch {
@@ -829,15 +895,19 @@ struct Scratch {
     hoisted: Vec<f32>,
 }
 
-fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
-    thread_local! {
-        static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
-    }
-    SCRATCH.with(|s| match s.try_borrow_mut() {
-        Ok(mut s) => f(&mut s),
-        // Re-entered on this thread (cannot happen in the engine): fresh columns.
-        Err(_) => f(&mut Scratch::default()),
-    })
+thread_local! {
+    static SCRATCH: std::cell::Cell<Scratch> = std::cell::Cell::new(Scratch::default());
+}
+
+/// This thread's columns (moved out, so no borrow spans the pass).
+#[inline(always)]
+fn take_scratch() -> Scratch {
+    SCRATCH.with(|s| s.take())
+}
+
+#[inline(always)]
+fn put_scratch(s: Scratch) {
+    SCRATCH.with(|c| c.set(s));
 }
 
 impl Scratch {
@@ -871,6 +941,7 @@ impl Scratch {
     }
 
     /// Computes every column of `code` for elements `[off, off + n)`.
+    #[inline(always)]
     fn eval(
         &mut self,
         code: &LoopCode,
@@ -900,7 +971,7 @@ impl Scratch {
                 Instr::Select(c, a, b) => {
                     let c = self.arg(c, inp, off, n);
                     let (a, b) = (self.arg(a, inp, off, n), self.arg(b, inp, off, n));
-                    map3(o, c, a, b, |c, a, b| if c != 0.0 { a } else { b });
+                    select(o, c, a, b);
                 }
             }
             self.cols[*col] = out;
@@ -908,15 +979,60 @@ impl Scratch {
     }
 }
 
-/// Folds `n` values into `lanes`, value `i` into lane `(first + i) % LANES`.
+/// Folds `n` values into `lanes`, value `i` into lane `i % LANES` (the
+/// caller's first element is at a multiple of LANES), in element order.
 #[inline(always)]
-fn fold_into(lanes: &mut [f64; LANES], op: Fold, v: Arg<'_>, n: usize, first: usize) {
+fn fold_into(lanes: &mut [f64; LANES], op: Fold, v: Arg<'_>, n: usize) {
     match op {
-        Fold::Sum => v.for_each(n, |i, x| lanes[(first + i) % LANES] += f64::from(x)),
-        Fold::Max => v.for_each(n, |i, x| {
-            let l = (first + i) % LANES;
-            lanes[l] = Fold::Max.combine(lanes[l], f64::from(x))
-        }),
+        Fold::Sum => fold_with(lanes, v, n, |a, y| a + f64::from(y)),
+        Fold::Max => fold_with(lanes, v, n, |a, y| Fold::Max.combine(a, f64::from(y))),
+    }
+}
+
+#[inline(always)]
+fn fold_with(lanes: &mut [f64; LANES], v: Arg<'_>, n: usize, f: impl Fn(f64, f32) -> f64) {
+    match v {
+        Arg::Slice(x) => {
+            let x = &x[..n];
+            let body = x.len() - x.len() % LANES;
+            for c in x[..body].chunks_exact(LANES) {
+                for l in 0..LANES {
+                    lanes[l] = f(lanes[l], c[l]);
+                }
+            }
+            for (l, &y) in x[body..].iter().enumerate() {
+                lanes[l] = f(lanes[l], y);
+            }
+        }
+        Arg::Splat(y) => {
+            for i in 0..n {
+                lanes[i % LANES] = f(lanes[i % LANES], y);
+            }
+        }
+    }
+}
+
+/// The finite check's f32 lanes (as the generated code sums `g * 0`).
+#[inline(always)]
+fn fold_check(lanes: &mut [f32; LANES], v: Arg<'_>, n: usize) {
+    match v {
+        Arg::Slice(x) => {
+            let x = &x[..n];
+            let body = x.len() - x.len() % LANES;
+            for c in x[..body].chunks_exact(LANES) {
+                for l in 0..LANES {
+                    lanes[l] += c[l];
+                }
+            }
+            for (l, &y) in x[body..].iter().enumerate() {
+                lanes[l] += y;
+            }
+        }
+        Arg::Splat(y) => {
+            for i in 0..n {
+                lanes[i % LANES] += y;
+            }
+        }
     }
 }
 
@@ -954,17 +1070,38 @@ fn map2(o: &mut [f32], a: Arg<'_>, b: Arg<'_>, f: impl Fn(f32, f32) -> f32) {
     }
 }
 
+/// `c ? a : b` per element (bools are 0 or 1).
 #[inline(always)]
-fn map3(o: &mut [f32], c: Arg<'_>, a: Arg<'_>, b: Arg<'_>, f: impl Fn(f32, f32, f32) -> f32) {
-    let at = |x: Arg<'_>, i: usize| match x {
-        Arg::Slice(s) => s[i],
-        Arg::Splat(v) => v,
-    };
-    for (i, o) in o.iter_mut().enumerate() {
-        *o = f(at(c, i), at(a, i), at(b, i))
+fn select(o: &mut [f32], c: Arg<'_>, a: Arg<'_>, b: Arg<'_>) {
+    match c {
+        // A condition of the step or the tensor picks one side whole.
+        Arg::Splat(c) => map1(o, if c != 0.0 { a } else { b }, |x| x),
+        Arg::Slice(c) => match (a, b) {
+            (Arg::Slice(a), Arg::Slice(b)) => {
+                for (((o, &c), &a), &b) in o.iter_mut().zip(c).zip(a).zip(b) {
+                    *o = if c != 0.0 { a } else { b }
+                }
+            }
+            (Arg::Slice(a), Arg::Splat(b)) => {
+                for ((o, &c), &a) in o.iter_mut().zip(c).zip(a) {
+                    *o = if c != 0.0 { a } else { b }
+                }
+            }
+            (Arg::Splat(a), Arg::Slice(b)) => {
+                for ((o, &c), &b) in o.iter_mut().zip(c).zip(b) {
+                    *o = if c != 0.0 { a } else { b }
+                }
+            }
+            (Arg::Splat(a), Arg::Splat(b)) => {
+                for (o, &c) in o.iter_mut().zip(c) {
+                    *o = if c != 0.0 { a } else { b }
+                }
+            }
+        },
     }
 }
 
+#[inline(always)]
 fn unary(op: UnaryOp, o: &mut [f32], a: Arg<'_>) {
     match op {
         UnaryOp::Neg => map1(o, a, |x| -x),
@@ -977,6 +1114,7 @@ fn unary(op: UnaryOp, o: &mut [f32], a: Arg<'_>) {
     }
 }
 
+#[inline(always)]
 fn binary(op: BinaryOp, o: &mut [f32], a: Arg<'_>, b: Arg<'_>) {
     let t = |x: bool| f32::from(u8::from(x));
     match op {
