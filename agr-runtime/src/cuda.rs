@@ -18,6 +18,7 @@ use cudarc::driver::{
 use cudarc::nvrtc::{CompileOptions, Ptx};
 
 use crate::cpu::{Kernel, KernelDesc, StaticKernel};
+use crate::emulated::{AgrChunk, AgrTensor};
 use crate::optimizer::{skip_pass_of, validate_params, ParamSeen};
 use crate::{
     ConfigError, HyperConfig, HyperValue, NonFinite, StepError, StepReport, TensorMeta, MAX_STATES,
@@ -180,45 +181,13 @@ pub fn compile_source(
     })
 }
 
-/// The tensor table entry the kernels read (`AgrTensor` in the prelude).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-struct AgrTensor {
-    p: u64,
-    g: u64,
-    st: [u64; MAX_STATES],
-    numel: i64,
-    ndim: i64,
-    t: f64,
-    first_chunk: i32,
-    n_chunks: i32,
-    rows: u64,
-    row_len: i64,
-}
-// SAFETY: plain old data with the C layout of the prelude's struct; all
+// The tables the kernels read, shared with the emulated device.
+// SAFETY: plain old data with the C layout of the prelude's structs; all
 // zero bits is a valid (null) entry.
 unsafe impl DeviceRepr for AgrTensor {}
 unsafe impl cudarc::driver::ValidAsZeroBits for AgrTensor {}
-
-/// `AgrChunk` in the prelude.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-struct AgrChunk {
-    tensor: i32,
-    len: i32,
-    start: i64,
-}
-// SAFETY: as above.
 unsafe impl DeviceRepr for AgrChunk {}
 unsafe impl cudarc::driver::ValidAsZeroBits for AgrChunk {}
-
-/// The kernel's hyperparameter struct, passed by value (the kernel reads
-/// only its first `N` doubles).
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct HyperArg([f64; MAX_HYPERS]);
-// SAFETY: as above.
-unsafe impl DeviceRepr for HyperArg {}
 
 /// (context, the spec's description, dtype).
 type ModuleKey = (usize, usize, DType);
@@ -314,6 +283,8 @@ pub struct CudaOptimizer<K: Kernel> {
     d_reduced: Option<CudaSlice<f64>>,
     d_global: CudaSlice<f64>,
     d_counters: Option<CudaSlice<u32>>,
+    /// The hyperparameters as the kernels read them (`X_Hyper`, one per group).
+    d_hypers: Option<CudaSlice<f64>>,
 }
 
 /// Grows a device buffer to at least `n` elements (zeroed when replaced).
@@ -362,6 +333,7 @@ impl<K: Kernel> CudaOptimizer<K> {
             d_reduced: None,
             d_global,
             d_counters: None,
+            d_hypers: None,
         })
     }
 
@@ -597,6 +569,8 @@ impl<K: Kernel> CudaOptimizer<K> {
                 t: (state.t + 1) as f64,
                 first_chunk: first as i32,
                 n_chunks: (self.host_chunks.len() - first) as i32,
+                group: 0,
+                pad: 0,
                 rows,
                 row_len: row_len as i64,
             });
@@ -621,15 +595,13 @@ impl<K: Kernel> CudaOptimizer<K> {
         };
         stream.memcpy_htod(&self.host_tensors, &mut d_tensors.slice_mut(..nt))?;
         stream.memcpy_htod(&self.host_chunks, &mut d_chunks.slice_mut(..nc))?;
-        let mut hyper = HyperArg([0.0; MAX_HYPERS]);
-        for (k, info) in desc.hypers.iter().enumerate() {
-            hyper.0[k] = match self.config.get(info.name) {
-                Some(HyperValue::Float(v)) => v,
-                Some(HyperValue::Int(v)) => v as f64,
-                Some(HyperValue::Bool(b)) => f64::from(u8::from(b)),
-                None => 0.0,
-            };
-        }
+        let hyper = crate::emulated::hyper_table(desc, std::slice::from_ref(&self.config));
+        ensure(&stream, &mut self.d_hypers, hyper.len())?;
+        let Some(d_hypers) = self.d_hypers.as_mut() else {
+            unreachable!("ensured above")
+        };
+        stream.memcpy_htod(&hyper, &mut d_hypers.slice_mut(..hyper.len()))?;
+        let d_hypers = &*d_hypers;
         if nt > 0 {
             let cfg = LaunchConfig {
                 grid_dim: (nc as u32, 1, 1),
@@ -642,7 +614,10 @@ impl<K: Kernel> CudaOptimizer<K> {
                     continue;
                 }
                 let mut b = stream.launch_builder(&self.functions[pass]);
-                b.arg(&hyper).arg(&*d_chunks).arg(&*d_tensors).arg(&nt_arg);
+                b.arg(d_hypers)
+                    .arg(&*d_chunks)
+                    .arg(&*d_tensors)
+                    .arg(&nt_arg);
                 b.arg(&mut *partials)
                     .arg(&mut *reduced)
                     .arg(&mut self.d_global)
@@ -671,7 +646,7 @@ impl<K: Kernel> CudaOptimizer<K> {
                 }
             }
             let mut b = stream.launch_builder(&self.functions[desc.passes]);
-            b.arg(&hyper)
+            b.arg(d_hypers)
                 .arg(&*d_chunks)
                 .arg(&*d_tensors)
                 .arg(&nt_arg)

@@ -33,6 +33,9 @@ pub trait DynOptimizer: Send {
     ) -> Result<(), GroupError>;
     /// The name of parameter `index`'s group.
     fn group_name(&self, index: usize) -> &str;
+    /// See [`Optimizer::set_device`].
+    fn set_device(&mut self, device: crate::Device) -> Result<(), crate::emulated::EmulatedError>;
+    fn device(&self) -> crate::Device;
     /// The whole state as a checkpoint (see [`Optimizer::save_checkpoint`]).
     fn save_checkpoint(&self) -> Vec<u8>;
     /// See [`Optimizer::load_checkpoint`].
@@ -85,6 +88,12 @@ impl<K: Kernel> DynOptimizer for Optimizer<K> {
     }
     fn group_name(&self, index: usize) -> &str {
         Optimizer::group_name(self, index)
+    }
+    fn set_device(&mut self, device: crate::Device) -> Result<(), crate::emulated::EmulatedError> {
+        Optimizer::set_device(self, device)
+    }
+    fn device(&self) -> crate::Device {
+        Optimizer::device(self)
     }
     fn save_checkpoint(&self) -> Vec<u8> {
         Optimizer::save_checkpoint(self)

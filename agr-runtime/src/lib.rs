@@ -24,6 +24,7 @@ pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod dynamic;
+pub mod emulated;
 mod frozen;
 pub mod golden;
 pub mod groups;
@@ -41,7 +42,7 @@ pub use cpu::{Kernel, KernelDesc, StaticKernel};
 pub use dynamic::DynOptimizer;
 pub use groups::{GroupError, ParamGroups};
 pub use hyper::{ConfigError, HyperConfig, HyperInfo, HyperKind, HyperValue};
-pub use optimizer::{NonFinite, Optimizer, ParamMut, StepError, StepReport};
+pub use optimizer::{Device, NonFinite, Optimizer, ParamMut, StepError, StepReport};
 
 /// Most state buffers a spec may declare.
 pub const MAX_STATES: usize = 8;

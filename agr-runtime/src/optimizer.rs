@@ -4,8 +4,11 @@ use std::fmt;
 
 use rayon::prelude::*;
 
+use std::sync::Arc;
+
 use crate::buf::AlignedBuf;
 use crate::cpu::{Kernel, KernelDesc, StaticKernel};
+use crate::emulated::{EmulatedError, HostModule, TensorPtrs};
 use crate::groups::{self, Group, GroupError, Override, ParamGroups, DEFAULT_GROUP};
 use crate::{ConfigError, HyperConfig, HyperValue, Scope, TensorMeta, MAX_STATES};
 
@@ -21,6 +24,32 @@ pub struct ParamMut<'a> {
 impl<'a> ParamMut<'a> {
     pub fn new(value: &'a mut [f32], grad: Option<&'a [f32]>, shape: &'a [usize]) -> Self {
         ParamMut { value, grad, shape }
+    }
+}
+
+/// Where an optimizer's steps run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Device {
+    /// The fused CPU loops (generated Rust, or the IR evaluator for a spec
+    /// compiled at run time).
+    #[default]
+    Cpu,
+    /// The generated CUDA kernels compiled as host C++ and launched block by
+    /// block on the CPU, with a GPU step's tables and read-backs (see
+    /// [`crate::emulated`]): every engine path a GPU run takes, without a GPU.
+    EmulatedCuda,
+}
+
+impl std::str::FromStr for Device {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "cpu" => Ok(Device::Cpu),
+            "emulated-cuda" => Ok(Device::EmulatedCuda),
+            other => Err(format!(
+                "unknown device `{other}`; the devices are `cpu` and `emulated-cuda`"
+            )),
+        }
     }
 }
 
@@ -267,6 +296,8 @@ pub struct Optimizer<K: Kernel> {
     pub(crate) kernel: K,
     /// Its description.
     pub(crate) desc: &'static KernelDesc,
+    /// `Some`: steps run on the emulated CUDA device (see [`Device`]).
+    pub(crate) emulated: Option<Arc<HostModule>>,
     /// The optimizer's hyperparameters (those of the group `default`).
     pub(crate) config: K::Config,
     /// Parameter groups; group 0 is `default` (no overrides).
@@ -300,6 +331,7 @@ impl<K: Kernel> Clone for Optimizer<K> {
         Optimizer {
             kernel: self.kernel.clone(),
             desc: self.desc,
+            emulated: self.emulated.clone(),
             config: self.config.clone(),
             groups: self.groups.clone(),
             group_of: self.group_of.clone(),
@@ -354,6 +386,7 @@ impl<K: Kernel> Optimizer<K> {
         let kernel = K::of_config(&config);
         Ok(Optimizer {
             desc: kernel.desc(),
+            emulated: None,
             kernel,
             groups: vec![Group {
                 name: DEFAULT_GROUP.into(),
@@ -392,6 +425,25 @@ impl<K: Kernel> Optimizer<K> {
     /// The spec's name.
     pub fn name(&self) -> &'static str {
         self.desc.name
+    }
+
+    /// Where steps run. State, groups, checkpoints and the step counts are
+    /// the engine's and stay as they are: a step after a switch continues
+    /// the same trajectory (with the other device's arithmetic).
+    pub fn set_device(&mut self, device: Device) -> Result<(), EmulatedError> {
+        self.emulated = match device {
+            Device::Cpu => None,
+            Device::EmulatedCuda => Some(HostModule::load(self.desc)?),
+        };
+        Ok(())
+    }
+
+    pub fn device(&self) -> Device {
+        if self.emulated.is_some() {
+            Device::EmulatedCuda
+        } else {
+            Device::Cpu
+        }
     }
 
     /// Replaces the hyperparameters; a value out of range is an error and
@@ -713,95 +765,133 @@ impl<K: Kernel> Optimizer<K> {
         let ng = self.groups.len();
         sc.ss.clear();
         sc.ss.resize(ng, K::StepScalars::default());
-        for phase in 0..=desc.passes {
-            for (g, ss) in self.groups.iter().zip(sc.ss.iter_mut()) {
-                kernel.step_scalars(&g.config, phase, &sc.global, ss);
-            }
-            for j in 0..na {
-                let red = &sc.reduced[j * nr..(j + 1) * nr];
-                let g = sc.slot_group[j];
-                let (c, ss) = (&self.groups[g].config, &sc.ss[g]);
-                kernel.tensor_scalars(c, phase, ss, &sc.metas[j], red, &mut sc.ts[j]);
-            }
-            let ptrs = &sc.ptrs;
-            let ts = &sc.ts;
-            let sss = &sc.ss;
-            let slot_group = &sc.slot_group;
-            if phase < desc.passes && skip_pass_of(desc, phase, self.non_finite) {
-                continue;
-            }
-            if phase < desc.passes {
-                let run = |(item, acc): (&Item, &mut [f64])| {
-                    let pt = ptrs[item.slot];
-                    // SAFETY: see `Ptrs`; read-only access to [start, start+len).
-                    let (p, g, st) = unsafe { chunk_ref(pt, ns, item.start, item.len) };
-                    // SAFETY: whole rows per item, so items' row ranges are disjoint.
-                    let rows = unsafe { rows_of(pt, item.start, item.len, desc.row_reductions) };
-                    let ss = &sss[slot_group[item.slot]];
-                    kernel.reduce(phase, ss, &ts[item.slot], p, g, st, rows, pt.row_len, acc);
-                };
-                if nr > 0 {
-                    if parallel {
-                        sc.items
-                            .par_iter()
-                            .zip(sc.acc.par_chunks_mut(nr))
-                            .for_each(run);
+        let bad_slot: Option<usize> = if let Some(module) = self.emulated.clone() {
+            // The emulated CUDA device: the generated kernels over the same
+            // buffers, with the GPU's chunk table and per-group hyperparameters.
+            let configs: Vec<K::Config> = self.groups.iter().map(|g| g.config.clone()).collect();
+            let tensors: Vec<_> = (0..na)
+                .map(|j| {
+                    let pt = sc.ptrs[j];
+                    let ptrs = TensorPtrs {
+                        p: pt.p,
+                        g: pt.g,
+                        st: pt.st,
+                        rows: pt.rows,
+                    };
+                    (ptrs, sc.metas[j], sc.slot_group[j])
+                })
+                .collect();
+            // SAFETY: the pointers come from the validated parameters and the
+            // state this step holds `&mut` to (see `Ptrs`).
+            unsafe { module.step(&configs, &tensors, self.non_finite) }
+        } else {
+            'passes: {
+                for phase in 0..=desc.passes {
+                    for (g, ss) in self.groups.iter().zip(sc.ss.iter_mut()) {
+                        kernel.step_scalars(&g.config, phase, &sc.global, ss);
+                    }
+                    for j in 0..na {
+                        let red = &sc.reduced[j * nr..(j + 1) * nr];
+                        let g = sc.slot_group[j];
+                        let (c, ss) = (&self.groups[g].config, &sc.ss[g]);
+                        kernel.tensor_scalars(c, phase, ss, &sc.metas[j], red, &mut sc.ts[j]);
+                    }
+                    let ptrs = &sc.ptrs;
+                    let ts = &sc.ts;
+                    let sss = &sc.ss;
+                    let slot_group = &sc.slot_group;
+                    if phase < desc.passes && skip_pass_of(desc, phase, self.non_finite) {
+                        continue;
+                    }
+                    if phase < desc.passes {
+                        let run = |(item, acc): (&Item, &mut [f64])| {
+                            let pt = ptrs[item.slot];
+                            // SAFETY: see `Ptrs`; read-only access to [start, start+len).
+                            let (p, g, st) = unsafe { chunk_ref(pt, ns, item.start, item.len) };
+                            // SAFETY: whole rows per item, so items' row ranges are disjoint.
+                            let rows =
+                                unsafe { rows_of(pt, item.start, item.len, desc.row_reductions) };
+                            let ss = &sss[slot_group[item.slot]];
+                            kernel.reduce(
+                                phase,
+                                ss,
+                                &ts[item.slot],
+                                p,
+                                g,
+                                st,
+                                rows,
+                                pt.row_len,
+                                acc,
+                            );
+                        };
+                        if nr > 0 {
+                            if parallel {
+                                sc.items
+                                    .par_iter()
+                                    .zip(sc.acc.par_chunks_mut(nr))
+                                    .for_each(run);
+                            } else {
+                                sc.items.iter().zip(sc.acc.chunks_mut(nr)).for_each(run);
+                            }
+                        }
+                        combine(
+                            desc,
+                            phase,
+                            &sc.items,
+                            &sc.acc,
+                            nr,
+                            na,
+                            &mut sc.reduced,
+                            &mut sc.global,
+                        );
+                        if phase == 0
+                            && self.non_finite != NonFinite::Ignore
+                            && !sc.global[desc.finite_check].is_finite()
+                        {
+                            break 'passes (0..na)
+                                .find(|&j| !sc.reduced[j * nr + desc.finite_check].is_finite())
+                                .or(Some(0));
+                        }
                     } else {
-                        sc.items.iter().zip(sc.acc.chunks_mut(nr)).for_each(run);
+                        let run = |item: &Item| {
+                            let pt = ptrs[item.slot];
+                            // SAFETY: see `Ptrs`; work items cover disjoint ranges.
+                            let (p, g, st) = unsafe { chunk_mut(pt, ns, item.start, item.len) };
+                            let rows =
+                                unsafe { rows_of(pt, item.start, item.len, desc.row_reductions) };
+                            let ss = &sss[slot_group[item.slot]];
+                            kernel.update(ss, &ts[item.slot], p, g, st, rows, pt.row_len);
+                        };
+                        if parallel {
+                            sc.items.par_iter().for_each(run);
+                        } else {
+                            sc.items.iter().for_each(run);
+                        }
                     }
                 }
-                combine(
-                    desc,
-                    phase,
-                    &sc.items,
-                    &sc.acc,
-                    nr,
-                    na,
-                    &mut sc.reduced,
-                    &mut sc.global,
-                );
-                if phase == 0
-                    && self.non_finite != NonFinite::Ignore
-                    && !sc.global[desc.finite_check].is_finite()
-                {
-                    // Nothing has been written yet: report and leave everything
-                    // as it was, including state this step created and the
-                    // parameter count a first step fixes.
-                    let j = (0..na)
-                        .find(|&j| !sc.reduced[j * nr + desc.finite_check].is_finite())
-                        .unwrap_or(0);
-                    let index = sc.active[j];
-                    for &i in &sc.created {
-                        self.tensors[i] = None;
-                    }
-                    self.tensors.truncate(tensors_before);
-                    self.n_params = n_params_before;
-                    if self.non_finite == NonFinite::Error {
-                        return Err(StepError::NonFinite { index });
-                    }
-                    self.non_finite_skips += 1;
-                    return Ok(StepReport {
-                        step: self.steps,
-                        updated: 0,
-                        skipped: params.len(),
-                        skipped_non_finite: Some(index),
-                    });
-                }
-            } else {
-                let run = |item: &Item| {
-                    let pt = ptrs[item.slot];
-                    // SAFETY: see `Ptrs`; work items cover disjoint ranges.
-                    let (p, g, st) = unsafe { chunk_mut(pt, ns, item.start, item.len) };
-                    let rows = unsafe { rows_of(pt, item.start, item.len, desc.row_reductions) };
-                    let ss = &sss[slot_group[item.slot]];
-                    kernel.update(ss, &ts[item.slot], p, g, st, rows, pt.row_len);
-                };
-                if parallel {
-                    sc.items.par_iter().for_each(run);
-                } else {
-                    sc.items.iter().for_each(run);
-                }
+                None
             }
+        };
+        if let Some(j) = bad_slot {
+            // Nothing has been written yet: report and leave everything as
+            // it was, including state this step created and the parameter
+            // count a first step fixes.
+            let index = sc.active[j];
+            for &i in &sc.created {
+                self.tensors[i] = None;
+            }
+            self.tensors.truncate(tensors_before);
+            self.n_params = n_params_before;
+            if self.non_finite == NonFinite::Error {
+                return Err(StepError::NonFinite { index });
+            }
+            self.non_finite_skips += 1;
+            return Ok(StepReport {
+                step: self.steps,
+                updated: 0,
+                skipped: params.len(),
+                skipped_non_finite: Some(index),
+            });
         }
         for &i in &sc.active {
             if let Some(t) = self.tensors[i].as_mut() {

@@ -101,10 +101,16 @@ fn check(desc: &KernelDesc, report: &mut Vec<String>) {
                     u.registers,
                     u.spill_bytes
                 ));
-                assert_eq!(
-                    u.spill_bytes, 0,
-                    "{} spills on {sm} ({dtype:?}):\n{text}",
-                    u.kernel
+                // At most one 8-byte register stored and reloaded: since
+                // the hyperparameters became a per-group table in global
+                // memory, ptxas saves one value in a few kernel variants
+                // (counted in the report; README, GPU). More is a failure.
+                let abi_save = u.spill_bytes <= 16;
+                assert!(
+                    u.spill_bytes == 0 || abi_save,
+                    "{} spills {} bytes on {sm} ({dtype:?}):\n{text}",
+                    u.kernel,
+                    u.spill_bytes
                 );
                 assert!(
                     u.registers <= REGISTER_BUDGET,

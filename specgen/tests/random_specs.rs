@@ -15,6 +15,7 @@
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
+use std::sync::OnceLock;
 
 use agr_codegen::{backend::cuda, interp, ir::Program};
 use agr_runtime::{DynOptimizer, ParamMut};
@@ -144,7 +145,7 @@ static int run_@() {
         p[j].resize(numel); g[j].resize(numel);
         rd(p[j].data(), numel);
         AgrTensor& T = tensors[j];
-        T.p = p[j].data(); T.numel = numel; T.ndim = ndim; T.t = 0; T.row_len = row_len;
+        T.p = p[j].data(); T.numel = numel; T.ndim = ndim; T.t = 0; T.row_len = row_len; T.group = 0;
         rows[j].assign(numel / row_len * (@_ROW_REDUCTIONS + 1), 0.0);
         T.rows = rows[j].data();
         st[j].resize(@_NUM_STATES);
@@ -172,7 +173,7 @@ static int run_@() {
 #define PASS(k) \
         for (size_t b = 0; b < chunks.size(); ++b) { \
             blockIdx.x = (unsigned)b; \
-            @_reduce##k(h, chunks.data(), tensors.data(), nt, partials.data(), reduced.data(), global.data(), counters.data()); \
+            @_reduce##k(&h, chunks.data(), tensors.data(), nt, partials.data(), reduced.data(), global.data(), counters.data()); \
         }
 #if @_PASSES >= 1
         PASS(0)
@@ -186,7 +187,7 @@ static int run_@() {
 #undef PASS
         for (size_t b = 0; b < chunks.size(); ++b) {
             blockIdx.x = (unsigned)b;
-            @_update(h, chunks.data(), tensors.data(), nt, reduced.data(), global.data());
+            @_update(&h, chunks.data(), tensors.data(), nt, reduced.data(), global.data());
         }
         for (unsigned c : counters)
             if (c != 0) { fprintf(stderr, "a reduction counter was left at %u\n", c); return 3; }
@@ -387,8 +388,47 @@ fn nvrtc_and_ptxas(progs: &[&Program]) -> Option<(usize, Vec<String>)> {
     Some((kernels, spills))
 }
 
+/// Every case's IR.
+fn progs() -> &'static [Program] {
+    static PROGS: OnceLock<Vec<Program>> = OnceLock::new();
+    PROGS.get_or_init(|| {
+        CASES
+            .iter()
+            .map(|c| agr_codegen::compile(c.source).unwrap())
+            .collect()
+    })
+}
+
+/// Every case's data and the reference evaluation's result.
+fn datas() -> &'static [(Data, Vec<f32>)] {
+    static DATAS: OnceLock<Vec<(Data, Vec<f32>)>> = OnceLock::new();
+    DATAS.get_or_init(|| {
+        CASES
+            .iter()
+            .zip(progs())
+            .map(|(case, prog)| {
+                let d = data(SEED ^ case.index as u64);
+                let want = reference(prog, &d);
+                (d, want)
+            })
+            .collect()
+    })
+}
+
+fn report(what: &str, failures: &[String]) {
+    assert!(
+        failures.is_empty(),
+        "{what}: {} of {} specs disagree (seed {SEED}):\n\n{}",
+        failures.len(),
+        CASES.len(),
+        failures[..failures.len().min(5)].join("\n\n")
+    );
+}
+
+// The checks are separate tests, so the test harness runs them in parallel.
+
 #[test]
-fn every_accepted_random_spec_compiles_and_agrees_with_the_reference() {
+fn the_checker_accepts_the_generated_specs() {
     println!(
         "seed {SEED}: {GENERATED} specs generated, {} accepted by the checker, {} rejected",
         CASES.len(),
@@ -403,25 +443,20 @@ fn every_accepted_random_spec_compiles_and_agrees_with_the_reference() {
         );
     }
     assert!(CASES.len() * 10 >= GENERATED * 9, "too many rejections");
-    let progs: Vec<Program> = CASES
-        .iter()
-        .map(|c| agr_codegen::compile(c.source).unwrap())
-        .collect();
-    let refs: Vec<&Program> = progs.iter().collect();
-    let host = build_host(&refs);
+}
+
+#[test]
+fn the_fused_cpu_step_and_the_run_time_compile_agree_with_the_reference() {
     let mut failures = vec![];
     // The fused CPU step (compiled by rustc through optimizer!).
-    let mut datas = vec![];
-    for (case, prog) in CASES.iter().zip(&progs) {
-        let d = data(SEED ^ case.index as u64);
-        let want = reference(prog, &d);
-        let generated = fused((case.make)(), prog, &d);
-        if let Err(e) = compare("fused CPU step", &generated, &want) {
+    for ((case, prog), (d, want)) in CASES.iter().zip(progs()).zip(datas()) {
+        let generated = fused((case.make)(), prog, d);
+        if let Err(e) = compare("fused CPU step", &generated, want) {
             failures.push(format!("{e}\n{}", case.source));
         }
         // The same spec compiled at run time: the IR evaluator must give the
         // generated step's bits.
-        let run_time = fused(agr_runtime::compile(case.source).unwrap().boxed(), prog, &d);
+        let run_time = fused(agr_runtime::compile(case.source).unwrap().boxed(), prog, d);
         let same = |a: &f32, b: &f32| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan());
         if let Some(i) = (0..generated.len()).find(|&i| !same(&run_time[i], &generated[i])) {
             failures.push(format!(
@@ -429,17 +464,23 @@ fn every_accepted_random_spec_compiles_and_agrees_with_the_reference() {
                 run_time[i], generated[i], case.source
             ));
         }
-        datas.push((d, want));
     }
     println!(
-        "fused CPU step and the same spec compiled at run time: {} disagreements",
+        "{} specs: fused CPU step and the same spec compiled at run time, {} disagreements",
+        CASES.len(),
         failures.len()
     );
-    // NVRTC and ptxas.
-    let nvrtc = nvrtc_and_ptxas(&refs);
-    // The CUDA as host C++.
+    report("CPU", &failures);
+}
+
+#[test]
+fn the_cuda_runs_as_host_cpp_and_agrees_with_the_reference() {
+    let refs: Vec<&Program> = progs().iter().collect();
+    let host = build_host(&refs);
+    let datas = datas();
     let exe = wait_host(host);
-    for (i, (case, prog)) in CASES.iter().zip(&progs).enumerate() {
+    let mut failures = vec![];
+    for (i, (case, prog)) in CASES.iter().zip(progs()).enumerate() {
         let (d, want) = &datas[i];
         let r = run_host(&exe, i, &host_input(prog, d))
             .and_then(|got| compare("CUDA (host C++)", &got, want));
@@ -448,10 +489,17 @@ fn every_accepted_random_spec_compiles_and_agrees_with_the_reference() {
         }
     }
     println!(
-        "{} specs: Rust compiled and run, CUDA compiled and run as host C++",
-        CASES.len()
+        "{} specs: CUDA compiled and run as host C++, {} disagreements",
+        CASES.len(),
+        failures.len()
     );
-    if let Some((kernels, spills)) = nvrtc {
+    report("CUDA as host C++", &failures);
+}
+
+#[test]
+fn the_cuda_compiles_with_nvrtc_and_assembles_with_ptxas() {
+    let refs: Vec<&Program> = progs().iter().collect();
+    if let Some((kernels, spills)) = nvrtc_and_ptxas(&refs) {
         println!(
             "NVRTC + ptxas (sm_90, f32): {kernels} kernels assembled, {} spill",
             spills.len()
@@ -460,11 +508,4 @@ fn every_accepted_random_spec_compiles_and_agrees_with_the_reference() {
             println!("  spills: {s}");
         }
     }
-    assert!(
-        failures.is_empty(),
-        "{} of {} specs disagree (seed {SEED}):\n\n{}",
-        failures.len(),
-        CASES.len(),
-        failures[..failures.len().min(5)].join("\n\n")
-    );
 }

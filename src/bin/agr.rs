@@ -37,6 +37,10 @@ enum Command {
         /// (its hyperparameters must have the files' names).
         #[arg(long)]
         spec: Option<PathBuf>,
+        /// Where to step: `cpu`, or `emulated-cuda` (the generated CUDA kernels
+        /// compiled as host C++ and run block by block, as on a GPU).
+        #[arg(long, default_value = "cpu")]
+        device: agr_runtime::Device,
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
@@ -86,7 +90,11 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check { files } => check(&files),
         Command::Emit { target, spec } => emit(target, &spec),
-        Command::Replay { spec, files } => replay(spec.as_deref(), &files),
+        Command::Replay {
+            spec,
+            device,
+            files,
+        } => replay(spec.as_deref(), device, &files),
         Command::Bench {
             optimizers,
             workloads,
@@ -210,7 +218,7 @@ fn emit(target: Target, spec: &str) -> ExitCode {
     }
 }
 
-fn replay(spec: Option<&Path>, files: &[PathBuf]) -> ExitCode {
+fn replay(spec: Option<&Path>, device: agr_runtime::Device, files: &[PathBuf]) -> ExitCode {
     let compiled = match spec.map(agr_runtime::compile_file).transpose() {
         Ok(c) => c,
         Err(e) => {
@@ -224,12 +232,31 @@ fn replay(spec: Option<&Path>, files: &[PathBuf]) -> ExitCode {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let run = |g: golden::Golden| match &compiled {
-            Some(c) => golden::replay_with(&g, c.boxed()).map(|mut r| {
-                r.optimizer = format!("{} (spec {})", c.name(), g.optimizer);
+        let run = |g: golden::Golden| {
+            let (mut opt, label) = match &compiled {
+                Some(c) => (c.boxed(), format!("{} (file: {})", c.name(), g.optimizer)),
+                None => (
+                    optim::builtin(&g.optimizer)
+                        .ok_or_else(|| {
+                            format!(
+                                "unknown optimizer `{}`; the built-ins are {} (or replay a spec: --spec FILE.agr)",
+                                g.optimizer,
+                                optim::BUILTINS
+                                    .iter()
+                                    .map(|b| b.name)
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
+                            )
+                        })?
+                        .make(),
+                    g.optimizer.clone(),
+                ),
+            };
+            opt.set_device(device).map_err(|e| e.to_string())?;
+            golden::replay_with(&g, opt).map(|mut r| {
+                r.optimizer = label;
                 r
-            }),
-            None => golden::replay(&g),
+            })
         };
         match golden::load(f).and_then(run) {
             Ok(r) => {

@@ -462,6 +462,7 @@ fn emit_prologue(prog: &Program, upto: usize, fname: &str, f: &ElemFn, w: &mut W
     let x = &prog.name;
     w.line("const AgrChunk c = chunks[blockIdx.x];");
     w.line("const AgrTensor& T = tensors[c.tensor];");
+    w.line(&format!("const {x}_Hyper& h = hypers[T.group];"));
     w.line(&format!("{x}_Step s;"));
     w.line(&format!("{x}_Tensor ts;"));
     w.line(&format!(
@@ -625,7 +626,7 @@ fn emit_reduce(prog: &Program, pass: usize, w: &mut W) {
     let fname = format!("reduce{pass}");
     let f = emit_elem_fn(prog, &fname, &plan, &outs, &[], None, w);
     w.open(&format!(
-        "extern \"C\" __global__ void __launch_bounds__(AGR_BLOCK) {x}_reduce{pass}({x}_Hyper h, const AgrChunk* __restrict__ chunks, const AgrTensor* __restrict__ tensors, int ntensors, double* partials, double* reduced, double* global, unsigned* counters) {{"
+        "extern \"C\" __global__ void __launch_bounds__(AGR_BLOCK) {x}_reduce{pass}(const {x}_Hyper* __restrict__ hypers, const AgrChunk* __restrict__ chunks, const AgrTensor* __restrict__ tensors, int ntensors, double* partials, double* reduced, double* global, unsigned* counters) {{"
     ));
     emit_prologue(prog, pass, &fname, &f, w);
     let whole: Vec<(usize, usize, &Reduction)> = reds
@@ -750,7 +751,7 @@ fn emit_update(prog: &Program, w: &mut W) {
     let p_write = prog.param_written().then_some(prog.param_out);
     let f = emit_elem_fn(prog, "update", &plan, &[], &writes, p_write, w);
     w.open(&format!(
-        "extern \"C\" __global__ void __launch_bounds__(AGR_BLOCK) {x}_update({x}_Hyper h, const AgrChunk* __restrict__ chunks, const AgrTensor* __restrict__ tensors, int ntensors, const double* reduced, const double* global) {{"
+        "extern \"C\" __global__ void __launch_bounds__(AGR_BLOCK) {x}_update(const {x}_Hyper* __restrict__ hypers, const AgrChunk* __restrict__ chunks, const AgrTensor* __restrict__ tensors, int ntensors, const double* reduced, const double* global) {{"
     ));
     emit_prologue(prog, prog.n_phases, "update", &f, w);
     emit_loop(prog, "update", &f, 0, &[], w);

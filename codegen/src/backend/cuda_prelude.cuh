@@ -13,11 +13,12 @@
 #define __device__
 #define __global__
 #define __forceinline__ inline
-#define __shared__ static
+#define __shared__ static thread_local
 #define __launch_bounds__(n)
 struct AgrDim { unsigned x; };
-static AgrDim threadIdx = {0};
-static AgrDim blockIdx = {0};
+// Per host thread: optimizers may step on several threads at once.
+static thread_local AgrDim threadIdx = {0};
+static thread_local AgrDim blockIdx = {0};
 static inline void __syncthreads() {}
 static inline void __threadfence() {}
 static inline unsigned atomicAdd(unsigned* a, unsigned v) { unsigned old = *a; *a += v; return old; }
@@ -64,6 +65,8 @@ struct AgrTensor {
     double t;          // this tensor's step count, 1 on its first step
     int first_chunk;   // index of its first chunk in the chunk table
     int n_chunks;
+    int group;         // its parameter group: the index of its hyperparameters
+    int pad;
     double* rows;      // row-reduction results, ROW_REDUCTIONS per row
     long long row_len; // elements per row (every dimension but the first)
 };

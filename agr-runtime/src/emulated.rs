@@ -1,0 +1,366 @@
+//! The emulated CUDA device: a spec's generated CUDA compiled as host C++
+//! (the prelude's `AGR_HOST_CHECK` shim, one thread per block) and launched
+//! block by block on the CPU with the same tensor table, chunk table,
+//! per-group hyperparameters, partials, counters and read-backs as a GPU
+//! step. The engine ([`crate::Optimizer`]) runs it in place of its CPU loops
+//! (see [`crate::Device`]), so groups, checkpoints, the non-finite policy and
+//! every bad-input error take the GPU's path through the kernels on a machine
+//! without a GPU: only the driver calls themselves need one.
+//!
+//! Needs a C++17 compiler at run time (`g++`, or `$AGR_CXX`). The shared
+//! library is cached in the temporary folder by a hash of its source.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use crate::cpu::KernelDesc;
+use crate::optimizer::skip_pass_of;
+use crate::{HyperConfig, HyperValue, NonFinite, TensorMeta, MAX_STATES};
+
+/// Elements per chunk (one block's work); `AGR_CHUNK` in the prelude.
+pub const CHUNK: usize = 8192;
+
+/// One parameter tensor of a multi-tensor launch (`AgrTensor` in the prelude).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct AgrTensor {
+    pub p: u64,
+    pub g: u64,
+    pub st: [u64; MAX_STATES],
+    pub numel: i64,
+    pub ndim: i64,
+    pub t: f64,
+    pub first_chunk: i32,
+    pub n_chunks: i32,
+    pub group: i32,
+    pub pad: i32,
+    pub rows: u64,
+    pub row_len: i64,
+}
+
+/// One block's share of the work (`AgrChunk` in the prelude).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct AgrChunk {
+    pub tensor: i32,
+    pub len: i32,
+    pub start: i64,
+}
+
+/// The hyperparameters as the kernels read them: one `X_Hyper` (the values
+/// as doubles in spec order, bools 0 or 1) per group.
+pub(crate) fn hyper_table<C: HyperConfig>(desc: &KernelDesc, groups: &[C]) -> Vec<f64> {
+    let stride = desc.hypers.len().max(1);
+    let mut v = vec![0.0; stride * groups.len()];
+    for (g, c) in groups.iter().enumerate() {
+        for (k, info) in desc.hypers.iter().enumerate() {
+            v[g * stride + k] = match c.get(info.name) {
+                Some(HyperValue::Float(x)) => x,
+                Some(HyperValue::Int(x)) => x as f64,
+                Some(HyperValue::Bool(b)) => f64::from(u8::from(b)),
+                None => 0.0,
+            };
+        }
+    }
+    v
+}
+
+/// The chunk table: `CHUNK` elements per block, whole rows per block when the
+/// spec has row reductions.
+pub(crate) fn chunk_table(
+    desc: &KernelDesc,
+    metas: &[TensorMeta],
+    chunk: usize,
+) -> (Vec<AgrChunk>, Vec<(i32, i32)>) {
+    let mut chunks = vec![];
+    let mut spans = vec![];
+    for (slot, m) in metas.iter().enumerate() {
+        let size = if desc.row_reductions > 0 {
+            m.row_len * (chunk / m.row_len).max(1)
+        } else {
+            chunk
+        };
+        let first = chunks.len();
+        let mut start = 0;
+        while start < m.numel {
+            let len = size.min(m.numel - start);
+            chunks.push(AgrChunk {
+                tensor: slot as i32,
+                len: len as i32,
+                start: start as i64,
+            });
+            start += len;
+        }
+        spans.push((first as i32, (chunks.len() - first) as i32));
+    }
+    (chunks, spans)
+}
+
+static LAUNCHES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Kernel launches on the emulated device so far, in this process (one per
+/// pass that ran: a step is a fixed sequence of launches).
+pub fn launches() -> u64 {
+    LAUNCHES.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Why the emulated device cannot run a spec.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EmulatedError {
+    /// The C++ compiler could not be run.
+    NoCompiler { compiler: String, error: String },
+    /// The generated CUDA did not compile as host C++ (a bug in agr).
+    Compile { optimizer: String, log: String },
+    /// The compiled library could not be loaded.
+    Load(String),
+}
+
+impl fmt::Display for EmulatedError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            EmulatedError::NoCompiler { compiler, error } => write!(
+                f,
+                "the emulated CUDA device compiles kernels with `{compiler}`, which could not be run ({error}); install g++ or set AGR_CXX"
+            ),
+            EmulatedError::Compile { optimizer, log } => write!(
+                f,
+                "the CUDA of {optimizer} did not compile as host C++ (please report this):\n{log}"
+            ),
+            EmulatedError::Load(e) => write!(f, "cannot load the emulated kernels: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for EmulatedError {}
+
+type PassFn = unsafe extern "C" fn(
+    pass: i32,
+    hypers: *const f64,
+    chunks: *const AgrChunk,
+    nchunks: i32,
+    tensors: *const AgrTensor,
+    ntensors: i32,
+    partials: *mut f64,
+    reduced: *mut f64,
+    global: *mut f64,
+    counters: *mut u32,
+) -> i32;
+
+/// A spec's kernels compiled for the CPU.
+pub struct HostModule {
+    desc: &'static KernelDesc,
+    pass: PassFn,
+    // Keeps `pass` valid.
+    _lib: libloading::Library,
+}
+
+impl fmt::Debug for HostModule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HostModule")
+            .field("optimizer", &self.desc.name)
+            .finish()
+    }
+}
+
+/// The host program: the spec's CUDA and one entry point that runs a pass's
+/// kernel once per block.
+fn host_source(desc: &KernelDesc) -> String {
+    let x = desc.name;
+    let mut src = format!("#define AGR_HOST_CHECK 1\n{}\n", desc.cuda_source);
+    src += &format!(
+        "extern \"C\" int agr_emulated_pass(int pass, const double* hypers, const AgrChunk* chunks, int nchunks, const AgrTensor* tensors, int ntensors, double* partials, double* reduced, double* global, unsigned* counters) {{\n    const {x}_Hyper* h = (const {x}_Hyper*)hypers;\n    switch (pass) {{\n"
+    );
+    for k in 0..desc.passes {
+        src += &format!(
+            "    case {k}:\n        for (int b = 0; b < nchunks; ++b) {{ blockIdx.x = (unsigned)b; {x}_reduce{k}(h, chunks, tensors, ntensors, partials, reduced, global, counters); }}\n        return 0;\n"
+        );
+    }
+    src += &format!(
+        "    case {}:\n        for (int b = 0; b < nchunks; ++b) {{ blockIdx.x = (unsigned)b; {x}_update(h, chunks, tensors, ntensors, reduced, global); }}\n        return 0;\n    }}\n    return 1;\n}}\n",
+        desc.passes
+    );
+    src
+}
+
+fn fnv1a(text: &str) -> u64 {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in text.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    h
+}
+
+impl HostModule {
+    /// Compiles (or finds in the cache) the spec's kernels for the CPU.
+    pub fn load(desc: &'static KernelDesc) -> Result<Arc<HostModule>, EmulatedError> {
+        static CACHE: OnceLock<Mutex<HashMap<usize, Arc<HostModule>>>> = OnceLock::new();
+        let cache = CACHE.get_or_init(Default::default);
+        let key = desc as *const KernelDesc as usize;
+        let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(m) = cache.get(&key) {
+            return Ok(m.clone());
+        }
+        let m = Arc::new(Self::build(desc)?);
+        cache.insert(key, m.clone());
+        Ok(m)
+    }
+
+    fn build(desc: &'static KernelDesc) -> Result<HostModule, EmulatedError> {
+        let compiler = std::env::var("AGR_CXX").unwrap_or_else(|_| "g++".into());
+        let src = host_source(desc);
+        let dir = std::env::temp_dir().join("agr-emulated");
+        std::fs::create_dir_all(&dir).map_err(|e| EmulatedError::Load(e.to_string()))?;
+        let stem = format!("{}-{:016x}", desc.name, fnv1a(&(src.clone() + &compiler)));
+        let lib: PathBuf = dir.join(format!("{stem}.so"));
+        if !lib.exists() {
+            let cpp = dir.join(format!("{stem}.{}.cpp", std::process::id()));
+            let tmp = dir.join(format!("{stem}.{}.so", std::process::id()));
+            std::fs::write(&cpp, &src).map_err(|e| EmulatedError::Load(e.to_string()))?;
+            let out = Command::new(&compiler)
+                .args(["-std=c++17", "-O2", "-fPIC", "-shared", "-w", "-o"])
+                .arg(&tmp)
+                .arg(&cpp)
+                .output()
+                .map_err(|e| EmulatedError::NoCompiler {
+                    compiler: compiler.clone(),
+                    error: e.to_string(),
+                })?;
+            let _ = std::fs::remove_file(&cpp);
+            if !out.status.success() {
+                return Err(EmulatedError::Compile {
+                    optimizer: desc.name.into(),
+                    log: String::from_utf8_lossy(&out.stderr)
+                        .lines()
+                        .take(30)
+                        .collect::<Vec<_>>()
+                        .join("\n"),
+                });
+            }
+            // Atomic: another process may be building the same library.
+            std::fs::rename(&tmp, &lib).map_err(|e| EmulatedError::Load(e.to_string()))?;
+        }
+        // SAFETY: the library is ours, built from the source above; loading
+        // it runs no initialisers beyond the C++ runtime's.
+        let lib_handle = unsafe { libloading::Library::new(&lib) }
+            .map_err(|e| EmulatedError::Load(e.to_string()))?;
+        // SAFETY: the symbol has exactly the signature `PassFn` (see `host_source`).
+        let pass: PassFn = unsafe {
+            *lib_handle
+                .get::<PassFn>(b"agr_emulated_pass\0")
+                .map_err(|e| EmulatedError::Load(e.to_string()))?
+        };
+        Ok(HostModule {
+            desc,
+            pass,
+            _lib: lib_handle,
+        })
+    }
+
+    /// One step over the engine's validated tensors: pass `k` for every
+    /// chunk of every tensor, in launch order. Returns the active slot of a
+    /// tensor whose gradient is not finite (nothing written) under a
+    /// checking `policy`.
+    ///
+    /// # Safety
+    /// Each tensor's pointers must be valid for `numel` elements (states and
+    /// rows as the engine allocates them), written by nothing else during
+    /// the call.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn step<C: HyperConfig>(
+        &self,
+        groups: &[C],
+        tensors: &[(TensorPtrs, TensorMeta, usize)],
+        policy: NonFinite,
+    ) -> Option<usize> {
+        let desc = self.desc;
+        let metas: Vec<TensorMeta> = tensors.iter().map(|t| t.1).collect();
+        let (chunks, spans) = chunk_table(desc, &metas, CHUNK);
+        let table: Vec<AgrTensor> = tensors
+            .iter()
+            .zip(&spans)
+            .map(|((ptrs, m, group), &(first, n))| AgrTensor {
+                p: ptrs.p as u64,
+                g: ptrs.g as u64,
+                st: ptrs.st.map(|s| s as u64),
+                numel: m.numel as i64,
+                ndim: m.ndim as i64,
+                t: m.t as f64,
+                first_chunk: first,
+                n_chunks: n,
+                group: *group as i32,
+                pad: 0,
+                rows: ptrs.rows as u64,
+                row_len: m.row_len as i64,
+            })
+            .collect();
+        let hypers = hyper_table(desc, groups);
+        let nt = table.len();
+        let nr = desc.reductions.len().max(1);
+        let mut partials = vec![0.0f64; chunks.len() * nr];
+        let mut reduced = vec![0.0f64; nt * nr];
+        let mut global = vec![0.0f64; nr];
+        let mut counters = vec![0u32; nt + 1];
+        if nt == 0 {
+            return None;
+        }
+        let launch = |k: usize,
+                      partials: &mut [f64],
+                      reduced: &mut [f64],
+                      global: &mut [f64],
+                      counters: &mut [u32]| {
+            // SAFETY: the tables describe the caller's valid buffers; the
+            // scratch arrays have the sizes the kernels index.
+            let status = (self.pass)(
+                k as i32,
+                hypers.as_ptr(),
+                chunks.as_ptr(),
+                chunks.len() as i32,
+                table.as_ptr(),
+                nt as i32,
+                partials.as_mut_ptr(),
+                reduced.as_mut_ptr(),
+                global.as_mut_ptr(),
+                counters.as_mut_ptr(),
+            );
+            assert_eq!(status, 0, "pass {k} is not a kernel of {}", desc.name);
+            LAUNCHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        };
+        for k in 0..desc.passes {
+            if skip_pass_of(desc, k, policy) {
+                continue;
+            }
+            launch(k, &mut partials, &mut reduced, &mut global, &mut counters);
+            if k == 0 && policy != NonFinite::Ignore && !global[desc.finite_check].is_finite() {
+                let j = (0..nt)
+                    .find(|&j| !reduced[j * nr + desc.finite_check].is_finite())
+                    .unwrap_or(0);
+                return Some(j);
+            }
+        }
+        launch(
+            desc.passes,
+            &mut partials,
+            &mut reduced,
+            &mut global,
+            &mut counters,
+        );
+        debug_assert!(
+            counters.iter().all(|&c| c == 0),
+            "a reduction counter was left set"
+        );
+        None
+    }
+}
+
+/// A tensor's buffers as the kernels address them.
+#[derive(Clone, Copy)]
+pub(crate) struct TensorPtrs {
+    pub p: *mut f32,
+    pub g: *const f32,
+    pub st: [*mut f32; MAX_STATES],
+    pub rows: *mut f64,
+}

@@ -1,0 +1,275 @@
+//! The emulated CUDA device: the generated kernels, compiled as host C++,
+//! driven by the one engine. Every engine feature must work on it and agree
+//! with the CPU step (reductions fold in another order, so to a few ulps).
+
+mod common;
+
+use agr_runtime::golden;
+use agr_runtime::groups::{select, ParamGroups};
+use agr_runtime::optim::{builtin, BUILTINS};
+use agr_runtime::{Device, DynOptimizer, HyperValue, NonFinite, ParamMut, StepError};
+use common::data;
+
+/// One element, odd lengths, rows, more than one 8192-element chunk.
+const SHAPES: &[&[usize]] = &[&[1], &[7], &[5, 9], &[300, 40], &[20000]];
+
+fn step_all(opt: &mut dyn DynOptimizer, values: &mut [Vec<f32>], k: usize, seed: u64) {
+    let grads: Vec<Vec<f32>> = values
+        .iter()
+        .enumerate()
+        .map(|(i, v)| data(v.len(), seed * 977 + (k * 13 + i) as u64))
+        .collect();
+    let mut params: Vec<ParamMut<'_>> = values
+        .iter_mut()
+        .zip(SHAPES)
+        .zip(&grads)
+        .enumerate()
+        // The 3rd tensor has no gradient every other step.
+        .map(|(i, ((v, s), g))| ParamMut::new(v, (i != 2 || k % 2 == 0).then_some(g.as_slice()), s))
+        .collect();
+    opt.step_params(&mut params).unwrap();
+}
+
+fn init(seed: u64) -> Vec<Vec<f32>> {
+    SHAPES
+        .iter()
+        .enumerate()
+        .map(|(i, s)| data(s.iter().product(), seed + i as u64))
+        .collect()
+}
+
+/// Largest |a - b| / (1e-6 + 1e-5 |b|).
+fn worst(a: &[Vec<f32>], b: &[Vec<f32>]) -> f64 {
+    a.iter()
+        .flatten()
+        .zip(b.iter().flatten())
+        .map(|(&x, &y)| (f64::from(x) - f64::from(y)).abs() / (1e-6 + 1e-5 * f64::from(y).abs()))
+        .fold(0.0, f64::max)
+}
+
+#[test]
+fn every_builtin_steps_on_the_emulated_device_as_on_the_cpu() {
+    for b in BUILTINS {
+        let mut cpu = b.make();
+        let mut emu = b.make();
+        emu.set_device(Device::EmulatedCuda).unwrap();
+        assert_eq!(emu.device(), Device::EmulatedCuda);
+        let (mut vc, mut ve) = (init(3), init(3));
+        for k in 0..4 {
+            step_all(&mut *cpu, &mut vc, k, 5);
+            step_all(&mut *emu, &mut ve, k, 5);
+        }
+        let w = worst(&ve, &vc);
+        assert!(
+            w <= 1.0,
+            "{}: the emulated device is {w} tolerances off",
+            b.name
+        );
+        for s in emu.desc().states {
+            for i in 0..SHAPES.len() {
+                let (a, c) = (emu.state(i, s.name), cpu.state(i, s.name));
+                assert_eq!(a.is_some(), c.is_some());
+                if let (Some(a), Some(c)) = (a, c) {
+                    let w = worst(&[a.to_vec()], &[c.to_vec()]);
+                    assert!(w <= 1.0, "{} state {}: {w} tolerances off", b.name, s.name);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn groups_reach_the_kernels() {
+    let b = builtin("adan_agr").unwrap();
+    let groups = ParamGroups::new()
+        .group("vectors", select::ndim_below(2))
+        .set("weight_decay", 0.0)
+        .set("use_agr", false)
+        .group("big", select::ndim_at_least(2))
+        .scale("lr", 3.0);
+    let params: Vec<(String, Vec<usize>)> = SHAPES
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (format!("t{i}"), s.to_vec()))
+        .collect();
+    let named: Vec<(&str, &[usize])> = params
+        .iter()
+        .map(|(n, s)| (n.as_str(), s.as_slice()))
+        .collect();
+    let mut cpu = b.make();
+    let mut emu = b.make();
+    for o in [&mut cpu, &mut emu] {
+        o.set_hyper("weight_decay", HyperValue::Float(0.1)).unwrap();
+        o.set_param_groups(&groups, &named).unwrap();
+    }
+    emu.set_device(Device::EmulatedCuda).unwrap();
+    let mut plain = b.make();
+    plain
+        .set_hyper("weight_decay", HyperValue::Float(0.1))
+        .unwrap();
+    plain.set_device(Device::EmulatedCuda).unwrap();
+    let (mut vc, mut ve, mut vp) = (init(9), init(9), init(9));
+    for k in 0..3 {
+        step_all(&mut *cpu, &mut vc, k, 2);
+        step_all(&mut *emu, &mut ve, k, 2);
+        step_all(&mut *plain, &mut vp, k, 2);
+    }
+    assert!(worst(&ve, &vc) <= 1.0);
+    // Without the groups the kernels compute something else.
+    assert!(worst(&vp, &vc) > 1000.0);
+}
+
+#[test]
+fn a_checkpoint_moves_between_the_cpu_and_the_emulated_device() {
+    let b = builtin("adamw_agr").unwrap();
+    let mut cpu = b.make();
+    let mut v = init(4);
+    for k in 0..3 {
+        step_all(&mut *cpu, &mut v, k, 1);
+    }
+    let bytes = cpu.save_checkpoint();
+    let mut emu = b.make();
+    emu.set_device(Device::EmulatedCuda).unwrap();
+    emu.load_checkpoint(&bytes).unwrap();
+    let mut ve = v.clone();
+    for k in 3..5 {
+        step_all(&mut *cpu, &mut v, k, 1);
+        step_all(&mut *emu, &mut ve, k, 1);
+    }
+    assert!(worst(&ve, &v) <= 1.0);
+    // And back: the emulated device's checkpoint resumes on the CPU.
+    let mut back = b.make();
+    back.load_checkpoint(&emu.save_checkpoint()).unwrap();
+    let mut vb = ve.clone();
+    step_all(&mut *back, &mut vb, 5, 1);
+    step_all(&mut *emu, &mut ve, 5, 1);
+    assert!(worst(&vb, &ve) <= 1.0);
+    assert_eq!(back.non_finite_skips(), 0);
+}
+
+#[test]
+fn a_non_finite_gradient_changes_nothing_on_the_emulated_device() {
+    let b = builtin("adan_agr").unwrap();
+    let mut emu = b.make();
+    emu.set_device(Device::EmulatedCuda).unwrap();
+    let mut w = vec![1.0f32, 2.0, 3.0];
+    let mut bias = vec![0.5f32];
+    let r = emu
+        .step_params(&mut [
+            ParamMut::new(&mut w, Some(&[0.1, 0.2, 0.3]), &[3]),
+            ParamMut::new(&mut bias, Some(&[f32::NAN]), &[1]),
+        ])
+        .unwrap();
+    assert_eq!(r.skipped_non_finite, Some(1));
+    // The kernels ran: the finite check's pass, and no update.
+    assert!(agr_runtime::emulated::launches() >= 1);
+    assert_eq!(
+        (w.as_slice(), bias.as_slice()),
+        (&[1.0, 2.0, 3.0][..], &[0.5][..])
+    );
+    assert!(
+        emu.state(0, "m").is_none(),
+        "a skipped first step creates no state"
+    );
+    emu.set_non_finite_policy(NonFinite::Error);
+    let e = emu
+        .step_params(&mut [
+            ParamMut::new(&mut w, Some(&[f32::INFINITY, 0.2, 0.3]), &[3]),
+            ParamMut::new(&mut bias, Some(&[0.1]), &[1]),
+        ])
+        .unwrap_err();
+    assert_eq!(e, StepError::NonFinite { index: 0 });
+    // Bad input is refused before any kernel runs.
+    let e = emu
+        .step_params(&mut [
+            ParamMut::new(&mut w, Some(&[0.1, 0.2]), &[3]),
+            ParamMut::new(&mut bias, Some(&[0.1]), &[1]),
+        ])
+        .unwrap_err();
+    assert!(matches!(e, StepError::GradLen { index: 0, .. }), "{e:?}");
+    assert_eq!(w, vec![1.0, 2.0, 3.0]);
+}
+
+#[test]
+fn a_step_is_one_launch_per_pass_plus_the_update() {
+    let spec =
+        agr_runtime::compile("Launches { hyper { lr = 0.1 } step { p = p - lr * agr(g); } }")
+            .unwrap();
+    let mut opt = spec.boxed();
+    opt.set_device(Device::EmulatedCuda).unwrap();
+    assert_eq!(spec.desc().passes + 1, 2);
+    let mut w = vec![1.0f32; 100];
+    let g = vec![0.5f32; 100];
+    // Other tests only add launches: the fewest seen in a step bounds ours.
+    let mut launched = u64::MAX;
+    for _ in 0..20 {
+        let before = agr_runtime::emulated::launches();
+        opt.step_params(&mut [ParamMut::new(&mut w, Some(&g), &[100])])
+            .unwrap();
+        launched = launched.min(agr_runtime::emulated::launches() - before);
+    }
+    assert!(
+        launched >= 2,
+        "the emulated device launched {launched} kernels per step"
+    );
+    opt.set_device(Device::Cpu).unwrap();
+    assert_eq!(opt.device(), Device::Cpu);
+}
+
+#[test]
+fn a_spec_compiled_at_run_time_runs_on_the_emulated_device() {
+    let spec = agr_runtime::compile(
+        "RowNorm { hyper { lr = 0.1 where lr > 0 } state { m = 0 } \
+         step { m = 0.9 * m + g / (row_mean(abs(g)) + 1e-8); p = p - lr * agr(m) / (norm(m) + 1); } }",
+    )
+    .unwrap();
+    let mut cpu = spec.boxed();
+    let mut emu = spec.boxed();
+    emu.set_device(Device::EmulatedCuda).unwrap();
+    let (mut vc, mut ve) = (init(21), init(21));
+    for k in 0..3 {
+        step_all(&mut *cpu, &mut vc, k, 8);
+        step_all(&mut *emu, &mut ve, k, 8);
+    }
+    assert!(worst(&ve, &vc) <= 1.0);
+}
+
+#[test]
+fn every_golden_file_replays_on_the_emulated_device() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/golden");
+    let mut files = vec![];
+    for sub in ["", "more", "frontier"] {
+        let Ok(rd) = std::fs::read_dir(dir.join(sub)) else {
+            continue;
+        };
+        files.extend(
+            rd.flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "json")),
+        );
+    }
+    assert!(
+        files.len() >= 14,
+        "found {} golden files in {}",
+        files.len(),
+        dir.display()
+    );
+    let mut replayed = 0;
+    for f in &files {
+        let g = golden::load(f).unwrap();
+        let Some(b) = builtin(&g.optimizer) else {
+            // Frontier optimizers are not built in yet.
+            continue;
+        };
+        let mut opt = b.make();
+        opt.set_device(Device::EmulatedCuda).unwrap();
+        let r = golden::replay_with(&g, opt).unwrap();
+        assert!(r.pass, "{}: {r}", f.display());
+        replayed += 1;
+    }
+    println!(
+        "{replayed} of {} golden files replayed on the emulated device",
+        files.len()
+    );
+    assert!(replayed >= 14);
+}
