@@ -166,3 +166,45 @@ fn check_reports_every_independent_mistake_not_only_the_first() {
         "{err}"
     );
 }
+
+#[test]
+fn replay_takes_a_spec_of_the_users_and_a_device() {
+    let dir = std::env::temp_dir().join(format!("agr-cli-spec-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // The built-in AdamW-AGR, written out as a user's file.
+    let spec = dir.join("mine.agr");
+    std::fs::write(
+        &spec,
+        agr_runtime::optim::builtin("adamw_agr").unwrap().source,
+    )
+    .unwrap();
+    let spec = spec.to_str().unwrap();
+    let file = golden("adamw_agr_basic.json");
+    for device in ["cpu", "emulated-cuda"] {
+        let (code, out, err) = agr(&["replay", "--spec", spec, "--device", device, &file]);
+        assert_eq!(code, 0, "{device}: {out}{err}");
+        assert!(
+            out.contains("AdamWAgr (file: adamw_agr)") && out.trim_end().ends_with("PASS"),
+            "{device}: {out}"
+        );
+    }
+    // A spec that does not fit the file: its hyperparameters are missing.
+    let sgd = dir.join("sgd.agr");
+    std::fs::write(&sgd, "Sgd { hyper { lr = 0.1 } step { p = p - lr * g; } }").unwrap();
+    let (code, out, _) = agr(&["replay", "--spec", sgd.to_str().unwrap(), &file]);
+    assert_eq!(code, 1);
+    assert!(
+        out.contains("ERROR") && out.contains("Sgd has no hyperparameter"),
+        "{out}"
+    );
+    // A broken spec fails before any file, with line and column.
+    let bad = dir.join("bad.agr");
+    std::fs::write(&bad, "Bad {\n  step { p = p - lr * g; }\n}\n").unwrap();
+    let (code, _, err) = agr(&["replay", "--spec", bad.to_str().unwrap(), &file]);
+    assert_eq!(code, 1);
+    assert!(err.contains("bad.agr:2:") && err.contains("`lr`"), "{err}");
+    // An unknown device is a usage error.
+    let (code, _, err) = agr(&["replay", "--device", "tpu", &file]);
+    assert_eq!(code, 2);
+    assert!(err.contains("unknown device `tpu`"), "{err}");
+}
