@@ -37,7 +37,9 @@ pub mod tch;
 
 pub use agr_macros::optimizer;
 pub use checkpoint::CheckpointError;
-pub use compiled::{compile, compile_file, CompiledOptimizer, CompiledSpec, DynConfig, SpecError};
+pub use compiled::{
+    compile, compile_file, CompiledOptimizer, CompiledSpec, DynConfig, DynKernel, SpecError,
+};
 pub use cpu::{Kernel, KernelDesc, StaticKernel};
 pub use dynamic::DynOptimizer;
 pub use groups::{GroupError, ParamGroups};

@@ -759,3 +759,56 @@ fn errors_while_locking_many_variables_come_back_and_steps_go_on() {
     assert_eq!(opt.last_report().unwrap().updated, 400);
     assert!(vars[399].as_tensor().to_vec1::<f32>().unwrap()[0] > 1.0);
 }
+
+#[test]
+fn a_spec_compiled_at_run_time_is_a_candle_optimizer() {
+    let b = builtin("lion_agr").unwrap();
+    let spec = agr_runtime::compile(b.source).unwrap();
+    let run = |mut opt: Box<dyn FnMut(&GradStore)>, vars: &[Var]| -> Vec<u32> {
+        for k in 0..5 {
+            let mut grads = GradStore::default();
+            for (i, v) in vars.iter().enumerate() {
+                let n = v.elem_count();
+                let g: Vec<f32> = (0..n)
+                    .map(|j| ((j * 7 + i * 3 + k) % 11) as f32 - 5.0)
+                    .collect();
+                grads.insert(
+                    v.as_tensor(),
+                    Tensor::from_vec(g, v.dims(), &Device::Cpu).unwrap(),
+                );
+            }
+            opt(&grads);
+        }
+        vars.iter()
+            .flat_map(|v| {
+                v.as_tensor()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+            })
+            .map(f32::to_bits)
+            .collect()
+    };
+    let vars = || -> Vec<Var> {
+        [vec![3, 4], vec![4], vec![1]]
+            .iter()
+            .map(|s| {
+                Var::from_tensor(
+                    &Tensor::ones(s.as_slice(), candle_core::DType::F32, &Device::Cpu).unwrap(),
+                )
+                .unwrap()
+            })
+            .collect()
+    };
+    let (va, vb) = (vars(), vars());
+    let mut compiled =
+        agr_runtime::CompiledOptimizer::new(va.clone(), spec.default_config()).unwrap();
+    let mut generated = LionAgr::new(vb.clone(), Default::default()).unwrap();
+    let a = run(Box::new(move |g| compiled.step(g).unwrap()), &va);
+    let b = run(Box::new(move |g| generated.step(g).unwrap()), &vb);
+    assert!(
+        a == b,
+        "the compiled spec and LionAgr differ through candle"
+    );
+}

@@ -416,3 +416,16 @@ fn agr_errors_convert_into_tch_errors() {
         assert!(e.to_string().contains(want), "{e}");
     }
 }
+
+#[test]
+fn a_spec_compiled_at_run_time_trains_through_tch_as_its_builtin() {
+    let b = agr_runtime::optim::builtin("adamw_agr").unwrap();
+    let spec = agr_runtime::compile(b.source).unwrap();
+    let config = spec.default_config().with("lr", 1e-2).unwrap();
+    let compiled = train::<agr_runtime::DynKernel>(config, 30);
+    let generated = train::<AdamWAgrKernel>(AdamWAgrConfig::default().with_lr(1e-2), 30);
+    // The same arithmetic: the same losses, bit for bit.
+    assert_eq!(compiled.0.to_bits(), generated.0.to_bits());
+    assert_eq!(compiled.1.to_bits(), generated.1.to_bits());
+    assert!(compiled.1 < compiled.0 * 0.5, "{compiled:?}");
+}
