@@ -257,17 +257,8 @@ fn make(name: &str, lr: f64) -> Result<Box<dyn DynOptimizer>, String> {
             .map_err(|e| e.to_string())?
             .boxed()
     } else {
-        optim::builtin(name)
-            .ok_or_else(|| {
-                format!(
-                    "unknown optimizer `{name}`; the built-ins are {} (or give a `.agr` spec file)",
-                    optim::BUILTINS
-                        .iter()
-                        .map(|b| b.name)
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )
-            })?
+        optim::builtin_or_err(name)
+            .map_err(|e| format!("{e} (or give a `.agr` spec file)"))?
             .make()
     };
     if opt.hyper("lr").is_none() {

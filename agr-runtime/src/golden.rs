@@ -98,17 +98,7 @@ pub fn load(path: &Path) -> Result<Golden, String> {
 
 /// Runs the golden trajectory through the built-in it names.
 pub fn replay(g: &Golden) -> Result<Replay, String> {
-    let builtin = optim::builtin(&g.optimizer).ok_or_else(|| {
-        format!(
-            "unknown optimizer `{}`; the built-ins are {}",
-            g.optimizer,
-            optim::BUILTINS
-                .iter()
-                .map(|b| b.name)
-                .collect::<Vec<_>>()
-                .join(", ")
-        )
-    })?;
+    let builtin = optim::builtin_or_err(&g.optimizer)?;
     replay_with(g, builtin.make())
 }
 

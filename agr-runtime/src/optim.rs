@@ -64,6 +64,20 @@ builtins! {
     "adamw_gc" => AdamWGc, "adamw_gc.agr";
 }
 
+/// Looks a built-in up by name; an unknown name is an error that lists them.
+pub fn builtin_or_err(name: &str) -> Result<&'static Builtin, String> {
+    builtin(name).ok_or_else(|| {
+        format!(
+            "unknown optimizer `{name}`; the built-ins are {}",
+            BUILTINS
+                .iter()
+                .map(|b| b.name)
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    })
+}
+
 /// Looks a built-in up by its name (`adamw_agr`) or type name (`AdamWAgr`).
 pub fn builtin(name: &str) -> Option<&'static Builtin> {
     BUILTINS

@@ -236,18 +236,8 @@ fn replay(spec: Option<&Path>, device: agr_runtime::Device, files: &[PathBuf]) -
             let (mut opt, label) = match &compiled {
                 Some(c) => (c.boxed(), format!("{} (file: {})", c.name(), g.optimizer)),
                 None => (
-                    optim::builtin(&g.optimizer)
-                        .ok_or_else(|| {
-                            format!(
-                                "unknown optimizer `{}`; the built-ins are {} (or replay a spec: --spec FILE.agr)",
-                                g.optimizer,
-                                optim::BUILTINS
-                                    .iter()
-                                    .map(|b| b.name)
-                                    .collect::<Vec<_>>()
-                                    .join(", ")
-                            )
-                        })?
+                    optim::builtin_or_err(&g.optimizer)
+                        .map_err(|e| format!("{e} (or replay a spec: --spec FILE.agr)"))?
                         .make(),
                     g.optimizer.clone(),
                 ),
