@@ -8,7 +8,9 @@
 //! without a GPU: only the driver calls themselves need one.
 //!
 //! Needs a C++17 compiler at run time (`g++`, or `$AGR_CXX`). The shared
-//! library is cached in the temporary folder by a hash of its source.
+//! library is cached by a hash of its source in the user's cache folder
+//! (`$AGR_EMULATED_DIR`, `$XDG_CACHE_HOME/agr/emulated` or
+//! `~/.cache/agr/emulated`).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -185,6 +187,37 @@ fn host_source(desc: &KernelDesc) -> String {
     src
 }
 
+/// Where compiled kernels are kept: `$AGR_EMULATED_DIR`, else the user's
+/// cache folder (`$XDG_CACHE_HOME/agr/emulated`, `~/.cache/agr/emulated`),
+/// never a folder other users can write (a library is loaded from it).
+fn cache_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("AGR_EMULATED_DIR") {
+        return PathBuf::from(d);
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")));
+    match base {
+        Some(b) => b.join("agr").join("emulated"),
+        None => std::env::temp_dir().join(format!("agr-emulated-{}", std::process::id())),
+    }
+}
+
+fn create_private_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+    }
+    #[cfg(not(unix))]
+    {
+        std::fs::create_dir_all(dir)
+    }
+}
+
 fn fnv1a(text: &str) -> u64 {
     let mut h: u64 = 0xcbf29ce484222325;
     for b in text.bytes() {
@@ -212,8 +245,9 @@ impl HostModule {
     fn build(desc: &'static KernelDesc) -> Result<HostModule, EmulatedError> {
         let compiler = std::env::var("AGR_CXX").unwrap_or_else(|_| "g++".into());
         let src = host_source(desc);
-        let dir = std::env::temp_dir().join("agr-emulated");
-        std::fs::create_dir_all(&dir).map_err(|e| EmulatedError::Load(e.to_string()))?;
+        let dir = cache_dir();
+        create_private_dir(&dir)
+            .map_err(|e| EmulatedError::Load(format!("cannot create {}: {e}", dir.display())))?;
         let stem = format!("{}-{:016x}", desc.name, fnv1a(&(src.clone() + &compiler)));
         let lib: PathBuf = dir.join(format!("{stem}.so"));
         if !lib.exists() {
