@@ -273,3 +273,52 @@ fn every_golden_file_replays_on_the_emulated_device() {
     );
     assert!(replayed >= 14);
 }
+
+#[test]
+fn many_tensors_and_a_global_reduction_on_the_emulated_device() {
+    // Adan-AGR clips by the global norm: a reduction over every tensor of
+    // the step, combined by the last block of the last tensor.
+    let b = builtin("adan_agr").unwrap();
+    let shapes: Vec<Vec<usize>> = (0..300)
+        .map(|i| match i % 4 {
+            0 => vec![1 + i % 7],
+            1 => vec![3, 1 + i % 11],
+            2 => vec![9000 + i],
+            _ => vec![2, 3, 1 + i % 5],
+        })
+        .collect();
+    let mut cpu = b.make();
+    let mut emu = b.make();
+    for o in [&mut cpu, &mut emu] {
+        o.set_hyper("max_grad_norm", HyperValue::Float(0.5))
+            .unwrap();
+    }
+    emu.set_device(Device::EmulatedCuda).unwrap();
+    let init: Vec<Vec<f32>> = shapes
+        .iter()
+        .enumerate()
+        .map(|(i, s)| data(s.iter().product(), 40 + i as u64))
+        .collect();
+    let (mut vc, mut ve) = (init.clone(), init);
+    for k in 0..3 {
+        let grads: Vec<Vec<f32>> = shapes
+            .iter()
+            .enumerate()
+            .map(|(i, s)| data(s.iter().product(), 1000 * k + i as u64))
+            .collect();
+        for (opt, vals) in [(&mut cpu, &mut vc), (&mut emu, &mut ve)] {
+            let mut params: Vec<ParamMut<'_>> = vals
+                .iter_mut()
+                .zip(&shapes)
+                .zip(&grads)
+                .map(|((v, s), g)| ParamMut::new(v, Some(g), s))
+                .collect();
+            opt.step_params(&mut params).unwrap();
+        }
+    }
+    let w = worst(&ve, &vc);
+    assert!(
+        w <= 1.0,
+        "300 tensors: the emulated device is {w} tolerances off"
+    );
+}
