@@ -48,7 +48,7 @@ int main() {
         long long row_len;
         rd(&row_len, 1);
         AgrTensor& T = tensors[j];
-        T.p = p[j].data(); T.numel = numel; T.ndim = ndim; T.t = 0; T.row_len = row_len; T.group = 0;
+        T.p = p[j].data(); T.numel = numel; T.ndim = ndim; T.t = 0; T.row_len = row_len; T.group = 0; T.id = j;
         rows[j].assign(numel / row_len * (NAME(_ROW_REDUCTIONS) + 1), 0.0);
         T.rows = rows[j].data();
         st[j].resize(NAME(_NUM_STATES));
@@ -91,7 +91,7 @@ int main() {
 #endif
         for (size_t b = 0; b < chunks.size(); ++b) {
             blockIdx.x = (unsigned)b;
-            NAME(_update)(&h, chunks.data(), tensors.data(), nt, reduced.data(), global.data());
+            NAME(_update)(&h, chunks.data(), tensors.data(), nt, reduced.data(), global.data(), (unsigned*)0);
         }
         for (unsigned c : counters)
             if (c != 0) { fprintf(stderr, "a reduction counter was left at %u\n", c); return 3; }

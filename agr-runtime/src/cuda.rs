@@ -570,7 +570,7 @@ impl<K: Kernel> CudaOptimizer<K> {
                 first_chunk: first as i32,
                 n_chunks: (self.host_chunks.len() - first) as i32,
                 group: 0,
-                pad: 0,
+                id: i as i32,
                 rows,
                 row_len: row_len as i64,
             });
@@ -651,7 +651,9 @@ impl<K: Kernel> CudaOptimizer<K> {
                 .arg(&*d_tensors)
                 .arg(&nt_arg)
                 .arg(&*reduced)
-                .arg(&self.d_global);
+                .arg(&self.d_global)
+                // No device-side skip: the check was read back after pass 0.
+                .arg(&0u64);
             b.launch(cfg)?;
         }
         for &i in &active {

@@ -38,7 +38,8 @@ pub(crate) struct AgrTensor {
     pub first_chunk: i32,
     pub n_chunks: i32,
     pub group: i32,
-    pub pad: i32,
+    /// The parameter's index (per-parameter counters such as `skipped`).
+    pub id: i32,
     pub rows: u64,
     pub row_len: i64,
 }
@@ -149,6 +150,7 @@ type PassFn = unsafe extern "C" fn(
     reduced: *mut f64,
     global: *mut f64,
     counters: *mut u32,
+    skipped: *mut u32,
 ) -> i32;
 
 /// A spec's kernels compiled for the CPU.
@@ -173,7 +175,7 @@ fn host_source(desc: &KernelDesc) -> String {
     let x = desc.name;
     let mut src = format!("#define AGR_HOST_CHECK 1\n{}\n", desc.cuda_source);
     src += &format!(
-        "extern \"C\" int agr_emulated_pass(int pass, const double* hypers, const AgrChunk* chunks, int nchunks, const AgrTensor* tensors, int ntensors, double* partials, double* reduced, double* global, unsigned* counters) {{\n    const {x}_Hyper* h = (const {x}_Hyper*)hypers;\n    switch (pass) {{\n"
+        "extern \"C\" int agr_emulated_pass(int pass, const double* hypers, const AgrChunk* chunks, int nchunks, const AgrTensor* tensors, int ntensors, double* partials, double* reduced, double* global, unsigned* counters, unsigned* skipped) {{\n    const {x}_Hyper* h = (const {x}_Hyper*)hypers;\n    switch (pass) {{\n"
     );
     for k in 0..desc.passes {
         src += &format!(
@@ -181,7 +183,7 @@ fn host_source(desc: &KernelDesc) -> String {
         );
     }
     src += &format!(
-        "    case {}:\n        for (int b = 0; b < nchunks; ++b) {{ blockIdx.x = (unsigned)b; {x}_update(h, chunks, tensors, ntensors, reduced, global); }}\n        return 0;\n    }}\n    return 1;\n}}\n",
+        "    case {}:\n        for (int b = 0; b < nchunks; ++b) {{ blockIdx.x = (unsigned)b; {x}_update(h, chunks, tensors, ntensors, reduced, global, skipped); }}\n        return 0;\n    }}\n    return 1;\n}}\n",
         desc.passes
     );
     src
@@ -307,7 +309,7 @@ impl HostModule {
     pub(crate) unsafe fn step<C: HyperConfig>(
         &self,
         groups: &[C],
-        tensors: &[(TensorPtrs, TensorMeta, usize)],
+        tensors: &[(TensorPtrs, TensorMeta, usize, usize)],
         policy: NonFinite,
     ) -> Option<usize> {
         let desc = self.desc;
@@ -316,7 +318,7 @@ impl HostModule {
         let table: Vec<AgrTensor> = tensors
             .iter()
             .zip(&spans)
-            .map(|((ptrs, m, group), &(first, n))| AgrTensor {
+            .map(|((ptrs, m, group, id), &(first, n))| AgrTensor {
                 p: ptrs.p as u64,
                 g: ptrs.g as u64,
                 st: ptrs.st.map(|s| s as u64),
@@ -326,7 +328,7 @@ impl HostModule {
                 first_chunk: first,
                 n_chunks: n,
                 group: *group as i32,
-                pad: 0,
+                id: *id as i32,
                 rows: ptrs.rows as u64,
                 row_len: m.row_len as i64,
             })
@@ -341,11 +343,19 @@ impl HostModule {
         if nt == 0 {
             return None;
         }
+        // Under `Skip` the update kernel makes the skip decision and counts
+        // it per parameter (as on a GPU, where reading the check back would
+        // stall the stream); `Error` reads the check back after the first
+        // pass, to return before the update.
+        let n_ids = tensors.iter().map(|t| t.3 + 1).max().unwrap_or(0);
+        let mut skipped = vec![0u32; n_ids];
+        let device_skip = policy == NonFinite::Skip;
         let launch = |k: usize,
                       partials: &mut [f64],
                       reduced: &mut [f64],
                       global: &mut [f64],
-                      counters: &mut [u32]| {
+                      counters: &mut [u32],
+                      skipped: &mut [u32]| {
             // SAFETY: the tables describe the caller's valid buffers; the
             // scratch arrays have the sizes the kernels index.
             let status = (self.pass)(
@@ -359,6 +369,11 @@ impl HostModule {
                 reduced.as_mut_ptr(),
                 global.as_mut_ptr(),
                 counters.as_mut_ptr(),
+                if device_skip {
+                    skipped.as_mut_ptr()
+                } else {
+                    std::ptr::null_mut()
+                },
             );
             assert_eq!(status, 0, "pass {k} is not a kernel of {}", desc.name);
             LAUNCHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -367,12 +382,16 @@ impl HostModule {
             if skip_pass_of(desc, k, policy) {
                 continue;
             }
-            launch(k, &mut partials, &mut reduced, &mut global, &mut counters);
-            if k == 0 && policy != NonFinite::Ignore && !global[desc.finite_check].is_finite() {
-                let j = (0..nt)
-                    .find(|&j| !reduced[j * nr + desc.finite_check].is_finite())
-                    .unwrap_or(0);
-                return Some(j);
+            launch(
+                k,
+                &mut partials,
+                &mut reduced,
+                &mut global,
+                &mut counters,
+                &mut skipped,
+            );
+            if k == 0 && policy == NonFinite::Error && !global[desc.finite_check].is_finite() {
+                return Some(non_finite_slot(&reduced, nt, nr, desc.finite_check));
             }
         }
         launch(
@@ -381,13 +400,34 @@ impl HostModule {
             &mut reduced,
             &mut global,
             &mut counters,
+            &mut skipped,
         );
         debug_assert!(
             counters.iter().all(|&c| c == 0),
             "a reduction counter was left set"
         );
+        if device_skip {
+            // What the kernels decided, read after the step (on a GPU: when asked).
+            let counted = tensors.iter().filter(|t| skipped[t.3] == 1).count();
+            let bad = !global[desc.finite_check].is_finite();
+            assert!(
+                counted == if bad { nt } else { 0 },
+                "the update kernel counted {counted} of {nt} tensors as skipped (finite check: {})",
+                global[desc.finite_check]
+            );
+            if bad {
+                return Some(non_finite_slot(&reduced, nt, nr, desc.finite_check));
+            }
+        }
         None
     }
+}
+
+/// The first tensor whose finite check failed.
+fn non_finite_slot(reduced: &[f64], nt: usize, nr: usize, check: usize) -> usize {
+    (0..nt)
+        .find(|&j| !reduced[j * nr + check].is_finite())
+        .unwrap_or(0)
 }
 
 /// A tensor's buffers as the kernels address them.

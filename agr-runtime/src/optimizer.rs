@@ -778,7 +778,7 @@ impl<K: Kernel> Optimizer<K> {
                         st: pt.st,
                         rows: pt.rows,
                     };
-                    (ptrs, sc.metas[j], sc.slot_group[j])
+                    (ptrs, sc.metas[j], sc.slot_group[j], sc.active[j])
                 })
                 .collect();
             // SAFETY: the pointers come from the validated parameters and the

@@ -101,11 +101,12 @@ fn check(desc: &KernelDesc, report: &mut Vec<String>) {
                     u.registers,
                     u.spill_bytes
                 ));
-                // At most one 8-byte register stored and reloaded: since
-                // the hyperparameters became a per-group table in global
-                // memory, ptxas saves one value in a few kernel variants
-                // (counted in the report; README, GPU). More is a failure.
-                let abi_save = u.spill_bytes <= 16;
+                // At most 32 bytes stored and reloaded: since the kernels
+                // read a per-group table of hyperparameters and decide a
+                // non-finite skip themselves, ptxas keeps a few values on the
+                // stack in 7 of 168 kernel variants (the scalar prologue's
+                // calls; counted in the report, README "GPU"). More fails.
+                let abi_save = u.spill_bytes <= 32;
                 assert!(
                     u.spill_bytes == 0 || abi_save,
                     "{} spills {} bytes on {sm} ({dtype:?}):\n{text}",

@@ -145,7 +145,7 @@ static int run_@() {
         p[j].resize(numel); g[j].resize(numel);
         rd(p[j].data(), numel);
         AgrTensor& T = tensors[j];
-        T.p = p[j].data(); T.numel = numel; T.ndim = ndim; T.t = 0; T.row_len = row_len; T.group = 0;
+        T.p = p[j].data(); T.numel = numel; T.ndim = ndim; T.t = 0; T.row_len = row_len; T.group = 0; T.id = j;
         rows[j].assign(numel / row_len * (@_ROW_REDUCTIONS + 1), 0.0);
         T.rows = rows[j].data();
         st[j].resize(@_NUM_STATES);
@@ -187,7 +187,7 @@ static int run_@() {
 #undef PASS
         for (size_t b = 0; b < chunks.size(); ++b) {
             blockIdx.x = (unsigned)b;
-            @_update(&h, chunks.data(), tensors.data(), nt, reduced.data(), global.data());
+            @_update(&h, chunks.data(), tensors.data(), nt, reduced.data(), global.data(), (unsigned*)0);
         }
         for (unsigned c : counters)
             if (c != 0) { fprintf(stderr, "a reduction counter was left at %u\n", c); return 3; }

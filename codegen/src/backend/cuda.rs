@@ -751,8 +751,17 @@ fn emit_update(prog: &Program, w: &mut W) {
     let p_write = prog.param_written().then_some(prog.param_out);
     let f = emit_elem_fn(prog, "update", &plan, &[], &writes, p_write, w);
     w.open(&format!(
-        "extern \"C\" __global__ void __launch_bounds__(AGR_BLOCK) {x}_update(const {x}_Hyper* __restrict__ hypers, const AgrChunk* __restrict__ chunks, const AgrTensor* __restrict__ tensors, int ntensors, const double* reduced, const double* global) {{"
+        "extern \"C\" __global__ void __launch_bounds__(AGR_BLOCK) {x}_update(const {x}_Hyper* __restrict__ hypers, const AgrChunk* __restrict__ chunks, const AgrTensor* __restrict__ tensors, int ntensors, const double* reduced, const double* global, unsigned* skipped) {{"
     ));
+    // The skip decision on the device: with `skipped` (the non-finite
+    // policy `Skip`), a step whose finite check failed writes nothing and
+    // counts itself per tensor, with no read back to the host in between.
+    w.open(&format!(
+        "if (skipped != 0 && !isfinite(global[{x}_FINITE_CHECK])) {{"
+    ));
+    w.line("if (chunks[blockIdx.x].start == 0 && threadIdx.x == 0) skipped[tensors[chunks[blockIdx.x].tensor].id] += 1u;");
+    w.line("return;");
+    w.close("}");
     emit_prologue(prog, prog.n_phases, "update", &f, w);
     emit_loop(prog, "update", &f, 0, &[], w);
     w.close("}");

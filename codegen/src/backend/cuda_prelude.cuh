@@ -66,7 +66,7 @@ struct AgrTensor {
     int first_chunk;   // index of its first chunk in the chunk table
     int n_chunks;
     int group;         // its parameter group: the index of its hyperparameters
-    int pad;
+    int id;            // the parameter's index (for per-parameter counters)
     double* rows;      // row-reduction results, ROW_REDUCTIONS per row
     long long row_len; // elements per row (every dimension but the first)
 };
