@@ -224,11 +224,7 @@ impl DynConfig {
 
     /// The values in spec order, as the kernels read them (f64; bools 0 or 1).
     fn number(&self, h: usize) -> f64 {
-        match self.values[h] {
-            HyperValue::Float(v) => v,
-            HyperValue::Int(v) => v as f64,
-            HyperValue::Bool(b) => f64::from(u8::from(b)),
-        }
+        self.values[h].to_f64()
     }
 }
 
@@ -633,6 +629,13 @@ fn leak(s: &str) -> &'static str {
     Box::leak(s.to_string().into_boxed_str())
 }
 
+fn fold(op: ReduceOp) -> Fold {
+    match op {
+        ReduceOp::Sum => Fold::Sum,
+        ReduceOp::Max => Fold::Max,
+    }
+}
+
 fn describe(prog: &Program) -> &'static KernelDesc {
     let hypers: Vec<HyperInfo> = prog
         .hypers
@@ -661,10 +664,7 @@ fn describe(prog: &Program) -> &'static KernelDesc {
         .reductions
         .iter()
         .map(|r| ReductionInfo {
-            op: match r.op {
-                ReduceOp::Sum => Fold::Sum,
-                ReduceOp::Max => Fold::Max,
-            },
+            op: fold(r.op),
             scope: match r.scope {
                 ir::Scope::Tensor => Scope::Tensor,
                 ir::Scope::Global => Scope::Global,
@@ -713,10 +713,6 @@ impl Exec {
                 v[ph].push(id);
             }
         }
-        let fold = |op: ReduceOp| match op {
-            ReduceOp::Sum => Fold::Sum,
-            ReduceOp::Max => Fold::Max,
-        };
         let mut passes = vec![];
         for k in 0..prog.n_phases {
             let reds: Vec<(usize, &ir::Reduction)> = prog.reductions_in(k).collect();

@@ -37,6 +37,26 @@ pub struct KernelDesc {
     pub writes_param: bool,
 }
 
+impl KernelDesc {
+    /// Elements per unit of work for a tensor with rows of `row_len`: `chunk`,
+    /// or, with row reductions, as many whole rows as fit (at least one).
+    pub fn chunk_len(&self, row_len: usize, chunk: usize) -> usize {
+        if self.row_reductions > 0 {
+            row_len * (chunk / row_len).max(1)
+        } else {
+            chunk
+        }
+    }
+
+    /// The first of `n` tensors whose finite check in `reduced` (one row of
+    /// `nr` results per tensor) failed, or 0.
+    pub fn non_finite_slot(&self, reduced: &[f64], n: usize, nr: usize) -> usize {
+        (0..n)
+            .find(|&j| !reduced[j * nr + self.finite_check].is_finite())
+            .unwrap_or(0)
+    }
+}
+
 /// The fused phases of one spec: what the engine runs on the CPU.
 ///
 /// A step runs `desc().passes` reduction passes and one update pass. Before

@@ -542,12 +542,7 @@ impl<K: Kernel> CudaOptimizer<K> {
                 None => 0,
             };
             let row_len = TensorMeta::row_len_of(p.shape);
-            // With row reductions a chunk holds whole rows.
-            let chunk = if desc.row_reductions > 0 {
-                row_len * (CHUNK / row_len).max(1)
-            } else {
-                CHUNK
-            };
+            let chunk = desc.chunk_len(row_len, CHUNK);
             let first = self.host_chunks.len();
             let slot = self.host_tensors.len() as i32;
             let mut start = 0;
@@ -595,7 +590,7 @@ impl<K: Kernel> CudaOptimizer<K> {
         };
         stream.memcpy_htod(&self.host_tensors, &mut d_tensors.slice_mut(..nt))?;
         stream.memcpy_htod(&self.host_chunks, &mut d_chunks.slice_mut(..nc))?;
-        let hyper = crate::emulated::hyper_table(desc, std::slice::from_ref(&self.config));
+        let hyper = crate::emulated::hyper_table(desc, [&self.config]);
         ensure(&stream, &mut self.d_hypers, hyper.len())?;
         let Some(d_hypers) = self.d_hypers.as_mut() else {
             unreachable!("ensured above")
@@ -628,10 +623,7 @@ impl<K: Kernel> CudaOptimizer<K> {
                     let global = stream.clone_dtoh(&self.d_global)?;
                     if !global[desc.finite_check].is_finite() {
                         let red = stream.clone_dtoh(&*reduced)?;
-                        let j = (0..nt)
-                            .find(|&j| !red[j * nr + desc.finite_check].is_finite())
-                            .unwrap_or(0);
-                        let index = active[j];
+                        let index = active[desc.non_finite_slot(&red, nt, nr)];
                         if self.non_finite == NonFinite::Error {
                             return Err(CudaError::Step(StepError::NonFinite { index }));
                         }

@@ -19,7 +19,7 @@ use std::process::Command;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::cpu::KernelDesc;
-use crate::optimizer::skip_pass_of;
+use crate::optimizer::{skip_pass_of, Ptrs};
 use crate::{HyperConfig, HyperValue, NonFinite, TensorMeta, MAX_STATES};
 
 /// Elements per chunk (one block's work); `AGR_CHUNK` in the prelude.
@@ -55,24 +55,24 @@ pub(crate) struct AgrChunk {
 
 /// The hyperparameters as the kernels read them: one `X_Hyper` (the values
 /// as doubles in spec order, bools 0 or 1) per group.
-pub(crate) fn hyper_table<C: HyperConfig>(desc: &KernelDesc, groups: &[C]) -> Vec<f64> {
+pub(crate) fn hyper_table<'a, C: HyperConfig + 'a>(
+    desc: &KernelDesc,
+    groups: impl IntoIterator<Item = &'a C>,
+) -> Vec<f64> {
     let stride = desc.hypers.len().max(1);
-    let mut v = vec![0.0; stride * groups.len()];
-    for (g, c) in groups.iter().enumerate() {
+    let mut v = vec![];
+    for c in groups {
+        let start = v.len();
+        v.resize(start + stride, 0.0);
         for (k, info) in desc.hypers.iter().enumerate() {
-            v[g * stride + k] = match c.get(info.name) {
-                Some(HyperValue::Float(x)) => x,
-                Some(HyperValue::Int(x)) => x as f64,
-                Some(HyperValue::Bool(b)) => f64::from(u8::from(b)),
-                None => 0.0,
-            };
+            v[start + k] = c.get(info.name).map_or(0.0, HyperValue::to_f64);
         }
     }
     v
 }
 
-/// The chunk table: `CHUNK` elements per block, whole rows per block when the
-/// spec has row reductions.
+/// The chunk table: `chunk` elements per block, whole rows per block when the
+/// spec has row reductions; and each tensor's (first chunk, chunk count).
 pub(crate) fn chunk_table(
     desc: &KernelDesc,
     metas: &[TensorMeta],
@@ -81,11 +81,7 @@ pub(crate) fn chunk_table(
     let mut chunks = vec![];
     let mut spans = vec![];
     for (slot, m) in metas.iter().enumerate() {
-        let size = if desc.row_reductions > 0 {
-            m.row_len * (chunk / m.row_len).max(1)
-        } else {
-            chunk
-        };
+        let size = desc.chunk_len(m.row_len, chunk);
         let first = chunks.len();
         let mut start = 0;
         while start < m.numel {
@@ -296,58 +292,62 @@ impl HostModule {
         })
     }
 
-    /// One step over the engine's validated tensors: pass `k` for every
-    /// chunk of every tensor, in launch order. Returns the active slot of a
-    /// tensor whose gradient is not finite (nothing written) under a
-    /// checking `policy`.
+    /// One step over the engine's validated tensors (slot `j`: buffers
+    /// `ptrs[j]`, `metas[j]`, its group's index `group_of[j]` into
+    /// `configs`, its parameter index `ids[j]`): pass `k` for every chunk of
+    /// every tensor, in launch order. Returns the slot of a tensor whose
+    /// gradient is not finite (nothing written) under a checking `policy`.
     ///
     /// # Safety
     /// Each tensor's pointers must be valid for `numel` elements (states and
     /// rows as the engine allocates them), written by nothing else during
     /// the call.
     #[allow(clippy::too_many_arguments)]
-    pub(crate) unsafe fn step<C: HyperConfig>(
+    pub(crate) unsafe fn step<'a, C: HyperConfig + 'a>(
         &self,
-        groups: &[C],
-        tensors: &[(TensorPtrs, TensorMeta, usize, usize)],
+        configs: impl IntoIterator<Item = &'a C>,
+        ptrs: &[Ptrs],
+        metas: &[TensorMeta],
+        group_of: &[usize],
+        ids: &[usize],
         policy: NonFinite,
     ) -> Option<usize> {
         let desc = self.desc;
-        let metas: Vec<TensorMeta> = tensors.iter().map(|t| t.1).collect();
-        let (chunks, spans) = chunk_table(desc, &metas, CHUNK);
-        let table: Vec<AgrTensor> = tensors
-            .iter()
-            .zip(&spans)
-            .map(|((ptrs, m, group, id), &(first, n))| AgrTensor {
-                p: ptrs.p as u64,
-                g: ptrs.g as u64,
-                st: ptrs.st.map(|s| s as u64),
-                numel: m.numel as i64,
-                ndim: m.ndim as i64,
-                t: m.t as f64,
-                first_chunk: first,
-                n_chunks: n,
-                group: *group as i32,
-                id: *id as i32,
-                rows: ptrs.rows as u64,
-                row_len: m.row_len as i64,
+        let nt = metas.len();
+        if nt == 0 {
+            return None;
+        }
+        let (chunks, spans) = chunk_table(desc, metas, CHUNK);
+        let table: Vec<AgrTensor> = (0..nt)
+            .map(|j| {
+                let (pt, m) = (ptrs[j], metas[j]);
+                AgrTensor {
+                    p: pt.p as u64,
+                    g: pt.g as u64,
+                    st: pt.st.map(|s| s as u64),
+                    numel: m.numel as i64,
+                    ndim: m.ndim as i64,
+                    t: m.t as f64,
+                    first_chunk: spans[j].0,
+                    n_chunks: spans[j].1,
+                    group: group_of[j] as i32,
+                    id: ids[j] as i32,
+                    rows: pt.rows as u64,
+                    row_len: m.row_len as i64,
+                }
             })
             .collect();
-        let hypers = hyper_table(desc, groups);
-        let nt = table.len();
+        let hypers = hyper_table(desc, configs);
         let nr = desc.reductions.len().max(1);
         let mut partials = vec![0.0f64; chunks.len() * nr];
         let mut reduced = vec![0.0f64; nt * nr];
         let mut global = vec![0.0f64; nr];
         let mut counters = vec![0u32; nt + 1];
-        if nt == 0 {
-            return None;
-        }
         // Under `Skip` the update kernel makes the skip decision and counts
         // it per parameter (as on a GPU, where reading the check back would
         // stall the stream); `Error` reads the check back after the first
         // pass, to return before the update.
-        let n_ids = tensors.iter().map(|t| t.3 + 1).max().unwrap_or(0);
+        let n_ids = ids.iter().map(|i| i + 1).max().unwrap_or(0);
         let mut skipped = vec![0u32; n_ids];
         let device_skip = policy == NonFinite::Skip;
         let launch = |k: usize,
@@ -391,7 +391,7 @@ impl HostModule {
                 &mut skipped,
             );
             if k == 0 && policy == NonFinite::Error && !global[desc.finite_check].is_finite() {
-                return Some(non_finite_slot(&reduced, nt, nr, desc.finite_check));
+                return Some(desc.non_finite_slot(&reduced, nt, nr));
             }
         }
         launch(
@@ -408,7 +408,7 @@ impl HostModule {
         );
         if device_skip {
             // What the kernels decided, read after the step (on a GPU: when asked).
-            let counted = tensors.iter().filter(|t| skipped[t.3] == 1).count();
+            let counted = ids.iter().filter(|&&i| skipped[i] == 1).count();
             let bad = !global[desc.finite_check].is_finite();
             assert!(
                 counted == if bad { nt } else { 0 },
@@ -416,25 +416,9 @@ impl HostModule {
                 global[desc.finite_check]
             );
             if bad {
-                return Some(non_finite_slot(&reduced, nt, nr, desc.finite_check));
+                return Some(desc.non_finite_slot(&reduced, nt, nr));
             }
         }
         None
     }
-}
-
-/// The first tensor whose finite check failed.
-fn non_finite_slot(reduced: &[f64], nt: usize, nr: usize, check: usize) -> usize {
-    (0..nt)
-        .find(|&j| !reduced[j * nr + check].is_finite())
-        .unwrap_or(0)
-}
-
-/// A tensor's buffers as the kernels address them.
-#[derive(Clone, Copy)]
-pub(crate) struct TensorPtrs {
-    pub p: *mut f32,
-    pub g: *const f32,
-    pub st: [*mut f32; MAX_STATES],
-    pub rows: *mut f64,
 }

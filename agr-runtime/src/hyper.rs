@@ -106,6 +106,15 @@ impl fmt::Display for HyperValue {
 }
 
 impl HyperValue {
+    /// The value as the kernels read it: a number, bools 0 or 1.
+    pub fn to_f64(self) -> f64 {
+        match self {
+            HyperValue::Float(v) => v,
+            HyperValue::Int(v) => v as f64,
+            HyperValue::Bool(b) => f64::from(u8::from(b)),
+        }
+    }
+
     pub fn as_float(self, name: &str) -> Result<f64, ConfigError> {
         match self {
             HyperValue::Float(v) => Ok(v),

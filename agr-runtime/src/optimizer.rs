@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use crate::buf::AlignedBuf;
 use crate::cpu::{Kernel, KernelDesc, StaticKernel};
-use crate::emulated::{EmulatedError, HostModule, TensorPtrs};
+use crate::emulated::{EmulatedError, HostModule};
 use crate::groups::{self, Group, GroupError, Override, ParamGroups, DEFAULT_GROUP};
 use crate::{ConfigError, HyperConfig, HyperValue, Scope, TensorMeta, MAX_STATES};
 
@@ -234,13 +234,15 @@ struct Item {
     len: usize,
 }
 
+/// A tensor's buffers for one step (also what the emulated device's tables
+/// point to).
 #[derive(Clone, Copy)]
-struct Ptrs {
-    p: *mut f32,
-    g: *const f32,
-    st: [*mut f32; MAX_STATES],
-    rows: *mut f64,
-    row_len: usize,
+pub(crate) struct Ptrs {
+    pub(crate) p: *mut f32,
+    pub(crate) g: *const f32,
+    pub(crate) st: [*mut f32; MAX_STATES],
+    pub(crate) rows: *mut f64,
+    pub(crate) row_len: usize,
 }
 
 // SAFETY: the pointers are only dereferenced inside `Optimizer::step`, for
@@ -737,12 +739,7 @@ impl<K: Kernel> Optimizer<K> {
                 numel: n,
                 row_len,
             });
-            // With row reductions a chunk holds whole rows.
-            let chunk = if desc.row_reductions > 0 {
-                row_len * (CHUNK / row_len).max(1)
-            } else {
-                CHUNK
-            };
+            let chunk = desc.chunk_len(row_len, CHUNK);
             let mut start = 0;
             while start < n {
                 let len = chunk.min(n - start);
@@ -768,22 +765,18 @@ impl<K: Kernel> Optimizer<K> {
         let bad_slot: Option<usize> = if let Some(module) = self.emulated.clone() {
             // The emulated CUDA device: the generated kernels over the same
             // buffers, with the GPU's chunk table and per-group hyperparameters.
-            let configs: Vec<K::Config> = self.groups.iter().map(|g| g.config.clone()).collect();
-            let tensors: Vec<_> = (0..na)
-                .map(|j| {
-                    let pt = sc.ptrs[j];
-                    let ptrs = TensorPtrs {
-                        p: pt.p,
-                        g: pt.g,
-                        st: pt.st,
-                        rows: pt.rows,
-                    };
-                    (ptrs, sc.metas[j], sc.slot_group[j], sc.active[j])
-                })
-                .collect();
             // SAFETY: the pointers come from the validated parameters and the
             // state this step holds `&mut` to (see `Ptrs`).
-            unsafe { module.step(&configs, &tensors, self.non_finite) }
+            unsafe {
+                module.step(
+                    self.groups.iter().map(|g| &g.config),
+                    &sc.ptrs,
+                    &sc.metas,
+                    &sc.slot_group,
+                    &sc.active,
+                    self.non_finite,
+                )
+            }
         } else {
             'passes: {
                 for phase in 0..=desc.passes {
@@ -848,9 +841,7 @@ impl<K: Kernel> Optimizer<K> {
                             && self.non_finite != NonFinite::Ignore
                             && !sc.global[desc.finite_check].is_finite()
                         {
-                            break 'passes (0..na)
-                                .find(|&j| !sc.reduced[j * nr + desc.finite_check].is_finite())
-                                .or(Some(0));
+                            break 'passes Some(desc.non_finite_slot(&sc.reduced, na, nr));
                         }
                     } else {
                         let run = |item: &Item| {
