@@ -17,16 +17,20 @@ build)
 import json, sys, shutil
 for line in sys.stdin:
     m = json.loads(line)
-    # The test binaries gpu and cuda_kernels, and the example gpu_bench.
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] in ("gpu", "gpu_bench", "cuda_kernels"):
+    # The test binaries gpu, emulated and cuda_kernels, and the example gpu_bench.
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] in ("gpu", "emulated", "gpu_bench", "cuda_kernels"):
         shutil.copy(m["executable"], sys.argv[1] + "/" + m["target"]["name"])
         print("bundled", m["target"]["name"])
 ' "$bundle/bin"
-    for b in gpu gpu_bench cuda_kernels; do
+    for b in gpu emulated gpu_bench cuda_kernels; do
         [ -x "$bundle/bin/$b" ] || { echo "gpu-check: $b was not built" >&2; exit 1; }
     done
     cp ../shared/golden/*.json "$bundle/golden/"
-    [ -d ../shared/golden/more ] && mkdir -p "$bundle/golden/more" && cp ../shared/golden/more/*.json "$bundle/golden/more/"
+    for sub in more frontier; do
+        if [ -d "../shared/golden/$sub" ]; then
+            mkdir -p "$bundle/golden/$sub" && cp "../shared/golden/$sub"/*.json "$bundle/golden/$sub/"
+        fi
+    done
     du -sh "$bundle"
     ;;
 run)
@@ -42,6 +46,10 @@ run)
     # run them all here, where a missing GPU fails them.
     "$bundle/bin/gpu" --include-ignored --nocapture --test-threads=1 > "$out/gpu-tests.txt" 2>&1 || status=$?
     cat "$out/gpu-tests.txt"
+    # The emulated device's suite, on the GPU: the same engine paths, with
+    # the driver calls instead of host C++.
+    AGR_TEST_DEVICE=cuda "$bundle/bin/emulated" --nocapture --test-threads=1 > "$out/engine-on-gpu.txt" 2>&1 || status=$?
+    cat "$out/engine-on-gpu.txt"
     # The benchmark is an example program (agr-runtime/examples/gpu_bench.rs).
     "$bundle/bin/gpu_bench" > "$out/gpu-bench.txt" 2>&1 || status=$?
     (python3 scripts/torch_adamw_bench.py || true) >> "$out/gpu-bench.txt" 2>&1

@@ -48,7 +48,7 @@ int main() {
         long long row_len;
         rd(&row_len, 1);
         AgrTensor& T = tensors[j];
-        T.p = p[j].data(); T.numel = numel; T.ndim = ndim; T.t = 0; T.row_len = row_len; T.group = 0; T.id = j;
+        T.p = p[j].data(); T.numel = numel; T.ndim = ndim; T.t = 0; T.row_len = row_len; T.group = 0; T.skips = nullptr;
         rows[j].assign(numel / row_len * (NAME(_ROW_REDUCTIONS) + 1), 0.0);
         T.rows = rows[j].data();
         st[j].resize(NAME(_NUM_STATES));

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use agr_runtime::cpu::Kernel;
-use agr_runtime::cuda::{self, CudaOptimizer, CudaParam, DType};
+use agr_runtime::cuda::{self, CudaParam, DType};
 use agr_runtime::optim::*;
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 
@@ -52,7 +52,8 @@ fn step_ms<K: Kernel>(stream: &Arc<CudaStream>, shapes: &[Vec<usize>]) -> f64
 where
     K::Config: Default,
 {
-    let mut opt = CudaOptimizer::<K>::new(stream.clone(), Default::default(), DType::F32).unwrap();
+    let mut opt = agr_runtime::Optimizer::<K>::with_config(Default::default()).unwrap();
+    opt.set_cuda_stream(stream.clone(), DType::F32).unwrap();
     let mut values: Vec<CudaSlice<f32>> = shapes
         .iter()
         .map(|s| {
@@ -83,7 +84,7 @@ where
                 .collect();
             stream.synchronize().unwrap();
             let t = Instant::now();
-            opt.step(&mut params).unwrap();
+            opt.step_cuda(&mut params).unwrap();
             stream.synchronize().unwrap();
             t.elapsed().as_secs_f64() * 1e3
         })
@@ -125,8 +126,8 @@ fn main() {
     }
     println!(
         "launches per step: adamw {}, adamw_agr {}, adan_agr {}",
-        CudaOptimizer::<AdamWKernel>::LAUNCHES_PER_STEP,
-        CudaOptimizer::<AdamWAgrKernel>::LAUNCHES_PER_STEP,
-        CudaOptimizer::<AdanAgrKernel>::LAUNCHES_PER_STEP
+        agr_runtime::Optimizer::<AdamWKernel>::LAUNCHES_PER_STEP,
+        agr_runtime::Optimizer::<AdamWAgrKernel>::LAUNCHES_PER_STEP,
+        agr_runtime::Optimizer::<AdanAgrKernel>::LAUNCHES_PER_STEP
     );
 }

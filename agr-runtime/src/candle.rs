@@ -290,7 +290,7 @@ fn check_vars(vars: &[Var]) -> candle_core::Result<()> {
         }
         if !v.device().is_cpu() {
             return Err(err(format!(
-                "variable #{i} is on {:?}; agr's candle adapter steps CPU variables (for GPU tensors use agr_runtime::cuda::CudaOptimizer on their device pointers)",
+                "variable #{i} is on {:?}; agr's candle adapter steps CPU variables (for GPU tensors move the optimizer with set_device(Device::Cuda(n)) and step their device pointers with step_raw)",
                 v.device().location()
             )));
         }

@@ -13,6 +13,7 @@ use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 
 use crate::buf::AlignedBuf;
 use crate::cpu::Kernel;
+use crate::device::Store;
 use crate::groups::{self, Group, Override, DEFAULT_GROUP};
 use crate::optimizer::TensorState;
 use crate::{HyperConfig, HyperValue, Optimizer, TensorMeta};
@@ -146,7 +147,7 @@ impl<K: Kernel> Optimizer<K> {
         meta.insert("format".to_string(), FORMAT.to_string());
         meta.insert("optimizer".to_string(), self.desc.name.to_string());
         meta.insert("spec_hash".to_string(), spec_hash(self.desc.spec));
-        meta.insert("steps".to_string(), self.steps.to_string());
+        meta.insert("steps".to_string(), self.steps().to_string());
         meta.insert(
             "n_params".to_string(),
             self.n_params.map_or("none".into(), |n| n.to_string()),
@@ -170,10 +171,11 @@ impl<K: Kernel> Optimizer<K> {
             "hypers".to_string(),
             serde_json::Value::Object(hypers).to_string(),
         );
-        let steps: Vec<Option<u64>> = self
-            .tensors
-            .iter()
-            .map(|t| t.as_ref().map(|t| t.t))
+        // A tensor whose every step a CUDA device skipped holds its initial
+        // state: saved as none, as the CPU (which undoes it) would.
+        let live = |i: usize| self.tensors[i].is_some() && self.tensor_steps(i) > 0;
+        let steps: Vec<Option<u64>> = (0..self.tensors.len())
+            .map(|i| live(i).then(|| self.tensor_steps(i)))
             .collect();
         meta.insert(
             "tensor_steps".to_string(),
@@ -181,10 +183,12 @@ impl<K: Kernel> Optimizer<K> {
         );
         // The shapes in their own field: a spec without state stores no
         // tensors to take them from.
-        let shapes: Vec<Option<&[usize]>> = self
-            .tensors
-            .iter()
-            .map(|t| t.as_ref().map(|t| t.shape.as_slice()))
+        let shapes: Vec<Option<&[usize]>> = (0..self.tensors.len())
+            .map(|i| {
+                live(i)
+                    .then(|| self.tensors[i].as_ref().map(|t| t.shape.as_slice()))
+                    .flatten()
+            })
             .collect();
         meta.insert(
             "tensor_shapes".to_string(),
@@ -192,11 +196,11 @@ impl<K: Kernel> Optimizer<K> {
         );
         let mut data: Vec<(String, Vec<u8>, Vec<usize>)> = vec![];
         for (i, t) in self.tensors.iter().enumerate() {
-            if let Some(t) = t {
+            if let Some(t) = t.as_ref().filter(|_| live(i)) {
                 for (k, s) in self.desc.states.iter().enumerate() {
                     data.push((
                         format!("{i}.{}", s.name),
-                        f32_bytes(t.bufs[k].as_slice()),
+                        f32_bytes(&t.store.to_host(k)),
                         t.shape.clone(),
                     ));
                 }
@@ -449,10 +453,13 @@ impl<K: Kernel> Optimizer<K> {
             tensors.push(Some(TensorState {
                 shape,
                 t,
-                bufs,
-                rows,
+                store: Store::Host { bufs, rows },
             }));
         }
+        // Into the memory of the optimizer's device (a GPU: copied there).
+        let tensors = self
+            .state_on_this_device(tensors)
+            .map_err(|e| CheckpointError::Io(e.to_string()))?;
         // Everything checked: commit.
         self.config = config;
         self.groups = new_groups;
@@ -462,9 +469,7 @@ impl<K: Kernel> Optimizer<K> {
         if !param_names.is_empty() {
             self.param_names = param_names;
         }
-        self.tensors = tensors;
-        self.n_params = n_params;
-        self.steps = steps;
+        self.install_state(tensors, n_params, steps);
         Ok(())
     }
 }

@@ -17,12 +17,13 @@ use cudarc::driver::{
 };
 use cudarc::nvrtc::{CompileOptions, Ptx};
 
+use crate::buf::AlignedBuf;
 use crate::cpu::{Kernel, KernelDesc, StaticKernel};
+use crate::device::{validate_raw, DeviceError, Exec, Launch, RawParam, Store};
 use crate::emulated::{AgrChunk, AgrTensor};
-use crate::optimizer::{skip_pass_of, validate_params, ParamSeen};
-use crate::{
-    ConfigError, HyperConfig, HyperValue, NonFinite, StepError, StepReport, TensorMeta, MAX_STATES,
-};
+use crate::optimizer::skip_pass_of;
+use crate::{NonFinite, Optimizer, ParamMut, StepError, StepReport, TensorMeta, MAX_STATES};
+use std::borrow::Cow;
 
 /// Threads per block and elements per chunk; must match the CUDA prelude.
 pub const BLOCK: u32 = 256;
@@ -47,9 +48,6 @@ pub enum CudaError {
     },
     /// The spec has more hyperparameters than the GPU path passes.
     TooManyHypers(usize),
-    /// The inputs were wrong.
-    Step(StepError),
-    Config(ConfigError),
 }
 
 impl fmt::Display for CudaError {
@@ -60,8 +58,6 @@ impl fmt::Display for CudaError {
             CudaError::Driver(e) => write!(f, "CUDA driver error: {e}"),
             CudaError::Compile { optimizer, arch, log } => write!(f, "NVRTC could not compile the kernels of {optimizer} for {arch}:\n{log}"),
             CudaError::TooManyHypers(n) => write!(f, "the GPU path passes at most {MAX_HYPERS} hyperparameters; this spec has {n}"),
-            CudaError::Step(e) => e.fmt(f),
-            CudaError::Config(e) => e.fmt(f),
         }
     }
 }
@@ -73,12 +69,6 @@ impl From<cudarc::driver::DriverError> for CudaError {
         CudaError::Driver(e.to_string())
     }
 }
-impl From<StepError> for CudaError {
-    fn from(e: StepError) -> Self {
-        CudaError::Step(e)
-    }
-}
-
 fn preload_nvrtc() {
     // Opening the library by absolute path first makes cudarc's later
     // bare-name lookup find it.
@@ -255,36 +245,76 @@ pub struct CudaParam<'a> {
     pub shape: &'a [usize],
 }
 
-struct GpuTensor {
-    shape: Vec<usize>,
-    t: u64,
+/// A parameter's state in GPU memory.
+#[derive(Clone)]
+pub(crate) struct DeviceState {
+    stream: Arc<CudaStream>,
     bufs: Vec<CudaSlice<f32>>,
     /// Row-reduction results (`ROW_REDUCTIONS` per row).
     rows: Option<CudaSlice<f64>>,
 }
 
-/// A generated optimizer running on a CUDA stream.
-pub struct CudaOptimizer<K: Kernel> {
-    desc: &'static KernelDesc,
-    config: K::Config,
+impl DeviceState {
+    pub(crate) fn to_host(&self, k: usize) -> Result<Vec<f32>, CudaError> {
+        Ok(self.stream.clone_dtoh(&self.bufs[k])?)
+    }
+
+    pub(crate) fn pointers(&mut self) -> ([u64; MAX_STATES], u64) {
+        let mut st = [0u64; MAX_STATES];
+        for (k, b) in self.bufs.iter_mut().enumerate() {
+            st[k] = b.device_ptr_mut(&self.stream).0;
+        }
+        let rows = match self.rows.as_mut() {
+            Some(r) => r.device_ptr_mut(&self.stream).0,
+            None => 0,
+        };
+        (st, rows)
+    }
+
+    /// The state in host memory.
+    pub(crate) fn download(&self) -> Result<Store, DeviceError> {
+        let mut bufs = vec![];
+        for (k, b) in self.bufs.iter().enumerate() {
+            let host = self.stream.clone_dtoh(b).map_err(cuda_err)?;
+            let mut a = AlignedBuf::filled(host.len(), 0.0, k);
+            a.as_mut_slice().copy_from_slice(&host);
+            bufs.push(a);
+        }
+        let rows = match &self.rows {
+            Some(r) => self.stream.clone_dtoh(r).map_err(cuda_err)?,
+            None => vec![],
+        };
+        Ok(Store::Host { bufs, rows })
+    }
+}
+
+fn cuda_err(e: impl fmt::Display) -> DeviceError {
+    DeviceError::Cuda(e.to_string())
+}
+
+impl From<CudaError> for DeviceError {
+    fn from(e: CudaError) -> Self {
+        cuda_err(e)
+    }
+}
+
+/// A GPU as the engine's device: the spec's kernels on a stream, the
+/// step's tables and scratch in device memory, and the skip counters.
+#[derive(Clone)]
+pub(crate) struct CudaExec {
     stream: Arc<CudaStream>,
     dtype: DType,
     functions: Vec<CudaFunction>,
-    tensors: Vec<Option<GpuTensor>>,
-    n_params: Option<usize>,
-    steps: u64,
-    non_finite: NonFinite,
-    non_finite_skips: u64,
-    host_tensors: Vec<AgrTensor>,
-    host_chunks: Vec<AgrChunk>,
     d_tensors: Option<CudaSlice<AgrTensor>>,
     d_chunks: Option<CudaSlice<AgrChunk>>,
     d_partials: Option<CudaSlice<f64>>,
     d_reduced: Option<CudaSlice<f64>>,
-    d_global: CudaSlice<f64>,
+    d_global: Option<CudaSlice<f64>>,
     d_counters: Option<CudaSlice<u32>>,
     /// The hyperparameters as the kernels read them (`X_Hyper`, one per group).
     d_hypers: Option<CudaSlice<f64>>,
+    /// The skip counters: `[0]` per step, `[1 + i]` per parameter.
+    d_counts: Option<CudaSlice<u32>>,
 }
 
 /// Grows a device buffer to at least `n` elements (zeroed when replaced).
@@ -299,111 +329,317 @@ fn ensure<T: DeviceRepr + cudarc::driver::ValidAsZeroBits>(
     Ok(())
 }
 
-impl<K: Kernel> CudaOptimizer<K> {
-    /// A new optimizer on `stream` for parameters of `dtype`; compiles (or
-    /// reuses) the spec's kernels for the stream's device.
-    pub fn new(
+/// The first GPU's (or GPU `ordinal`'s) default stream.
+pub fn default_stream(ordinal: usize) -> Result<Arc<CudaStream>, CudaError> {
+    if !driver_available() {
+        return Err(CudaError::NoDriver);
+    }
+    Ok(CudaContext::new(ordinal)?.default_stream())
+}
+
+impl CudaExec {
+    /// The spec's kernels compiled (or reused) for the stream's device, for
+    /// parameters of `dtype`.
+    pub(crate) fn new(
         stream: Arc<CudaStream>,
-        config: K::Config,
+        desc: &'static KernelDesc,
         dtype: DType,
     ) -> Result<Self, CudaError> {
-        config.validate().map_err(CudaError::Config)?;
-        let desc = K::of_config(&config).desc();
         if desc.hypers.len() > MAX_HYPERS {
             return Err(CudaError::TooManyHypers(desc.hypers.len()));
         }
         let functions = load_functions(desc, &stream, dtype)?;
-        let d_global = stream.alloc_zeros::<f64>(desc.reductions.len().max(1))?;
-        Ok(CudaOptimizer {
-            desc,
-            config,
+        Ok(CudaExec {
             stream,
             dtype,
             functions,
-            tensors: vec![],
-            n_params: None,
-            steps: 0,
-            non_finite: NonFinite::default(),
-            non_finite_skips: 0,
-            host_tensors: vec![],
-            host_chunks: vec![],
             d_tensors: None,
             d_chunks: None,
             d_partials: None,
             d_reduced: None,
-            d_global,
+            d_global: None,
             d_counters: None,
             d_hypers: None,
+            d_counts: None,
         })
     }
 
-    /// On the first GPU of this machine, on its default stream.
-    pub fn on_default_device(config: K::Config, dtype: DType) -> Result<Self, CudaError> {
-        if !driver_available() {
-            return Err(CudaError::NoDriver);
-        }
-        let ctx = CudaContext::new(0)?;
-        Self::new(ctx.default_stream(), config, dtype)
+    pub(crate) fn ordinal(&self) -> usize {
+        self.stream.context().ordinal()
     }
 
-    pub fn stream(&self) -> &Arc<CudaStream> {
+    pub(crate) fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
     }
-    pub fn config(&self) -> &K::Config {
-        &self.config
-    }
-    pub fn steps(&self) -> u64 {
-        self.steps
+
+    pub(crate) fn dtype(&self) -> DType {
+        self.dtype
     }
 
-    /// Chooses what a step does with a NaN or infinite gradient (see [`NonFinite`]).
-    pub fn set_non_finite_policy(&mut self, policy: NonFinite) {
-        self.non_finite = policy;
+    /// A copy of `store` in this GPU's memory.
+    pub(crate) fn upload_store(&self, store: &Store) -> Result<Store, DeviceError> {
+        let s = &self.stream;
+        Ok(Store::Cuda(match store {
+            Store::Host { bufs, rows } => DeviceState {
+                stream: s.clone(),
+                bufs: bufs
+                    .iter()
+                    .map(|b| s.clone_htod(b.as_slice()))
+                    .collect::<Result<_, _>>()
+                    .map_err(cuda_err)?,
+                rows: if rows.is_empty() {
+                    None
+                } else {
+                    Some(s.clone_htod(rows).map_err(cuda_err)?)
+                },
+            },
+            // Another stream's (or GPU's) state: through the host.
+            Store::Cuda(d) => return self.upload_store(&d.download()?),
+        }))
     }
+}
 
-    /// Steps skipped so far because a gradient was not finite.
-    pub fn non_finite_skips(&self) -> u64 {
-        self.non_finite_skips
-    }
-
-    /// Sets one hyperparameter by name (checked; on error nothing changes).
-    pub fn set_hyper(
+impl Launch for CudaExec {
+    unsafe fn run(
         &mut self,
-        name: &str,
-        value: impl Into<HyperValue>,
-    ) -> Result<(), ConfigError> {
-        let mut c = self.config.clone();
-        c.set(name, value.into())?;
-        self.config = c;
+        desc: &'static KernelDesc,
+        hypers: &[f64],
+        chunks: &[AgrChunk],
+        tensors: &[AgrTensor],
+        policy: NonFinite,
+    ) -> Result<Option<usize>, DeviceError> {
+        let stream = self.stream.clone();
+        let (nt, nc) = (tensors.len(), chunks.len());
+        let nr = desc.reductions.len().max(1);
+        ensure(&stream, &mut self.d_tensors, nt)?;
+        ensure(&stream, &mut self.d_chunks, nc)?;
+        ensure(&stream, &mut self.d_partials, nc * nr)?;
+        ensure(&stream, &mut self.d_reduced, nt * nr)?;
+        ensure(&stream, &mut self.d_global, nr)?;
+        ensure(&stream, &mut self.d_counters, nt + 1)?;
+        ensure(&stream, &mut self.d_hypers, hypers.len())?;
+        let skipped = if policy == NonFinite::Skip {
+            self.counts_ptr()
+        } else {
+            0
+        };
+        let (
+            Some(d_tensors),
+            Some(d_chunks),
+            Some(partials),
+            Some(reduced),
+            Some(global),
+            Some(counters),
+            Some(d_hypers),
+        ) = (
+            self.d_tensors.as_mut(),
+            self.d_chunks.as_mut(),
+            self.d_partials.as_mut(),
+            self.d_reduced.as_mut(),
+            self.d_global.as_mut(),
+            self.d_counters.as_mut(),
+            self.d_hypers.as_mut(),
+        )
+        else {
+            unreachable!("ensured above")
+        };
+        stream
+            .memcpy_htod(tensors, &mut d_tensors.slice_mut(..nt))
+            .map_err(cuda_err)?;
+        stream
+            .memcpy_htod(chunks, &mut d_chunks.slice_mut(..nc))
+            .map_err(cuda_err)?;
+        stream
+            .memcpy_htod(hypers, &mut d_hypers.slice_mut(..hypers.len()))
+            .map_err(cuda_err)?;
+        let cfg = LaunchConfig {
+            grid_dim: (nc as u32, 1, 1),
+            block_dim: (BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let nt_arg = nt as i32;
+        for pass in 0..desc.passes {
+            if skip_pass_of(desc, pass, policy) {
+                continue;
+            }
+            let mut b = stream.launch_builder(&self.functions[pass]);
+            b.arg(&*d_hypers)
+                .arg(&*d_chunks)
+                .arg(&*d_tensors)
+                .arg(&nt_arg)
+                .arg(&mut *partials)
+                .arg(&mut *reduced)
+                .arg(&mut *global)
+                .arg(&mut *counters);
+            b.launch(cfg).map_err(cuda_err)?;
+            if pass == 0 && policy == NonFinite::Error {
+                // `Error` must answer before the update: one small read back.
+                let g = stream.clone_dtoh(&*global).map_err(cuda_err)?;
+                if !g[desc.finite_check].is_finite() {
+                    let red = stream.clone_dtoh(&*reduced).map_err(cuda_err)?;
+                    return Ok(Some(desc.non_finite_slot(&red, nt, nr)));
+                }
+            }
+        }
+        let mut b = stream.launch_builder(&self.functions[desc.passes]);
+        b.arg(&*d_hypers)
+            .arg(&*d_chunks)
+            .arg(&*d_tensors)
+            .arg(&nt_arg)
+            .arg(&*reduced)
+            .arg(&*global)
+            // `Skip`: the update kernel decides and counts (no read back).
+            .arg(&skipped);
+        b.launch(cfg).map_err(cuda_err)?;
+        Ok(None)
+    }
+
+    fn counts_ptr(&mut self) -> u64 {
+        match self.d_counts.as_mut() {
+            Some(c) => c.device_ptr_mut(&self.stream).0,
+            None => 0,
+        }
+    }
+
+    fn counts(&self) -> Cow<'_, [u32]> {
+        match &self.d_counts {
+            None => Cow::Borrowed(&[]),
+            Some(c) => Cow::Owned(
+                self.stream
+                    .clone_dtoh(c)
+                    .unwrap_or_else(|e| panic!("reading the skip counts back from the GPU: {e}")),
+            ),
+        }
+    }
+
+    fn reset_counts(&mut self, n: usize) -> Result<(), DeviceError> {
+        self.d_counts = if n == 0 {
+            None
+        } else {
+            Some(self.stream.alloc_zeros::<u32>(n).map_err(cuda_err)?)
+        };
         Ok(())
     }
 
-    /// Copies state buffer `name` of parameter `index` to the host.
-    pub fn state_to_host(&self, index: usize, name: &str) -> Result<Option<Vec<f32>>, CudaError> {
-        let Some(s) = self.desc.states.iter().position(|s| s.name == name) else {
-            return Ok(None);
+    fn new_store(
+        &mut self,
+        desc: &KernelDesc,
+        shape: &[usize],
+        _index: usize,
+    ) -> Result<Store, DeviceError> {
+        let s = &self.stream;
+        let n: usize = shape.iter().product();
+        let mut bufs = vec![];
+        for st in desc.states {
+            bufs.push(if st.fill == 0.0 {
+                s.alloc_zeros::<f32>(n).map_err(cuda_err)?
+            } else {
+                s.clone_htod(&vec![st.fill; n]).map_err(cuda_err)?
+            });
+        }
+        let rows = if desc.row_reductions > 0 {
+            Some(
+                s.alloc_zeros::<f64>(n / TensorMeta::row_len_of(shape) * desc.row_reductions)
+                    .map_err(cuda_err)?,
+            )
+        } else {
+            None
         };
-        let Some(Some(t)) = self.tensors.get(index) else {
-            return Ok(None);
-        };
-        Ok(Some(self.stream.clone_dtoh(&t.bufs[s])?))
+        Ok(Store::Cuda(DeviceState {
+            stream: s.clone(),
+            bufs,
+            rows,
+        }))
+    }
+}
+
+/// [`Optimizer::step_params`] on a GPU: the host parameters copied there,
+/// stepped, and the values copied back (for checks and replays, not speed:
+/// keep parameters on the GPU and use [`Optimizer::step_cuda`]).
+pub(crate) fn step_host_params<K: Kernel>(
+    opt: &mut Optimizer<K>,
+    params: &mut [ParamMut<'_>],
+) -> Result<StepReport, StepError> {
+    let Exec::Cuda(c) = &opt.exec else {
+        unreachable!("called on a GPU")
+    };
+    let stream = c.stream().clone();
+    let up = |x: &[f32]| {
+        stream
+            .clone_htod(x)
+            .map_err(|e| StepError::Device(e.to_string()))
+    };
+    let mut values = params
+        .iter()
+        .map(|p| up(p.value))
+        .collect::<Result<Vec<_>, _>>()?;
+    let grads = params
+        .iter()
+        .map(|p| p.grad.map(up).transpose())
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut cuda: Vec<CudaParam<'_>> = values
+        .iter_mut()
+        .zip(&grads)
+        .zip(params.iter())
+        .map(|((v, g), p)| CudaParam {
+            value: v,
+            grad: g.as_ref(),
+            shape: p.shape,
+        })
+        .collect();
+    let report = opt.step_cuda(&mut cuda)?;
+    drop(cuda);
+    for (v, p) in values.iter().zip(params.iter_mut()) {
+        stream
+            .memcpy_dtoh(v, &mut *p.value)
+            .map_err(|e| StepError::Device(e.to_string()))?;
+    }
+    Ok(report)
+}
+
+impl<K: Kernel> Optimizer<K> {
+    /// Moves the optimizer onto `stream` (its GPU), for parameters of
+    /// `dtype`, as [`Optimizer::set_device`] does for a GPU's default stream.
+    pub fn set_cuda_stream(
+        &mut self,
+        stream: Arc<CudaStream>,
+        dtype: DType,
+    ) -> Result<(), DeviceError> {
+        let exec = CudaExec::new(stream, self.desc, dtype)?;
+        self.set_exec(Exec::Cuda(Box::new(exec)))
     }
 
-    /// One step over f32 parameters in cudarc buffers.
-    pub fn step(&mut self, params: &mut [CudaParam<'_>]) -> Result<StepReport, CudaError> {
-        if self.dtype != DType::F32 {
-            return Err(CudaError::Driver(format!(
-                "this optimizer was built for {:?} parameters",
-                self.dtype
+    /// The stream steps run on, on a GPU.
+    pub fn cuda_stream(&self) -> Option<&Arc<CudaStream>> {
+        match &self.exec {
+            Exec::Cuda(c) => Some(c.stream()),
+            _ => None,
+        }
+    }
+
+    /// One step over f32 parameters in cudarc buffers, on the optimizer's
+    /// GPU (see [`Optimizer::set_device`]). Validated like
+    /// [`Optimizer::step_params`]; on error nothing is modified.
+    pub fn step_cuda(&mut self, params: &mut [CudaParam<'_>]) -> Result<StepReport, StepError> {
+        let Exec::Cuda(c) = &self.exec else {
+            return Err(StepError::Device(format!(
+                "this optimizer runs on {}; GPU buffers need set_device(Device::Cuda(n))",
+                self.device()
+            )));
+        };
+        if c.dtype() != DType::F32 {
+            return Err(StepError::Device(format!(
+                "this optimizer was moved to the GPU for {:?} parameters, and these are f32",
+                c.dtype()
             )));
         }
-        let stream = self.stream.clone();
-        let mut guards = vec![];
-        let mut raw = Vec::with_capacity(params.len());
+        let stream = c.stream().clone();
         let lens: Vec<(usize, Option<usize>)> = params
             .iter()
             .map(|p| (p.value.len(), p.grad.map(|g| g.len())))
             .collect();
+        let mut guards = vec![];
+        let mut raw = Vec::with_capacity(params.len());
         for p in params.iter_mut() {
             let (v, gv) = p.value.device_ptr_mut(&stream);
             guards.push(gv);
@@ -415,260 +651,55 @@ impl<K: Kernel> CudaOptimizer<K> {
                 }
                 None => None,
             };
-            raw.push(RawCudaParam {
+            raw.push(RawParam {
                 value: v,
                 grad: g,
                 shape: p.shape,
             });
         }
-        // SAFETY: the pointers come from live buffers of the lengths checked here.
-        unsafe { self.step_raw_checked(&raw, Some(&lens)) }
+        validate_raw(self, &raw, Some(&lens))?;
+        // SAFETY: the pointers come from live buffers of the lengths just
+        // checked, held for the whole step.
+        unsafe { self.step_on_device(&raw) }
     }
 
-    /// One step over raw device pointers on this optimizer's stream.
+    /// One step over raw device pointers on the optimizer's stream, for
+    /// parameters of the dtype it was moved to the GPU for.
     ///
     /// # Safety
-    /// Each `value` must point to `prod(shape)` elements of this optimizer's
-    /// dtype, writable, and each `grad` to as many readable elements, all in
-    /// this stream's context and not written by other work until the step's
+    /// Each `value` must point to `prod(shape)` elements of that dtype,
+    /// writable, and each `grad` to as many readable elements, all in the
+    /// stream's context and not written by other work until the step's
     /// kernels have run.
     pub unsafe fn step_raw(
         &mut self,
         params: &[RawCudaParam<'_>],
-    ) -> Result<StepReport, CudaError> {
-        self.step_raw_checked(params, None)
-    }
-
-    unsafe fn step_raw_checked(
-        &mut self,
-        params: &[RawCudaParam<'_>],
-        lens: Option<&[(usize, Option<usize>)]>,
-    ) -> Result<StepReport, CudaError> {
-        let stored = |i: usize| {
-            self.tensors
-                .get(i)
-                .and_then(|t| t.as_ref())
-                .map(|t| t.shape.as_slice())
-        };
-        let seen = params.iter().enumerate().map(|(i, p)| {
-            let numel = p.shape.iter().product();
-            let (len, grad_len) = match lens {
-                Some(l) => l[i],
-                None => (numel, p.grad.map(|_| numel)),
-            };
-            ParamSeen {
+    ) -> Result<StepReport, StepError> {
+        if !matches!(self.exec, Exec::Cuda(_)) {
+            return Err(StepError::Device(format!(
+                "this optimizer runs on {}; device pointers need set_device(Device::Cuda(n))",
+                self.device()
+            )));
+        }
+        let raw: Vec<RawParam<'_>> = params
+            .iter()
+            .map(|p| RawParam {
+                value: p.value,
+                grad: p.grad,
                 shape: p.shape,
-                len,
-                grad_len,
-            }
-        });
-        validate_params(self.n_params, stored, seen, params.len())?;
-        // A skipped or failed step changes nothing: not even on the first
-        // step, whose state and parameter count are undone here.
-        let (n_params_before, tensors_before) = (self.n_params, self.tensors.len());
-        let mut created = vec![];
-        let result = self.step_validated(params, &mut created);
-        if result
-            .as_ref()
-            .map_or(true, |r| r.skipped_non_finite.is_some())
-        {
-            for i in created {
-                self.tensors[i] = None;
-            }
-            self.tensors.truncate(tensors_before);
-            self.n_params = n_params_before;
-        }
-        result
+            })
+            .collect();
+        validate_raw(self, &raw, None)?;
+        self.step_on_device(&raw)
     }
 
-    /// [`Self::step_raw_checked`] once the parameters are validated; lists
-    /// the parameters whose state it created in `created`.
-    unsafe fn step_validated(
-        &mut self,
-        params: &[RawCudaParam<'_>],
-        created: &mut Vec<usize>,
-    ) -> Result<StepReport, CudaError> {
-        self.n_params = Some(params.len());
-        if self.tensors.len() < params.len() {
-            self.tensors.resize_with(params.len(), || None);
-        }
-        let desc = self.desc;
-        let stream = self.stream.clone();
-        // State buffers, created on a tensor's first gradient.
-        for (i, p) in params.iter().enumerate() {
-            if p.grad.is_none() || self.tensors[i].is_some() {
-                continue;
-            }
-            created.push(i);
-            let n: usize = p.shape.iter().product();
-            let mut bufs = vec![];
-            for s in desc.states {
-                let b = if s.fill == 0.0 {
-                    stream.alloc_zeros::<f32>(n)?
-                } else {
-                    stream.clone_htod(&vec![s.fill; n])?
-                };
-                bufs.push(b);
-            }
-            let rows = if desc.row_reductions > 0 {
-                Some(stream.alloc_zeros::<f64>(
-                    n / TensorMeta::row_len_of(p.shape) * desc.row_reductions,
-                )?)
-            } else {
-                None
-            };
-            self.tensors[i] = Some(GpuTensor {
-                shape: p.shape.to_vec(),
-                t: 0,
-                bufs,
-                rows,
-            });
-        }
-        // The tensor and chunk tables.
-        self.host_tensors.clear();
-        self.host_chunks.clear();
-        let mut active = vec![];
-        for (i, p) in params.iter().enumerate() {
-            let Some(g) = p.grad else { continue };
-            let state = self.tensors[i].as_mut().expect("created above");
-            let n: usize = p.shape.iter().product();
-            let mut st = [0u64; MAX_STATES];
-            for (k, b) in state.bufs.iter_mut().enumerate() {
-                let (ptr, _sync) = b.device_ptr_mut(&stream);
-                st[k] = ptr;
-            }
-            let rows = match state.rows.as_mut() {
-                Some(r) => r.device_ptr_mut(&stream).0,
-                None => 0,
-            };
-            let row_len = TensorMeta::row_len_of(p.shape);
-            let chunk = desc.chunk_len(row_len, CHUNK);
-            let first = self.host_chunks.len();
-            let slot = self.host_tensors.len() as i32;
-            let mut start = 0;
-            while start < n {
-                let len = chunk.min(n - start);
-                self.host_chunks.push(AgrChunk {
-                    tensor: slot,
-                    len: len as i32,
-                    start: start as i64,
-                });
-                start += len;
-            }
-            self.host_tensors.push(AgrTensor {
-                p: p.value,
-                g,
-                st,
-                numel: n as i64,
-                ndim: p.shape.len() as i64,
-                t: (state.t + 1) as f64,
-                first_chunk: first as i32,
-                n_chunks: (self.host_chunks.len() - first) as i32,
-                group: 0,
-                id: i as i32,
-                rows,
-                row_len: row_len as i64,
-            });
-            active.push(i);
-        }
-        let nt = self.host_tensors.len();
-        let nc = self.host_chunks.len();
-        let nr = desc.reductions.len().max(1);
-        ensure(&stream, &mut self.d_tensors, nt)?;
-        ensure(&stream, &mut self.d_chunks, nc)?;
-        ensure(&stream, &mut self.d_partials, nc * nr)?;
-        ensure(&stream, &mut self.d_reduced, nt * nr)?;
-        ensure(&stream, &mut self.d_counters, nt + 1)?;
-        let (Some(d_tensors), Some(d_chunks), Some(partials), Some(reduced), Some(counters)) = (
-            self.d_tensors.as_mut(),
-            self.d_chunks.as_mut(),
-            self.d_partials.as_mut(),
-            self.d_reduced.as_mut(),
-            self.d_counters.as_mut(),
-        ) else {
-            unreachable!("ensured above")
-        };
-        stream.memcpy_htod(&self.host_tensors, &mut d_tensors.slice_mut(..nt))?;
-        stream.memcpy_htod(&self.host_chunks, &mut d_chunks.slice_mut(..nc))?;
-        let hyper = crate::emulated::hyper_table(desc, [&self.config]);
-        ensure(&stream, &mut self.d_hypers, hyper.len())?;
-        let Some(d_hypers) = self.d_hypers.as_mut() else {
-            unreachable!("ensured above")
-        };
-        stream.memcpy_htod(&hyper, &mut d_hypers.slice_mut(..hyper.len()))?;
-        let d_hypers = &*d_hypers;
-        if nt > 0 {
-            let cfg = LaunchConfig {
-                grid_dim: (nc as u32, 1, 1),
-                block_dim: (BLOCK, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            let nt_arg = nt as i32;
-            for pass in 0..desc.passes {
-                if skip_pass_of(desc, pass, self.non_finite) {
-                    continue;
-                }
-                let mut b = stream.launch_builder(&self.functions[pass]);
-                b.arg(d_hypers)
-                    .arg(&*d_chunks)
-                    .arg(&*d_tensors)
-                    .arg(&nt_arg);
-                b.arg(&mut *partials)
-                    .arg(&mut *reduced)
-                    .arg(&mut self.d_global)
-                    .arg(&mut *counters);
-                b.launch(cfg)?;
-                if pass == 0 && self.non_finite != NonFinite::Ignore {
-                    // One small read back per step, as GradScaler's found_inf.
-                    let global = stream.clone_dtoh(&self.d_global)?;
-                    if !global[desc.finite_check].is_finite() {
-                        let red = stream.clone_dtoh(&*reduced)?;
-                        let index = active[desc.non_finite_slot(&red, nt, nr)];
-                        if self.non_finite == NonFinite::Error {
-                            return Err(CudaError::Step(StepError::NonFinite { index }));
-                        }
-                        self.non_finite_skips += 1;
-                        return Ok(StepReport {
-                            step: self.steps,
-                            updated: 0,
-                            skipped: params.len(),
-                            skipped_non_finite: Some(index),
-                        });
-                    }
-                }
-            }
-            let mut b = stream.launch_builder(&self.functions[desc.passes]);
-            b.arg(d_hypers)
-                .arg(&*d_chunks)
-                .arg(&*d_tensors)
-                .arg(&nt_arg)
-                .arg(&*reduced)
-                .arg(&self.d_global)
-                // No device-side skip: the check was read back after pass 0.
-                .arg(&0u64);
-            b.launch(cfg)?;
-        }
-        for &i in &active {
-            if let Some(t) = self.tensors[i].as_mut() {
-                t.t += 1;
-            }
-        }
-        self.steps += 1;
-        Ok(StepReport {
-            step: self.steps,
-            updated: nt,
-            skipped: params.len() - nt,
-            skipped_non_finite: None,
-        })
-    }
-
-    /// Launches per step: one per reduction pass plus the update.
+    /// Kernel launches per step on a GPU: one per reduction pass plus the update.
     pub fn launches_per_step(&self) -> usize {
         self.desc.passes + 1
     }
 }
 
-impl<K: StaticKernel> CudaOptimizer<K> {
-    /// Launches per step: one per reduction pass plus the update.
+impl<K: StaticKernel> Optimizer<K> {
+    /// Kernel launches per step on a GPU: one per reduction pass plus the update.
     pub const LAUNCHES_PER_STEP: usize = K::DESC.passes + 1;
 }

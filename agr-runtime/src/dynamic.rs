@@ -19,6 +19,12 @@ pub trait DynOptimizer: Send {
     fn lr(&self) -> Option<f64>;
     /// The state buffer `name` of parameter `index`, once it exists.
     fn state(&self, index: usize, name: &str) -> Option<&[f32]>;
+    /// The state buffer `name` of parameter `index`, copied from its device.
+    fn state_to_host(&self, index: usize, name: &str) -> Option<Vec<f32>>;
+    /// Steps that ran (see [`Optimizer::steps`]).
+    fn steps(&self) -> u64;
+    /// Steps taken by parameter `index`.
+    fn tensor_steps(&self, index: usize) -> u64;
     /// What a step does with a NaN or infinite gradient.
     fn set_non_finite_policy(&mut self, policy: NonFinite);
     /// Steps skipped so far because a gradient was not finite.
@@ -34,7 +40,7 @@ pub trait DynOptimizer: Send {
     /// The name of parameter `index`'s group.
     fn group_name(&self, index: usize) -> &str;
     /// See [`Optimizer::set_device`].
-    fn set_device(&mut self, device: crate::Device) -> Result<(), crate::emulated::EmulatedError>;
+    fn set_device(&mut self, device: crate::Device) -> Result<(), crate::DeviceError>;
     fn device(&self) -> crate::Device;
     /// The whole state as a checkpoint (see [`Optimizer::save_checkpoint`]).
     fn save_checkpoint(&self) -> Vec<u8>;
@@ -73,6 +79,15 @@ impl<K: Kernel> DynOptimizer for Optimizer<K> {
     fn state(&self, index: usize, name: &str) -> Option<&[f32]> {
         Optimizer::state(self, index, name)
     }
+    fn state_to_host(&self, index: usize, name: &str) -> Option<Vec<f32>> {
+        Optimizer::state_to_host(self, index, name)
+    }
+    fn steps(&self) -> u64 {
+        Optimizer::steps(self)
+    }
+    fn tensor_steps(&self, index: usize) -> u64 {
+        Optimizer::tensor_steps(self, index)
+    }
     fn set_non_finite_policy(&mut self, policy: NonFinite) {
         Optimizer::set_non_finite_policy(self, policy)
     }
@@ -89,7 +104,7 @@ impl<K: Kernel> DynOptimizer for Optimizer<K> {
     fn group_name(&self, index: usize) -> &str {
         Optimizer::group_name(self, index)
     }
-    fn set_device(&mut self, device: crate::Device) -> Result<(), crate::emulated::EmulatedError> {
+    fn set_device(&mut self, device: crate::Device) -> Result<(), crate::DeviceError> {
         Optimizer::set_device(self, device)
     }
     fn device(&self) -> crate::Device {

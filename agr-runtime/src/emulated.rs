@@ -19,7 +19,7 @@ use std::process::Command;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::cpu::KernelDesc;
-use crate::optimizer::{skip_pass_of, Ptrs};
+use crate::optimizer::skip_pass_of;
 use crate::{HyperConfig, HyperValue, NonFinite, TensorMeta, MAX_STATES};
 
 /// Elements per chunk (one block's work); `AGR_CHUNK` in the prelude.
@@ -38,10 +38,10 @@ pub(crate) struct AgrTensor {
     pub first_chunk: i32,
     pub n_chunks: i32,
     pub group: i32,
-    /// The parameter's index (per-parameter counters such as `skipped`).
-    pub id: i32,
     pub rows: u64,
     pub row_len: i64,
+    /// This parameter's skip counter (`unsigned*`; 0: none).
+    pub skips: u64,
 }
 
 /// One block's share of the work (`AgrChunk` in the prelude).
@@ -292,133 +292,69 @@ impl HostModule {
         })
     }
 
-    /// One step over the engine's validated tensors (slot `j`: buffers
-    /// `ptrs[j]`, `metas[j]`, its group's index `group_of[j]` into
-    /// `configs`, its parameter index `ids[j]`): pass `k` for every chunk of
-    /// every tensor, in launch order. Returns the slot of a tensor whose
-    /// gradient is not finite (nothing written) under a checking `policy`.
+    /// Runs one step's passes over the engine's tables, in launch order
+    /// (see [`crate::device::Launch::run`]); `counts` are the skip counters.
     ///
     /// # Safety
-    /// Each tensor's pointers must be valid for `numel` elements (states and
-    /// rows as the engine allocates them), written by nothing else during
-    /// the call.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) unsafe fn step<'a, C: HyperConfig + 'a>(
+    /// The tables must describe live host buffers of the sizes they say,
+    /// written by nothing else during the call.
+    pub(crate) unsafe fn run(
         &self,
-        configs: impl IntoIterator<Item = &'a C>,
-        ptrs: &[Ptrs],
-        metas: &[TensorMeta],
-        group_of: &[usize],
-        ids: &[usize],
+        desc: &'static KernelDesc,
+        hypers: &[f64],
+        chunks: &[AgrChunk],
+        tensors: &[AgrTensor],
         policy: NonFinite,
+        counts: *mut u32,
     ) -> Option<usize> {
-        let desc = self.desc;
-        let nt = metas.len();
-        if nt == 0 {
-            return None;
-        }
-        let (chunks, spans) = chunk_table(desc, metas, CHUNK);
-        let table: Vec<AgrTensor> = (0..nt)
-            .map(|j| {
-                let (pt, m) = (ptrs[j], metas[j]);
-                AgrTensor {
-                    p: pt.p as u64,
-                    g: pt.g as u64,
-                    st: pt.st.map(|s| s as u64),
-                    numel: m.numel as i64,
-                    ndim: m.ndim as i64,
-                    t: m.t as f64,
-                    first_chunk: spans[j].0,
-                    n_chunks: spans[j].1,
-                    group: group_of[j] as i32,
-                    id: ids[j] as i32,
-                    rows: pt.rows as u64,
-                    row_len: m.row_len as i64,
-                }
-            })
-            .collect();
-        let hypers = hyper_table(desc, configs);
+        let nt = tensors.len();
         let nr = desc.reductions.len().max(1);
         let mut partials = vec![0.0f64; chunks.len() * nr];
         let mut reduced = vec![0.0f64; nt * nr];
         let mut global = vec![0.0f64; nr];
         let mut counters = vec![0u32; nt + 1];
-        // Under `Skip` the update kernel makes the skip decision and counts
-        // it per parameter (as on a GPU, where reading the check back would
-        // stall the stream); `Error` reads the check back after the first
-        // pass, to return before the update.
-        let n_ids = ids.iter().map(|i| i + 1).max().unwrap_or(0);
-        let mut skipped = vec![0u32; n_ids];
-        let device_skip = policy == NonFinite::Skip;
-        let launch = |k: usize,
-                      partials: &mut [f64],
-                      reduced: &mut [f64],
-                      global: &mut [f64],
-                      counters: &mut [u32],
-                      skipped: &mut [u32]| {
-            // SAFETY: the tables describe the caller's valid buffers; the
-            // scratch arrays have the sizes the kernels index.
-            let status = (self.pass)(
-                k as i32,
-                hypers.as_ptr(),
-                chunks.as_ptr(),
-                chunks.len() as i32,
-                table.as_ptr(),
-                nt as i32,
-                partials.as_mut_ptr(),
-                reduced.as_mut_ptr(),
-                global.as_mut_ptr(),
-                counters.as_mut_ptr(),
-                if device_skip {
-                    skipped.as_mut_ptr()
-                } else {
-                    std::ptr::null_mut()
-                },
-            );
-            assert_eq!(status, 0, "pass {k} is not a kernel of {}", desc.name);
-            LAUNCHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // Under `Skip` the update kernel decides and counts, as on a GPU,
+        // where reading the check back would stall the stream; `Error` reads
+        // the check back after the first pass, to return before the update.
+        let skipped = if policy == NonFinite::Skip {
+            counts
+        } else {
+            std::ptr::null_mut()
         };
+        let mut launch =
+            |k: usize, partials: &mut [f64], reduced: &mut [f64], global: &mut [f64]| {
+                // SAFETY: the tables describe the caller's valid buffers; the
+                // scratch arrays have the sizes the kernels index.
+                let status = (self.pass)(
+                    k as i32,
+                    hypers.as_ptr(),
+                    chunks.as_ptr(),
+                    chunks.len() as i32,
+                    tensors.as_ptr(),
+                    nt as i32,
+                    partials.as_mut_ptr(),
+                    reduced.as_mut_ptr(),
+                    global.as_mut_ptr(),
+                    counters.as_mut_ptr(),
+                    skipped,
+                );
+                assert_eq!(status, 0, "pass {k} is not a kernel of {}", desc.name);
+                LAUNCHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            };
         for k in 0..desc.passes {
             if skip_pass_of(desc, k, policy) {
                 continue;
             }
-            launch(
-                k,
-                &mut partials,
-                &mut reduced,
-                &mut global,
-                &mut counters,
-                &mut skipped,
-            );
+            launch(k, &mut partials, &mut reduced, &mut global);
             if k == 0 && policy == NonFinite::Error && !global[desc.finite_check].is_finite() {
                 return Some(desc.non_finite_slot(&reduced, nt, nr));
             }
         }
-        launch(
-            desc.passes,
-            &mut partials,
-            &mut reduced,
-            &mut global,
-            &mut counters,
-            &mut skipped,
-        );
+        launch(desc.passes, &mut partials, &mut reduced, &mut global);
         debug_assert!(
             counters.iter().all(|&c| c == 0),
             "a reduction counter was left set"
         );
-        if device_skip {
-            // What the kernels decided, read after the step (on a GPU: when asked).
-            let counted = ids.iter().filter(|&&i| skipped[i] == 1).count();
-            let bad = !global[desc.finite_check].is_finite();
-            assert!(
-                counted == if bad { nt } else { 0 },
-                "the update kernel counted {counted} of {nt} tensors as skipped (finite check: {})",
-                global[desc.finite_check]
-            );
-            if bad {
-                return Some(desc.non_finite_slot(&reduced, nt, nr));
-            }
-        }
         None
     }
 }

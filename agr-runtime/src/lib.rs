@@ -23,6 +23,7 @@ pub mod compiled;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod device;
 pub mod dynamic;
 pub mod emulated;
 mod frozen;
@@ -41,10 +42,11 @@ pub use compiled::{
     compile, compile_file, CompiledOptimizer, CompiledSpec, DynConfig, DynKernel, SpecError,
 };
 pub use cpu::{Kernel, KernelDesc, StaticKernel};
+pub use device::{Device, DeviceError};
 pub use dynamic::DynOptimizer;
 pub use groups::{GroupError, ParamGroups};
 pub use hyper::{ConfigError, HyperConfig, HyperInfo, HyperKind, HyperValue};
-pub use optimizer::{Device, NonFinite, Optimizer, ParamMut, StepError, StepReport};
+pub use optimizer::{NonFinite, Optimizer, ParamMut, StepError, StepReport};
 
 /// Most state buffers a spec may declare.
 pub const MAX_STATES: usize = 8;

@@ -4,11 +4,8 @@ use std::fmt;
 
 use rayon::prelude::*;
 
-use std::sync::Arc;
-
-use crate::buf::AlignedBuf;
 use crate::cpu::{Kernel, KernelDesc, StaticKernel};
-use crate::emulated::{EmulatedError, HostModule};
+use crate::device::{Exec, Store};
 use crate::groups::{self, Group, GroupError, Override, ParamGroups, DEFAULT_GROUP};
 use crate::{ConfigError, HyperConfig, HyperValue, Scope, TensorMeta, MAX_STATES};
 
@@ -24,32 +21,6 @@ pub struct ParamMut<'a> {
 impl<'a> ParamMut<'a> {
     pub fn new(value: &'a mut [f32], grad: Option<&'a [f32]>, shape: &'a [usize]) -> Self {
         ParamMut { value, grad, shape }
-    }
-}
-
-/// Where an optimizer's steps run.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum Device {
-    /// The fused CPU loops (generated Rust, or the IR evaluator for a spec
-    /// compiled at run time).
-    #[default]
-    Cpu,
-    /// The generated CUDA kernels compiled as host C++ and launched block by
-    /// block on the CPU, with a GPU step's tables and read-backs (see
-    /// [`crate::emulated`]): every engine path a GPU run takes, without a GPU.
-    EmulatedCuda,
-}
-
-impl std::str::FromStr for Device {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "cpu" => Ok(Device::Cpu),
-            "emulated-cuda" => Ok(Device::EmulatedCuda),
-            other => Err(format!(
-                "unknown device `{other}`; the devices are `cpu` and `emulated-cuda`"
-            )),
-        }
     }
 }
 
@@ -114,6 +85,9 @@ pub enum StepError {
     Empty { index: usize },
     /// A gradient holds a NaN or an infinity (policy [`NonFinite::Error`]).
     NonFinite { index: usize },
+    /// The device failed (a CUDA driver error) or cannot take these
+    /// parameters; nothing was changed.
+    Device(String),
 }
 
 impl fmt::Display for StepError {
@@ -142,6 +116,7 @@ impl fmt::Display for StepError {
                 f,
                 "the gradient of parameter #{index} holds a NaN or an infinity; nothing was changed (lower the learning rate or scale the loss)"
             ),
+            StepError::Device(e) => write!(f, "the step could not run on its device: {e}"),
         }
     }
 }
@@ -213,10 +188,11 @@ pub(crate) fn validate_params<'a>(
 pub(crate) struct TensorState {
     pub(crate) shape: Vec<usize>,
     /// Steps this tensor has taken.
+    /// Steps issued to this tensor (on a CUDA device, the device's count of
+    /// those it skipped comes off: see [`crate::device`]).
     pub(crate) t: u64,
-    pub(crate) bufs: Vec<AlignedBuf>,
-    /// Row-reduction results of the current step (`ROW_REDUCTIONS` per row).
-    pub(crate) rows: Vec<f64>,
+    /// Its state buffers, in its device's memory.
+    pub(crate) store: Store,
 }
 
 /// Elements per unit of parallel work. Fixed, so the reduction order (and so
@@ -298,8 +274,8 @@ pub struct Optimizer<K: Kernel> {
     pub(crate) kernel: K,
     /// Its description.
     pub(crate) desc: &'static KernelDesc,
-    /// `Some`: steps run on the emulated CUDA device (see [`Device`]).
-    pub(crate) emulated: Option<Arc<HostModule>>,
+    /// What runs the steps (see [`crate::Device`]).
+    pub(crate) exec: Exec,
     /// The optimizer's hyperparameters (those of the group `default`).
     pub(crate) config: K::Config,
     /// Parameter groups; group 0 is `default` (no overrides).
@@ -311,8 +287,9 @@ pub struct Optimizer<K: Kernel> {
     pub(crate) tensors: Vec<Option<TensorState>>,
     pub(crate) n_params: Option<usize>,
     pub(crate) steps: u64,
-    non_finite: NonFinite,
-    non_finite_skips: u64,
+    pub(crate) non_finite: NonFinite,
+    /// Steps skipped (on a CUDA device, plus the device's count).
+    pub(crate) non_finite_skips: u64,
     /// Whether the first step looked for parameters their gradient cannot
     /// move (see `frozen`).
     pub(crate) frozen_checked: bool,
@@ -333,7 +310,7 @@ impl<K: Kernel> Clone for Optimizer<K> {
         Optimizer {
             kernel: self.kernel.clone(),
             desc: self.desc,
-            emulated: self.emulated.clone(),
+            exec: self.exec.clone(),
             config: self.config.clone(),
             groups: self.groups.clone(),
             group_of: self.group_of.clone(),
@@ -388,7 +365,7 @@ impl<K: Kernel> Optimizer<K> {
         let kernel = K::of_config(&config);
         Ok(Optimizer {
             desc: kernel.desc(),
-            emulated: None,
+            exec: Exec::Cpu,
             kernel,
             groups: vec![Group {
                 name: DEFAULT_GROUP.into(),
@@ -427,25 +404,6 @@ impl<K: Kernel> Optimizer<K> {
     /// The spec's name.
     pub fn name(&self) -> &'static str {
         self.desc.name
-    }
-
-    /// Where steps run. State, groups, checkpoints and the step counts are
-    /// the engine's and stay as they are: a step after a switch continues
-    /// the same trajectory (with the other device's arithmetic).
-    pub fn set_device(&mut self, device: Device) -> Result<(), EmulatedError> {
-        self.emulated = match device {
-            Device::Cpu => None,
-            Device::EmulatedCuda => Some(HostModule::load(self.desc)?),
-        };
-        Ok(())
-    }
-
-    pub fn device(&self) -> Device {
-        if self.emulated.is_some() {
-            Device::EmulatedCuda
-        } else {
-            Device::Cpu
-        }
     }
 
     /// Replaces the hyperparameters; a value out of range is an error and
@@ -510,10 +468,6 @@ impl<K: Kernel> Optimizer<K> {
     }
 
     /// Steps taken so far.
-    pub fn steps(&self) -> u64 {
-        self.steps
-    }
-
     /// Chooses what a step does with a NaN or infinite gradient.
     pub fn set_non_finite_policy(&mut self, policy: NonFinite) {
         self.non_finite = policy;
@@ -523,24 +477,27 @@ impl<K: Kernel> Optimizer<K> {
         self.non_finite
     }
 
-    /// Steps skipped so far because a gradient was not finite.
-    pub fn non_finite_skips(&self) -> u64 {
-        self.non_finite_skips
-    }
-
-    /// The state buffer `name` of parameter `index`, once it exists.
+    /// The state buffer `name` of parameter `index`, once it exists, where
+    /// it is in host memory (on a GPU: `None`; see [`Self::state_to_host`]).
     pub fn state(&self, index: usize, name: &str) -> Option<&[f32]> {
         let s = self.desc.states.iter().position(|s| s.name == name)?;
         let t = self.tensors.get(index)?.as_ref()?;
-        Some(t.bufs[s].as_slice())
+        match &t.store {
+            // State a step skipped on the device created is not there yet.
+            Store::Host { bufs, .. } if self.tensor_steps(index) > 0 => Some(bufs[s].as_slice()),
+            _ => None,
+        }
     }
 
-    /// Steps taken by parameter `index` (those with a gradient).
-    pub fn tensor_steps(&self, index: usize) -> u64 {
-        self.tensors
-            .get(index)
-            .and_then(|t| t.as_ref())
-            .map_or(0, |t| t.t)
+    /// The state buffer `name` of parameter `index`, once it exists, copied
+    /// to host memory from whichever device holds it.
+    ///
+    /// # Panics
+    /// If the copy from a GPU fails (its context is lost).
+    pub fn state_to_host(&self, index: usize, name: &str) -> Option<Vec<f32>> {
+        let s = self.desc.states.iter().position(|s| s.name == name)?;
+        let t = self.tensors.get(index)?.as_ref()?;
+        (self.tensor_steps(index) > 0).then(|| t.store.to_host(s).into_owned())
     }
 
     /// Puts each parameter into the first of `groups` whose predicate holds
@@ -680,6 +637,9 @@ impl<K: Kernel> Optimizer<K> {
             self.frozen_checked = true;
             crate::frozen::warn_frozen_scalars(self, params);
         }
+        if !matches!(self.exec, Exec::Cpu) {
+            return self.step_host_params_on_device(params);
+        }
         // What a skipped step restores: on the first step nothing exists yet.
         let (n_params_before, tensors_before) = (self.n_params, self.tensors.len());
         self.n_params = Some(params.len());
@@ -705,23 +665,17 @@ impl<K: Kernel> Optimizer<K> {
             let st = self.tensors[i].get_or_insert_with(|| TensorState {
                 shape: p.shape.to_vec(),
                 t: 0,
-                bufs: desc
-                    .states
-                    .iter()
-                    .enumerate()
-                    .map(|(k, s)| AlignedBuf::filled(p.value.len(), s.fill, i * ns + k))
-                    .collect(),
-                rows: vec![
-                    0.0;
-                    (p.value.len() / TensorMeta::row_len_of(p.shape)) * desc.row_reductions
-                ],
+                store: Store::new_host(desc, p.shape, i),
             });
+            let Store::Host { bufs, rows } = &mut st.store else {
+                unreachable!("the CPU keeps state in host memory")
+            };
             let slot = sc.active.len();
             sc.active.push(i);
             sc.slot_group
                 .push(self.group_of.get(i).copied().unwrap_or(0));
             let mut stp = [std::ptr::null_mut(); MAX_STATES];
-            for (k, b) in st.bufs.iter_mut().enumerate() {
+            for (k, b) in bufs.iter_mut().enumerate() {
                 stp[k] = b.as_mut_ptr();
             }
             let n = p.value.len();
@@ -730,7 +684,7 @@ impl<K: Kernel> Optimizer<K> {
                 p: p.value.as_mut_ptr(),
                 g: g.as_ptr(),
                 st: stp,
-                rows: st.rows.as_mut_ptr(),
+                rows: rows.as_mut_ptr(),
                 row_len,
             });
             sc.metas.push(TensorMeta {
@@ -762,22 +716,7 @@ impl<K: Kernel> Optimizer<K> {
         let ng = self.groups.len();
         sc.ss.clear();
         sc.ss.resize(ng, K::StepScalars::default());
-        let bad_slot: Option<usize> = if let Some(module) = self.emulated.clone() {
-            // The emulated CUDA device: the generated kernels over the same
-            // buffers, with the GPU's chunk table and per-group hyperparameters.
-            // SAFETY: the pointers come from the validated parameters and the
-            // state this step holds `&mut` to (see `Ptrs`).
-            unsafe {
-                module.step(
-                    self.groups.iter().map(|g| &g.config),
-                    &sc.ptrs,
-                    &sc.metas,
-                    &sc.slot_group,
-                    &sc.active,
-                    self.non_finite,
-                )
-            }
-        } else {
+        let bad_slot: Option<usize> = {
             'passes: {
                 for phase in 0..=desc.passes {
                     for (g, ss) in self.groups.iter().zip(sc.ss.iter_mut()) {

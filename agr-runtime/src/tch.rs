@@ -355,7 +355,7 @@ impl<K: Kernel> TchOptimizer<K> {
                 | StepError::StateShape { index, .. }
                 | StepError::Empty { index }
                 | StepError::NonFinite { index } => Some(*index),
-                StepError::NoParams | StepError::ParamCount { .. } => None,
+                StepError::NoParams | StepError::ParamCount { .. } | StepError::Device(_) => None,
             };
             TchError::Step {
                 error,

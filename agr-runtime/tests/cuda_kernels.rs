@@ -12,7 +12,7 @@ use std::process::Command;
 
 use agr_runtime::cuda::{self, DType};
 use agr_runtime::optim::*;
-use agr_runtime::KernelDesc;
+use agr_runtime::{Device, KernelDesc, ParamMut};
 
 /// The most registers a generated kernel may use: at 256 threads per block
 /// this still allows 4 resident blocks (32 warps) per SM on sm_80/sm_90.
@@ -101,12 +101,14 @@ fn check(desc: &KernelDesc, report: &mut Vec<String>) {
                     u.registers,
                     u.spill_bytes
                 ));
-                // At most 32 bytes stored and reloaded: since the kernels
-                // read a per-group table of hyperparameters and decide a
-                // non-finite skip themselves, ptxas keeps a few values on the
-                // stack in 7 of 168 kernel variants (the scalar prologue's
-                // calls; counted in the report, README "GPU"). More fails.
-                let abi_save = u.spill_bytes <= 32;
+                // At most 48 bytes stored and reloaded: since the kernels
+                // read a per-group table of hyperparameters, decide a
+                // non-finite skip themselves and take a tensor's step count
+                // net of the device's skips, ptxas keeps a few values on the
+                // stack around the scalar prologue's calls (to `pow`) in a
+                // few kernel variants (counted in the report, README "GPU").
+                // More fails.
+                let abi_save = u.spill_bytes <= 48;
                 assert!(
                     u.spill_bytes == 0 || abi_save,
                     "{} spills {} bytes on {sm} ({dtype:?}):\n{text}",
@@ -177,13 +179,41 @@ fn a_compile_error_is_reported_with_the_nvrtc_log() {
 }
 
 #[test]
-fn without_a_gpu_the_optimizer_reports_an_error() {
-    match cuda::CudaOptimizer::<AdamWAgrKernel>::on_default_device(Default::default(), DType::F32) {
-        Ok(_) => println!("a GPU is present: see tests/gpu.rs"),
+fn without_a_gpu_moving_to_cuda_is_an_error_that_changes_nothing() {
+    let mut opt = AdamWAgr::with_config(Default::default()).unwrap();
+    let mut p = vec![1.0f32, 2.0, 3.0];
+    let g = vec![0.1f32, -0.2, 0.3];
+    opt.step_params(&mut [ParamMut::new(&mut p, Some(&g), &[3])])
+        .unwrap();
+    let before = (
+        opt.steps(),
+        opt.state_to_host(0, "m"),
+        opt.state_to_host(0, "v"),
+    );
+    match opt.set_device(Device::Cuda(0)) {
+        Ok(()) => println!("a GPU is present: see tests/gpu.rs"),
         Err(e) => {
             let msg = e.to_string();
-            assert!(!msg.is_empty());
+            assert!(msg.starts_with("CUDA: "), "{msg}");
+            assert_eq!(opt.device(), Device::Cpu);
+            let after = (
+                opt.steps(),
+                opt.state_to_host(0, "m"),
+                opt.state_to_host(0, "v"),
+            );
+            assert_eq!(after, before, "a failed move changed the optimizer");
+            assert_eq!(after.0, 1);
             println!("no GPU, as expected here: {msg}");
         }
     }
+    // GPU buffers on an optimizer that is not on a GPU: a clear error.
+    let e = unsafe {
+        opt.step_raw(&[cuda::RawCudaParam {
+            value: 0,
+            grad: None,
+            shape: &[3],
+        }])
+    }
+    .unwrap_err();
+    assert!(e.to_string().contains("runs on cpu"), "{e}");
 }

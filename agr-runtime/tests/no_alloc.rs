@@ -12,8 +12,6 @@ struct Counting;
 
 static ALLOCS: AtomicUsize = AtomicUsize::new(0);
 static BYTES: AtomicUsize = AtomicUsize::new(0);
-/// The counters are global: tests that read them run one at a time.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
@@ -29,9 +27,17 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
+// One test function: the counters are global, and while a second test runs
+// (or the harness reports one that just finished) its allocations would be
+// counted too.
 #[test]
+fn steady_state_steps_allocate_nothing_and_candle_steps_per_variable() {
+    steady_state_steps_do_not_allocate();
+    #[cfg(feature = "candle")]
+    candle_steps_allocate_per_variable_not_per_element();
+}
+
 fn steady_state_steps_do_not_allocate() {
-    let _one_at_a_time = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     for n in [1000usize, 300_000] {
         let mut w0 = vec![0.5f32; n];
         let mut w1 = vec![-0.5f32; 64];
@@ -88,9 +94,7 @@ fn candle_step_bytes(n: usize) -> usize {
 }
 
 #[cfg(feature = "candle")]
-#[test]
 fn candle_steps_allocate_per_variable_not_per_element() {
-    let _one_at_a_time = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let small = candle_step_bytes(1000);
     let large = candle_step_bytes(1_000_000);
     println!("candle adapter: {small} bytes allocated per step with 1,000 elements, {large} with 1,000,000");

@@ -200,6 +200,7 @@ fn names_taken_by_target_languages_compile_as_cuda() {
         "AgrChunk",
         "agr_ld",
         "agr_fold",
+        "agr_tensor_step",
         "size_t",
         "M_PI",
         "HUGE_VAL",

@@ -88,6 +88,7 @@ pub const HOSTILE_NAMES: &[&str] = &[
     "AGR_BLOCK",
     "AgrTensor",
     "agr_ld",
+    "agr_tensor_step",
     "value",
     "name",
     "HYPERS",

@@ -145,7 +145,7 @@ static int run_@() {
         p[j].resize(numel); g[j].resize(numel);
         rd(p[j].data(), numel);
         AgrTensor& T = tensors[j];
-        T.p = p[j].data(); T.numel = numel; T.ndim = ndim; T.t = 0; T.row_len = row_len; T.group = 0; T.id = j;
+        T.p = p[j].data(); T.numel = numel; T.ndim = ndim; T.t = 0; T.row_len = row_len; T.group = 0; T.skips = nullptr;
         rows[j].assign(numel / row_len * (@_ROW_REDUCTIONS + 1), 0.0);
         T.rows = rows[j].data();
         st[j].resize(@_NUM_STATES);

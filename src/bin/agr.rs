@@ -37,8 +37,9 @@ enum Command {
         /// (its hyperparameters must have the files' names).
         #[arg(long)]
         spec: Option<PathBuf>,
-        /// Where to step: `cpu`, or `emulated-cuda` (the generated CUDA kernels
-        /// compiled as host C++ and run block by block, as on a GPU).
+        /// Where to step: `cpu`, `emulated-cuda` (the generated CUDA kernels
+        /// compiled as host C++ and run block by block, as on a GPU), or
+        /// `cuda` / `cuda:N` (a GPU; built with `--features cuda`).
         #[arg(long, default_value = "cpu")]
         device: agr_runtime::Device,
         #[arg(required = true)]

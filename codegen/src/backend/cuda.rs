@@ -466,7 +466,7 @@ fn emit_prologue(prog: &Program, upto: usize, fname: &str, f: &ElemFn, w: &mut W
     w.line(&format!("{x}_Step s;"));
     w.line(&format!("{x}_Tensor ts;"));
     w.line(&format!(
-        "{x}_scalars({upto}, h, T.t, (double)T.ndim, (double)T.numel, (double)T.row_len, reduced + (size_t)c.tensor * {x}_NUM_REDUCTIONS, global, s, ts);"
+        "{x}_scalars({upto}, h, agr_tensor_step(T), (double)T.ndim, (double)T.numel, (double)T.row_len, reduced + (size_t)c.tensor * {x}_NUM_REDUCTIONS, global, s, ts);"
     ));
     w.line(&format!(
         "const {x}_{fname}_args a = {x}_{fname}_args_from(s, ts);"
@@ -755,11 +755,17 @@ fn emit_update(prog: &Program, w: &mut W) {
     ));
     // The skip decision on the device: with `skipped` (the non-finite
     // policy `Skip`), a step whose finite check failed writes nothing and
-    // counts itself per tensor, with no read back to the host in between.
+    // counts itself, once per step in `*skipped` and once per tensor in
+    // `*T.skips` (which the next steps' step counts subtract), with no read
+    // back to the host in between.
     w.open(&format!(
         "if (skipped != 0 && !isfinite(global[{x}_FINITE_CHECK])) {{"
     ));
-    w.line("if (chunks[blockIdx.x].start == 0 && threadIdx.x == 0) skipped[tensors[chunks[blockIdx.x].tensor].id] += 1u;");
+    w.open("if (threadIdx.x == 0) {");
+    w.line("const AgrChunk c = chunks[blockIdx.x];");
+    w.line("if (c.start == 0 && tensors[c.tensor].skips != 0) *tensors[c.tensor].skips += 1u;");
+    w.line("if (blockIdx.x == 0) *skipped += 1u;");
+    w.close("}");
     w.line("return;");
     w.close("}");
     emit_prologue(prog, prog.n_phases, "update", &f, w);

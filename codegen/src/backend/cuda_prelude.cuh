@@ -62,14 +62,21 @@ struct AgrTensor {
     float* st[AGR_MAX_STATES];
     long long numel;
     long long ndim;
-    double t;          // this tensor's step count, 1 on its first step
+    double t;          // steps issued to this tensor, this one included
     int first_chunk;   // index of its first chunk in the chunk table
     int n_chunks;
     int group;         // its parameter group: the index of its hyperparameters
-    int id;            // the parameter's index (for per-parameter counters)
     double* rows;      // row-reduction results, ROW_REDUCTIONS per row
     long long row_len; // elements per row (every dimension but the first)
+    // Steps of this tensor the update kernel skipped on the device (a
+    // non-finite gradient); null: none. Its step count is t - *skips, so
+    // the host never has to read the skip decision back.
+    unsigned* skips;
 };
+
+__device__ __forceinline__ double agr_tensor_step(const AgrTensor& T) {
+    return T.skips ? T.t - (double)*T.skips : T.t;
+}
 
 // One block's share of the work: `len` elements of `tensor` from `start`
 // (whole rows when the optimizer has row reductions).

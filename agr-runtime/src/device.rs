@@ -1,0 +1,641 @@
+//! Where an optimizer's steps run, and the one step path every device that
+//! runs the generated CUDA shares.
+//!
+//! The engine ([`Optimizer`]) owns the plan: parameters, names, groups,
+//! state layout, step counts, the non-finite policy and checkpoints. A device
+//! owns memory and executes passes:
+//!
+//! - **CPU**: the generated Rust loops (or the IR evaluator), over host state.
+//! - **CUDA devices**: the generated kernels, launched through a [`Launch`]
+//!   layer with two implementations: the emulated device
+//!   ([`crate::emulated`], host C++ one block at a time, host memory) and a
+//!   GPU (`crate::cuda`, cudarc and NVRTC, device memory). Both get the same
+//!   tensor table, chunk table, per-group hyperparameters and skip counters
+//!   from [`Optimizer::step_on_device`], so CI runs every engine path a GPU
+//!   run takes.
+//!
+//! On a CUDA device the non-finite skip is decided by the update kernel
+//! (see `NonFinite::Skip`): a step is a fixed sequence of launches with no
+//! read back. The device counts skipped steps, once per step and once per
+//! parameter; the engine counts steps *issued*, and its step counts are
+//! issued minus skipped, read back only when asked ([`Optimizer::steps`],
+//! [`Optimizer::tensor_steps`], [`Optimizer::non_finite_skips`],
+//! checkpoints).
+
+use std::borrow::Cow;
+use std::fmt;
+use std::sync::Arc;
+
+use crate::buf::AlignedBuf;
+use crate::cpu::{Kernel, KernelDesc};
+use crate::emulated::{self, AgrChunk, AgrTensor, EmulatedError, HostModule};
+use crate::optimizer::{validate_params, ParamSeen, TensorState};
+use crate::{NonFinite, Optimizer, StepError, StepReport, TensorMeta, MAX_STATES};
+
+/// Where an optimizer's steps run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Device {
+    /// The fused CPU loops (generated Rust, or the IR evaluator for a spec
+    /// compiled at run time).
+    #[default]
+    Cpu,
+    /// The generated CUDA kernels compiled as host C++ and launched block by
+    /// block on the CPU, with a GPU step's tables, counters and read-backs
+    /// (see [`crate::emulated`]): every engine path a GPU run takes, without
+    /// a GPU.
+    EmulatedCuda,
+    /// The GPU with this ordinal (needs the `cuda` feature): kernels compiled
+    /// by NVRTC, state in device memory.
+    Cuda(usize),
+}
+
+impl fmt::Display for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Device::Cpu => f.write_str("cpu"),
+            Device::EmulatedCuda => f.write_str("emulated-cuda"),
+            Device::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+impl std::str::FromStr for Device {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "cpu" => Ok(Device::Cpu),
+            "emulated-cuda" => Ok(Device::EmulatedCuda),
+            "cuda" => Ok(Device::Cuda(0)),
+            other => match other.strip_prefix("cuda:").map(str::parse) {
+                Some(Ok(n)) => Ok(Device::Cuda(n)),
+                _ => Err(format!(
+                    "unknown device `{other}`; the devices are `cpu`, `emulated-cuda`, `cuda` and `cuda:N`"
+                )),
+            },
+        }
+    }
+}
+
+/// Why an optimizer cannot move to, or work on, a device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DeviceError {
+    /// The emulated CUDA device cannot compile or load the kernels.
+    Emulated(EmulatedError),
+    /// This build has no GPU support (the `cuda` feature).
+    NoCudaFeature,
+    /// The CUDA driver, NVRTC or the GPU failed.
+    Cuda(String),
+}
+
+impl fmt::Display for DeviceError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceError::Emulated(e) => e.fmt(f),
+            DeviceError::NoCudaFeature => f.write_str(
+                "this build of agr has no GPU support: build agr-runtime with the `cuda` feature",
+            ),
+            DeviceError::Cuda(e) => write!(f, "CUDA: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for DeviceError {}
+
+impl From<EmulatedError> for DeviceError {
+    fn from(e: EmulatedError) -> Self {
+        DeviceError::Emulated(e)
+    }
+}
+
+/// A parameter's state buffers, where its device keeps them.
+pub(crate) enum Store {
+    /// Host memory (the CPU and the emulated CUDA device).
+    Host {
+        bufs: Vec<AlignedBuf>,
+        /// Row-reduction results of the current step (`ROW_REDUCTIONS` per row).
+        rows: Vec<f64>,
+    },
+    /// GPU memory.
+    #[cfg(feature = "cuda")]
+    Cuda(crate::cuda::DeviceState),
+}
+
+impl Clone for Store {
+    fn clone(&self) -> Self {
+        match self {
+            Store::Host { bufs, rows } => Store::Host {
+                bufs: bufs.clone(),
+                rows: rows.clone(),
+            },
+            #[cfg(feature = "cuda")]
+            Store::Cuda(d) => Store::Cuda(d.clone()),
+        }
+    }
+}
+
+impl Store {
+    /// A new parameter's host state: each buffer at its spec's fill value.
+    pub(crate) fn new_host(desc: &KernelDesc, shape: &[usize], index: usize) -> Store {
+        let n: usize = shape.iter().product();
+        let ns = desc.states.len();
+        Store::Host {
+            bufs: desc
+                .states
+                .iter()
+                .enumerate()
+                .map(|(k, s)| AlignedBuf::filled(n, s.fill, index * ns + k))
+                .collect(),
+            rows: vec![0.0; n / TensorMeta::row_len_of(shape).max(1) * desc.row_reductions],
+        }
+    }
+
+    /// State buffer `k` in host memory (copied from a GPU).
+    ///
+    /// # Panics
+    /// If the copy from the GPU fails (its context is lost).
+    pub(crate) fn to_host(&self, k: usize) -> Cow<'_, [f32]> {
+        match self {
+            Store::Host { bufs, .. } => Cow::Borrowed(bufs[k].as_slice()),
+            #[cfg(feature = "cuda")]
+            Store::Cuda(d) => Cow::Owned(
+                d.to_host(k)
+                    .unwrap_or_else(|e| panic!("reading optimizer state back from the GPU: {e}")),
+            ),
+        }
+    }
+
+    /// The buffers as the kernels address them: the states and the rows.
+    fn pointers(&mut self) -> ([u64; MAX_STATES], u64) {
+        match self {
+            Store::Host { bufs, rows } => {
+                let mut st = [0u64; MAX_STATES];
+                for (k, b) in bufs.iter_mut().enumerate() {
+                    st[k] = b.as_mut_ptr() as u64;
+                }
+                (st, rows.as_mut_ptr() as u64)
+            }
+            #[cfg(feature = "cuda")]
+            Store::Cuda(d) => d.pointers(),
+        }
+    }
+}
+
+/// What executes an optimizer's steps.
+#[derive(Clone)]
+pub(crate) enum Exec {
+    Cpu,
+    Emulated(Emulated),
+    #[cfg(feature = "cuda")]
+    Cuda(Box<crate::cuda::CudaExec>),
+}
+
+/// The emulated CUDA device: the kernels and the skip counters in "device"
+/// (host) memory.
+#[derive(Clone)]
+pub(crate) struct Emulated {
+    module: Arc<HostModule>,
+    /// `[0]`: steps the update kernel skipped; `[1 + i]`: of those, parameter `i`'s.
+    counts: Vec<u32>,
+}
+
+/// The launch layer: runs one step's passes over tables the engine built.
+pub(crate) trait Launch {
+    /// Runs every pass of the step (the reduction passes `policy` needs, then
+    /// the update). Under [`NonFinite::Error`] it reads the finite check back
+    /// after the first pass and returns the slot of a tensor whose gradient
+    /// is not finite, having written nothing. Under `Skip` the update kernel
+    /// decides, counting into the skip counters; nothing is read back.
+    ///
+    /// # Safety
+    /// The tables' pointers must address live buffers of the sizes they say,
+    /// in this device's memory, written by nothing else during the step; the
+    /// skip counters must cover every parameter.
+    unsafe fn run(
+        &mut self,
+        desc: &'static KernelDesc,
+        hypers: &[f64],
+        chunks: &[AgrChunk],
+        tensors: &[AgrTensor],
+        policy: NonFinite,
+    ) -> Result<Option<usize>, DeviceError>;
+    /// The skip counters' address (`[0]` for the step, `[1 + i]` per parameter).
+    fn counts_ptr(&mut self) -> u64;
+    /// The skip counters.
+    fn counts(&self) -> Cow<'_, [u32]>;
+    /// Replaces the skip counters by `n` zeros.
+    fn reset_counts(&mut self, n: usize) -> Result<(), DeviceError>;
+    /// A new parameter's state buffers, each at its fill value.
+    fn new_store(
+        &mut self,
+        desc: &KernelDesc,
+        shape: &[usize],
+        index: usize,
+    ) -> Result<Store, DeviceError>;
+}
+
+impl Launch for Emulated {
+    unsafe fn run(
+        &mut self,
+        desc: &'static KernelDesc,
+        hypers: &[f64],
+        chunks: &[AgrChunk],
+        tensors: &[AgrTensor],
+        policy: NonFinite,
+    ) -> Result<Option<usize>, DeviceError> {
+        let counts = self.counts.as_mut_ptr();
+        Ok(self
+            .module
+            .run(desc, hypers, chunks, tensors, policy, counts))
+    }
+    fn counts_ptr(&mut self) -> u64 {
+        self.counts.as_mut_ptr() as u64
+    }
+    fn counts(&self) -> Cow<'_, [u32]> {
+        Cow::Borrowed(&self.counts)
+    }
+    fn reset_counts(&mut self, n: usize) -> Result<(), DeviceError> {
+        self.counts = vec![0; n];
+        Ok(())
+    }
+    fn new_store(
+        &mut self,
+        desc: &KernelDesc,
+        shape: &[usize],
+        index: usize,
+    ) -> Result<Store, DeviceError> {
+        Ok(Store::new_host(desc, shape, index))
+    }
+}
+
+impl Exec {
+    pub(crate) fn device(&self) -> Device {
+        match self {
+            Exec::Cpu => Device::Cpu,
+            Exec::Emulated(_) => Device::EmulatedCuda,
+            #[cfg(feature = "cuda")]
+            Exec::Cuda(c) => Device::Cuda(c.ordinal()),
+        }
+    }
+
+    /// The launch layer of a CUDA device; `None` on the CPU.
+    fn launch(&mut self) -> Option<&mut dyn Launch> {
+        match self {
+            Exec::Cpu => None,
+            Exec::Emulated(e) => Some(e),
+            #[cfg(feature = "cuda")]
+            Exec::Cuda(c) => Some(&mut **c),
+        }
+    }
+
+    /// The device's skip counters (empty on the CPU, which counts on the host).
+    pub(crate) fn counts(&self) -> Cow<'_, [u32]> {
+        match self {
+            Exec::Cpu => Cow::Borrowed(&[]),
+            Exec::Emulated(e) => e.counts(),
+            #[cfg(feature = "cuda")]
+            Exec::Cuda(c) => c.counts(),
+        }
+    }
+}
+
+/// One parameter as the kernels address it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RawParam<'a> {
+    pub value: u64,
+    pub grad: Option<u64>,
+    pub shape: &'a [usize],
+}
+
+impl<K: Kernel> Optimizer<K> {
+    /// Where steps run.
+    pub fn device(&self) -> Device {
+        self.exec.device()
+    }
+
+    /// Moves the optimizer to `device`: its state (to or from GPU memory),
+    /// its step counts and its kernels. Groups, names, hyperparameters and
+    /// the non-finite policy stay; a step after a move continues the same
+    /// trajectory (with the other device's arithmetic). On error nothing
+    /// changes.
+    pub fn set_device(&mut self, device: Device) -> Result<(), DeviceError> {
+        if device == self.device() {
+            return Ok(());
+        }
+        let exec = match device {
+            Device::Cpu => Exec::Cpu,
+            Device::EmulatedCuda => Exec::Emulated(Emulated {
+                module: HostModule::load(self.desc)?,
+                counts: vec![],
+            }),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(n) => Exec::Cuda(Box::new(crate::cuda::CudaExec::new(
+                crate::cuda::default_stream(n)?,
+                self.desc,
+                crate::cuda::DType::F32,
+            )?)),
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(_) => return Err(DeviceError::NoCudaFeature),
+        };
+        self.set_exec(exec)
+    }
+
+    /// Moves the optimizer to `exec`'s device (see [`Self::set_device`]).
+    pub(crate) fn set_exec(&mut self, mut exec: Exec) -> Result<(), DeviceError> {
+        // The steps the old device skipped come off the issued ones; then
+        // the state moves (a copy: if that fails, nothing has changed).
+        self.fold_counts();
+        let tensors = move_state(&mut self.tensors, &self.exec, &mut exec)?;
+        if let Some(l) = exec.launch() {
+            l.reset_counts(self.n_params.map_or(0, |n| n + 1))?;
+        }
+        if let Some(t) = tensors {
+            self.tensors = t;
+        }
+        self.exec = exec;
+        Ok(())
+    }
+
+    /// Host state (a checkpoint's) in the memory of this optimizer's device.
+    pub(crate) fn state_on_this_device(
+        &mut self,
+        tensors: Vec<Option<TensorState>>,
+    ) -> Result<Vec<Option<TensorState>>, DeviceError> {
+        let mut tensors = tensors;
+        Ok(move_state(&mut tensors, &Exec::Cpu, &mut self.exec)?.unwrap_or(tensors))
+    }
+
+    /// Replaces the state and step counts (a checkpoint's, already in this
+    /// device's memory); the device's skip counters start again from zero.
+    pub(crate) fn install_state(
+        &mut self,
+        tensors: Vec<Option<TensorState>>,
+        n_params: Option<usize>,
+        steps: u64,
+    ) {
+        self.fold_counts();
+        self.tensors = tensors;
+        self.n_params = n_params;
+        self.steps = steps;
+        if let Some(l) = self.exec.launch() {
+            // Host memory (emulated) cannot fail; on a GPU the next step
+            // re-sizes counters of the wrong length (and reports a failure).
+            let _ = l.reset_counts(n_params.map_or(0, |n| n + 1));
+        }
+    }
+
+    /// Applies the device's skip counts to the host's step counts (read back
+    /// from a GPU); the counters are then zero.
+    fn fold_counts(&mut self) {
+        let counts = self.exec.counts().into_owned();
+        if counts.iter().all(|&c| c == 0) {
+            return;
+        }
+        self.steps -= u64::from(counts[0]);
+        self.non_finite_skips += u64::from(counts[0]);
+        for (i, t) in self.tensors.iter_mut().enumerate() {
+            if let Some(t) = t {
+                t.t -= u64::from(counts.get(i + 1).copied().unwrap_or(0));
+            }
+        }
+        let n = counts.len();
+        if let Some(l) = self.exec.launch() {
+            // Host memory (emulated) cannot fail; a GPU that cannot zero 4n
+            // bytes has lost its context, and the next step will say so.
+            let _ = l.reset_counts(n);
+        }
+    }
+
+    /// Steps that ran (a skipped one does not count).
+    pub fn steps(&self) -> u64 {
+        self.steps - u64::from(self.exec.counts().first().copied().unwrap_or(0))
+    }
+
+    /// Steps skipped so far because a gradient was not finite.
+    pub fn non_finite_skips(&self) -> u64 {
+        self.non_finite_skips + u64::from(self.exec.counts().first().copied().unwrap_or(0))
+    }
+
+    /// Steps taken by parameter `index` (those with a gradient).
+    pub fn tensor_steps(&self, index: usize) -> u64 {
+        let counts = self.exec.counts();
+        self.tensors
+            .get(index)
+            .and_then(|t| t.as_ref())
+            .map_or(0, |t| {
+                t.t - u64::from(counts.get(index + 1).copied().unwrap_or(0))
+            })
+    }
+
+    /// One step on a CUDA device over parameters its kernels can address,
+    /// already validated: the shared tables, the launch layer, the counts.
+    ///
+    /// # Safety
+    /// Each `value` must address `prod(shape)` writable elements and each
+    /// `grad` as many readable ones, in the device's memory, written by
+    /// nothing else until the step's kernels have run.
+    pub(crate) unsafe fn step_on_device(
+        &mut self,
+        params: &[RawParam<'_>],
+    ) -> Result<StepReport, StepError> {
+        let desc = self.desc;
+        let policy = self.non_finite;
+        // The counters cover every parameter (sized once the count is known).
+        if self.exec.counts().len() != params.len() + 1 {
+            self.fold_counts();
+            let l = self.exec.launch().expect("a CUDA device");
+            l.reset_counts(params.len() + 1).map_err(device_error)?;
+        }
+        let (n_params_before, tensors_before) = (self.n_params, self.tensors.len());
+        self.n_params = Some(params.len());
+        if self.tensors.len() < params.len() {
+            self.tensors.resize_with(params.len(), || None);
+        }
+        let mut created = vec![];
+        let result = self.step_on_device_inner(params, &mut created, desc, policy);
+        if !matches!(result, Ok(None)) {
+            // An error, or a non-finite gradient under `Error`: nothing was
+            // written; undo what this step created.
+            for &i in &created {
+                self.tensors[i] = None;
+            }
+            self.tensors.truncate(tensors_before);
+            self.n_params = n_params_before;
+        }
+        let active: Vec<usize> = (0..params.len())
+            .filter(|&i| params[i].grad.is_some())
+            .collect();
+        match result {
+            Err(e) => Err(e),
+            Ok(Some(slot)) => Err(StepError::NonFinite {
+                index: active[slot],
+            }),
+            Ok(None) => {
+                for &i in &active {
+                    if let Some(t) = self.tensors[i].as_mut() {
+                        t.t += 1;
+                    }
+                }
+                self.steps += 1;
+                Ok(StepReport {
+                    // Under `Skip` the device may yet have skipped this step:
+                    // `steps()` reads its decision back.
+                    step: self.steps,
+                    updated: active.len(),
+                    skipped: params.len() - active.len(),
+                    skipped_non_finite: None,
+                })
+            }
+        }
+    }
+
+    unsafe fn step_on_device_inner(
+        &mut self,
+        params: &[RawParam<'_>],
+        created: &mut Vec<usize>,
+        desc: &'static KernelDesc,
+        policy: NonFinite,
+    ) -> Result<Option<usize>, StepError> {
+        let l = self.exec.launch().expect("a CUDA device");
+        let counts = l.counts_ptr();
+        let mut metas = vec![];
+        let mut table = vec![];
+        for (i, p) in params.iter().enumerate() {
+            let Some(g) = p.grad else { continue };
+            if self.tensors[i].is_none() {
+                let store = l.new_store(desc, p.shape, i).map_err(device_error)?;
+                created.push(i);
+                self.tensors[i] = Some(TensorState {
+                    shape: p.shape.to_vec(),
+                    t: 0,
+                    store,
+                });
+            }
+            let st = self.tensors[i].as_mut().expect("created above");
+            let (bufs, rows) = st.store.pointers();
+            let meta = TensorMeta {
+                t: st.t + 1,
+                ndim: p.shape.len(),
+                numel: p.shape.iter().product(),
+                row_len: TensorMeta::row_len_of(p.shape),
+            };
+            metas.push(meta);
+            table.push(AgrTensor {
+                p: p.value,
+                g,
+                st: bufs,
+                numel: meta.numel as i64,
+                ndim: meta.ndim as i64,
+                t: meta.t as f64,
+                first_chunk: 0,
+                n_chunks: 0,
+                group: self.group_of.get(i).copied().unwrap_or(0) as i32,
+                rows,
+                row_len: meta.row_len as i64,
+                skips: counts + 4 * (i as u64 + 1),
+            });
+        }
+        if table.is_empty() {
+            return Ok(None);
+        }
+        let (chunks, spans) = emulated::chunk_table(desc, &metas, emulated::CHUNK);
+        for (t, (first, n)) in table.iter_mut().zip(spans) {
+            t.first_chunk = first;
+            t.n_chunks = n;
+        }
+        let hypers = emulated::hyper_table(desc, self.groups.iter().map(|g| &g.config));
+        l.run(desc, &hypers, &chunks, &table, policy)
+            .map_err(device_error)
+    }
+
+    /// The step path of [`Optimizer::step_params`] on a CUDA device: host
+    /// parameters (on a GPU: copied there and back, for checks, not speed).
+    pub(crate) fn step_host_params_on_device(
+        &mut self,
+        params: &mut [crate::ParamMut<'_>],
+    ) -> Result<StepReport, StepError> {
+        match &self.exec {
+            Exec::Cpu => unreachable!("the CPU steps in the engine"),
+            Exec::Emulated(_) => {
+                let raw: Vec<RawParam<'_>> = params
+                    .iter_mut()
+                    .map(|p| RawParam {
+                        value: p.value.as_mut_ptr() as u64,
+                        grad: p.grad.map(|g| g.as_ptr() as u64),
+                        shape: p.shape,
+                    })
+                    .collect();
+                // SAFETY: validated host slices, held `&mut` (values) and `&`
+                // (gradients) for the whole step; the emulated device's
+                // memory is host memory and its launches return when done.
+                unsafe { self.step_on_device(&raw) }
+            }
+            #[cfg(feature = "cuda")]
+            Exec::Cuda(_) => crate::cuda::step_host_params(self, params),
+        }
+    }
+}
+
+/// Validates parameters given as device addresses (lengths from the shapes,
+/// or from the buffers where known).
+pub(crate) fn validate_raw<K: Kernel>(
+    opt: &Optimizer<K>,
+    params: &[RawParam<'_>],
+    lens: Option<&[(usize, Option<usize>)]>,
+) -> Result<(), StepError> {
+    let stored = |i: usize| {
+        opt.tensors
+            .get(i)
+            .and_then(|t| t.as_ref())
+            .map(|t| t.shape.as_slice())
+    };
+    let seen = params.iter().enumerate().map(|(i, p)| {
+        let numel = p.shape.iter().product();
+        let (len, grad_len) = match lens {
+            Some(l) => l[i],
+            None => (numel, p.grad.map(|_| numel)),
+        };
+        ParamSeen {
+            shape: p.shape,
+            len,
+            grad_len,
+        }
+    });
+    validate_params(opt.n_params, stored, seen, params.len())
+}
+
+fn device_error(e: DeviceError) -> StepError {
+    StepError::Device(e.to_string())
+}
+
+/// The engine's state in the memory of `to`'s device: `None` when it is
+/// already there (host memory to host memory), else copies (the original is
+/// untouched, so a failure changes nothing).
+fn move_state(
+    tensors: &mut [Option<TensorState>],
+    from: &Exec,
+    to: &mut Exec,
+) -> Result<Option<Vec<Option<TensorState>>>, DeviceError> {
+    let host = |e: &Exec| matches!(e, Exec::Cpu | Exec::Emulated(_));
+    if host(from) && host(to) {
+        return Ok(None);
+    }
+    tensors
+        .iter()
+        .map(|t| {
+            let Some(t) = t else { return Ok(None) };
+            let store = match (&*to, &t.store) {
+                (Exec::Cpu | Exec::Emulated(_), Store::Host { .. }) => t.store.clone(),
+                #[cfg(feature = "cuda")]
+                (Exec::Cuda(c), s) => c.upload_store(s)?,
+                #[cfg(feature = "cuda")]
+                (Exec::Cpu | Exec::Emulated(_), Store::Cuda(d)) => d.download()?,
+            };
+            Ok(Some(TensorState {
+                shape: t.shape.clone(),
+                t: t.t,
+                store,
+            }))
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
+}
