@@ -512,6 +512,10 @@ impl Launch for CudaExec {
         }
     }
 
+    fn counts_len(&self) -> usize {
+        self.d_counts.as_ref().map_or(0, |c| c.len())
+    }
+
     fn reset_counts(&mut self, n: usize) -> Result<(), DeviceError> {
         self.d_counts = if n == 0 {
             None

@@ -220,8 +220,10 @@ pub(crate) trait Launch {
     ) -> Result<Option<usize>, DeviceError>;
     /// The skip counters' address (`[0]` for the step, `[1 + i]` per parameter).
     fn counts_ptr(&mut self) -> u64;
-    /// The skip counters.
+    /// The skip counters (on a GPU: read back).
     fn counts(&self) -> Cow<'_, [u32]>;
+    /// How many skip counters there are (no read back).
+    fn counts_len(&self) -> usize;
     /// Replaces the skip counters by `n` zeros.
     fn reset_counts(&mut self, n: usize) -> Result<(), DeviceError>;
     /// A new parameter's state buffers, each at its fill value.
@@ -251,7 +253,11 @@ impl Launch for Emulated {
         self.counts.as_mut_ptr() as u64
     }
     fn counts(&self) -> Cow<'_, [u32]> {
+        emulated::note_read_back();
         Cow::Borrowed(&self.counts)
+    }
+    fn counts_len(&self) -> usize {
+        self.counts.len()
     }
     fn reset_counts(&mut self, n: usize) -> Result<(), DeviceError> {
         self.counts = vec![0; n];
@@ -439,8 +445,10 @@ impl<K: Kernel> Optimizer<K> {
     ) -> Result<StepReport, StepError> {
         let desc = self.desc;
         let policy = self.non_finite;
-        // The counters cover every parameter (sized once the count is known).
-        if self.exec.counts().len() != params.len() + 1 {
+        // The counters cover every parameter (sized once the count is known;
+        // checking the size reads nothing back).
+        let l = self.exec.launch().expect("a CUDA device");
+        if l.counts_len() != params.len() + 1 {
             self.fold_counts();
             let l = self.exec.launch().expect("a CUDA device");
             l.reset_counts(params.len() + 1).map_err(device_error)?;

@@ -106,6 +106,20 @@ pub fn launches() -> u64 {
     LAUNCHES.load(std::sync::atomic::Ordering::Relaxed)
 }
 
+static READ_BACKS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Reads from "device" memory to the host on the emulated device so far, in
+/// this process: what would stall a GPU's stream. A step under
+/// `NonFinite::Skip` makes none; `Error` makes one (the finite check), and
+/// the step counts make one when asked.
+pub fn read_backs() -> u64 {
+    READ_BACKS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+pub(crate) fn note_read_back() {
+    READ_BACKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Why the emulated device cannot run a spec.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum EmulatedError {
@@ -346,8 +360,11 @@ impl HostModule {
                 continue;
             }
             launch(k, &mut partials, &mut reduced, &mut global);
-            if k == 0 && policy == NonFinite::Error && !global[desc.finite_check].is_finite() {
-                return Some(desc.non_finite_slot(&reduced, nt, nr));
+            if k == 0 && policy == NonFinite::Error {
+                note_read_back();
+                if !global[desc.finite_check].is_finite() {
+                    return Some(desc.non_finite_slot(&reduced, nt, nr));
+                }
             }
         }
         launch(desc.passes, &mut partials, &mut reduced, &mut global);

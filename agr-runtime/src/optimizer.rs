@@ -667,7 +667,10 @@ impl<K: Kernel> Optimizer<K> {
                 t: 0,
                 store: Store::new_host(desc, p.shape, i),
             });
-            let Store::Host { bufs, rows } = &mut st.store else {
+            // Without the `cuda` feature host memory is the only kind.
+            #[allow(irrefutable_let_patterns)]
+            let Store::Host { bufs, rows } = &mut st.store
+            else {
                 unreachable!("the CPU keeps state in host memory")
             };
             let slot = sc.active.len();

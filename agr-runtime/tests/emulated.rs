@@ -417,3 +417,61 @@ fn the_update_kernel_skips_a_non_finite_step_by_itself() {
         );
     }
 }
+
+#[test]
+fn a_step_reads_nothing_back_under_skip() {
+    // What would stall a GPU's stream: nothing in a step under `Skip`, even
+    // one the update kernel skips; the counts when asked; the finite check
+    // under `Error`. Other tests run in parallel, so the fewest reads seen
+    // over a few tries bounds ours from above.
+    if dev() != Device::EmulatedCuda {
+        println!("skipped: counts the emulated device's read-backs");
+        return;
+    }
+    let b = builtin("adamw_agr").unwrap();
+    let mut opt = b.make();
+    opt.set_device(dev()).unwrap();
+    let mut values = init(90);
+    let fewest = |f: &mut dyn FnMut()| {
+        (0..5)
+            .map(|_| {
+                let before = agr_runtime::emulated::read_backs();
+                f();
+                agr_runtime::emulated::read_backs() - before
+            })
+            .min()
+            .unwrap()
+    };
+    let mut k = 0;
+    let steps = fewest(&mut || {
+        step_all(&mut *opt, &mut values, k, 3);
+        k += 1;
+    });
+    assert_eq!(steps, 0, "a step under Skip read back");
+    let skipped = fewest(&mut || {
+        let mut vals = values.clone();
+        let grads: Vec<Vec<f32>> = vals
+            .iter()
+            .map(|v| {
+                let mut g = data(v.len(), 5);
+                g[0] = f32::NAN;
+                g
+            })
+            .collect();
+        let mut params: Vec<ParamMut<'_>> = vals
+            .iter_mut()
+            .zip(SHAPES)
+            .zip(&grads)
+            .map(|((v, s), g)| ParamMut::new(v, Some(g), s))
+            .collect();
+        opt.step_params(&mut params).unwrap();
+    });
+    assert_eq!(skipped, 0, "a step the device skipped read back");
+    let asked = fewest(&mut || {
+        let _ = opt.steps();
+    });
+    assert_eq!(asked, 1, "the step count reads the device's count once");
+    opt.set_non_finite_policy(NonFinite::Error);
+    let checked = fewest(&mut || step_all(&mut *opt, &mut values, 9, 3));
+    assert_eq!(checked, 1, "Error reads the finite check back once");
+}
