@@ -301,6 +301,8 @@ fn builtins_agree_with_the_rust_back_end() {
         "acprop",
         "lamb",
         "adamw_gc",
+        "adopt",
+        "cadamw_agr",
     ] {
         let (src, opt) = builtin(name);
         check(name, src, opt, &[lr]);

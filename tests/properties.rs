@@ -100,6 +100,8 @@ const BUILTINS: &[&str] = &[
     "acprop",
     "lamb",
     "adamw_gc",
+    "adopt",
+    "cadamw_agr",
 ];
 
 fn shapes() -> impl Strategy<Value = Vec<Vec<usize>>> {

@@ -16,6 +16,8 @@ crate::optimizer! { file = "specs/lion_agr.agr" }
 crate::optimizer! { file = "specs/acprop.agr" }
 crate::optimizer! { file = "specs/lamb.agr" }
 crate::optimizer! { file = "specs/adamw_gc.agr" }
+crate::optimizer! { file = "specs/adopt.agr" }
+crate::optimizer! { file = "specs/cadamw_agr.agr" }
 
 /// A built-in optimizer: its name in golden files and on the command line,
 /// its Rust type name, and its spec source.
@@ -62,6 +64,8 @@ builtins! {
     "acprop" => AcProp, "acprop.agr";
     "lamb" => Lamb, "lamb.agr";
     "adamw_gc" => AdamWGc, "adamw_gc.agr";
+    "adopt" => Adopt, "adopt.agr";
+    "cadamw_agr" => CAdamWAgr, "cadamw_agr.agr";
 }
 
 /// Looks a built-in up by name; an unknown name is an error that lists them.

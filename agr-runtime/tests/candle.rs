@@ -1,5 +1,5 @@
 //! The candle adapter: the golden trajectories replayed through
-//! `candle_nn::Optimizer` (five) and `CandleDyn` (all fourteen), training
+//! `candle_nn::Optimizer` (five) and `CandleDyn` (every built-in), training
 //! with every built-in lowers the loss, variables without a gradient are
 //! skipped, groups and checkpoints work through candle variables.
 #![cfg(feature = "candle")]

@@ -108,9 +108,10 @@ where
 #[ignore = "needs a CUDA GPU: scripts/gpu-check.sh runs it (--include-ignored)"]
 fn golden_files_replay_on_the_gpu() {
     let stream = gpu();
-    let mut files: Vec<PathBuf> = std::fs::read_dir(golden_dir())
-        .unwrap()
-        .map(|e| e.unwrap().path())
+    let mut files: Vec<PathBuf> = ["", "more", "frontier"]
+        .iter()
+        .filter_map(|sub| std::fs::read_dir(golden_dir().join(sub)).ok())
+        .flat_map(|d| d.map(|e| e.unwrap().path()))
         .collect();
     files.retain(|p| p.extension().is_some_and(|e| e == "json"));
     files.sort();
@@ -132,6 +133,8 @@ fn golden_files_replay_on_the_gpu() {
             "acprop" => replay_gpu::<AcPropKernel>(&stream, &g),
             "lamb" => replay_gpu::<LambKernel>(&stream, &g),
             "adamw_gc" => replay_gpu::<AdamWGcKernel>(&stream, &g),
+            "adopt" => replay_gpu::<AdoptKernel>(&stream, &g),
+            "cadamw_agr" => replay_gpu::<CAdamWAgrKernel>(&stream, &g),
             other => {
                 println!("{other}: not a built-in of this suite");
                 continue;

@@ -26,6 +26,8 @@ const BUILTINS: &[&str] = &[
     "acprop",
     "lamb",
     "adamw_gc",
+    "adopt",
+    "cadamw_agr",
 ];
 
 #[test]

@@ -138,7 +138,7 @@ def run_lion_agr(init, grads, hyper, dtype):
     return traj
 
 
-def write(name, optimizer, reference, note, hyper, shapes, init, grads, run):
+def write(name, optimizer, reference, note, hyper, shapes, init, grads, run, folder=HERE):
     t32 = run(init, grads, hyper, torch.float32)
     t64 = run(init, grads, hyper, torch.float64)
     drift = max(float((a.double() - b).abs().max()) for s32, s64 in zip(t32, t64)
@@ -156,7 +156,7 @@ def write(name, optimizer, reference, note, hyper, shapes, init, grads, run):
                   for gs, ps in zip(grads, t32)],
         "tolerance": {"atol": 10 * drift, "rtol": 1e-5, "f32_vs_f64_max_abs": drift},
     }
-    with open(os.path.join(HERE, name), "w") as f:
+    with open(os.path.join(folder, name), "w") as f:
         json.dump(doc, f)
         f.write("\n")
     print(f"{name}: {len(grads)} steps, f32 vs f64 drift {drift:.3e}")
