@@ -40,6 +40,33 @@ fn step_all(opt: &mut dyn DynOptimizer, values: &mut [Vec<f32>], k: usize, seed:
     opt.step_params(&mut params).unwrap();
 }
 
+/// A step whose gradients are all finite but tensor `bad`'s, which holds a NaN.
+fn step_with_nan(
+    opt: &mut dyn DynOptimizer,
+    values: &mut [Vec<f32>],
+    seed: u64,
+    bad: usize,
+) -> agr_runtime::StepReport {
+    let grads: Vec<Vec<f32>> = values
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let mut g = data(v.len(), seed + i as u64);
+            if i == bad {
+                g[v.len() / 2] = f32::NAN;
+            }
+            g
+        })
+        .collect();
+    let mut params: Vec<ParamMut<'_>> = values
+        .iter_mut()
+        .zip(SHAPES)
+        .zip(&grads)
+        .map(|((v, s), g)| ParamMut::new(v, Some(g), s))
+        .collect();
+    opt.step_params(&mut params).unwrap()
+}
+
 fn init(seed: u64) -> Vec<Vec<f32>> {
     SHAPES
         .iter()
@@ -147,12 +174,23 @@ fn a_checkpoint_moves_between_the_cpu_and_the_emulated_device() {
         step_all(&mut *emu, &mut ve, k, 1);
     }
     assert!(worst(&ve, &v) <= 1.0);
+    // On the same device (the same arithmetic) a resumed optimizer continues
+    // bit-identically.
+    let mut again = b.make();
+    again.set_device(dev()).unwrap();
+    again.load_checkpoint(&emu.save_checkpoint()).unwrap();
+    let mut va = ve.clone();
+    for k in 5..7 {
+        step_all(&mut *again, &mut va, k, 1);
+        step_all(&mut *emu, &mut ve, k, 1);
+    }
+    assert!(va == ve, "a checkpoint resumed on the same device differs");
     // And back: the emulated device's checkpoint resumes on the CPU.
     let mut back = b.make();
     back.load_checkpoint(&emu.save_checkpoint()).unwrap();
     let mut vb = ve.clone();
-    step_all(&mut *back, &mut vb, 5, 1);
-    step_all(&mut *emu, &mut ve, 5, 1);
+    step_all(&mut *back, &mut vb, 7, 1);
+    step_all(&mut *emu, &mut ve, 7, 1);
     assert!(worst(&vb, &ve) <= 1.0);
     assert_eq!(back.non_finite_skips(), 0);
 }
@@ -363,24 +401,7 @@ fn the_update_kernel_skips_a_non_finite_step_by_itself() {
             if k == 2 {
                 for (opt, vals) in [(&mut cpu, &mut vc), (&mut emu, &mut ve)] {
                     let before = vals.clone();
-                    let grads: Vec<Vec<f32>> = vals
-                        .iter()
-                        .enumerate()
-                        .map(|(i, v)| {
-                            let mut g = data(v.len(), 99 + i as u64);
-                            if i == 3 {
-                                g[7] = f32::NAN;
-                            }
-                            g
-                        })
-                        .collect();
-                    let mut params: Vec<ParamMut<'_>> = vals
-                        .iter_mut()
-                        .zip(SHAPES)
-                        .zip(&grads)
-                        .map(|((v, s), g)| ParamMut::new(v, Some(g), s))
-                        .collect();
-                    let r = opt.step_params(&mut params).unwrap();
+                    let r = step_with_nan(&mut **opt, vals, 99, 3);
                     // The CPU reports it; a CUDA device counts it on the device.
                     let reported = r.skipped_non_finite.is_some();
                     assert_eq!(reported, opt.device() == Device::Cpu, "{name}");
@@ -449,22 +470,7 @@ fn a_step_reads_nothing_back_under_skip() {
     });
     assert_eq!(steps, 0, "a step under Skip read back");
     let skipped = fewest(&mut || {
-        let mut vals = values.clone();
-        let grads: Vec<Vec<f32>> = vals
-            .iter()
-            .map(|v| {
-                let mut g = data(v.len(), 5);
-                g[0] = f32::NAN;
-                g
-            })
-            .collect();
-        let mut params: Vec<ParamMut<'_>> = vals
-            .iter_mut()
-            .zip(SHAPES)
-            .zip(&grads)
-            .map(|((v, s), g)| ParamMut::new(v, Some(g), s))
-            .collect();
-        opt.step_params(&mut params).unwrap();
+        step_with_nan(&mut *opt, &mut values.clone(), 5, 0);
     });
     assert_eq!(skipped, 0, "a step the device skipped read back");
     let asked = fewest(&mut || {
