@@ -19,9 +19,10 @@ use cudarc::nvrtc::{CompileOptions, Ptx};
 
 use crate::buf::AlignedBuf;
 use crate::cpu::{Kernel, KernelDesc, StaticKernel};
-use crate::device::{validate_raw, DeviceError, Exec, Launch, RawParam, Store};
+use crate::device::{DeviceError, Exec, Launch, RawParam, Store};
 use crate::emulated::{AgrChunk, AgrTensor};
 use crate::optimizer::skip_pass_of;
+use crate::optimizer::{validate_params, ParamSeen};
 use crate::{NonFinite, Optimizer, ParamMut, StepError, StepReport, TensorMeta, MAX_STATES};
 use std::borrow::Cow;
 
@@ -599,6 +600,34 @@ pub(crate) fn step_host_params<K: Kernel>(
             .map_err(|e| StepError::Device(e.to_string()))?;
     }
     Ok(report)
+}
+
+/// Validates parameters given as device addresses (lengths from the shapes,
+/// or from the buffers where known).
+pub(crate) fn validate_raw<K: Kernel>(
+    opt: &Optimizer<K>,
+    params: &[RawParam<'_>],
+    lens: Option<&[(usize, Option<usize>)]>,
+) -> Result<(), StepError> {
+    let stored = |i: usize| {
+        opt.tensors
+            .get(i)
+            .and_then(|t| t.as_ref())
+            .map(|t| t.shape.as_slice())
+    };
+    let seen = params.iter().enumerate().map(|(i, p)| {
+        let numel = p.shape.iter().product();
+        let (len, grad_len) = match lens {
+            Some(l) => l[i],
+            None => (numel, p.grad.map(|_| numel)),
+        };
+        ParamSeen {
+            shape: p.shape,
+            len,
+            grad_len,
+        }
+    });
+    validate_params(opt.n_params, stored, seen, params.len())
 }
 
 impl<K: Kernel> Optimizer<K> {

@@ -29,7 +29,7 @@ use std::sync::Arc;
 use crate::buf::AlignedBuf;
 use crate::cpu::{Kernel, KernelDesc};
 use crate::emulated::{self, AgrChunk, AgrTensor, EmulatedError, HostModule};
-use crate::optimizer::{validate_params, ParamSeen, TensorState};
+use crate::optimizer::TensorState;
 use crate::{NonFinite, Optimizer, StepError, StepReport, TensorMeta, MAX_STATES};
 
 /// Where an optimizer's steps run.
@@ -581,34 +581,6 @@ impl<K: Kernel> Optimizer<K> {
             Exec::Cuda(_) => crate::cuda::step_host_params(self, params),
         }
     }
-}
-
-/// Validates parameters given as device addresses (lengths from the shapes,
-/// or from the buffers where known).
-pub(crate) fn validate_raw<K: Kernel>(
-    opt: &Optimizer<K>,
-    params: &[RawParam<'_>],
-    lens: Option<&[(usize, Option<usize>)]>,
-) -> Result<(), StepError> {
-    let stored = |i: usize| {
-        opt.tensors
-            .get(i)
-            .and_then(|t| t.as_ref())
-            .map(|t| t.shape.as_slice())
-    };
-    let seen = params.iter().enumerate().map(|(i, p)| {
-        let numel = p.shape.iter().product();
-        let (len, grad_len) = match lens {
-            Some(l) => l[i],
-            None => (numel, p.grad.map(|_| numel)),
-        };
-        ParamSeen {
-            shape: p.shape,
-            len,
-            grad_len,
-        }
-    });
-    validate_params(opt.n_params, stored, seen, params.len())
 }
 
 fn device_error(e: DeviceError) -> StepError {
