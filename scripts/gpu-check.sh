@@ -24,6 +24,9 @@ for line in sys.stdin:
 ' "$bundle/bin"
     for b in gpu emulated gpu_bench cuda_kernels; do
         [ -x "$bundle/bin/$b" ] || { echo "gpu-check: $b was not built" >&2; exit 1; }
+        # Without debug information: the bundle travels to the GPU machine
+        # (64 MiB at most), and a backtrace still names the functions.
+        strip --strip-debug "$bundle/bin/$b"
     done
     cp ../shared/golden/*.json "$bundle/golden/"
     for sub in more frontier; do
@@ -40,6 +43,8 @@ run)
     export LD_LIBRARY_PATH="$cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
     export AGR_CUDA_INCLUDE="$cuda/include"
     export AGR_GOLDEN_DIR="$PWD/$bundle/golden"
+    # The repository's own references travel with the working tree.
+    export AGR_REPO_GOLDEN_DIR="$PWD/tests/golden"
     (nvidia-smi || true) > "$out/nvidia-smi.txt" 2>&1
     status=0
     # The GPU tests are #[ignore]d (a run without a GPU lists them as ignored):
