@@ -61,6 +61,12 @@ struct Args {
     /// Output folder for curves.csv, curves.svg and results.md.
     #[arg(long, default_value = "out")]
     out: PathBuf,
+    /// Where agr's optimizers step: `cpu`, or `emulated-cuda` (the generated
+    /// CUDA kernels compiled as host C++ and launched block by block, as on
+    /// a GPU). `cuda` needs a candle built with CUDA for the model; without
+    /// it the run says so and uses the CPU.
+    #[arg(long, default_value = "cpu")]
+    device: agr_runtime::Device,
     /// The data: gzipped CSV, 64 pixels (0..16) then the label per line.
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/data/digits.csv.gz"))]
     data: PathBuf,
@@ -251,7 +257,7 @@ fn default_lr(name: &str) -> f64 {
 /// A built-in by name, or a user's spec file compiled at run time
 /// (`agr_runtime::compile_file`): either way the same engine, with groups,
 /// the non-finite check and the candle adapter.
-fn make(name: &str, lr: f64) -> Result<Box<dyn DynOptimizer>, String> {
+fn make(name: &str, lr: f64, device: agr_runtime::Device) -> Result<Box<dyn DynOptimizer>, String> {
     let mut opt = if name.ends_with(".agr") {
         agr_runtime::compile_file(name)
             .map_err(|e| e.to_string())?
@@ -266,6 +272,7 @@ fn make(name: &str, lr: f64) -> Result<Box<dyn DynOptimizer>, String> {
     }
     opt.set_hyper("lr", HyperValue::Float(lr))
         .map_err(|e| format!("{name}: {e}"))?;
+    opt.set_device(device).map_err(|e| format!("{name}: {e}"))?;
     Ok(opt)
 }
 
@@ -273,8 +280,9 @@ fn make(name: &str, lr: f64) -> Result<Box<dyn DynOptimizer>, String> {
 struct Stepper(CandleDyn);
 
 impl Stepper {
-    fn new(name: &str, lr: f64, groups: Groups, model: &Mlp) -> Result<Stepper, String> {
-        let mut opt = CandleDyn::from_varmap(make(name, lr)?, &model.varmap)
+    fn new(name: &str, lr: f64, args: &Args, model: &Mlp) -> Result<Stepper, String> {
+        let (groups, device) = (args.groups, args.device);
+        let mut opt = CandleDyn::from_varmap(make(name, lr, device)?, &model.varmap)
             .map_err(|e| format!("{name}: {e}"))?;
         if groups == Groups::Paper {
             // 1-D parameters (biases) without weight decay and, for the
@@ -290,12 +298,18 @@ impl Stepper {
     }
 
     /// `loss.backward()` and one step; the index of a variable whose
-    /// gradient was not finite, if the step was skipped for it.
+    /// gradient was not finite, if the step was skipped for it (on a CUDA
+    /// device the device decides: see `skipped`).
     fn backward_step(&mut self, loss: &Tensor) -> candle_core::Result<Option<usize>> {
         Ok(self
             .0
             .backward_step(loss)?
             .and_then(|r| r.skipped_non_finite))
+    }
+
+    /// Steps skipped for a non-finite gradient so far.
+    fn skipped(&self) -> u64 {
+        self.0.opt.non_finite_skips()
     }
 }
 
@@ -310,7 +324,7 @@ fn train(
     let e = |e: candle_core::Error| format!("{name} seed {seed}: {e}");
     let mut rng = StdRng::seed_from_u64(seed);
     let model = Mlp::new(&mut rng).map_err(e)?;
-    let mut opt = Stepper::new(name, lr, args.groups, &model)?;
+    let mut opt = Stepper::new(name, lr, args, &model)?;
     let train_t = Tensors::new(train).map_err(e)?;
     let test_t = Tensors::new(test).map_err(e)?;
     let mut order: Vec<u32> = (0..train.len() as u32).collect();
@@ -325,6 +339,7 @@ fn train(
         }),
     };
     let mut step = 0u64;
+    let mut reported_skips = 0u64;
     let mut curve = Curve::default();
     for _ in 0..args.epochs {
         order.shuffle(&mut rng);
@@ -341,9 +356,15 @@ fn train(
             step += 1;
             if let Some(i) = opt.backward_step(&loss).map_err(e)? {
                 eprintln!("{name} seed {seed}: skipped a step, the gradient of variable #{i} was not finite");
+                reported_skips += 1;
             }
         }
         let (test_loss, test_acc) = test_t.evaluate(&model).map_err(e)?;
+        if opt.skipped() > reported_skips {
+            // Counted on the device (read back once an epoch).
+            reported_skips = opt.skipped();
+            eprintln!("{name} seed {seed}: {reported_skips} steps skipped so far (a gradient was not finite)");
+        }
         curve.train_loss.push(epoch_loss / train.len() as f32);
         curve.test_loss.push(test_loss);
         curve.test_acc.push(test_acc);
@@ -437,7 +458,14 @@ fn plot(
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let args = Args::parse();
+    let mut args = Args::parse();
+    if let agr_runtime::Device::Cuda(_) = args.device {
+        eprintln!(
+            "digits: --device {}: the model is a candle model, and this build of candle has no CUDA support; training on the CPU",
+            args.device
+        );
+        args.device = agr_runtime::Device::Cpu;
+    }
     if args.epochs == 0 || args.seeds == 0 || args.batch == 0 {
         return Err("--epochs, --seeds and --batch must be at least 1".into());
     }
@@ -446,15 +474,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (train_set, test_set) = split(&data);
     for name in &args.optimizers {
         // Unknown names and broken specs fail before any training.
-        make(name, 1e-3)?;
+        make(name, 1e-3, args.device)?;
     }
     eprintln!(
-        "digits: {} train / {} test images; {} optimizers x {} seeds x {} epochs",
+        "digits: {} train / {} test images; {} optimizers x {} seeds x {} epochs; agr's steps on {}",
         train_set.len(),
         test_set.len(),
         args.optimizers.len(),
         args.seeds,
-        args.epochs
+        args.epochs,
+        args.device
     );
     let jobs: Vec<(usize, u64)> = (0..args.optimizers.len())
         .flat_map(|o| (0..args.seeds).map(move |s| (o, s)))
@@ -479,6 +508,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     std::fs::create_dir_all(&args.out)?;
     let mut table = String::new();
+    if args.device != agr_runtime::Device::Cpu {
+        writeln!(table, "agr's optimizers stepped on `{}`.\n", args.device)?;
+    }
     writeln!(
         table,
         "| optimizer | lr | test accuracy (mean ± std) | test loss (mean ± std) | train loss |"
