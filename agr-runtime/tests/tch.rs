@@ -35,6 +35,14 @@ fn replay<K: Kernel>(file: &str) -> f64
 where
     K::Config: Default,
 {
+    replay_on::<K>(file, agr_runtime::Device::Cpu)
+}
+
+/// [`replay`] with the optimizer's steps on `device`.
+fn replay_on<K: Kernel>(file: &str, device: agr_runtime::Device) -> f64
+where
+    K::Config: Default,
+{
     let g = golden::load(&golden_dir().join(file)).unwrap();
     let mut config = K::Config::default();
     for (name, v) in &g.hyper {
@@ -61,6 +69,7 @@ where
         config,
     )
     .unwrap();
+    opt.set_device(device).unwrap();
     let mut worst = 0.0f64;
     for step in &g.steps {
         let loss = vars
@@ -102,6 +111,21 @@ fn the_golden_files_replay_through_tch() {
     println!(
         "adan_agr    {:e}",
         replay::<AdanAgrKernel>("adan_agr_basic.json")
+    );
+}
+
+#[test]
+fn the_golden_files_replay_through_tch_on_the_emulated_cuda_device() {
+    // The adapter hands the engine host tensors; the engine steps them with
+    // the generated CUDA kernels (the GPU's path, in host memory).
+    let emulated = agr_runtime::Device::EmulatedCuda;
+    println!(
+        "adamw_agr on {emulated}: {:e}",
+        replay_on::<AdamWAgrKernel>("adamw_agr_basic.json", emulated)
+    );
+    println!(
+        "adan_agr on {emulated}:  {:e}",
+        replay_on::<AdanAgrKernel>("adan_agr_basic.json", emulated)
     );
 }
 
