@@ -642,6 +642,14 @@ impl<K: Kernel> Optimizer<K> {
         self.set_exec(Exec::Cuda(Box::new(exec)))
     }
 
+    /// The parameter dtype the GPU kernels were compiled for, on a GPU.
+    pub fn cuda_dtype(&self) -> Option<DType> {
+        match &self.exec {
+            Exec::Cuda(c) => Some(c.dtype()),
+            _ => None,
+        }
+    }
+
     /// The stream steps run on, on a GPU.
     pub fn cuda_stream(&self) -> Option<&Arc<CudaStream>> {
         match &self.exec {
