@@ -35,7 +35,11 @@ pub struct StepReport {
     pub skipped: usize,
     /// `Some(index)`: the gradient of parameter `index` held a NaN or an
     /// infinity, so (under [`NonFinite::Skip`]) the whole step was skipped:
-    /// no parameter, state or step count changed.
+    /// no parameter, state or step count changed. On a CUDA device the
+    /// update kernel makes this decision without telling the host (a read
+    /// back would stall the stream): always `None` there, and `step` counts
+    /// the step; [`Optimizer::non_finite_skips`] and [`Optimizer::steps`]
+    /// read the device's count.
     pub skipped_non_finite: Option<usize>,
 }
 
@@ -46,7 +50,8 @@ pub struct StepReport {
 pub enum NonFinite {
     /// Skip the whole step, change nothing, report it in
     /// [`StepReport::skipped_non_finite`] and count it (as PyTorch's
-    /// `GradScaler` and optax's `apply_if_finite` do).
+    /// `GradScaler` and optax's `apply_if_finite` do). On a CUDA device the
+    /// update kernel decides and counts, with no read back to the host.
     #[default]
     Skip,
     /// Change nothing and return [`StepError::NonFinite`].
