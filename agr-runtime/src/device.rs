@@ -6,12 +6,12 @@
 //! owns memory and executes passes:
 //!
 //! - **CPU**: the generated Rust loops (or the IR evaluator), over host state.
-//! - **CUDA devices**: the generated kernels, launched through a [`Launch`]
-//!   layer with two implementations: the emulated device
+//! - **CUDA devices**: the generated kernels, launched through a launch
+//!   layer (the crate's `Launch` trait) with two implementations: the emulated device
 //!   ([`crate::emulated`], host C++ one block at a time, host memory) and a
 //!   GPU (`crate::cuda`, cudarc and NVRTC, device memory). Both get the same
 //!   tensor table, chunk table, per-group hyperparameters and skip counters
-//!   from [`Optimizer::step_on_device`], so CI runs every engine path a GPU
+//!   from one step path of the engine, so CI runs every engine path a GPU
 //!   run takes.
 //!
 //! On a CUDA device the non-finite skip is decided by the update kernel
