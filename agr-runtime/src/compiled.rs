@@ -715,14 +715,13 @@ impl Exec {
         }
         let mut passes = vec![];
         for k in 0..prog.n_phases {
-            let reds: Vec<(usize, &ir::Reduction)> = prog.reductions_in(k).collect();
-            let roots: Vec<NodeId> = reds.iter().map(|(_, r)| r.arg).collect();
-            let (code, map) = loop_code(&prog, &roots);
+            let pass = backend::PassPlan::reduce(&prog, k);
+            let (code, map) = loop_code(&prog, &pass.lp);
             let mut plan = PassPlan {
                 code,
                 ..Default::default()
             };
-            for (i, r) in reds {
+            for &(i, r) in &pass.reductions {
                 if r.scope == ir::Scope::Rows {
                     plan.rows.push(Red {
                         index: prog.row_slot(i).expect("a row reduction"),
@@ -741,19 +740,17 @@ impl Exec {
             }
             passes.push(plan);
         }
-        let mut roots = vec![prog.param_out];
-        roots.extend(&prog.state_out);
-        let (code, map) = loop_code(&prog, &roots);
+        let pass = backend::PassPlan::update(&prog);
+        let (code, map) = loop_code(&prog, &pass.lp);
         let mut outputs = vec![];
-        if prog.param_written() {
-            outputs.push((Target::Param, map(prog.param_out)));
+        if let Some(p) = pass.param_write {
+            outputs.push((Target::Param, map(p)));
         }
-        for i in 0..prog.states.len() {
-            if prog.state_written(i) {
-                outputs.push((Target::State(i), map(prog.state_out[i])));
-            }
+        for &(i, value) in &pass.state_writes {
+            outputs.push((Target::State(i), map(value)));
         }
         drop(map);
+        drop(pass);
         let row_reductions = prog.row_reductions();
         Exec {
             desc,
@@ -803,8 +800,7 @@ impl Exec {
 }
 
 /// The element loop computing `roots`, and how to find each root's value.
-fn loop_code<'p>(prog: &'p Program, roots: &[NodeId]) -> (LoopCode, impl Fn(NodeId) -> Ref + 'p) {
-    let plan = LoopPlan::new(prog, roots);
+fn loop_code<'p>(prog: &'p Program, plan: &LoopPlan) -> (LoopCode, impl Fn(NodeId) -> Ref + 'p) {
     let mut code = LoopCode::default();
     let mut refs: HashMap<NodeId, Ref> = HashMap::new();
     for &id in &plan.hoisted {

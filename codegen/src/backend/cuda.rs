@@ -18,7 +18,7 @@
 
 use agr_grammar::check::{Level, Ty};
 
-use super::{describe, float_lit, ident, scalar_nodes, scalar_phases, Lang, LoopPlan, W};
+use super::{describe, float_lit, ident, scalar_nodes, scalar_phases, Lang, PassPlan, W};
 use crate::ir::*;
 
 /// Types and helpers shared by every generated optimizer.
@@ -304,16 +304,16 @@ impl Param {
 }
 
 /// Prints the hoisted-argument struct and the element function of a loop.
-fn emit_elem_fn(
-    prog: &Program,
-    fname: &str,
-    plan: &LoopPlan,
-    outs: &[(NodeId, String)],
-    writes: &[(usize, NodeId)],
-    p_write: Option<NodeId>,
-    w: &mut W,
-) -> ElemFn {
+fn emit_elem_fn(prog: &Program, fname: &str, pass: &PassPlan<'_>, w: &mut W) -> ElemFn {
     let x = &prog.name;
+    let plan = &pass.lp;
+    // A reduction pass's outputs are its reductions' arguments.
+    let outs: Vec<(NodeId, String)> = pass
+        .reductions
+        .iter()
+        .map(|(i, r)| (r.arg, format!("r{i}")))
+        .collect();
+    let (writes, p_write) = (&pass.state_writes, pass.param_write);
     let args = format!("{x}_{fname}_args");
     w.line(&format!(
         "// The scalars the `{fname}` loop reads, hoisted out of it as floats."
@@ -605,9 +605,10 @@ fn emit_loop(prog: &Program, fname: &str, f: &ElemFn, n_out: usize, folds: &[Fol
 
 fn emit_reduce(prog: &Program, pass: usize, w: &mut W) {
     let x = &prog.name;
-    let reds: Vec<(usize, &Reduction)> = prog.reductions_in(pass).collect();
+    let plan = PassPlan::reduce(prog, pass);
+    let reds = &plan.reductions;
     w.line(&format!("// ---- Reduction pass {pass} ----"));
-    for (i, r) in &reds {
+    for (i, r) in reds {
         let scope = match r.scope {
             Scope::Global => "over every tensor",
             Scope::Tensor => "per tensor",
@@ -620,11 +621,8 @@ fn emit_reduce(prog: &Program, pass: usize, w: &mut W) {
             r.origin
         ));
     }
-    let roots: Vec<NodeId> = reds.iter().map(|(_, r)| r.arg).collect();
-    let plan = LoopPlan::new(prog, &roots);
-    let outs: Vec<(NodeId, String)> = reds.iter().map(|(i, r)| (r.arg, format!("r{i}"))).collect();
     let fname = format!("reduce{pass}");
-    let f = emit_elem_fn(prog, &fname, &plan, &outs, &[], None, w);
+    let f = emit_elem_fn(prog, &fname, &plan, w);
     w.open(&format!(
         "extern \"C\" __global__ void __launch_bounds__(AGR_BLOCK) {x}_reduce{pass}(const {x}_Hyper* __restrict__ hypers, const AgrChunk* __restrict__ chunks, const AgrTensor* __restrict__ tensors, int ntensors, double* partials, double* reduced, double* global, unsigned* counters) {{"
     ));
@@ -741,15 +739,7 @@ fn emit_reduce(prog: &Program, pass: usize, w: &mut W) {
 fn emit_update(prog: &Program, w: &mut W) {
     let x = &prog.name;
     w.line("// ---- The update pass ----");
-    let mut roots = vec![prog.param_out];
-    roots.extend(&prog.state_out);
-    let plan = LoopPlan::new(prog, &roots);
-    let writes: Vec<(usize, NodeId)> = (0..prog.states.len())
-        .filter(|&i| prog.state_written(i))
-        .map(|i| (i, prog.state_out[i]))
-        .collect();
-    let p_write = prog.param_written().then_some(prog.param_out);
-    let f = emit_elem_fn(prog, "update", &plan, &[], &writes, p_write, w);
+    let f = emit_elem_fn(prog, "update", &PassPlan::update(prog), w);
     w.open(&format!(
         "extern \"C\" __global__ void __launch_bounds__(AGR_BLOCK) {x}_update(const {x}_Hyper* __restrict__ hypers, const AgrChunk* __restrict__ chunks, const AgrTensor* __restrict__ tensors, int ntensors, const double* reduced, const double* global, unsigned* skipped) {{"
     ));

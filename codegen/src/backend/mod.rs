@@ -1,6 +1,8 @@
-//! Printers over the IR, one per target, and what they share: which nodes a
-//! loop hoists and which it computes per element, which scalars each phase
-//! computes, and the spec-syntax text of a node for comments.
+//! Printers over the IR, one per target, and what they share: the pass plan
+//! (what each pass reduces, the loop that computes it — which nodes it
+//! hoists and which it computes per element — and what the update writes),
+//! which scalars each phase computes, and the spec-syntax text of a node for
+//! comments. A planner decides; printers print.
 
 pub mod cuda;
 pub mod rust;
@@ -187,6 +189,82 @@ impl LoopPlan {
         }
         plan
     }
+}
+
+/// One pass of a step as every back end runs it, decided once here: what it
+/// reduces, the element loop that computes it, and (the update) what it
+/// writes. The Rust and CUDA printers and the run-time evaluator take their
+/// passes from [`pass_plans`] instead of each re-deriving them.
+pub struct PassPlan<'p> {
+    /// The reduction pass's index; `None` for the update.
+    pub pass: Option<usize>,
+    /// Its reductions, in spec order: (index into `prog.reductions`, the
+    /// reduction).
+    pub reductions: Vec<(usize, &'p Reduction)>,
+    /// The loop: scalars to hoist, nodes per element, states read.
+    pub lp: LoopPlan,
+    /// The update's writes: each written state and its new value, in state order.
+    pub state_writes: Vec<(usize, NodeId)>,
+    /// The update's new parameter value, where the spec writes it.
+    pub param_write: Option<NodeId>,
+}
+
+impl<'p> PassPlan<'p> {
+    /// Reduction pass `pass`.
+    pub fn reduce(prog: &'p Program, pass: usize) -> PassPlan<'p> {
+        let reductions: Vec<(usize, &Reduction)> = prog.reductions_in(pass).collect();
+        let roots: Vec<NodeId> = reductions.iter().map(|(_, r)| r.arg).collect();
+        PassPlan {
+            pass: Some(pass),
+            lp: LoopPlan::new(prog, &roots),
+            reductions,
+            state_writes: vec![],
+            param_write: None,
+        }
+    }
+
+    /// The update pass.
+    pub fn update(prog: &'p Program) -> PassPlan<'p> {
+        let mut roots = vec![prog.param_out];
+        roots.extend(&prog.state_out);
+        PassPlan {
+            pass: None,
+            lp: LoopPlan::new(prog, &roots),
+            reductions: vec![],
+            state_writes: (0..prog.states.len())
+                .filter(|&i| prog.state_written(i))
+                .map(|i| (i, prog.state_out[i]))
+                .collect(),
+            param_write: prog.param_written().then_some(prog.param_out),
+        }
+    }
+
+    /// Its reductions with one result per tensor or per step (folded over
+    /// a whole chunk), in spec order.
+    pub fn whole(&self) -> Vec<(usize, &'p Reduction)> {
+        self.reductions
+            .iter()
+            .copied()
+            .filter(|(_, r)| r.scope != Scope::Rows)
+            .collect()
+    }
+
+    /// Its reductions with one result per row, in spec order.
+    pub fn rows(&self) -> Vec<(usize, &'p Reduction)> {
+        self.reductions
+            .iter()
+            .copied()
+            .filter(|(_, r)| r.scope == Scope::Rows)
+            .collect()
+    }
+}
+
+/// Every pass of a step in launch order: the reduction passes, then the update.
+pub fn pass_plans(prog: &Program) -> Vec<PassPlan<'_>> {
+    (0..prog.n_phases)
+        .map(|k| PassPlan::reduce(prog, k))
+        .chain(std::iter::once(PassPlan::update(prog)))
+        .collect()
 }
 
 /// The spec-syntax text of a node; children with a spec name (or leaves)

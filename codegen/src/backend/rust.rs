@@ -9,7 +9,7 @@
 
 use agr_grammar::check::{range_text, Level, Ty};
 
-use super::{describe, float_lit, ident, scalar_nodes, scalar_phases, Lang, LoopPlan, W};
+use super::{describe, float_lit, ident, scalar_nodes, scalar_phases, Lang, LoopPlan, PassPlan, W};
 use crate::ir::*;
 
 /// Path of the runtime crate in generated code.
@@ -394,8 +394,7 @@ struct Loop {
     states_read: Vec<usize>,
 }
 
-fn elem_code(prog: &Program, roots: &[NodeId]) -> Loop {
-    let plan = LoopPlan::new(prog, roots);
+fn elem_code(prog: &Program, plan: &LoopPlan) -> Loop {
     let hoisted = plan
         .hoisted
         .iter()
@@ -436,7 +435,7 @@ fn elem_code(prog: &Program, roots: &[NodeId]) -> Loop {
     Loop {
         hoisted,
         body,
-        states_read: plan.states_read,
+        states_read: plan.states_read.clone(),
     }
 }
 
@@ -572,19 +571,17 @@ fn emit_kernel(prog: &Program, embedded: Option<Embedded<'_>>, w: &mut W) {
             w.line("let __g = &__g[..__len];");
             w.open("match __pass {");
             for k in 0..np {
-                let reds: Vec<(usize, &Reduction)> = prog.reductions_in(k).collect();
+                let pass = PassPlan::reduce(prog, k);
                 w.open(&format!("{k} => {{"));
-                for (_, r) in &reds {
+                for (_, r) in &pass.reductions {
                     w.line(&format!("// {}", r.origin));
                 }
-                let roots: Vec<NodeId> = reds.iter().map(|(_, r)| r.arg).collect();
-                let lp = elem_code(prog, &roots);
+                let lp = elem_code(prog, &pass.lp);
                 emit_state_slices(prog, &lp.states_read, false, w);
                 for h in &lp.hoisted {
                     w.line(h);
                 }
-                let (rows, whole): (Vec<_>, Vec<_>) =
-                    reds.iter().partition(|(_, r)| r.scope == Scope::Rows);
+                let (rows, whole) = (pass.rows(), pass.whole());
                 if !whole.is_empty() {
                     emit_block_fold(prog, &whole, &lp, w);
                     for (i, _) in &whole {
@@ -625,12 +622,9 @@ fn emit_kernel(prog: &Program, embedded: Option<Embedded<'_>>, w: &mut W) {
     ));
         w.line("let __len = __p.len();");
         w.line("let __g = &__g[..__len];");
-        let mut roots = vec![prog.param_out];
-        roots.extend(&prog.state_out);
-        let lp = elem_code(prog, &roots);
-        let written: Vec<usize> = (0..prog.states.len())
-            .filter(|&i| prog.state_written(i))
-            .collect();
+        let pass = PassPlan::update(prog);
+        let lp = elem_code(prog, &pass.lp);
+        let written: Vec<usize> = pass.state_writes.iter().map(|&(i, _)| i).collect();
         let mut all: Vec<usize> = lp.states_read.clone();
         all.extend(&written);
         all.sort();
@@ -643,17 +637,14 @@ fn emit_kernel(prog: &Program, embedded: Option<Embedded<'_>>, w: &mut W) {
         for b in &lp.body {
             w.line(b);
         }
-        if prog.param_written() {
-            w.line(&format!(
-                "__p[__i] = {};",
-                operand(prog, prog.param_out, Ctx::Elem)
-            ));
+        if let Some(p) = pass.param_write {
+            w.line(&format!("__p[__i] = {};", operand(prog, p, Ctx::Elem)));
         }
-        for &i in &written {
+        for &(i, value) in &pass.state_writes {
             w.line(&format!(
                 "__state_{}[__i] = {};",
                 prog.states[i].name,
-                operand(prog, prog.state_out[i], Ctx::Elem)
+                operand(prog, value, Ctx::Elem)
             ));
         }
         w.close("}");
@@ -717,7 +708,7 @@ fn loads(lp: &Loop) -> Vec<String> {
 /// Tensor and global reductions over the chunk: blocks of LANES elements
 /// read as fixed-size arrays (so the lane loop has no bounds checks and
 /// vectorises), f64 accumulators per lane, lanes combined in a fixed order.
-fn emit_block_fold(prog: &Program, reds: &[&(usize, &Reduction)], lp: &Loop, w: &mut W) {
+fn emit_block_fold(prog: &Program, reds: &[(usize, &Reduction)], lp: &Loop, w: &mut W) {
     let lanes = format!("{RT}::cpu::LANES");
     let idents: Vec<String> = reds
         .iter()
@@ -798,7 +789,7 @@ fn fold_name(r: &Reduction) -> &'static str {
 /// `index`, the closure's variable is `__j` and `__i` is computed from it.
 fn emit_fold(
     prog: &Program,
-    reds: &[&(usize, &Reduction)],
+    reds: &[(usize, &Reduction)],
     lp: &Loop,
     len: &str,
     index: Option<&str>,
