@@ -147,7 +147,9 @@ impl<K: Kernel> Optimizer<K> {
         meta.insert("format".to_string(), FORMAT.to_string());
         meta.insert("optimizer".to_string(), self.desc.name.to_string());
         meta.insert("spec_hash".to_string(), spec_hash(self.desc.spec));
-        meta.insert("steps".to_string(), self.steps().to_string());
+        // The step counts net of a CUDA device's skips (read back once).
+        let (steps, tensor_steps) = self.step_counts();
+        meta.insert("steps".to_string(), steps.to_string());
         meta.insert(
             "n_params".to_string(),
             self.n_params.map_or("none".into(), |n| n.to_string()),
@@ -173,13 +175,10 @@ impl<K: Kernel> Optimizer<K> {
         );
         // A tensor whose every step a CUDA device skipped holds its initial
         // state: saved as none, as the CPU (which undoes it) would.
-        let live = |i: usize| self.tensors[i].is_some() && self.tensor_steps(i) > 0;
-        let steps: Vec<Option<u64>> = (0..self.tensors.len())
-            .map(|i| live(i).then(|| self.tensor_steps(i)))
-            .collect();
+        let live = |i: usize| tensor_steps[i].is_some();
         meta.insert(
             "tensor_steps".to_string(),
-            serde_json::json!(steps).to_string(),
+            serde_json::json!(tensor_steps).to_string(),
         );
         // The shapes in their own field: a spec without state stores no
         // tensors to take them from.

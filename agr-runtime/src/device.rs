@@ -416,6 +416,22 @@ impl<K: Kernel> Optimizer<K> {
         self.steps - u64::from(self.exec.counts().first().copied().unwrap_or(0))
     }
 
+    /// [`Self::steps`] and each parameter's [`Self::tensor_steps`], `None`
+    /// where it has no state or every one of its steps was skipped on the
+    /// device (its state is then the initial one): one read of the counts
+    /// for all of them.
+    pub(crate) fn step_counts(&self) -> (u64, Vec<Option<u64>>) {
+        let counts = self.exec.counts();
+        let skipped = |k: usize| u64::from(counts.get(k).copied().unwrap_or(0));
+        let tensors = self
+            .tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| t.as_ref().map(|t| t.t - skipped(i + 1)).filter(|&t| t > 0))
+            .collect();
+        (self.steps - skipped(0), tensors)
+    }
+
     /// Steps skipped so far because a gradient was not finite.
     pub fn non_finite_skips(&self) -> u64 {
         self.non_finite_skips + u64::from(self.exec.counts().first().copied().unwrap_or(0))

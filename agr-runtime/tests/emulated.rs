@@ -516,6 +516,10 @@ fn a_step_reads_nothing_back_under_skip() {
         let _ = opt.steps();
     });
     assert_eq!(asked, 1, "the step count reads the device's count once");
+    let saved = fewest(&mut || {
+        let _ = opt.save_checkpoint();
+    });
+    assert_eq!(saved, 1, "a checkpoint reads the device's counts once");
     opt.set_non_finite_policy(NonFinite::Error);
     let checked = fewest(&mut || step_all(&mut *opt, &mut values, 9, 3));
     assert_eq!(checked, 1, "Error reads the finite check back once");
