@@ -26,9 +26,10 @@ use crate::optimizer::{validate_params, ParamSeen};
 use crate::{NonFinite, Optimizer, ParamMut, StepError, StepReport, TensorMeta, MAX_STATES};
 use std::borrow::Cow;
 
-/// Threads per block and elements per chunk; must match the CUDA prelude.
+/// Threads per block; must match the CUDA prelude.
 pub const BLOCK: u32 = 256;
-pub const CHUNK: usize = 8192;
+/// Elements per chunk: one definition for both CUDA devices' chunk table.
+pub use crate::emulated::CHUNK;
 /// Most hyperparameters a spec may have on the GPU path.
 pub const MAX_HYPERS: usize = 32;
 
