@@ -392,6 +392,10 @@ impl<K: Kernel> Optimizer<K> {
     /// Applies the device's skip counts to the host's step counts (read back
     /// from a GPU); the counters are then zero.
     fn fold_counts(&mut self) {
+        // No counters yet (the first step sizes them): nothing to read back.
+        if self.exec.launch().is_none_or(|l| l.counts_len() == 0) {
+            return;
+        }
         let counts = self.exec.counts().into_owned();
         if counts.iter().all(|&c| c == 0) {
             return;

@@ -98,26 +98,32 @@ pub(crate) fn chunk_table(
     (chunks, spans)
 }
 
-static LAUNCHES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
-/// Kernel launches on the emulated device so far, in this process (one per
-/// pass that ran: a step is a fixed sequence of launches).
-pub fn launches() -> u64 {
-    LAUNCHES.load(std::sync::atomic::Ordering::Relaxed)
+thread_local! {
+    static LAUNCHES: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    static READ_BACKS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }
 
-static READ_BACKS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// Kernel launches on the emulated device so far, issued from this thread
+/// (one per pass that ran: a step is a fixed sequence of launches). Counted
+/// per thread, so that tests running side by side see only their own.
+pub fn launches() -> u64 {
+    LAUNCHES.with(|c| c.get())
+}
 
-/// Reads from "device" memory to the host on the emulated device so far, in
-/// this process: what would stall a GPU's stream. A step under
+fn note_launch() {
+    LAUNCHES.with(|c| c.set(c.get() + 1));
+}
+
+/// Reads from "device" memory to the host on the emulated device so far,
+/// issued from this thread: what would stall a GPU's stream. A step under
 /// `NonFinite::Skip` makes none; `Error` makes one (the finite check), and
 /// the step counts make one when asked.
 pub fn read_backs() -> u64 {
-    READ_BACKS.load(std::sync::atomic::Ordering::Relaxed)
+    READ_BACKS.with(|c| c.get())
 }
 
 pub(crate) fn note_read_back() {
-    READ_BACKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    READ_BACKS.with(|c| c.set(c.get() + 1));
 }
 
 /// Why the emulated device cannot run a spec.
@@ -353,7 +359,7 @@ impl HostModule {
                     skipped,
                 );
                 assert_eq!(status, 0, "pass {k} is not a kernel of {}", desc.name);
-                LAUNCHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                note_launch();
             };
         for k in 0..desc.passes {
             if skip_pass_of(desc, k, policy) {
