@@ -2,13 +2,22 @@
 //! `candle_nn::Optimizer`, so `candle_nn::AdamW::new(vars, params)` becomes
 //! `agr_runtime::optim::AdamWAgr::new(vars, Default::default())`.
 //!
-//! CPU `f32` variables are updated in place with the fused step, through
-//! candle's public in-place custom ops: the write locks of all variables are
-//! held at once (global reductions need every tensor at once), taken in one
-//! global order (by storage address, the order candle's own in-place ops
-//! use), so optimizers sharing variables never deadlock. Variables without a
-//! gradient in the `GradStore` are skipped. No per-step copy of parameters or
-//! gradients.
+//! Variables are updated in place with the fused step, through candle's
+//! public in-place custom ops: CPU `f32` variables by the CPU step; with the
+//! feature `candle-cuda`, CUDA `f32`, `bf16` and `f16` variables by the
+//! generated kernels, launched on candle's own stream of the variables' GPU
+//! (so nothing needs synchronising), the optimizer's state moved to that GPU
+//! on the first such step. The write locks of all variables are held at once
+//! (global reductions need every tensor at once), taken in one global order
+//! (by storage address, the order candle's own in-place ops use), so
+//! optimizers sharing variables never deadlock. Variables without a gradient
+//! in the `GradStore` are skipped. No per-step copy of parameters or
+//! gradients, on either device.
+//!
+//! What a step decides (one device, one dtype, contiguous storage, gradients
+//! matching their variables) it decides from what it saw of each variable
+//! and gradient inside the locks ([`Seen`]), so those checks are tested
+//! without a GPU; an error changes nothing.
 //!
 //! candle only lends a variable's storage mutably inside an in-place op, so
 //! holding n locks takes n nested calls. Past 512 KiB of stack (about 1,500
@@ -20,11 +29,11 @@ use std::cell::{Cell, RefCell};
 use std::sync::{mpsc, OnceLock};
 
 use candle_core::backprop::GradStore;
-use candle_core::{CpuStorage, InplaceOp1, Layout, Storage, Var};
+use candle_core::{CpuStorage, DType, DeviceLocation, InplaceOp1, Layout, Storage, Var};
 
 use crate::cpu::Kernel;
 use crate::groups::{GroupError, ParamGroups};
-use crate::{DynOptimizer, Optimizer, ParamMut, StepReport};
+use crate::{DynOptimizer, Optimizer, ParamMut, StepError, StepReport};
 use candle_nn::VarMap;
 
 fn err(e: impl std::fmt::Display) -> candle_core::Error {
@@ -80,9 +89,25 @@ fn stack_per_var() -> usize {
     })
 }
 
-/// What runs once every variable's write lock is held: gets the (pointer,
-/// length) of each variable, in the caller's order.
-type AtBottom<'f> = &'f mut dyn FnMut(&[(usize, usize)]);
+/// A variable or a gradient as a step sees it (inside the variables' write
+/// locks): where its elements start, how many there are, their dtype and
+/// device. Everything a step decides it decides from these.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct Seen {
+    /// The first element's address: in host memory for a CPU tensor, a
+    /// device pointer for a CUDA one; 0 where the step cannot use it (not
+    /// contiguous, or a dtype it does not step).
+    pub(crate) ptr: u64,
+    /// Elements.
+    pub(crate) len: usize,
+    pub(crate) dtype: DType,
+    pub(crate) place: DeviceLocation,
+    pub(crate) contiguous: bool,
+}
+
+/// What runs once every variable's write lock is held: gets what was seen of
+/// each variable, in the caller's order.
+type AtBottom<'f> = &'f mut dyn FnMut(&[Seen]);
 
 /// One variable's place in the nested in-place ops: `order[depth]` is the
 /// index of the variable this level locks.
@@ -90,7 +115,7 @@ struct Nest<'a, 'f> {
     vars: &'a [Var],
     order: &'a [usize],
     depth: usize,
-    ptrs: &'a RefCell<Vec<(usize, usize)>>,
+    ptrs: &'a RefCell<Vec<Seen>>,
     at_bottom: &'a RefCell<AtBottom<'f>>,
     /// The stack address of the first two levels (see `stack_per_var`).
     marks: &'a Cell<[usize; 2]>,
@@ -102,27 +127,69 @@ impl InplaceOp1 for Nest<'_, '_> {
     }
 
     fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
-        let i = self.order[self.depth];
         if self.depth < 2 {
             let here = 0u8;
             let mut marks = self.marks.get();
             marks[self.depth] = std::hint::black_box(&here) as *const u8 as usize;
             self.marks.set(marks);
         }
-        let CpuStorage::F32(data) = storage else {
-            return Err(err(format!(
-                "variable #{i} is not f32; agr's candle adapter updates f32 variables"
-            )));
+        let offsets = layout.contiguous_offsets();
+        let (ptr, dtype) = match (storage, offsets) {
+            (CpuStorage::F32(data), Some((start, end))) => {
+                (data[start..end].as_mut_ptr() as u64, DType::F32)
+            }
+            (storage, _) => (0, candle_core::backend::BackendStorage::dtype(&*storage)),
         };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            return Err(err(format!(
-                "variable #{i} is not contiguous; agr updates contiguous variables in place"
-            )));
+        self.descend(seen_at(ptr, offsets, dtype, DeviceLocation::Cpu))
+    }
+
+    /// A CUDA variable: its device pointer, used on candle's stream. Where
+    /// cudarc tracks events, the write waits for the storage's earlier uses,
+    /// and its end is recorded when this level returns (after the step's
+    /// kernels were launched).
+    #[cfg(feature = "candle-cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &mut candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<()> {
+        use candle_core::backend::{BackendDevice, BackendStorage};
+        use candle_core::cuda::cudarc::driver::DevicePtrMut;
+        use candle_core::cuda::CudaStorageSlice;
+        let dtype = storage.dtype();
+        let place = storage.device.location();
+        let stream = storage.device.cuda_stream();
+        let (base, _written) = match &mut storage.slice {
+            CudaStorageSlice::F32(s) => {
+                let (p, w) = s.device_ptr_mut(&stream);
+                (p, Some(w))
+            }
+            CudaStorageSlice::BF16(s) => {
+                let (p, w) = s.device_ptr_mut(&stream);
+                (p, Some(w))
+            }
+            CudaStorageSlice::F16(s) => {
+                let (p, w) = s.device_ptr_mut(&stream);
+                (p, Some(w))
+            }
+            _ => (0, None),
         };
-        let slice = &mut data[start..end];
-        self.ptrs.borrow_mut()[i] = (slice.as_mut_ptr() as usize, slice.len());
+        let offsets = layout.contiguous_offsets();
+        let ptr = match (base, offsets) {
+            (0, _) | (_, None) => 0,
+            (base, Some((start, _))) => base + (start * dtype.size_in_bytes()) as u64,
+        };
+        self.descend(seen_at(ptr, offsets, dtype, place))
+    }
+}
+
+impl Nest<'_, '_> {
+    /// Records what was seen of this level's variable, then, still holding
+    /// its write lock, takes the next one's (or runs the step at the bottom).
+    fn descend(&self, seen: Seen) -> candle_core::Result<()> {
+        let i = self.order[self.depth];
+        self.ptrs.borrow_mut()[i] = seen;
         match self.order.get(self.depth + 1) {
-            // Still holding this variable's write lock: take the next one's.
             Some(&next) => self.vars[next].inplace_op1(&Nest {
                 depth: self.depth + 1,
                 ..*self
@@ -136,6 +203,17 @@ impl InplaceOp1 for Nest<'_, '_> {
     }
 }
 
+/// A tensor seen at `ptr` (0: unusable) with contiguous `offsets` (or none).
+fn seen_at(ptr: u64, offsets: Option<(usize, usize)>, dtype: DType, place: DeviceLocation) -> Seen {
+    Seen {
+        ptr,
+        len: offsets.map_or(0, |(start, end)| end - start),
+        dtype,
+        place,
+        contiguous: offsets.is_some(),
+    }
+}
+
 /// Takes the write lock of every variable in `order` (nested) and runs
 /// `at_bottom` with all of them held, on the current thread.
 fn lock_nested(
@@ -144,7 +222,8 @@ fn lock_nested(
     marks: &Cell<[usize; 2]>,
     at_bottom: AtBottom<'_>,
 ) -> candle_core::Result<()> {
-    let ptrs = RefCell::new(vec![(0, 0); vars.len()]);
+    let unseen = seen_at(0, None, DType::F32, DeviceLocation::Cpu);
+    let ptrs = RefCell::new(vec![unseen; vars.len()]);
     let at_bottom = RefCell::new(at_bottom);
     let Some(&first) = order.first() else {
         return Ok(());
@@ -164,7 +243,7 @@ fn lock_nested(
 struct LockRequest {
     vars: Vec<Var>,
     order: Vec<usize>,
-    ptrs: mpsc::SyncSender<Vec<(usize, usize)>>,
+    ptrs: mpsc::SyncSender<Vec<Seen>>,
     release: mpsc::Receiver<()>,
     /// The outcome, for when the pointers were never sent.
     done: mpsc::SyncSender<candle_core::Result<()>>,
@@ -275,27 +354,152 @@ fn storage_key(t: &candle_core::Tensor) -> usize {
     &*storage as *const Storage as usize
 }
 
-/// Checks `vars` for an optimizer: distinct `f32` variables.
+/// Checks `vars` for an optimizer: distinct variables, of a dtype and on a
+/// device it steps (all on one).
 fn check_vars(vars: &[Var]) -> candle_core::Result<()> {
     let mut ids = std::collections::HashSet::new();
     for (i, v) in vars.iter().enumerate() {
         if !ids.insert(v.as_tensor().id()) {
             return Err(err(format!("variable #{i} was passed twice")));
         }
-        if v.dtype() != candle_core::DType::F32 {
-            return Err(err(format!(
-                "variable #{i} is {:?}; agr's candle adapter updates f32 variables",
-                v.dtype()
-            )));
+    }
+    let seen: Vec<Seen> = vars
+        .iter()
+        .map(|v| {
+            seen_at(
+                0,
+                Some((0, v.elem_count())),
+                v.dtype(),
+                v.device().location(),
+            )
+        })
+        .collect();
+    check_devices(&seen).map_err(err)?;
+    lock_order(vars).map(|_| ())
+}
+
+/// A device's name as users write it: `cpu`, `cuda:0`, `metal:0`.
+fn location_name(place: DeviceLocation) -> String {
+    match place {
+        DeviceLocation::Cpu => "cpu".into(),
+        DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
+}
+
+/// The dtypes the step takes on `place`; an error where it steps nothing
+/// there (in a build with GPU support for candle, `gpu`, or without).
+fn stepped_dtypes(place: DeviceLocation, gpu: bool) -> Result<&'static [DType], String> {
+    match place {
+        DeviceLocation::Cpu => Ok(&[DType::F32]),
+        DeviceLocation::Cuda { .. } if gpu => {
+            Ok(&[DType::F32, DType::BF16, DType::F16])
         }
-        if !v.device().is_cpu() {
-            return Err(err(format!(
-                "variable #{i} is on {:?}; agr's candle adapter steps CPU variables (for GPU tensors move the optimizer with set_device(Device::Cuda(n)) and step their device pointers with step_raw)",
-                v.device().location()
-            )));
+        DeviceLocation::Cuda { gpu_id } => Err(format!(
+            "the variables are on cuda:{gpu_id}, and this build of agr-runtime steps CPU variables only (GPU variables need its `candle-cuda` feature)"
+        )),
+        DeviceLocation::Metal { gpu_id } => Err(format!(
+            "the variables are on metal:{gpu_id}; agr's candle adapter steps CPU and CUDA variables"
+        )),
+    }
+}
+
+/// The device and dtype of a step over `vars`: one device, one dtype the
+/// step takes there.
+pub(crate) fn check_devices(vars: &[Seen]) -> Result<(DeviceLocation, DType), String> {
+    check_devices_in(vars, cfg!(feature = "candle-cuda"))
+}
+
+/// [`check_devices`] in a build with (`gpu`) or without GPU support.
+fn check_devices_in(vars: &[Seen], gpu: bool) -> Result<(DeviceLocation, DType), String> {
+    let Some(first) = vars.first() else {
+        return Ok((DeviceLocation::Cpu, DType::F32));
+    };
+    let dtypes = stepped_dtypes(first.place, gpu)?;
+    for (i, v) in vars.iter().enumerate() {
+        if v.place != first.place {
+            return Err(format!(
+                "variable #{i} is on {} and variable #0 on {}; one optimizer steps variables on one device",
+                location_name(v.place),
+                location_name(first.place)
+            ));
+        }
+        if !dtypes.contains(&v.dtype) {
+            return Err(match first.place {
+                DeviceLocation::Cpu => format!(
+                    "variable #{i} is not f32 but {:?}; on the CPU agr's candle adapter updates f32 variables",
+                    v.dtype
+                ),
+                place => format!(
+                    "variable #{i} is {:?}; on {} agr's candle adapter updates f32, bf16 and f16 variables",
+                    v.dtype,
+                    location_name(place)
+                ),
+            });
+        }
+        if v.dtype != first.dtype {
+            return Err(format!(
+                "variable #{i} is {:?} and variable #0 {:?}; one optimizer steps variables of one dtype (its kernels are compiled for it)",
+                v.dtype, first.dtype
+            ));
         }
     }
-    lock_order(vars).map(|_| ())
+    Ok((first.place, first.dtype))
+}
+
+/// Checks what a step saw, before anything is written: the variables (see
+/// [`check_devices`]), contiguous and usable; each gradient on its
+/// variable's device, of its dtype and length, contiguous.
+pub(crate) fn check_seen(
+    vars: &[Seen],
+    grads: &[Option<Seen>],
+) -> Result<(DeviceLocation, DType), String> {
+    check_seen_in(vars, grads, cfg!(feature = "candle-cuda"))
+}
+
+/// [`check_seen`] in a build with (`gpu`) or without GPU support.
+fn check_seen_in(
+    vars: &[Seen],
+    grads: &[Option<Seen>],
+    gpu: bool,
+) -> Result<(DeviceLocation, DType), String> {
+    let (place, dtype) = check_devices_in(vars, gpu)?;
+    for (i, v) in vars.iter().enumerate() {
+        if !v.contiguous {
+            return Err(format!(
+                "variable #{i} is not contiguous; agr updates contiguous variables in place"
+            ));
+        }
+    }
+    for (i, (v, g)) in vars.iter().zip(grads).enumerate() {
+        let Some(g) = g else { continue };
+        if g.place != place || g.dtype != dtype {
+            return Err(match place {
+                DeviceLocation::Cpu => format!(
+                    "the gradient of variable #{i} is not an f32 CPU tensor but {:?} on {}",
+                    g.dtype,
+                    location_name(g.place)
+                ),
+                _ => format!(
+                    "the gradient of variable #{i} is {:?} on {}, the variable {:?} on {}",
+                    g.dtype,
+                    location_name(g.place),
+                    v.dtype,
+                    location_name(v.place)
+                ),
+            });
+        }
+        if !g.contiguous {
+            return Err(format!("the gradient of variable #{i} is not contiguous"));
+        }
+        if g.len != v.len {
+            return Err(format!(
+                "the gradient of variable #{i} has {} elements and the variable {}",
+                g.len, v.len
+            ));
+        }
+    }
+    Ok((place, dtype))
 }
 
 /// The variables' indices in lock order (by storage); an error if two share
@@ -328,10 +532,80 @@ pub fn named_vars(varmap: &VarMap) -> (Vec<String>, Vec<Var>) {
     named.into_iter().unzip()
 }
 
+/// What steps candle variables: an agr optimizer (any device), or a
+/// caller's function of host slices (CPU variables).
+trait Engine {
+    /// A step over CPU `f32` variables.
+    fn step_host(&mut self, params: &mut [ParamMut<'_>]) -> Result<StepReport, String>;
+
+    /// A step over variables of `dtype` on `stream`'s GPU, as device
+    /// pointers; the engine moves there first if it is elsewhere.
+    ///
+    /// # Safety
+    /// As [`Optimizer::step_raw`]: live, exclusively held device buffers of
+    /// `prod(shape)` elements of `dtype`, used in `stream`'s order.
+    #[cfg(feature = "candle-cuda")]
+    unsafe fn step_device(
+        &mut self,
+        stream: &std::sync::Arc<crate::cuda::CudaStream>,
+        dtype: crate::cuda::DType,
+        params: &[crate::cuda::RawCudaParam<'_>],
+    ) -> Result<StepReport, String>;
+}
+
+impl Engine for dyn DynOptimizer + '_ {
+    fn step_host(&mut self, params: &mut [ParamMut<'_>]) -> Result<StepReport, String> {
+        self.step_params(params)
+            .map_err(|e: StepError| e.to_string())
+    }
+
+    #[cfg(feature = "candle-cuda")]
+    unsafe fn step_device(
+        &mut self,
+        stream: &std::sync::Arc<crate::cuda::CudaStream>,
+        dtype: crate::cuda::DType,
+        params: &[crate::cuda::RawCudaParam<'_>],
+    ) -> Result<StepReport, String> {
+        let here = self.cuda_dtype() == Some(dtype)
+            && self
+                .cuda_stream()
+                .is_some_and(|s| crate::cuda::same_stream(s, stream));
+        if !here {
+            // Once (the state moves with it; a failed move changes nothing).
+            self.set_cuda_stream(stream.clone(), dtype)
+                .map_err(|e| e.to_string())?;
+        }
+        // SAFETY: the caller's contract.
+        unsafe { self.step_raw(params) }.map_err(|e| e.to_string())
+    }
+}
+
+/// A caller's stepper of host slices ([`step_vars`]).
+struct HostOnly<'f, E>(&'f mut dyn FnMut(&mut [ParamMut<'_>]) -> Result<StepReport, E>);
+
+impl<E: std::fmt::Display> Engine for HostOnly<'_, E> {
+    fn step_host(&mut self, params: &mut [ParamMut<'_>]) -> Result<StepReport, String> {
+        (self.0)(params).map_err(|e| e.to_string())
+    }
+
+    #[cfg(feature = "candle-cuda")]
+    unsafe fn step_device(
+        &mut self,
+        stream: &std::sync::Arc<crate::cuda::CudaStream>,
+        _dtype: crate::cuda::DType,
+        _params: &[crate::cuda::RawCudaParam<'_>],
+    ) -> Result<StepReport, String> {
+        Err(format!(
+            "the variables are on cuda:{}; step_vars hands host slices to its function, so it steps CPU variables (an agr optimizer steps GPU ones)",
+            stream.context().ordinal()
+        ))
+    }
+}
+
 /// Runs `step` once over `vars` and their gradients in `grads`, with every
 /// variable's storage borrowed in place (CPU, f32, contiguous). Variables
 /// without a gradient are passed with `grad: None`. This is how every agr
-/// optimizer steps candle variables; use it to drive your own steppers.
+/// optimizer steps CPU candle variables; use it to drive your own steppers.
 ///
 /// The variables' write locks are held for the whole step, taken in the
 /// order of their storages' addresses (whatever the order of `vars`), so
@@ -344,17 +618,68 @@ pub fn step_vars<E: std::fmt::Display>(
     grads: &GradStore,
     step: &mut dyn FnMut(&mut [ParamMut<'_>]) -> Result<StepReport, E>,
 ) -> candle_core::Result<Option<StepReport>> {
+    step_with(vars, grads, &mut HostOnly(step))
+}
+
+/// What was seen of a gradient (read only, for the whole step). A CUDA
+/// gradient's read is ordered after its writes where cudarc tracks events,
+/// and recorded when `reads` is dropped, after the step's kernels.
+fn seen_grad<'g>(
+    storage: &'g Storage,
+    layout: &Layout,
+    place: DeviceLocation,
+    #[cfg(feature = "candle-cuda")] reads: &mut Vec<crate::cuda::SyncOnDrop<'g>>,
+) -> Seen {
+    let offsets = layout.contiguous_offsets();
+    let ptr = match (storage, offsets) {
+        (Storage::Cpu(CpuStorage::F32(data)), Some((start, end))) => {
+            data[start..end].as_ptr() as u64
+        }
+        #[cfg(feature = "candle-cuda")]
+        (Storage::Cuda(cs), Some((start, _))) => {
+            use candle_core::cuda::cudarc::driver::DevicePtr;
+            use candle_core::cuda::CudaStorageSlice;
+            let (base, read) = match &cs.slice {
+                CudaStorageSlice::F32(s) => s.device_ptr(s.stream()),
+                CudaStorageSlice::BF16(s) => s.device_ptr(s.stream()),
+                CudaStorageSlice::F16(s) => s.device_ptr(s.stream()),
+                _ => (0, crate::cuda::SyncOnDrop::Sync(None)),
+            };
+            reads.push(read);
+            match base {
+                0 => 0,
+                base => base + (start * storage.dtype().size_in_bytes()) as u64,
+            }
+        }
+        _ => 0,
+    };
+    seen_at(ptr, offsets, storage.dtype(), place)
+}
+
+/// One step of `engine` over `vars` and their gradients in `grads`, in
+/// place on the variables' device (see the module's documentation).
+fn step_with<E: Engine + ?Sized>(
+    vars: &[Var],
+    grads: &GradStore,
+    engine: &mut E,
+) -> candle_core::Result<Option<StepReport>> {
     if vars.is_empty() {
         return Ok(None);
     }
-    for (i, v) in vars.iter().enumerate() {
-        if !v.device().is_cpu() {
-            return Err(err(format!(
-                "variable #{i} is on {:?}; agr's candle adapter steps CPU variables",
-                v.device().location()
-            )));
-        }
-    }
+    // The device and dtypes first: candle cannot lock what this build does
+    // not step.
+    let declared: Vec<Seen> = vars
+        .iter()
+        .map(|v| {
+            seen_at(
+                0,
+                Some((0, v.elem_count())),
+                v.dtype(),
+                v.device().location(),
+            )
+        })
+        .collect();
+    check_devices(&declared).map_err(err)?;
     let (order, var_keys) = lock_order(vars)?;
     // Read access to every gradient for the whole step.
     let grad_tensors: Vec<Option<candle_core::Tensor>> = vars
@@ -371,52 +696,149 @@ pub fn step_vars<E: std::fmt::Display>(
             }
         }
     }
-    let guards: Vec<Option<(candle_core::StorageRef<'_>, &Layout)>> = grad_tensors
+    let guards: Vec<Option<(candle_core::StorageRef<'_>, &Layout, DeviceLocation)>> = grad_tensors
         .iter()
-        .map(|g| g.as_ref().map(|g| g.storage_and_layout()))
+        .map(|g| {
+            g.as_ref().map(|g| {
+                let (storage, layout) = g.storage_and_layout();
+                (storage, layout, g.device().location())
+            })
+        })
         .collect();
-    let mut grad_slices: Vec<Option<&[f32]>> = Vec::with_capacity(guards.len());
-    for (i, g) in guards.iter().enumerate() {
-        grad_slices.push(match g {
-            None => None,
-            Some((storage, layout)) => {
-                let Storage::Cpu(CpuStorage::F32(data)) = &**storage else {
-                    return Err(err(format!(
-                        "the gradient of variable #{i} is not an f32 CPU tensor"
-                    )));
-                };
-                let Some((start, end)) = layout.contiguous_offsets() else {
-                    return Err(err(format!(
-                        "the gradient of variable #{i} is not contiguous"
-                    )));
-                };
-                Some(&data[start..end])
-            }
-        });
-    }
+    #[cfg(feature = "candle-cuda")]
+    let mut reads = Vec::new();
+    let grad_seen: Vec<Option<Seen>> = guards
+        .iter()
+        .map(|g| {
+            g.as_ref().map(|(storage, layout, place)| {
+                seen_grad(
+                    storage,
+                    layout,
+                    *place,
+                    #[cfg(feature = "candle-cuda")]
+                    &mut reads,
+                )
+            })
+        })
+        .collect();
     let shapes: Vec<Vec<usize>> = vars.iter().map(|v| v.dims().to_vec()).collect();
     let mut outcome: Option<Result<StepReport, String>> = None;
-    with_write_locks(vars, &order, &mut |ptrs: &[(usize, usize)]| {
-        let mut params: Vec<ParamMut<'_>> = ptrs
-            .iter()
-            .zip(&grad_slices)
-            .zip(&shapes)
-            .map(|((&(p, n), g), s)| {
-                // SAFETY: each pointer is a live, exclusively locked f32
-                // slice of length n (the write locks are held while this
-                // runs); the variables' storages are distinct (checked by
-                // `lock_order`), as are the gradients' from theirs.
-                let value = unsafe { std::slice::from_raw_parts_mut(p as *mut f32, n) };
-                ParamMut::new(value, *g, s)
-            })
-            .collect();
-        outcome = Some(step(&mut params).map_err(|e| e.to_string()));
+    with_write_locks(vars, &order, &mut |seen: &[Seen]| {
+        outcome = Some(step_seen(vars, seen, &grad_seen, &shapes, engine));
     })?;
     match outcome {
         Some(Ok(report)) => Ok(Some(report)),
         Some(Err(e)) => Err(err(e)),
         None => Err(err("the step did not run")),
     }
+}
+
+/// The step itself, every variable's write lock held: checks what was seen,
+/// then hands the engine host slices or device pointers.
+fn step_seen<E: Engine + ?Sized>(
+    vars: &[Var],
+    seen: &[Seen],
+    grads: &[Option<Seen>],
+    shapes: &[Vec<usize>],
+    engine: &mut E,
+) -> Result<StepReport, String> {
+    match check_seen(seen, grads)? {
+        (DeviceLocation::Cpu, _) => {
+            let mut params: Vec<ParamMut<'_>> = seen
+                .iter()
+                .zip(grads)
+                .zip(shapes)
+                .map(|((v, g), s)| {
+                    // SAFETY: checked by `check_seen`: each pointer is a live,
+                    // exclusively locked, contiguous f32 CPU slice of `len`
+                    // elements (the write locks are held while this runs);
+                    // the variables' storages are distinct (`lock_order`),
+                    // as are the gradients' from theirs, and each gradient
+                    // (read only) has its variable's length.
+                    let value = unsafe { host_slice_mut(v) };
+                    let grad = g.as_ref().map(|g| unsafe { host_slice(g) });
+                    ParamMut::new(value, grad, s)
+                })
+                .collect();
+            engine.step_host(&mut params)
+        }
+        #[cfg(feature = "candle-cuda")]
+        (DeviceLocation::Cuda { .. }, dtype) => {
+            let candle_core::Device::Cuda(device) = vars[0].device() else {
+                return Err("variable #0 is on a CUDA device but its tensor says otherwise".into());
+            };
+            let stream = device.cuda_stream();
+            let params = raw_params(seen, grads, shapes);
+            // SAFETY: checked by `check_seen`: contiguous device buffers of
+            // the variables' dtype (the one the kernels are compiled for),
+            // `len` elements each, gradients of their variables' lengths, all
+            // on this GPU; the variables' write locks (and the gradients'
+            // read locks) are held until the kernels are launched on
+            // candle's stream, which orders every other use of them.
+            unsafe { engine.step_device(&stream, cuda_dtype(dtype), &params) }
+        }
+        (place, _) => {
+            let _ = vars;
+            Err(format!(
+                "the variables are on {}, which this build of agr-runtime does not step",
+                location_name(place)
+            ))
+        }
+    }
+}
+
+/// A seen CPU f32 tensor as a mutable slice (empty where it has no elements).
+///
+/// # Safety
+/// `v.ptr` must address `v.len` live f32 values no one else uses meanwhile.
+unsafe fn host_slice_mut<'a>(v: &Seen) -> &'a mut [f32] {
+    if v.len == 0 {
+        return &mut [];
+    }
+    unsafe { std::slice::from_raw_parts_mut(v.ptr as *mut f32, v.len) }
+}
+
+/// A seen CPU f32 tensor as a slice (empty where it has no elements).
+///
+/// # Safety
+/// `v.ptr` must address `v.len` live f32 values no one writes meanwhile.
+unsafe fn host_slice<'a>(v: &Seen) -> &'a [f32] {
+    if v.len == 0 {
+        return &[];
+    }
+    unsafe { std::slice::from_raw_parts(v.ptr as *const f32, v.len) }
+}
+
+/// The dtype the kernels are compiled for, for variables of `dtype` (one
+/// [`check_devices`] accepted on a GPU).
+#[cfg(feature = "cuda")]
+#[cfg_attr(not(feature = "candle-cuda"), allow(dead_code))]
+pub(crate) fn cuda_dtype(dtype: DType) -> crate::cuda::DType {
+    match dtype {
+        DType::BF16 => crate::cuda::DType::BF16,
+        DType::F16 => crate::cuda::DType::F16,
+        _ => crate::cuda::DType::F32,
+    }
+}
+
+/// What a GPU step hands the engine: each variable's and gradient's device
+/// pointer, as seen (and checked by [`check_seen`]).
+#[cfg(feature = "cuda")]
+#[cfg_attr(not(feature = "candle-cuda"), allow(dead_code))]
+pub(crate) fn raw_params<'a>(
+    vars: &[Seen],
+    grads: &[Option<Seen>],
+    shapes: &'a [Vec<usize>],
+) -> Vec<crate::cuda::RawCudaParam<'a>> {
+    vars.iter()
+        .zip(grads)
+        .zip(shapes)
+        .map(|((v, g), shape)| crate::cuda::RawCudaParam {
+            value: v.ptr,
+            grad: g.map(|g| g.ptr),
+            shape,
+        })
+        .collect()
 }
 
 impl<K: Kernel> Optimizer<K> {
@@ -467,7 +889,7 @@ impl<K: Kernel> candle_nn::Optimizer for Optimizer<K> {
 
     fn step(&mut self, grads: &GradStore) -> candle_core::Result<()> {
         let vars = self.vars.clone();
-        self.last_report = step_vars(&vars, grads, &mut |params| self.step_params(params))?;
+        self.last_report = step_with(&vars, grads, self as &mut dyn DynOptimizer)?;
         Ok(())
     }
 
@@ -534,8 +956,7 @@ impl CandleDyn {
 
     /// One step from `grads`; returns what it did.
     pub fn step(&mut self, grads: &GradStore) -> candle_core::Result<Option<StepReport>> {
-        let opt = &mut self.opt;
-        self.last_report = step_vars(&self.vars, grads, &mut |params| opt.step_params(params))?;
+        self.last_report = step_with(&self.vars, grads, &mut *self.opt)?;
         Ok(self.last_report)
     }
 
@@ -546,5 +967,168 @@ impl CandleDyn {
     ) -> candle_core::Result<Option<StepReport>> {
         let grads = loss.backward()?;
         self.step(&grads)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! What a step decides from what it saw, with the facts a CUDA variable
+    //! would show (no GPU needed).
+    use super::*;
+
+    const CUDA0: DeviceLocation = DeviceLocation::Cuda { gpu_id: 0 };
+    const CUDA1: DeviceLocation = DeviceLocation::Cuda { gpu_id: 1 };
+
+    fn seen(place: DeviceLocation, dtype: DType, ptr: u64, len: usize) -> Seen {
+        seen_at(ptr, Some((0, len)), dtype, place)
+    }
+
+    fn problem(r: Result<(DeviceLocation, DType), String>) -> String {
+        r.expect_err("the step should be refused")
+    }
+
+    #[test]
+    fn one_device_and_one_dtype_per_step() {
+        let cpu = |p| seen(DeviceLocation::Cpu, DType::F32, p, 4);
+        assert_eq!(
+            check_seen(&[cpu(64), cpu(128)], &[Some(cpu(256)), None]),
+            Ok((DeviceLocation::Cpu, DType::F32))
+        );
+        let e = problem(check_devices(&[
+            cpu(64),
+            seen(DeviceLocation::Cpu, DType::F64, 8, 4),
+        ]));
+        assert!(e.contains("variable #1 is not f32 but F64"), "{e}");
+        let e = problem(check_devices(&[seen(
+            DeviceLocation::Cpu,
+            DType::BF16,
+            8,
+            4,
+        )]));
+        assert!(
+            e.contains("on the CPU agr's candle adapter updates f32"),
+            "{e}"
+        );
+        let e = problem(check_devices(&[cpu(64), seen(CUDA0, DType::F32, 8, 4)]));
+        assert!(
+            e.contains("variable #1 is on cuda:0 and variable #0 on cpu"),
+            "{e}"
+        );
+        let e = problem(check_devices(&[seen(
+            DeviceLocation::Metal { gpu_id: 0 },
+            DType::F32,
+            8,
+            4,
+        )]));
+        assert!(e.contains("metal:0"), "{e}");
+    }
+
+    #[test]
+    #[cfg(feature = "candle-cuda")]
+    fn gpu_variables_of_one_float_dtype_on_one_gpu() {
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            let v = seen(CUDA1, dtype, 1 << 20, 4);
+            assert_eq!(check_seen(&[v], &[Some(v)]), Ok((CUDA1, dtype)));
+        }
+        let e = problem(check_devices(&[seen(CUDA0, DType::F64, 8, 4)]));
+        assert!(e.contains("variable #0 is F64; on cuda:0"), "{e}");
+        let e = problem(check_devices(&[
+            seen(CUDA0, DType::BF16, 8, 4),
+            seen(CUDA0, DType::F16, 16, 4),
+        ]));
+        assert!(e.contains("variable #1 is F16 and variable #0 BF16"), "{e}");
+        let e = problem(check_devices(&[
+            seen(CUDA0, DType::F32, 8, 4),
+            seen(CUDA1, DType::F32, 16, 4),
+        ]));
+        assert!(
+            e.contains("variable #1 is on cuda:1 and variable #0 on cuda:0"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    #[cfg(not(feature = "candle-cuda"))]
+    fn gpu_variables_need_the_candle_cuda_feature() {
+        let e = problem(check_devices(&[seen(CUDA0, DType::F32, 8, 4)]));
+        assert!(e.contains("its `candle-cuda` feature"), "{e}");
+    }
+
+    #[test]
+    fn gradients_match_their_variables() {
+        let place = if cfg!(feature = "candle-cuda") {
+            CUDA0
+        } else {
+            DeviceLocation::Cpu
+        };
+        let v = seen(place, DType::F32, 4096, 6);
+        let vars = [v, v];
+        let e = problem(check_seen(
+            &vars,
+            &[None, Some(seen(place, DType::F32, 8192, 5))],
+        ));
+        assert!(
+            e.contains("gradient of variable #1 has 5 elements and the variable 6"),
+            "{e}"
+        );
+        let e = problem(check_seen(
+            &vars,
+            &[Some(seen(place, DType::F64, 8192, 6)), None],
+        ));
+        assert!(e.contains("gradient of variable #0 is"), "{e}");
+        let e = problem(check_seen(
+            &vars,
+            &[Some(seen(CUDA1, DType::F32, 8192, 6)), None],
+        ));
+        assert!(e.contains("cuda:1"), "{e}");
+        let strided = seen_at(0, None, DType::F32, place);
+        let e = problem(check_seen(&vars, &[Some(strided), None]));
+        assert!(
+            e.contains("gradient of variable #0 is not contiguous"),
+            "{e}"
+        );
+        let e = problem(check_seen(&[v, strided], &[None, None]));
+        assert!(e.contains("variable #1 is not contiguous"), "{e}");
+    }
+
+    #[test]
+    #[cfg(feature = "cuda")]
+    fn a_gpu_step_hands_the_engine_the_seen_pointers_and_dtype() {
+        let vars = [
+            seen(CUDA0, DType::BF16, 0x7000_0000, 6),
+            seen(CUDA0, DType::BF16, 0x7000_1000, 4),
+        ];
+        let grads = [Some(seen(CUDA0, DType::BF16, 0x7100_0000, 6)), None];
+        let shapes = vec![vec![2, 3], vec![4]];
+        let raw = raw_params(&vars, &grads, &shapes);
+        assert_eq!(raw.len(), 2);
+        assert_eq!(
+            (raw[0].value, raw[0].grad),
+            (0x7000_0000, Some(0x7100_0000))
+        );
+        assert_eq!((raw[1].value, raw[1].grad), (0x7000_1000, None));
+        assert_eq!(raw[0].shape, &[2, 3]);
+        assert_eq!(cuda_dtype(DType::BF16), crate::cuda::DType::BF16);
+        assert_eq!(cuda_dtype(DType::F16), crate::cuda::DType::F16);
+        assert_eq!(cuda_dtype(DType::F32), crate::cuda::DType::F32);
+    }
+
+    #[test]
+    fn a_cpu_variable_is_seen_where_its_values_are() {
+        let dev = candle_core::Device::Cpu;
+        let t = candle_core::Tensor::arange(0f32, 10f32, &dev)
+            .unwrap()
+            .narrow(0, 3, 4)
+            .unwrap();
+        let var = Var::from_tensor(&t).unwrap();
+        let mut got = vec![];
+        with_write_locks(&[var.clone()], &[0], &mut |s| got = s.to_vec()).unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(
+            (got[0].len, got[0].dtype, got[0].contiguous),
+            (4, DType::F32, true)
+        );
+        let values = unsafe { host_slice(&got[0]) }.to_vec();
+        assert_eq!(values, var.to_vec1::<f32>().unwrap());
     }
 }

@@ -12,8 +12,8 @@ use std::fmt;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DevicePtrMut,
-    DeviceRepr, LaunchConfig, PushKernelArg,
+    CudaContext, CudaFunction, CudaModule, CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr,
+    LaunchConfig, PushKernelArg,
 };
 use cudarc::nvrtc::{CompileOptions, Ptx};
 
@@ -25,6 +25,10 @@ use crate::optimizer::skip_pass_of;
 use crate::optimizer::{validate_params, ParamSeen};
 use crate::{NonFinite, Optimizer, ParamMut, StepError, StepReport, TensorMeta, MAX_STATES};
 use std::borrow::Cow;
+
+/// cudarc's stream and the guard that records a buffer's use on one (the
+/// types candle's CUDA tensors use too: the same cudarc).
+pub use cudarc::driver::{CudaStream, SyncOnDrop};
 
 /// Threads per block; must match the CUDA prelude.
 pub const BLOCK: u32 = 256;
@@ -82,17 +86,30 @@ fn preload_nvrtc() {
     });
 }
 
+/// Whether `lib` (`cuda`, `nvrtc`) opens under one of the names cudarc
+/// loads it by on Linux. cudarc's own test (`is_culib_present`) exists only
+/// where it loads its libraries at run time; where it links them (candle's
+/// `cuda` feature turns that on), they are loaded with the program, and
+/// opening one by its SONAME finds it.
+fn culib_present(lib: &str) -> bool {
+    ["", ".13", ".12", ".11", ".10", ".9", ".1"]
+        .iter()
+        .any(|suffix| {
+            // SAFETY: only opens the library (CUDA's libraries run no
+            // initialisers with preconditions).
+            unsafe { libloading::Library::new(format!("lib{lib}.so{suffix}")) }.is_ok()
+        })
+}
+
 /// Whether NVRTC can be loaded.
 pub fn nvrtc_available() -> bool {
     preload_nvrtc();
-    // SAFETY: only tries to dlopen the library.
-    unsafe { cudarc::nvrtc::sys::is_culib_present() }
+    culib_present("nvrtc")
 }
 
 /// Whether the CUDA driver library can be loaded (a GPU may still be absent).
 pub fn driver_available() -> bool {
-    // SAFETY: only tries to dlopen the library.
-    unsafe { cudarc::driver::sys::is_culib_present() }
+    culib_present("cuda")
 }
 
 /// Element type of parameters and gradients (state and arithmetic are f32).
@@ -329,6 +346,12 @@ fn ensure<T: DeviceRepr + cudarc::driver::ValidAsZeroBits>(
         *buf = Some(stream.alloc_zeros::<T>(n.max(1))?);
     }
     Ok(())
+}
+
+/// Whether two streams are one: the same object, or the same handle in the
+/// same context (a context's per-thread or legacy default stream).
+pub fn same_stream(a: &Arc<CudaStream>, b: &Arc<CudaStream>) -> bool {
+    Arc::ptr_eq(a, b) || (a.cu_stream() == b.cu_stream() && Arc::ptr_eq(a.context(), b.context()))
 }
 
 /// The first GPU's (or GPU `ordinal`'s) default stream.

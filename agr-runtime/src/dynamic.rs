@@ -42,6 +42,28 @@ pub trait DynOptimizer: Send {
     /// See [`Optimizer::set_device`].
     fn set_device(&mut self, device: crate::Device) -> Result<(), crate::DeviceError>;
     fn device(&self) -> crate::Device;
+    /// See [`Optimizer::set_cuda_stream`].
+    #[cfg(feature = "cuda")]
+    fn set_cuda_stream(
+        &mut self,
+        stream: std::sync::Arc<crate::cuda::CudaStream>,
+        dtype: crate::cuda::DType,
+    ) -> Result<(), crate::DeviceError>;
+    /// See [`Optimizer::cuda_stream`].
+    #[cfg(feature = "cuda")]
+    fn cuda_stream(&self) -> Option<&std::sync::Arc<crate::cuda::CudaStream>>;
+    /// See [`Optimizer::cuda_dtype`].
+    #[cfg(feature = "cuda")]
+    fn cuda_dtype(&self) -> Option<crate::cuda::DType>;
+    /// See [`Optimizer::step_raw`].
+    ///
+    /// # Safety
+    /// As [`Optimizer::step_raw`].
+    #[cfg(feature = "cuda")]
+    unsafe fn step_raw(
+        &mut self,
+        params: &[crate::cuda::RawCudaParam<'_>],
+    ) -> Result<StepReport, StepError>;
     /// The whole state as a checkpoint (see [`Optimizer::save_checkpoint`]).
     fn save_checkpoint(&self) -> Vec<u8>;
     /// See [`Optimizer::load_checkpoint`].
@@ -109,6 +131,30 @@ impl<K: Kernel> DynOptimizer for Optimizer<K> {
     }
     fn device(&self) -> crate::Device {
         Optimizer::device(self)
+    }
+    #[cfg(feature = "cuda")]
+    fn set_cuda_stream(
+        &mut self,
+        stream: std::sync::Arc<crate::cuda::CudaStream>,
+        dtype: crate::cuda::DType,
+    ) -> Result<(), crate::DeviceError> {
+        Optimizer::set_cuda_stream(self, stream, dtype)
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_stream(&self) -> Option<&std::sync::Arc<crate::cuda::CudaStream>> {
+        Optimizer::cuda_stream(self)
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_dtype(&self) -> Option<crate::cuda::DType> {
+        Optimizer::cuda_dtype(self)
+    }
+    #[cfg(feature = "cuda")]
+    unsafe fn step_raw(
+        &mut self,
+        params: &[crate::cuda::RawCudaParam<'_>],
+    ) -> Result<StepReport, StepError> {
+        // SAFETY: the caller's contract.
+        unsafe { Optimizer::step_raw(self, params) }
     }
     fn save_checkpoint(&self) -> Vec<u8> {
         Optimizer::save_checkpoint(self)

@@ -2,6 +2,10 @@
 //! `candle_nn::Optimizer` (five) and `CandleDyn` (every built-in), training
 //! with every built-in lowers the loss, variables without a gradient are
 //! skipped, groups and checkpoints work through candle variables.
+//!
+//! The variables live on the CPU, or on the candle device named by
+//! `AGR_TEST_CANDLE_DEVICE` (`cuda:0`: the GPU check runs this suite there,
+//! from a build with the `candle-cuda` feature).
 #![cfg(feature = "candle")]
 
 use std::path::PathBuf;
@@ -12,6 +16,19 @@ use agr_runtime::{HyperConfig, HyperValue};
 use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor, Var};
 use candle_nn::Optimizer as _;
+
+/// The candle device the tests' variables live on.
+fn dev() -> Device {
+    match std::env::var("AGR_TEST_CANDLE_DEVICE").as_deref() {
+        Err(_) | Ok("cpu") => Device::Cpu,
+        #[cfg(feature = "candle-cuda")]
+        Ok(d) if d.starts_with("cuda") => {
+            let n = d.strip_prefix("cuda:").map_or(0, |n| n.parse().expect("cuda:N"));
+            Device::new_cuda(n).expect("AGR_TEST_CANDLE_DEVICE names a GPU this machine has")
+        }
+        Ok(d) => panic!("AGR_TEST_CANDLE_DEVICE={d}: not a device this build steps (cpu; cuda:N with the candle-cuda feature)"),
+    }
+}
 
 fn golden_dir() -> PathBuf {
     std::env::var_os("AGR_GOLDEN_DIR")
@@ -36,10 +53,8 @@ where
         .params
         .iter()
         .map(|p| {
-            Var::from_tensor(
-                &Tensor::from_vec(p.init.clone(), p.shape.as_slice(), &Device::Cpu).unwrap(),
-            )
-            .unwrap()
+            Var::from_tensor(&Tensor::from_vec(p.init.clone(), p.shape.as_slice(), &dev()).unwrap())
+                .unwrap()
         })
         .collect();
     let mut opt = O::new(vars.clone(), config).unwrap();
@@ -49,7 +64,7 @@ where
         for (v, (gr, p)) in vars.iter().zip(step.grads.iter().zip(&g.params)) {
             grads.insert(
                 v.as_tensor(),
-                Tensor::from_vec(gr.clone(), p.shape.as_slice(), &Device::Cpu).unwrap(),
+                Tensor::from_vec(gr.clone(), p.shape.as_slice(), &dev()).unwrap(),
             );
         }
         opt.step(&grads).unwrap();
@@ -90,7 +105,7 @@ fn the_golden_files_replay_through_candle() {
 
 /// Fits y = x·w* with candle's autograd; returns (first loss, last loss).
 fn train<O: candle_nn::Optimizer>(config: O::Config) -> (f32, f32) {
-    let dev = Device::Cpu;
+    let dev = dev();
     let x = Tensor::from_vec(
         (0..64 * 8)
             .map(|i| ((i * 37 % 17) as f32 - 8.0) / 8.0)
@@ -157,7 +172,7 @@ fn training_with_each_builtin_lowers_the_loss() {
 
 #[test]
 fn variables_without_a_gradient_are_skipped_and_the_learning_rate_is_shared() {
-    let dev = Device::Cpu;
+    let dev = dev();
     let a = Var::ones(4, candle_core::DType::F32, &dev).unwrap();
     let b = Var::ones(3, candle_core::DType::F32, &dev).unwrap();
     let mut opt = AdamWAgr::new(vec![a.clone(), b.clone()], AdamWAgrConfig::default()).unwrap();
@@ -192,12 +207,11 @@ fn varmap() -> candle_nn::VarMap {
         let w: Vec<f32> = (0..24).map(|i| ((i * 7 % 11) as f32 - 5.0) / 5.0).collect();
         data.insert(
             "lin.weight".into(),
-            Var::from_tensor(&Tensor::from_vec(w, (4, 6), &Device::Cpu).unwrap()).unwrap(),
+            Var::from_tensor(&Tensor::from_vec(w, (4, 6), &dev()).unwrap()).unwrap(),
         );
         data.insert(
             "lin.bias".into(),
-            Var::from_tensor(&Tensor::zeros(4, candle_core::DType::F32, &Device::Cpu).unwrap())
-                .unwrap(),
+            Var::from_tensor(&Tensor::zeros(4, candle_core::DType::F32, &dev()).unwrap()).unwrap(),
         );
     }
     vm
@@ -214,7 +228,7 @@ fn lin_loss(vm: &candle_nn::VarMap) -> Tensor {
             .map(|i| ((i * 5 % 13) as f32 - 6.0) / 6.0)
             .collect::<Vec<f32>>(),
         (8, 6),
-        &Device::Cpu,
+        &dev(),
     )
     .unwrap();
     let (w, b) = (var(vm, "lin.weight"), var(vm, "lin.bias"));
@@ -308,12 +322,12 @@ fn an_optimizer_chosen_by_name_steps_candle_variables_like_the_typed_one() {
     let v = var(&b, "lin.bias");
     grads.insert(
         v.as_tensor(),
-        Tensor::zeros(4, candle_core::DType::F64, &Device::Cpu).unwrap(),
+        Tensor::zeros(4, candle_core::DType::F64, &dev()).unwrap(),
     );
     let e = dynamic.step(&grads).unwrap_err();
+    let e = e.to_string();
     assert!(
-        e.to_string()
-            .contains("variable #0 is not an f32 CPU tensor"),
+        e.contains("the gradient of variable #0 is") && e.contains("F64"),
         "{e}"
     );
 }
@@ -361,7 +375,7 @@ fn every_golden_file_replays_through_candle_dyn() {
             .iter()
             .map(|p| {
                 Var::from_tensor(
-                    &Tensor::from_vec(p.init.clone(), p.shape.as_slice(), &Device::Cpu).unwrap(),
+                    &Tensor::from_vec(p.init.clone(), p.shape.as_slice(), &dev()).unwrap(),
                 )
                 .unwrap()
             })
@@ -373,7 +387,7 @@ fn every_golden_file_replays_through_candle_dyn() {
             for (v, (gr, p)) in vars.iter().zip(step.grads.iter().zip(&g.params)) {
                 grads.insert(
                     v.as_tensor(),
-                    Tensor::from_vec(gr.clone(), p.shape.as_slice(), &Device::Cpu).unwrap(),
+                    Tensor::from_vec(gr.clone(), p.shape.as_slice(), &dev()).unwrap(),
                 );
             }
             opt.step(&grads).unwrap();
@@ -448,7 +462,7 @@ fn a_checkpoint_does_not_load_into_a_varmap_with_other_names() {
 
 /// `n` variables of two elements and their gradients (±1).
 fn many_vars(n: usize) -> (Vec<Var>, GradStore) {
-    let dev = Device::Cpu;
+    let dev = dev();
     let vars: Vec<Var> = (0..n)
         .map(|_| Var::ones(2, candle_core::DType::F32, &dev).unwrap())
         .collect();
@@ -633,7 +647,7 @@ fn warnings_about(needle: &str) -> Vec<String> {
 /// A model with a learnable temperature (0-d) and gate (one element), its
 /// names prefixed with `prefix`.
 fn scalar_model(prefix: &str) -> (candle_nn::VarMap, impl Fn() -> Tensor) {
-    let dev = Device::Cpu;
+    let dev = dev();
     let vm = candle_nn::VarMap::new();
     let new = |t: Tensor| Var::from_tensor(&t).unwrap();
     let (w, b, temp, gate) = (
@@ -739,18 +753,23 @@ fn parameters_psi_freezes_are_named_once_in_a_warning() {
 }
 
 /// Past a few hundred variables a helper thread holds the locks: an error
-/// while locking (here a variable that is not f32, through `step_vars`) comes
-/// back as an error, and the helper keeps serving steps.
+/// found with them held (here a gradient of the wrong length, through
+/// `step_vars`) comes back as an error before the step runs, and the helper
+/// keeps serving steps. A variable of a dtype the step does not take is
+/// refused before any lock is taken.
 #[test]
 fn errors_while_locking_many_variables_come_back_and_steps_go_on() {
-    let dev = Device::Cpu;
-    let mut vars: Vec<Var> = (0..400)
+    let dev = dev();
+    let vars: Vec<Var> = (0..401)
         .map(|_| Var::ones(2, candle_core::DType::F32, &dev).unwrap())
         .collect();
-    vars.push(Var::ones(2, candle_core::DType::F64, &dev).unwrap());
-    let grads = GradStore::default();
+    let mut grads = GradStore::default();
+    grads.insert(
+        vars[400].as_tensor(),
+        Tensor::ones(5, candle_core::DType::F32, &dev).unwrap(),
+    );
     let mut ran = false;
-    let e = agr_runtime::candle::step_vars(&vars, &grads, &mut |_| {
+    let mut stepper = |_: &mut [agr_runtime::ParamMut<'_>]| {
         ran = true;
         Ok::<_, String>(agr_runtime::StepReport {
             step: 1,
@@ -758,10 +777,26 @@ fn errors_while_locking_many_variables_come_back_and_steps_go_on() {
             skipped: 0,
             skipped_non_finite: None,
         })
-    })
-    .unwrap_err();
+    };
+    let e = agr_runtime::candle::step_vars(&vars, &grads, &mut stepper).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("the gradient of variable #400 has 5 elements and the variable 2"),
+        "{e}"
+    );
+    let mut wrong_dtype = vars.clone();
+    wrong_dtype.push(Var::ones(2, candle_core::DType::F64, &dev).unwrap());
+    let e = agr_runtime::candle::step_vars(&wrong_dtype, &grads, &mut stepper).unwrap_err();
+    let e = e.to_string();
+    assert!(e.contains("variable #401 is") && e.contains("F64"), "{e}");
+    if !dev.is_cpu() {
+        // A caller's function of host slices cannot step GPU variables.
+        let e = agr_runtime::candle::step_vars(&vars, &GradStore::default(), &mut stepper)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("step_vars hands host slices"), "{e}");
+    }
     assert!(!ran);
-    assert!(e.to_string().contains("variable #400 is not f32"), "{e}");
     let (vars, grads) = many_vars(400);
     let mut opt = AdamW::new(vars.clone(), AdamWConfig::default().with_lr(0.1)).unwrap();
     for _ in 0..3 {
@@ -785,7 +820,7 @@ fn a_spec_compiled_at_run_time_is_a_candle_optimizer() {
                     .collect();
                 grads.insert(
                     v.as_tensor(),
-                    Tensor::from_vec(g, v.dims(), &Device::Cpu).unwrap(),
+                    Tensor::from_vec(g, v.dims(), &dev()).unwrap(),
                 );
             }
             opt(&grads);
@@ -806,7 +841,7 @@ fn a_spec_compiled_at_run_time_is_a_candle_optimizer() {
             .iter()
             .map(|s| {
                 Var::from_tensor(
-                    &Tensor::ones(s.as_slice(), candle_core::DType::F32, &Device::Cpu).unwrap(),
+                    &Tensor::ones(s.as_slice(), candle_core::DType::F32, &dev()).unwrap(),
                 )
                 .unwrap()
             })
@@ -822,4 +857,99 @@ fn a_spec_compiled_at_run_time_is_a_candle_optimizer() {
         a == b,
         "the compiled spec and LionAgr differ through candle"
     );
+}
+
+/// Half-precision variables: refused on the CPU (nothing changes); on a GPU
+/// stepped in place with f32 arithmetic and state, within a few bf16/f16
+/// roundings per step of the f32 trajectory on the CPU.
+#[test]
+fn half_precision_variables_step_on_a_gpu_and_are_refused_on_the_cpu() {
+    use candle_core::DType;
+    let init: Vec<f32> = (0..96)
+        .map(|i| ((i * 37 % 97) as f32 - 48.0) / 40.0)
+        .collect();
+    let grad_at = |step: usize| -> Vec<f32> {
+        (0..96)
+            .map(|i| (((i * 13 + step * 7) % 31) as f32 - 15.0) / 30.0)
+            .collect()
+    };
+    let steps = 5;
+    // The f32 reference on the CPU.
+    let reference = {
+        let v = Var::from_tensor(&Tensor::from_vec(init.clone(), (8, 12), &Device::Cpu).unwrap())
+            .unwrap();
+        let mut opt =
+            AdamWAgr::new(vec![v.clone()], AdamWAgrConfig::default().with_lr(1e-2)).unwrap();
+        for k in 0..steps {
+            let mut grads = GradStore::default();
+            grads.insert(
+                v.as_tensor(),
+                Tensor::from_vec(grad_at(k), (8, 12), &Device::Cpu).unwrap(),
+            );
+            opt.step(&grads).unwrap();
+        }
+        v.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    };
+    for (dtype, ulp) in [(DType::BF16, 2f32.powi(-8)), (DType::F16, 2f32.powi(-11))] {
+        let start = Tensor::from_vec(init.clone(), (8, 12), &dev())
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let v = Var::from_tensor(&start).unwrap();
+        let made = AdamWAgr::new(vec![v.clone()], AdamWAgrConfig::default().with_lr(1e-2));
+        if dev().is_cpu() {
+            let e = made
+                .err()
+                .expect("half precision is refused on the CPU")
+                .to_string();
+            assert!(e.contains("variable #0 is not f32"), "{e}");
+            continue;
+        }
+        let mut opt = made.unwrap();
+        for k in 0..steps {
+            let mut grads = GradStore::default();
+            let g = Tensor::from_vec(grad_at(k), (8, 12), &dev())
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            grads.insert(v.as_tensor(), g);
+            opt.step(&grads).unwrap();
+        }
+        let ours = v
+            .to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        for (i, (x, r)) in ours.iter().zip(&reference).enumerate() {
+            // One rounding of the start, the gradients' and one per step.
+            let bound = (2 * steps + 2) as f32 * ulp * r.abs().max(1e-2) + 1e-3;
+            assert!(
+                (x - r).abs() <= bound,
+                "{dtype:?}[{i}]: {x} vs the f32 {r} (bound {bound})"
+            );
+        }
+    }
+}
+
+/// Variables on two devices are one optimizer's error, before anything is
+/// written. Needs a GPU: ignored unless asked for (the GPU check runs the
+/// ignored tests with AGR_TEST_CANDLE_DEVICE=cuda:0).
+#[test]
+#[ignore = "needs a GPU: AGR_TEST_CANDLE_DEVICE=cuda:N and the candle-cuda feature"]
+fn variables_on_two_devices_are_an_error() {
+    let gpu = dev();
+    assert!(!gpu.is_cpu(), "needs AGR_TEST_CANDLE_DEVICE=cuda:N");
+    let a = Var::ones(4, candle_core::DType::F32, &Device::Cpu).unwrap();
+    let b = Var::ones(4, candle_core::DType::F32, &gpu).unwrap();
+    let e = AdamW::new(vec![a.clone(), b], Default::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("variable #1 is on cuda:0 and variable #0 on cpu"),
+        "{e}"
+    );
+    assert_eq!(a.to_vec1::<f32>().unwrap(), vec![1.0; 4]);
 }
