@@ -61,10 +61,12 @@ struct Args {
     /// Output folder for curves.csv, curves.svg and results.md.
     #[arg(long, default_value = "out")]
     out: PathBuf,
-    /// Where agr's optimizers step: `cpu`, or `emulated-cuda` (the generated
-    /// CUDA kernels compiled as host C++ and launched block by block, as on
-    /// a GPU). `cuda` needs a candle built with CUDA for the model; without
-    /// it the run says so and uses the CPU.
+    /// Where the run trains: `cpu`; `emulated-cuda` (the model on the CPU,
+    /// agr's step by the generated CUDA kernels compiled as host C++ and
+    /// launched block by block, as on a GPU); or `cuda` / `cuda:N` (the model
+    /// and the optimizer on the GPU, stepped in place on candle's stream:
+    /// needs the `candle-cuda` feature and a GPU; without either the run
+    /// says so and uses the CPU).
     #[arg(long, default_value = "cpu")]
     device: agr_runtime::Device,
     /// The data: gzipped CSV, 64 pixels (0..16) then the label per line.
@@ -167,7 +169,7 @@ struct Mlp {
 impl Mlp {
     /// He-initialised weights and zero biases from `rng` (candle's own
     /// initialisers draw from an unseeded generator; runs must repeat).
-    fn new(rng: &mut StdRng) -> candle_core::Result<Mlp> {
+    fn new(rng: &mut StdRng, dev: &Device) -> candle_core::Result<Mlp> {
         let mut he = |fan_in: usize, shape: (usize, usize)| -> candle_core::Result<Tensor> {
             let s = (2.0 / fan_in as f32).sqrt();
             let v: Vec<f32> = (0..shape.0 * shape.1)
@@ -177,7 +179,7 @@ impl Mlp {
                     s * (-2.0 * u.ln()).sqrt() * (std::f32::consts::TAU * v).cos()
                 })
                 .collect();
-            Tensor::from_vec(v, shape, &Device::Cpu)
+            Tensor::from_vec(v, shape, dev)
         };
         let varmap = VarMap::new();
         {
@@ -187,15 +189,12 @@ impl Mlp {
                 Ok(())
             };
             put("fc1.weight", he(IN, (HIDDEN, IN))?)?;
-            put("fc1.bias", Tensor::zeros(HIDDEN, DType::F32, &Device::Cpu)?)?;
+            put("fc1.bias", Tensor::zeros(HIDDEN, DType::F32, dev)?)?;
             put("fc2.weight", he(HIDDEN, (CLASSES, HIDDEN))?)?;
-            put(
-                "fc2.bias",
-                Tensor::zeros(CLASSES, DType::F32, &Device::Cpu)?,
-            )?;
+            put("fc2.bias", Tensor::zeros(CLASSES, DType::F32, dev)?)?;
         }
         // The layers take the variables just stored (same names and shapes).
-        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, dev);
         let fc1 = candle_nn::linear(IN, HIDDEN, vb.pp("fc1"))?;
         let fc2 = candle_nn::linear(HIDDEN, CLASSES, vb.pp("fc2"))?;
         Ok(Mlp { varmap, fc1, fc2 })
@@ -213,13 +212,13 @@ struct Tensors {
 }
 
 impl Tensors {
-    fn new(d: &Data) -> candle_core::Result<Tensors> {
+    fn new(d: &Data, dev: &Device) -> candle_core::Result<Tensors> {
         Ok(Tensors {
-            x: Tensor::from_slice(&d.x, (d.len(), IN), &Device::Cpu)?,
+            x: Tensor::from_slice(&d.x, (d.len(), IN), dev)?,
             y: Tensor::from_vec(
                 d.y.iter().map(|&v| v as u32).collect::<Vec<u32>>(),
                 d.len(),
-                &Device::Cpu,
+                dev,
             )?,
         })
     }
@@ -254,6 +253,29 @@ fn default_lr(name: &str) -> f64 {
     }
 }
 
+/// The candle device the model lives on: the GPU for `cuda:N`, else the CPU
+/// (`emulated-cuda` runs agr's kernels on host memory).
+fn model_device(device: agr_runtime::Device) -> candle_core::Result<Device> {
+    match device {
+        #[cfg(feature = "candle-cuda")]
+        agr_runtime::Device::Cuda(n) => Device::new_cuda(n),
+        #[cfg(not(feature = "candle-cuda"))]
+        agr_runtime::Device::Cuda(_) => Err(candle_core::Error::Msg(
+            "this build trains on the CPU (a GPU model needs the `candle-cuda` feature)".into(),
+        )),
+        _ => Ok(Device::Cpu),
+    }
+}
+
+/// Where the optimizer starts: on a GPU run the candle adapter moves it to
+/// the model's stream on the first step, so it starts on the CPU.
+fn optimizer_device(device: agr_runtime::Device) -> agr_runtime::Device {
+    match device {
+        agr_runtime::Device::Cuda(_) => agr_runtime::Device::Cpu,
+        d => d,
+    }
+}
+
 /// A built-in by name, or a user's spec file compiled at run time
 /// (`agr_runtime::compile_file`): either way the same engine, with groups,
 /// the non-finite check and the candle adapter.
@@ -272,7 +294,8 @@ fn make(name: &str, lr: f64, device: agr_runtime::Device) -> Result<Box<dyn DynO
     }
     opt.set_hyper("lr", HyperValue::Float(lr))
         .map_err(|e| format!("{name}: {e}"))?;
-    opt.set_device(device).map_err(|e| format!("{name}: {e}"))?;
+    opt.set_device(optimizer_device(device))
+        .map_err(|e| format!("{name}: {e}"))?;
     Ok(opt)
 }
 
@@ -323,10 +346,11 @@ fn train(
 ) -> Result<Curve, String> {
     let e = |e: candle_core::Error| format!("{name} seed {seed}: {e}");
     let mut rng = StdRng::seed_from_u64(seed);
-    let model = Mlp::new(&mut rng).map_err(e)?;
+    let dev = model_device(args.device).map_err(e)?;
+    let model = Mlp::new(&mut rng, &dev).map_err(e)?;
     let mut opt = Stepper::new(name, lr, args, &model)?;
-    let train_t = Tensors::new(train).map_err(e)?;
-    let test_t = Tensors::new(test).map_err(e)?;
+    let train_t = Tensors::new(train, &dev).map_err(e)?;
+    let test_t = Tensors::new(test, &dev).map_err(e)?;
     let mut order: Vec<u32> = (0..train.len() as u32).collect();
     let steps_per_epoch = train.len().div_ceil(args.batch) as u64;
     let schedule: Box<dyn Schedule> = match args.schedule {
@@ -345,7 +369,7 @@ fn train(
         order.shuffle(&mut rng);
         let mut epoch_loss = 0.0;
         for batch in order.chunks(args.batch) {
-            let idx = Tensor::from_slice(batch, batch.len(), &Device::Cpu).map_err(e)?;
+            let idx = Tensor::from_slice(batch, batch.len(), &dev).map_err(e)?;
             let x = train_t.x.index_select(&idx, 0).map_err(e)?;
             let y = train_t.y.index_select(&idx, 0).map_err(e)?;
             let loss =
@@ -460,11 +484,13 @@ fn plot(
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = Args::parse();
     if let agr_runtime::Device::Cuda(_) = args.device {
-        eprintln!(
-            "digits: --device {}: the model is a candle model, and this build of candle has no CUDA support; training on the CPU",
-            args.device
-        );
-        args.device = agr_runtime::Device::Cpu;
+        if let Err(why) = model_device(args.device) {
+            eprintln!(
+                "digits: --device {}: {why}; training on the CPU",
+                args.device
+            );
+            args.device = agr_runtime::Device::Cpu;
+        }
     }
     if args.epochs == 0 || args.seeds == 0 || args.batch == 0 {
         return Err("--epochs, --seeds and --batch must be at least 1".into());

@@ -281,26 +281,59 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// `w`'s variables on `dev` (ones) and a gradient for each (1e-3).
+#[cfg(feature = "candle-bench")]
+fn candle_model(
+    w: &Workload,
+    dev: &candle_core::Device,
+) -> candle_core::Result<(Vec<candle_core::Var>, candle_core::backprop::GradStore)> {
+    use candle_core::{Tensor, Var};
+    let vars: Vec<Var> = w
+        .shapes
+        .iter()
+        .map(|s| Var::ones(s.as_slice(), candle_core::DType::F32, dev))
+        .collect::<Result<_, _>>()?;
+    let mut grads = candle_core::backprop::GradStore::default();
+    for v in &vars {
+        grads.insert(
+            v.as_tensor(),
+            (Tensor::ones(v.shape(), candle_core::DType::F32, dev)? * 1e-3)?,
+        );
+    }
+    Ok((vars, grads))
+}
+
+/// A function doing one timed step of `opt` (until `dev` has finished it).
+#[cfg(feature = "candle-bench")]
+fn timed_candle_step(
+    dev: candle_core::Device,
+    mut step: impl FnMut() -> candle_core::Result<()>,
+) -> impl FnMut() -> Result<f64, String> {
+    move || {
+        dev.synchronize().map_err(|x| x.to_string())?;
+        let start = Instant::now();
+        step().map_err(|x| x.to_string())?;
+        dev.synchronize().map_err(|x| x.to_string())?;
+        Ok(start.elapsed().as_secs_f64() * 1e3)
+    }
+}
+
 /// candle-nn's AdamW on the same workload: returns a function doing one
 /// timed step.
 #[cfg(feature = "candle-bench")]
 pub fn candle_adamw(w: &Workload) -> Result<impl FnMut() -> Result<f64, String>, String> {
-    use candle_core::{Device, Tensor, Var};
+    candle_adamw_on(w, &candle_core::Device::Cpu)
+}
+
+/// candle-nn's AdamW on `w`'s variables on `dev`.
+#[cfg(feature = "candle-bench")]
+pub fn candle_adamw_on(
+    w: &Workload,
+    dev: &candle_core::Device,
+) -> Result<impl FnMut() -> Result<f64, String>, String> {
     use candle_nn::Optimizer;
-    let dev = Device::Cpu;
     let e = |e: candle_core::Error| e.to_string();
-    let vars: Vec<Var> = w
-        .shapes
-        .iter()
-        .map(|s| Var::ones(s.as_slice(), candle_core::DType::F32, &dev))
-        .collect::<Result<_, _>>()
-        .map_err(e)?;
-    let mut grads = candle_core::backprop::GradStore::default();
-    for v in &vars {
-        let g = (Tensor::ones(v.shape(), candle_core::DType::F32, &dev).map_err(e)? * 1e-3)
-            .map_err(e)?;
-        grads.insert(v.as_tensor(), g);
-    }
+    let (vars, grads) = candle_model(w, dev).map_err(e)?;
     let mut opt = candle_nn::AdamW::new(
         vars,
         candle_nn::ParamsAdamW {
@@ -309,11 +342,7 @@ pub fn candle_adamw(w: &Workload) -> Result<impl FnMut() -> Result<f64, String>,
         },
     )
     .map_err(e)?;
-    Ok(move || {
-        let start = Instant::now();
-        opt.step(&grads).map_err(|x| x.to_string())?;
-        Ok(start.elapsed().as_secs_f64() * 1e3)
-    })
+    Ok(timed_candle_step(dev.clone(), move || opt.step(&grads)))
 }
 
 /// agr's AdamW-AGR stepping the same candle variables through the candle
@@ -322,29 +351,27 @@ pub fn candle_adamw(w: &Workload) -> Result<impl FnMut() -> Result<f64, String>,
 pub fn candle_adapter_adamw_agr(
     w: &Workload,
 ) -> Result<impl FnMut() -> Result<f64, String>, String> {
-    use candle_core::{Device, Tensor, Var};
-    use candle_nn::Optimizer;
-    let dev = Device::Cpu;
+    candle_adapter_on("adamw_agr", w, &candle_core::Device::Cpu)
+}
+
+/// The built-in `name` stepping `w`'s variables on `dev` through the candle
+/// adapter (on a GPU: in place, on candle's stream).
+#[cfg(feature = "candle-bench")]
+pub fn candle_adapter_on(
+    name: &str,
+    w: &Workload,
+    dev: &candle_core::Device,
+) -> Result<impl FnMut() -> Result<f64, String>, String> {
     let e = |e: candle_core::Error| e.to_string();
-    let vars: Vec<Var> = w
-        .shapes
-        .iter()
-        .map(|s| Var::ones(s.as_slice(), candle_core::DType::F32, &dev))
-        .collect::<Result<_, _>>()
-        .map_err(e)?;
-    let mut grads = candle_core::backprop::GradStore::default();
-    for v in &vars {
-        let g = (Tensor::ones(v.shape(), candle_core::DType::F32, &dev).map_err(e)? * 1e-3)
-            .map_err(e)?;
-        grads.insert(v.as_tensor(), g);
-    }
-    let mut opt =
-        optim::AdamWAgr::new(vars, optim::AdamWAgrConfig::default().with_lr(1e-4)).map_err(e)?;
-    Ok(move || {
-        let start = Instant::now();
-        opt.step(&grads).map_err(|x| x.to_string())?;
-        Ok(start.elapsed().as_secs_f64() * 1e3)
-    })
+    let (vars, grads) = candle_model(w, dev).map_err(e)?;
+    let mut opt = optim::builtin_or_err(name)
+        .map_err(|x| x.to_string())?
+        .make();
+    opt.set_lr(1e-4).map_err(|x| x.to_string())?;
+    let mut opt = agr_runtime::candle::CandleDyn::new(opt, vars).map_err(e)?;
+    Ok(timed_candle_step(dev.clone(), move || {
+        opt.step(&grads).map(|_| ())
+    }))
 }
 
 /// One measurement, printed as a table row and a machine-readable line.
