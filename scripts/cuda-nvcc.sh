@@ -3,7 +3,8 @@
 # driver needed) into .tools/cuda13, and prints the environment that builds
 # candle's `cuda` feature with it (candle-kernels compiles its .cu files with
 # nvcc; cudarc reads the CUDA version from `nvcc --version`). Kernels are
-# built for sm_90 (H100/H200) unless CUDA_COMPUTE_CAP is set.
+# built for sm_90 (H100/H200) unless CUDA_COMPUTE_CAP is set, on every core
+# (candle-kernels' builder uses half of them unless CUDAFORGE_THREADS says).
 # Use:  eval "$(scripts/cuda-nvcc.sh)"
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -22,3 +23,4 @@ cu="$dir/nvidia/cu13"
 echo "export PATH=\"$cu/bin\${PATH:+:\$PATH}\""
 echo "export CUDA_ROOT=\"$cu\" CUDA_PATH=\"$cu\" CUDA_HOME=\"$cu\""
 echo "export CUDA_COMPUTE_CAP=\"\${CUDA_COMPUTE_CAP:-90}\""
+echo "export CUDAFORGE_THREADS=\"\${CUDAFORGE_THREADS:-$(nproc)}\""

@@ -736,7 +736,7 @@ fn step_with<E: Engine + ?Sized>(
 /// The step itself, every variable's write lock held: checks what was seen,
 /// then hands the engine host slices or device pointers.
 fn step_seen<E: Engine + ?Sized>(
-    vars: &[Var],
+    #[cfg_attr(not(feature = "candle-cuda"), allow(unused_variables))] vars: &[Var],
     seen: &[Seen],
     grads: &[Option<Seen>],
     shapes: &[Vec<usize>],
@@ -777,13 +777,10 @@ fn step_seen<E: Engine + ?Sized>(
             // candle's stream, which orders every other use of them.
             unsafe { engine.step_device(&stream, cuda_dtype(dtype), &params) }
         }
-        (place, _) => {
-            let _ = vars;
-            Err(format!(
-                "the variables are on {}, which this build of agr-runtime does not step",
-                location_name(place)
-            ))
-        }
+        (place, _) => Err(format!(
+            "the variables are on {}, which this build of agr-runtime does not step",
+            location_name(place)
+        )),
     }
 }
 
@@ -1023,72 +1020,84 @@ mod tests {
         assert!(e.contains("metal:0"), "{e}");
     }
 
+    /// As a build with the `candle-cuda` feature decides.
     #[test]
-    #[cfg(feature = "candle-cuda")]
     fn gpu_variables_of_one_float_dtype_on_one_gpu() {
         for dtype in [DType::F32, DType::BF16, DType::F16] {
             let v = seen(CUDA1, dtype, 1 << 20, 4);
-            assert_eq!(check_seen(&[v], &[Some(v)]), Ok((CUDA1, dtype)));
+            assert_eq!(check_seen_in(&[v], &[Some(v)], true), Ok((CUDA1, dtype)));
         }
-        let e = problem(check_devices(&[seen(CUDA0, DType::F64, 8, 4)]));
+        let e = problem(check_devices_in(&[seen(CUDA0, DType::F64, 8, 4)], true));
         assert!(e.contains("variable #0 is F64; on cuda:0"), "{e}");
-        let e = problem(check_devices(&[
+        let two_dtypes = [
             seen(CUDA0, DType::BF16, 8, 4),
             seen(CUDA0, DType::F16, 16, 4),
-        ]));
+        ];
+        let e = problem(check_devices_in(&two_dtypes, true));
         assert!(e.contains("variable #1 is F16 and variable #0 BF16"), "{e}");
-        let e = problem(check_devices(&[
+        let two_gpus = [
             seen(CUDA0, DType::F32, 8, 4),
             seen(CUDA1, DType::F32, 16, 4),
-        ]));
+        ];
+        let e = problem(check_devices_in(&two_gpus, true));
         assert!(
             e.contains("variable #1 is on cuda:1 and variable #0 on cuda:0"),
             "{e}"
         );
+        let v = seen(CUDA0, DType::BF16, 4096, 6);
+        let g = seen(CUDA0, DType::F32, 8192, 6);
+        let e = problem(check_seen_in(&[v], &[Some(g)], true));
+        assert!(
+            e.contains("gradient of variable #0 is F32 on cuda:0, the variable BF16 on cuda:0"),
+            "{e}"
+        );
     }
 
+    /// As a build without it decides; and this build as its feature says.
     #[test]
-    #[cfg(not(feature = "candle-cuda"))]
     fn gpu_variables_need_the_candle_cuda_feature() {
-        let e = problem(check_devices(&[seen(CUDA0, DType::F32, 8, 4)]));
+        let v = seen(CUDA0, DType::F32, 8, 4);
+        let e = problem(check_devices_in(&[v], false));
         assert!(e.contains("its `candle-cuda` feature"), "{e}");
+        assert_eq!(check_devices(&[v]).is_ok(), cfg!(feature = "candle-cuda"));
     }
 
     #[test]
     fn gradients_match_their_variables() {
-        let place = if cfg!(feature = "candle-cuda") {
-            CUDA0
-        } else {
-            DeviceLocation::Cpu
-        };
-        let v = seen(place, DType::F32, 4096, 6);
-        let vars = [v, v];
-        let e = problem(check_seen(
-            &vars,
-            &[None, Some(seen(place, DType::F32, 8192, 5))],
-        ));
-        assert!(
-            e.contains("gradient of variable #1 has 5 elements and the variable 6"),
-            "{e}"
-        );
-        let e = problem(check_seen(
-            &vars,
-            &[Some(seen(place, DType::F64, 8192, 6)), None],
-        ));
-        assert!(e.contains("gradient of variable #0 is"), "{e}");
-        let e = problem(check_seen(
-            &vars,
-            &[Some(seen(CUDA1, DType::F32, 8192, 6)), None],
-        ));
-        assert!(e.contains("cuda:1"), "{e}");
-        let strided = seen_at(0, None, DType::F32, place);
-        let e = problem(check_seen(&vars, &[Some(strided), None]));
-        assert!(
-            e.contains("gradient of variable #0 is not contiguous"),
-            "{e}"
-        );
-        let e = problem(check_seen(&[v, strided], &[None, None]));
-        assert!(e.contains("variable #1 is not contiguous"), "{e}");
+        for place in [DeviceLocation::Cpu, CUDA0] {
+            let check = |vars: &[Seen], grads: &[Option<Seen>]| check_seen_in(vars, grads, true);
+            let v = seen(place, DType::F32, 4096, 6);
+            let vars = [v, v];
+            let e = problem(check(
+                &vars,
+                &[None, Some(seen(place, DType::F32, 8192, 5))],
+            ));
+            assert!(
+                e.contains("gradient of variable #1 has 5 elements and the variable 6"),
+                "{e}"
+            );
+            let e = problem(check(
+                &vars,
+                &[Some(seen(place, DType::F64, 8192, 6)), None],
+            ));
+            assert!(
+                e.contains("gradient of variable #0 is") && e.contains("F64"),
+                "{e}"
+            );
+            let e = problem(check(
+                &vars,
+                &[Some(seen(CUDA1, DType::F32, 8192, 6)), None],
+            ));
+            assert!(e.contains("cuda:1"), "{e}");
+            let strided = seen_at(0, None, DType::F32, place);
+            let e = problem(check(&vars, &[Some(strided), None]));
+            assert!(
+                e.contains("gradient of variable #0 is not contiguous"),
+                "{e}"
+            );
+            let e = problem(check(&[v, strided], &[None, None]));
+            assert!(e.contains("variable #1 is not contiguous"), "{e}");
+        }
     }
 
     #[test]
