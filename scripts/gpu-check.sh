@@ -34,10 +34,19 @@ build)
         cargo build --release --features candle-cuda --example digits --example candle_gpu_bench --message-format=json \
             | python3 scripts/bundle.py "$bundle/bin" digits candle_gpu_bench
     )
+    # Each holds candle's kernels (about 50 MB stripped); together, packed with
+    # xz, they fit the 64 MiB that travels to the GPU machine.
     for b in candle digits candle_gpu_bench; do
         [ -x "$bundle/bin/$b" ] || { echo "gpu-check: $b was not built" >&2; exit 1; }
-        strip --strip-debug "$bundle/bin/$b"
+        strip "$bundle/bin/$b"
     done
+    python3 -c '
+import sys, tarfile
+with tarfile.open(sys.argv[1], "w:xz", preset=6) as t:
+    for path in sys.argv[2:]:
+        t.add(path, arcname=path.rsplit("/", 1)[1])
+' "$bundle/candle-cuda.tar.xz" "$bundle/bin/candle" "$bundle/bin/digits" "$bundle/bin/candle_gpu_bench"
+    rm "$bundle/bin/candle" "$bundle/bin/digits" "$bundle/bin/candle_gpu_bench"
     cp ../shared/golden/*.json "$bundle/golden/"
     for sub in more frontier; do
         if [ -d "../shared/golden/$sub" ]; then
@@ -71,6 +80,8 @@ run)
     cat "$out/gpu-bench.txt"
     # candle on the GPU. Its binaries link CUDA 13's cuBLAS, cuRAND and NVRTC:
     # the ones of the machine's PyTorch wheels.
+    python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' \
+        "$bundle/candle-cuda.tar.xz" "$bundle/bin"
     nvidia_libs="$(python3 -c 'import nvidia, os; print(":".join(os.path.join(p, d, "lib") for p in nvidia.__path__ for d in sorted(os.listdir(p)) if os.path.isdir(os.path.join(p, d, "lib"))))' 2>/dev/null || true)"
     export LD_LIBRARY_PATH="${nvidia_libs:+$nvidia_libs:}$LD_LIBRARY_PATH"
     # The candle suite with its variables on the GPU (golden files, half
