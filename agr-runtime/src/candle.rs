@@ -363,19 +363,22 @@ fn check_vars(vars: &[Var]) -> candle_core::Result<()> {
             return Err(err(format!("variable #{i} was passed twice")));
         }
     }
-    let seen: Vec<Seen> = vars
+    check_declared(vars)?;
+    lock_order(vars).map(|_| ())
+}
+
+/// [`check_devices`] on what the variables declare (dtype, device, length),
+/// before any lock is taken: candle cannot lock what this build does not
+/// step.
+fn check_declared(vars: &[Var]) -> candle_core::Result<()> {
+    let declared: Vec<Seen> = vars
         .iter()
         .map(|v| {
-            seen_at(
-                0,
-                Some((0, v.elem_count())),
-                v.dtype(),
-                v.device().location(),
-            )
+            let elems = Some((0, v.elem_count()));
+            seen_at(0, elems, v.dtype(), v.device().location())
         })
         .collect();
-    check_devices(&seen).map_err(err)?;
-    lock_order(vars).map(|_| ())
+    check_devices(&declared).map(|_| ()).map_err(err)
 }
 
 /// A device's name as users write it: `cpu`, `cuda:0`, `metal:0`.
@@ -666,20 +669,7 @@ fn step_with<E: Engine + ?Sized>(
     if vars.is_empty() {
         return Ok(None);
     }
-    // The device and dtypes first: candle cannot lock what this build does
-    // not step.
-    let declared: Vec<Seen> = vars
-        .iter()
-        .map(|v| {
-            seen_at(
-                0,
-                Some((0, v.elem_count())),
-                v.dtype(),
-                v.device().location(),
-            )
-        })
-        .collect();
-    check_devices(&declared).map_err(err)?;
+    check_declared(vars)?;
     let (order, var_keys) = lock_order(vars)?;
     // Read access to every gradient for the whole step.
     let grad_tensors: Vec<Option<candle_core::Tensor>> = vars
