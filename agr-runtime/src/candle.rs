@@ -146,7 +146,10 @@ impl InplaceOp1 for Nest<'_, '_> {
     /// A CUDA variable: its device pointer, used on candle's stream. Where
     /// cudarc tracks events, the write waits for the storage's earlier uses,
     /// and its end is recorded when this level returns (after the step's
-    /// kernels were launched).
+    /// kernels were launched). Past `INLINE_STACK` the levels run on the
+    /// lock holder's thread, so with a per-thread stream (candle's default)
+    /// those waits and records are that thread's: it matters only to a
+    /// program that uses several streams with event tracking on.
     #[cfg(feature = "candle-cuda")]
     fn cuda_fwd(
         &self,
