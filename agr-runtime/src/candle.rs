@@ -820,15 +820,11 @@ pub(crate) fn raw_params<'a>(
     grads: &[Option<Seen>],
     shapes: &'a [Vec<usize>],
 ) -> Vec<crate::cuda::RawCudaParam<'a>> {
-    vars.iter()
+    let pointers = vars
+        .iter()
         .zip(grads)
-        .zip(shapes)
-        .map(|((v, g), shape)| crate::cuda::RawCudaParam {
-            value: v.ptr,
-            grad: g.map(|g| g.ptr),
-            shape,
-        })
-        .collect()
+        .map(|(v, g)| (v.ptr, g.map(|g| g.ptr)));
+    crate::cuda::RawCudaParam::list(pointers, shapes)
 }
 
 impl<K: Kernel> Optimizer<K> {

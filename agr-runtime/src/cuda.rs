@@ -257,6 +257,21 @@ pub struct RawCudaParam<'a> {
     pub shape: &'a [usize],
 }
 
+impl<'a> RawCudaParam<'a> {
+    /// One per parameter: its values' and gradient's device pointers, and
+    /// its shape (what the adapters hand [`Optimizer::step_raw`]).
+    pub fn list(
+        pointers: impl IntoIterator<Item = (u64, Option<u64>)>,
+        shapes: &'a [Vec<usize>],
+    ) -> Vec<Self> {
+        pointers
+            .into_iter()
+            .zip(shapes)
+            .map(|((value, grad), shape)| RawCudaParam { value, grad, shape })
+            .collect()
+    }
+}
+
 /// One f32 parameter held in cudarc buffers.
 pub struct CudaParam<'a> {
     pub value: &'a mut CudaSlice<f32>,

@@ -352,15 +352,11 @@ fn cuda_params<'a>(
     grads: &[Option<Facts>],
     shapes: &'a [Vec<usize>],
 ) -> Vec<crate::cuda::RawCudaParam<'a>> {
-    vars.iter()
+    let pointers = vars
+        .iter()
         .zip(grads)
-        .zip(shapes)
-        .map(|((v, g), shape)| crate::cuda::RawCudaParam {
-            value: v.ptr as u64,
-            grad: g.map(|g| g.ptr as u64),
-            shape,
-        })
-        .collect()
+        .map(|(v, g)| (v.ptr as u64, g.map(|g| g.ptr as u64)));
+    crate::cuda::RawCudaParam::list(pointers, shapes)
 }
 
 impl<K: Kernel> TchOptimizer<K> {
