@@ -31,7 +31,7 @@ use agr_codegen::backend::{self, LoopPlan};
 use agr_codegen::ir::{self, BinaryOp, Level, NodeId, Op, Program, ReduceOp, Scalar, UnaryOp};
 use agr_grammar::Diagnostic;
 
-use crate::cpu::{combine_lanes, sign_f32, Fold, Kernel, KernelDesc, LANES};
+use crate::cpu::{combine_lanes, sign_f32, Fold, Kernel, KernelDesc, MatrixInfo, LANES};
 use crate::{
     ConfigError, HyperConfig, HyperInfo, HyperKind, HyperValue, Optimizer, ReductionInfo, Scope,
     StateInfo, TensorMeta, MAX_STATES,
@@ -351,9 +351,63 @@ impl Kernel for DynKernel {
         #[cfg(target_arch = "x86_64")]
         if crate::cpu::has_avx2() {
             // SAFETY: the CPU supports AVX2 (checked at run time).
-            return unsafe { self.update_avx2(s, ts, p, g, st, rows, row_len) };
+            return unsafe { self.update_avx2(&self.exec.update, s, ts, p, g, st, rows, row_len) };
         }
-        self.update_body(s, ts, p, g, st, rows, row_len)
+        self.update_body(&self.exec.update, s, ts, p, g, st, rows, row_len)
+    }
+
+    fn matrix(
+        &self,
+        block: usize,
+        s: &Scalars,
+        ts: &Scalars,
+        p: &[f32],
+        g: &[f32],
+        mut st: [&mut [f32]; MAX_STATES],
+        rows: &[f64],
+        row_len: usize,
+        ws: &mut crate::mat::Workspace,
+    ) -> Result<(), String> {
+        let e = &*self.exec;
+        let (Some(plan), Some(b)) = (e.mats.get(block), e.prog.mats.get(block)) else {
+            return Err(format!("the spec has no matrix block {block}"));
+        };
+        // The block's value per element into its state (the loop writes
+        // nothing else: `p` is a copy it only reads).
+        let mut p_copy = p.to_vec();
+        {
+            let st2: [&mut [f32]; MAX_STATES] = st.each_mut().map(|x| &mut **x);
+            #[cfg(target_arch = "x86_64")]
+            if crate::cpu::has_avx2() {
+                // SAFETY: the CPU supports AVX2 (checked at run time).
+                unsafe { self.update_avx2(plan, s, ts, &mut p_copy, g, st2, rows, row_len) };
+            } else {
+                self.update_body(plan, s, ts, &mut p_copy, g, st2, rows, row_len);
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            self.update_body(plan, s, ts, &mut p_copy, g, st2, rows, row_len);
+        }
+        let args: Vec<f64> = b
+            .args
+            .iter()
+            .map(|&a| {
+                if e.prog.nodes[a].level == Level::Step {
+                    s.0[a]
+                } else {
+                    ts.0[a]
+                }
+            })
+            .collect();
+        let len = p.len();
+        crate::mat::run(
+            &b.code,
+            b.regs,
+            &args,
+            len / row_len,
+            row_len,
+            &mut st[b.state][..len],
+            ws,
+        )
     }
 }
 
@@ -383,6 +437,7 @@ impl DynKernel {
     #[target_feature(enable = "avx2")]
     unsafe fn update_avx2(
         &self,
+        plan: &UpdatePlan,
         s: &Scalars,
         ts: &Scalars,
         p: &mut [f32],
@@ -391,7 +446,7 @@ impl DynKernel {
         rows: &[f64],
         row_len: usize,
     ) {
-        self.update_body(s, ts, p, g, st, rows, row_len)
+        self.update_body(plan, s, ts, p, g, st, rows, row_len)
     }
 
     #[inline(always)]
@@ -490,6 +545,7 @@ impl DynKernel {
     #[inline(always)]
     fn update_body(
         &self,
+        plan: &UpdatePlan,
         s: &Scalars,
         ts: &Scalars,
         p: &mut [f32],
@@ -499,7 +555,6 @@ impl DynKernel {
         row_len: usize,
     ) {
         let e = &*self.exec;
-        let plan = &e.update;
         let len = p.len();
         let mut sc = take_scratch();
         sc.prepare(&plan.code, s, ts);
@@ -622,6 +677,8 @@ struct Exec {
     tensor_nodes: Vec<Vec<NodeId>>,
     passes: Vec<PassPlan>,
     update: UpdatePlan,
+    /// Each matrix block's loop (its value into its state).
+    mats: Vec<UpdatePlan>,
     row_reductions: usize,
 }
 
@@ -691,6 +748,16 @@ fn describe(prog: &Program) -> &'static KernelDesc {
         finite_check: prog.finite_check,
         row_reductions: prog.row_reductions(),
         writes_param: prog.param_written(),
+        matrices: Box::leak(
+            prog.mats
+                .iter()
+                .map(|b| MatrixInfo {
+                    name: leak(&b.name),
+                    phase: b.phase,
+                })
+                .collect::<Vec<_>>()
+                .into_boxed_slice(),
+        ),
     }))
 }
 
@@ -751,6 +818,17 @@ impl Exec {
         }
         drop(map);
         drop(pass);
+        let mut mats = vec![];
+        for b in 0..prog.mats.len() {
+            let pass = backend::PassPlan::matrix(&prog, b);
+            let (code, map) = loop_code(&prog, &pass.lp);
+            let outputs = pass
+                .state_writes
+                .iter()
+                .map(|&(i, value)| (Target::State(i), map(value)))
+                .collect();
+            mats.push(UpdatePlan { code, outputs });
+        }
         let row_reductions = prog.row_reductions();
         Exec {
             desc,
@@ -758,6 +836,7 @@ impl Exec {
             tensor_nodes,
             passes,
             update: UpdatePlan { code, outputs },
+            mats,
             row_reductions,
             prog,
         }
@@ -827,6 +906,10 @@ fn loop_code<'p>(prog: &'p Program, plan: &LoopPlan) -> (LoopCode, impl Fn(NodeI
             }
             Op::State(s) => {
                 refs.insert(id, Ref::State(s));
+                continue;
+            }
+            Op::MatOut(b) => {
+                refs.insert(id, Ref::State(prog.mats[b].state));
                 continue;
             }
             Op::Reduced(red) => Instr::Row(

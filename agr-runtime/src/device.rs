@@ -85,6 +85,8 @@ pub enum DeviceError {
     NoCudaFeature,
     /// The CUDA driver, NVRTC or the GPU failed.
     Cuda(String),
+    /// The spec has matrix blocks, which run on the CPU only.
+    CpuOnly { optimizer: String, block: String },
 }
 
 impl fmt::Display for DeviceError {
@@ -95,6 +97,10 @@ impl fmt::Display for DeviceError {
                 "this build of agr has no GPU support: build agr-runtime with the `cuda` feature",
             ),
             DeviceError::Cuda(e) => write!(f, "CUDA: {e}"),
+            DeviceError::CpuOnly { optimizer, block } => write!(
+                f,
+                "`{optimizer}` has a matrix block (`{block}`), and matrix blocks run on the CPU only in this version; step it on the CPU"
+            ),
         }
     }
 }
@@ -327,6 +333,7 @@ impl<K: Kernel> Optimizer<K> {
         if device == self.device() {
             return Ok(());
         }
+        self.cpu_only(device)?;
         let exec = match device {
             Device::Cpu => Exec::Cpu,
             Device::EmulatedCuda => Exec::Emulated(Emulated {
@@ -346,7 +353,19 @@ impl<K: Kernel> Optimizer<K> {
     }
 
     /// Moves the optimizer to `exec`'s device (see [`Self::set_device`]).
+    /// A spec with matrix blocks stays on the CPU.
+    fn cpu_only(&self, device: Device) -> Result<(), DeviceError> {
+        match self.desc.matrices.first() {
+            Some(m) if device != Device::Cpu => Err(DeviceError::CpuOnly {
+                optimizer: self.desc.name.to_string(),
+                block: m.name.to_string(),
+            }),
+            _ => Ok(()),
+        }
+    }
+
     pub(crate) fn set_exec(&mut self, mut exec: Exec) -> Result<(), DeviceError> {
+        self.cpu_only(exec.device())?;
         // The steps the old device skipped come off the issued ones; then
         // the state moves (a copy: if that fails, nothing has changed).
         self.fold_counts();

@@ -30,6 +30,7 @@ mod frozen;
 pub mod golden;
 pub mod groups;
 mod hyper;
+pub mod mat;
 pub mod optim;
 mod optimizer;
 pub mod schedule;

@@ -93,6 +93,15 @@ pub enum StepError {
     /// The device failed (a CUDA driver error) or cannot take these
     /// parameters; nothing was changed.
     Device(String),
+    /// A matrix block cannot run on this parameter (its products do not fit
+    /// the parameter's shape); parameters, visible state and step counts
+    /// are unchanged.
+    Matrix {
+        index: usize,
+        block: String,
+        shape: Vec<usize>,
+        message: String,
+    },
 }
 
 impl fmt::Display for StepError {
@@ -122,6 +131,10 @@ impl fmt::Display for StepError {
                 "the gradient of parameter #{index} holds a NaN or an infinity; nothing was changed (lower the learning rate or scale the loss)"
             ),
             StepError::Device(e) => write!(f, "the step could not run on its device: {e}"),
+            StepError::Matrix { index, block, shape, message } => write!(
+                f,
+                "parameter #{index} (shape {shape:?}): matrix block `{block}`: {message}; nothing was changed (give this optimizer parameters its matrix block fits, e.g. through parameter groups)"
+            ),
         }
     }
 }
@@ -724,6 +737,7 @@ impl<K: Kernel> Optimizer<K> {
         let ng = self.groups.len();
         sc.ss.clear();
         sc.ss.resize(ng, K::StepScalars::default());
+        let mut mat_err: Option<(usize, String, String)> = None;
         let bad_slot: Option<usize> = {
             'passes: {
                 for phase in 0..=desc.passes {
@@ -740,6 +754,37 @@ impl<K: Kernel> Optimizer<K> {
                     let ts = &sc.ts;
                     let sss = &sc.ss;
                     let slot_group = &sc.slot_group;
+                    for (b, info) in desc.matrices.iter().enumerate() {
+                        if info.phase != phase {
+                            continue;
+                        }
+                        let metas = &sc.metas;
+                        let run = |ws: &mut crate::mat::Workspace, j: usize| {
+                            let pt = ptrs[j];
+                            let n = metas[j].numel;
+                            // SAFETY: see `Ptrs`; one call per tensor, each
+                            // writing only its own block's state buffer.
+                            let (p, g, st) = unsafe { chunk_mut(pt, ns, 0, n) };
+                            let rows = unsafe { rows_of(pt, 0, n, desc.row_reductions) };
+                            let ss = &sss[slot_group[j]];
+                            kernel
+                                .matrix(b, ss, &ts[j], p, g, st, rows, pt.row_len, ws)
+                                .map_err(|e| (j, info.name.to_string(), e))
+                        };
+                        let res: Result<(), (usize, String, String)> = if parallel || na > 1 {
+                            (0..na)
+                                .into_par_iter()
+                                .map_init(crate::mat::Workspace::default, run)
+                                .collect()
+                        } else {
+                            let mut ws = crate::mat::Workspace::default();
+                            (0..na).try_for_each(|j| run(&mut ws, j))
+                        };
+                        if let Err(e) = res {
+                            mat_err = Some(e);
+                            break 'passes None;
+                        }
+                    }
                     if phase < desc.passes && skip_pass_of(desc, phase, self.non_finite) {
                         continue;
                     }
@@ -810,6 +855,20 @@ impl<K: Kernel> Optimizer<K> {
                 None
             }
         };
+        if let Some((j, block, message)) = mat_err {
+            let index = sc.active[j];
+            for &i in &sc.created {
+                self.tensors[i] = None;
+            }
+            self.tensors.truncate(tensors_before);
+            self.n_params = n_params_before;
+            return Err(StepError::Matrix {
+                index,
+                block,
+                shape: params[index].shape.to_vec(),
+                message,
+            });
+        }
         if let Some(j) = bad_slot {
             // Nothing has been written yet: report and leave everything as
             // it was, including state this step created and the parameter

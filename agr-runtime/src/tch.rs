@@ -546,7 +546,8 @@ impl<K: Kernel> TchOptimizer<K> {
                 | StepError::GradLen { index, .. }
                 | StepError::StateShape { index, .. }
                 | StepError::Empty { index }
-                | StepError::NonFinite { index } => Some(*index),
+                | StepError::NonFinite { index }
+                | StepError::Matrix { index, .. } => Some(*index),
                 StepError::NoParams | StepError::ParamCount { .. } | StepError::Device(_) => None,
             };
             TchError::Step {

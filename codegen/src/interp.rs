@@ -126,11 +126,17 @@ pub fn step(prog: &Program, hyper: &[f64], tensors: &mut [TensorData]) {
         );
         let n = t.p.len();
         let new_p: Vec<f32> = (0..n).map(|i| vals[prog.param_out].f32_at(i)).collect();
-        let new_states: Vec<Vec<f32>> = prog
+        let mut new_states: Vec<Vec<f32>> = prog
             .state_out
             .iter()
             .map(|&id| (0..n).map(|i| vals[id].f32_at(i)).collect())
             .collect();
+        // A matrix block's state holds its result.
+        for (i, node) in prog.nodes.iter().enumerate() {
+            if let Op::MatOut(b) = node.op {
+                new_states[prog.mats[b].state] = (0..n).map(|k| vals[i].f32_at(k)).collect();
+            }
+        }
         t.p = new_p;
         t.states = new_states;
         t.t += 1;
@@ -182,6 +188,20 @@ fn eval(
                 Scope::Global => V::S(global[r]),
                 Scope::Rows => V::A((0..n).map(|i| rows[r][i / rl] as f32).collect()),
             },
+            Op::MatOut(b) => {
+                let block = &prog.mats[b];
+                let x: Vec<f32> = (0..n).map(|i| vals[block.input].f32_at(i)).collect();
+                let args: Vec<f64> = block
+                    .args
+                    .iter()
+                    .map(|&a| match &vals[a] {
+                        V::S(v) => *v,
+                        V::B(b) => f64::from(u8::from(*b)),
+                        _ => unreachable!("matrix arguments are scalars"),
+                    })
+                    .collect();
+                V::A(run_matrix(block, &args, n / rl, rl, x))
+            }
             Op::Unary(op, a) => unary(op, &vals[a], n),
             Op::Binary(op, a, b) => binary(op, &vals[a], &vals[b], n),
             Op::Select(c, a, b) => {
@@ -290,4 +310,136 @@ fn binary(op: BinaryOp, a: &V, b: &V, n: usize) -> V {
             }
         }
     }
+}
+
+/// A matrix in the reference evaluation: rows, columns, row-major values.
+#[derive(Clone, Debug, Default)]
+struct M {
+    r: usize,
+    c: usize,
+    v: Vec<f32>,
+}
+
+impl M {
+    /// Element (i, j) of the operand (transposed where `t`).
+    fn at(&self, t: bool, i: usize, j: usize) -> f32 {
+        if t {
+            self.v[j * self.c + i]
+        } else {
+            self.v[i * self.c + j]
+        }
+    }
+    fn dims(&self, t: bool) -> (usize, usize) {
+        if t {
+            (self.c, self.r)
+        } else {
+            (self.r, self.c)
+        }
+    }
+}
+
+/// A matrix block's program, the plain way: each instruction's products
+/// and sums in f64, rounded to f32 once per element of its result.
+/// Panics on operands whose shapes do not fit (the engine reports those as
+/// errors; tests use valid specs).
+fn run_matrix(block: &MatBlock, args: &[f64], rows: usize, cols: usize, x: Vec<f32>) -> Vec<f32> {
+    let mut regs = vec![M::default(); block.regs];
+    regs[0] = M {
+        r: rows,
+        c: cols,
+        v: x,
+    };
+    let scal = |s: Scal| match s {
+        Scal::Num(v) => v,
+        Scal::Arg(k) => args[usize::from(k)],
+    };
+    fn run(code: &[MatInst], regs: &mut [M], scal: &dyn Fn(Scal) -> f64) {
+        let mut i = 0;
+        while i < code.len() {
+            match code[i] {
+                MatInst::Gemm {
+                    dst,
+                    a,
+                    b,
+                    alpha,
+                    c,
+                } => {
+                    let (ma, mb) = (&regs[usize::from(a.reg)], &regs[usize::from(b.reg)]);
+                    let ((m, k), (k2, n)) = (ma.dims(a.t), mb.dims(b.t));
+                    assert_eq!(k, k2, "matrix product of {m}x{k} and {k2}x{n}");
+                    let alpha = scal(alpha);
+                    let mut out = vec![0.0f32; m * n];
+                    for r in 0..m {
+                        for col in 0..n {
+                            let dot: f64 = (0..k)
+                                .map(|l| {
+                                    f64::from(ma.at(a.t, r, l)) * f64::from(mb.at(b.t, l, col))
+                                })
+                                .sum();
+                            let mut v = alpha * dot;
+                            if let Some((cm, beta)) = c {
+                                let mc = &regs[usize::from(cm.reg)];
+                                assert_eq!(mc.dims(cm.t), (m, n), "matrix sum of different shapes");
+                                v += scal(beta) * f64::from(mc.at(cm.t, r, col));
+                            }
+                            out[r * n + col] = v as f32;
+                        }
+                    }
+                    regs[usize::from(dst)] = M { r: m, c: n, v: out };
+                }
+                MatInst::Axpby { dst, a, alpha, b } => {
+                    let ma = &regs[usize::from(a.reg)];
+                    let (m, n) = ma.dims(a.t);
+                    let alpha = scal(alpha);
+                    let mut out = vec![0.0f32; m * n];
+                    for r in 0..m {
+                        for col in 0..n {
+                            let mut v = alpha * f64::from(ma.at(a.t, r, col));
+                            if let Some((bm, beta)) = b {
+                                let mb = &regs[usize::from(bm.reg)];
+                                assert_eq!(mb.dims(bm.t), (m, n), "matrix sum of different shapes");
+                                v += scal(beta) * f64::from(mb.at(bm.t, r, col));
+                            }
+                            out[r * n + col] = v as f32;
+                        }
+                    }
+                    regs[usize::from(dst)] = M { r: m, c: n, v: out };
+                }
+                MatInst::Move { dst, src } => {
+                    regs[usize::from(dst)] = std::mem::take(&mut regs[usize::from(src)]);
+                }
+                MatInst::Repeat { count, len } => {
+                    let body = &code[i + 1..i + 1 + usize::from(len)];
+                    for _ in 0..scal(count) as u64 {
+                        run(body, regs, scal);
+                    }
+                    i += 1 + usize::from(len);
+                    continue;
+                }
+                MatInst::If {
+                    cond,
+                    then_len,
+                    else_len,
+                } => {
+                    let (t, e) = (usize::from(then_len), usize::from(else_len));
+                    if scal(cond) != 0.0 {
+                        run(&code[i + 1..i + 1 + t], regs, scal);
+                    } else {
+                        run(&code[i + 1 + t..i + 1 + t + e], regs, scal);
+                    }
+                    i += 1 + t + e;
+                    continue;
+                }
+            }
+            i += 1;
+        }
+    }
+    run(&block.code, &mut regs, &scal);
+    let out = std::mem::take(&mut regs[0]);
+    assert_eq!(
+        (out.r, out.c),
+        (rows, cols),
+        "a matrix block must end with its matrix's shape"
+    );
+    out.v
 }

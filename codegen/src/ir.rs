@@ -140,6 +140,8 @@ pub enum Op {
     Binary(BinaryOp, NodeId, NodeId),
     /// `cond ? a : b`; both sides are pure, so either may be evaluated.
     Select(NodeId, NodeId, NodeId),
+    /// The result of matrix block `b` (see [`MatBlock`]), per element.
+    MatOut(usize),
 }
 
 impl Op {
@@ -205,6 +207,80 @@ pub struct Reduction {
     pub origin: String,
 }
 
+/// A matrix operand: register `reg`, transposed where `t`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Mat {
+    pub reg: u8,
+    pub t: bool,
+}
+
+/// A number in a matrix program: a constant, or the block's argument `k`
+/// (a step or tensor scalar, see [`MatBlock::args`]; bools as 0 or 1).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Scal {
+    Num(f64),
+    Arg(u16),
+}
+
+/// One instruction of a matrix block's program. Registers hold one matrix
+/// each, of any shape; register 0 is the block's matrix (its value viewed
+/// as rows × cols on entry, the result on exit).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum MatInst {
+    /// `r[dst] = alpha * a @ b + beta * c` (without `c`: `alpha * a @ b`);
+    /// `dst` is neither `a` nor `b` (it may be `c`).
+    Gemm {
+        dst: u8,
+        a: Mat,
+        b: Mat,
+        alpha: Scal,
+        c: Option<(Mat, Scal)>,
+    },
+    /// `r[dst] = alpha * a + beta * b` (without `b`: `alpha * a`); `dst` is
+    /// not a transposed operand.
+    Axpby {
+        dst: u8,
+        a: Mat,
+        alpha: Scal,
+        b: Option<(Mat, Scal)>,
+    },
+    /// `r[dst]` takes the value of `r[src]`, a temporary no longer read.
+    Move { dst: u8, src: u8 },
+    /// The next `len` instructions, `count` times (a whole number ≥ 0).
+    Repeat { count: Scal, len: u16 },
+    /// Where `cond` is not 0 the next `then_len` instructions, else the
+    /// `else_len` after them.
+    If {
+        cond: Scal,
+        then_len: u16,
+        else_len: u16,
+    },
+}
+
+/// `matrix x = value { ... }`: per tensor, `value` (per element) viewed as
+/// a rows × cols matrix, transformed by `code`; `Op::MatOut` reads the
+/// result per element. The engine runs it after the scalars of `phase` are
+/// known and before pass `phase` (the update pass when `phase == n_phases`),
+/// so every pass from `phase` on can read it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MatBlock {
+    /// The spec's name for the result.
+    pub name: String,
+    /// The value the block starts from (per element).
+    pub input: NodeId,
+    pub phase: usize,
+    /// Scalars the program reads ([`Scal::Arg`]): step or tensor nodes of
+    /// phase `<= phase`.
+    pub args: Vec<NodeId>,
+    pub code: Vec<MatInst>,
+    /// Registers the program uses (register 0 is the block's matrix).
+    pub regs: usize,
+    /// The state buffer that holds the matrix between the block and the
+    /// passes that read it (a state the spec does not declare, named after
+    /// the block; it holds the last step's result between steps).
+    pub state: usize,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum HyperKind {
     Float,
@@ -256,6 +332,8 @@ pub struct Program {
     /// The reduction `global_sum(g * 0)` (in pass 0): NaN exactly when some
     /// gradient holds a NaN or an infinity, found before anything is written.
     pub finite_check: usize,
+    /// Matrix blocks, in spec order.
+    pub mats: Vec<MatBlock>,
 }
 
 impl Program {
@@ -329,6 +407,10 @@ impl Program {
         stack.extend(&self.state_out);
         live_red[self.finite_check] = true;
         stack.push(self.reductions[self.finite_check].arg);
+        for b in &self.mats {
+            stack.push(b.input);
+            stack.extend(&b.args);
+        }
         while let Some(n) = stack.pop() {
             if live[n] {
                 continue;
@@ -366,6 +448,12 @@ impl Program {
         for r in &mut reds {
             r.arg = map[r.arg];
         }
+        for b in &mut self.mats {
+            b.input = map[b.input];
+            for a in &mut b.args {
+                *a = map[*a];
+            }
+        }
         self.finite_check = red_map[self.finite_check];
         self.nodes = nodes;
         self.reductions = reds;
@@ -387,6 +475,16 @@ impl Program {
             };
         }
         for i in 0..self.nodes.len() {
+            if let Op::MatOut(b) = self.nodes[i].op {
+                // Its inputs come before it.
+                let block = &mut self.mats[b];
+                block.phase = std::iter::once(block.input)
+                    .chain(block.args.iter().copied())
+                    .map(|c| self.nodes[c].phase)
+                    .max()
+                    .unwrap_or(0);
+                self.nodes[i].phase = block.phase;
+            }
             let ph = self.nodes[i]
                 .op
                 .children()
@@ -468,6 +566,7 @@ pub fn dump(prog: &Program) -> String {
             Op::Grad => "load g".into(),
             Op::State(s) => format!("load {}", prog.states[s].name),
             Op::Reduced(r) => format!("reduced r{r}"),
+            Op::MatOut(b) => format!("matrix m{b}"),
             Op::Unary(o, a) => format!("{o:?} {}", name(a)),
             Op::Binary(o, a, b) => format!("{o:?} {} {}", name(a), name(b)),
             Op::Select(c, a, b) => format!("select {} {} {}", name(c), name(a), name(b)),
@@ -491,10 +590,104 @@ pub fn dump(prog: &Program) -> String {
             r.origin
         );
     }
+    for (i, b) in prog.mats.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "  m{i}: matrix {} of {} before pass {} in state {}, {} registers, args [{}]",
+            b.name,
+            name(b.input),
+            b.phase,
+            prog.states[b.state].name,
+            b.regs,
+            b.args
+                .iter()
+                .map(|&a| name(a))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        for line in mat_listing(&b.code) {
+            let _ = writeln!(out, "    {line}");
+        }
+    }
     let _ = writeln!(out, "  finite check: r{}", prog.finite_check);
     let _ = writeln!(out, "  out p = {}", name(prog.param_out));
     for (i, s) in prog.states.iter().enumerate() {
         let _ = writeln!(out, "  out {} = {}", s.name, name(prog.state_out[i]));
     }
+    out
+}
+
+/// A matrix program as text, one instruction per line, loop and branch
+/// bodies indented.
+pub fn mat_listing(code: &[MatInst]) -> Vec<String> {
+    fn m(x: Mat) -> String {
+        format!("r{}{}", x.reg, if x.t { "\u{1d40}" } else { "" })
+    }
+    fn s(x: Scal) -> String {
+        match x {
+            Scal::Num(v) => agr_grammar::check::fmt_num(v),
+            Scal::Arg(k) => format!("arg{k}"),
+        }
+    }
+    fn go(code: &[MatInst], depth: usize, out: &mut Vec<String>) {
+        let pad = "  ".repeat(depth);
+        let mut i = 0;
+        while i < code.len() {
+            match code[i] {
+                MatInst::Gemm {
+                    dst,
+                    a,
+                    b,
+                    alpha,
+                    c,
+                } => {
+                    let tail = c.map_or(String::new(), |(c, beta)| {
+                        format!(" + {} * {}", s(beta), m(c))
+                    });
+                    out.push(format!(
+                        "{pad}r{dst} = {} * {} @ {}{tail}",
+                        s(alpha),
+                        m(a),
+                        m(b)
+                    ));
+                }
+                MatInst::Axpby { dst, a, alpha, b } => {
+                    let tail = b.map_or(String::new(), |(b, beta)| {
+                        format!(" + {} * {}", s(beta), m(b))
+                    });
+                    out.push(format!("{pad}r{dst} = {} * {}{tail}", s(alpha), m(a)));
+                }
+                MatInst::Move { dst, src } => out.push(format!("{pad}r{dst} <- r{src}")),
+                MatInst::Repeat { count, len } => {
+                    out.push(format!("{pad}repeat {} {{", s(count)));
+                    let end = (i + 1 + len as usize).min(code.len());
+                    go(&code[i + 1..end], depth + 1, out);
+                    out.push(format!("{pad}}}"));
+                    i = end;
+                    continue;
+                }
+                MatInst::If {
+                    cond,
+                    then_len,
+                    else_len,
+                } => {
+                    out.push(format!("{pad}if {} {{", s(cond)));
+                    let mid = (i + 1 + then_len as usize).min(code.len());
+                    let end = (mid + else_len as usize).min(code.len());
+                    go(&code[i + 1..mid], depth + 1, out);
+                    if else_len > 0 {
+                        out.push(format!("{pad}}} else {{"));
+                        go(&code[mid..end], depth + 1, out);
+                    }
+                    out.push(format!("{pad}}}"));
+                    i = end;
+                    continue;
+                }
+            }
+            i += 1;
+        }
+    }
+    let mut out = vec![];
+    go(code, 0, &mut out);
     out
 }

@@ -39,6 +39,8 @@ pub fn compile_with_warnings(source: &str) -> Result<(Program, Vec<Diagnostic>),
 #[derive(Clone, Debug)]
 enum Bind {
     Node(NodeId),
+    /// A matrix of the matrix block being lowered: its register.
+    Reg(u8),
     /// A state not yet read or assigned in this step.
     StateOld(usize),
 }
@@ -51,6 +53,28 @@ struct Lowerer<'a> {
     scopes: Vec<HashMap<String, Bind>>,
     state_old: Vec<Option<NodeId>>,
     assign_count: HashMap<String, usize>,
+    /// The states, with those that hold matrix blocks' results.
+    states: Vec<State>,
+    mats: Vec<MatBlock>,
+    /// The matrix block being lowered.
+    mat: Option<MatCtx>,
+}
+
+/// A matrix block while it is lowered.
+struct MatCtx {
+    code: Vec<MatInst>,
+    regs: usize,
+    args: Vec<NodeId>,
+}
+
+/// A matrix expression: a sum of terms, each a scalar coefficient (a node)
+/// times a matrix or a product of two matrices.
+type Terms = Vec<(NodeId, Term)>;
+
+#[derive(Clone, Copy)]
+enum Term {
+    One(Mat),
+    Prod(Mat, Mat),
 }
 
 /// Hashable form of an op (floats by their bits).
@@ -75,6 +99,7 @@ enum OpShape {
     Unary(UnaryOp, NodeId),
     Binary(BinaryOp, NodeId, NodeId),
     Select(NodeId, NodeId, NodeId),
+    MatOut(usize),
 }
 
 fn key(op: Op) -> OpKey {
@@ -93,6 +118,7 @@ fn key(op: Op) -> OpKey {
         Op::Unary(o, a) => OpShape::Unary(o, a),
         Op::Binary(o, a, b) => OpShape::Binary(o, a, b),
         Op::Select(c, a, b) => OpShape::Select(c, a, b),
+        Op::MatOut(b) => OpShape::MatOut(b),
     })
 }
 
@@ -105,6 +131,9 @@ pub fn lower_checked(spec: &ast::Spec) -> Program {
         scopes: vec![HashMap::new()],
         state_old: vec![None; spec.states.len()],
         assign_count: HashMap::new(),
+        states: vec![],
+        mats: vec![],
+        mat: None,
     };
     let p = l.leaf(Op::Param, Ty::Num, Level::Elem, "p");
     let g = l.leaf(Op::Grad, Ty::Num, Level::Elem, "g");
@@ -120,6 +149,13 @@ pub fn lower_checked(spec: &ast::Spec) -> Program {
     ] {
         l.bind(n, Bind::Node(id));
     }
+    // A tensor viewed as rows: the first dimension by the rest (one row
+    // below two dimensions).
+    let cols = l.row_len();
+    let rows = l.make(Op::Binary(BinaryOp::Div, numel, cols));
+    l.name_node(rows, "rows");
+    l.bind("cols", Bind::Node(cols));
+    l.bind("rows", Bind::Node(rows));
     let mut hypers = vec![];
     for (i, h) in spec.hypers.iter().enumerate() {
         let kind = match (h.ty.as_ref().map(|t| t.0), h.default) {
@@ -146,7 +182,6 @@ pub fn lower_checked(spec: &ast::Spec) -> Program {
             doc: h.doc.clone(),
         });
     }
-    let mut states = vec![];
     for (i, s) in spec.states.iter().enumerate() {
         l.bind(&s.name.name, Bind::StateOld(i));
         let fill = match s.init.kind {
@@ -157,7 +192,7 @@ pub fn lower_checked(spec: &ast::Spec) -> Program {
             },
             _ => 0.0,
         };
-        states.push(State {
+        l.states.push(State {
             name: s.name.name.clone(),
             doc: s.doc.clone(),
             fill,
@@ -167,7 +202,13 @@ pub fn lower_checked(spec: &ast::Spec) -> Program {
     l.scopes.push(HashMap::new());
     l.block(&spec.step);
     let param_out = l.read("p");
-    let state_out = spec.states.iter().map(|s| l.read(&s.name.name)).collect();
+    let mut state_out: Vec<NodeId> = spec.states.iter().map(|s| l.read(&s.name.name)).collect();
+    for b in 0..l.mats.len() {
+        // The engine writes a block's state; the passes only read it.
+        let i = l.mats[b].state;
+        let name = l.states[i].name.clone();
+        state_out.push(l.leaf(Op::State(i), Ty::Num, Level::Elem, &name));
+    }
     // Every step first checks its gradients for NaN and infinities: Σ g·0 is
     // 0 when every value is finite and NaN otherwise (NaN·0 = ∞·0 = NaN). It
     // is a plain sum, so it vectorises, and it shares pass 0 with any other
@@ -190,13 +231,14 @@ pub fn lower_checked(spec: &ast::Spec) -> Program {
         doc: spec.doc.clone(),
         spec_text: print::normalize(spec),
         hypers,
-        states,
+        states: l.states,
         nodes: l.nodes,
         reductions: l.reductions,
         n_phases: 0,
         param_out,
         state_out,
         finite_check,
+        mats: l.mats,
     };
     prog.prune();
     prog
@@ -229,6 +271,7 @@ impl<'a> Lowerer<'a> {
         match self.lookup(name) {
             Bind::Node(id) => id,
             Bind::StateOld(i) => self.state_old(i),
+            Bind::Reg(_) => unreachable!("checked spec: `{name}` is a matrix, read as a number"),
         }
     }
 
@@ -441,7 +484,14 @@ impl<'a> Lowerer<'a> {
     }
 
     fn stmt(&mut self, s: &Stmt) {
+        if self.mat.is_some() {
+            return self.mat_stmt(s);
+        }
         match s {
+            Stmt::Matrix {
+                name, value, body, ..
+            } => self.matrix(&name.name, value, body),
+            Stmt::Repeat { .. } => unreachable!("checked spec: `repeat` is in a matrix block"),
             Stmt::Let { name, value } => {
                 let id = self.expr(value);
                 self.name_node(id, &name.name);
@@ -501,6 +551,7 @@ impl<'a> Lowerer<'a> {
         match *b {
             Bind::Node(id) => id,
             Bind::StateOld(i) => self.state_old(i),
+            Bind::Reg(_) => unreachable!("checked spec: matrices stay in their block"),
         }
     }
 
@@ -534,6 +585,7 @@ impl<'a> Lowerer<'a> {
                     BinOp::Ne => BinaryOp::Ne,
                     BinOp::And => BinaryOp::And,
                     BinOp::Or => BinaryOp::Or,
+                    BinOp::MatMul => unreachable!("checked spec: `@` is in a matrix block"),
                 };
                 self.make(Op::Binary(op, a, b))
             }
@@ -657,6 +709,369 @@ impl<'a> Lowerer<'a> {
             other => unreachable!("checked spec: unknown function `{other}`"),
         }
     }
+}
+
+/// Matrix blocks.
+impl Lowerer<'_> {
+    /// `matrix name = value { body }`: the block's program, its state and
+    /// the result per element.
+    fn matrix(&mut self, name: &str, value: &ast::Expr, body: &[Stmt]) {
+        let input = self.expr(value);
+        let b = self.mats.len();
+        let state = self.states.len();
+        self.states.push(State {
+            name: name.to_string(),
+            doc: vec![format!(
+                "The result of matrix block `{name}` (written by the block every step, read by the passes after it)."
+            )],
+            fill: 0.0,
+            init_text: "0".into(),
+        });
+        self.mat = Some(MatCtx {
+            code: vec![],
+            regs: 1,
+            args: vec![],
+        });
+        self.scopes.push(HashMap::new());
+        self.bind(name, Bind::Reg(0));
+        self.block(body);
+        self.scopes.pop();
+        let ctx = self.mat.take().expect("set above");
+        let phase = std::iter::once(input)
+            .chain(ctx.args.iter().copied())
+            .map(|c| self.nodes[c].phase)
+            .max()
+            .unwrap_or(0);
+        self.mats.push(MatBlock {
+            name: name.to_string(),
+            input,
+            phase,
+            args: ctx.args,
+            code: ctx.code,
+            regs: ctx.regs,
+            state,
+        });
+        let id = self.make_raw(Op::MatOut(b));
+        self.nodes[id].level = Level::Elem;
+        self.nodes[id].phase = phase;
+        self.name_node(id, name);
+        self.bind(name, Bind::Node(id));
+    }
+
+    fn ctx(&mut self) -> &mut MatCtx {
+        self.mat.as_mut().expect("in a matrix block")
+    }
+
+    fn emit(&mut self, i: MatInst) {
+        self.ctx().code.push(i);
+    }
+
+    fn fresh(&mut self) -> u8 {
+        let c = self.ctx();
+        c.regs += 1;
+        u8::try_from(c.regs - 1).expect("a matrix block uses at most 255 registers")
+    }
+
+    /// A scalar node as a program number.
+    fn scal(&mut self, id: NodeId) -> Scal {
+        match self.nodes[id].op {
+            Op::Num(v) => return Scal::Num(v),
+            Op::Bool(b) => return Scal::Num(f64::from(u8::from(b))),
+            _ => {}
+        }
+        let c = self.ctx();
+        let k = match c.args.iter().position(|&a| a == id) {
+            Some(k) => k,
+            None => {
+                c.args.push(id);
+                c.args.len() - 1
+            }
+        };
+        Scal::Arg(u16::try_from(k).expect("a matrix block reads at most 65535 scalars"))
+    }
+
+    fn mat_stmt(&mut self, s: &Stmt) {
+        match s {
+            Stmt::Let { name, value } => {
+                if self.is_matrix(value) {
+                    let r = self.mexpr_reg(value);
+                    self.bind(&name.name, Bind::Reg(r));
+                } else {
+                    let id = self.expr(value);
+                    self.name_node(id, &name.name);
+                    self.bind(&name.name, Bind::Node(id));
+                }
+            }
+            Stmt::Assign { target, value } => {
+                let Bind::Reg(dst) = self.lookup(&target.name) else {
+                    unreachable!("checked spec: a matrix block assigns matrices")
+                };
+                let t = self.mexpr(value);
+                let src = self.materialise(&t, true);
+                self.emit(MatInst::Move { dst, src });
+            }
+            Stmt::If {
+                cond,
+                then,
+                otherwise,
+                ..
+            } => {
+                let c = self.expr(cond);
+                if let Some(b) = self.boolean(c) {
+                    return self.scoped(if b { then } else { otherwise });
+                }
+                let cond = self.scal(c);
+                let at = self.ctx().code.len();
+                self.emit(MatInst::If {
+                    cond,
+                    then_len: 0,
+                    else_len: 0,
+                });
+                self.scoped(then);
+                let mid = self.ctx().code.len();
+                self.scoped(otherwise);
+                let end = self.ctx().code.len();
+                self.ctx().code[at] = MatInst::If {
+                    cond,
+                    then_len: len16(mid - at - 1),
+                    else_len: len16(end - mid),
+                };
+            }
+            Stmt::Repeat { count, body, .. } => {
+                let n = self.expr(count);
+                let count = self.scal(n);
+                let at = self.ctx().code.len();
+                self.emit(MatInst::Repeat { count, len: 0 });
+                self.scoped(body);
+                let end = self.ctx().code.len();
+                self.ctx().code[at] = MatInst::Repeat {
+                    count,
+                    len: len16(end - at - 1),
+                };
+            }
+            Stmt::Matrix { .. } => unreachable!("checked spec: matrix blocks do not nest"),
+        }
+    }
+
+    fn scoped(&mut self, stmts: &[Stmt]) {
+        self.scopes.push(HashMap::new());
+        self.block(stmts);
+        self.scopes.pop();
+    }
+
+    /// Whether an expression of a (checked) matrix block is a matrix.
+    fn is_matrix(&self, e: &ast::Expr) -> bool {
+        match &e.kind {
+            ExprKind::Name(n) => matches!(self.lookup(n), Bind::Reg(_)),
+            ExprKind::Unary(_, a) => self.is_matrix(a),
+            ExprKind::Binary(op, a, b) => {
+                *op == BinOp::MatMul || self.is_matrix(a) || self.is_matrix(b)
+            }
+            ExprKind::If(_, a, _) => self.is_matrix(a),
+            ExprKind::Call { func, .. } => func.name == "transpose",
+            _ => false,
+        }
+    }
+
+    /// A matrix expression's value in a register of its own (for `let`).
+    fn mexpr_reg(&mut self, e: &ast::Expr) -> u8 {
+        let t = self.mexpr(e);
+        self.materialise(&t, true)
+    }
+
+    /// A matrix expression as terms.
+    fn mexpr(&mut self, e: &ast::Expr) -> Terms {
+        let one = self.num(1.0);
+        match &e.kind {
+            ExprKind::Name(n) => {
+                let Bind::Reg(r) = self.lookup(n) else {
+                    unreachable!("checked spec: `{n}` is a matrix")
+                };
+                vec![(one, Term::One(Mat { reg: r, t: false }))]
+            }
+            ExprKind::Unary(_, a) => {
+                let t = self.mexpr(a);
+                self.scale(t, None, true)
+            }
+            ExprKind::Call { args, .. } => {
+                // transpose
+                let t = self.mexpr(&args[0]);
+                let m = self.operand(&t);
+                vec![(
+                    one,
+                    Term::One(Mat {
+                        reg: m.reg,
+                        t: !m.t,
+                    }),
+                )]
+            }
+            ExprKind::If(c, a, b) => {
+                let c = self.expr(c);
+                if let Some(v) = self.boolean(c) {
+                    return self.mexpr(if v { a } else { b });
+                }
+                let cond = self.scal(c);
+                let dst = self.fresh();
+                let at = self.ctx().code.len();
+                self.emit(MatInst::If {
+                    cond,
+                    then_len: 0,
+                    else_len: 0,
+                });
+                let ta = self.mexpr(a);
+                let ra = self.materialise(&ta, true);
+                self.emit(MatInst::Move { dst, src: ra });
+                let mid = self.ctx().code.len();
+                let tb = self.mexpr(b);
+                let rb = self.materialise(&tb, true);
+                self.emit(MatInst::Move { dst, src: rb });
+                let end = self.ctx().code.len();
+                self.ctx().code[at] = MatInst::If {
+                    cond,
+                    then_len: len16(mid - at - 1),
+                    else_len: len16(end - mid),
+                };
+                vec![(one, Term::One(Mat { reg: dst, t: false }))]
+            }
+            ExprKind::Binary(op, a, b) => match op {
+                BinOp::Add | BinOp::Sub => {
+                    let mut ta = self.mexpr(a);
+                    let tb = self.mexpr(b);
+                    let tb = if *op == BinOp::Sub {
+                        self.scale(tb, None, true)
+                    } else {
+                        tb
+                    };
+                    ta.extend(tb);
+                    ta
+                }
+                BinOp::Mul | BinOp::Div => {
+                    let (m, s) = if self.is_matrix(a) { (a, b) } else { (b, a) };
+                    let t = self.mexpr(m);
+                    let s = self.expr(s);
+                    let s = if *op == BinOp::Div {
+                        self.make(Op::Binary(BinaryOp::Div, one, s))
+                    } else {
+                        s
+                    };
+                    self.scale(t, Some(s), false)
+                }
+                BinOp::MatMul => {
+                    let ta = self.mexpr(a);
+                    let tb = self.mexpr(b);
+                    let (ca, ma) = self.factor(&ta);
+                    let (cb, mb) = self.factor(&tb);
+                    let c = self.make(Op::Binary(BinaryOp::Mul, ca, cb));
+                    vec![(c, Term::Prod(ma, mb))]
+                }
+                _ => unreachable!("checked spec: `{}` is not a matrix operator", op.symbol()),
+            },
+            _ => unreachable!("checked spec: a matrix expression"),
+        }
+    }
+
+    /// Every coefficient times `s` (and negated where `neg`).
+    fn scale(&mut self, t: Terms, s: Option<NodeId>, neg: bool) -> Terms {
+        t.into_iter()
+            .map(|(c, term)| {
+                let mut c = c;
+                if let Some(s) = s {
+                    c = self.make(Op::Binary(BinaryOp::Mul, s, c));
+                }
+                if neg {
+                    c = self.make(Op::Unary(UnaryOp::Neg, c));
+                }
+                (c, term)
+            })
+            .collect()
+    }
+
+    /// `(coefficient, matrix)` with `terms == coefficient * matrix`: one
+    /// plain term as it is, anything else computed into a register.
+    fn factor(&mut self, t: &Terms) -> (NodeId, Mat) {
+        if let [(c, Term::One(m))] = t.as_slice() {
+            return (*c, *m);
+        }
+        let one = self.num(1.0);
+        (one, self.operand(t))
+    }
+
+    /// The terms as one operand (coefficient 1).
+    fn operand(&mut self, t: &Terms) -> Mat {
+        if let [(c, Term::One(m))] = t.as_slice() {
+            if self.constant(*c) == Some(1.0) {
+                return *m;
+            }
+        }
+        let r = self.materialise(t, false);
+        Mat { reg: r, t: false }
+    }
+
+    /// Computes the terms into a new register: a product with the first
+    /// plain term folded into one GEMM (`alpha * a @ b + beta * c`, as
+    /// torch's `addmm`), then the rest accumulated.
+    fn materialise(&mut self, t: &Terms, _own: bool) -> u8 {
+        let dst = self.fresh();
+        let prods: Vec<(NodeId, Mat, Mat)> = t
+            .iter()
+            .filter_map(|&(c, term)| match term {
+                Term::Prod(a, b) => Some((c, a, b)),
+                Term::One(_) => None,
+            })
+            .collect();
+        let ones: Vec<(NodeId, Mat)> = t
+            .iter()
+            .filter_map(|&(c, term)| match term {
+                Term::One(m) => Some((c, m)),
+                Term::Prod(..) => None,
+            })
+            .collect();
+        let mut ones = ones.into_iter();
+        let acc = Mat { reg: dst, t: false };
+        let one = Scal::Num(1.0);
+        if let Some((i, &(c, a, b))) = prods.iter().enumerate().next() {
+            let alpha = self.scal(c);
+            let first = ones.next().map(|(c, m)| (m, c));
+            let first = first.map(|(m, c)| (m, self.scal(c)));
+            self.emit(MatInst::Gemm {
+                dst,
+                a,
+                b,
+                alpha,
+                c: first,
+            });
+            for &(c, a, b) in &prods[i + 1..] {
+                let alpha = self.scal(c);
+                self.emit(MatInst::Gemm {
+                    dst,
+                    a,
+                    b,
+                    alpha,
+                    c: Some((acc, one)),
+                });
+            }
+        } else {
+            let (c, a) = ones.next().expect("a matrix expression has a term");
+            let alpha = self.scal(c);
+            let b = ones.next().map(|(c, m)| (m, c));
+            let b = b.map(|(m, c)| (m, self.scal(c)));
+            self.emit(MatInst::Axpby { dst, a, alpha, b });
+        }
+        for (c, m) in ones {
+            let beta = self.scal(c);
+            self.emit(MatInst::Axpby {
+                dst,
+                a: acc,
+                alpha: one,
+                b: Some((m, beta)),
+            });
+        }
+        dst
+    }
+}
+
+fn len16(n: usize) -> u16 {
+    u16::try_from(n).expect("a matrix block's loop or branch holds at most 65535 instructions")
 }
 
 fn is_constant(e: &ast::Expr) -> bool {

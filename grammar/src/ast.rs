@@ -94,6 +94,22 @@ pub enum Stmt {
         otherwise: Vec<Stmt>,
         span: Span,
     },
+    /// `matrix name = value { body }`: `value` (per element) viewed as one
+    /// matrix per tensor, `body` transforms it; `name` is the result.
+    Matrix {
+        name: Ident,
+        value: Expr,
+        body: Vec<Stmt>,
+        /// The `matrix` keyword.
+        span: Span,
+    },
+    /// `repeat count { body }` (inside a matrix block).
+    Repeat {
+        count: Expr,
+        body: Vec<Stmt>,
+        /// The `repeat` keyword.
+        span: Span,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -102,6 +118,8 @@ pub enum BinOp {
     Sub,
     Mul,
     Div,
+    /// `@`: the matrix product (inside a matrix block).
+    MatMul,
     Pow,
     Lt,
     Le,
@@ -120,6 +138,7 @@ impl BinOp {
             BinOp::Sub => "-",
             BinOp::Mul => "*",
             BinOp::Div => "/",
+            BinOp::MatMul => "@",
             BinOp::Pow => "^",
             BinOp::Lt => "<",
             BinOp::Le => "<=",
@@ -139,7 +158,7 @@ impl BinOp {
             BinOp::And => 2,
             BinOp::Lt | BinOp::Le | BinOp::Gt | BinOp::Ge | BinOp::Eq | BinOp::Ne => 3,
             BinOp::Add | BinOp::Sub => 4,
-            BinOp::Mul | BinOp::Div => 5,
+            BinOp::Mul | BinOp::Div | BinOp::MatMul => 5,
             BinOp::Pow => 7,
         }
     }

@@ -17,6 +17,8 @@ pub enum FuncKind {
     RowReduce,
     /// The AGR operator Ψ(x) = x − x·|x| / Σ|x| (Σ over the tensor, Ψ(0) = 0).
     Agr,
+    /// `transpose(x)`: a matrix's transpose (inside a matrix block).
+    Transpose,
 }
 
 pub struct Func {
@@ -86,6 +88,12 @@ pub const FUNCS: &[Func] = &[
         arity: 3,
         kind: FuncKind::Select,
         doc: "select(cond, a, b): a where cond holds, else b",
+    },
+    Func {
+        name: "transpose",
+        arity: 1,
+        kind: FuncKind::Transpose,
+        doc: "the transpose of a matrix (inside a matrix block)",
     },
     Func {
         name: "agr",
@@ -160,6 +168,14 @@ pub const INPUTS: &[(&str, &str)] = &[
     ("t", "the step count of this parameter, 1 on its first step"),
     ("ndim", "the parameter's number of dimensions"),
     ("numel", "the parameter's number of elements"),
+    (
+        "rows",
+        "the parameter's first dimension (1 for fewer than two dimensions)",
+    ),
+    (
+        "cols",
+        "elements per row: the product of every dimension but the first",
+    ),
 ];
 
 pub fn is_input(name: &str) -> bool {

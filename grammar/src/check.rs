@@ -25,6 +25,8 @@ pub enum Level {
 pub enum Ty {
     Num,
     Bool,
+    /// One matrix per tensor (inside a `matrix` block).
+    Mat,
 }
 
 impl Ty {
@@ -32,6 +34,7 @@ impl Ty {
         match self {
             Ty::Num => "a number",
             Ty::Bool => "a bool",
+            Ty::Mat => "a matrix",
         }
     }
 }
@@ -88,6 +91,7 @@ pub fn check(spec: &Spec) -> Vec<Diagnostic> {
         state_assigned: vec![false; spec.states.len()],
         p_assigned: false,
         in_init: false,
+        matrix: None,
     };
     c.run();
     c.errors
@@ -108,6 +112,9 @@ struct Checker<'a> {
     state_assigned: Vec<bool>,
     p_assigned: bool,
     in_init: bool,
+    /// Inside a matrix block: the index of its scope and the latest phase
+    /// of anything it reads.
+    matrix: Option<(usize, usize)>,
 }
 
 impl<'a> Checker<'a> {
@@ -377,7 +384,60 @@ impl<'a> Checker<'a> {
             }
             Stmt::Assign { target, value } => {
                 let v = self.expr(value);
+                if let Some((scope, _)) = self.matrix {
+                    let known = self.lookup(&target.name).is_some();
+                    let inner = self.scopes[scope..]
+                        .iter()
+                        .any(|s| s.contains_key(&target.name));
+                    if known && !inner {
+                        self.err(
+                            target.span.clone(),
+                            format!("`{}` cannot be assigned inside a matrix block", target.name),
+                            "a matrix block assigns only its own matrices; assign the parameter and states after the block, from its result",
+                        );
+                        return;
+                    }
+                }
                 self.assign(target, value, v);
+            }
+            Stmt::Matrix {
+                name,
+                value,
+                body,
+                span,
+            } => self.check_matrix(name, value, body, span),
+            Stmt::Repeat { count, body, span } => {
+                if self.matrix.is_none() {
+                    self.err(
+                        span.clone(),
+                        "`repeat` runs only inside a matrix block",
+                        "per-element steps have no loops; repeat matrix statements inside `matrix x = ... { repeat n { ... } }`",
+                    );
+                    return;
+                }
+                if let Some(c) = self.expr(count) {
+                    if c.ty != Ty::Num {
+                        self.err(
+                            count.span.clone(),
+                            format!("`repeat` needs a number of times, but this is {}", c.ty.name()),
+                            "write a whole number or an `int` hyperparameter, e.g. `repeat ns_steps { ... }`",
+                        );
+                    } else if let Some(k) = self.const_num(count) {
+                        if k < 0.0 || k.fract() != 0.0 || k > u32::MAX as f64 {
+                            self.err(
+                                count.span.clone(),
+                                format!(
+                                    "`repeat` needs a whole number of times, not {}",
+                                    fmt_num(k)
+                                ),
+                                "write a whole number such as `5`",
+                            );
+                        }
+                    }
+                }
+                self.scopes.push(HashMap::new());
+                self.check_block(body);
+                self.scopes.pop();
             }
             Stmt::If {
                 cond,
@@ -430,6 +490,73 @@ impl<'a> Checker<'a> {
                     }
                 }
             }
+        }
+    }
+
+    /// `matrix name = value { body }`.
+    fn check_matrix(&mut self, name: &Ident, value: &Expr, body: &[Stmt], span: &Span) {
+        if self.matrix.is_some() || self.scopes.len() > 2 {
+            self.err(
+                span.clone(),
+                "a matrix block must be a statement of `step` itself",
+                "move it out of the `if`, `repeat` or matrix block around it",
+            );
+            return;
+        }
+        let v = self.expr(value);
+        let mut phase = 0;
+        if let Some(v) = v {
+            if v.ty != Ty::Num || v.level != Level::Elem {
+                let what = if v.ty != Ty::Num {
+                    v.ty.name()
+                } else {
+                    "the same for every element"
+                };
+                self.err(
+                    value.span.clone(),
+                    format!(
+                        "a matrix block views a per-element number as a matrix, but this is {what}"
+                    ),
+                    "start the block from a per-element value, e.g. `matrix x = g { ... }`",
+                );
+            }
+            phase = v.phase;
+        }
+        let ok = self.check_new_name(name, "matrix");
+        self.scopes.push(HashMap::new());
+        let scope = self.scopes.len() - 1;
+        self.matrix = Some((scope, phase));
+        self.declare(
+            &name.name,
+            Binding::Let,
+            Val {
+                ty: Ty::Mat,
+                level: Level::Tensor,
+                phase,
+            },
+        );
+        self.check_block(body);
+        let phase = self.matrix.take().map_or(phase, |(_, p)| p);
+        self.scopes.pop();
+        if phase > MAX_REDUCTION_PHASES {
+            self.err(
+                span.clone(),
+                format!(
+                    "this matrix block cannot be scheduled: it needs {phase} reduction passes before it, and a step has at most {MAX_REDUCTION_PHASES}"
+                ),
+                "read values that depend on fewer nested reductions",
+            );
+        }
+        if ok || self.lookup(&name.name).is_none() {
+            self.declare(
+                &name.name,
+                Binding::Let,
+                Val {
+                    ty: Ty::Num,
+                    level: Level::Elem,
+                    phase,
+                },
+            );
         }
     }
 
@@ -651,6 +778,9 @@ impl<'a> Checker<'a> {
             ExprKind::Unary(op, a) => {
                 let v = self.expr(a)?;
                 let want = if *op == UnOp::Neg { Ty::Num } else { Ty::Bool };
+                if *op == UnOp::Neg && v.ty == Ty::Mat {
+                    return Some(v);
+                }
                 if v.ty != want {
                     let (what, help) = if *op == UnOp::Neg {
                         (
@@ -672,6 +802,9 @@ impl<'a> Checker<'a> {
                 let va = self.expr(a);
                 let vb = self.expr(b);
                 let (va, vb) = (va?, vb?);
+                if va.ty == Ty::Mat || vb.ty == Ty::Mat || *op == BinOp::MatMul {
+                    return self.matrix_binary(*op, a, va, b, vb);
+                }
                 let (want, out) = match op {
                     BinOp::And | BinOp::Or => (Ty::Bool, Ty::Bool),
                     o if o.is_comparison() => (Ty::Num, Ty::Bool),
@@ -730,6 +863,64 @@ impl<'a> Checker<'a> {
         }
     }
 
+    /// A binary operator with a matrix on either side, or `@`.
+    fn matrix_binary(&mut self, op: BinOp, a: &Expr, va: Val, b: &Expr, vb: Val) -> Option<Val> {
+        let (ma, mb) = (va.ty == Ty::Mat, vb.ty == Ty::Mat);
+        let num = |v: Val| v.ty == Ty::Num;
+        let ok = match op {
+            BinOp::MatMul => ma && mb,
+            BinOp::Mul => (ma && num(vb)) || (num(va) && mb),
+            BinOp::Div => ma && num(vb),
+            BinOp::Add | BinOp::Sub => ma && mb,
+            _ => false,
+        };
+        if ok {
+            return Some(va.join(vb, Ty::Mat));
+        }
+        let (span, msg, help): (Span, String, &str) = match op {
+            BinOp::MatMul if self.matrix.is_none() => (
+                a.span.start..b.span.end,
+                "`@` multiplies matrices: it is defined only inside a matrix block".into(),
+                "write `matrix x = value { ... }` and multiply inside it, e.g. `let a = x @ transpose(x);`",
+            ),
+            BinOp::MatMul => {
+                let side = if ma { b } else { a };
+                let v = if ma { vb } else { va };
+                (
+                    side.span.clone(),
+                    format!("`@` multiplies two matrices, but this is {}", v.ty.name()),
+                    "scale a matrix with `*` instead, e.g. `2 * x`",
+                )
+            }
+            BinOp::Mul if ma && mb => (
+                a.span.start..b.span.end,
+                "`*` of two matrices is not defined".into(),
+                "write `@` for the matrix product",
+            ),
+            BinOp::Div if mb => (
+                b.span.clone(),
+                "a matrix can only be divided by a number".into(),
+                "divide by a number, e.g. `x / 2`",
+            ),
+            BinOp::Add | BinOp::Sub => {
+                let side = if ma { b } else { a };
+                let v = if ma { vb } else { va };
+                (
+                    side.span.clone(),
+                    format!("`{}` of a matrix needs a matrix on the other side too, but this is {}", op.symbol(), v.ty.name()),
+                    "add matrices of the same shape, or scale with `*`",
+                )
+            }
+            _ => (
+                a.span.start..b.span.end,
+                format!("`{}` is not defined on matrices", op.symbol()),
+                "matrices take `@`, `+`, `-`, `*` and `/` by a number, and `transpose`",
+            ),
+        };
+        self.err(span, msg, help);
+        None
+    }
+
     fn name(&mut self, n: &str, span: &Span) -> Option<Val> {
         let Some(slot) = self.lookup(n).cloned() else {
             let help = if builtins::func(n).is_some() {
@@ -743,6 +934,18 @@ impl<'a> Checker<'a> {
             self.err(span.clone(), format!("unknown name `{n}`"), help);
             return None;
         };
+        if let Some((scope, phase)) = self.matrix {
+            let outer = !self.scopes[scope..].iter().any(|s| s.contains_key(n));
+            if outer && slot.val.level == Level::Elem {
+                self.err(
+                    span.clone(),
+                    format!("`{n}` is per element and cannot be read inside a matrix block"),
+                    "a matrix block reads its own matrices and per-tensor or per-step numbers (hyperparameters, `t`, `rows`, `cols`, reductions); compute per-element values into the block's matrix (`matrix x = ... { }`)",
+                );
+                return None;
+            }
+            self.matrix = Some((scope, phase.max(slot.val.phase)));
+        }
         if self.in_init && matches!(slot.binding, Binding::State { .. }) {
             self.err(
                 span.clone(),
@@ -825,6 +1028,34 @@ impl<'a> Checker<'a> {
         }
         let vals: Vec<Option<Val>> = args.iter().map(|a| self.expr(a)).collect();
         let vals: Vec<Val> = vals.into_iter().collect::<Option<_>>()?;
+        if f.kind == FuncKind::Transpose {
+            if vals[0].ty != Ty::Mat {
+                let help = if self.matrix.is_none() {
+                    "`transpose` works inside a matrix block: `matrix x = value { x = transpose(x); }`"
+                } else {
+                    "transpose a matrix of the block"
+                };
+                self.err(
+                    args[0].span.clone(),
+                    format!(
+                        "`transpose` takes a matrix, but this is {}",
+                        vals[0].ty.name()
+                    ),
+                    help,
+                );
+                return None;
+            }
+            return Some(vals[0]);
+        }
+        if let Some((v, a)) = vals.iter().zip(args).find(|(v, _)| v.ty == Ty::Mat) {
+            let _ = v;
+            self.err(
+                a.span.clone(),
+                format!("`{}` takes numbers, not a matrix", f.name),
+                "matrices take `@`, `+`, `-`, `*` and `/` by a number, and `transpose`",
+            );
+            return None;
+        }
         for (i, (v, a)) in vals.iter().zip(args).enumerate() {
             let want = if f.kind == FuncKind::Select && i == 0 {
                 Ty::Bool
@@ -855,6 +1086,7 @@ impl<'a> Checker<'a> {
             .fold(Val::num(Level::Const), |acc, v| acc.join(*v, Ty::Num));
         match f.kind {
             FuncKind::Math => Some(joined),
+            FuncKind::Transpose => unreachable!("handled above"),
             FuncKind::Select => Some(Val {
                 ty: vals[1].ty,
                 ..joined
@@ -924,6 +1156,14 @@ fn stmts_read<'s>(stmts: &'s [Stmt], read: &mut std::collections::HashSet<&'s st
     for s in stmts {
         match s {
             Stmt::Let { value, .. } | Stmt::Assign { value, .. } => names_read(value, read),
+            Stmt::Matrix { value, body, .. } => {
+                names_read(value, read);
+                stmts_read(body, read);
+            }
+            Stmt::Repeat { count, body, .. } => {
+                names_read(count, read);
+                stmts_read(body, read);
+            }
             Stmt::If {
                 cond,
                 then,
@@ -1176,5 +1416,61 @@ mod tests {
         let (at, _) =
             one_error("X { state { prev = gr } step { p = p - prev; let gr = g; prev = gr; } }");
         assert_eq!(at, "gr");
+    }
+
+    /// A spec with `body` as its step (hyper `n: int = 3`, state `m = 0`).
+    fn in_step(body: &str) -> String {
+        format!(
+            "X {{ hyper {{ lr = 0.1, n: int = 3 }} state {{ m = 0 }} step {{ m = g; {body} }} }}"
+        )
+    }
+
+    #[test]
+    fn a_matrix_block_checks() {
+        let src = in_step(
+            "matrix x = g / max(norm(g), 1e-7) { if rows > cols { x = transpose(x); } \
+             repeat n { let a = x @ transpose(x); x = 2 * x - (a @ x) / 2; } \
+             if rows > cols { x = transpose(x); } } p = p - lr * x;",
+        );
+        assert_eq!(errors(&src), vec![]);
+    }
+
+    #[test]
+    fn matrix_misuse_is_an_error_at_the_offending_token() {
+        let cases: &[(&str, &str, &str)] = &[
+            ("p = p - g @ g;", "g @ g", "`@` multiplies matrices: it is defined only inside a matrix block"),
+            ("matrix x = g { x = x @ 2; } p = x;", "2", "`@` multiplies two matrices, but this is a number"),
+            ("matrix x = g { x = x * x; } p = x;", "x * x", "`*` of two matrices is not defined"),
+            ("matrix x = g { x = x + 1; } p = x;", "1", "`+` of a matrix needs a matrix on the other side too, but this is a number"),
+            ("matrix x = g { x = sqrt(x); } p = x;", "x", "`sqrt` takes numbers, not a matrix"),
+            ("matrix x = g { x = x - p; } p = x;", "p", "`p` is per element and cannot be read inside a matrix block"),
+            ("matrix x = g { m = x; } p = x;", "m", "`m` cannot be assigned inside a matrix block"),
+            ("matrix x = lr { } p = x;", "lr", "a matrix block views a per-element number as a matrix, but this is the same for every element"),
+            ("p = transpose(g);", "g", "`transpose` takes a matrix, but this is a number"),
+            ("repeat 2 { p = g; }", "repeat", "`repeat` runs only inside a matrix block"),
+            ("matrix x = g { repeat 1.5 { x = 2 * x; } } p = x;", "1.5", "`repeat` needs a whole number of times, not 1.5"),
+            ("if t > 1 { matrix x = g { } } p = g;", "matrix", "a matrix block must be a statement of `step` itself"),
+            ("matrix x = g { matrix y = x { } } p = x;", "matrix", "a matrix block must be a statement of `step` itself"),
+            ("matrix x = g { let k = x > 1; } p = x;", "x > 1", "`>` is not defined on matrices"),
+        ];
+        for (body, at, msg) in cases {
+            let src = in_step(body);
+            let e = errors(&src);
+            assert!(
+                e.iter().any(|(a, m)| a == at && m == msg),
+                "{body}: want `{msg}` at `{at}`, got {e:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn after_a_matrix_block_its_name_is_per_element() {
+        let src = in_step("matrix x = g { } let s = sum(x); p = p - lr * s * x;");
+        assert_eq!(errors(&src), vec![]);
+        let src = in_step("matrix x = g { } let y = x @ x; p = y;");
+        assert_eq!(
+            one_error(&src).1,
+            "`@` multiplies matrices: it is defined only inside a matrix block"
+        );
     }
 }

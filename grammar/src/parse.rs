@@ -75,6 +75,8 @@ enum Tok {
     Else,
     /// `hyper`, `state` or `step`.
     Block,
+    /// `matrix` or `repeat`: a statement that ends with its block.
+    Blocky,
     Other,
 }
 
@@ -108,6 +110,7 @@ fn tokens(text: &str) -> Vec<(usize, Tok)> {
                 "if" => Tok::If,
                 "else" => Tok::Else,
                 "hyper" | "state" | "step" => Tok::Block,
+                "matrix" | "repeat" => Tok::Blocky,
                 _ => Tok::Other,
             }
         } else {
@@ -175,6 +178,18 @@ fn statements(text_len: usize, toks: &[(usize, Tok)], mut i: usize, out: &mut Ve
             if toks.get(i).map(|t| t.1) == Some(Tok::Semi) {
                 i += 1;
             }
+        } else if toks[i].1 == Tok::Blocky
+            && toks[i + 1..]
+                .iter()
+                .find(|t| matches!(t.1, Tok::Open | Tok::Close | Tok::Semi))
+                .map(|t| t.1)
+                == Some(Tok::Open)
+        {
+            // `matrix x = value { ... }`, `repeat n { ... }`: up to the block, then its statements.
+            while toks[i].1 != Tok::Open {
+                i += 1;
+            }
+            i = statements(text_len, toks, i + 1, out) + 1;
         } else {
             while i < toks.len() && !matches!(toks[i].1, Tok::Semi | Tok::Close) {
                 i = match toks[i].1 {
@@ -348,7 +363,12 @@ fn describe(rule: Rule) -> Option<&'static str> {
         Rule::step_block => "`step { ... }`",
         Rule::hyper => "a hyperparameter (`name = default`)",
         Rule::state => "a state (`name = initial value`)",
-        Rule::let_stmt | Rule::assign_stmt | Rule::if_stmt | Rule::compound_assign => "a statement",
+        Rule::let_stmt
+        | Rule::assign_stmt
+        | Rule::if_stmt
+        | Rule::matrix_stmt
+        | Rule::repeat_stmt
+        | Rule::compound_assign => "a statement",
         Rule::ty => "a type (`float`, `int` or `bool`)",
         Rule::range => "`where ...`",
         Rule::cmp_op | Rule::cmp_lo | Rule::cmp_hi => "a comparison",
@@ -572,6 +592,25 @@ fn build_stmt(p: Pair<Rule>) -> Stmt {
                 span: s.start..s.start + 2,
             }
         }
+        Rule::matrix_stmt => {
+            let mut it = p.into_inner();
+            it.next(); // the keyword
+            Stmt::Matrix {
+                name: ident(it.next().unwrap()),
+                value: build_expr(it.next().unwrap()),
+                body: build_block(it.next().unwrap()),
+                span: s.start..s.start + "matrix".len(),
+            }
+        }
+        Rule::repeat_stmt => {
+            let mut it = p.into_inner();
+            it.next(); // the keyword
+            Stmt::Repeat {
+                count: build_expr(it.next().unwrap()),
+                body: build_block(it.next().unwrap()),
+                span: s.start..s.start + "repeat".len(),
+            }
+        }
         r => unreachable!("grammar: unexpected statement {r:?}"),
     }
 }
@@ -598,6 +637,7 @@ fn build_expr(p: Pair<Rule>) -> Expr {
                     "+" => BinOp::Add,
                     "-" => BinOp::Sub,
                     "*" => BinOp::Mul,
+                    "@" => BinOp::MatMul,
                     _ => BinOp::Div,
                 };
                 let span = lhs.span.start..rhs.span.end;

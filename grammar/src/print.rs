@@ -104,6 +104,18 @@ fn stmts(list: &[Stmt], depth: usize, out: &mut String) {
                     *out += &format!("{pad}}}\n");
                 }
             }
+            Stmt::Matrix {
+                name, value, body, ..
+            } => {
+                *out += &format!("{pad}matrix {} = {} {{\n", name.name, expr(value));
+                stmts(body, depth + 1, out);
+                *out += &format!("{pad}}}\n");
+            }
+            Stmt::Repeat { count, body, .. } => {
+                *out += &format!("{pad}repeat {} {{\n", expr(count));
+                stmts(body, depth + 1, out);
+                *out += &format!("{pad}}}\n");
+            }
         }
     }
 }

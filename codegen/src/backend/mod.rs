@@ -184,6 +184,9 @@ impl LoopPlan {
                 if let Op::State(s) = n.op {
                     plan.states_read.push(s);
                 }
+                if let Op::MatOut(b) = n.op {
+                    plan.states_read.push(prog.mats[b].state);
+                }
                 plan.body.push(id);
             }
         }
@@ -226,7 +229,12 @@ impl<'p> PassPlan<'p> {
     /// The update pass.
     pub fn update(prog: &'p Program) -> PassPlan<'p> {
         let mut roots = vec![prog.param_out];
-        roots.extend(&prog.state_out);
+        // A state the step leaves as it is (a matrix block's) is not read for it.
+        roots.extend(
+            (0..prog.states.len())
+                .filter(|&i| prog.state_written(i))
+                .map(|i| prog.state_out[i]),
+        );
         PassPlan {
             pass: None,
             lp: LoopPlan::new(prog, &roots),
@@ -236,6 +244,19 @@ impl<'p> PassPlan<'p> {
                 .map(|i| (i, prog.state_out[i]))
                 .collect(),
             param_write: prog.param_written().then_some(prog.param_out),
+        }
+    }
+
+    /// The loop of matrix block `b`: its value per element, written to the
+    /// block's state (before the block's program runs on it).
+    pub fn matrix(prog: &'p Program, b: usize) -> PassPlan<'p> {
+        let block = &prog.mats[b];
+        PassPlan {
+            pass: None,
+            lp: LoopPlan::new(prog, &[block.input]),
+            reductions: vec![],
+            state_writes: vec![(block.state, block.input)],
+            param_write: None,
         }
     }
 

@@ -421,6 +421,7 @@ fn elem_code(prog: &Program, plan: &LoopPlan) -> Loop {
                 Op::Param => "__p[__i]".to_string(),
                 Op::Grad => "__g[__i]".to_string(),
                 Op::State(s) => format!("__state_{}[__i]", prog.states[s].name),
+                Op::MatOut(b) => format!("__state_{}[__i]", prog.states[prog.mats[b].state].name),
                 Op::Reduced(r) => format!(
                     "__rows[(__i / __row_len) * {} + {}] as f32",
                     prog.row_reductions(),
@@ -522,6 +523,18 @@ fn emit_kernel(prog: &Program, embedded: Option<Embedded<'_>>, w: &mut W) {
     w.line(&format!("finite_check: {},", prog.finite_check));
     w.line(&format!("row_reductions: {},", prog.row_reductions()));
     w.line(&format!("writes_param: {},", prog.param_written()));
+    if prog.mats.is_empty() {
+        w.line("matrices: &[],");
+    } else {
+        w.open("matrices: &[");
+        for b in &prog.mats {
+            w.line(&format!(
+                "{RT}::cpu::MatrixInfo {{ name: \"{}\", phase: {} }},",
+                b.name, b.phase
+            ));
+        }
+        w.close("],");
+    }
     w.close("};");
     w.close("}");
     w.blank();
@@ -668,6 +681,9 @@ fn emit_kernel(prog: &Program, embedded: Option<Embedded<'_>>, w: &mut W) {
         w.close("}");
         w.line(&format!("Self::{f}_body({args})"));
         w.close("}");
+    }
+    if !prog.mats.is_empty() {
+        emit_matrix_fn(prog, w);
     }
     w.close("}");
     w.blank();
@@ -894,4 +910,126 @@ fn emit_alias(prog: &Program, w: &mut W) {
     }
     w.line("/// ```");
     w.line(&format!("pub type {name} = {RT}::Optimizer<{name}Kernel>;"));
+}
+
+/// `Kernel::matrix`: per block, its value per element into its state, then
+/// its program (printed as a constant table, with its listing) on that.
+fn emit_matrix_fn(prog: &Program, w: &mut W) {
+    let name = &prog.name;
+    w.blank();
+    w.open(&format!(
+        "fn matrix(&self, __block: usize, __s: &{name}StepScalars, __ts: &{name}TensorScalars, __p: &[f32], __g: &[f32], __st: [&mut [f32]; {RT}::MAX_STATES], __rows: &[f64], __row_len: usize, __ws: &mut {RT}::mat::Workspace) -> ::core::result::Result<(), ::std::string::String> {{"
+    ));
+    w.line(&format!(
+        "use {RT}::mat::{{Mat as M, MatInst as I, Scal as S}};"
+    ));
+    w.line("let __len = __p.len();");
+    w.line("let __g = &__g[..__len];");
+    w.open("match __block {");
+    for (b, block) in prog.mats.iter().enumerate() {
+        w.open(&format!("{b} => {{"));
+        w.line(&format!(
+            "// `{}`: {} viewed as rows x cols, then:",
+            block.name,
+            describe(prog, block.input, true)
+        ));
+        for l in mat_listing(&block.code) {
+            w.line(&format!("//     {l}"));
+        }
+        let pass = PassPlan::matrix(prog, b);
+        let lp = elem_code(prog, &pass.lp);
+        let mut all: Vec<usize> = lp.states_read.clone();
+        all.push(block.state);
+        emit_state_slices(prog, &all, true, w);
+        for h in &lp.hoisted {
+            w.line(h);
+        }
+        w.open("for __i in 0..__len {");
+        for l in &lp.body {
+            w.line(l);
+        }
+        let st = &prog.states[block.state].name;
+        w.line(&format!(
+            "__state_{st}[__i] = {};",
+            operand(prog, block.input, Ctx::Elem)
+        ));
+        w.close("}");
+        w.open("const CODE: &[I] = &[");
+        for i in &block.code {
+            w.line(&format!("{},", mat_inst(i)));
+        }
+        w.close("];");
+        let args: Vec<String> = block
+            .args
+            .iter()
+            .map(|&a| {
+                let n = &prog.nodes[a];
+                let src = if n.level == Level::Step {
+                    "__s"
+                } else {
+                    "__ts"
+                };
+                if n.ty == Ty::Bool {
+                    format!("f64::from(u8::from({src}.{}))", n.name)
+                } else {
+                    format!("{src}.{} as f64", n.name)
+                }
+            })
+            .collect();
+        w.line(&format!(
+            "{RT}::mat::run(CODE, {}, &[{}], __len / __row_len, __row_len, __state_{st}, __ws)",
+            block.regs,
+            args.join(", ")
+        ));
+        w.close("}");
+    }
+    w.line("_ => ::core::result::Result::Err(::std::format!(\"no matrix block {__block}\")),");
+    w.close("}");
+    w.close("}");
+}
+
+/// One matrix instruction as a Rust constant (`I`, `M`, `S` are in scope).
+fn mat_inst(i: &MatInst) -> String {
+    let m = |x: Mat| format!("M {{ reg: {}, t: {} }}", x.reg, x.t);
+    let s = |x: Scal| match x {
+        Scal::Num(v) => format!("S::Num({})", f64_lit(v)),
+        Scal::Arg(k) => format!("S::Arg({k})"),
+    };
+    let opt = |o: Option<(Mat, Scal)>| match o {
+        Some((x, y)) => format!("Some(({}, {}))", m(x), s(y)),
+        None => "None".into(),
+    };
+    match *i {
+        MatInst::Gemm {
+            dst,
+            a,
+            b,
+            alpha,
+            c,
+        } => format!(
+            "I::Gemm {{ dst: {dst}, a: {}, b: {}, alpha: {}, c: {} }}",
+            m(a),
+            m(b),
+            s(alpha),
+            opt(c)
+        ),
+        MatInst::Axpby { dst, a, alpha, b } => format!(
+            "I::Axpby {{ dst: {dst}, a: {}, alpha: {}, b: {} }}",
+            m(a),
+            s(alpha),
+            opt(b)
+        ),
+        MatInst::Move { dst, src } => format!("I::Move {{ dst: {dst}, src: {src} }}"),
+        MatInst::Repeat { count, len } => {
+            format!("I::Repeat {{ count: {}, len: {len} }}", s(count))
+        }
+        MatInst::If {
+            cond,
+            then_len,
+            else_len,
+        } => format!(
+            "I::If {{ cond: {}, then_len: {then_len}, else_len: {else_len} }}",
+            s(cond)
+        ),
+    }
 }
