@@ -18,6 +18,8 @@ crate::optimizer! { file = "specs/lamb.agr" }
 crate::optimizer! { file = "specs/adamw_gc.agr" }
 crate::optimizer! { file = "specs/adopt.agr" }
 crate::optimizer! { file = "specs/cadamw_agr.agr" }
+crate::optimizer! { file = "specs/muon.agr" }
+crate::optimizer! { file = "specs/muon_agr.agr" }
 
 /// A built-in optimizer: its name in golden files and on the command line,
 /// its Rust type name, and its spec source.
@@ -66,6 +68,8 @@ builtins! {
     "adamw_gc" => AdamWGc, "adamw_gc.agr";
     "adopt" => Adopt, "adopt.agr";
     "cadamw_agr" => CAdamWAgr, "cadamw_agr.agr";
+    "muon" => Muon, "muon.agr";
+    "muon_agr" => MuonAgr, "muon_agr.agr";
 }
 
 /// Looks a built-in up by name; an unknown name is an error that lists them.

@@ -28,6 +28,8 @@ const BUILTINS: &[&str] = &[
     "adamw_gc",
     "adopt",
     "cadamw_agr",
+    "muon",
+    "muon_agr",
 ];
 
 #[test]
