@@ -9,6 +9,8 @@
 
 pub use agr_codegen::ir::{Mat, MatInst, Scal};
 
+use agr_codegen::ir::{mat_steps, MatStep};
+
 /// Products with at least this many multiply-adds also use the thread pool.
 const PARALLEL_FLOPS: usize = 1 << 24;
 
@@ -94,67 +96,37 @@ pub fn run(
     Ok(())
 }
 
-fn scal(s: Scal, args: &[f64]) -> f64 {
-    match s {
-        Scal::Num(v) => v,
-        Scal::Arg(k) => args[usize::from(k)],
-    }
-}
-
 fn exec(code: &[MatInst], regs: &mut [Reg], args: &[f64]) -> Result<(), String> {
-    let mut i = 0;
-    while i < code.len() {
-        match code[i] {
-            MatInst::Gemm {
+    let scal = |x: Scal| x.value(args);
+    for step in mat_steps(code) {
+        match step {
+            MatStep::Inst(&MatInst::Gemm {
                 dst,
                 a,
                 b,
                 alpha,
                 c,
-            } => gemm_into(
-                regs,
-                dst,
-                a,
-                b,
-                scal(alpha, args),
-                c.map(|(m, s)| (m, scal(s, args))),
-            )?,
-            MatInst::Axpby { dst, a, alpha, b } => axpby(
-                regs,
-                dst,
-                a,
-                scal(alpha, args),
-                b.map(|(m, s)| (m, scal(s, args))),
-            )?,
-            MatInst::Move { dst, src } => regs.swap(usize::from(dst), usize::from(src)),
-            MatInst::Repeat { count, len } => {
-                let n = scal(count, args);
+            }) => gemm_into(regs, dst, a, b, scal(alpha), c.map(|(m, s)| (m, scal(s))))?,
+            MatStep::Inst(&MatInst::Axpby { dst, a, alpha, b }) => {
+                axpby(regs, dst, a, scal(alpha), b.map(|(m, s)| (m, scal(s))))?
+            }
+            MatStep::Inst(&MatInst::Move { dst, src }) => {
+                regs.swap(usize::from(dst), usize::from(src))
+            }
+            MatStep::Inst(other) => unreachable!("mat_steps decodes {other:?}"),
+            MatStep::Repeat(count, body) => {
+                let n = scal(count);
                 if !(n >= 0.0 && n.fract() == 0.0 && n <= f64::from(u32::MAX)) {
                     return Err(format!("`repeat` needs a whole number of times, not {n}"));
                 }
-                let body = &code[i + 1..i + 1 + usize::from(len)];
                 for _ in 0..n as u64 {
                     exec(body, regs, args)?;
                 }
-                i += 1 + usize::from(len);
-                continue;
             }
-            MatInst::If {
-                cond,
-                then_len,
-                else_len,
-            } => {
-                let (t, e) = (usize::from(then_len), usize::from(else_len));
-                if scal(cond, args) != 0.0 {
-                    exec(&code[i + 1..i + 1 + t], regs, args)?;
-                } else {
-                    exec(&code[i + 1 + t..i + 1 + t + e], regs, args)?;
-                }
-                i += 1 + t + e;
-                continue;
+            MatStep::If(cond, then, otherwise) => {
+                exec(if scal(cond) != 0.0 { then } else { otherwise }, regs, args)?
             }
         }
-        i += 1;
     }
     Ok(())
 }

@@ -349,21 +349,17 @@ fn run_matrix(block: &MatBlock, args: &[f64], rows: usize, cols: usize, x: Vec<f
         c: cols,
         v: x,
     };
-    let scal = |s: Scal| match s {
-        Scal::Num(v) => v,
-        Scal::Arg(k) => args[usize::from(k)],
-    };
-    fn run(code: &[MatInst], regs: &mut [M], scal: &dyn Fn(Scal) -> f64) {
-        let mut i = 0;
-        while i < code.len() {
-            match code[i] {
-                MatInst::Gemm {
+    fn run(code: &[MatInst], regs: &mut [M], args: &[f64]) {
+        let scal = |x: Scal| x.value(args);
+        for step in mat_steps(code) {
+            match step {
+                MatStep::Inst(&MatInst::Gemm {
                     dst,
                     a,
                     b,
                     alpha,
                     c,
-                } => {
+                }) => {
                     let (ma, mb) = (&regs[usize::from(a.reg)], &regs[usize::from(b.reg)]);
                     let ((m, k), (k2, n)) = (ma.dims(a.t), mb.dims(b.t));
                     assert_eq!(k, k2, "matrix product of {m}x{k} and {k2}x{n}");
@@ -387,7 +383,7 @@ fn run_matrix(block: &MatBlock, args: &[f64], rows: usize, cols: usize, x: Vec<f
                     }
                     regs[usize::from(dst)] = M { r: m, c: n, v: out };
                 }
-                MatInst::Axpby { dst, a, alpha, b } => {
+                MatStep::Inst(&MatInst::Axpby { dst, a, alpha, b }) => {
                     let ma = &regs[usize::from(a.reg)];
                     let (m, n) = ma.dims(a.t);
                     let alpha = scal(alpha);
@@ -405,36 +401,22 @@ fn run_matrix(block: &MatBlock, args: &[f64], rows: usize, cols: usize, x: Vec<f
                     }
                     regs[usize::from(dst)] = M { r: m, c: n, v: out };
                 }
-                MatInst::Move { dst, src } => {
+                MatStep::Inst(&MatInst::Move { dst, src }) => {
                     regs[usize::from(dst)] = std::mem::take(&mut regs[usize::from(src)]);
                 }
-                MatInst::Repeat { count, len } => {
-                    let body = &code[i + 1..i + 1 + usize::from(len)];
+                MatStep::Inst(other) => unreachable!("mat_steps decodes {other:?}"),
+                MatStep::Repeat(count, body) => {
                     for _ in 0..scal(count) as u64 {
-                        run(body, regs, scal);
+                        run(body, regs, args);
                     }
-                    i += 1 + usize::from(len);
-                    continue;
                 }
-                MatInst::If {
-                    cond,
-                    then_len,
-                    else_len,
-                } => {
-                    let (t, e) = (usize::from(then_len), usize::from(else_len));
-                    if scal(cond) != 0.0 {
-                        run(&code[i + 1..i + 1 + t], regs, scal);
-                    } else {
-                        run(&code[i + 1 + t..i + 1 + t + e], regs, scal);
-                    }
-                    i += 1 + t + e;
-                    continue;
+                MatStep::If(cond, then, otherwise) => {
+                    run(if scal(cond) != 0.0 { then } else { otherwise }, regs, args);
                 }
             }
-            i += 1;
         }
     }
-    run(&block.code, &mut regs, &scal);
+    run(&block.code, &mut regs, args);
     let out = std::mem::take(&mut regs[0]);
     assert_eq!(
         (out.r, out.c),

@@ -617,6 +617,58 @@ pub fn dump(prog: &Program) -> String {
     out
 }
 
+impl Scal {
+    /// The number, with the block's arguments `args`.
+    pub fn value(self, args: &[f64]) -> f64 {
+        match self {
+            Scal::Num(v) => v,
+            Scal::Arg(k) => args[usize::from(k)],
+        }
+    }
+}
+
+/// One step of a matrix program as it runs: a straight-line instruction
+/// (`Gemm`, `Axpby`, `Move`), or a loop or branch with its bodies. The flat
+/// encoding of [`MatInst::Repeat`] and [`MatInst::If`] is decoded here only.
+#[derive(Clone, Copy, Debug)]
+pub enum MatStep<'a> {
+    Inst(&'a MatInst),
+    Repeat(Scal, &'a [MatInst]),
+    If(Scal, &'a [MatInst], &'a [MatInst]),
+}
+
+/// The steps of a matrix program (bodies that run past its end are cut there).
+pub fn mat_steps(code: &[MatInst]) -> impl Iterator<Item = MatStep<'_>> {
+    let mut i = 0;
+    std::iter::from_fn(move || {
+        let inst = code.get(i)?;
+        let at = |k: usize| k.min(code.len());
+        Some(match *inst {
+            MatInst::Repeat { count, len } => {
+                let end = at(i + 1 + usize::from(len));
+                let body = &code[i + 1..end];
+                i = end;
+                MatStep::Repeat(count, body)
+            }
+            MatInst::If {
+                cond,
+                then_len,
+                else_len,
+            } => {
+                let mid = at(i + 1 + usize::from(then_len));
+                let end = at(mid + usize::from(else_len));
+                let (then, otherwise) = (&code[i + 1..mid], &code[mid..end]);
+                i = end;
+                MatStep::If(cond, then, otherwise)
+            }
+            _ => {
+                i += 1;
+                MatStep::Inst(inst)
+            }
+        })
+    })
+}
+
 /// A matrix program as text, one instruction per line, loop and branch
 /// bodies indented.
 pub fn mat_listing(code: &[MatInst]) -> Vec<String> {
@@ -631,16 +683,15 @@ pub fn mat_listing(code: &[MatInst]) -> Vec<String> {
     }
     fn go(code: &[MatInst], depth: usize, out: &mut Vec<String>) {
         let pad = "  ".repeat(depth);
-        let mut i = 0;
-        while i < code.len() {
-            match code[i] {
-                MatInst::Gemm {
+        for step in mat_steps(code) {
+            match step {
+                MatStep::Inst(&MatInst::Gemm {
                     dst,
                     a,
                     b,
                     alpha,
                     c,
-                } => {
+                }) => {
                     let tail = c.map_or(String::new(), |(c, beta)| {
                         format!(" + {} * {}", s(beta), m(c))
                     });
@@ -651,40 +702,31 @@ pub fn mat_listing(code: &[MatInst]) -> Vec<String> {
                         m(b)
                     ));
                 }
-                MatInst::Axpby { dst, a, alpha, b } => {
+                MatStep::Inst(&MatInst::Axpby { dst, a, alpha, b }) => {
                     let tail = b.map_or(String::new(), |(b, beta)| {
                         format!(" + {} * {}", s(beta), m(b))
                     });
                     out.push(format!("{pad}r{dst} = {} * {}{tail}", s(alpha), m(a)));
                 }
-                MatInst::Move { dst, src } => out.push(format!("{pad}r{dst} <- r{src}")),
-                MatInst::Repeat { count, len } => {
-                    out.push(format!("{pad}repeat {} {{", s(count)));
-                    let end = (i + 1 + len as usize).min(code.len());
-                    go(&code[i + 1..end], depth + 1, out);
-                    out.push(format!("{pad}}}"));
-                    i = end;
-                    continue;
+                MatStep::Inst(&MatInst::Move { dst, src }) => {
+                    out.push(format!("{pad}r{dst} <- r{src}"))
                 }
-                MatInst::If {
-                    cond,
-                    then_len,
-                    else_len,
-                } => {
+                MatStep::Inst(other) => unreachable!("mat_steps decodes {other:?}"),
+                MatStep::Repeat(count, body) => {
+                    out.push(format!("{pad}repeat {} {{", s(count)));
+                    go(body, depth + 1, out);
+                    out.push(format!("{pad}}}"));
+                }
+                MatStep::If(cond, then, otherwise) => {
                     out.push(format!("{pad}if {} {{", s(cond)));
-                    let mid = (i + 1 + then_len as usize).min(code.len());
-                    let end = (mid + else_len as usize).min(code.len());
-                    go(&code[i + 1..mid], depth + 1, out);
-                    if else_len > 0 {
+                    go(then, depth + 1, out);
+                    if !otherwise.is_empty() {
                         out.push(format!("{pad}}} else {{"));
-                        go(&code[mid..end], depth + 1, out);
+                        go(otherwise, depth + 1, out);
                     }
                     out.push(format!("{pad}}}"));
-                    i = end;
-                    continue;
                 }
             }
-            i += 1;
         }
     }
     let mut out = vec![];
