@@ -635,32 +635,7 @@ fn emit_kernel(prog: &Program, embedded: Option<Embedded<'_>>, w: &mut W) {
     ));
         w.line("let __len = __p.len();");
         w.line("let __g = &__g[..__len];");
-        let pass = PassPlan::update(prog);
-        let lp = elem_code(prog, &pass.lp);
-        let written: Vec<usize> = pass.state_writes.iter().map(|&(i, _)| i).collect();
-        let mut all: Vec<usize> = lp.states_read.clone();
-        all.extend(&written);
-        all.sort();
-        all.dedup();
-        emit_state_slices(prog, &all, true, w);
-        for h in &lp.hoisted {
-            w.line(h);
-        }
-        w.open("for __i in 0..__len {");
-        for b in &lp.body {
-            w.line(b);
-        }
-        if let Some(p) = pass.param_write {
-            w.line(&format!("__p[__i] = {};", operand(prog, p, Ctx::Elem)));
-        }
-        for &(i, value) in &pass.state_writes {
-            w.line(&format!(
-                "__state_{}[__i] = {};",
-                prog.states[i].name,
-                operand(prog, value, Ctx::Elem)
-            ));
-        }
-        w.close("}");
+        emit_write_loop(prog, &PassPlan::update(prog), w);
         w.close("}");
     }
     let rt = RT;
@@ -912,6 +887,34 @@ fn emit_alias(prog: &Program, w: &mut W) {
     w.line(&format!("pub type {name} = {RT}::Optimizer<{name}Kernel>;"));
 }
 
+/// The element loop of a pass that writes (the update, a matrix block's
+/// value): the state slices it reads and writes, its hoisted scalars, and
+/// per element its body and its writes.
+fn emit_write_loop(prog: &Program, pass: &PassPlan<'_>, w: &mut W) {
+    let lp = elem_code(prog, &pass.lp);
+    let mut all: Vec<usize> = lp.states_read.clone();
+    all.extend(pass.state_writes.iter().map(|&(i, _)| i));
+    emit_state_slices(prog, &all, true, w);
+    for h in &lp.hoisted {
+        w.line(h);
+    }
+    w.open("for __i in 0..__len {");
+    for b in &lp.body {
+        w.line(b);
+    }
+    if let Some(p) = pass.param_write {
+        w.line(&format!("__p[__i] = {};", operand(prog, p, Ctx::Elem)));
+    }
+    for &(i, value) in &pass.state_writes {
+        w.line(&format!(
+            "__state_{}[__i] = {};",
+            prog.states[i].name,
+            operand(prog, value, Ctx::Elem)
+        ));
+    }
+    w.close("}");
+}
+
 /// `Kernel::matrix`: per block, its value per element into its state, then
 /// its program (printed as a constant table, with its listing) on that.
 fn emit_matrix_fn(prog: &Program, w: &mut W) {
@@ -936,24 +939,8 @@ fn emit_matrix_fn(prog: &Program, w: &mut W) {
         for l in mat_listing(&block.code) {
             w.line(&format!("//     {l}"));
         }
-        let pass = PassPlan::matrix(prog, b);
-        let lp = elem_code(prog, &pass.lp);
-        let mut all: Vec<usize> = lp.states_read.clone();
-        all.push(block.state);
-        emit_state_slices(prog, &all, true, w);
-        for h in &lp.hoisted {
-            w.line(h);
-        }
-        w.open("for __i in 0..__len {");
-        for l in &lp.body {
-            w.line(l);
-        }
+        emit_write_loop(prog, &PassPlan::matrix(prog, b), w);
         let st = &prog.states[block.state].name;
-        w.line(&format!(
-            "__state_{st}[__i] = {};",
-            operand(prog, block.input, Ctx::Elem)
-        ));
-        w.close("}");
         w.open("const CODE: &[I] = &[");
         for i in &block.code {
             w.line(&format!("{},", mat_inst(i)));
