@@ -348,12 +348,8 @@ impl Kernel for DynKernel {
         rows: &[f64],
         row_len: usize,
     ) {
-        #[cfg(target_arch = "x86_64")]
-        if crate::cpu::has_avx2() {
-            // SAFETY: the CPU supports AVX2 (checked at run time).
-            return unsafe { self.update_avx2(&self.exec.update, s, ts, p, g, st, rows, row_len) };
-        }
-        self.update_body(&self.exec.update, s, ts, p, g, st, rows, row_len)
+        let p = ParamIo::Write(p);
+        self.write_pass(&self.exec.update, s, ts, p, g, st, rows, row_len)
     }
 
     fn matrix(
@@ -373,20 +369,9 @@ impl Kernel for DynKernel {
             return Err(format!("the spec has no matrix block {block}"));
         };
         // The block's value per element into its state (the loop writes
-        // nothing else: `p` is a copy it only reads).
-        let mut p_copy = p.to_vec();
-        {
-            let st2: [&mut [f32]; MAX_STATES] = st.each_mut().map(|x| &mut **x);
-            #[cfg(target_arch = "x86_64")]
-            if crate::cpu::has_avx2() {
-                // SAFETY: the CPU supports AVX2 (checked at run time).
-                unsafe { self.update_avx2(plan, s, ts, &mut p_copy, g, st2, rows, row_len) };
-            } else {
-                self.update_body(plan, s, ts, &mut p_copy, g, st2, rows, row_len);
-            }
-            #[cfg(not(target_arch = "x86_64"))]
-            self.update_body(plan, s, ts, &mut p_copy, g, st2, rows, row_len);
-        }
+        // nothing else).
+        let st2: [&mut [f32]; MAX_STATES] = st.each_mut().map(|x| &mut **x);
+        self.write_pass(plan, s, ts, ParamIo::Read(p), g, st2, rows, row_len);
         let args: Vec<f64> = b
             .args
             .iter()
@@ -416,6 +401,27 @@ impl Kernel for DynKernel {
 /// bits; everything they call is inlined into them).
 #[allow(clippy::too_many_arguments)]
 impl DynKernel {
+    /// A pass that writes (the update, a matrix block's value), on the
+    /// AVX2 build where the CPU has it.
+    fn write_pass(
+        &self,
+        plan: &UpdatePlan,
+        s: &Scalars,
+        ts: &Scalars,
+        p: ParamIo<'_>,
+        g: &[f32],
+        st: [&mut [f32]; MAX_STATES],
+        rows: &[f64],
+        row_len: usize,
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        if crate::cpu::has_avx2() {
+            // SAFETY: the CPU supports AVX2 (checked at run time).
+            return unsafe { self.update_avx2(plan, s, ts, p, g, st, rows, row_len) };
+        }
+        self.update_body(plan, s, ts, p, g, st, rows, row_len)
+    }
+
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
     unsafe fn reduce_avx2(
@@ -440,7 +446,7 @@ impl DynKernel {
         plan: &UpdatePlan,
         s: &Scalars,
         ts: &Scalars,
-        p: &mut [f32],
+        p: ParamIo<'_>,
         g: &[f32],
         st: [&mut [f32]; MAX_STATES],
         rows: &[f64],
@@ -548,14 +554,14 @@ impl DynKernel {
         plan: &UpdatePlan,
         s: &Scalars,
         ts: &Scalars,
-        p: &mut [f32],
+        mut p: ParamIo<'_>,
         g: &[f32],
         st: [&mut [f32]; MAX_STATES],
         rows: &[f64],
         row_len: usize,
     ) {
         let e = &*self.exec;
-        let len = p.len();
+        let len = p.read().len();
         let mut sc = take_scratch();
         sc.prepare(&plan.code, s, ts);
         let mut outs = std::mem::take(&mut sc.out);
@@ -565,7 +571,7 @@ impl DynKernel {
             let n = BLOCK.min(len - off);
             {
                 let inputs = Inputs {
-                    p: &*p,
+                    p: p.read(),
                     g: &g[..len],
                     st: [
                         &*st[0], &*st[1], &*st[2], &*st[3], &*st[4], &*st[5], &*st[6], &*st[7],
@@ -590,7 +596,7 @@ impl DynKernel {
             }
             for (k, &(target, r)) in plan.outputs.iter().enumerate() {
                 let dst = match target {
-                    Target::Param => &mut p[off..off + n],
+                    Target::Param => &mut p.write()[off..off + n],
                     Target::State(i) => &mut st[i][off..off + n],
                 };
                 match r {
@@ -604,6 +610,29 @@ impl DynKernel {
         }
         sc.out = outs;
         put_scratch(sc);
+    }
+}
+
+/// The parameter as a pass that writes sees it: the update writes it, a
+/// matrix block's loop only reads it.
+enum ParamIo<'a> {
+    Write(&'a mut [f32]),
+    Read(&'a [f32]),
+}
+
+impl ParamIo<'_> {
+    fn read(&self) -> &[f32] {
+        match self {
+            ParamIo::Write(p) => p,
+            ParamIo::Read(p) => p,
+        }
+    }
+
+    fn write(&mut self) -> &mut [f32] {
+        match self {
+            ParamIo::Write(p) => p,
+            ParamIo::Read(_) => unreachable!("only the update pass writes the parameter"),
+        }
     }
 }
 
