@@ -806,9 +806,7 @@ impl Lowerer<'_> {
                 let Bind::Reg(dst) = self.lookup(&target.name) else {
                     unreachable!("checked spec: a matrix block assigns matrices")
                 };
-                let t = self.mexpr(value);
-                let src = self.materialise(&t, true);
-                self.emit(MatInst::Move { dst, src });
+                self.assign_reg(dst, value);
             }
             Stmt::If {
                 cond,
@@ -821,21 +819,7 @@ impl Lowerer<'_> {
                     return self.scoped(if b { then } else { otherwise });
                 }
                 let cond = self.scal(c);
-                let at = self.ctx().code.len();
-                self.emit(MatInst::If {
-                    cond,
-                    then_len: 0,
-                    else_len: 0,
-                });
-                self.scoped(then);
-                let mid = self.ctx().code.len();
-                self.scoped(otherwise);
-                let end = self.ctx().code.len();
-                self.ctx().code[at] = MatInst::If {
-                    cond,
-                    then_len: len16(mid - at - 1),
-                    else_len: len16(end - mid),
-                };
+                self.mat_if(cond, |l| l.scoped(then), |l| l.scoped(otherwise));
             }
             Stmt::Repeat { count, body, .. } => {
                 let n = self.expr(count);
@@ -851,6 +835,37 @@ impl Lowerer<'_> {
             }
             Stmt::Matrix { .. } => unreachable!("checked spec: matrix blocks do not nest"),
         }
+    }
+
+    /// A branch of the program: the `If` instruction, then the bodies
+    /// `then` and `otherwise` emit.
+    fn mat_if(
+        &mut self,
+        cond: Scal,
+        then: impl FnOnce(&mut Self),
+        otherwise: impl FnOnce(&mut Self),
+    ) {
+        let at = self.ctx().code.len();
+        self.emit(MatInst::If {
+            cond,
+            then_len: 0,
+            else_len: 0,
+        });
+        then(self);
+        let mid = self.ctx().code.len();
+        otherwise(self);
+        let end = self.ctx().code.len();
+        self.ctx().code[at] = MatInst::If {
+            cond,
+            then_len: len16(mid - at - 1),
+            else_len: len16(end - mid),
+        };
+    }
+
+    /// `r[dst] = e`: the value into a new register, then moved.
+    fn assign_reg(&mut self, dst: u8, e: &ast::Expr) {
+        let src = self.mexpr_reg(e);
+        self.emit(MatInst::Move { dst, src });
     }
 
     fn scoped(&mut self, stmts: &[Stmt]) {
@@ -876,7 +891,7 @@ impl Lowerer<'_> {
     /// A matrix expression's value in a register of its own (for `let`).
     fn mexpr_reg(&mut self, e: &ast::Expr) -> u8 {
         let t = self.mexpr(e);
-        self.materialise(&t, true)
+        self.materialise(&t)
     }
 
     /// A matrix expression as terms.
@@ -912,25 +927,7 @@ impl Lowerer<'_> {
                 }
                 let cond = self.scal(c);
                 let dst = self.fresh();
-                let at = self.ctx().code.len();
-                self.emit(MatInst::If {
-                    cond,
-                    then_len: 0,
-                    else_len: 0,
-                });
-                let ta = self.mexpr(a);
-                let ra = self.materialise(&ta, true);
-                self.emit(MatInst::Move { dst, src: ra });
-                let mid = self.ctx().code.len();
-                let tb = self.mexpr(b);
-                let rb = self.materialise(&tb, true);
-                self.emit(MatInst::Move { dst, src: rb });
-                let end = self.ctx().code.len();
-                self.ctx().code[at] = MatInst::If {
-                    cond,
-                    then_len: len16(mid - at - 1),
-                    else_len: len16(end - mid),
-                };
+                self.mat_if(cond, |l| l.assign_reg(dst, a), |l| l.assign_reg(dst, b));
                 vec![(one, Term::One(Mat { reg: dst, t: false }))]
             }
             ExprKind::Binary(op, a, b) => match op {
@@ -1003,14 +1000,14 @@ impl Lowerer<'_> {
                 return *m;
             }
         }
-        let r = self.materialise(t, false);
+        let r = self.materialise(t);
         Mat { reg: r, t: false }
     }
 
     /// Computes the terms into a new register: a product with the first
     /// plain term folded into one GEMM (`alpha * a @ b + beta * c`, as
     /// torch's `addmm`), then the rest accumulated.
-    fn materialise(&mut self, t: &Terms, _own: bool) -> u8 {
+    fn materialise(&mut self, t: &Terms) -> u8 {
         let dst = self.fresh();
         let prods: Vec<(NodeId, Mat, Mat)> = t
             .iter()

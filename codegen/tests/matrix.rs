@@ -138,3 +138,26 @@ fn muon_plans_torchs_addmm_sequence() {
     assert_eq!(arg(1), "ns_steps");
     assert!(ir::dump(&prog).contains(&format!("{} ", arg(0))));
 }
+
+#[test]
+fn a_matrix_if_expression_branches_into_one_register() {
+    let prog = compile(
+        "X { hyper { lr = 0.1 } step { matrix x = g { x = if rows > cols { 3 * x } else { 2 * x } @ transpose(x) @ x; } p = p - lr * x; } }",
+    )
+    .unwrap();
+    assert_eq!(
+        ir::mat_listing(&prog.mats[0].code),
+        [
+            "if arg0 {",
+            "  r2 = 3 * r0",
+            "  r1 <- r2",
+            "} else {",
+            "  r3 = 2 * r0",
+            "  r1 <- r3",
+            "}",
+            "r4 = 1 * r1 @ r0\u{1d40}",
+            "r5 = 1 * r4 @ r0",
+            "r0 <- r5",
+        ]
+    );
+}
