@@ -572,15 +572,10 @@ impl Engine for dyn DynOptimizer + '_ {
         dtype: crate::cuda::DType,
         params: &[crate::cuda::RawCudaParam<'_>],
     ) -> Result<StepReport, String> {
-        let here = self.cuda_dtype() == Some(dtype)
-            && self
-                .cuda_stream()
-                .is_some_and(|s| crate::cuda::same_stream(s, stream));
-        if !here {
-            // Once (the state moves with it; a failed move changes nothing).
-            self.set_cuda_stream(stream.clone(), dtype)
-                .map_err(|e| e.to_string())?;
-        }
+        // A move only on the first step (the state moves with it; a failed
+        // move changes nothing).
+        self.set_cuda_stream(stream.clone(), dtype)
+            .map_err(|e| e.to_string())?;
         // SAFETY: the caller's contract.
         unsafe { self.step_raw(params) }.map_err(|e| e.to_string())
     }

@@ -672,11 +672,18 @@ pub(crate) fn validate_raw<K: Kernel>(
 impl<K: Kernel> Optimizer<K> {
     /// Moves the optimizer onto `stream` (its GPU), for parameters of
     /// `dtype`, as [`Optimizer::set_device`] does for a GPU's default stream.
+    /// Already there (the same stream, see [`same_stream`], and dtype), it
+    /// does nothing.
     pub fn set_cuda_stream(
         &mut self,
         stream: Arc<CudaStream>,
         dtype: DType,
     ) -> Result<(), DeviceError> {
+        if self.cuda_dtype() == Some(dtype)
+            && self.cuda_stream().is_some_and(|s| same_stream(s, &stream))
+        {
+            return Ok(());
+        }
         let exec = CudaExec::new(stream, self.desc, dtype)?;
         self.set_exec(Exec::Cuda(Box::new(exec)))
     }
