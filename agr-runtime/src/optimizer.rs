@@ -771,7 +771,7 @@ impl<K: Kernel> Optimizer<K> {
                                 .matrix(b, ss, &ts[j], p, g, st, rows, pt.row_len, ws)
                                 .map_err(|e| (j, info.name.to_string(), e))
                         };
-                        let res: Result<(), (usize, String, String)> = if parallel || na > 1 {
+                        let res: Result<(), (usize, String, String)> = if na > 1 {
                             (0..na)
                                 .into_par_iter()
                                 .map_init(crate::mat::Workspace::default, run)
@@ -855,13 +855,19 @@ impl<K: Kernel> Optimizer<K> {
                 None
             }
         };
-        if let Some((j, block, message)) = mat_err {
-            let index = sc.active[j];
+        if mat_err.is_some() || bad_slot.is_some() {
+            // Neither the parameters nor the spec's states have been
+            // written (at most a matrix block's own buffer): leave
+            // everything as it was, including state this step created and
+            // the parameter count a first step fixes.
             for &i in &sc.created {
                 self.tensors[i] = None;
             }
             self.tensors.truncate(tensors_before);
             self.n_params = n_params_before;
+        }
+        if let Some((j, block, message)) = mat_err {
+            let index = sc.active[j];
             return Err(StepError::Matrix {
                 index,
                 block,
@@ -870,15 +876,7 @@ impl<K: Kernel> Optimizer<K> {
             });
         }
         if let Some(j) = bad_slot {
-            // Nothing has been written yet: report and leave everything as
-            // it was, including state this step created and the parameter
-            // count a first step fixes.
             let index = sc.active[j];
-            for &i in &sc.created {
-                self.tensors[i] = None;
-            }
-            self.tensors.truncate(tensors_before);
-            self.n_params = n_params_before;
             if self.non_finite == NonFinite::Error {
                 return Err(StepError::NonFinite { index });
             }

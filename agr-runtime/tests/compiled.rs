@@ -228,3 +228,46 @@ fn the_same_text_compiles_to_the_same_description() {
     // The finite check is a reduction pass of its own.
     assert_eq!(a.desc().cuda_kernels, &["A_reduce0", "A_update"]);
 }
+
+#[test]
+fn a_matrix_block_that_does_not_fit_is_an_error_that_changes_nothing() {
+    // x @ x needs a square matrix: a 2x3 parameter cannot take it.
+    let spec = compile(
+        "Square { hyper { lr = 0.1 } step { matrix x = g { x = x @ x; } p = p - lr * x; } }",
+    )
+    .unwrap();
+    let mut opt = spec.optimizer();
+    let (mut a, ga) = (vec![1.0f32; 4], vec![0.5f32; 4]);
+    let (mut b, gb) = (vec![1.0f32; 6], vec![0.5f32; 6]);
+    let err = opt
+        .step_params(&mut [
+            ParamMut::new(&mut a, Some(&ga), &[2, 2]),
+            ParamMut::new(&mut b, Some(&gb), &[2, 3]),
+        ])
+        .unwrap_err();
+    assert_eq!(
+        err,
+        StepError::Matrix {
+            index: 1,
+            block: "x".into(),
+            shape: vec![2, 3],
+            message: "`@` of a 2x3 and a 2x3 matrix".into(),
+        }
+    );
+    assert!(
+        err.to_string()
+            .contains("parameter #1 (shape [2, 3]): matrix block `x`"),
+        "{err}"
+    );
+    assert_eq!((a.clone(), b.clone()), (vec![1.0; 4], vec![1.0; 6]));
+    assert!(
+        opt.state(0, "x").is_none(),
+        "the failed first step created no state"
+    );
+    // The square parameter alone steps: (0.5 everywhere) @ itself = 0.5 everywhere.
+    let r = opt
+        .step_params(&mut [ParamMut::new(&mut a, Some(&ga), &[2, 2])])
+        .unwrap();
+    assert_eq!(r.updated, 1);
+    assert_eq!(a, vec![1.0 - 0.1f32 * 0.5; 4]);
+}
