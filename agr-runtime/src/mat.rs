@@ -55,6 +55,21 @@ pub struct Workspace {
     regs: Vec<Reg>,
 }
 
+thread_local! {
+    static WORKSPACE: std::cell::RefCell<Workspace> = std::cell::RefCell::new(Workspace::default());
+}
+
+/// Calls `f` with this thread's workspace, kept between tensors and steps.
+/// (Where the thread is already inside a call, as a thread waiting in a
+/// parallel product can be when it picks up another tensor's block, `f`
+/// gets a fresh one.)
+pub fn with_workspace<R>(f: impl FnOnce(&mut Workspace) -> R) -> R {
+    WORKSPACE.with(|w| match w.try_borrow_mut() {
+        Ok(mut ws) => f(&mut ws),
+        Err(_) => f(&mut Workspace::default()),
+    })
+}
+
 /// Runs a block's program on one tensor's matrix (`rows × cols` values,
 /// row-major, in `data`), leaving the result in `data`. `args` are the
 /// block's scalars ([`Scal::Arg`]). Operands of the wrong shapes, a result
@@ -158,14 +173,20 @@ fn gemm_into(
                 regs[usize::from(dst)] = out;
                 return Err(format!("`+` of a {m}x{n} and a {r}x{cc} matrix"));
             }
-            if cm.reg == dst && !cm.t {
-                let beta = beta as f32;
+            let beta = beta as f32;
+            if cm.reg != dst {
+                // Into dst's own buffer.
+                let src = &regs[usize::from(cm.reg)];
+                out.v.clear();
+                out.v
+                    .extend((0..m * n).map(|e| beta * src.at(cm.t, e / n, e % n)));
+            } else if !cm.t {
                 if beta != 1.0 {
                     out.v.iter_mut().for_each(|x| *x *= beta);
                 }
             } else {
                 let scaled: Vec<f32> = (0..m * n)
-                    .map(|e| beta as f32 * src.at(cm.t, e / n, e % n))
+                    .map(|e| beta * out.at(true, e / n, e % n))
                     .collect();
                 out.v = scaled;
             }
@@ -227,36 +248,37 @@ fn axpby(
     b: Option<(Mat, f64)>,
 ) -> Result<(), String> {
     let mut out = std::mem::take(&mut regs[usize::from(dst)]);
-    let get = |regs: &[Reg], out: &Reg, m: Mat| -> Reg {
-        // `dst` itself is only ever read untransposed, as the accumulator.
+    // The operands where they are (dst itself, as the accumulator, is the
+    // register taken out above); the result into a buffer of its own.
+    let view = |m: Mat| {
         if m.reg == dst {
-            out.clone()
+            &out
         } else {
-            regs[usize::from(m.reg)].clone()
+            &regs[usize::from(m.reg)]
         }
     };
-    let ra = get(regs, &out, a);
+    let ra = view(a);
     let (m, n) = ra.dims(a.t);
-    let rb = b.map(|(bm, beta)| (get(regs, &out, bm), bm.t, beta));
-    if let Some((rb, t, _)) = &rb {
-        if rb.dims(*t) != (m, n) {
-            let (r, c) = rb.dims(*t);
+    let rb = b.map(|(bm, beta)| (view(bm), bm.t, beta as f32));
+    if let Some((rb, t, _)) = rb {
+        if rb.dims(t) != (m, n) {
+            let (r, c) = rb.dims(t);
             regs[usize::from(dst)] = out;
             return Err(format!("`+` of a {m}x{n} and a {r}x{c} matrix"));
         }
     }
     let alpha = alpha as f32;
-    out.r = m;
-    out.c = n;
-    out.v.clear();
-    out.v.extend((0..m * n).map(|e| {
-        let (i, j) = (e / n, e % n);
-        let x = alpha * ra.at(a.t, i, j);
-        match &rb {
-            Some((rb, t, beta)) => x + *beta as f32 * rb.at(*t, i, j),
-            None => x,
-        }
-    }));
+    let v: Vec<f32> = (0..m * n)
+        .map(|e| {
+            let (i, j) = (e / n, e % n);
+            let x = alpha * ra.at(a.t, i, j);
+            match rb {
+                Some((rb, t, beta)) => x + beta * rb.at(t, i, j),
+                None => x,
+            }
+        })
+        .collect();
+    out = Reg { r: m, c: n, v };
     regs[usize::from(dst)] = out;
     Ok(())
 }

@@ -771,15 +771,10 @@ impl<K: Kernel> Optimizer<K> {
                                 .matrix(b, ss, &ts[j], p, g, st, rows, pt.row_len, ws)
                                 .map_err(|e| (j, info.name.to_string(), e))
                         };
-                        let res: Result<(), (usize, String, String)> = if na > 1 {
-                            (0..na)
-                                .into_par_iter()
-                                .map_init(crate::mat::Workspace::default, run)
-                                .collect()
-                        } else {
-                            let mut ws = crate::mat::Workspace::default();
-                            (0..na).try_for_each(|j| run(&mut ws, j))
-                        };
+                        let res: Result<(), (usize, String, String)> = (0..na)
+                            .into_par_iter()
+                            .map(|j| crate::mat::with_workspace(|ws| run(ws, j)))
+                            .collect();
                         if let Err(e) = res {
                             mat_err = Some(e);
                             break 'passes None;
