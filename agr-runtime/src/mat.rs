@@ -149,7 +149,7 @@ fn exec(code: &[MatInst], regs: &mut [Reg], args: &[f64]) -> Result<(), String> 
 /// `r[dst] = alpha * a @ b + beta * c`.
 fn gemm_into(
     regs: &mut [Reg],
-    dst: u8,
+    dst: u16,
     a: Mat,
     b: Mat,
     alpha: f64,
@@ -242,7 +242,7 @@ fn gemm_into(
 /// `r[dst] = alpha * a + beta * b`.
 fn axpby(
     regs: &mut [Reg],
-    dst: u8,
+    dst: u16,
     a: Mat,
     alpha: f64,
     b: Option<(Mat, f64)>,
@@ -287,7 +287,7 @@ fn axpby(
 mod tests {
     use super::*;
 
-    fn m(reg: u8, t: bool) -> Mat {
+    fn m(reg: u16, t: bool) -> Mat {
         Mat { reg, t }
     }
 

@@ -210,7 +210,7 @@ pub struct Reduction {
 /// A matrix operand: register `reg`, transposed where `t`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Mat {
-    pub reg: u8,
+    pub reg: u16,
     pub t: bool,
 }
 
@@ -230,7 +230,7 @@ pub enum MatInst {
     /// `r[dst] = alpha * a @ b + beta * c` (without `c`: `alpha * a @ b`);
     /// `dst` is neither `a` nor `b` (it may be `c`).
     Gemm {
-        dst: u8,
+        dst: u16,
         a: Mat,
         b: Mat,
         alpha: Scal,
@@ -239,13 +239,13 @@ pub enum MatInst {
     /// `r[dst] = alpha * a + beta * b` (without `b`: `alpha * a`); `dst` is
     /// not a transposed operand.
     Axpby {
-        dst: u8,
+        dst: u16,
         a: Mat,
         alpha: Scal,
         b: Option<(Mat, Scal)>,
     },
     /// `r[dst]` takes the value of `r[src]`, a temporary no longer read.
-    Move { dst: u8, src: u8 },
+    Move { dst: u16, src: u16 },
     /// The next `len` instructions, `count` times (a whole number ≥ 0).
     Repeat { count: Scal, len: u16 },
     /// Where `cond` is not 0 the next `then_len` instructions, else the

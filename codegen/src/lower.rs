@@ -40,7 +40,7 @@ pub fn compile_with_warnings(source: &str) -> Result<(Program, Vec<Diagnostic>),
 enum Bind {
     Node(NodeId),
     /// A matrix of the matrix block being lowered: its register.
-    Reg(u8),
+    Reg(u16),
     /// A state not yet read or assigned in this step.
     StateOld(usize),
 }
@@ -766,10 +766,11 @@ impl Lowerer<'_> {
         self.ctx().code.push(i);
     }
 
-    fn fresh(&mut self) -> u8 {
+    fn fresh(&mut self) -> u16 {
         let c = self.ctx();
         c.regs += 1;
-        u8::try_from(c.regs - 1).expect("a matrix block uses at most 255 registers")
+        u16::try_from(c.regs - 1)
+            .expect("the checker bounds a matrix block's size (MAX_MATRIX_OPS)")
     }
 
     /// A scalar node as a program number.
@@ -787,7 +788,9 @@ impl Lowerer<'_> {
                 c.args.len() - 1
             }
         };
-        Scal::Arg(u16::try_from(k).expect("a matrix block reads at most 65535 scalars"))
+        Scal::Arg(
+            u16::try_from(k).expect("the checker bounds a matrix block's size (MAX_MATRIX_OPS)"),
+        )
     }
 
     fn mat_stmt(&mut self, s: &Stmt) {
@@ -863,7 +866,7 @@ impl Lowerer<'_> {
     }
 
     /// `r[dst] = e`: the value into a new register, then moved.
-    fn assign_reg(&mut self, dst: u8, e: &ast::Expr) {
+    fn assign_reg(&mut self, dst: u16, e: &ast::Expr) {
         let src = self.mexpr_reg(e);
         self.emit(MatInst::Move { dst, src });
     }
@@ -889,7 +892,7 @@ impl Lowerer<'_> {
     }
 
     /// A matrix expression's value in a register of its own (for `let`).
-    fn mexpr_reg(&mut self, e: &ast::Expr) -> u8 {
+    fn mexpr_reg(&mut self, e: &ast::Expr) -> u16 {
         let t = self.mexpr(e);
         self.materialise(&t)
     }
@@ -1007,7 +1010,7 @@ impl Lowerer<'_> {
     /// Computes the terms into a new register: a product with the first
     /// plain term folded into one GEMM (`alpha * a @ b + beta * c`, as
     /// torch's `addmm`), then the rest accumulated.
-    fn materialise(&mut self, t: &Terms) -> u8 {
+    fn materialise(&mut self, t: &Terms) -> u16 {
         let dst = self.fresh();
         let prods: Vec<(NodeId, Mat, Mat)> = t
             .iter()
@@ -1068,7 +1071,7 @@ impl Lowerer<'_> {
 }
 
 fn len16(n: usize) -> u16 {
-    u16::try_from(n).expect("a matrix block's loop or branch holds at most 65535 instructions")
+    u16::try_from(n).expect("the checker bounds a matrix block's size (MAX_MATRIX_OPS)")
 }
 
 fn is_constant(e: &ast::Expr) -> bool {

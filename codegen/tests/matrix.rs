@@ -161,3 +161,55 @@ fn a_matrix_if_expression_branches_into_one_register() {
         ]
     );
 }
+
+/// Every sequence of up to three statements from valid and invalid pieces
+/// inside a matrix block compiles or is rejected with errors: the front
+/// end never panics (the macro would report a panic, not a spanned error).
+#[test]
+fn no_sequence_of_block_statements_panics_the_compiler() {
+    const PIECES: &[&str] = &[
+        "let a = x @ transpose(x);",
+        "x = a @ x;",
+        "x = 2 * x - x / 3;",
+        "x = -x;",
+        "let k = 2;",
+        "k = 3;",
+        "x = k * x;",
+        "repeat n { x = x @ transpose(x) @ x; }",
+        "repeat 2 { let b = x; x = b; }",
+        "if rows > cols { x = transpose(x); } else { x = 2 * x; }",
+        "x = if t > 1 { x } else { transpose(transpose(x)) };",
+        "let c = rows * cols;",
+        "x = c * x @ x;",
+        "x = x + a;",
+        "x = x * x;",
+        "x = sqrt(x);",
+        "x = p;",
+        "m = x;",
+        "repeat 1.5 { }",
+        "matrix y = g { }",
+        "x = transpose(x @ transpose(x));",
+        "let s = lr * t;",
+        "x = s * x + (s * a) @ x;",
+        "if t > 1 { let d = x; x = d @ transpose(d) @ d; }",
+        "x = if t > 1 { 1 } else { x };",
+        "repeat n { repeat 2 { x = 0.5 * x; } }",
+    ];
+    let n = PIECES.len();
+    let (mut ok, mut rejected) = (0, 0);
+    for i in 0..n * n * n {
+        let body = [PIECES[i % n], PIECES[i / n % n], PIECES[i / (n * n)]].join(" ");
+        let src = format!(
+            "X {{ hyper {{ lr = 0.1, n: int = 2 }} state {{ m = 0 }} step {{ m = g; matrix x = g {{ {body} }} p = p - lr * x; }} }}"
+        );
+        match std::panic::catch_unwind(|| compile(&src)) {
+            Ok(Ok(_)) => ok += 1,
+            Ok(Err(_)) => rejected += 1,
+            Err(_) => panic!("the compiler panicked on: {src}"),
+        }
+    }
+    assert!(
+        ok > 1000 && rejected > 1000,
+        "{ok} compiled, {rejected} rejected"
+    );
+}

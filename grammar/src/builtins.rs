@@ -198,6 +198,11 @@ pub const MAX_STATES: usize = 8;
 /// Most reduction passes a step may need before its update pass.
 pub const MAX_REDUCTION_PHASES: usize = 3;
 
+/// Most statements and expression nodes a matrix block may hold. Each
+/// lowers to at most a few registers and instructions, so a block within
+/// this bound fits the IR's 16-bit register and instruction counts.
+pub const MAX_MATRIX_OPS: usize = 10_000;
+
 /// The closest known name, for "did you mean" hints.
 pub fn closest<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
     candidates

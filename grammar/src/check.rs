@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 
 use crate::ast::*;
-use crate::builtins::{self, FuncKind, MAX_REDUCTION_PHASES, MAX_STATES};
+use crate::builtins::{self, FuncKind, MAX_MATRIX_OPS, MAX_REDUCTION_PHASES, MAX_STATES};
 use crate::diag::{Diagnostic, Span};
 
 /// How often a value changes.
@@ -397,6 +397,17 @@ impl<'a> Checker<'a> {
                         );
                         return;
                     }
+                    let number = self
+                        .lookup(&target.name)
+                        .is_some_and(|slot| slot.val.ty != Ty::Mat);
+                    if inner && number {
+                        self.err(
+                            target.span.clone(),
+                            format!("`{}` is a number of the matrix block and cannot be reassigned", target.name),
+                            "inside a matrix block only matrices are reassigned; bind a new name with `let`",
+                        );
+                        return;
+                    }
                 }
                 self.assign(target, value, v);
             }
@@ -521,6 +532,24 @@ impl<'a> Checker<'a> {
                 );
             }
             phase = v.phase;
+        }
+        let ops = stmts_size(body);
+        if ops > MAX_MATRIX_OPS {
+            self.err(
+                span.clone(),
+                format!("this matrix block holds {ops} operations; a block may hold at most {MAX_MATRIX_OPS}"),
+                "loop with `repeat` instead of writing statements out, or split the work into several blocks",
+            );
+            // Later uses of the result are not errors too.
+            if self.lookup(&name.name).is_none() {
+                let val = Val {
+                    ty: Ty::Num,
+                    level: Level::Elem,
+                    phase,
+                };
+                self.declare(&name.name, Binding::Let, val);
+            }
+            return;
         }
         let ok = self.check_new_name(name, "matrix");
         self.scopes.push(HashMap::new());
@@ -1178,6 +1207,36 @@ fn stmts_read<'s>(stmts: &'s [Stmt], read: &mut std::collections::HashSet<&'s st
     }
 }
 
+/// Statements and expression nodes in `stmts`, nested blocks included.
+fn stmts_size(stmts: &[Stmt]) -> usize {
+    stmts
+        .iter()
+        .map(|s| {
+            1 + match s {
+                Stmt::Let { value, .. } | Stmt::Assign { value, .. } => expr_size(value),
+                Stmt::If {
+                    cond,
+                    then,
+                    otherwise,
+                    ..
+                } => expr_size(cond) + stmts_size(then) + stmts_size(otherwise),
+                Stmt::Matrix { value, body, .. } => expr_size(value) + stmts_size(body),
+                Stmt::Repeat { count, body, .. } => expr_size(count) + stmts_size(body),
+            }
+        })
+        .sum()
+}
+
+fn expr_size(e: &Expr) -> usize {
+    1 + match &e.kind {
+        ExprKind::Num(_) | ExprKind::Bool(_) | ExprKind::Name(_) => 0,
+        ExprKind::Unary(_, a) => expr_size(a),
+        ExprKind::Binary(_, a, b) => expr_size(a) + expr_size(b),
+        ExprKind::Call { args, .. } => args.iter().map(expr_size).sum(),
+        ExprKind::If(c, a, b) => expr_size(c) + expr_size(a) + expr_size(b),
+    }
+}
+
 fn names_read<'s>(e: &'s Expr, read: &mut std::collections::HashSet<&'s str>) {
     match &e.kind {
         ExprKind::Num(_) | ExprKind::Bool(_) => {}
@@ -1445,6 +1504,7 @@ mod tests {
             ("matrix x = g { x = sqrt(x); } p = x;", "x", "`sqrt` takes numbers, not a matrix"),
             ("matrix x = g { x = x - p; } p = x;", "p", "`p` is per element and cannot be read inside a matrix block"),
             ("matrix x = g { m = x; } p = x;", "m", "`m` cannot be assigned inside a matrix block"),
+            ("matrix x = g { let k = 2; k = 3; x = k * x; } p = x;", "k", "`k` is a number of the matrix block and cannot be reassigned"),
             ("matrix x = lr { } p = x;", "lr", "a matrix block views a per-element number as a matrix, but this is the same for every element"),
             ("p = transpose(g);", "g", "`transpose` takes a matrix, but this is a number"),
             ("repeat 2 { p = g; }", "repeat", "`repeat` runs only inside a matrix block"),
@@ -1461,6 +1521,19 @@ mod tests {
                 "{body}: want `{msg}` at `{at}`, got {e:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_matrix_block_has_a_size_limit() {
+        // 4 operations each: the assignment, `*`, `2` and `x`.
+        let body = "x = 2 * x; ".repeat(MAX_MATRIX_OPS / 4 + 1);
+        let src = in_step(&format!("matrix x = g {{ {body} }} p = x;"));
+        let (at, msg) = one_error(&src);
+        assert_eq!(at, "matrix");
+        assert!(
+            msg.starts_with("this matrix block holds 10004 operations"),
+            "{msg}"
+        );
     }
 
     #[test]
