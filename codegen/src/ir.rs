@@ -281,6 +281,14 @@ pub struct MatBlock {
     pub state: usize,
 }
 
+impl MatBlock {
+    /// The nodes it reads: its value and its arguments (its phase is the
+    /// latest of theirs).
+    pub fn reads(&self) -> impl Iterator<Item = NodeId> + '_ {
+        std::iter::once(self.input).chain(self.args.iter().copied())
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum HyperKind {
     Float,
@@ -408,8 +416,7 @@ impl Program {
         live_red[self.finite_check] = true;
         stack.push(self.reductions[self.finite_check].arg);
         for b in &self.mats {
-            stack.push(b.input);
-            stack.extend(&b.args);
+            stack.extend(b.reads());
         }
         while let Some(n) = stack.pop() {
             if live[n] {
@@ -476,14 +483,10 @@ impl Program {
         }
         for i in 0..self.nodes.len() {
             if let Op::MatOut(b) = self.nodes[i].op {
-                // Its inputs come before it.
-                let block = &mut self.mats[b];
-                block.phase = std::iter::once(block.input)
-                    .chain(block.args.iter().copied())
-                    .map(|c| self.nodes[c].phase)
-                    .max()
-                    .unwrap_or(0);
-                self.nodes[i].phase = block.phase;
+                // What it reads comes before it.
+                let phase = self.mats[b].reads().map(|c| self.nodes[c].phase).max();
+                self.mats[b].phase = phase.unwrap_or(0);
+                self.nodes[i].phase = self.mats[b].phase;
             }
             let ph = self.nodes[i]
                 .op

@@ -737,20 +737,22 @@ impl Lowerer<'_> {
         self.block(body);
         self.scopes.pop();
         let ctx = self.mat.take().expect("set above");
-        let phase = std::iter::once(input)
-            .chain(ctx.args.iter().copied())
-            .map(|c| self.nodes[c].phase)
-            .max()
-            .unwrap_or(0);
-        self.mats.push(MatBlock {
+        let mut block = MatBlock {
             name: name.to_string(),
             input,
-            phase,
+            phase: 0,
             args: ctx.args,
             code: ctx.code,
             regs: ctx.regs,
             state,
-        });
+        };
+        block.phase = block
+            .reads()
+            .map(|c| self.nodes[c].phase)
+            .max()
+            .unwrap_or(0);
+        let phase = block.phase;
+        self.mats.push(block);
         let id = self.make_raw(Op::MatOut(b));
         self.nodes[id].level = Level::Elem;
         self.nodes[id].phase = phase;
