@@ -684,6 +684,7 @@ impl<K: Kernel> Optimizer<K> {
         {
             return Ok(());
         }
+        self.cpu_only(crate::Device::Cuda(stream.context().ordinal()))?;
         let exec = CudaExec::new(stream, self.desc, dtype)?;
         self.set_exec(Exec::Cuda(Box::new(exec)))
     }

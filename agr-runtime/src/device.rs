@@ -352,9 +352,9 @@ impl<K: Kernel> Optimizer<K> {
         self.set_exec(exec)
     }
 
-    /// Moves the optimizer to `exec`'s device (see [`Self::set_device`]).
-    /// A spec with matrix blocks stays on the CPU.
-    fn cpu_only(&self, device: Device) -> Result<(), DeviceError> {
+    /// A spec with matrix blocks stays on the CPU: checked before a device's
+    /// kernels are built for it.
+    pub(crate) fn cpu_only(&self, device: Device) -> Result<(), DeviceError> {
         match self.desc.matrices.first() {
             Some(m) if device != Device::Cpu => Err(DeviceError::CpuOnly {
                 optimizer: self.desc.name.to_string(),
@@ -364,8 +364,8 @@ impl<K: Kernel> Optimizer<K> {
         }
     }
 
+    /// Moves the optimizer to `exec`'s device (see [`Self::set_device`]).
     pub(crate) fn set_exec(&mut self, mut exec: Exec) -> Result<(), DeviceError> {
-        self.cpu_only(exec.device())?;
         // The steps the old device skipped come off the issued ones; then
         // the state moves (a copy: if that fails, nothing has changed).
         self.fold_counts();
