@@ -11,7 +11,7 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 dir="${AGR_CUDA_NVCC:-$root/.tools/cuda13}"
 stamp="$dir/.installed-13.0"
 if [ ! -f "$stamp" ]; then
-    python3 -m pip install --quiet --disable-pip-version-check --no-deps --target "$dir" \
+    python3 -m pip install --quiet --disable-pip-version-check --no-cache-dir --no-deps --target "$dir" \
         nvidia-cuda-nvcc==13.0.88 \
         nvidia-nvvm==13.0.88 \
         nvidia-cuda-crt==13.0.88 \

@@ -7,7 +7,7 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 dir="${AGR_CUDA_TOOLS:-$root/.tools/cuda}"
 stamp="$dir/.installed-12.9"
 if [ ! -f "$stamp" ]; then
-    python3 -m pip install --quiet --disable-pip-version-check --no-deps --target "$dir" \
+    python3 -m pip install --quiet --disable-pip-version-check --no-cache-dir --no-deps --target "$dir" \
         nvidia-cuda-nvrtc-cu12==12.9.86 \
         nvidia-cuda-nvcc-cu12==12.9.86 \
         nvidia-cuda-runtime-cu12==12.9.79 >&2

@@ -16,7 +16,7 @@ if [ ! -f "$stamp" ]; then
     dl="$dir.download"
     rm -rf "$dir" "$dl"
     mkdir -p "$dl"
-    python3 -m pip download --quiet --disable-pip-version-check --no-deps --dest "$dl" \
+    python3 -m pip download --quiet --disable-pip-version-check --no-cache-dir --no-deps --dest "$dl" \
         torch==2.13.0 nvidia-cuda-runtime==13.0.96 nvidia-cuda-cupti==13.0.85 >&2
     python3 - "$dl" "$dir" <<'EOF' >&2
 import glob, os, shutil, sys, zipfile
