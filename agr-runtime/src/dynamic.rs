@@ -16,6 +16,9 @@ pub trait DynOptimizer: Send {
     fn hyper(&self, name: &str) -> Option<HyperValue>;
     fn set_hyper(&mut self, name: &str, value: HyperValue) -> Result<(), ConfigError>;
     fn step_params(&mut self, params: &mut [ParamMut<'_>]) -> Result<StepReport, StepError>;
+    /// The checks a step runs before touching anything (parameter count,
+    /// shapes, gradient lengths, shapes against existing state), alone.
+    fn check_params(&self, params: &[ParamMut<'_>]) -> Result<(), StepError>;
     fn lr(&self) -> Option<f64>;
     /// The state buffer `name` of parameter `index`, once it exists.
     fn state(&self, index: usize, name: &str) -> Option<&[f32]>;
@@ -91,6 +94,9 @@ impl<K: Kernel> DynOptimizer for Optimizer<K> {
     }
     fn step_params(&mut self, params: &mut [ParamMut<'_>]) -> Result<StepReport, StepError> {
         Optimizer::step_params(self, params)
+    }
+    fn check_params(&self, params: &[ParamMut<'_>]) -> Result<(), StepError> {
+        Optimizer::validate(self, params)
     }
     fn lr(&self) -> Option<f64> {
         Optimizer::lr(self)

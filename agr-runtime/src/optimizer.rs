@@ -628,7 +628,7 @@ impl<K: Kernel> Optimizer<K> {
         Ok(())
     }
 
-    fn validate(&self, params: &[ParamMut<'_>]) -> Result<(), StepError> {
+    pub(crate) fn validate(&self, params: &[ParamMut<'_>]) -> Result<(), StepError> {
         let stored = |i: usize| {
             self.tensors
                 .get(i)
