@@ -2,7 +2,8 @@
 //!
 //! Trains a candle MLP (64 → 64 ReLU → 10, softmax cross-entropy) on the
 //! handwritten-digits data the repository ships, with AdamW,
-//! AdamW-AGR, Adan and Adan-AGR over several seeds on one fixed train/test
+//! AdamW-AGR, Adan, Adan-AGR and Muon-AGR (on the hidden weight matrix, with
+//! AdamW-AGR on the rest) over several seeds on one fixed train/test
 //! split; prints progress and a table of final test accuracy and loss
 //! (mean ± std over seeds); writes the curves (CSV and SVG) and the table.
 //!
@@ -15,6 +16,7 @@ use std::time::Instant;
 
 use agr_runtime::candle::CandleDyn;
 use agr_runtime::groups::ParamGroups;
+use agr_runtime::multi::Multi;
 use agr_runtime::schedule::{Constant, Schedule, WarmupCosine};
 use agr_runtime::{optim, DynOptimizer, HyperValue};
 use candle_core::{DType, Device, Module, Tensor, Var};
@@ -30,11 +32,13 @@ use rayon::prelude::*;
 struct Args {
     /// Optimizers to compare: built-in names (see `agr list`) or paths of
     /// your own `.agr` spec files (compiled at run time, with the spec's
-    /// defaults).
+    /// defaults). `A+B` is one optimizer with two parts: A on the hidden
+    /// weight matrix (`fc1.weight`), B on the rest (the head and the
+    /// biases), as Muon is meant to be used: `muon_agr+adamw_agr`.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "adamw,adamw_agr,adan,adan_agr"
+        default_value = "adamw,adamw_agr,adan,adan_agr,muon_agr+adamw_agr"
     )]
     optimizers: Vec<String>,
     /// Number of seeds per optimizer.
@@ -43,7 +47,9 @@ struct Args {
     /// Epochs per run.
     #[arg(long, default_value_t = 40)]
     epochs: usize,
-    /// Learning rate for every optimizer (default: 2e-3 for AdamW-type, 5e-3 for Adan-type).
+    /// Learning rate for every optimizer (default: 2e-3 for AdamW-type,
+    /// 5e-3 for Adan-type, 0.02 for Muon-type); for `A+B` it is B's, and A
+    /// keeps the ratio of their defaults.
     #[arg(long)]
     lr: Option<f64>,
     /// Parameter groups: `paper` trains 1-D parameters (biases) without
@@ -246,10 +252,25 @@ struct Curve {
 }
 
 fn default_lr(name: &str) -> f64 {
-    if name.starts_with("adan") {
+    if let Some((_, rest)) = name.split_once('+') {
+        default_lr(rest)
+    } else if name.starts_with("adan") {
         5e-3
+    } else if name.starts_with("muon") {
+        0.02
     } else {
         2e-3
+    }
+}
+
+/// The learning rate as the table shows it: `A+B` shows both parts'.
+fn lr_label(name: &str, lr: f64) -> String {
+    match name.split_once('+') {
+        Some((hidden, rest)) => {
+            let hidden_lr = lr * default_lr(hidden) / default_lr(rest);
+            format!("{}+{lr}", (hidden_lr * 1e9).round() / 1e9)
+        }
+        None => lr.to_string(),
     }
 }
 
@@ -278,8 +299,31 @@ fn optimizer_device(device: agr_runtime::Device) -> agr_runtime::Device {
 
 /// A built-in by name, or a user's spec file compiled at run time
 /// (`agr_runtime::compile_file`): either way the same engine, with groups,
-/// the non-finite check and the candle adapter.
+/// the non-finite check and the candle adapter. `A+B`: A on the hidden
+/// weight matrix, B on the rest, as one optimizer (`agr_runtime::multi`).
 fn make(name: &str, lr: f64, device: agr_runtime::Device) -> Result<Box<dyn DynOptimizer>, String> {
+    let mut opt = match name.split_once('+') {
+        Some((hidden, rest)) => {
+            let hidden_lr = lr * default_lr(hidden) / default_lr(rest);
+            Box::new(
+                Multi::new(make_one(rest, lr)?)
+                    .part(
+                        "hidden",
+                        |p| p.ndim() >= 2 && p.name != "fc2.weight",
+                        make_one(hidden, hidden_lr)?,
+                    )
+                    .map_err(|e| format!("{name}: {e}"))?,
+            )
+        }
+        None => make_one(name, lr)?,
+    };
+    opt.set_device(optimizer_device(device))
+        .map_err(|e| format!("{name}: {e}"))?;
+    Ok(opt)
+}
+
+/// One spec, with its learning rate.
+fn make_one(name: &str, lr: f64) -> Result<Box<dyn DynOptimizer>, String> {
     let mut opt = if name.ends_with(".agr") {
         agr_runtime::compile_file(name)
             .map_err(|e| e.to_string())?
@@ -294,8 +338,6 @@ fn make(name: &str, lr: f64, device: agr_runtime::Device) -> Result<Box<dyn DynO
     }
     opt.set_hyper("lr", HyperValue::Float(lr))
         .map_err(|e| format!("{name}: {e}"))?;
-    opt.set_device(optimizer_device(device))
-        .map_err(|e| format!("{name}: {e}"))?;
     Ok(opt)
 }
 
@@ -307,12 +349,15 @@ impl Stepper {
         let (groups, device) = (args.groups, args.device);
         let mut opt = CandleDyn::from_varmap(make(name, lr, device)?, &model.varmap)
             .map_err(|e| format!("{name}: {e}"))?;
-        if groups == Groups::Paper {
-            // 1-D parameters (biases) without weight decay and, for the
-            // AGR optimizers, without Ψ.
-            opt.set_param_groups(&ParamGroups::paper())
-                .map_err(|e| format!("{name}: {e}"))?;
-        }
+        // Paper: 1-D parameters (biases) without weight decay and, for the
+        // AGR optimizers, without Ψ. Either way the optimizer learns the
+        // variables' names (an `A+B` optimizer splits them by name).
+        let groups = match groups {
+            Groups::Paper => ParamGroups::paper(),
+            Groups::None => ParamGroups::new(),
+        };
+        opt.set_param_groups(&groups)
+            .map_err(|e| format!("{name}: {e}"))?;
         Ok(Stepper(opt))
     }
 
@@ -522,7 +567,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let t = Instant::now();
             let curve = train(name, lr, seed, &args, &train_set, &test_set)?;
             eprintln!(
-                "  {name:<12} seed {seed}  lr {lr:<6}  test acc {:.4}  test loss {:.4}  ({:.1} s)",
+                "  {name:<12} seed {seed}  lr {:<6}  test acc {:.4}  test loss {:.4}  ({:.1} s)",
+                lr_label(name, lr),
                 curve.test_acc.last().unwrap(),
                 curve.test_loss.last().unwrap(),
                 t.elapsed().as_secs_f32()
@@ -560,7 +606,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let (loss, loss_sd) = mean_std(&last(|c| &c.test_loss));
         let (train_loss, _) = mean_std(&last(|c| &c.train_loss));
         best = best.max(acc);
-        let lr = args.lr.unwrap_or_else(|| default_lr(name));
+        let lr = lr_label(name, args.lr.unwrap_or_else(|| default_lr(name)));
         writeln!(table, "| {name} | {lr} | {acc:.4} ± {acc_sd:.4} | {loss:.4} ± {loss_sd:.4} | {train_loss:.4} |")?;
         let mut mean = Curve::default();
         for e in 0..args.epochs {

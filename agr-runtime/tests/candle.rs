@@ -969,3 +969,37 @@ fn variables_on_two_devices_are_an_error() {
     );
     assert_eq!(a.to_vec1::<f32>().unwrap(), vec![1.0; 4]);
 }
+
+#[test]
+fn a_multi_part_optimizer_steps_candle_variables_as_its_parts_do_alone() {
+    use agr_runtime::candle::CandleDyn;
+    use agr_runtime::groups::{select, ParamGroups};
+    use agr_runtime::multi::Multi;
+    let builtin = |n: &str| agr_runtime::optim::builtin(n).unwrap().make();
+    let (a, b) = (varmap(), varmap());
+    let multi = Multi::new(builtin("adamw_agr"))
+        .part("matrices", select::ndim_at_least(2), builtin("muon_agr"))
+        .unwrap();
+    let mut multi = CandleDyn::from_varmap(Box::new(multi), &a).unwrap();
+    multi.set_param_groups(&ParamGroups::paper()).unwrap();
+    // The same two optimizers, each over its own variable.
+    let mut muon = CandleDyn::new(builtin("muon_agr"), vec![var(&b, "lin.weight")]).unwrap();
+    let mut adamw = CandleDyn::new(builtin("adamw_agr"), vec![var(&b, "lin.bias")]).unwrap();
+    adamw.set_param_groups(&ParamGroups::paper()).unwrap();
+    if !dev().is_cpu() {
+        // Muon's matrix block runs on the CPU only: the move is refused.
+        let e = multi.backward_step(&lin_loss(&a)).unwrap_err().to_string();
+        assert!(e.contains("matrix block"), "{e}");
+        return;
+    }
+    for _ in 0..4 {
+        let r = multi.backward_step(&lin_loss(&a)).unwrap().unwrap();
+        assert_eq!(r.updated, 2);
+        let grads = lin_loss(&b).backward().unwrap();
+        muon.step(&grads).unwrap();
+        adamw.step(&grads).unwrap();
+    }
+    assert_eq!(values(&a), values(&b));
+    assert_eq!(multi.opt.group_name(0), "rest/vectors");
+    assert_eq!(multi.opt.group_name(1), "matrices/default");
+}
