@@ -64,6 +64,175 @@ pub fn ideal_traffic(name: &str) -> Option<(usize, usize)> {
     })
 }
 
+/// The Muon benchmark's optimizer: `muon` (or `muon_agr`) on the 2-D
+/// tensors, `adamw` (`adamw_agr`) on the rest, as one [`agr_runtime::multi::Multi`].
+pub fn muon_pair(name: &str) -> Option<Box<dyn agr_runtime::DynOptimizer>> {
+    let rest = match name {
+        "muon" => "adamw",
+        "muon_agr" => "adamw_agr",
+        _ => return None,
+    };
+    let multi = agr_runtime::multi::Multi::new(optim::builtin(rest)?.make())
+        .part(
+            "matrices",
+            agr_runtime::groups::select::ndim_at_least(2),
+            optim::builtin(name)?.make(),
+        )
+        .ok()?;
+    Some(Box::new(multi))
+}
+
+/// The products of Muon's Newton–Schulz iteration on a workload's 2-D
+/// tensors, as `(m, k, n)` shapes with their counts per step: per
+/// iteration, on the short side `m` and the long side `n`, `A = X Xᵀ`
+/// (m×n @ n×m), `B = bA + cA·A` (m×m @ m×m) and `X = aX + B·X` (m×m @ m×n),
+/// as torch (and the spec's plan) computes them.
+pub fn muon_products(w: &Workload, ns_steps: usize) -> Vec<((usize, usize, usize), usize)> {
+    let mut out: Vec<((usize, usize, usize), usize)> = vec![];
+    for s in w.shapes.iter().filter(|s| s.len() == 2) {
+        let (m, n) = (s[0].min(s[1]), s[0].max(s[1]));
+        for shape in [(m, n, m), (m, m, m), (m, m, n)] {
+            match out.iter_mut().find(|(x, _)| *x == shape) {
+                Some((_, c)) => *c += ns_steps,
+                None => out.push((shape, ns_steps)),
+            }
+        }
+    }
+    out
+}
+
+/// Floating-point operations of those products (2mkn each).
+pub fn muon_flops(w: &Workload, ns_steps: usize) -> f64 {
+    muon_products(w, ns_steps)
+        .iter()
+        .map(|&((m, k, n), c)| 2.0 * (m * k * n * c) as f64)
+        .sum()
+}
+
+/// The workload split into its 2-D tensors and the rest.
+pub fn matrices_and_rest(w: &Workload) -> (Workload, Workload) {
+    let (m, r): (Vec<Vec<usize>>, Vec<Vec<usize>>) =
+        w.shapes.iter().cloned().partition(|s| s.len() == 2);
+    (
+        Workload {
+            name: w.name,
+            shapes: m,
+        },
+        Workload {
+            name: w.name,
+            shapes: r,
+        },
+    )
+}
+
+/// The machine's GEMM rate, measured: f32 products `m×k @ k×n` by the
+/// `gemm` crate (the shape of Muon's largest products), both as one product
+/// on every thread and as one single-threaded product per thread side by
+/// side (as the engine runs a step's matrices); the faster counts.
+pub struct GemmProbe {
+    m: usize,
+    k: usize,
+    n: usize,
+    a: Vec<f32>,
+    b: Vec<f32>,
+    /// One output per thread.
+    c: Vec<Vec<f32>>,
+}
+
+impl GemmProbe {
+    pub fn new(m: usize, k: usize, n: usize) -> GemmProbe {
+        GemmProbe {
+            m,
+            k,
+            n,
+            a: (0..m * k).map(|i| (i % 7) as f32 * 0.1).collect(),
+            b: (0..k * n).map(|i| (i % 5) as f32 * 0.1).collect(),
+            c: vec![vec![0.0; m * n]; rayon::current_num_threads().max(1)],
+        }
+    }
+
+    fn product(&self, c: &mut [f32], parallelism: gemm::Parallelism) {
+        let (m, k, n) = (self.m, self.k, self.n);
+        // SAFETY: a is m×k (row-major), b k×n, c m×n, each exactly that long.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                c.as_mut_ptr(),
+                1,
+                n as isize,
+                false,
+                self.a.as_ptr(),
+                1,
+                k as isize,
+                self.b.as_ptr(),
+                1,
+                n as isize,
+                0.0f32,
+                1.0f32,
+                false,
+                false,
+                false,
+                parallelism,
+            );
+        }
+    }
+
+    /// The faster of the two ways, timed now: FLOP per millisecond.
+    pub fn flop_per_ms(&mut self) -> f64 {
+        let flop = 2.0 * (self.m * self.n * self.k) as f64;
+        let mut c = std::mem::take(&mut self.c);
+        let start = Instant::now();
+        self.product(&mut c[0], gemm::Parallelism::Rayon(0));
+        let one = flop / (start.elapsed().as_secs_f64() * 1e3);
+        let start = Instant::now();
+        c.par_iter_mut()
+            .for_each(|c| self.product(c, gemm::Parallelism::None));
+        let side_by_side = flop * c.len() as f64 / (start.elapsed().as_secs_f64() * 1e3);
+        std::hint::black_box(&c);
+        self.c = c;
+        one.max(side_by_side)
+    }
+}
+
+/// Muon's floor on a workload, in milliseconds per step: the memory floor
+/// of its bytes (on the matrices the parameter, gradient and momentum read
+/// once and the parameter and momentum written once; AdamW's traffic on
+/// the rest) plus its Newton–Schulz FLOPs at the GEMM rate measured now.
+pub struct MuonFloor {
+    matrices: Floor,
+    rest: Floor,
+    /// One probe per product shape, with the FLOPs of that shape a step does.
+    probes: Vec<(GemmProbe, f64)>,
+}
+
+impl MuonFloor {
+    pub fn new(w: &Workload, ns_steps: usize) -> MuonFloor {
+        let (m, r) = matrices_and_rest(w);
+        MuonFloor {
+            matrices: Floor::new(&m, 3, 2),
+            rest: Floor::new(&r, 4, 3),
+            probes: muon_products(w, ns_steps)
+                .into_iter()
+                .map(|((m, k, n), c)| (GemmProbe::new(m, k, n), 2.0 * (m * k * n * c) as f64))
+                .collect(),
+        }
+    }
+
+    /// One timed run: (floor ms, of it the GEMM part): each shape's FLOPs at
+    /// that shape's rate.
+    pub fn run_ms(&mut self) -> (f64, f64) {
+        let bytes = self.matrices.run_ms() + self.rest.run_ms();
+        let gemm: f64 = self
+            .probes
+            .iter_mut()
+            .map(|(p, flops)| *flops / p.flop_per_ms())
+            .sum();
+        (bytes + gemm, gemm)
+    }
+}
+
 /// The floor: a fused loop that reads `reads` f32 arrays and writes the
 /// first `writes` of them in place, per tensor, chunked and threaded like
 /// the optimizer engine (the best a fused step with this traffic can do).
@@ -392,5 +561,40 @@ impl Row {
             self.floor_ms,
             self.median_ms / self.floor_ms
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn muon_flops_count_three_products_per_iteration_on_the_short_side() {
+        let w = Workload {
+            name: "t",
+            shapes: vec![vec![6, 4], vec![3, 8], vec![8, 3], vec![5], vec![2, 2, 2]],
+        };
+        // Per iteration, m the short side and n the long one: X Xᵀ (2m²n),
+        // A·A (2m³), B·X (2m²n); 1-D and 3-D tensors have none.
+        let closed = |m: f64, n: f64| 5.0 * (4.0 * m * m * n + 2.0 * m * m * m);
+        let expected = closed(4.0, 6.0) + 2.0 * closed(3.0, 8.0);
+        assert_eq!(muon_flops(&w, 5), expected);
+        let p = muon_products(&w, 5);
+        assert_eq!(p.len(), 6, "{p:?}");
+        assert!(p.contains(&((3, 8, 3), 10)), "the 3x8 and 8x3 share shapes: {p:?}");
+        let (m, r) = matrices_and_rest(&w);
+        assert_eq!((m.shapes.len(), r.shapes.len()), (3, 2));
+    }
+
+    #[test]
+    fn the_muon_benchmark_steps_muon_on_matrices_and_adamw_on_the_rest() {
+        let w = Workload {
+            name: "t",
+            shapes: vec![vec![6, 4], vec![4]],
+        };
+        let mut s = Stepper::with(muon_pair("muon_agr").unwrap(), &w, true).unwrap();
+        s.run_ms().unwrap();
+        assert!(s.opt.state(0, "buf").is_some() && s.opt.state(1, "m").is_some());
+        assert!(muon_pair("adamw").is_none());
     }
 }

@@ -49,11 +49,13 @@ enum Command {
     List,
     /// Measure the built-ins' CPU steps against the memory-bandwidth floor.
     Bench {
-        /// Built-ins to measure.
+        /// Built-ins to measure. `muon` and `muon_agr` run on the 2-D
+        /// tensors with `adamw` (`adamw_agr`) on the rest, against a floor
+        /// that adds their Newton–Schulz FLOPs at the measured GEMM rate.
         #[arg(
             long,
             value_delimiter = ',',
-            default_value = "adamw,adamw_agr,adamw_agr_m,adan,adan_agr"
+            default_value = "adamw,adamw_agr,adamw_agr_m,adan,adan_agr,muon_agr"
         )]
         optimizers: Vec<String>,
         /// Workloads: one_2^24 (one tensor of 2^24 parameters), gpt_150 (150 GPT-like tensors),
@@ -267,6 +269,59 @@ fn replay(spec: Option<&Path>, device: agr_runtime::Device, files: &[PathBuf]) -
     }
 }
 
+/// Muon (`muon` or `muon_agr` on the 2-D tensors, AdamW or AdamW-AGR on
+/// the rest) against its floor: its bytes at the memory floor plus its
+/// Newton–Schulz FLOPs at the GEMM rate measured alternately with it.
+fn bench_muon(
+    name: &str,
+    w: &agr::bench::Workload,
+    iters: usize,
+    rows: &mut Vec<agr::bench::Row>,
+) -> Result<(), String> {
+    use agr::bench::{self, MuonFloor, Row, Stepper};
+    if !w.shapes.iter().any(|s| s.len() == 2) {
+        eprintln!("{name}: {} has no matrices; skipped", w.name);
+        return Ok(());
+    }
+    let opt = bench::muon_pair(name).ok_or_else(|| format!("no Muon benchmark for `{name}`"))?;
+    // The built-in's default, which the benchmark steps with.
+    let ns_steps = agr_runtime::optim::builtin(name)
+        .and_then(|b| b.make().hyper("ns_steps"))
+        .and_then(|v| v.as_int("ns_steps").ok())
+        .ok_or(format!("`{name}` has no `ns_steps`"))? as usize;
+    let mut stepper = Stepper::with(opt, w, true)?;
+    let mut floor = MuonFloor::new(w, ns_steps);
+    let mut gemm_ms = vec![];
+    // Seconds a step: fewer rounds than the memory-bound steps.
+    let (ms, f) = bench::interleaved(
+        iters.min(5),
+        || stepper.run_ms(),
+        || {
+            let (all, gemm) = floor.run_ms();
+            gemm_ms.push(gemm);
+            Ok(all)
+        },
+    )?;
+    gemm_ms.sort_by(|a, b| a.total_cmp(b));
+    let row = Row {
+        optimizer: format!(
+            "{name}+{}",
+            if name == "muon" { "adamw" } else { "adamw_agr" }
+        ),
+        workload: w.name,
+        median_ms: ms,
+        floor_ms: f,
+    };
+    println!(
+        "{} gemm_floor_ms={:.3} gflops={:.1}",
+        row.line(),
+        gemm_ms[gemm_ms.len() / 2],
+        bench::muon_flops(w, ns_steps) / ms / 1e6
+    );
+    rows.push(row);
+    Ok(())
+}
+
 fn bench(
     optimizers: &[String],
     workloads: &[String],
@@ -301,7 +356,12 @@ fn bench(
                 Err(e) => return fail(e),
             }
         }
-        for name in optimizers {
+        for name in optimizers.iter().filter(|n| n.starts_with("muon")) {
+            if let Err(e) = bench_muon(name, &w, iters, &mut rows) {
+                return fail(e);
+            }
+        }
+        for name in optimizers.iter().filter(|n| !n.starts_with("muon")) {
             let Some(rw) = bench::ideal_traffic(name) else {
                 eprintln!("no floor is defined for `{name}`; skipped");
                 continue;
