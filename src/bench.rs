@@ -581,7 +581,10 @@ mod tests {
         assert_eq!(muon_flops(&w, 5), expected);
         let p = muon_products(&w, 5);
         assert_eq!(p.len(), 6, "{p:?}");
-        assert!(p.contains(&((3, 8, 3), 10)), "the 3x8 and 8x3 share shapes: {p:?}");
+        assert!(
+            p.contains(&((3, 8, 3), 10)),
+            "the 3x8 and 8x3 share shapes: {p:?}"
+        );
         let (m, r) = matrices_and_rest(&w);
         assert_eq!((m.shapes.len(), r.shapes.len()), (3, 2));
     }
