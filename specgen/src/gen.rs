@@ -111,6 +111,8 @@ struct Gen<'a> {
     /// Scalar values in scope.
     scalars: Vec<Val>,
     bools: Vec<String>,
+    /// Integer hyperparameters (repeat counts).
+    ints: Vec<String>,
     names: Vec<String>,
 }
 
@@ -223,6 +225,42 @@ impl Gen<'_> {
                     text: format!("select({c}, {}, {})", a.text, b.text),
                     phase: a.phase.max(b.phase),
                 }
+            }
+        }
+    }
+
+    /// One statement of a matrix block on the block's matrix `x` that
+    /// keeps its shape (rows × cols), its values bounded.
+    fn matrix_stmt(&mut self, x: &str, depth: usize) -> String {
+        let a = *self.rng.pick(&["0.5", "1", "0.75"]);
+        let b = *self.rng.pick(&["0.25", "-0.25", "0.125"]);
+        let c = *self.rng.pick(&["0.125", "-0.0625"]);
+        match self.rng.below(if depth == 0 { 4 } else { 7 }) {
+            0 => format!("{x} = {a} * {x} + {b} * ({x} @ transpose({x})) @ {x};"),
+            1 => format!("{x} = {a} * {x} - {b} * {x} @ (transpose({x}) @ {x});"),
+            2 => {
+                let t = self.fresh("ma");
+                format!("let {t} = {x} @ transpose({x}); {x} = {a} * {x} + ({b} * {t} + {c} * {t} @ {t}) @ {x};")
+            }
+            3 => {
+                let d = *self.rng.pick(&["2", "(1 + t)", "max(1, rows / cols)"]);
+                format!("{x} = {x} / {d};")
+            }
+            4 => {
+                let cond = self.scalar_cond();
+                let then = self.matrix_stmt(x, depth - 1);
+                format!("if {cond} {{ {then} }} else {{ {x} = transpose(transpose({x})) * {a}; }}")
+            }
+            5 => {
+                let mut counts = vec!["0".to_string(), "1".to_string(), "2".to_string()];
+                counts.extend(self.ints.iter().cloned());
+                let k = self.rng.pick(&counts).clone();
+                let body = self.matrix_stmt(x, depth - 1);
+                format!("repeat {k} {{ {body} }}")
+            }
+            _ => {
+                let body = self.matrix_stmt(x, depth - 1);
+                format!("if rows > cols {{ {x} = transpose({x}); }} {body} if rows > cols {{ {x} = transpose({x}); }}")
             }
         }
     }
@@ -371,6 +409,7 @@ pub fn spec(rng: &mut Rng, name: &str) -> String {
             },
         ],
         bools: vec![],
+        ints: vec![],
         names: vec![],
     };
     let mut hypers = vec!["lr = 0.01 where lr > 0".to_string()];
@@ -398,6 +437,7 @@ pub fn spec(rng: &mut Rng, name: &str) -> String {
                     "{n}: int = {} where 0 <= {n} <= 10",
                     g.rng.below(5)
                 ));
+                g.ints.push(n.clone());
                 g.scalars.push(Val { text: n, phase: 0 });
             }
         }
@@ -448,6 +488,26 @@ pub fn spec(rng: &mut Rng, name: &str) -> String {
             });
         }
     }
+    // A matrix block (a fifth of the specs): a per-element value, scaled to
+    // a Frobenius norm of at most 1, through shape-keeping products. Its
+    // result enters the update linearly: the reference evaluation's products
+    // are in f64, the runtime's in f32, and a comparison or a sign of the
+    // result could tip either way.
+    let mut matrix = None;
+    if g.rng.chance(20) {
+        let v = g.elem(2, 1);
+        let n = g.fresh("mx");
+        let mut stmts = vec![];
+        for _ in 0..1 + g.rng.below(3) {
+            stmts.push(g.matrix_stmt(&n, 2));
+        }
+        body.push(format!(
+            "matrix {n} = {v} / max(norm({v}), 1e-3) {{ {} }}",
+            stmts.join(" "),
+            v = v.text
+        ));
+        matrix = Some(n);
+    }
     for (n, _) in &states {
         let v = g.elem(2, 2);
         if g.rng.chance(30) {
@@ -467,7 +527,13 @@ pub fn spec(rng: &mut Rng, name: &str) -> String {
         }
     }
     let upd = g.elem(3, 2);
-    body.push(format!("p = p - lr * clamp({}, -100, 100);", upd.text));
+    match matrix {
+        Some(m) => body.push(format!(
+            "p = p - lr * clamp({}, -100, 100) - lr * 0.5 * {m};",
+            upd.text
+        )),
+        None => body.push(format!("p = p - lr * clamp({}, -100, 100);", upd.text)),
+    }
     let mut text = format!("{name} {{\n    hyper {{ {} }}\n", hypers.join(", "));
     if !states.is_empty() {
         let s: Vec<String> = states.iter().map(|(n, i)| format!("{n} = {i}")).collect();
