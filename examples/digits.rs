@@ -349,15 +349,12 @@ impl Stepper {
         let (groups, device) = (args.groups, args.device);
         let mut opt = CandleDyn::from_varmap(make(name, lr, device)?, &model.varmap)
             .map_err(|e| format!("{name}: {e}"))?;
-        // Paper: 1-D parameters (biases) without weight decay and, for the
-        // AGR optimizers, without Ψ. Either way the optimizer learns the
-        // variables' names (an `A+B` optimizer splits them by name).
-        let groups = match groups {
-            Groups::Paper => ParamGroups::paper(),
-            Groups::None => ParamGroups::new(),
-        };
-        opt.set_param_groups(&groups)
-            .map_err(|e| format!("{name}: {e}"))?;
+        if groups == Groups::Paper {
+            // 1-D parameters (biases) without weight decay and, for the
+            // AGR optimizers, without Ψ.
+            opt.set_param_groups(&ParamGroups::paper())
+                .map_err(|e| format!("{name}: {e}"))?;
+        }
         Ok(Stepper(opt))
     }
 

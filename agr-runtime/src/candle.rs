@@ -915,6 +915,7 @@ impl CandleDyn {
     pub fn from_varmap(opt: Box<dyn DynOptimizer>, varmap: &VarMap) -> candle_core::Result<Self> {
         let (names, vars) = named_vars(varmap);
         let mut d = Self::new(opt, vars)?;
+        d.opt.set_param_names(names.clone()).map_err(err)?;
         d.names = names;
         Ok(d)
     }

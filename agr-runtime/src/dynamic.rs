@@ -42,6 +42,8 @@ pub trait DynOptimizer: Send {
     ) -> Result<(), GroupError>;
     /// The name of parameter `index`'s group.
     fn group_name(&self, index: usize) -> &str;
+    /// See [`Optimizer::set_param_names`].
+    fn set_param_names(&mut self, names: Vec<String>) -> Result<(), GroupError>;
     /// See [`Optimizer::set_device`].
     fn set_device(&mut self, device: crate::Device) -> Result<(), crate::DeviceError>;
     fn device(&self) -> crate::Device;
@@ -131,6 +133,9 @@ impl<K: Kernel> DynOptimizer for Optimizer<K> {
     }
     fn group_name(&self, index: usize) -> &str {
         Optimizer::group_name(self, index)
+    }
+    fn set_param_names(&mut self, names: Vec<String>) -> Result<(), GroupError> {
+        Optimizer::set_param_names(self, names)
     }
     fn set_device(&mut self, device: crate::Device) -> Result<(), crate::DeviceError> {
         Optimizer::set_device(self, device)

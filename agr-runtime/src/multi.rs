@@ -4,9 +4,9 @@
 //! the hidden weight matrices, AdamW for embeddings, the head, biases and
 //! norm scales. [`Multi`] is that choice as one [`DynOptimizer`]: each
 //! parameter goes to the first part whose predicate holds (the predicates of
-//! [`crate::groups::select`]), or to the rest; the candle and tch adapters,
-//! schedules and checkpoints then see one optimizer (as optax's
-//! `multi_transform` does).
+//! [`crate::groups::select`]), or to the rest; the candle adapter
+//! (`CandleDyn`), the tch adapter (`TchDyn`), schedules and checkpoints then
+//! see one optimizer (as optax's `multi_transform` does).
 //!
 //! ```
 //! use agr_runtime::groups::select;
@@ -36,10 +36,12 @@
 //!   hyperparameter calls ([`DynOptimizer::hyper`], `set_hyper`, `desc`,
 //!   `name`, `spec`, `hypers`) are the rest's. [`Multi::part_mut`] reaches a
 //!   part's own.
-//! - [`DynOptimizer::set_param_groups`] splits the parameters by name and
-//!   shape and applies the groups inside every part (group names read
-//!   `part/group`). Without it, the first step splits them by shape alone
-//!   (predicates on names see an empty name).
+//! - The first step splits the parameters by name and shape: names come
+//!   from [`DynOptimizer::set_param_names`] (the candle and tch adapters
+//!   call it) or [`DynOptimizer::set_param_groups`], which also applies the
+//!   groups inside every part (group names read `part/group`). Without
+//!   names, predicates on names see an empty name. Once split, a parameter
+//!   stays in its part.
 //! - A step checks every part's parameters and (unless the policy is
 //!   `Ignore`) every gradient for NaN and infinities before any part steps,
 //!   so a bad input changes nothing in any part. Parts with matrix blocks
@@ -84,6 +86,9 @@ pub struct Multi {
     route: Option<Vec<(usize, usize)>>,
     /// Per parameter: `part/group`.
     group_names: Vec<String>,
+    /// The parameters' names, where known before the split (the first step
+    /// splits by them and the shapes).
+    names: Option<Vec<String>>,
     /// The groups last applied (re-applied to the parts already changed if
     /// a later part refuses new ones).
     groups: Option<(ParamGroups, Vec<(String, Vec<usize>)>)>,
@@ -115,6 +120,7 @@ impl Multi {
         let mut m = Multi {
             parts: vec![],
             route: None,
+            names: None,
             group_names: vec![],
             groups: None,
             policy,
@@ -223,7 +229,41 @@ impl Multi {
         Ok(route)
     }
 
+    /// The split on the first step: by the names given, where given (their
+    /// count checked), and the shapes.
+    fn first_split<'s>(
+        &self,
+        shapes: impl ExactSizeIterator<Item = &'s [usize]>,
+    ) -> Result<Vec<(usize, usize)>, StepError> {
+        let n = shapes.len();
+        let names: Vec<&str> = match &self.names {
+            Some(names) if names.len() != n => {
+                return Err(StepError::ParamCount {
+                    expected: names.len(),
+                    got: n,
+                })
+            }
+            Some(names) => names.iter().map(String::as_str).collect(),
+            None => vec![""; n],
+        };
+        let list: Vec<(&str, &[usize])> = names.into_iter().zip(shapes).collect();
+        Ok(self.split(&list))
+    }
+
+    /// Uses `route` from now on; each part learns its parameters' names.
     fn set_route(&mut self, route: Vec<(usize, usize)>) {
+        if let Some(names) = &self.names {
+            for k in 0..self.parts.len() {
+                let sub: Vec<String> = Self::members(&route, k)
+                    .into_iter()
+                    .map(|i| names[i].clone())
+                    .collect();
+                if !sub.is_empty() {
+                    // The part steps exactly these parameters: it takes them.
+                    let _ = self.parts[k].opt.set_param_names(sub);
+                }
+            }
+        }
         self.group_names = route
             .iter()
             .map(|&(k, j)| format!("{}/{}", self.parts[k].name, self.parts[k].opt.group_name(j)))
@@ -353,10 +393,7 @@ impl DynOptimizer for Multi {
                 })
             }
             Some(r) => r.clone(),
-            None => {
-                let shapes: Vec<(&str, &[usize])> = params.iter().map(|p| ("", p.shape)).collect();
-                self.split(&shapes)
-            }
+            None => self.first_split(params.iter().map(|p| p.shape))?,
         };
         let members: Vec<Vec<usize>> = (0..self.parts.len())
             .map(|k| Self::members(&route, k))
@@ -561,6 +598,7 @@ impl DynOptimizer for Multi {
                 });
             }
         }
+        self.names = Some(params.iter().map(|(n, _)| n.to_string()).collect());
         self.groups = Some((
             groups.clone(),
             params
@@ -574,6 +612,24 @@ impl DynOptimizer for Multi {
 
     fn group_name(&self, index: usize) -> &str {
         self.group_names.get(index).map_or(REST, |s| s.as_str())
+    }
+
+    /// Names the parameters: the first step splits them by these names and
+    /// their shapes, and each part checks its checkpoints against them.
+    fn set_param_names(&mut self, names: Vec<String>) -> Result<(), GroupError> {
+        if let Some(route) = &self.route {
+            if route.len() != names.len() {
+                return Err(GroupError::ParamCount {
+                    expected: route.len(),
+                    got: names.len(),
+                });
+            }
+        }
+        self.names = Some(names);
+        if let Some(route) = self.route.clone() {
+            self.set_route(route);
+        }
+        Ok(())
     }
 
     fn set_device(&mut self, device: Device) -> Result<(), DeviceError> {
@@ -620,10 +676,7 @@ impl DynOptimizer for Multi {
                 })
             }
             Some(r) => r.clone(),
-            None => {
-                let shapes: Vec<(&str, &[usize])> = params.iter().map(|p| ("", p.shape)).collect();
-                self.split(&shapes)
-            }
+            None => self.first_split(params.iter().map(|p| p.shape))?,
         };
         let mut subs: Vec<Vec<crate::cuda::RawCudaParam<'_>>> =
             (0..self.parts.len()).map(|_| vec![]).collect();

@@ -1,5 +1,7 @@
-//! tch adapter (feature `tch`): any generated optimizer over a
-//! `tch::nn::VarStore` or a list of tensors.
+//! tch adapter (feature `tch`): any generated optimizer ([`TchOptimizer`]),
+//! or any chosen at run time ([`TchDyn`]: a built-in by name, a spec compiled
+//! at run time, a [`crate::multi::Multi`]), over a `tch::nn::VarStore` or a
+//! list of tensors.
 //!
 //! ```no_run
 //! # use agr_runtime::optim::AdamWAgrKernel;
@@ -30,7 +32,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::cpu::Kernel;
 use crate::groups::{GroupError, ParamGroups};
-use crate::{ConfigError, Optimizer, ParamMut, StepError, StepReport};
+use crate::{ConfigError, DynOptimizer, Optimizer, ParamMut, StepError, StepReport};
 
 /// Why a tch step could not run. Nothing was modified.
 #[derive(Debug)]
@@ -84,23 +86,56 @@ into_tch_error!(
     crate::CheckpointError
 );
 
-/// A generated optimizer driving tch tensors.
-pub struct TchOptimizer<K: Kernel> {
-    inner: Optimizer<K>,
+/// What a tch adapter drives: a generated optimizer ([`Optimizer`]), or any
+/// optimizer chosen at run time (`Box<dyn DynOptimizer>`: a built-in by
+/// name, a spec compiled at run time, a [`crate::multi::Multi`]).
+pub trait TchEngine {
+    fn engine(&self) -> &dyn DynOptimizer;
+    fn engine_mut(&mut self) -> &mut dyn DynOptimizer;
+}
+
+impl<K: Kernel> TchEngine for Optimizer<K> {
+    fn engine(&self) -> &dyn DynOptimizer {
+        self
+    }
+    fn engine_mut(&mut self) -> &mut dyn DynOptimizer {
+        self
+    }
+}
+
+impl TchEngine for Box<dyn DynOptimizer> {
+    fn engine(&self) -> &dyn DynOptimizer {
+        self.as_ref()
+    }
+    fn engine_mut(&mut self) -> &mut dyn DynOptimizer {
+        self.as_mut()
+    }
+}
+
+/// An optimizer driving tch tensors: [`TchOptimizer`] (a generated one) or
+/// [`TchDyn`] (one chosen at run time).
+pub struct Tch<O: TchEngine> {
+    inner: O,
     names: Vec<String>,
     vars: Vec<Tensor>,
     shapes: Vec<Vec<usize>>,
 }
 
-impl<K: Kernel> Deref for TchOptimizer<K> {
-    type Target = Optimizer<K>;
-    fn deref(&self) -> &Optimizer<K> {
+/// A generated optimizer driving tch tensors.
+pub type TchOptimizer<K> = Tch<Optimizer<K>>;
+
+/// An optimizer chosen at run time driving tch tensors.
+pub type TchDyn = Tch<Box<dyn DynOptimizer>>;
+
+impl<O: TchEngine> Deref for Tch<O> {
+    type Target = O;
+    fn deref(&self) -> &O {
         &self.inner
     }
 }
 
-impl<K: Kernel> DerefMut for TchOptimizer<K> {
-    fn deref_mut(&mut self) -> &mut Optimizer<K> {
+impl<O: TchEngine> DerefMut for Tch<O> {
+    fn deref_mut(&mut self) -> &mut O {
         &mut self.inner
     }
 }
@@ -359,32 +394,64 @@ fn cuda_params<'a>(
     crate::cuda::RawCudaParam::list(pointers, shapes)
 }
 
+/// Every trainable variable of `vs`, in name order.
+fn trainable(vs: &tch::nn::VarStore) -> Vec<(String, Tensor)> {
+    let mut named: Vec<(String, Tensor)> = vs
+        .variables()
+        .into_iter()
+        .filter(|(_, t)| t.requires_grad())
+        .collect();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    named
+}
+
+/// `tensors` named `0`, `1`, ...
+fn numbered(tensors: Vec<Tensor>) -> Vec<(String, Tensor)> {
+    tensors
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| (i.to_string(), t))
+        .collect()
+}
+
 impl<K: Kernel> TchOptimizer<K> {
     /// Every trainable variable of `vs`, in name order.
     pub fn new(vs: &tch::nn::VarStore, config: K::Config) -> Result<Self, TchError> {
-        let mut named: Vec<(String, Tensor)> = vs
-            .variables()
-            .into_iter()
-            .filter(|(_, t)| t.requires_grad())
-            .collect();
-        named.sort_by(|a, b| a.0.cmp(&b.0));
-        Self::from_named(named, config)
+        Self::from_named(trainable(vs), config)
     }
 
     /// The given tensors, named `0`, `1`, ... (for groups and messages).
     pub fn from_tensors(tensors: Vec<Tensor>, config: K::Config) -> Result<Self, TchError> {
-        let named = tensors
-            .into_iter()
-            .enumerate()
-            .map(|(i, t)| (i.to_string(), t))
-            .collect();
-        Self::from_named(named, config)
+        Self::from_named(numbered(tensors), config)
     }
 
     /// The given named tensors, stepped in this order (checkpoints check the
     /// names).
     pub fn from_named(named: Vec<(String, Tensor)>, config: K::Config) -> Result<Self, TchError> {
-        let mut inner = Optimizer::<K>::with_config(config).map_err(TchError::Config)?;
+        let inner = Optimizer::<K>::with_config(config).map_err(TchError::Config)?;
+        Tch::with(inner, named)
+    }
+}
+
+impl TchDyn {
+    /// `opt` over every trainable variable of `vs`, in name order.
+    pub fn new_dyn(vs: &tch::nn::VarStore, opt: Box<dyn DynOptimizer>) -> Result<Self, TchError> {
+        Tch::with(opt, trainable(vs))
+    }
+
+    /// `opt` over the given named tensors, stepped in this order.
+    pub fn from_named_dyn(
+        named: Vec<(String, Tensor)>,
+        opt: Box<dyn DynOptimizer>,
+    ) -> Result<Self, TchError> {
+        Tch::with(opt, named)
+    }
+}
+
+impl<O: TchEngine> Tch<O> {
+    /// `inner` over the given named tensors, stepped in this order
+    /// (checkpoints check the names).
+    fn with(mut inner: O, named: Vec<(String, Tensor)>) -> Result<Self, TchError> {
         let mut names = vec![];
         let mut vars = vec![];
         let mut shapes = vec![];
@@ -397,9 +464,16 @@ impl<K: Kernel> TchOptimizer<K> {
         let sizes: Vec<Vec<i64>> = vars.iter().map(|v| v.size()).collect();
         check_step(&names, &facts, &sizes, &vec![None; vars.len()])?;
         inner
+            .engine_mut()
             .set_param_names(names.clone())
-            .expect("a fresh optimizer takes any number of names");
-        Ok(TchOptimizer {
+            .map_err(|e| {
+                let first = names.first().map_or("", String::as_str);
+                param_error(
+                    first,
+                    format!("the optimizer cannot take these variables: {e}"),
+                )
+            })?;
+        Ok(Tch {
             inner,
             names,
             vars,
@@ -420,7 +494,7 @@ impl<K: Kernel> TchOptimizer<K> {
             .zip(&self.shapes)
             .map(|(n, s)| (n.as_str(), s.as_slice()))
             .collect();
-        self.inner.set_param_groups(groups, &params)
+        self.inner.engine_mut().set_param_groups(groups, &params)
     }
 
     /// Zeroes every variable's gradient (where one is defined).
@@ -481,7 +555,7 @@ impl<K: Kernel> TchOptimizer<K> {
             });
             params.push(ParamMut::new(value, grad, shape));
         }
-        let result = tch::no_grad(|| self.inner.step_params(&mut params));
+        let result = tch::no_grad(|| self.inner.engine_mut().step_params(&mut params));
         self.named(result)
     }
 
@@ -498,12 +572,14 @@ impl<K: Kernel> TchOptimizer<K> {
         grads: &[Option<Facts>],
     ) -> Result<StepReport, TchError> {
         let dtype = cuda_dtype(kind);
-        let here = self.inner.device() == crate::Device::Cuda(ordinal)
-            && self.inner.cuda_dtype() == Some(dtype);
+        let engine = self.inner.engine();
+        let here =
+            engine.device() == crate::Device::Cuda(ordinal) && engine.cuda_dtype() == Some(dtype);
         if !here {
             let stream = crate::cuda::default_stream(ordinal)
                 .map_err(|e| self.named_device_error(e.to_string()))?;
             self.inner
+                .engine_mut()
                 .set_cuda_stream(stream, dtype)
                 .map_err(|e| self.named_device_error(e.to_string()))?;
         }
@@ -513,7 +589,7 @@ impl<K: Kernel> TchOptimizer<K> {
         // GPU, `numel` elements each, no variable overlapping another or a
         // gradient. The tensors outlive the step, and the kernels run on the
         // stream PyTorch's work on them is ordered by.
-        let result = tch::no_grad(|| unsafe { self.inner.step_raw(&params) });
+        let result = tch::no_grad(|| unsafe { self.inner.engine_mut().step_raw(&params) });
         self.named(result)
     }
 

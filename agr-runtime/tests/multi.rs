@@ -317,3 +317,40 @@ fn part_names_are_checked() {
     let slash = Multi::new(builtin("adamw")).part("a/b", |_| true, builtin("adamw"));
     assert!(slash.is_err());
 }
+
+#[test]
+fn names_given_before_the_first_step_split_the_parameters() {
+    let mut opt = muon_and_adamw();
+    let mut m = model();
+    let names: Vec<String> = m.iter().map(|(n, _, _)| n.to_string()).collect();
+    opt.set_param_names(names).unwrap();
+    step(&mut opt, &mut m, &grads(0));
+    // `head.w` is 2-D, but the part's predicate excludes it by name.
+    assert_eq!(opt.part_of(2), Some("rest"));
+    assert_eq!(opt.part_of(3), Some("hidden"));
+    // Too many names for the parameters already split: refused.
+    assert!(matches!(
+        opt.set_param_names(vec!["a".into(); 5]),
+        Err(GroupError::ParamCount {
+            expected: 4,
+            got: 5
+        })
+    ));
+    // A count that differs from the names on the first step: refused.
+    let mut fresh = muon_and_adamw();
+    fresh.set_param_names(vec!["a".into(); 3]).unwrap();
+    let g = grads(1);
+    let mut ps: Vec<ParamMut<'_>> = m
+        .iter_mut()
+        .zip(&g)
+        .map(|((_, s, v), g)| ParamMut::new(v, Some(g), s))
+        .collect();
+    assert_eq!(
+        fresh.step_params(&mut ps).unwrap_err(),
+        StepError::ParamCount {
+            expected: 3,
+            got: 4
+        }
+    );
+    assert_eq!(fresh.part_of(0), None, "nothing was split");
+}

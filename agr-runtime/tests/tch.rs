@@ -453,3 +453,56 @@ fn a_spec_compiled_at_run_time_trains_through_tch_as_its_builtin() {
     assert_eq!(compiled.1.to_bits(), generated.1.to_bits());
     assert!(compiled.1 < compiled.0 * 0.5, "{compiled:?}");
 }
+
+#[test]
+fn an_optimizer_of_two_specs_steps_a_varstore_as_its_parts_do_alone() {
+    use agr_runtime::multi::Multi;
+    use agr_runtime::tch::TchDyn;
+    let builtin = |n: &str| agr_runtime::optim::builtin(n).unwrap().make();
+    tch::manual_seed(5);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let lin = nn::linear(vs.root() / "fc", 6, 5, Default::default());
+    let x = Tensor::randn([16, 6], (Kind::Float, Device::Cpu));
+    let loss = |lin: &nn::Linear| lin.forward(&x).pow_tensor_scalar(2).mean(Kind::Float);
+    // The same start, for the two optimizers stepping alone.
+    let (w0, b0) = (lin.ws.copy(), lin.bs.as_ref().unwrap().copy());
+
+    // Muon-AGR on the weight (chosen by name), AdamW-AGR on the bias.
+    let multi = Multi::new(builtin("adamw_agr"))
+        .part("hidden", |p| p.name == "fc.weight", builtin("muon_agr"))
+        .unwrap();
+    let mut opt = TchDyn::new_dyn(&vs, Box::new(multi)).unwrap();
+    for _ in 0..4 {
+        opt.backward_step(&loss(&lin)).unwrap();
+    }
+    assert_eq!(opt.group_name(0), "rest/default"); // fc.bias
+    assert_eq!(opt.group_name(1), "hidden/default"); // fc.weight
+    let together = (to_vec(&lin.ws), to_vec(lin.bs.as_ref().unwrap()));
+
+    tch::no_grad(|| {
+        lin.ws.shallow_clone().copy_(&w0);
+        lin.bs.as_ref().unwrap().shallow_clone().copy_(&b0);
+    });
+    let mut muon = TchDyn::from_named_dyn(
+        vec![("fc.weight".into(), lin.ws.shallow_clone())],
+        builtin("muon_agr"),
+    )
+    .unwrap();
+    let mut adamw = TchDyn::from_named_dyn(
+        vec![("fc.bias".into(), lin.bs.as_ref().unwrap().shallow_clone())],
+        builtin("adamw_agr"),
+    )
+    .unwrap();
+    for _ in 0..4 {
+        muon.zero_grad();
+        adamw.zero_grad();
+        loss(&lin).backward();
+        muon.step().unwrap();
+        adamw.step().unwrap();
+    }
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&to_vec(&lin.ws)), bits(&together.0));
+    assert_eq!(bits(&to_vec(lin.bs.as_ref().unwrap())), bits(&together.1));
+    // And the split was by name: Muon's momentum is the weight's.
+    assert_eq!(opt.state(1, "buf").map(|b| b.len()), Some(30));
+}
