@@ -229,6 +229,54 @@ impl Multi {
         Ok(route)
     }
 
+    /// The split a step's parameters (their shapes) go by: the one in use,
+    /// or the first step's.
+    fn route_of<'s>(
+        &self,
+        shapes: impl ExactSizeIterator<Item = &'s [usize]>,
+    ) -> Result<Vec<(usize, usize)>, StepError> {
+        match &self.route {
+            _ if shapes.len() == 0 => Err(StepError::NoParams),
+            Some(r) if r.len() != shapes.len() => Err(StepError::ParamCount {
+                expected: r.len(),
+                got: shapes.len(),
+            }),
+            Some(r) => Ok(r.clone()),
+            None => self.first_split(shapes),
+        }
+    }
+
+    /// Steps every part with parameters (`step` on part `k`'s share), those
+    /// with matrix blocks first, and counts the step.
+    fn step_parts<P>(
+        &mut self,
+        subs: &mut [Vec<P>],
+        members: &[Vec<usize>],
+        mut step: impl FnMut(&mut dyn DynOptimizer, &mut Vec<P>) -> Result<StepReport, StepError>,
+    ) -> Result<StepReport, StepError> {
+        let mut report = StepReport {
+            step: 0,
+            updated: 0,
+            skipped: 0,
+            skipped_non_finite: None,
+        };
+        for k in self.step_order() {
+            if subs[k].is_empty() {
+                continue;
+            }
+            let r = step(self.parts[k].opt.as_mut(), &mut subs[k])
+                .map_err(|e| Self::global_error(e, &members[k]))?;
+            report.updated += r.updated;
+            report.skipped += r.skipped;
+            if let Some(i) = r.skipped_non_finite {
+                report.skipped_non_finite.get_or_insert(members[k][i]);
+            }
+        }
+        self.steps += 1;
+        report.step = self.steps;
+        Ok(report)
+    }
+
     /// The split on the first step: by the names given, where given (their
     /// count checked), and the shapes.
     fn first_split<'s>(
@@ -382,19 +430,7 @@ impl DynOptimizer for Multi {
     }
 
     fn step_params(&mut self, params: &mut [ParamMut<'_>]) -> Result<StepReport, StepError> {
-        if params.is_empty() {
-            return Err(StepError::NoParams);
-        }
-        let route = match &self.route {
-            Some(r) if r.len() != params.len() => {
-                return Err(StepError::ParamCount {
-                    expected: r.len(),
-                    got: params.len(),
-                })
-            }
-            Some(r) => r.clone(),
-            None => self.first_split(params.iter().map(|p| p.shape))?,
-        };
+        let route = self.route_of(params.iter().map(|p| p.shape))?;
         let members: Vec<Vec<usize>> = (0..self.parts.len())
             .map(|k| Self::members(&route, k))
             .collect();
@@ -451,31 +487,11 @@ impl DynOptimizer for Multi {
         if self.route.is_none() {
             self.set_route(route);
         }
-        let mut report = StepReport {
-            step: 0,
-            updated: 0,
-            skipped: 0,
-            skipped_non_finite: None,
-        };
-        for k in self.step_order() {
-            if subs[k].is_empty() {
-                continue;
-            }
-            let r = self.parts[k]
-                .opt
-                .step_params(&mut subs[k])
-                .map_err(|e| Self::global_error(e, &members[k]))?;
-            report.updated += r.updated;
-            report.skipped += r.skipped;
-            if let Some(i) = r.skipped_non_finite {
-                report.skipped_non_finite.get_or_insert(members[k][i]);
-            }
-        }
-        self.steps += 1;
-        report.step = self.steps;
-        Ok(report)
+        self.step_parts(&mut subs, &members, |opt, sub| opt.step_params(sub))
     }
 
+    /// The count alone: each part checks its own parameters when a step
+    /// splits them (before any part moves).
     fn check_params(&self, params: &[ParamMut<'_>]) -> Result<(), StepError> {
         match &self.route {
             Some(r) if r.len() != params.len() => Err(StepError::ParamCount {
@@ -665,19 +681,7 @@ impl DynOptimizer for Multi {
         &mut self,
         params: &[crate::cuda::RawCudaParam<'_>],
     ) -> Result<StepReport, StepError> {
-        if params.is_empty() {
-            return Err(StepError::NoParams);
-        }
-        let route = match &self.route {
-            Some(r) if r.len() != params.len() => {
-                return Err(StepError::ParamCount {
-                    expected: r.len(),
-                    got: params.len(),
-                })
-            }
-            Some(r) => r.clone(),
-            None => self.first_split(params.iter().map(|p| p.shape))?,
-        };
+        let route = self.route_of(params.iter().map(|p| p.shape))?;
         let mut subs: Vec<Vec<crate::cuda::RawCudaParam<'_>>> =
             (0..self.parts.len()).map(|_| vec![]).collect();
         for (i, p) in params.iter().enumerate() {
@@ -693,25 +697,8 @@ impl DynOptimizer for Multi {
         if self.route.is_none() {
             self.set_route(route);
         }
-        let mut report = StepReport {
-            step: 0,
-            updated: 0,
-            skipped: 0,
-            skipped_non_finite: None,
-        };
-        for k in self.step_order() {
-            if subs[k].is_empty() {
-                continue;
-            }
-            // SAFETY: the caller's contract, for a subset of its parameters.
-            let r = unsafe { self.parts[k].opt.step_raw(&subs[k]) }
-                .map_err(|e| Self::global_error(e, &members[k]))?;
-            report.updated += r.updated;
-            report.skipped += r.skipped;
-        }
-        self.steps += 1;
-        report.step = self.steps;
-        Ok(report)
+        // SAFETY: the caller's contract, for a subset of its parameters.
+        self.step_parts(&mut subs, &members, |opt, sub| unsafe { opt.step_raw(sub) })
     }
 
     /// One safetensors file: every part's checkpoint as bytes, and the split.
