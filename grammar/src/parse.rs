@@ -201,11 +201,16 @@ fn statements(text_len: usize, toks: &[(usize, Tok)], mut i: usize, out: &mut Ve
                 i += 1;
             }
         }
+        // A block without its `}` (cut off, or swallowed by an unclosed
+        // comment) ends at the end.
+        i = i.min(toks.len());
         let end = if i > start && toks[i - 1].1 != Tok::Close && toks[i - 1].1 != Tok::Semi {
             // Ends without `;` at the enclosing `}`: up to it.
             pos(i)
         } else {
-            toks.get(i - 1).map_or(text_len, |t| t.0 + 1)
+            i.checked_sub(1)
+                .and_then(|k| toks.get(k))
+                .map_or(text_len, |t| t.0 + 1)
         };
         out.push(pos(start)..end);
     }
@@ -860,6 +865,25 @@ mod tests {
         assert_eq!(crate::diag::line_col(src, e[1].span.start), (5, 19));
         // The first error alone, as before.
         assert_eq!(parse(src).unwrap_err(), e[0]);
+    }
+
+    #[test]
+    fn a_block_that_never_closes_is_an_error_not_a_panic() {
+        // Found by the property test (an unclosed comment swallowed every
+        // `}` after an `if`'s block opened), shrunk: the recovery's scan of
+        // a block that never closes ran past the last token.
+        for src in [
+            "A{hyper{}step{if{",
+            "A { step { if t == 1 { p = g; } else { p = p /* g; } } }",
+            "A { step { if t > 1 { if t > 2 { matrix x = g { repeat 2 {",
+            "A { step { matrix x = g { x = x /* 2; } p = x; } }",
+        ] {
+            let e = parse_all(src).unwrap_err();
+            assert!(!e.is_empty(), "{src}");
+            for d in &e {
+                assert!(d.span.end <= src.len(), "{src}: {d:?}");
+            }
+        }
     }
 
     #[test]
