@@ -513,13 +513,9 @@ impl<'a> Lowerer<'a> {
             } => {
                 let c = self.expr(cond);
                 let before = self.scopes.clone();
-                self.scopes.push(HashMap::new());
-                self.block(then);
-                self.scopes.pop();
+                self.scoped(then);
                 let after_then = std::mem::replace(&mut self.scopes, before.clone());
-                self.scopes.push(HashMap::new());
-                self.block(otherwise);
-                self.scopes.pop();
+                self.scoped(otherwise);
                 let after_else = std::mem::replace(&mut self.scopes, before.clone());
                 for (depth, scope) in before.iter().enumerate() {
                     let mut names: Vec<&String> = scope.keys().collect();
@@ -873,6 +869,7 @@ impl Lowerer<'_> {
         self.emit(MatInst::Move { dst, src });
     }
 
+    /// `stmts` in a scope of their own.
     fn scoped(&mut self, stmts: &[Stmt]) {
         self.scopes.push(HashMap::new());
         self.block(stmts);

@@ -351,6 +351,16 @@ fn expr(prog: &Program, id: NodeId, ctx: Ctx) -> String {
     }
 }
 
+/// Where the generated code keeps a scalar of `level`: the step's scalars
+/// in `__s`, the tensor's in `__ts`.
+fn scalars_struct(level: Level) -> &'static str {
+    if level == Level::Step {
+        "__s"
+    } else {
+        "__ts"
+    }
+}
+
 /// Host code for the scalars of one level that become known at `phase`.
 fn emit_scalar_phase(prog: &Program, level: Level, phase: usize, w: &mut W) {
     let ctx = if level == Level::Step {
@@ -358,7 +368,7 @@ fn emit_scalar_phase(prog: &Program, level: Level, phase: usize, w: &mut W) {
     } else {
         Ctx::Tensor
     };
-    let target = if level == Level::Step { "__s" } else { "__ts" };
+    let target = scalars_struct(level);
     for id in scalar_nodes(prog, level) {
         let n = &prog.nodes[id];
         if n.phase != phase {
@@ -400,11 +410,7 @@ fn elem_code(prog: &Program, plan: &LoopPlan) -> Loop {
         .iter()
         .map(|&id| {
             let n = &prog.nodes[id];
-            let src = if n.level == Level::Step {
-                "__s"
-            } else {
-                "__ts"
-            };
+            let src = scalars_struct(n.level);
             if n.ty == Ty::Bool {
                 format!("let {} = {src}.{};", ident(prog, id), n.name)
             } else {
@@ -951,11 +957,7 @@ fn emit_matrix_fn(prog: &Program, w: &mut W) {
             .iter()
             .map(|&a| {
                 let n = &prog.nodes[a];
-                let src = if n.level == Level::Step {
-                    "__s"
-                } else {
-                    "__ts"
-                };
+                let src = scalars_struct(n.level);
                 if n.ty == Ty::Bool {
                     format!("f64::from(u8::from({src}.{}))", n.name)
                 } else {
