@@ -360,9 +360,10 @@ pub struct Stepper {
 /// The floor's traffic for a spec: its parameter, gradient and states read
 /// once per pass that touches them (approximated as: everything once, plus
 /// the gradient once per reduction pass), its written buffers written once.
+/// A reduced state (one value per row or column) counts as nothing.
 /// At most 10 reads and 5 writes (the floor kernels this file has).
 pub fn spec_traffic(desc: &agr_runtime::KernelDesc) -> (usize, usize) {
-    let ns = desc.states.len();
+    let ns = desc.states.iter().filter(|s| s.reduced.is_none()).count();
     let reads = (2 + ns + desc.passes).min(10);
     let writes = (usize::from(desc.writes_param) + ns).clamp(1, 5).min(reads);
     (reads, writes)

@@ -16,7 +16,7 @@ use crate::cpu::Kernel;
 use crate::device::Store;
 use crate::groups::{self, Group, Override, DEFAULT_GROUP};
 use crate::optimizer::TensorState;
-use crate::{HyperConfig, HyperValue, Optimizer, TensorMeta};
+use crate::{HyperConfig, HyperValue, Optimizer};
 
 /// The format tag stored in every checkpoint.
 pub const FORMAT: &str = "agr-checkpoint/1";
@@ -200,7 +200,7 @@ impl<K: Kernel> Optimizer<K> {
                     data.push((
                         format!("{i}.{}", s.name),
                         f32_bytes(&t.store.to_host(k)),
-                        t.shape.clone(),
+                        s.shape(&t.shape),
                     ));
                 }
             }
@@ -417,12 +417,26 @@ impl<K: Kernel> Optimizer<K> {
                     return Err(corrupt(format!("`{name}` is {:?}, not F32", view.dtype())));
                 }
                 match &shape {
-                    None => shape = Some(view.shape().to_vec()),
-                    Some(sh) if sh != view.shape() => {
+                    None if s.reduced.is_none() => shape = Some(view.shape().to_vec()),
+                    None => {
                         return Err(corrupt(format!(
-                            "`{name}` has shape {:?}, not its parameter's {sh:?}",
-                            view.shape()
+                            "no shape for parameter #{i}, whose state `{}` is reduced",
+                            s.name
                         )))
+                    }
+                    Some(sh) if s.shape(sh) != view.shape() => {
+                        return Err(corrupt(match s.reduced {
+                            None => format!(
+                                "`{name}` has shape {:?}, not its parameter's {sh:?}",
+                                view.shape()
+                            ),
+                            Some(a) => format!(
+                                "`{name}` has shape {:?}, not {:?} (its parameter's {sh:?} reduced over dimension {})",
+                                view.shape(),
+                                s.shape(sh),
+                                a.dim()
+                            ),
+                        }))
                     }
                     _ => {}
                 }
@@ -444,11 +458,7 @@ impl<K: Kernel> Optimizer<K> {
                     )));
                 }
             }
-            let rows = vec![
-                0.0;
-                shape.iter().product::<usize>() / TensorMeta::row_len_of(&shape).max(1)
-                    * self.desc.row_reductions
-            ];
+            let rows = vec![0.0; crate::Dims::of(&shape, self.desc).results];
             tensors.push(Some(TensorState {
                 shape,
                 t,

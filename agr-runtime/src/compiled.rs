@@ -33,8 +33,8 @@ use agr_grammar::Diagnostic;
 
 use crate::cpu::{combine_lanes, sign_f32, Fold, Kernel, KernelDesc, MatrixInfo, LANES};
 use crate::{
-    ConfigError, HyperConfig, HyperInfo, HyperKind, HyperValue, Optimizer, ReductionInfo, Scope,
-    StateInfo, TensorMeta, MAX_STATES,
+    Axis, ConfigError, Dims, HyperConfig, HyperInfo, HyperKind, HyperValue, Optimizer,
+    ReductionInfo, Scope, StateInfo, TensorMeta, MAX_STATES,
 };
 
 /// Elements the evaluator computes per node at a time.
@@ -310,6 +310,9 @@ impl Kernel for DynKernel {
                 Op::Ndim => meta.ndim as f64,
                 Op::Numel => meta.numel as f64,
                 Op::RowLen => meta.row_len as f64,
+                Op::DimLen(a) => meta.view.len(a) as f64,
+                // A per-tensor state's value before the step.
+                Op::State(k) => f64::from(meta.state[k]),
                 // Global results are step-level nodes; row results per element.
                 Op::Reduced(r) => reduced[r],
                 _ => e.scalar_op(id, &s.0, &ts.0),
@@ -327,15 +330,15 @@ impl Kernel for DynKernel {
         g: &[f32],
         st: [&[f32]; MAX_STATES],
         rows: &mut [f64],
-        row_len: usize,
+        dims: Dims,
         acc: &mut [f64],
     ) {
         #[cfg(target_arch = "x86_64")]
         if crate::cpu::has_avx2() {
             // SAFETY: the CPU supports AVX2 (checked at run time).
-            return unsafe { self.reduce_avx2(pass, s, ts, p, g, st, rows, row_len, acc) };
+            return unsafe { self.reduce_avx2(pass, s, ts, p, g, st, rows, dims, acc) };
         }
-        self.reduce_body(pass, s, ts, p, g, st, rows, row_len, acc)
+        self.reduce_body(pass, s, ts, p, g, st, rows, dims, acc)
     }
 
     fn update(
@@ -346,10 +349,27 @@ impl Kernel for DynKernel {
         g: &[f32],
         st: [&mut [f32]; MAX_STATES],
         rows: &[f64],
-        row_len: usize,
+        dims: Dims,
     ) {
         let p = ParamIo::Write(p);
-        self.write_pass(&self.exec.update, s, ts, p, g, st, rows, row_len)
+        self.write_pass(&self.exec.update, s, ts, p, g, st, rows, dims)
+    }
+
+    fn tensor_states(&self, s: &Scalars, ts: &Scalars, out: &mut [f32; MAX_STATES]) {
+        let e = &*self.exec;
+        for (k, st) in e.prog.states.iter().enumerate() {
+            if !st.per_tensor {
+                continue;
+            }
+            let id = e.prog.state_out[k];
+            let n = &e.prog.nodes[id];
+            // As the generated code: the scalar's f64 value rounded to f32.
+            out[k] = match n.op {
+                Op::Num(v) => v as f32,
+                _ if n.level == Level::Step => s.0[id] as f32,
+                _ => ts.0[id] as f32,
+            };
+        }
     }
 
     fn matrix(
@@ -361,7 +381,7 @@ impl Kernel for DynKernel {
         g: &[f32],
         mut st: [&mut [f32]; MAX_STATES],
         rows: &[f64],
-        row_len: usize,
+        dims: Dims,
         ws: &mut crate::mat::Workspace,
     ) -> Result<(), String> {
         let e = &*self.exec;
@@ -371,7 +391,7 @@ impl Kernel for DynKernel {
         // The block's value per element into its state (the loop writes
         // nothing else).
         let st2: [&mut [f32]; MAX_STATES] = st.each_mut().map(|x| &mut **x);
-        self.write_pass(plan, s, ts, ParamIo::Read(p), g, st2, rows, row_len);
+        self.write_pass(plan, s, ts, ParamIo::Read(p), g, st2, rows, dims);
         let args: Vec<f64> = b
             .args
             .iter()
@@ -388,8 +408,8 @@ impl Kernel for DynKernel {
             &b.code,
             b.regs,
             &args,
-            len / row_len,
-            row_len,
+            len / dims.row_len,
+            dims.row_len,
             &mut st[b.state][..len],
             ws,
         )
@@ -412,14 +432,14 @@ impl DynKernel {
         g: &[f32],
         st: [&mut [f32]; MAX_STATES],
         rows: &[f64],
-        row_len: usize,
+        dims: Dims,
     ) {
         #[cfg(target_arch = "x86_64")]
         if crate::cpu::has_avx2() {
             // SAFETY: the CPU supports AVX2 (checked at run time).
-            return unsafe { self.update_avx2(plan, s, ts, p, g, st, rows, row_len) };
+            return unsafe { self.update_avx2(plan, s, ts, p, g, st, rows, dims) };
         }
-        self.update_body(plan, s, ts, p, g, st, rows, row_len)
+        self.update_body(plan, s, ts, p, g, st, rows, dims)
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -433,10 +453,10 @@ impl DynKernel {
         g: &[f32],
         st: [&[f32]; MAX_STATES],
         rows: &mut [f64],
-        row_len: usize,
+        dims: Dims,
         acc: &mut [f64],
     ) {
-        self.reduce_body(pass, s, ts, p, g, st, rows, row_len, acc)
+        self.reduce_body(pass, s, ts, p, g, st, rows, dims, acc)
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -450,9 +470,9 @@ impl DynKernel {
         g: &[f32],
         st: [&mut [f32]; MAX_STATES],
         rows: &[f64],
-        row_len: usize,
+        dims: Dims,
     ) {
-        self.update_body(plan, s, ts, p, g, st, rows, row_len)
+        self.update_body(plan, s, ts, p, g, st, rows, dims)
     }
 
     #[inline(always)]
@@ -465,7 +485,7 @@ impl DynKernel {
         g: &[f32],
         st: [&[f32]; MAX_STATES],
         rows: &mut [f64],
-        row_len: usize,
+        dims: Dims,
         acc: &mut [f64],
     ) {
         let e = &*self.exec;
@@ -478,7 +498,6 @@ impl DynKernel {
             g: &g[..len],
             st,
         };
-        let per_row = e.row_reductions;
         let mut sc = take_scratch();
         sc.prepare(&plan.code, s, ts);
         if !plan.whole.is_empty() {
@@ -491,13 +510,7 @@ impl DynKernel {
             let mut off = 0;
             while off < len {
                 let n = BLOCK.min(len - off);
-                sc.eval(
-                    &plan.code,
-                    &inputs,
-                    RowCtx::of(rows, row_len, per_row),
-                    off,
-                    n,
-                );
+                sc.eval(&plan.code, &inputs, RowCtx::of(rows, dims, e), off, n);
                 for (w, lanes) in plan.whole.iter().zip(lanes.iter_mut()) {
                     // `off` is a multiple of LANES: element `off + i` is in lane `i % LANES`.
                     let v = sc.arg(w.arg, &inputs, off, n);
@@ -519,6 +532,7 @@ impl DynKernel {
         }
         if !plan.rows.is_empty() {
             let nrr = e.row_reductions;
+            let row_len = dims.row_len;
             for row in 0..len / row_len {
                 let mut lanes: Vec<[f64; LANES]> =
                     plan.rows.iter().map(|w| [w.op.identity(); LANES]).collect();
@@ -526,13 +540,7 @@ impl DynKernel {
                 while j < row_len {
                     let n = BLOCK.min(row_len - j);
                     let off = row * row_len + j;
-                    sc.eval(
-                        &plan.code,
-                        &inputs,
-                        RowCtx::of(rows, row_len, per_row),
-                        off,
-                        n,
-                    );
+                    sc.eval(&plan.code, &inputs, RowCtx::of(rows, dims, e), off, n);
                     // Lanes by the element's place in its row, as `cpu::fold`
                     // (`j` is a multiple of LANES).
                     for (w, lanes) in plan.rows.iter().zip(lanes.iter_mut()) {
@@ -543,6 +551,35 @@ impl DynKernel {
                 for (w, lanes) in plan.rows.iter().zip(&lanes) {
                     rows[row * nrr + w.index] = combine_lanes(w.op, lanes);
                 }
+            }
+        }
+        if !plan.dims.is_empty() {
+            // The whole tensor in element order, each value added in f64 to
+            // its row's or column's result (as the generated loop).
+            let view = dims.view();
+            for (a, w) in &plan.dims {
+                let per = e.dim_reductions[usize::from(*a == Axis::SecondLast)];
+                for k in 0..view.count(*a, len) {
+                    rows[dims.at(*a) + k * per + w.index] = 0.0;
+                }
+            }
+            let mut off = 0;
+            while off < len {
+                let n = BLOCK.min(len - off);
+                sc.eval(&plan.code, &inputs, RowCtx::of(rows, dims, e), off, n);
+                for (a, w) in &plan.dims {
+                    let per = e.dim_reductions[usize::from(*a == Axis::SecondLast)];
+                    let at = dims.at(*a);
+                    let v = sc.arg(w.arg, &inputs, off, n);
+                    for i in 0..n {
+                        let x = match v {
+                            Arg::Slice(x) => x[i],
+                            Arg::Splat(x) => x,
+                        };
+                        rows[at + view.index(*a, off + i) * per + w.index] += f64::from(x);
+                    }
+                }
+                off += n;
             }
         }
         put_scratch(sc);
@@ -558,7 +595,7 @@ impl DynKernel {
         g: &[f32],
         st: [&mut [f32]; MAX_STATES],
         rows: &[f64],
-        row_len: usize,
+        dims: Dims,
     ) {
         let e = &*self.exec;
         let len = p.read().len();
@@ -577,13 +614,7 @@ impl DynKernel {
                         &*st[0], &*st[1], &*st[2], &*st[3], &*st[4], &*st[5], &*st[6], &*st[7],
                     ],
                 };
-                sc.eval(
-                    &plan.code,
-                    &inputs,
-                    RowCtx::of(rows, row_len, e.row_reductions),
-                    off,
-                    n,
-                );
+                sc.eval(&plan.code, &inputs, RowCtx::of(rows, dims, e), off, n);
                 // An output that is an input (`m = g`, `p = v`) is copied
                 // before any output of this block is written.
                 for (k, &(_, r)) in plan.outputs.iter().enumerate() {
@@ -598,6 +629,22 @@ impl DynKernel {
                 let dst = match target {
                     Target::Param => &mut p.write()[off..off + n],
                     Target::State(i) => &mut st[i][off..off + n],
+                    Target::Reduced(i, a) => {
+                        // The last element of each row or column writes
+                        // (after its row or column has read the old value).
+                        let view = dims.view();
+                        for j in 0..n {
+                            if view.closes(a, off + j) {
+                                st[i][view.index(a, off + j)] = match r {
+                                    Ref::Col(c) => sc.cols[c][j],
+                                    Ref::Hoisted(h) => sc.hoisted[h],
+                                    Ref::Const(v) => v,
+                                    Ref::P | Ref::G | Ref::State(_) => outs[k][j],
+                                };
+                            }
+                        }
+                        continue;
+                    }
                 };
                 match r {
                     Ref::Col(c) => dst.copy_from_slice(&sc.cols[c][..n]),
@@ -653,6 +700,10 @@ enum Ref {
 enum Instr {
     /// A row reduction's result for the element's row (`slot`).
     Row(usize),
+    /// A result over the axis for the element's row or column (`slot`).
+    DimRow(Axis, usize),
+    /// A state reduced over the axis: its value for the element's row or column.
+    Gather(usize, Axis),
     Unary(UnaryOp, Ref),
     Binary(BinaryOp, Ref, Ref),
     Select(Ref, Ref, Ref),
@@ -683,12 +734,17 @@ struct PassPlan {
     code: LoopCode,
     whole: Vec<Red>,
     rows: Vec<Red>,
+    /// Sums over one of the last two dimensions (`index`: the slot).
+    dims: Vec<(Axis, Red)>,
 }
 
 #[derive(Clone, Copy, Debug)]
 enum Target {
     Param,
     State(usize),
+    /// A state reduced over the axis: the last element of each row or
+    /// column writes it.
+    Reduced(usize, Axis),
 }
 
 #[derive(Clone, Debug, Default)]
@@ -709,6 +765,8 @@ struct Exec {
     /// Each matrix block's loop (its value into its state).
     mats: Vec<UpdatePlan>,
     row_reductions: usize,
+    /// Reductions over the last and the second-to-last dimension.
+    dim_reductions: [usize; 2],
 }
 
 fn leak(s: &str) -> &'static str {
@@ -744,6 +802,8 @@ fn describe(prog: &Program) -> &'static KernelDesc {
         .map(|s| StateInfo {
             name: leak(&s.name),
             fill: s.fill as f32,
+            reduced: s.reduced,
+            per_tensor: s.per_tensor,
         })
         .collect();
     let reductions: Vec<ReductionInfo> = prog
@@ -755,6 +815,7 @@ fn describe(prog: &Program) -> &'static KernelDesc {
                 ir::Scope::Tensor => Scope::Tensor,
                 ir::Scope::Global => Scope::Global,
                 ir::Scope::Rows => Scope::Rows,
+                ir::Scope::Dim(a) => Scope::Dim(a),
             },
             pass: r.pass,
         })
@@ -776,6 +837,12 @@ fn describe(prog: &Program) -> &'static KernelDesc {
         passes: prog.n_phases,
         finite_check: prog.finite_check,
         row_reductions: prog.row_reductions(),
+        dim_reductions: [
+            prog.scope_reductions(ir::Scope::Dim(Axis::Last)),
+            prog.scope_reductions(ir::Scope::Dim(Axis::SecondLast)),
+        ],
+        factored: prog.factored(),
+        cpu_only: prog.cpu_only().map(|w| leak(&w)),
         writes_param: prog.param_written(),
         matrices: Box::leak(
             prog.mats
@@ -818,7 +885,17 @@ impl Exec {
                 ..Default::default()
             };
             for &(i, r) in &pass.reductions {
-                if r.scope == ir::Scope::Rows {
+                if let ir::Scope::Dim(a) = r.scope {
+                    plan.dims.push((
+                        a,
+                        Red {
+                            index: prog.row_slot(i).expect("a dimension reduction"),
+                            op: fold(r.op),
+                            arg: map(r.arg),
+                            check: false,
+                        },
+                    ));
+                } else if r.scope == ir::Scope::Rows {
                     plan.rows.push(Red {
                         index: prog.row_slot(i).expect("a row reduction"),
                         op: fold(r.op),
@@ -843,7 +920,11 @@ impl Exec {
             outputs.push((Target::Param, map(p)));
         }
         for &(i, value) in &pass.state_writes {
-            outputs.push((Target::State(i), map(value)));
+            let target = match prog.states[i].reduced {
+                Some(a) => Target::Reduced(i, a),
+                None => Target::State(i),
+            };
+            outputs.push((target, map(value)));
         }
         drop(map);
         drop(pass);
@@ -859,7 +940,9 @@ impl Exec {
             mats.push(UpdatePlan { code, outputs });
         }
         let row_reductions = prog.row_reductions();
+        let dim_reductions = desc.dim_reductions;
         Exec {
+            dim_reductions,
             desc,
             step_nodes,
             tensor_nodes,
@@ -933,18 +1016,26 @@ fn loop_code<'p>(prog: &'p Program, plan: &LoopPlan) -> (LoopCode, impl Fn(NodeI
                 refs.insert(id, Ref::G);
                 continue;
             }
-            Op::State(s) => {
-                refs.insert(id, Ref::State(s));
-                continue;
-            }
+            Op::State(s) => match prog.states[s].reduced {
+                Some(a) => Instr::Gather(s, a),
+                None => {
+                    refs.insert(id, Ref::State(s));
+                    continue;
+                }
+            },
             Op::MatOut(b) => {
                 refs.insert(id, Ref::State(prog.mats[b].state));
                 continue;
             }
-            Op::Reduced(red) => Instr::Row(
-                prog.row_slot(red)
-                    .expect("a per-element reduction reads rows"),
-            ),
+            Op::Reduced(red) => {
+                let slot = prog
+                    .row_slot(red)
+                    .expect("a per-element reduction reads rows");
+                match prog.reductions[red].scope {
+                    ir::Scope::Dim(a) => Instr::DimRow(a, slot),
+                    _ => Instr::Row(slot),
+                }
+            }
             Op::Unary(op, a) => Instr::Unary(op, r(&refs, a)),
             Op::Binary(op, a, b) => Instr::Binary(op, r(&refs, a), r(&refs, b)),
             Op::Select(c, a, b) => Instr::Select(r(&refs, c), r(&refs, a), r(&refs, b)),
@@ -966,21 +1057,30 @@ struct Inputs<'a> {
     st: [&'a [f32]; MAX_STATES],
 }
 
-/// What an update pass needs to read row results.
+/// What a pass needs to read per-element reduction results.
 #[derive(Clone, Copy)]
 struct RowCtx<'a> {
     rows: &'a [f64],
-    row_len: usize,
+    dims: Dims,
     per_row: usize,
+    per_dim: [usize; 2],
 }
 
 impl<'a> RowCtx<'a> {
-    fn of(rows: &'a [f64], row_len: usize, per_row: usize) -> Option<Self> {
-        (per_row > 0).then_some(RowCtx {
+    fn of(rows: &'a [f64], dims: Dims, e: &Exec) -> Self {
+        RowCtx {
             rows,
-            row_len,
-            per_row,
-        })
+            dims,
+            per_row: e.row_reductions,
+            per_dim: e.dim_reductions,
+        }
+    }
+
+    fn per(&self, a: Axis) -> usize {
+        match a {
+            Axis::Last => self.per_dim[0],
+            Axis::SecondLast => self.per_dim[1],
+        }
     }
 }
 
@@ -1046,22 +1146,26 @@ impl Scratch {
 
     /// Computes every column of `code` for elements `[off, off + n)`.
     #[inline(always)]
-    fn eval(
-        &mut self,
-        code: &LoopCode,
-        inp: &Inputs<'_>,
-        rows: Option<RowCtx<'_>>,
-        off: usize,
-        n: usize,
-    ) {
+    fn eval(&mut self, code: &LoopCode, inp: &Inputs<'_>, rc: RowCtx<'_>, off: usize, n: usize) {
         for (col, instr) in &code.instrs {
             let mut out = std::mem::take(&mut self.cols[*col]);
             let o = &mut out[..n];
             match *instr {
                 Instr::Row(slot) => {
-                    let rc = rows.expect("row results in the update pass");
                     for (i, x) in o.iter_mut().enumerate() {
-                        *x = rc.rows[((off + i) / rc.row_len) * rc.per_row + slot] as f32;
+                        *x = rc.rows[((off + i) / rc.dims.row_len) * rc.per_row + slot] as f32;
+                    }
+                }
+                Instr::DimRow(a, slot) => {
+                    let (view, at, per) = (rc.dims.view(), rc.dims.at(a), rc.per(a));
+                    for (i, x) in o.iter_mut().enumerate() {
+                        *x = rc.rows[at + view.index(a, off + i) * per + slot] as f32;
+                    }
+                }
+                Instr::Gather(s, a) => {
+                    let view = rc.dims.view();
+                    for (i, x) in o.iter_mut().enumerate() {
+                        *x = inp.st[s][view.index(a, off + i)];
                     }
                 }
                 Instr::Unary(op, a) => {

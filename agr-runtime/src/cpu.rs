@@ -33,6 +33,16 @@ pub struct KernelDesc {
     pub finite_check: usize,
     /// Reductions with one result per row (see `row_sum`).
     pub row_reductions: usize,
+    /// Reductions over the last and over the second-to-last dimension
+    /// (see `sum(x, -1)`).
+    pub dim_reductions: [usize; 2],
+    /// Whether a pass reads whole rows or columns of the last two
+    /// dimensions (a reduction over one of them, a reduced state): then each
+    /// tensor is one unit of work.
+    pub factored: bool,
+    /// What keeps the spec on the CPU (a matrix block, a reduced state, a
+    /// reduction over one dimension), in words; `None` where it has kernels.
+    pub cpu_only: Option<&'static str>,
     /// Whether the step changes the parameter at all.
     pub writes_param: bool,
     /// Matrix blocks (`matrix x = value { ... }`), in spec order. A spec
@@ -51,10 +61,13 @@ pub struct MatrixInfo {
 }
 
 impl KernelDesc {
-    /// Elements per unit of work for a tensor with rows of `row_len`: `chunk`,
-    /// or, with row reductions, as many whole rows as fit (at least one).
-    pub fn chunk_len(&self, row_len: usize, chunk: usize) -> usize {
-        if self.row_reductions > 0 {
+    /// Elements per unit of work for a tensor of `numel` elements with rows
+    /// of `row_len`: `chunk`, or, with row reductions, as many whole rows as
+    /// fit (at least one); a factored spec's tensors are stepped whole.
+    pub fn chunk_len(&self, numel: usize, row_len: usize, chunk: usize) -> usize {
+        if self.factored {
+            numel.max(1)
+        } else if self.row_reductions > 0 {
             row_len * (chunk / row_len).max(1)
         } else {
             chunk
@@ -108,7 +121,9 @@ pub trait Kernel: 'static + Clone + Send + Sync {
     /// Reduction pass `pass` over one chunk of a tensor: writes this chunk's
     /// partial result of every tensor or global reduction of that pass into
     /// `acc`, and the results of its row reductions into `rows` (the chunk's
-    /// whole rows of `row_len` elements, `row_reductions` values per row).
+    /// whole rows of `dims.row_len` elements, `row_reductions` values per
+    /// row; for a factored spec the whole tensor's results, laid out as
+    /// [`crate::Dims`] says).
     #[allow(clippy::too_many_arguments)]
     fn reduce(
         &self,
@@ -119,7 +134,7 @@ pub trait Kernel: 'static + Clone + Send + Sync {
         g: &[f32],
         st: [&[f32]; MAX_STATES],
         rows: &mut [f64],
-        row_len: usize,
+        dims: crate::Dims,
         acc: &mut [f64],
     );
     /// The update pass over one chunk of a tensor.
@@ -132,12 +147,26 @@ pub trait Kernel: 'static + Clone + Send + Sync {
         g: &[f32],
         st: [&mut [f32]; MAX_STATES],
         rows: &[f64],
-        row_len: usize,
+        dims: crate::Dims,
     );
+    /// The new values of the spec's per-tensor states (`per_tensor`), by
+    /// state index, from the tensor's scalars after the step's last phase:
+    /// the engine stores them once the step has succeeded. (The passes never
+    /// see a per-tensor state: its old value reaches the scalars through
+    /// [`TensorMeta::state`].)
+    fn tensor_states(
+        &self,
+        s: &Self::StepScalars,
+        ts: &Self::TensorScalars,
+        out: &mut [f32; MAX_STATES],
+    ) {
+        let _ = (s, ts, out);
+    }
+
     /// Matrix block `block` (see [`KernelDesc::matrices`]) over one whole
     /// tensor: computes the block's value per element into the block's
     /// state buffer, then runs its matrix program there ([`crate::mat::run`]),
-    /// `len / row_len` rows by `row_len` columns. It writes nothing else.
+    /// `len / dims.row_len` rows by `dims.row_len` columns. It writes nothing else.
     #[allow(clippy::too_many_arguments)]
     fn matrix(
         &self,
@@ -148,10 +177,10 @@ pub trait Kernel: 'static + Clone + Send + Sync {
         g: &[f32],
         st: [&mut [f32]; MAX_STATES],
         rows: &[f64],
-        row_len: usize,
+        dims: crate::Dims,
         ws: &mut crate::mat::Workspace,
     ) -> Result<(), String> {
-        let _ = (s, ts, p, g, st, rows, row_len, ws);
+        let _ = (s, ts, p, g, st, rows, dims, ws);
         Err(format!("the spec has no matrix block {block}"))
     }
 }

@@ -23,7 +23,7 @@ use crate::device::{DeviceError, Exec, Launch, RawParam, Store};
 use crate::emulated::{AgrChunk, AgrTensor};
 use crate::optimizer::skip_pass_of;
 use crate::optimizer::{validate_params, ParamSeen};
-use crate::{NonFinite, Optimizer, ParamMut, StepError, StepReport, TensorMeta, MAX_STATES};
+use crate::{NonFinite, Optimizer, ParamMut, StepError, StepReport, MAX_STATES};
 use std::borrow::Cow;
 
 /// cudarc's stream and the guard that records a buffer's use on one (the
@@ -583,7 +583,7 @@ impl Launch for CudaExec {
         }
         let rows = if desc.row_reductions > 0 {
             Some(
-                s.alloc_zeros::<f64>(n / TensorMeta::row_len_of(shape) * desc.row_reductions)
+                s.alloc_zeros::<f64>(crate::Dims::of(shape, desc).results)
                     .map_err(cuda_err)?,
             )
         } else {

@@ -85,8 +85,9 @@ pub enum DeviceError {
     NoCudaFeature,
     /// The CUDA driver, NVRTC or the GPU failed.
     Cuda(String),
-    /// The spec has matrix blocks, which run on the CPU only.
-    CpuOnly { optimizer: String, block: String },
+    /// The spec has a matrix block, a reduced state or a reduction over one
+    /// dimension, which run on the CPU only.
+    CpuOnly { optimizer: String, reason: String },
 }
 
 impl fmt::Display for DeviceError {
@@ -97,9 +98,9 @@ impl fmt::Display for DeviceError {
                 "this build of agr has no GPU support: build agr-runtime with the `cuda` feature",
             ),
             DeviceError::Cuda(e) => write!(f, "CUDA: {e}"),
-            DeviceError::CpuOnly { optimizer, block } => write!(
+            DeviceError::CpuOnly { optimizer, reason } => write!(
                 f,
-                "`{optimizer}` has a matrix block (`{block}`), and matrix blocks run on the CPU only in this version; step it on the CPU"
+                "`{optimizer}` has {reason}, which runs on the CPU only in this version; step it on the CPU"
             ),
         }
     }
@@ -142,16 +143,15 @@ impl Clone for Store {
 impl Store {
     /// A new parameter's host state: each buffer at its spec's fill value.
     pub(crate) fn new_host(desc: &KernelDesc, shape: &[usize], index: usize) -> Store {
-        let n: usize = shape.iter().product();
         let ns = desc.states.len();
         Store::Host {
             bufs: desc
                 .states
                 .iter()
                 .enumerate()
-                .map(|(k, s)| AlignedBuf::filled(n, s.fill, index * ns + k))
+                .map(|(k, s)| AlignedBuf::filled(s.len(shape), s.fill, index * ns + k))
                 .collect(),
-            rows: vec![0.0; n / TensorMeta::row_len_of(shape).max(1) * desc.row_reductions],
+            rows: vec![0.0; crate::Dims::of(shape, desc).results],
         }
     }
 
@@ -355,10 +355,10 @@ impl<K: Kernel> Optimizer<K> {
     /// A spec with matrix blocks stays on the CPU: checked before a device's
     /// kernels are built for it.
     pub(crate) fn cpu_only(&self, device: Device) -> Result<(), DeviceError> {
-        match self.desc.matrices.first() {
-            Some(m) if device != Device::Cpu => Err(DeviceError::CpuOnly {
+        match self.desc.cpu_only {
+            Some(why) if device != Device::Cpu => Err(DeviceError::CpuOnly {
                 optimizer: self.desc.name.to_string(),
-                block: m.name.to_string(),
+                reason: why.to_string(),
             }),
             _ => Ok(()),
         }
@@ -559,12 +559,7 @@ impl<K: Kernel> Optimizer<K> {
             }
             let st = self.tensors[i].as_mut().expect("created above");
             let (bufs, rows) = st.store.pointers();
-            let meta = TensorMeta {
-                t: st.t + 1,
-                ndim: p.shape.len(),
-                numel: p.shape.iter().product(),
-                row_len: TensorMeta::row_len_of(p.shape),
-            };
+            let meta = TensorMeta::of(p.shape, st.t + 1);
             metas.push(meta);
             table.push(AgrTensor {
                 p: p.value,

@@ -81,7 +81,7 @@ pub(crate) fn chunk_table(
     let mut chunks = vec![];
     let mut spans = vec![];
     for (slot, m) in metas.iter().enumerate() {
-        let size = desc.chunk_len(m.row_len, chunk);
+        let size = desc.chunk_len(m.numel, m.row_len, chunk);
         let first = chunks.len();
         let mut start = 0;
         while start < m.numel {

@@ -20,6 +20,8 @@ crate::optimizer! { file = "specs/adopt.agr" }
 crate::optimizer! { file = "specs/cadamw_agr.agr" }
 crate::optimizer! { file = "specs/muon.agr" }
 crate::optimizer! { file = "specs/muon_agr.agr" }
+crate::optimizer! { file = "specs/adafactor.agr" }
+crate::optimizer! { file = "specs/nadam.agr" }
 
 /// A built-in optimizer: its name in golden files and on the command line,
 /// its Rust type name, and its spec source.
@@ -70,6 +72,8 @@ builtins! {
     "cadamw_agr" => CAdamWAgr, "cadamw_agr.agr";
     "muon" => Muon, "muon.agr";
     "muon_agr" => MuonAgr, "muon_agr.agr";
+    "adafactor" => Adafactor, "adafactor.agr";
+    "nadam" => NAdam, "nadam.agr";
 }
 
 /// Looks a built-in up by name; an unknown name is an error that lists them.

@@ -7,7 +7,7 @@ use rayon::prelude::*;
 use crate::cpu::{Kernel, KernelDesc, StaticKernel};
 use crate::device::{Exec, Store};
 use crate::groups::{self, Group, GroupError, Override, ParamGroups, DEFAULT_GROUP};
-use crate::{ConfigError, HyperConfig, HyperValue, Scope, TensorMeta, MAX_STATES};
+use crate::{ConfigError, Dims, HyperConfig, HyperValue, Scope, TensorMeta, MAX_STATES};
 
 /// One parameter tensor for a step: its values (updated in place), its
 /// gradient (`None` skips the tensor this step, as PyTorch skips a parameter
@@ -235,8 +235,14 @@ pub(crate) struct Ptrs {
     pub(crate) p: *mut f32,
     pub(crate) g: *const f32,
     pub(crate) st: [*mut f32; MAX_STATES],
+    /// Each state's slice in a work item: `None` per element (the chunk's
+    /// elements), `Some(n)` the whole buffer of `n` values (a reduced state;
+    /// 0 for a per-tensor state, which the passes never see).
+    pub(crate) st_len: [Option<usize>; MAX_STATES],
     pub(crate) rows: *mut f64,
-    pub(crate) row_len: usize,
+    pub(crate) dims: Dims,
+    /// A factored spec's work item is the whole tensor, with all its results.
+    pub(crate) whole: bool,
 }
 
 // SAFETY: the pointers are only dereferenced inside `Optimizer::step`, for
@@ -696,25 +702,31 @@ impl<K: Kernel> Optimizer<K> {
             sc.slot_group
                 .push(self.group_of.get(i).copied().unwrap_or(0));
             let mut stp = [std::ptr::null_mut(); MAX_STATES];
+            let mut st_len = [None; MAX_STATES];
+            let mut meta = TensorMeta::of(p.shape, st.t + 1);
             for (k, b) in bufs.iter_mut().enumerate() {
                 stp[k] = b.as_mut_ptr();
+                if desc.states[k].per_tensor {
+                    meta.state[k] = b.as_slice()[0];
+                    st_len[k] = Some(0);
+                } else if desc.states[k].reduced.is_some() {
+                    st_len[k] = Some(b.as_slice().len());
+                }
             }
             let n = p.value.len();
-            let row_len = TensorMeta::row_len_of(p.shape);
+            let dims = Dims::of(p.shape, desc);
+            debug_assert_eq!(rows.len(), dims.results);
             sc.ptrs.push(Ptrs {
                 p: p.value.as_mut_ptr(),
                 g: g.as_ptr(),
                 st: stp,
+                st_len,
                 rows: rows.as_mut_ptr(),
-                row_len,
+                dims,
+                whole: desc.factored,
             });
-            sc.metas.push(TensorMeta {
-                t: st.t + 1,
-                ndim: p.shape.len(),
-                numel: n,
-                row_len,
-            });
-            let chunk = desc.chunk_len(row_len, CHUNK);
+            sc.metas.push(meta);
+            let chunk = desc.chunk_len(n, dims.row_len, CHUNK);
             let mut start = 0;
             while start < n {
                 let len = chunk.min(n - start);
@@ -768,7 +780,7 @@ impl<K: Kernel> Optimizer<K> {
                             let rows = unsafe { rows_of(pt, 0, n, desc.row_reductions) };
                             let ss = &sss[slot_group[j]];
                             kernel
-                                .matrix(b, ss, &ts[j], p, g, st, rows, pt.row_len, ws)
+                                .matrix(b, ss, &ts[j], p, g, st, rows, pt.dims, ws)
                                 .map_err(|e| (j, info.name.to_string(), e))
                         };
                         let res: Result<(), (usize, String, String)> = (0..na)
@@ -792,17 +804,7 @@ impl<K: Kernel> Optimizer<K> {
                             let rows =
                                 unsafe { rows_of(pt, item.start, item.len, desc.row_reductions) };
                             let ss = &sss[slot_group[item.slot]];
-                            kernel.reduce(
-                                phase,
-                                ss,
-                                &ts[item.slot],
-                                p,
-                                g,
-                                st,
-                                rows,
-                                pt.row_len,
-                                acc,
-                            );
+                            kernel.reduce(phase, ss, &ts[item.slot], p, g, st, rows, pt.dims, acc);
                         };
                         if nr > 0 {
                             if parallel {
@@ -838,7 +840,7 @@ impl<K: Kernel> Optimizer<K> {
                             let rows =
                                 unsafe { rows_of(pt, item.start, item.len, desc.row_reductions) };
                             let ss = &sss[slot_group[item.slot]];
-                            kernel.update(ss, &ts[item.slot], p, g, st, rows, pt.row_len);
+                            kernel.update(ss, &ts[item.slot], p, g, st, rows, pt.dims);
                         };
                         if parallel {
                             sc.items.par_iter().for_each(run);
@@ -883,9 +885,26 @@ impl<K: Kernel> Optimizer<K> {
                 skipped_non_finite: Some(index),
             });
         }
-        for &i in &sc.active {
-            if let Some(t) = self.tensors[i].as_mut() {
-                t.t += 1;
+        // The step succeeded: per-tensor states take their new values.
+        let per_tensor = desc.states.iter().any(|s| s.per_tensor);
+        for (j, &i) in sc.active.iter().enumerate() {
+            let Some(t) = self.tensors[i].as_mut() else {
+                continue;
+            };
+            t.t += 1;
+            if per_tensor {
+                let mut out = [0.0f32; MAX_STATES];
+                kernel.tensor_states(&sc.ss[sc.slot_group[j]], &sc.ts[j], &mut out);
+                #[allow(irrefutable_let_patterns)]
+                let Store::Host { bufs, .. } = &mut t.store
+                else {
+                    unreachable!("the CPU keeps state in host memory")
+                };
+                for (k, info) in desc.states.iter().enumerate() {
+                    if info.per_tensor {
+                        bufs[k].as_mut_slice()[0] = out[k];
+                    }
+                }
             }
         }
         self.steps += 1;
@@ -963,11 +982,15 @@ fn combine(
 /// The row results of the rows in [start, start+len) (empty without row
 /// reductions).
 unsafe fn rows_of<'a>(pt: Ptrs, start: usize, len: usize, per_row: usize) -> &'a mut [f64] {
+    if pt.whole {
+        // The whole tensor: every result (row, last and second-to-last).
+        return std::slice::from_raw_parts_mut(pt.rows, pt.dims.results);
+    }
     if per_row == 0 || len == 0 {
         return &mut [];
     }
-    let first = start / pt.row_len;
-    let count = len.div_ceil(pt.row_len);
+    let first = start / pt.dims.row_len;
+    let count = len.div_ceil(pt.dims.row_len);
     std::slice::from_raw_parts_mut(pt.rows.add(first * per_row), count * per_row)
 }
 
@@ -980,8 +1003,11 @@ unsafe fn chunk_ref<'a>(
     let p = std::slice::from_raw_parts(pt.p.add(start), len);
     let g = std::slice::from_raw_parts(pt.g.add(start), len);
     let mut st: [&[f32]; MAX_STATES] = [&[]; MAX_STATES];
-    for (s, &ptr) in st.iter_mut().zip(&pt.st).take(ns) {
-        *s = std::slice::from_raw_parts(ptr.add(start), len);
+    for ((s, &ptr), &whole) in st.iter_mut().zip(&pt.st).zip(&pt.st_len).take(ns) {
+        *s = match whole {
+            Some(n) => std::slice::from_raw_parts(ptr, n),
+            None => std::slice::from_raw_parts(ptr.add(start), len),
+        };
     }
     (p, g, st)
 }
@@ -995,8 +1021,11 @@ unsafe fn chunk_mut<'a>(
     let p = std::slice::from_raw_parts_mut(pt.p.add(start), len);
     let g = std::slice::from_raw_parts(pt.g.add(start), len);
     let mut st: [&mut [f32]; MAX_STATES] = Default::default();
-    for (s, &ptr) in st.iter_mut().zip(&pt.st).take(ns) {
-        *s = std::slice::from_raw_parts_mut(ptr.add(start), len);
+    for ((s, &ptr), &whole) in st.iter_mut().zip(&pt.st).zip(&pt.st_len).take(ns) {
+        *s = match whole {
+            Some(n) => std::slice::from_raw_parts_mut(ptr, n),
+            None => std::slice::from_raw_parts_mut(ptr.add(start), len),
+        };
     }
     (p, g, st)
 }

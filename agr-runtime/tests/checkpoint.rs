@@ -265,3 +265,143 @@ fn stored_shapes_are_checked() {
         .unwrap();
     assert_eq!(fresh.steps(), 1);
 }
+
+/// Values of `shapes`, from the test's data.
+fn init_of(shapes: &[&[usize]]) -> Vec<Vec<f32>> {
+    shapes
+        .iter()
+        .enumerate()
+        .map(|(i, s)| data(s.iter().product(), i as u64))
+        .collect()
+}
+
+/// Steps `ts` of `opt` over `values` (of `shapes`), every tensor with a
+/// gradient from the test's data.
+fn run_steps<K: agr_runtime::Kernel>(
+    opt: &mut agr_runtime::Optimizer<K>,
+    values: &mut [Vec<f32>],
+    shapes: &[&[usize]],
+    ts: std::ops::RangeInclusive<u64>,
+) {
+    for t in ts {
+        let g: Vec<Vec<f32>> = values
+            .iter()
+            .enumerate()
+            .map(|(i, v)| data(v.len(), 100 * t + i as u64))
+            .collect();
+        let mut ps: Vec<ParamMut<'_>> = values
+            .iter_mut()
+            .zip(&g)
+            .zip(shapes)
+            .map(|((v, g), s)| ParamMut::new(v, Some(g), s))
+            .collect();
+        opt.step_params(&mut ps).unwrap();
+    }
+}
+
+/// Adafactor keeps reduced states (one value per row or column of the last
+/// two dimensions): their checkpoints hold the reduced shapes, a resume is
+/// bit for bit, and a reduced state of the wrong shape is refused.
+#[test]
+fn reduced_states_resume_bit_for_bit_and_their_shapes_are_checked() {
+    use agr_runtime::optim::{Adafactor, AdafactorConfig};
+    use safetensors::SafeTensors;
+    const SHAPES: &[&[usize]] = &[&[2, 3, 4], &[5], &[6, 7]];
+    let run = |opt: &mut Adafactor, v: &mut Vec<Vec<f32>>, ts| run_steps(opt, v, SHAPES, ts);
+    let init = init_of(SHAPES);
+    let config = AdafactorConfig::default().with_weight_decay(0.01);
+    let mut straight = Adafactor::with_config(config.clone()).unwrap();
+    let mut a = init.clone();
+    run(&mut straight, &mut a, 1..=6);
+    let mut first = Adafactor::with_config(config).unwrap();
+    let mut b = init;
+    run(&mut first, &mut b, 1..=3);
+    let saved = first.save_checkpoint();
+    let st = SafeTensors::deserialize(&saved).unwrap();
+    assert_eq!(st.tensor("0.vr").unwrap().shape(), &[2, 3, 1]);
+    assert_eq!(st.tensor("0.vc").unwrap().shape(), &[2, 1, 4]);
+    assert_eq!(st.tensor("1.vr").unwrap().shape(), &[1]);
+    assert_eq!(st.tensor("1.vc").unwrap().shape(), &[5]);
+    assert_eq!(first.state(2, "vr").unwrap().len(), 6);
+    assert_eq!(first.state(2, "vc").unwrap().len(), 7);
+    let mut resumed = Adafactor::with_config(AdafactorConfig::default()).unwrap();
+    resumed.load_checkpoint(&saved).unwrap();
+    run(&mut resumed, &mut b, 4..=6);
+    assert_eq!(bits(&a), bits(&b), "resumed run differs");
+
+    // `0.vr` stored per element instead of per row: refused, nothing changes.
+    let (_, header) = SafeTensors::read_metadata(&saved).unwrap();
+    let meta = header.metadata().clone();
+    let full = vec![0u8; 24 * 4];
+    let mut tensors: Vec<(String, safetensors::tensor::TensorView<'_>)> = st
+        .tensors()
+        .into_iter()
+        .filter(|(n, _)| n != "0.vr")
+        .collect();
+    tensors.push((
+        "0.vr".into(),
+        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![2, 3, 4], &full)
+            .unwrap(),
+    ));
+    let bad = safetensors::serialize(tensors, meta).unwrap();
+    let mut fresh = Adafactor::with_config(AdafactorConfig::default()).unwrap();
+    let e = fresh.load_checkpoint(&bad).unwrap_err().to_string();
+    assert!(
+        e.contains("`0.vr` has shape [2, 3, 4], not [2, 3, 1] (its parameter's [2, 3, 4] reduced over dimension -1)"),
+        "{e}"
+    );
+    assert_eq!(fresh.steps(), 0);
+}
+
+/// NAdam keeps its momentum schedule's running product per tensor: the
+/// checkpoint holds it as a scalar, a resume is bit for bit, and a step
+/// skipped for a non-finite gradient leaves it as it was.
+#[test]
+fn a_per_tensor_state_resumes_bit_for_bit_and_a_skipped_step_keeps_it() {
+    use agr_runtime::optim::{NAdam, NAdamConfig};
+    use agr_runtime::NonFinite;
+    use safetensors::SafeTensors;
+    const SHAPES: &[&[usize]] = &[&[2, 3, 4], &[5], &[]];
+    let run = |opt: &mut NAdam, v: &mut Vec<Vec<f32>>, ts| run_steps(opt, v, SHAPES, ts);
+    let init = init_of(SHAPES);
+    let config = NAdamConfig::default().with_momentum_decay(0.05);
+    let mut straight = NAdam::with_config(config.clone()).unwrap();
+    let mut a = init.clone();
+    run(&mut straight, &mut a, 1..=6);
+    let mut first = NAdam::with_config(config).unwrap();
+    let mut b = init;
+    run(&mut first, &mut b, 1..=3);
+    // mu_product = mu_1 mu_2 mu_3, one number per tensor.
+    let mu = |t: f64| 0.9 * (1.0 - 0.5 * 0.96f64.powf(t * 0.05));
+    let want = (mu(1.0) * mu(2.0) * mu(3.0)) as f32;
+    for i in 0..3 {
+        let got = first.state(i, "mu_product").unwrap();
+        assert_eq!(got.len(), 1);
+        assert!((got[0] - want).abs() <= 1e-6 * want, "{got:?} vs {want}");
+    }
+    let saved = first.save_checkpoint();
+    let st = SafeTensors::deserialize(&saved).unwrap();
+    assert_eq!(st.tensor("0.mu_product").unwrap().shape(), &[] as &[usize]);
+    assert_eq!(st.tensor("0.m").unwrap().shape(), &[2, 3, 4]);
+
+    // A NaN gradient under Skip: nothing moves, the product included.
+    first.set_non_finite_policy(NonFinite::Skip);
+    let before = first.state(1, "mu_product").unwrap().to_vec();
+    let nan = vec![data(24, 9), data(5, 10), vec![f32::NAN]];
+    let mut vals = b.clone();
+    let mut ps: Vec<ParamMut<'_>> = vals
+        .iter_mut()
+        .zip(&nan)
+        .zip(SHAPES)
+        .map(|((v, g), s)| ParamMut::new(v, Some(g), s))
+        .collect();
+    let r = first.step_params(&mut ps).unwrap();
+    assert_eq!(r.updated, 0);
+    assert_eq!(first.state(1, "mu_product").unwrap(), &before[..]);
+    assert_eq!(bits(&vals), bits(&b));
+
+    let mut resumed = NAdam::with_config(NAdamConfig::default()).unwrap();
+    resumed.load_checkpoint(&saved).unwrap();
+    run(&mut resumed, &mut b, 4..=6);
+    assert_eq!(bits(&a), bits(&b), "resumed run differs");
+}

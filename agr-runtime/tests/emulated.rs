@@ -89,9 +89,10 @@ fn every_builtin_steps_on_the_emulated_device_as_on_the_cpu() {
     for b in BUILTINS {
         let mut cpu = b.make();
         let mut emu = b.make();
-        if !emu.desc().matrices.is_empty() {
-            // Muon: matrix blocks run on the CPU only; the move is refused
-            // and changes nothing.
+        if emu.desc().cpu_only.is_some() {
+            // Muon (matrix blocks), Adafactor (reduced states), NAdam (a
+            // per-tensor state) run on the CPU only; the move is refused and
+            // changes nothing.
             let e = emu.set_device(dev()).unwrap_err();
             assert!(matches!(e, agr_runtime::DeviceError::CpuOnly { .. }), "{e}");
             assert_eq!(emu.device(), agr_runtime::Device::Cpu);
@@ -351,17 +352,17 @@ fn every_golden_file_replays_on_the_emulated_device() {
     for f in &files {
         let g = golden::load(f).unwrap();
         let Some(b) = builtin(&g.optimizer) else {
-            // Adafactor: the spec language cannot say it yet.
             waiting.push(g.optimizer.clone());
             continue;
         };
         let spec = agr_runtime::compile(b.source).unwrap();
         let mut generated = b.make();
-        if !spec.desc().matrices.is_empty() {
-            // Muon: matrix blocks run on the CPU only. The device says so
+        if spec.desc().cpu_only.is_some() {
+            // Muon (matrix blocks), Adafactor (reduced states) and NAdam
+            // (a per-tensor state) run on the CPU only. The device says so
             // and changes nothing; both CPU paths replay.
             let e = generated.set_device(dev()).unwrap_err();
-            assert!(e.to_string().contains("run on the CPU only"), "{e}");
+            assert!(e.to_string().contains("on the CPU only"), "{e}");
             assert_eq!(generated.device(), agr_runtime::Device::Cpu);
             for (how, opt) in [
                 ("generated, on the CPU", generated),
@@ -387,18 +388,20 @@ fn every_golden_file_replays_on_the_emulated_device() {
         replayed += 1;
     }
     println!(
-        "{replayed} of {} golden files replayed three ways; on the CPU only (matrix blocks): {cpu_only:?}; not built in: {waiting:?}",
+        "{replayed} of {} golden files replayed three ways; on the CPU only (matrix blocks, reduced and per-tensor states): {cpu_only:?}; not built in: {waiting:?}",
         files.len()
     );
     assert!(replayed >= 24, "replayed {replayed}");
     assert!(
         cpu_only
             .iter()
-            .all(|o| ["muon", "muon_agr"].contains(&o.as_str()))
-            && cpu_only.len() >= 2,
+            .all(|o| ["muon", "muon_agr", "adafactor", "nadam"].contains(&o.as_str()))
+            && cpu_only.iter().any(|o| o == "adafactor")
+            && cpu_only.iter().any(|o| o == "nadam")
+            && cpu_only.len() >= 4,
         "{cpu_only:?}"
     );
-    assert!(waiting.iter().all(|o| o == "adafactor"), "{waiting:?}");
+    assert!(waiting.is_empty(), "{waiting:?}");
 }
 
 #[test]

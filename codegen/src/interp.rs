@@ -21,10 +21,22 @@ pub struct TensorData {
 impl TensorData {
     pub fn new(prog: &Program, shape: Vec<usize>, p: Vec<f32>) -> TensorData {
         let n = p.len();
+        let view = View::of(&shape);
         TensorData {
-            shape,
             g: vec![0.0; n],
-            states: prog.states.iter().map(|s| vec![s.fill as f32; n]).collect(),
+            states: prog
+                .states
+                .iter()
+                .map(|s| {
+                    let len = match s.reduced {
+                        _ if s.per_tensor => 1,
+                        Some(a) => view.count(a, n),
+                        None => n,
+                    };
+                    vec![s.fill as f32; len]
+                })
+                .collect(),
+            shape,
             p,
             t: 0,
         }
@@ -92,6 +104,15 @@ pub fn step(prog: &Program, hyper: &[f64], tensors: &mut [TensorData]) {
                 let v = &per_tensor[j][red.arg];
                 let n = t.p.len();
                 match red.scope {
+                    Scope::Dim(axis) => {
+                        let view = View::of(&t.shape);
+                        let mut out = vec![id; view.count(axis, n)];
+                        for i in 0..n {
+                            let k = view.index(axis, i);
+                            out[k] = fold(out[k], f64::from(v.f32_at(i)));
+                        }
+                        rows[j][r] = out;
+                    }
                     Scope::Rows => {
                         let row_len = row_len(&t.shape);
                         rows[j][r] = (0..n / row_len)
@@ -126,10 +147,25 @@ pub fn step(prog: &Program, hyper: &[f64], tensors: &mut [TensorData]) {
         );
         let n = t.p.len();
         let new_p: Vec<f32> = (0..n).map(|i| vals[prog.param_out].f32_at(i)).collect();
+        let view = View::of(&t.shape);
         let mut new_states: Vec<Vec<f32>> = prog
             .state_out
             .iter()
-            .map(|&id| (0..n).map(|i| vals[id].f32_at(i)).collect())
+            .zip(&prog.states)
+            .map(|(&id, s)| match s.reduced {
+                // One number per tensor, stored as f32 like every state.
+                _ if s.per_tensor => match vals[id] {
+                    V::S(x) => vec![x as f32],
+                    _ => unreachable!("a per-tensor state's value is a tensor scalar"),
+                },
+                // The value is the same along the axis (the checker proves
+                // it): the last element of each row or column writes it.
+                Some(a) => (0..n)
+                    .filter(|&i| view.closes(a, i))
+                    .map(|i| vals[id].f32_at(i))
+                    .collect(),
+                None => (0..n).map(|i| vals[id].f32_at(i)).collect(),
+            })
             .collect();
         // A matrix block's state holds its result.
         for (i, node) in prog.nodes.iter().enumerate() {
@@ -163,6 +199,7 @@ fn eval(
 ) -> Vec<V> {
     let n = t.p.len();
     let rl = row_len(&t.shape);
+    let view = View::of(&t.shape);
     let mut vals: Vec<V> = Vec::with_capacity(prog.nodes.len());
     for node in &prog.nodes {
         if node.phase > upto {
@@ -180,13 +217,19 @@ fn eval(
             Op::Ndim => V::S(t.shape.len() as f64),
             Op::Numel => V::S(n as f64),
             Op::RowLen => V::S(rl as f64),
+            Op::DimLen(a) => V::S(view.len(a) as f64),
             Op::Param => V::A(t.p.clone()),
             Op::Grad => V::A(t.g.clone()),
-            Op::State(s) => V::A(t.states[s].clone()),
+            Op::State(s) if prog.states[s].per_tensor => V::S(f64::from(t.states[s][0])),
+            Op::State(s) => match prog.states[s].reduced {
+                Some(a) => V::A((0..n).map(|i| t.states[s][view.index(a, i)]).collect()),
+                None => V::A(t.states[s].clone()),
+            },
             Op::Reduced(r) => match prog.reductions[r].scope {
                 Scope::Tensor => V::S(reduced[r]),
                 Scope::Global => V::S(global[r]),
                 Scope::Rows => V::A((0..n).map(|i| rows[r][i / rl] as f32).collect()),
+                Scope::Dim(a) => V::A((0..n).map(|i| rows[r][view.index(a, i)] as f32).collect()),
             },
             Op::MatOut(b) => {
                 let block = &prog.mats[b];

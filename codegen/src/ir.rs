@@ -8,6 +8,7 @@
 //! before it is known). The step runs as `n_phases` reduction passes and one
 //! update pass; a reduction scheduled in pass `k` reads nodes of phase `<= k`.
 
+pub use agr_grammar::ast::Axis;
 pub use agr_grammar::check::{Level, Ty};
 
 pub type NodeId = usize;
@@ -129,6 +130,8 @@ pub enum Op {
     Numel,
     /// Elements per row (see [`Scope::Rows`]).
     RowLen,
+    /// The length of one of the last two dimensions (see [`Scope::Dim`]).
+    DimLen(Axis),
     /// The parameter's value before the step.
     Param,
     Grad,
@@ -193,6 +196,69 @@ pub enum Scope {
     /// One result per row: over every dimension but the first (a tensor of
     /// fewer than two dimensions is one row). Read back per element.
     Rows,
+    /// Over one of the last two dimensions of the tensor viewed as
+    /// `[.., rows, cols]` (fewer than two dimensions: `[1, numel]`): one
+    /// result per row (`Last`) or per column (`SecondLast`) of each matrix.
+    /// Read back per element.
+    Dim(Axis),
+}
+
+/// A tensor viewed as matrices over its last two dimensions,
+/// `[.., rows, cols]` (fewer than two dimensions: one row, `[1, numel]`):
+/// what [`Scope::Dim`] reduces over and a reduced state is indexed by.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct View {
+    pub rows: usize,
+    pub cols: usize,
+}
+
+impl View {
+    pub fn of(shape: &[usize]) -> View {
+        let n = shape.len();
+        View {
+            rows: if n >= 2 { shape[n - 2] } else { 1 },
+            cols: if n >= 1 { shape[n - 1] } else { 1 },
+        }
+    }
+
+    /// The length of dimension `axis`.
+    pub fn len(self, axis: Axis) -> usize {
+        match axis {
+            Axis::Last => self.cols,
+            Axis::SecondLast => self.rows,
+        }
+    }
+
+    /// How many results a reduction over `axis` has for `numel` elements
+    /// (one per row or per column of each matrix): the size of a state
+    /// reduced over `axis`.
+    pub fn count(self, axis: Axis, numel: usize) -> usize {
+        numel.checked_div(self.len(axis)).unwrap_or(0)
+    }
+
+    /// Which of those results element `i` reads.
+    pub fn index(self, axis: Axis, i: usize) -> usize {
+        match axis {
+            Axis::Last => i / self.cols,
+            Axis::SecondLast => (i / (self.rows * self.cols)) * self.cols + i % self.cols,
+        }
+    }
+
+    /// Whether element `i` is the last of its row (`Last`) or column
+    /// (`SecondLast`): the one that writes a reduced state.
+    pub fn closes(self, axis: Axis, i: usize) -> bool {
+        match axis {
+            Axis::Last => i % self.cols == self.cols - 1,
+            Axis::SecondLast => (i / self.cols) % self.rows == self.rows - 1,
+        }
+    }
+}
+
+impl Scope {
+    /// Whether its results are read per element (from the row buffer).
+    pub fn per_element(self) -> bool {
+        matches!(self, Scope::Rows | Scope::Dim(_))
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -318,6 +384,12 @@ pub struct State {
     pub fill: f64,
     /// The initial value as the spec wrote it.
     pub init_text: String,
+    /// `reduced(-1)` or `reduced(-2)`: one value per row or per column of the
+    /// last two dimensions instead of one per element.
+    pub reduced: Option<Axis>,
+    /// `per_tensor`: one value per tensor, read and computed at the tensor
+    /// level (see [`Program::per_tensor_states`]).
+    pub per_tensor: bool,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -374,29 +446,69 @@ impl Program {
         (0..self.nodes.len()).filter(|&i| mark[i]).collect()
     }
 
-    /// Whether the state's value changes in a step.
-    /// Index of reduction `r` among the row reductions (their slot in a row's
-    /// results), if it is one.
+    /// Index of reduction `r` among the reductions of its scope (its slot in
+    /// a row's or column's results), if its results are per element.
     pub fn row_slot(&self, r: usize) -> Option<usize> {
-        if self.reductions[r].scope != Scope::Rows {
+        let scope = self.reductions[r].scope;
+        if !scope.per_element() {
             return None;
         }
         Some(
             self.reductions[..r]
                 .iter()
-                .filter(|x| x.scope == Scope::Rows)
+                .filter(|x| x.scope == scope)
                 .count(),
         )
     }
 
     /// Number of row reductions.
     pub fn row_reductions(&self) -> usize {
-        self.reductions
-            .iter()
-            .filter(|x| x.scope == Scope::Rows)
-            .count()
+        self.scope_reductions(Scope::Rows)
     }
 
+    /// Number of reductions of `scope`.
+    pub fn scope_reductions(&self, scope: Scope) -> usize {
+        self.reductions.iter().filter(|x| x.scope == scope).count()
+    }
+
+    /// Whether the step reduces over, or keeps state along, one of the last
+    /// two dimensions: then a tensor is stepped whole (its rows and columns
+    /// in one work item), on the CPU only.
+    pub fn factored(&self) -> bool {
+        self.reductions
+            .iter()
+            .any(|r| matches!(r.scope, Scope::Dim(_)))
+            || self.states.iter().any(|s| s.reduced.is_some())
+    }
+
+    /// What keeps the step on the CPU (a matrix block, a reduced state or a
+    /// reduction over one dimension), in words; `None` where it has kernels.
+    pub fn cpu_only(&self) -> Option<String> {
+        if let Some(b) = self.mats.first() {
+            return Some(format!("a matrix block (`{}`)", b.name));
+        }
+        if let Some(s) = self.states.iter().find(|s| s.reduced.is_some()) {
+            return Some(format!("a reduced state (`{}`)", s.name));
+        }
+        if let Some(s) = self.states.iter().find(|s| s.per_tensor) {
+            return Some(format!("a per-tensor state (`{}`)", s.name));
+        }
+        self.reductions
+            .iter()
+            .find(|r| matches!(r.scope, Scope::Dim(_)))
+            .map(|r| format!("a reduction over one dimension (`{}`)", r.origin))
+    }
+
+    /// The per-tensor states (by index): the engine hands each one's value
+    /// to the tensor's scalars before the step (`TensorMeta::state`) and
+    /// stores its new value, a tensor-level node, after the update.
+    pub fn per_tensor_states(&self) -> Vec<usize> {
+        (0..self.states.len())
+            .filter(|&i| self.states[i].per_tensor)
+            .collect()
+    }
+
+    /// Whether the state's value changes in a step.
     pub fn state_written(&self, i: usize) -> bool {
         self.nodes[self.state_out[i]].op != Op::State(i)
     }
@@ -565,6 +677,7 @@ pub fn dump(prog: &Program) -> String {
             Op::Ndim => "ndim".into(),
             Op::Numel => "numel".into(),
             Op::RowLen => "row_len".into(),
+            Op::DimLen(a) => format!("dim_len {}", a.dim()),
             Op::Param => "load p".into(),
             Op::Grad => "load g".into(),
             Op::State(s) => format!("load {}", prog.states[s].name),

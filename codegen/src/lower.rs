@@ -92,6 +92,7 @@ enum OpShape {
     Ndim,
     Numel,
     RowLen,
+    DimLen(Axis),
     Param,
     Grad,
     State(usize),
@@ -111,6 +112,7 @@ fn key(op: Op) -> OpKey {
         Op::Ndim => OpShape::Ndim,
         Op::Numel => OpShape::Numel,
         Op::RowLen => OpShape::RowLen,
+        Op::DimLen(a) => OpShape::DimLen(a),
         Op::Param => OpShape::Param,
         Op::Grad => OpShape::Grad,
         Op::State(i) => OpShape::State(i),
@@ -197,6 +199,8 @@ pub fn lower_checked(spec: &ast::Spec) -> Program {
             doc: s.doc.clone(),
             fill,
             init_text: print::expr(&s.init),
+            reduced: agr_grammar::check::state_axis(s),
+            per_tensor: agr_grammar::check::state_form(s) == check::StateForm::PerTensor,
         });
     }
     l.scopes.push(HashMap::new());
@@ -281,7 +285,12 @@ impl<'a> Lowerer<'a> {
             return id;
         }
         let name = self.spec.states[i].name.name.clone();
-        let stored = self.leaf(Op::State(i), Ty::Num, Level::Elem, &name);
+        let level = if self.states[i].per_tensor {
+            Level::Tensor
+        } else {
+            Level::Elem
+        };
+        let stored = self.leaf(Op::State(i), Ty::Num, level, &name);
         // The checker rejects an initial value that reads a state; should one
         // get here anyway, reading the stored buffer ends the recursion.
         self.state_old[i] = Some(stored);
@@ -618,7 +627,7 @@ impl<'a> Lowerer<'a> {
         let level = match scope {
             Scope::Tensor => Level::Tensor,
             Scope::Global => Level::Step,
-            Scope::Rows => Level::Elem,
+            Scope::Rows | Scope::Dim(_) => Level::Elem,
         };
         let id = self.make_raw(Op::Reduced(r));
         self.nodes[id].level = level;
@@ -630,6 +639,19 @@ impl<'a> Lowerer<'a> {
         match self.memo.get(&key(Op::RowLen)) {
             Some(&id) => id,
             None => self.leaf(Op::RowLen, Ty::Num, Level::Tensor, "row_len"),
+        }
+    }
+
+    fn dim_len(&mut self, axis: Axis) -> NodeId {
+        match self.memo.get(&key(Op::DimLen(axis))) {
+            Some(&id) => id,
+            None => {
+                let name = match axis {
+                    Axis::Last => "last_len",
+                    Axis::SecondLast => "second_last_len",
+                };
+                self.leaf(Op::DimLen(axis), Ty::Num, Level::Tensor, name)
+            }
         }
     }
 
@@ -651,6 +673,36 @@ impl<'a> Lowerer<'a> {
                 bin(self, B::Min, lo, a[2])
             }
             "select" => self.select(a[0], a[1], a[2]),
+            "lerp" => {
+                // As torch.lerp: a + w·(b − a) where |w| < 0.5, else
+                // b − (b − a)·(1 − w).
+                let (x, y, wt) = (a[0], a[1], a[2]);
+                let d = bin(self, B::Sub, y, x);
+                let aw = un(self, UnaryOp::Abs, wt);
+                let half = self.num(0.5);
+                let small = bin(self, B::Lt, aw, half);
+                let wd = bin(self, B::Mul, wt, d);
+                let near_a = bin(self, B::Add, x, wd);
+                let one = self.num(1.0);
+                let rest = bin(self, B::Sub, one, wt);
+                let dr = bin(self, B::Mul, d, rest);
+                let near_b = bin(self, B::Sub, y, dr);
+                self.select(small, near_a, near_b)
+            }
+            "sum" | "mean" if a.len() == 2 => {
+                let axis = match self.nodes[a[1]].op {
+                    Op::Num(d) => Axis::from_dim(d),
+                    _ => None,
+                }
+                .expect("checked spec: the dimension is -1 or -2");
+                let s = self.reduce(ReduceOp::Sum, Scope::Dim(axis), a[0], origin);
+                if f == "sum" {
+                    s
+                } else {
+                    let n = self.dim_len(axis);
+                    bin(self, B::Div, s, n)
+                }
+            }
             "sum" => self.reduce(ReduceOp::Sum, Scope::Tensor, a[0], origin),
             "mean" => {
                 let s = self.reduce(ReduceOp::Sum, Scope::Tensor, a[0], origin);
@@ -722,6 +774,8 @@ impl Lowerer<'_> {
             )],
             fill: 0.0,
             init_text: "0".into(),
+            reduced: None,
+            per_tensor: false,
         });
         self.mat = Some(MatCtx {
             code: vec![],

@@ -30,6 +30,8 @@ const BUILTINS: &[&str] = &[
     "cadamw_agr",
     "muon",
     "muon_agr",
+    "adafactor",
+    "nadam",
 ];
 
 #[test]

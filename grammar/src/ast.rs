@@ -76,6 +76,49 @@ pub struct StateDecl {
     /// The value before the first step: a constant, or an expression that is
     /// evaluated where the step first reads the state.
     pub init: Expr,
+    /// `: reduced(-1)` or the like, as written (the checker validates it).
+    pub shape: Option<StateShape>,
+}
+
+/// A state's declared shape, `reduced(dim)` or `per_tensor`, as written.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StateShape {
+    /// The word (`reduced`, `per_tensor`).
+    pub word: Ident,
+    /// The number in parentheses, if any.
+    pub dim: Option<f64>,
+    /// The whole `reduced(-1)`.
+    pub span: Span,
+}
+
+/// One of the last two dimensions of a tensor viewed as `[.., rows, cols]`
+/// (a tensor with fewer than two dimensions is one row: `[1, numel]`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Axis {
+    /// Dimension -1: along a row.
+    Last,
+    /// Dimension -2: along a column.
+    SecondLast,
+}
+
+impl Axis {
+    /// The dimension as torch writes it: -1 or -2.
+    pub fn dim(self) -> i32 {
+        match self {
+            Axis::Last => -1,
+            Axis::SecondLast => -2,
+        }
+    }
+
+    pub fn from_dim(d: f64) -> Option<Axis> {
+        if d == -1.0 {
+            Some(Axis::Last)
+        } else if d == -2.0 {
+            Some(Axis::SecondLast)
+        } else {
+            None
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]

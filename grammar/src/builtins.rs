@@ -7,7 +7,9 @@ pub enum FuncKind {
     Math,
     /// `select(cond, a, b)`: `a` where `cond` holds, else `b`.
     Select,
-    /// A reduction over one tensor's elements; the result is one number per tensor.
+    /// A reduction over one tensor's elements; the result is one number per
+    /// tensor. `sum` and `mean` also take a dimension, -1 or -2: one number
+    /// per row or per column of the last two dimensions, read per element.
     TensorReduce,
     /// A reduction over every parameter's elements; one number per step.
     GlobalReduce,
@@ -84,6 +86,12 @@ pub const FUNCS: &[Func] = &[
         doc: "clamp(x, lo, hi)",
     },
     Func {
+        name: "lerp",
+        arity: 3,
+        kind: FuncKind::Math,
+        doc: "lerp(a, b, w) = a + w * (b - a), computed as torch.lerp does (b - (b - a) * (1 - w) where w >= 0.5)",
+    },
+    Func {
         name: "select",
         arity: 3,
         kind: FuncKind::Select,
@@ -105,13 +113,13 @@ pub const FUNCS: &[Func] = &[
         name: "sum",
         arity: 1,
         kind: FuncKind::TensorReduce,
-        doc: "sum over the tensor's elements",
+        doc: "sum over the tensor's elements; sum(x, -1): over the last dimension (one value per row), sum(x, -2): over the second-to-last (one per column)",
     },
     Func {
         name: "mean",
         arity: 1,
         kind: FuncKind::TensorReduce,
-        doc: "mean over the tensor's elements",
+        doc: "mean over the tensor's elements; mean(x, -1) and mean(x, -2): over the last or second-to-last dimension",
     },
     Func {
         name: "norm",

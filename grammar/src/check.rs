@@ -46,6 +46,64 @@ pub struct Val {
     pub level: Level,
     /// How many reduction passes must run before the value is known.
     pub phase: usize,
+    /// Along which of the last two dimensions a per-element value may vary
+    /// ([`ALONG_LAST`], [`ALONG_SECOND_LAST`]): a value written to a state
+    /// declared `reduced(-1)` must not vary along the last dimension.
+    pub axes: u8,
+}
+
+/// [`Val::axes`]: the value may differ between elements of a row.
+pub const ALONG_LAST: u8 = 1;
+/// [`Val::axes`]: the value may differ between elements of a column.
+pub const ALONG_SECOND_LAST: u8 = 2;
+
+/// The [`Val::axes`] bit of `axis`.
+pub fn along(axis: Axis) -> u8 {
+    match axis {
+        Axis::Last => ALONG_LAST,
+        Axis::SecondLast => ALONG_SECOND_LAST,
+    }
+}
+
+/// The [`Val::axes`] of a state declared with `shape` (none: per element).
+fn state_axes(shape: Option<Axis>) -> u8 {
+    match shape {
+        Some(a) => (ALONG_LAST | ALONG_SECOND_LAST) & !along(a),
+        None => ALONG_LAST | ALONG_SECOND_LAST,
+    }
+}
+
+/// What one state holds per tensor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StateForm {
+    /// One value per element (no shape written).
+    Elem,
+    /// `reduced(-1)`, `reduced(-2)`: one value per row or per column of the
+    /// last two dimensions.
+    Reduced(Axis),
+    /// `per_tensor`: one value per tensor.
+    PerTensor,
+}
+
+/// A state's declared form (a shape that is not valid counts as per element;
+/// the checker reports it).
+pub fn state_form(s: &StateDecl) -> StateForm {
+    let Some(sh) = s.shape.as_ref() else {
+        return StateForm::Elem;
+    };
+    match (sh.word.name.as_str(), sh.dim) {
+        ("reduced", Some(d)) => Axis::from_dim(d).map_or(StateForm::Elem, StateForm::Reduced),
+        ("per_tensor", None) => StateForm::PerTensor,
+        _ => StateForm::Elem,
+    }
+}
+
+/// A state's reduced dimension, if it is declared `reduced(..)`.
+pub fn state_axis(s: &StateDecl) -> Option<Axis> {
+    match state_form(s) {
+        StateForm::Reduced(a) => Some(a),
+        _ => None,
+    }
 }
 
 impl Val {
@@ -54,6 +112,11 @@ impl Val {
             ty: Ty::Num,
             level,
             phase: 0,
+            axes: if level == Level::Elem {
+                ALONG_LAST | ALONG_SECOND_LAST
+            } else {
+                0
+            },
         }
     }
     fn join(self, other: Val, ty: Ty) -> Val {
@@ -61,6 +124,7 @@ impl Val {
             ty,
             level: self.level.max(other.level),
             phase: self.phase.max(other.phase),
+            axes: self.axes | other.axes,
         }
     }
 }
@@ -325,6 +389,7 @@ impl<'a> Checker<'a> {
                     },
                     level: Level::Step,
                     phase: 0,
+                    axes: 0,
                 };
                 self.declare(n, Binding::Hyper, val);
             }
@@ -345,13 +410,74 @@ impl<'a> Checker<'a> {
                 // Reported already; don't also call it unassigned.
                 self.state_assigned[index] = true;
             } else {
-                self.declare(
-                    &s.name.name,
-                    Binding::State { index, read: false },
-                    Val::num(Level::Elem),
-                );
+                let val = match self.check_state_shape(s) {
+                    StateForm::PerTensor => Val::num(Level::Tensor),
+                    StateForm::Reduced(a) => Val {
+                        axes: state_axes(Some(a)),
+                        ..Val::num(Level::Elem)
+                    },
+                    StateForm::Elem => Val::num(Level::Elem),
+                };
+                self.declare(&s.name.name, Binding::State { index, read: false }, val);
             }
         }
+    }
+
+    /// A state's `: reduced(dim)` or `: per_tensor`, if written: valid, or
+    /// an error at it.
+    fn check_state_shape(&mut self, s: &StateDecl) -> StateForm {
+        let Some(sh) = s.shape.as_ref() else {
+            return StateForm::Elem;
+        };
+        let forms = "a state is per element, `reduced(-1)` (one value per row of the last dimension), `reduced(-2)` (one per column of the last two dimensions) or `per_tensor` (one per tensor)";
+        let (what, form) = match (sh.word.name.as_str(), sh.dim) {
+            ("reduced", Some(d)) => match Axis::from_dim(d) {
+                Some(a) => ("reduced", StateForm::Reduced(a)),
+                None => {
+                    self.err(
+                        sh.span.clone(),
+                        format!("a state can be reduced over dimension -1 or -2, not {}", fmt_num(d)),
+                        "write `reduced(-1)` for one value per row of the last dimension or `reduced(-2)` for one per column (a tensor is viewed as matrices over its last two dimensions)",
+                    );
+                    return StateForm::Elem;
+                }
+            },
+            ("reduced", None) => {
+                self.err(
+                    sh.word.span.clone(),
+                    "`reduced` needs the dimension it reduces over",
+                    "write `reduced(-1)` or `reduced(-2)`; for one value per tensor write `per_tensor`",
+                );
+                return StateForm::Elem;
+            }
+            ("per_tensor", None) => ("per-tensor", StateForm::PerTensor),
+            ("per_tensor", Some(_)) => {
+                self.err(
+                    sh.span.clone(),
+                    "`per_tensor` takes no dimension",
+                    "write `per_tensor`",
+                );
+                return StateForm::Elem;
+            }
+            _ => {
+                self.err(
+                    sh.word.span.clone(),
+                    format!("unknown state shape `{}`", sh.word.name),
+                    forms,
+                );
+                return StateForm::Elem;
+            }
+        };
+        if !matches!(s.init.kind, ExprKind::Num(_))
+            && !matches!(&s.init.kind, ExprKind::Unary(UnOp::Neg, e) if matches!(e.kind, ExprKind::Num(_)))
+        {
+            self.err(
+                s.init.span.clone(),
+                format!("the {what} state `{}` must start from a number", s.name.name),
+                format!("write a number such as `0`; a {what} state cannot start from a per-element value"),
+            );
+        }
+        form
     }
 
     fn check_block(&mut self, stmts: &[Stmt]) {
@@ -477,11 +603,17 @@ impl<'a> Checker<'a> {
                 self.scopes.push(HashMap::new());
                 self.check_block(otherwise);
                 self.scopes.pop();
+                // A name assigned in a branch depends on the condition even
+                // where the value assigned looks the same as before.
+                let mut assigned = std::collections::HashSet::new();
+                stmts_assigned(then, &mut assigned);
+                stmts_assigned(otherwise, &mut assigned);
                 for (depth, scope) in before.iter().enumerate() {
                     for (name, old) in scope {
                         let a = after_then[depth][name].clone();
                         let b = self.scopes[depth][name].clone();
-                        if a.val == old.val && b.val == old.val {
+                        if a.val == old.val && b.val == old.val && !assigned.contains(name.as_str())
+                        {
                             // Keep what the branches learned (e.g. a state read).
                             if !matches!(a.binding, Binding::State { read: false, .. }) {
                                 self.scopes[depth].get_mut(name).unwrap().binding = a.binding;
@@ -491,6 +623,31 @@ impl<'a> Checker<'a> {
                         let mut merged = a.val.join(b.val, a.val.ty);
                         if let Some(c) = c {
                             merged = merged.join(c, merged.ty);
+                        }
+                        if let Binding::State { index, .. } = a.binding {
+                            match state_form(&self.spec.states[index]) {
+                                StateForm::Reduced(axis) if merged.axes & along(axis) != 0 => {
+                                    let name = name.clone();
+                                    self.reduced_state_error(
+                                        &name,
+                                        axis,
+                                        cond.span.clone(),
+                                        "this condition, which chooses its value,",
+                                    );
+                                    merged.axes &= !along(axis);
+                                }
+                                StateForm::PerTensor if merged.level == Level::Elem => {
+                                    let name = name.clone();
+                                    self.per_tensor_state_error(
+                                        &name,
+                                        cond.span.clone(),
+                                        "this condition, which chooses its value, is",
+                                    );
+                                    merged.level = Level::Tensor;
+                                    merged.axes = 0;
+                                }
+                                _ => {}
+                            }
                         }
                         let slot = self.scopes[depth].get_mut(name).unwrap();
                         slot.val = merged;
@@ -543,9 +700,8 @@ impl<'a> Checker<'a> {
             // Later uses of the result are not errors too.
             if self.lookup(&name.name).is_none() {
                 let val = Val {
-                    ty: Ty::Num,
-                    level: Level::Elem,
                     phase,
+                    ..Val::num(Level::Elem)
                 };
                 self.declare(&name.name, Binding::Let, val);
             }
@@ -562,6 +718,7 @@ impl<'a> Checker<'a> {
                 ty: Ty::Mat,
                 level: Level::Tensor,
                 phase,
+                axes: 0,
             },
         );
         self.check_block(body);
@@ -581,9 +738,8 @@ impl<'a> Checker<'a> {
                 &name.name,
                 Binding::Let,
                 Val {
-                    ty: Ty::Num,
-                    level: Level::Elem,
                     phase,
+                    ..Val::num(Level::Elem)
                 },
             );
         }
@@ -655,11 +811,103 @@ impl<'a> Checker<'a> {
         } else {
             self.const_num(value)
         };
+        let mut per_tensor = false;
+        if let Binding::State { index, .. } = slot.binding {
+            match state_form(&self.spec.states[index]) {
+                StateForm::Reduced(axis) if v.axes & along(axis) != 0 => {
+                    let at = self.varying_part(value, along(axis));
+                    self.reduced_state_error(n, axis, at, "this value");
+                }
+                StateForm::PerTensor => {
+                    per_tensor = true;
+                    if v.level == Level::Elem {
+                        let at = self.varying_part(value, ALONG_LAST | ALONG_SECOND_LAST);
+                        self.per_tensor_state_error(n, at, "this value is");
+                    }
+                }
+                _ => {}
+            }
+        }
         let slot = self.lookup_mut(n).unwrap();
-        // A state or the parameter stays per-element whatever is assigned.
-        let level = if needs_num { Level::Elem } else { v.level };
-        slot.val = Val { level, ..v };
+        // A state or the parameter stays per-element whatever is assigned
+        // (a reduced state keeps its shape; a per-tensor state stays one
+        // number per tensor).
+        let (level, axes) = if per_tensor {
+            (Level::Tensor, 0)
+        } else if needs_num {
+            (Level::Elem, slot.val.axes)
+        } else {
+            (v.level, v.axes)
+        };
+        slot.val = Val { level, axes, ..v };
         slot.konst = konst;
+    }
+
+    /// The [`Val::axes`] of an already checked expression (no errors, no
+    /// side effects).
+    fn axes_of(&self, e: &Expr) -> u8 {
+        match &e.kind {
+            ExprKind::Num(_) | ExprKind::Bool(_) => 0,
+            ExprKind::Name(n) => self.lookup(n).map_or(0, |s| s.val.axes),
+            ExprKind::Unary(_, a) => self.axes_of(a),
+            ExprKind::Binary(_, a, b) => self.axes_of(a) | self.axes_of(b),
+            ExprKind::If(c, a, b) => self.axes_of(c) | self.axes_of(a) | self.axes_of(b),
+            ExprKind::Call { func, args } => match builtins::func(&func.name).map(|f| f.kind) {
+                Some(FuncKind::TensorReduce) if args.len() == 2 => {
+                    let axis = self.const_num(&args[1]).and_then(Axis::from_dim);
+                    self.axes_of(&args[0]) & !axis.map_or(0, along)
+                }
+                Some(FuncKind::TensorReduce | FuncKind::GlobalReduce) => 0,
+                Some(FuncKind::Agr | FuncKind::RowReduce) => ALONG_LAST | ALONG_SECOND_LAST,
+                _ => args.iter().fold(0, |acc, a| acc | self.axes_of(a)),
+            },
+        }
+    }
+
+    /// The innermost part of `e` that varies along `bit` (for errors).
+    fn varying_part(&self, e: &Expr, bit: u8) -> Span {
+        let children: Vec<&Expr> = match &e.kind {
+            ExprKind::Unary(_, a) => vec![a],
+            ExprKind::Binary(_, a, b) => vec![a, b],
+            ExprKind::If(c, a, b) => vec![c, a, b],
+            ExprKind::Call { func, args } => match builtins::func(&func.name).map(|f| f.kind) {
+                // A reduction is the varying part itself.
+                Some(FuncKind::Agr | FuncKind::RowReduce | FuncKind::TensorReduce) => vec![],
+                _ => args.iter().collect(),
+            },
+            _ => vec![],
+        };
+        match children.into_iter().find(|c| self.axes_of(c) & bit != 0) {
+            Some(c) => self.varying_part(c, bit),
+            None => e.span.clone(),
+        }
+    }
+
+    /// A per-element value assigned to a per-tensor state.
+    fn per_tensor_state_error(&mut self, n: &str, span: Span, what: &str) {
+        self.err(
+            span,
+            format!(
+                "state `{n}` holds one value per tensor (`per_tensor`), but {what} per element"
+            ),
+            format!("reduce it first, e.g. `mean(x)`, or declare `{n}` per element"),
+        );
+    }
+
+    /// A value that varies along the dimension state `n` is reduced over.
+    fn reduced_state_error(&mut self, n: &str, axis: Axis, span: Span, what: &str) {
+        let (holds, reduce) = match axis {
+            Axis::Last => ("one value per row of the last dimension", "mean(x, -1)"),
+            Axis::SecondLast => (
+                "one value per column of the last two dimensions",
+                "mean(x, -2)",
+            ),
+        };
+        self.err(
+            span,
+            format!("state `{n}` holds {holds} (`reduced({})`), but {what} varies along dimension {}", axis.dim(), axis.dim()),
+            format!("reduce it over that dimension first, e.g. `{reduce}`, or declare `{n}` per element"),
+        );
     }
 
     /// Checks an expression; a constant number that folds to NaN, or to an
@@ -800,8 +1048,7 @@ impl<'a> Checker<'a> {
             ExprKind::Num(_) => Some(Val::num(Level::Const)),
             ExprKind::Bool(_) => Some(Val {
                 ty: Ty::Bool,
-                level: Level::Const,
-                phase: 0,
+                ..Val::num(Level::Const)
             }),
             ExprKind::Name(n) => self.name(n, &e.span),
             ExprKind::Unary(op, a) => {
@@ -1037,6 +1284,9 @@ impl<'a> Checker<'a> {
             }
             return None;
         };
+        if f.kind == FuncKind::TensorReduce && args.len() == 2 {
+            return self.dim_reduce(e, f, args);
+        }
         if args.len() != f.arity {
             self.err(
                 e.span.clone(),
@@ -1150,12 +1400,79 @@ impl<'a> Checker<'a> {
                     _ => Level::Step,
                 };
                 Some(Val {
-                    ty: Ty::Num,
-                    level,
                     phase,
+                    ..Val::num(level)
                 })
             }
         }
+    }
+
+    /// `sum(x, -1)`, `mean(x, -2)`: a reduction over one of the last two
+    /// dimensions, read back per element.
+    fn dim_reduce(&mut self, e: &Expr, f: &builtins::Func, args: &[Expr]) -> Option<Val> {
+        let arg = self.expr(&args[0]);
+        let dim = self.const_num(&args[1]);
+        let axis = dim.and_then(Axis::from_dim);
+        if !matches!(f.name, "sum" | "mean") || axis.is_none() {
+            let what = match dim {
+                _ if !matches!(f.name, "sum" | "mean") => {
+                    format!(
+                        "`{}` reduces over the whole tensor and takes one argument",
+                        f.name
+                    )
+                }
+                Some(d) => format!(
+                    "`{}` reduces over dimension -1 or -2 (the last two), not {}",
+                    f.name,
+                    fmt_num(d)
+                ),
+                None => format!("the dimension of `{}` must be the number -1 or -2", f.name),
+            };
+            self.err(
+                args[1].span.clone(),
+                what,
+                "`sum(x, -1)` and `mean(x, -1)` give one value per row of the last dimension, `sum(x, -2)` and `mean(x, -2)` one per column of the last two (a tensor is viewed as matrices over its last two dimensions)",
+            );
+            return None;
+        }
+        let (arg, axis) = (arg?, axis?);
+        if arg.ty != Ty::Num {
+            self.err(
+                args[0].span.clone(),
+                format!("`{}` takes numbers, but this is {}", f.name, arg.ty.name()),
+                if arg.ty == Ty::Bool {
+                    "use `select(cond, 1, 0)` to turn a bool into a number"
+                } else {
+                    "reduce per-element values; matrices take `@`, `+`, `-`, `*` and `/` by a number, and `transpose`"
+                },
+            );
+            return None;
+        }
+        if arg.level != Level::Elem {
+            self.err(
+                args[0].span.clone(),
+                format!("`{}` reduces over a tensor's elements, but this value is the same for every element", f.name),
+                "pass a per-element value such as `g`, `p` or a state",
+            );
+            return None;
+        }
+        let phase = arg.phase + 1;
+        if phase > MAX_REDUCTION_PHASES {
+            self.err(
+                e.span.clone(),
+                format!(
+                    "this reduction cannot be scheduled: it needs {phase} reduction passes before the update, and a step has at most {MAX_REDUCTION_PHASES}"
+                ),
+                "reduce over a value that depends on fewer nested reductions",
+            );
+            return None;
+        }
+        Some(Val {
+            ty: Ty::Num,
+            level: Level::Elem,
+            phase,
+            axes: arg.axes & !along(axis),
+        })
     }
 }
 
@@ -1182,29 +1499,39 @@ pub fn warnings(spec: &Spec) -> Vec<Diagnostic> {
 }
 
 fn stmts_read<'s>(stmts: &'s [Stmt], read: &mut std::collections::HashSet<&'s str>) {
+    walk(stmts, &mut |s| match s {
+        Stmt::Let { value, .. } | Stmt::Assign { value, .. } | Stmt::Matrix { value, .. } => {
+            names_read(value, read)
+        }
+        Stmt::Repeat { count, .. } => names_read(count, read),
+        Stmt::If { cond, .. } => names_read(cond, read),
+    });
+}
+
+/// Every statement of `stmts`, nested blocks' included, in order.
+fn walk<'s>(stmts: &'s [Stmt], f: &mut impl FnMut(&'s Stmt)) {
     for s in stmts {
+        f(s);
         match s {
-            Stmt::Let { value, .. } | Stmt::Assign { value, .. } => names_read(value, read),
-            Stmt::Matrix { value, body, .. } => {
-                names_read(value, read);
-                stmts_read(body, read);
-            }
-            Stmt::Repeat { count, body, .. } => {
-                names_read(count, read);
-                stmts_read(body, read);
-            }
+            Stmt::Let { .. } | Stmt::Assign { .. } => {}
+            Stmt::Matrix { body, .. } | Stmt::Repeat { body, .. } => walk(body, f),
             Stmt::If {
-                cond,
-                then,
-                otherwise,
-                ..
+                then, otherwise, ..
             } => {
-                names_read(cond, read);
-                stmts_read(then, read);
-                stmts_read(otherwise, read);
+                walk(then, f);
+                walk(otherwise, f);
             }
         }
     }
+}
+
+/// The names `stmts` assign, nested blocks included.
+fn stmts_assigned<'s>(stmts: &'s [Stmt], out: &mut std::collections::HashSet<&'s str>) {
+    walk(stmts, &mut |s| {
+        if let Stmt::Assign { target, .. } = s {
+            out.insert(target.name.as_str());
+        }
+    });
 }
 
 /// Statements and expression nodes in `stmts`, nested blocks included.
@@ -1515,6 +1842,88 @@ mod tests {
         ];
         for (body, at, msg) in cases {
             let src = in_step(body);
+            let e = errors(&src);
+            assert!(
+                e.iter().any(|(a, m)| a == at && m == msg),
+                "{body}: want `{msg}` at `{at}`, got {e:?}"
+            );
+        }
+    }
+
+    fn factored(states: &str, body: &str) -> String {
+        format!("X {{ hyper {{ lr = 0.1 }} state {{ {states} }} step {{ {body} }} }}")
+    }
+
+    #[test]
+    fn reduced_states_and_dimension_reductions_check() {
+        let ok = [
+            factored(
+                "vr: reduced(-1) = 0, vc: reduced(-2) = 0",
+                "vr = lerp(vr, mean(g * g, -1), 0.5); vc = 0.5 * vc + sum(g, -2); \
+                 p = p - lr * g / sqrt(vr * vc / max(mean(vr, -2), 1e-30) + 1e-8);",
+            ),
+            // A per-tensor state: any per-tensor or per-step value, chosen
+            // by a per-tensor condition; read per element or per tensor.
+            factored(
+                "mu: per_tensor = 1, m = 0",
+                "if t > 2 { mu = mu * (1 - lr) + norm(g); } m = mu * g; \
+                 p = p - lr * m / (1 - mu + sum(m));",
+            ),
+            // A condition per tensor, or constant along the reduced axis, may choose.
+            factored(
+                "vr: reduced(-1) = 0",
+                "if ndim > 1 { vr = mean(g, -1); } else { vr = vr; } \
+                 if mean(g, -1) > 0 { vr = 2 * vr; } p = p - lr * vr;",
+            ),
+        ];
+        for src in ok {
+            let e = errors(&src);
+            assert!(e.is_empty(), "{src}: {e:?}");
+        }
+    }
+
+    #[test]
+    fn reduced_state_misuse_is_an_error_at_the_offending_token() {
+        let cases: &[(&str, &str, &str, &str)] = &[
+            ("vr: reduced(-1) = 0", "vr = 0.9 * vr + 0.1 * mean(g, -2) * 2; p = p - vr;", "mean(g, -2)",
+             "state `vr` holds one value per row of the last dimension (`reduced(-1)`), but this value varies along dimension -1"),
+            ("vc: reduced(-2) = 0", "vc = 2 * mean(g, -1); p = p - vc;", "mean(g, -1)",
+             "state `vc` holds one value per column of the last two dimensions (`reduced(-2)`), but this value varies along dimension -2"),
+            ("vr: reduced(-1) = 0", "vr = lerp(vr, g * g, 0.1); p = p - vr;", "g",
+             "state `vr` holds one value per row of the last dimension (`reduced(-1)`), but this value varies along dimension -1"),
+            ("vr: reduced(-1) = 0", "if g > 0 { vr = 1; } p = p - vr;", "g > 0",
+             "state `vr` holds one value per row of the last dimension (`reduced(-1)`), but this condition, which chooses its value, varies along dimension -1"),
+            ("vr: reduced(0) = 0", "vr = 1; p = p - vr;", "reduced(0)",
+             "a state can be reduced over dimension -1 or -2, not 0"),
+            ("vr: rows(-1) = 0", "vr = 1; p = p - vr;", "rows",
+             "unknown state shape `rows`"),
+            ("vr: reduced(-1) = g", "vr = 1; p = p - vr;", "g",
+             "the reduced state `vr` must start from a number"),
+            ("m = 0", "m = sum(g, 0); p = p - m;", "0",
+             "`sum` reduces over dimension -1 or -2 (the last two), not 0"),
+            ("m = 0", "m = norm(g, -1); p = p - m;", "-1",
+             "`norm` reduces over the whole tensor and takes one argument"),
+            ("m = 0", "m = mean(g, lr); p = p - m;", "lr",
+             "the dimension of `mean` must be the number -1 or -2"),
+            ("m = 0", "m = mean(lr, -1); p = p - m;", "lr",
+             "`mean` reduces over a tensor's elements, but this value is the same for every element"),
+            ("m = 0", "m = sum(g > 0, -2); p = p - m;", "g > 0",
+             "`sum` takes numbers, but this is a bool"),
+            ("mu: per_tensor = 1", "mu = mu * (1 + g); p = p - mu;", "g",
+             "state `mu` holds one value per tensor (`per_tensor`), but this value is per element"),
+            ("mu: per_tensor = 1", "if g > 0 { mu = 2 * mu; } p = p - mu;", "g > 0",
+             "state `mu` holds one value per tensor (`per_tensor`), but this condition, which chooses its value, is per element"),
+            ("mu: per_tensor(1) = 1", "mu = 1; p = p - mu;", "per_tensor(1)",
+             "`per_tensor` takes no dimension"),
+            ("vr: reduced = 0", "vr = 1; p = p - vr;", "reduced",
+             "`reduced` needs the dimension it reduces over"),
+            ("mu: per_tensor = lr", "mu = 1; p = p - mu;", "lr",
+             "the per-tensor state `mu` must start from a number"),
+            ("mu: per_tensor = 1", "mu = sum(mu); p = p - mu;", "mu",
+             "`sum` reduces over a tensor's elements, but this value is the same for every element"),
+        ];
+        for (states, body, at, msg) in cases {
+            let src = factored(states, body);
             let e = errors(&src);
             assert!(
                 e.iter().any(|(a, m)| a == at && m == msg),

@@ -368,6 +368,7 @@ fn describe(rule: Rule) -> Option<&'static str> {
         Rule::step_block => "`step { ... }`",
         Rule::hyper => "a hyperparameter (`name = default`)",
         Rule::state => "a state (`name = initial value`)",
+        Rule::state_shape => "a state shape: `reduced(-1)`, `reduced(-2)` or `per_tensor`",
         Rule::let_stmt
         | Rule::assign_stmt
         | Rule::if_stmt
@@ -556,8 +557,23 @@ fn build_state(p: Pair<Rule>) -> StateDecl {
     let mut it = p.into_inner().peekable();
     let doc = docs(&mut it);
     let name = ident(it.next().unwrap());
-    let init = build_expr(it.next().unwrap());
-    StateDecl { doc, name, init }
+    let next = it.next().unwrap();
+    let (shape, init) = if next.as_rule() == Rule::state_shape {
+        let span = span(&next);
+        let mut parts = next.into_inner();
+        let word = ident(parts.next().unwrap());
+        let dim = parts.next().map(signed_number);
+        let shape = StateShape { word, dim, span };
+        (Some(shape), build_expr(it.next().unwrap()))
+    } else {
+        (None, build_expr(next))
+    };
+    StateDecl {
+        doc,
+        name,
+        init,
+        shape,
+    }
 }
 
 fn build_block(p: Pair<Rule>) -> Vec<Stmt> {

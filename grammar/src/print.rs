@@ -53,7 +53,14 @@ pub fn normalize(spec: &Spec) -> String {
             for d in &s.doc {
                 out += &format!("        /// {d}\n");
             }
-            out += &format!("        {} = {},\n", s.name.name, expr(&s.init));
+            let shape = match &s.shape {
+                Some(sh) => match sh.dim {
+                    Some(d) => format!(": {}({})", sh.word.name, fmt_num(d)),
+                    None => format!(": {}", sh.word.name),
+                },
+                None => String::new(),
+            };
+            out += &format!("        {}{shape} = {},\n", s.name.name, expr(&s.init));
         }
         out += "    }\n";
     }

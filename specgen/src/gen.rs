@@ -114,6 +114,9 @@ struct Gen<'a> {
     /// Integer hyperparameters (repeat counts).
     ints: Vec<String>,
     names: Vec<String>,
+    /// Whether the spec may reduce over one of the last two dimensions and
+    /// declare reduced states (such a spec runs on the CPU only).
+    dims: bool,
 }
 
 impl Gen<'_> {
@@ -349,11 +352,21 @@ impl Gen<'_> {
             }
             12 | 13 if max_phase >= 1 => {
                 let x = self.elem(d, max_phase - 1);
-                let f = *self.rng.pick(&["agr", "row_mean", "row_sum"]);
-                let text = if f == "row_sum" {
-                    format!("(row_sum({}) * 0.1)", x.text)
+                let fs: &[&str] = if self.dims {
+                    &[
+                        "agr", "row_mean", "row_sum", "mean_l", "mean_s", "sum_l", "sum_s",
+                    ]
                 } else {
-                    format!("{f}({})", x.text)
+                    &["agr", "row_mean", "row_sum"]
+                };
+                let f = *self.rng.pick(fs);
+                let text = match f {
+                    "row_sum" => format!("(row_sum({}) * 0.1)", x.text),
+                    "mean_l" => format!("mean({}, -1)", x.text),
+                    "mean_s" => format!("mean({}, -2)", x.text),
+                    "sum_l" => format!("(sum({}, -1) * 0.1)", x.text),
+                    "sum_s" => format!("(sum({}, -2) * 0.1)", x.text),
+                    _ => format!("{f}({})", x.text),
                 };
                 Val {
                     text,
@@ -411,7 +424,10 @@ pub fn spec(rng: &mut Rng, name: &str) -> String {
         bools: vec![],
         ints: vec![],
         names: vec![],
+        dims: false,
     };
+    // A fifth of the specs reduce over one dimension or keep reduced states.
+    g.dims = g.rng.chance(20);
     let mut hypers = vec!["lr = 0.01 where lr > 0".to_string()];
     g.names.push("lr".into());
     g.scalars.push(Val {
@@ -443,6 +459,31 @@ pub fn spec(rng: &mut Rng, name: &str) -> String {
         }
     }
     let mut states = vec![];
+    // Reduced states: one value per row (-1) or per column (-2).
+    let mut reduced: Vec<(String, &str)> = vec![];
+    for _ in 0..if g.dims { 1 + g.rng.below(2) } else { 0 } {
+        let n = g.fresh("v");
+        let axis = *g.rng.pick(&["-1", "-2"]);
+        let init = *g.rng.pick(&["0", "-1", "0.5"]);
+        g.elems.push(Val {
+            text: n.clone(),
+            phase: 0,
+        });
+        states.push((format!("{n}: reduced({axis})"), init.to_string()));
+        reduced.push((n, axis));
+    }
+    // A per-tensor state (one number per tensor), read as a scalar.
+    let mut per_tensor = None;
+    if g.rng.chance(15) {
+        let n = g.fresh("c");
+        let init = *g.rng.pick(&["1", "0", "0.5"]);
+        g.scalars.push(Val {
+            text: n.clone(),
+            phase: 0,
+        });
+        states.push((format!("{n}: per_tensor"), init.to_string()));
+        per_tensor = Some(n);
+    }
     for _ in 0..g.rng.below(4) {
         let n = g.fresh("m");
         let init = g
@@ -508,7 +549,38 @@ pub fn spec(rng: &mut Rng, name: &str) -> String {
         ));
         matrix = Some(n);
     }
-    for (n, _) in &states {
+    if let Some(n) = &per_tensor {
+        let v = g.scalar(2);
+        if g.rng.chance(30) {
+            let c = g.scalar_cond();
+            body.push(format!(
+                "if {c} {{ {n} = 0.9 * {n} + 0.1 * clamp({}, -10, 10); }}",
+                v.text
+            ));
+        } else {
+            body.push(format!("{n} = 0.5 * {n} + clamp({}, -10, 10);", v.text));
+        }
+        for sc in g.scalars.iter_mut().filter(|sc| &sc.text == n) {
+            sc.phase = sc.phase.max(v.phase);
+        }
+    }
+    for (n, axis) in &reduced {
+        // A value that is the same along the reduced dimension.
+        let v = g.elem(2, 1);
+        let m = format!("mean(clamp({}, -10, 10), {axis})", v.text);
+        if g.rng.chance(30) {
+            let c = g.scalar_cond();
+            body.push(format!(
+                "if {c} {{ {n} = 0.9 * {n} + 0.1 * {m}; }} else {{ {n} = {n} * 0.5; }}"
+            ));
+        } else {
+            body.push(format!("{n} = lerp({n}, {m}, 0.25);"));
+        }
+        for e in g.elems.iter_mut().filter(|e| &e.text == n) {
+            e.phase = e.phase.max(v.phase + 1);
+        }
+    }
+    for (n, _) in states.iter().filter(|(n, _)| !n.contains(':')) {
         let v = g.elem(2, 2);
         if g.rng.chance(30) {
             let c = g.scalar_cond();

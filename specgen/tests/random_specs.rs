@@ -474,18 +474,18 @@ fn the_fused_cpu_step_and_the_run_time_compile_agree_with_the_reference() {
 }
 
 /// The cases with CUDA kernels (case index, case, IR): a spec with a
-/// matrix block runs on the CPU only, and the CUDA printer emits no kernels
-/// for it.
+/// matrix block, a reduced state or a reduction over one dimension runs on
+/// the CPU only, and the CUDA printer emits no kernels for it.
 fn gpu_cases() -> Vec<(usize, &'static Case, &'static Program)> {
     let all: Vec<_> = CASES
         .iter()
         .zip(progs())
         .enumerate()
-        .filter(|(_, (_, p))| p.mats.is_empty())
+        .filter(|(_, (_, p))| p.cpu_only().is_none())
         .map(|(i, (c, p))| (i, c, p))
         .collect();
     println!(
-        "{} of {} specs have a matrix block (CPU only): not run as CUDA",
+        "{} of {} specs have a matrix block or a factored part (CPU only): not run as CUDA",
         CASES.len() - all.len(),
         CASES.len()
     );

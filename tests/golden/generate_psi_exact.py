@@ -162,6 +162,30 @@ def write(name, optimizer, reference, note, hyper, shapes, init, grads, run, fol
     print(f"{name}: {len(grads)} steps, f32 vs f64 drift {drift:.3e}")
 
 
+def check_reproduces(path, run):
+    """Replays a golden file through `run` in float32 (when the file is present)
+    and checks that every recorded parameter is reproduced bit for bit."""
+    path = os.path.normpath(path)
+    name = os.path.basename(path)
+    if not os.path.exists(path):
+        print(f"{path} not found; skipped the {name} replay")
+        return
+    with open(path) as f:
+        doc = json.load(f)
+    shapes = [p["shape"] for p in doc["params"]]
+    init = [torch.tensor(p["init"], dtype=torch.float32).reshape(p["shape"]) for p in doc["params"]]
+    grads = [[torch.tensor(g, dtype=torch.float32).reshape(s) for g, s in zip(st["grads"], shapes)]
+             for st in doc["steps"]]
+    traj = run(init, grads, doc["hyper"], torch.float32)
+    worst = 0.0
+    for st, ps in zip(doc["steps"], traj):
+        for rec, p in zip(st["params"], ps):
+            worst = max(worst, float((torch.tensor(rec, dtype=torch.float64)
+                                      - p.reshape(-1).double()).abs().max()))
+    assert worst == 0.0, f"{name} not reproduced: max abs difference {worst:.3e}"
+    print(f"{name} ({len(traj)} steps) reproduced bit for bit")
+
+
 def main():
     torch.manual_seed(0)
     adamw = {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8}

@@ -229,10 +229,12 @@ impl<'p> PassPlan<'p> {
     /// The update pass.
     pub fn update(prog: &'p Program) -> PassPlan<'p> {
         let mut roots = vec![prog.param_out];
-        // A state the step leaves as it is (a matrix block's) is not read for it.
+        // A state the step leaves as it is (a matrix block's) is not read for
+        // it; a per-tensor state is written by the engine, not the loop.
+        let written = |i: &usize| prog.state_written(*i) && !prog.states[*i].per_tensor;
         roots.extend(
             (0..prog.states.len())
-                .filter(|&i| prog.state_written(i))
+                .filter(written)
                 .map(|i| prog.state_out[i]),
         );
         PassPlan {
@@ -240,7 +242,7 @@ impl<'p> PassPlan<'p> {
             lp: LoopPlan::new(prog, &roots),
             reductions: vec![],
             state_writes: (0..prog.states.len())
-                .filter(|&i| prog.state_written(i))
+                .filter(written)
                 .map(|i| (i, prog.state_out[i]))
                 .collect(),
             param_write: prog.param_written().then_some(prog.param_out),
@@ -266,7 +268,16 @@ impl<'p> PassPlan<'p> {
         self.reductions
             .iter()
             .copied()
-            .filter(|(_, r)| r.scope != Scope::Rows)
+            .filter(|(_, r)| !r.scope.per_element())
+            .collect()
+    }
+
+    /// Its reductions over one of the last two dimensions, in spec order.
+    pub fn dims(&self) -> Vec<(usize, &'p Reduction)> {
+        self.reductions
+            .iter()
+            .copied()
+            .filter(|(_, r)| matches!(r.scope, Scope::Dim(_)))
             .collect()
     }
 
@@ -312,6 +323,10 @@ pub fn describe(prog: &Program, id: NodeId, top: bool) -> String {
                 (ReduceOp::Max, Scope::Global) => "global_max",
                 (ReduceOp::Sum, Scope::Rows) => "row_sum",
                 (ReduceOp::Max, Scope::Rows) => "row_max",
+                (op, Scope::Dim(a)) => {
+                    let f = if op == ReduceOp::Sum { "sum" } else { "max" };
+                    return format!("{f}({}, {})", describe(prog, red.arg, true), a.dim());
+                }
             };
             return format!("{f}({})", describe(prog, red.arg, true));
         }
@@ -378,6 +393,7 @@ fn is_leaf(n: &Node) -> bool {
             | Op::Ndim
             | Op::Numel
             | Op::RowLen
+            | Op::DimLen(_)
             | Op::Param
             | Op::Grad
             | Op::State(_)

@@ -383,6 +383,10 @@ fn emit_scalar_phase(prog: &Program, level: Level, phase: usize, w: &mut W) {
             Op::Ndim => "__meta.ndim as f64".into(),
             Op::Numel => "__meta.numel as f64".into(),
             Op::RowLen => "__meta.row_len as f64".into(),
+            // A per-tensor state's value before the step.
+            Op::State(s) => format!("f64::from(__meta.state[{s}])"),
+            Op::DimLen(Axis::Last) => "__meta.view.cols as f64".into(),
+            Op::DimLen(Axis::SecondLast) => "__meta.view.rows as f64".into(),
             Op::Reduced(r) => {
                 let src = if prog.reductions[r].scope == Scope::Global {
                     "__global"
@@ -426,14 +430,28 @@ fn elem_code(prog: &Program, plan: &LoopPlan) -> Loop {
             let rhs = match n.op {
                 Op::Param => "__p[__i]".to_string(),
                 Op::Grad => "__g[__i]".to_string(),
-                Op::State(s) => format!("__state_{}[__i]", prog.states[s].name),
+                Op::State(s) => match prog.states[s].reduced {
+                    Some(a) => format!("__state_{}[{}]", prog.states[s].name, dim_index(a)),
+                    None => format!("__state_{}[__i]", prog.states[s].name),
+                },
                 Op::MatOut(b) => format!("__state_{}[__i]", prog.states[prog.mats[b].state].name),
-                Op::Reduced(r) => format!(
-                    "__rows[(__i / __row_len) * {} + {}] as f32",
-                    prog.row_reductions(),
-                    prog.row_slot(r)
-                        .expect("only row reductions are per-element")
-                ),
+                Op::Reduced(r) => {
+                    let slot = prog
+                        .row_slot(r)
+                        .expect("only row and dimension reductions are per-element");
+                    match prog.reductions[r].scope {
+                        Scope::Dim(a) => format!(
+                            "__rows[{} + {} * {} + {slot}] as f32",
+                            dim_at(a),
+                            dim_index(a),
+                            prog.scope_reductions(Scope::Dim(a)),
+                        ),
+                        _ => format!(
+                            "__rows[(__i / __row_len) * {} + {slot}] as f32",
+                            prog.row_reductions()
+                        ),
+                    }
+                }
                 _ => expr(prog, id, Ctx::Elem),
             };
             format!("let {} = {rhs};", ident(prog, id))
@@ -443,6 +461,43 @@ fn elem_code(prog: &Program, plan: &LoopPlan) -> Loop {
         hoisted,
         body,
         states_read: plan.states_read.clone(),
+    }
+}
+
+/// Which result over `axis` (or value of a state reduced over it) element
+/// `__i` reads (see `View::index`).
+fn dim_index(a: Axis) -> &'static str {
+    match a {
+        Axis::Last => "__i / __cols",
+        Axis::SecondLast => "(__i / __mat * __cols + __i % __cols)",
+    }
+}
+
+/// Whether element `__i` is the last of its row or column: the one that
+/// writes a state reduced over `axis` (see `View::closes`).
+fn dim_closes(a: Axis) -> &'static str {
+    match a {
+        Axis::Last => "__i % __cols == __cols - 1",
+        Axis::SecondLast => "__i % __mat >= __mat - __cols",
+    }
+}
+
+/// Where the results over `axis` start in the results buffer.
+fn dim_at(a: Axis) -> &'static str {
+    match a {
+        Axis::Last => "__dims.last_at",
+        Axis::SecondLast => "__dims.second_last_at",
+    }
+}
+
+/// A factored spec's loops index rows and columns of the last two dimensions.
+fn emit_dims_prelude(prog: &Program, w: &mut W) {
+    if prog.row_reductions() > 0 || !prog.mats.is_empty() {
+        w.line("let __row_len = __dims.row_len;");
+    }
+    if prog.factored() {
+        w.line("// The tensor as matrices over its last two dimensions (a work item is the whole tensor).");
+        w.line("let (__cols, __mat) = (__dims.cols, __dims.rows * __dims.cols);");
     }
 }
 
@@ -502,9 +557,14 @@ fn emit_kernel(prog: &Program, embedded: Option<Embedded<'_>>, w: &mut W) {
     w.open("states: &[");
     for s in &prog.states {
         w.line(&format!(
-            "{RT}::StateInfo {{ name: \"{}\", fill: {} }},",
+            "{RT}::StateInfo {{ name: \"{}\", fill: {}, reduced: {}, per_tensor: {} }},",
             s.name,
-            f32_lit(s.fill)
+            f32_lit(s.fill),
+            match s.reduced {
+                Some(a) => format!("Some({RT}::Axis::{a:?})"),
+                None => "None".into(),
+            },
+            s.per_tensor
         ));
     }
     w.close("],");
@@ -512,9 +572,10 @@ fn emit_kernel(prog: &Program, embedded: Option<Embedded<'_>>, w: &mut W) {
     for r in &prog.reductions {
         let op = if r.op == ReduceOp::Sum { "Sum" } else { "Max" };
         let scope = match r.scope {
-            Scope::Tensor => "Tensor",
-            Scope::Global => "Global",
-            Scope::Rows => "Rows",
+            Scope::Tensor => "Tensor".to_string(),
+            Scope::Global => "Global".to_string(),
+            Scope::Rows => "Rows".to_string(),
+            Scope::Dim(a) => format!("Dim({RT}::Axis::{a:?})"),
         };
         w.line(&format!(
             "// {} of {}\n{}{RT}::ReductionInfo {{ op: {RT}::cpu::Fold::{op}, scope: {RT}::Scope::{scope}, pass: {} }},",
@@ -528,6 +589,16 @@ fn emit_kernel(prog: &Program, embedded: Option<Embedded<'_>>, w: &mut W) {
     w.line(&format!("passes: {np},"));
     w.line(&format!("finite_check: {},", prog.finite_check));
     w.line(&format!("row_reductions: {},", prog.row_reductions()));
+    w.line(&format!(
+        "dim_reductions: [{}, {}],",
+        prog.scope_reductions(Scope::Dim(Axis::Last)),
+        prog.scope_reductions(Scope::Dim(Axis::SecondLast))
+    ));
+    w.line(&format!("factored: {},", prog.factored()));
+    match prog.cpu_only() {
+        Some(why) => w.line(&format!("cpu_only: Some({}),", raw_str(&why))),
+        None => w.line("cpu_only: None,"),
+    }
     w.line(&format!("writes_param: {},", prog.param_written()));
     if prog.mats.is_empty() {
         w.line("matrices: &[],");
@@ -581,13 +652,14 @@ fn emit_kernel(prog: &Program, embedded: Option<Embedded<'_>>, w: &mut W) {
         let w = &mut bw;
         // Reduction passes.
         w.open(&format!(
-        "#[inline(always)]\nfn reduce_body(__pass: usize, __s: &{name}StepScalars, __ts: &{name}TensorScalars, __p: &[f32], __g: &[f32], __st: [&[f32]; {RT}::MAX_STATES], __rows: &mut [f64], __row_len: usize, __acc: &mut [f64]) {{"
+        "#[inline(always)]\nfn reduce_body(__pass: usize, __s: &{name}StepScalars, __ts: &{name}TensorScalars, __p: &[f32], __g: &[f32], __st: [&[f32]; {RT}::MAX_STATES], __rows: &mut [f64], __dims: {RT}::Dims, __acc: &mut [f64]) {{"
     ));
         if np == 0 {
             w.line("// This optimizer has no reductions.");
         } else {
             w.line("let __len = __p.len();");
             w.line("let __g = &__g[..__len];");
+            emit_dims_prelude(prog, w);
             w.open("match __pass {");
             for k in 0..np {
                 let pass = PassPlan::reduce(prog, k);
@@ -627,6 +699,10 @@ fn emit_kernel(prog: &Program, embedded: Option<Embedded<'_>>, w: &mut W) {
                     }
                     w.close("}");
                 }
+                let dims = pass.dims();
+                if !dims.is_empty() {
+                    emit_dim_sums(prog, &dims, &lp, w);
+                }
                 w.close("}");
             }
             w.line("_ => {}");
@@ -637,18 +713,19 @@ fn emit_kernel(prog: &Program, embedded: Option<Embedded<'_>>, w: &mut W) {
 
         // The update pass.
         w.open(&format!(
-        "#[inline(always)]\nfn update_body(__s: &{name}StepScalars, __ts: &{name}TensorScalars, __p: &mut [f32], __g: &[f32], __st: [&mut [f32]; {RT}::MAX_STATES], __rows: &[f64], __row_len: usize) {{"
+        "#[inline(always)]\nfn update_body(__s: &{name}StepScalars, __ts: &{name}TensorScalars, __p: &mut [f32], __g: &[f32], __st: [&mut [f32]; {RT}::MAX_STATES], __rows: &[f64], __dims: {RT}::Dims) {{"
     ));
         w.line("let __len = __p.len();");
         w.line("let __g = &__g[..__len];");
+        emit_dims_prelude(prog, w);
         emit_write_loop(prog, &PassPlan::update(prog), w);
         w.close("}");
     }
     let rt = RT;
-    let reduce_sig = format!("__pass: usize, __s: &{name}StepScalars, __ts: &{name}TensorScalars, __p: &[f32], __g: &[f32], __st: [&[f32]; {rt}::MAX_STATES], __rows: &mut [f64], __row_len: usize, __acc: &mut [f64]");
-    let reduce_args = "__pass, __s, __ts, __p, __g, __st, __rows, __row_len, __acc";
-    let update_sig = format!("__s: &{name}StepScalars, __ts: &{name}TensorScalars, __p: &mut [f32], __g: &[f32], __st: [&mut [f32]; {rt}::MAX_STATES], __rows: &[f64], __row_len: usize");
-    let update_args = "__s, __ts, __p, __g, __st, __rows, __row_len";
+    let reduce_sig = format!("__pass: usize, __s: &{name}StepScalars, __ts: &{name}TensorScalars, __p: &[f32], __g: &[f32], __st: [&[f32]; {rt}::MAX_STATES], __rows: &mut [f64], __dims: {RT}::Dims, __acc: &mut [f64]");
+    let reduce_args = "__pass, __s, __ts, __p, __g, __st, __rows, __dims, __acc";
+    let update_sig = format!("__s: &{name}StepScalars, __ts: &{name}TensorScalars, __p: &mut [f32], __g: &[f32], __st: [&mut [f32]; {rt}::MAX_STATES], __rows: &[f64], __dims: {RT}::Dims");
+    let update_args = "__s, __ts, __p, __g, __st, __rows, __dims";
     for (f, sig, args) in [
         ("reduce", &reduce_sig, reduce_args),
         ("update", &update_sig, update_args),
@@ -665,6 +742,23 @@ fn emit_kernel(prog: &Program, embedded: Option<Embedded<'_>>, w: &mut W) {
     }
     if !prog.mats.is_empty() {
         emit_matrix_fn(prog, w);
+    }
+    let per_tensor = prog.per_tensor_states();
+    if !per_tensor.is_empty() {
+        w.blank();
+        w.open(&format!(
+            "fn tensor_states(&self, __s: &{name}StepScalars, __ts: &{name}TensorScalars, __out: &mut [f32; {RT}::MAX_STATES]) {{"
+        ));
+        for i in per_tensor {
+            let id = prog.state_out[i];
+            let n = &prog.nodes[id];
+            let v = match n.op {
+                Op::Num(v) => f32_lit(v),
+                _ => format!("{}.{} as f32", scalars_struct(n.level), n.name),
+            };
+            w.line(&format!("__out[{i}] = {v}; // {}", prog.states[i].name));
+        }
+        w.close("}");
     }
     w.close("}");
     w.blank();
@@ -865,6 +959,10 @@ fn emit_state_slices(prog: &Program, states: &[usize], mutable: bool, w: &mut W)
     w.line(&format!("let [{}] = __st;", pat.join(", ")));
     for &i in &states {
         let n = &prog.states[i].name;
+        if prog.states[i].reduced.is_some() {
+            // One value per row or column: the whole buffer.
+            continue;
+        }
         if mutable {
             w.line(&format!("let __state_{n} = &mut __state_{n}[..__len];"));
         } else {
@@ -912,10 +1010,54 @@ fn emit_write_loop(prog: &Program, pass: &PassPlan<'_>, w: &mut W) {
         w.line(&format!("__p[__i] = {};", operand(prog, p, Ctx::Elem)));
     }
     for &(i, value) in &pass.state_writes {
+        let st = &prog.states[i];
+        let v = operand(prog, value, Ctx::Elem);
+        match st.reduced {
+            // The same along the row or column: its last element writes it,
+            // after every element of the row or column has read the old value.
+            Some(a) => w.line(&format!(
+                "if {} {{ __state_{}[{}] = {v}; }}",
+                dim_closes(a),
+                st.name,
+                dim_index(a)
+            )),
+            None => w.line(&format!("__state_{}[__i] = {v};", st.name)),
+        }
+    }
+    w.close("}");
+}
+
+/// Sums over one of the last two dimensions: the whole tensor in element
+/// order, each value added in f64 to its row's or column's result.
+fn emit_dim_sums(prog: &Program, reds: &[(usize, &Reduction)], lp: &Loop, w: &mut W) {
+    w.line("// One result per row or column of the last two dimensions: in element order, in f64.");
+    for &(i, r) in reds {
+        let Scope::Dim(a) = r.scope else { continue };
+        assert_eq!(r.op, ReduceOp::Sum, "reductions over a dimension are sums");
+        let k = prog.scope_reductions(r.scope);
+        let slot = prog.row_slot(i).unwrap();
+        w.open(&format!(
+            "for __k in 0..__dims.view().count({RT}::Axis::{a:?}, __len) {{"
+        ));
         w.line(&format!(
-            "__state_{}[__i] = {};",
-            prog.states[i].name,
-            operand(prog, value, Ctx::Elem)
+            "__rows[{} + __k * {k} + {slot}] = 0.0;",
+            dim_at(a)
+        ));
+        w.close("}");
+    }
+    w.open("for __i in 0..__len {");
+    for line in &lp.body {
+        w.line(line);
+    }
+    for &(i, r) in reds {
+        let Scope::Dim(a) = r.scope else { continue };
+        let k = prog.scope_reductions(r.scope);
+        let slot = prog.row_slot(i).unwrap();
+        w.line(&format!(
+            "__rows[{} + {} * {k} + {slot}] += f64::from({});",
+            dim_at(a),
+            dim_index(a),
+            operand(prog, r.arg, Ctx::Elem)
         ));
     }
     w.close("}");
@@ -927,13 +1069,14 @@ fn emit_matrix_fn(prog: &Program, w: &mut W) {
     let name = &prog.name;
     w.blank();
     w.open(&format!(
-        "fn matrix(&self, __block: usize, __s: &{name}StepScalars, __ts: &{name}TensorScalars, __p: &[f32], __g: &[f32], __st: [&mut [f32]; {RT}::MAX_STATES], __rows: &[f64], __row_len: usize, __ws: &mut {RT}::mat::Workspace) -> ::core::result::Result<(), ::std::string::String> {{"
+        "fn matrix(&self, __block: usize, __s: &{name}StepScalars, __ts: &{name}TensorScalars, __p: &[f32], __g: &[f32], __st: [&mut [f32]; {RT}::MAX_STATES], __rows: &[f64], __dims: {RT}::Dims, __ws: &mut {RT}::mat::Workspace) -> ::core::result::Result<(), ::std::string::String> {{"
     ));
     w.line(&format!(
         "use {RT}::mat::{{Mat as M, MatInst as I, Scal as S}};"
     ));
     w.line("let __len = __p.len();");
     w.line("let __g = &__g[..__len];");
+    emit_dims_prelude(prog, w);
     w.open("match __block {");
     for (b, block) in prog.mats.iter().enumerate() {
         w.open(&format!("{b} => {{"));

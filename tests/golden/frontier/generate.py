@@ -58,7 +58,7 @@ import pytorch_optimizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
-from generate_psi_exact import psi, write  # noqa: E402
+from generate_psi_exact import check_reproduces, psi, write  # noqa: E402
 
 SHAPES = [("scalar", [1]), ("w", [6, 4]), ("b", [5]), ("conv", [2, 3, 4]), ("big", [33, 17])]
 # Muon takes 2-D parameters only: rows < cols, rows > cols, square, 1xN, Nx1.
@@ -206,24 +206,7 @@ def run_muon_agr(init, grads, hyper, dtype):
 def check_shared_muon_basic():
     """Replays the shared frontier/muon_basic.json (when present): the float32 run must
     reproduce its recorded parameters bit for bit."""
-    path = os.path.normpath(os.path.join(SHARED_GOLDEN, "frontier", "muon_basic.json"))
-    if not os.path.exists(path):
-        print(f"{path} not found; skipped the muon_basic replay")
-        return
-    with open(path) as f:
-        doc = json.load(f)
-    shapes = [p["shape"] for p in doc["params"]]
-    init = [torch.tensor(p["init"], dtype=torch.float32).reshape(p["shape"]) for p in doc["params"]]
-    grads = [[torch.tensor(g, dtype=torch.float32).reshape(s) for g, s in zip(st["grads"], shapes)]
-             for st in doc["steps"]]
-    traj = run_muon(init, grads, doc["hyper"], torch.float32)
-    worst = 0.0
-    for st, ps in zip(doc["steps"], traj):
-        for rec, p in zip(st["params"], ps):
-            worst = max(worst, float((torch.tensor(rec, dtype=torch.float64)
-                                      - p.reshape(-1).double()).abs().max()))
-    assert worst == 0.0, f"muon_basic.json not reproduced: max abs difference {worst:.3e}"
-    print(f"muon_basic.json ({len(traj)} steps) reproduced bit for bit")
+    check_reproduces(os.path.join(SHARED_GOLDEN, "frontier", "muon_basic.json"), run_muon)
 
 
 def main():
