@@ -465,9 +465,13 @@ fn the_fused_cpu_step_and_the_run_time_compile_agree_with_the_reference() {
             ));
         }
     }
+    let count = |f: &dyn Fn(&Program) -> bool| progs().iter().filter(|p| f(p)).count();
     println!(
-        "{} specs: fused CPU step and the same spec compiled at run time, {} disagreements",
+        "{} specs ({} with a matrix block, {} reducing over one dimension or keeping reduced states, {} with a per-tensor state): fused CPU step and the same spec compiled at run time, {} disagreements",
         CASES.len(),
+        count(&|p| !p.mats.is_empty()),
+        count(&|p| p.factored()),
+        count(&|p| !p.per_tensor_states().is_empty()),
         failures.len()
     );
     report("CPU", &failures);
@@ -485,7 +489,7 @@ fn gpu_cases() -> Vec<(usize, &'static Case, &'static Program)> {
         .map(|(i, (c, p))| (i, c, p))
         .collect();
     println!(
-        "{} of {} specs have a matrix block or a factored part (CPU only): not run as CUDA",
+        "{} of {} specs have a matrix block, a factored part or a per-tensor state (CPU only): not run as CUDA",
         CASES.len() - all.len(),
         CASES.len()
     );
