@@ -55,7 +55,11 @@ pub fn workloads() -> Vec<Workload> {
 /// must finish before the update (Ψ's Σ|g|).
 pub fn ideal_traffic(name: &str) -> Option<(usize, usize)> {
     Some(match name {
-        "adamw" | "adam" | "lamb" | "adamw_gc" => (4, 3),
+        "adamw" | "adam" | "lamb" | "adamw_gc" | "nadam" => (4, 3),
+        // p and g for norm(p) and the row and column sums, g for the norm
+        // of the update, p and g for the update; writes p (the factored
+        // moments are a row and a column per matrix).
+        "adafactor" => (5, 1),
         "adamw_agr" | "adamw_agr_m" => (5, 3),
         "adan" => (6, 5),
         "adan_agr" => (7, 5),

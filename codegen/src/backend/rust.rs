@@ -465,11 +465,12 @@ fn elem_code(prog: &Program, plan: &LoopPlan) -> Loop {
 }
 
 /// Which result over `axis` (or value of a state reduced over it) element
-/// `__i` reads (see `View::index`).
+/// `__i` reads (see `View::index`): its row `__il` or its column `__is`,
+/// which a factored spec's loops keep (see [`open_elem_loop`]).
 fn dim_index(a: Axis) -> &'static str {
     match a {
-        Axis::Last => "__i / __cols",
-        Axis::SecondLast => "(__i / __mat * __cols + __i % __cols)",
+        Axis::Last => "__il",
+        Axis::SecondLast => "__is",
     }
 }
 
@@ -477,8 +478,67 @@ fn dim_index(a: Axis) -> &'static str {
 /// writes a state reduced over `axis` (see `View::closes`).
 fn dim_closes(a: Axis) -> &'static str {
     match a {
-        Axis::Last => "__i % __cols == __cols - 1",
-        Axis::SecondLast => "__i % __mat >= __mat - __cols",
+        Axis::Last => "__c == __cols - 1",
+        Axis::SecondLast => "__last_row",
+    }
+}
+
+/// Opens the loop over the chunk's elements, `__i`, with the loop body
+/// `body` (lines `let x = ...;`). A factored spec walks them row by row, so
+/// each element's row `__il`, column `__is` and column index `__c` cost no
+/// division (the order is the same: element order), and the lines that are
+/// the same along a row (a reduced state's value, a row's results and what
+/// is computed from them alone) run once per row, before the row's loop.
+fn open_elem_loop(prog: &Program, body: &[String], w: &mut W) {
+    if !prog.factored() {
+        w.open("for __i in 0..__len {");
+        for b in body {
+            w.line(b);
+        }
+        return;
+    }
+    w.open("for __il in 0..__len.checked_div(__cols).unwrap_or(0) {");
+    w.line("let __is0 = __il / __rows_n * __cols;");
+    w.line("let __last_row = __il % __rows_n == __rows_n - 1;");
+    let (per_row, per_elem) = split_row_invariant(body);
+    for b in per_row {
+        w.line(b);
+    }
+    w.open("for __c in 0..__cols {");
+    w.line("let __i = __il * __cols + __c;");
+    w.line("let __is = __is0 + __c;");
+    for b in per_elem {
+        w.line(b);
+    }
+}
+
+/// Splits loop-body lines (`let __v_x = ...;`, in dependency order) into
+/// those that read nothing that changes along a row, and the rest.
+fn split_row_invariant(body: &[String]) -> (Vec<&String>, Vec<&String>) {
+    let mut varying: std::collections::HashSet<&str> = ["__i", "__c", "__is"].into();
+    let (mut per_row, mut per_elem) = (vec![], vec![]);
+    for line in body {
+        let (name, rhs) = line
+            .strip_prefix("let ")
+            .and_then(|l| l.split_once(" = "))
+            .expect("a loop-body line binds one value");
+        let reads_varying = rhs
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .any(|tok| varying.contains(tok));
+        if reads_varying {
+            varying.insert(name);
+            per_elem.push(line);
+        } else {
+            per_row.push(line);
+        }
+    }
+    (per_row, per_elem)
+}
+
+fn close_elem_loop(prog: &Program, w: &mut W) {
+    w.close("}");
+    if prog.factored() {
+        w.close("}");
     }
 }
 
@@ -497,7 +557,7 @@ fn emit_dims_prelude(prog: &Program, w: &mut W) {
     }
     if prog.factored() {
         w.line("// The tensor as matrices over its last two dimensions (a work item is the whole tensor).");
-        w.line("let (__cols, __mat) = (__dims.cols, __dims.rows * __dims.cols);");
+        w.line("let (__cols, __rows_n) = (__dims.cols, __dims.rows);");
     }
 }
 
@@ -826,6 +886,36 @@ fn emit_block_fold(prog: &Program, reds: &[(usize, &Reduction)], lp: &Loop, w: &
             }
         }
     };
+    let reads_rows = lp
+        .body
+        .iter()
+        .any(|l| l.contains("__il") || l.contains("__is"));
+    if reads_rows {
+        // Row by row; element `__i` into lane `__i % LANES`, in element
+        // order: the same sums as the blocks below.
+        open_elem_loop(prog, &lp.body, w);
+        accumulate(w, &format!("__i % {lanes}"));
+        close_elem_loop(prog, w);
+    } else {
+        emit_lane_blocks(lp, &lanes, &accumulate, w);
+    }
+    for (k, (i, r)) in reds.iter().enumerate() {
+        if Some(k) == check {
+            w.line(&format!(
+                "let __r{i} = f64::from(__check.iter().sum::<f32>());"
+            ));
+            continue;
+        }
+        w.line(&format!(
+            "let __r{i} = {RT}::cpu::combine_lanes({RT}::cpu::Fold::{}, &__lanes[{k}]);",
+            fold_name(r)
+        ));
+    }
+}
+
+/// The element loop of [`emit_block_fold`] in blocks of LANES elements,
+/// then the tail into the first lanes.
+fn emit_lane_blocks(lp: &Loop, lanes: &str, accumulate: &dyn Fn(&mut W, &str), w: &mut W) {
     let bufs = loads(lp);
     w.line(&format!("let __blocks = __len / {lanes};"));
     w.open("for __b in 0..__blocks {");
@@ -854,18 +944,6 @@ fn emit_block_fold(prog: &Program, reds: &[(usize, &Reduction)], lp: &Loop, w: &
     }
     accumulate(w, &format!("__i - __blocks * {lanes}"));
     w.close("}");
-    for (k, (i, r)) in reds.iter().enumerate() {
-        if Some(k) == check {
-            w.line(&format!(
-                "let __r{i} = f64::from(__check.iter().sum::<f32>());"
-            ));
-            continue;
-        }
-        w.line(&format!(
-            "let __r{i} = {RT}::cpu::combine_lanes({RT}::cpu::Fold::{}, &__lanes[{k}]);",
-            fold_name(r)
-        ));
-    }
 }
 
 fn fold_name(r: &Reduction) -> &'static str {
@@ -904,6 +982,11 @@ fn emit_fold(
     ));
     if let Some(ix) = index {
         w.line(&format!("let __i = {ix};"));
+    }
+    if prog.factored() {
+        w.line(
+            "let (__il, __is) = (__i / __cols, __i / (__rows_n * __cols) * __cols + __i % __cols);",
+        );
     }
     for b in &lp.body {
         w.line(b);
@@ -1002,10 +1085,7 @@ fn emit_write_loop(prog: &Program, pass: &PassPlan<'_>, w: &mut W) {
     for h in &lp.hoisted {
         w.line(h);
     }
-    w.open("for __i in 0..__len {");
-    for b in &lp.body {
-        w.line(b);
-    }
+    open_elem_loop(prog, &lp.body, w);
     if let Some(p) = pass.param_write {
         w.line(&format!("__p[__i] = {};", operand(prog, p, Ctx::Elem)));
     }
@@ -1024,7 +1104,7 @@ fn emit_write_loop(prog: &Program, pass: &PassPlan<'_>, w: &mut W) {
             None => w.line(&format!("__state_{}[__i] = {v};", st.name)),
         }
     }
-    w.close("}");
+    close_elem_loop(prog, w);
 }
 
 /// Sums over one of the last two dimensions: the whole tensor in element
@@ -1045,10 +1125,7 @@ fn emit_dim_sums(prog: &Program, reds: &[(usize, &Reduction)], lp: &Loop, w: &mu
         ));
         w.close("}");
     }
-    w.open("for __i in 0..__len {");
-    for line in &lp.body {
-        w.line(line);
-    }
+    open_elem_loop(prog, &lp.body, w);
     for &(i, r) in reds {
         let Scope::Dim(a) = r.scope else { continue };
         let k = prog.scope_reductions(r.scope);
@@ -1060,7 +1137,7 @@ fn emit_dim_sums(prog: &Program, reds: &[(usize, &Reduction)], lp: &Loop, w: &mu
             operand(prog, r.arg, Ctx::Elem)
         ));
     }
-    w.close("}");
+    close_elem_loop(prog, w);
 }
 
 /// `Kernel::matrix`: per block, its value per element into its state, then
