@@ -615,3 +615,73 @@ fn agr_can_be_switched_off_after_a_number_of_steps() {
     });
     assert_ne!(w_until, w_agr);
 }
+
+/// Reduced and per-tensor states on tensors of every rank and of unit
+/// dimensions: Adafactor (a whole tensor per work item, a row and a column
+/// per matrix) and NAdam (one number per tensor) step them all at once as
+/// each alone, and an empty tensor is refused as for every spec.
+#[test]
+fn reduced_and_per_tensor_states_step_tensors_of_every_rank_and_size() {
+    use agr_runtime::optim::{Adafactor, AdafactorConfig, NAdam, NAdamConfig};
+    let shapes: &[&[usize]] = &[&[], &[1, 1], &[1, 4], &[4, 1], &[7], &[2, 1, 3], &[2, 3, 5]];
+    // `values` starts with a zero: skip it, so every tensor moves.
+    let nonzero = |n: usize, seed: u64| values(n + 1, seed)[1..].to_vec();
+    let init: Vec<Vec<f32>> = shapes
+        .iter()
+        .enumerate()
+        .map(|(i, s)| nonzero(s.iter().product(), i as u64))
+        .collect();
+    let grads: Vec<Vec<f32>> = init
+        .iter()
+        .enumerate()
+        .map(|(i, v)| nonzero(v.len(), 50 + i as u64))
+        .collect();
+    fn steps<K: agr_runtime::Kernel>(
+        opt: &mut agr_runtime::Optimizer<K>,
+        v: &mut [Vec<f32>],
+        g: &[Vec<f32>],
+        shapes: &[&[usize]],
+    ) {
+        for _ in 0..3 {
+            let mut ps: Vec<ParamMut<'_>> = v
+                .iter_mut()
+                .zip(g)
+                .zip(shapes)
+                .map(|((v, g), s)| ParamMut::new(v, Some(g), s))
+                .collect();
+            opt.step_params(&mut ps).unwrap();
+        }
+    }
+    let mut together = init.clone();
+    let mut ada = Adafactor::with_config(AdafactorConfig::default()).unwrap();
+    steps(&mut ada, &mut together, &grads, shapes);
+    let mut nadam_together = init.clone();
+    let mut nadam = NAdam::with_config(NAdamConfig::default()).unwrap();
+    steps(&mut nadam, &mut nadam_together, &grads, shapes);
+    assert_eq!(
+        ada.state(3, "vr").unwrap().len(),
+        4,
+        "[4, 1]: a value per row"
+    );
+    assert_eq!(ada.state(3, "vc").unwrap().len(), 1);
+    assert_eq!(ada.state(6, "vr").unwrap().len(), 6);
+    assert_eq!(ada.state(6, "vc").unwrap().len(), 10);
+    assert_eq!(nadam.state(6, "mu_product").unwrap().len(), 1);
+    for (i, s) in shapes.iter().enumerate() {
+        let mut alone = vec![init[i].clone()];
+        let mut a = Adafactor::with_config(AdafactorConfig::default()).unwrap();
+        steps(&mut a, &mut alone, &grads[i..=i], &shapes[i..=i]);
+        assert_eq!(alone[0], together[i], "adafactor, shape {s:?}");
+        let mut alone = vec![init[i].clone()];
+        let mut n = NAdam::with_config(NAdamConfig::default()).unwrap();
+        steps(&mut n, &mut alone, &grads[i..=i], &shapes[i..=i]);
+        assert_eq!(alone[0], nadam_together[i], "nadam, shape {s:?}");
+        assert!(together[i].iter().all(|x| x.is_finite()), "{s:?}");
+        assert_ne!(together[i], init[i], "adafactor moved nothing in {s:?}");
+    }
+    let mut empty = vec![vec![]];
+    let mut ps = vec![ParamMut::new(&mut empty[0], Some(&[]), &[3, 0])];
+    let mut fresh = Adafactor::with_config(AdafactorConfig::default()).unwrap();
+    let e = fresh.step_params(&mut ps).unwrap_err();
+    assert!(matches!(e, StepError::Empty { .. }), "{e}");
+}
