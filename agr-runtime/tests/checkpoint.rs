@@ -10,11 +10,7 @@ use common::data;
 const SHAPES: &[&[usize]] = &[&[40, 30], &[30], &[70_000]];
 
 fn init() -> Vec<Vec<f32>> {
-    SHAPES
-        .iter()
-        .enumerate()
-        .map(|(i, s)| data(s.iter().product(), i as u64))
-        .collect()
+    init_of(SHAPES)
 }
 
 fn step<K: agr_runtime::Kernel>(

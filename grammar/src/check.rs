@@ -1374,26 +1374,7 @@ impl<'a> Checker<'a> {
             | FuncKind::TensorReduce
             | FuncKind::GlobalReduce
             | FuncKind::RowReduce => {
-                let arg = vals[0];
-                if arg.level != Level::Elem {
-                    self.err(
-                        args[0].span.clone(),
-                        format!("`{}` reduces over a tensor's elements, but this value is the same for every element", f.name),
-                        "pass a per-element value such as `g`, `p` or a state",
-                    );
-                    return None;
-                }
-                let phase = arg.phase + 1;
-                if phase > MAX_REDUCTION_PHASES {
-                    self.err(
-                        e.span.clone(),
-                        format!(
-                            "this reduction cannot be scheduled: it needs {phase} reduction passes before the update, and a step has at most {MAX_REDUCTION_PHASES}"
-                        ),
-                        "reduce over a value that depends on fewer nested reductions",
-                    );
-                    return None;
-                }
+                let phase = self.reduction_phase(e, f, &args[0], vals[0])?;
                 let level = match f.kind {
                     FuncKind::Agr | FuncKind::RowReduce => Level::Elem,
                     FuncKind::TensorReduce => Level::Tensor,
@@ -1405,6 +1386,38 @@ impl<'a> Checker<'a> {
                 })
             }
         }
+    }
+
+    /// The pass after which reduction `e` of `f` over `arg` (checked value
+    /// `v`) is known; an error where `arg` is not per element or the
+    /// reduction needs more passes than a step has.
+    fn reduction_phase(
+        &mut self,
+        e: &Expr,
+        f: &builtins::Func,
+        arg: &Expr,
+        v: Val,
+    ) -> Option<usize> {
+        if v.level != Level::Elem {
+            self.err(
+                arg.span.clone(),
+                format!("`{}` reduces over a tensor's elements, but this value is the same for every element", f.name),
+                "pass a per-element value such as `g`, `p` or a state",
+            );
+            return None;
+        }
+        let phase = v.phase + 1;
+        if phase > MAX_REDUCTION_PHASES {
+            self.err(
+                e.span.clone(),
+                format!(
+                    "this reduction cannot be scheduled: it needs {phase} reduction passes before the update, and a step has at most {MAX_REDUCTION_PHASES}"
+                ),
+                "reduce over a value that depends on fewer nested reductions",
+            );
+            return None;
+        }
+        Some(phase)
     }
 
     /// `sum(x, -1)`, `mean(x, -2)`: a reduction over one of the last two
@@ -1448,25 +1461,7 @@ impl<'a> Checker<'a> {
             );
             return None;
         }
-        if arg.level != Level::Elem {
-            self.err(
-                args[0].span.clone(),
-                format!("`{}` reduces over a tensor's elements, but this value is the same for every element", f.name),
-                "pass a per-element value such as `g`, `p` or a state",
-            );
-            return None;
-        }
-        let phase = arg.phase + 1;
-        if phase > MAX_REDUCTION_PHASES {
-            self.err(
-                e.span.clone(),
-                format!(
-                    "this reduction cannot be scheduled: it needs {phase} reduction passes before the update, and a step has at most {MAX_REDUCTION_PHASES}"
-                ),
-                "reduce over a value that depends on fewer nested reductions",
-            );
-            return None;
-        }
+        let phase = self.reduction_phase(e, f, &args[0], arg)?;
         Some(Val {
             ty: Ty::Num,
             level: Level::Elem,
