@@ -59,6 +59,7 @@ import pytorch_optimizer
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 from generate_psi_exact import check_reproduces, psi, write  # noqa: E402
+from torch_runs import make_grads, run_torch  # noqa: E402
 
 SHAPES = [("scalar", [1]), ("w", [6, 4]), ("b", [5]), ("conv", [2, 3, 4]), ("big", [33, 17])]
 # Muon takes 2-D parameters only: rows < cols, rows > cols, square, 1xN, Nx1.
@@ -69,36 +70,12 @@ SHARED_GOLDEN = os.environ.get("AGR_SHARED_GOLDEN",
                                os.path.join(HERE, "..", "..", "..", "..", "shared", "golden"))
 
 
-def make_grads(seed, steps, scale, zero_every=0, sparse=False, shapes=SHAPES, zero_first=False):
-    """Gradients per step; w's gradient is all zero every zero_every-th step (and on
-    step 1 with zero_first)."""
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for t in range(1, steps + 1):
-        gs = []
-        for name, shape in shapes:
-            g = scale * torch.randn(shape, generator=gen, dtype=torch.float32)
-            if sparse:
-                g = g * (torch.rand(shape, generator=gen) > 0.2).to(torch.float32)
-            if name == "w" and ((zero_every and t % zero_every == 0) or (zero_first and t == 1)):
-                g = torch.zeros(shape, dtype=torch.float32)
-            gs.append(g)
-        out.append(gs)
-    return out
-
-
 def run_adopt(init, grads, hyper, dtype):
-    ps = [torch.nn.Parameter(x.clone().to(dtype)) for x in init]
-    opt = pytorch_optimizer.ADOPT(ps, lr=hyper["lr"], betas=(hyper["beta1"], hyper["beta2"]),
-                                  eps=hyper["eps"], weight_decay=hyper["weight_decay"],
-                                  weight_decouple=True, foreach=False)
-    traj = []
-    for gs in grads:
-        for p, g in zip(ps, gs):
-            p.grad = g.to(dtype).clone()
-        opt.step()
-        traj.append([p.detach().clone() for p in ps])
-    return traj
+    return run_torch(
+        lambda ps: pytorch_optimizer.ADOPT(ps, lr=hyper["lr"], betas=(hyper["beta1"], hyper["beta2"]),
+                                           eps=hyper["eps"], weight_decay=hyper["weight_decay"],
+                                           weight_decouple=True, foreach=False),
+        init, grads, dtype)
 
 
 def run_cadamw_agr(init, grads, hyper, dtype):
@@ -178,21 +155,12 @@ def muon_ns_same_dtype():
 
 
 def _run_muon(init, grads, hyper, dtype, transform):
-    ps = [torch.nn.Parameter(x.clone().to(dtype)) for x in init]
-    opt = torch.optim.Muon(ps, lr=hyper["lr"], weight_decay=hyper["weight_decay"],
-                           momentum=hyper["momentum"], nesterov=hyper["nesterov"],
-                           eps=hyper["eps"], ns_steps=hyper["ns_steps"])
-    traj = []
     with muon_ns_same_dtype():
-        for gs in grads:
-            for p, g in zip(ps, gs):
-                p.grad = transform(g.to(dtype).clone())
-            opt.step()
-            traj.append([p.detach().clone() for p in ps])
-    for step in traj:
-        for p in step:
-            assert torch.isfinite(p).all(), "Muon produced a non-finite value"
-    return traj
+        return run_torch(
+            lambda ps: torch.optim.Muon(ps, lr=hyper["lr"], weight_decay=hyper["weight_decay"],
+                                        momentum=hyper["momentum"], nesterov=hyper["nesterov"],
+                                        eps=hyper["eps"], ns_steps=hyper["ns_steps"]),
+            init, grads, dtype, transform, finite="Muon")
 
 
 def run_muon(init, grads, hyper, dtype):
@@ -219,20 +187,20 @@ def main():
 
     write("adopt_long.json", "adopt", adopt_ref, "150 steps, five tensors",
           {"lr": 1e-3, "beta1": 0.9, "beta2": 0.9999, "eps": 1e-6, "weight_decay": 0.01},
-          SHAPES, init, make_grads(41, 150, 0.3), run_adopt, folder=HERE)
+          SHAPES, init, make_grads(41, 150, 0.3, SHAPES), run_adopt, folder=HERE)
     write("adopt_lerp_high.json", "adopt", adopt_ref,
           "beta1 = 0.3: torch's lerp takes its weight >= 0.5 branch; eps = 1e-3 clamps sqrt(v); "
           "about a fifth of the gradient elements are exactly zero",
           {"lr": 1e-2, "beta1": 0.3, "beta2": 0.99, "eps": 1e-3, "weight_decay": 0.0},
-          SHAPES, init, make_grads(43, 60, 0.05, sparse=True), run_adopt, folder=HERE)
+          SHAPES, init, make_grads(43, 60, 0.05, SHAPES, sparse=True), run_adopt, folder=HERE)
     write("cadamw_agr_long.json", "cadamw_agr", cautious_ref,
           "150 steps; w's gradient is all zero every 11th step (Psi(0) = 0)",
           {"lr": 2e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.05},
-          SHAPES, init, make_grads(47, 150, 0.2, zero_every=11), run_cadamw_agr, folder=HERE)
+          SHAPES, init, make_grads(47, 150, 0.2, SHAPES, zero_every=11), run_cadamw_agr, folder=HERE)
     write("cadamw_agr_betas.json", "cadamw_agr", cautious_ref,
           "beta1 = 0.5, beta2 = 0.95, eps = 1e-6",
           {"lr": 1e-3, "beta1": 0.5, "beta2": 0.95, "eps": 1e-6, "weight_decay": 0.01},
-          SHAPES, init, make_grads(53, 80, 0.5), run_cadamw_agr, folder=HERE)
+          SHAPES, init, make_grads(53, 80, 0.5, SHAPES), run_cadamw_agr, folder=HERE)
 
     check_ns_copy()
     check_shared_muon_basic()
@@ -247,13 +215,13 @@ def main():
           "square, 1x7 and 9x1",
           {"lr": 0.02, "weight_decay": 0.1, "momentum": 0.95, "nesterov": True, "eps": 1e-7,
            "ns_steps": 5},
-          MUON_SHAPES, muon_init, make_grads(67, 120, 0.1, shapes=MUON_SHAPES), run_muon,
+          MUON_SHAPES, muon_init, make_grads(67, 120, 0.1, MUON_SHAPES), run_muon,
           folder=HERE)
     write("muon_plain.json", "muon", muon_ref,
           "nesterov = false: the direction is the momentum buffer; ns_steps = 3; no weight decay",
           {"lr": 0.01, "weight_decay": 0.0, "momentum": 0.9, "nesterov": False, "eps": 1e-7,
            "ns_steps": 3},
-          MUON_SHAPES, muon_init, make_grads(71, 60, 0.1, shapes=MUON_SHAPES), run_muon,
+          MUON_SHAPES, muon_init, make_grads(71, 60, 0.1, MUON_SHAPES), run_muon,
           folder=HERE)
     write("muon_agr_long.json", "muon_agr", muon_agr_ref,
           "120 steps; w's gradient is all zero on step 1 (momentum buffer and Newton-Schulz input "
@@ -262,7 +230,7 @@ def main():
           {"lr": 0.02, "weight_decay": 0.1, "momentum": 0.95, "nesterov": True, "eps": 1e-7,
            "ns_steps": 5},
           MUON_SHAPES, muon_init,
-          make_grads(73, 120, 0.1, zero_every=11, shapes=MUON_SHAPES, zero_first=True),
+          make_grads(73, 120, 0.1, MUON_SHAPES, zero_every=11, zero_first=True),
           run_muon_agr, folder=HERE)
 
 

@@ -38,6 +38,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 from generate_psi_exact import check_reproduces, write  # noqa: E402
+from torch_runs import make_grads, run_torch  # noqa: E402
 
 SHAPES = [("scale", []), ("scalar", [1]), ("w", [6, 4]), ("b", [5]), ("conv", [2, 3, 4]),
           ("big", [33, 17]), ("k4", [2, 2, 3, 5])]
@@ -46,39 +47,12 @@ SHARED_GOLDEN = os.environ.get("AGR_SHARED_GOLDEN",
 F32_EPS = float(torch.finfo(torch.float32).eps)
 
 
-def make_grads(seed, steps, scale, zero_every=0, zero_first=False, sparse=False, zero_row=False):
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for t in range(1, steps + 1):
-        gs = []
-        for name, shape in SHAPES:
-            g = scale * torch.randn(shape, generator=gen, dtype=torch.float32)
-            if sparse:
-                g = g * (torch.rand(shape, generator=gen) > 0.2).to(torch.float32)
-            if name == "w" and zero_row:
-                g[0].zero_()
-            if name == "w" and ((zero_every and t % zero_every == 0) or (zero_first and t == 1)):
-                g = torch.zeros(shape, dtype=torch.float32)
-            gs.append(g)
-        out.append(gs)
-    return out
-
-
 def run_adafactor(init, grads, hyper, dtype):
-    ps = [torch.nn.Parameter(x.clone().to(dtype)) for x in init]
-    opt = torch.optim.Adafactor(ps, lr=hyper["lr"], beta2_decay=hyper["beta2_decay"],
-                                eps=(hyper["eps1"], hyper["eps2"]), d=hyper["d"],
-                                weight_decay=hyper["weight_decay"], foreach=False)
-    traj = []
-    for gs in grads:
-        for p, g in zip(ps, gs):
-            p.grad = g.to(dtype).clone()
-        opt.step()
-        traj.append([p.detach().clone() for p in ps])
-    for step in traj:
-        for p in step:
-            assert torch.isfinite(p).all(), "Adafactor produced a non-finite value"
-    return traj
+    return run_torch(
+        lambda ps: torch.optim.Adafactor(ps, lr=hyper["lr"], beta2_decay=hyper["beta2_decay"],
+                                         eps=(hyper["eps1"], hyper["eps2"]), d=hyper["d"],
+                                         weight_decay=hyper["weight_decay"], foreach=False),
+        init, grads, dtype, finite="Adafactor")
 
 
 def check_shared_basic():
@@ -95,19 +69,19 @@ def main():
     write("adafactor_long.json", "adafactor", ref,
           "150 steps; a scalar, vectors, matrices, 3-D and 4-D tensors (factored over their last "
           "two dimensions per leading index)",
-          defaults, SHAPES, init, make_grads(89, 150, 0.3), run_adafactor, folder=HERE)
+          defaults, SHAPES, init, make_grads(89, 150, 0.3, SHAPES), run_adafactor, folder=HERE)
     write("adafactor_clamps.json", "adafactor", ref,
           "lr = 0.3 (rho_t = 1/sqrt(t) from step 12), beta2_decay = -0.5, eps1 = 1e-3 (clamps "
           "active, and with them the RMS clip d = 1), weight_decay = 0.05; a fifth of the gradient "
           "elements and w's first row exactly zero",
           {"lr": 0.3, "beta2_decay": -0.5, "eps1": 1e-3, "eps2": 1e-3, "d": 1.0,
            "weight_decay": 0.05},
-          SHAPES, init, make_grads(97, 80, 0.02, sparse=True, zero_row=True), run_adafactor,
+          SHAPES, init, make_grads(97, 80, 0.02, SHAPES, sparse=True, zero_row=True), run_adafactor,
           folder=HERE)
     write("adafactor_zero.json", "adafactor", ref,
           "w's gradient is all zero on step 1 (variances exactly zero: the update is 0, not NaN) "
           "and every 11th step",
-          defaults, SHAPES, init, make_grads(101, 60, 0.2, zero_every=11, zero_first=True),
+          defaults, SHAPES, init, make_grads(101, 60, 0.2, SHAPES, zero_every=11, zero_first=True),
           run_adafactor, folder=HERE)
 
 

@@ -27,22 +27,17 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
-from generate_adafactor import SHAPES, make_grads  # noqa: E402
+from generate_adafactor import SHAPES  # noqa: E402
 from generate_psi_exact import write  # noqa: E402
+from torch_runs import make_grads, run_torch  # noqa: E402
 
 
 def run_nadam(init, grads, hyper, dtype):
-    ps = [torch.nn.Parameter(x.clone().to(dtype)) for x in init]
-    opt = torch.optim.NAdam(ps, lr=hyper["lr"], betas=(hyper["beta1"], hyper["beta2"]),
-                            eps=hyper["eps"], weight_decay=hyper["weight_decay"],
-                            momentum_decay=hyper["momentum_decay"], foreach=False)
-    traj = []
-    for gs in grads:
-        for p, g in zip(ps, gs):
-            p.grad = g.to(dtype).clone()
-        opt.step()
-        traj.append([p.detach().clone() for p in ps])
-    return traj
+    return run_torch(
+        lambda ps: torch.optim.NAdam(ps, lr=hyper["lr"], betas=(hyper["beta1"], hyper["beta2"]),
+                                     eps=hyper["eps"], weight_decay=hyper["weight_decay"],
+                                     momentum_decay=hyper["momentum_decay"], foreach=False),
+        init, grads, dtype)
 
 
 def main():
@@ -52,12 +47,12 @@ def main():
     write("nadam_long.json", "nadam", ref, "150 steps, seven tensors from a scalar to 2x2x3x5",
           {"lr": 2e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.0,
            "momentum_decay": 4e-3},
-          SHAPES, init, make_grads(109, 150, 0.3), run_nadam, folder=HERE)
+          SHAPES, init, make_grads(109, 150, 0.3, SHAPES), run_nadam, folder=HERE)
     write("nadam_decay.json", "nadam", ref,
           "momentum_decay = 0.05, L2 weight decay 0.01, beta1 = 0.8",
           {"lr": 1e-2, "beta1": 0.8, "beta2": 0.99, "eps": 1e-8, "weight_decay": 0.01,
            "momentum_decay": 0.05},
-          SHAPES, init, make_grads(113, 100, 0.5), run_nadam, folder=HERE)
+          SHAPES, init, make_grads(113, 100, 0.5, SHAPES), run_nadam, folder=HERE)
 
 
 if __name__ == "__main__":
