@@ -558,7 +558,7 @@ impl DynKernel {
             // its row's or column's result (as the generated loop).
             let view = dims.view();
             for (a, w) in &plan.dims {
-                let per = e.dim_reductions[usize::from(*a == Axis::SecondLast)];
+                let per = e.desc.dim_reductions_over(*a);
                 for k in 0..view.count(*a, len) {
                     rows[dims.at(*a) + k * per + w.index] = 0.0;
                 }
@@ -568,7 +568,7 @@ impl DynKernel {
                 let n = BLOCK.min(len - off);
                 sc.eval(&plan.code, &inputs, RowCtx::of(rows, dims, e), off, n);
                 for (a, w) in &plan.dims {
-                    let per = e.dim_reductions[usize::from(*a == Axis::SecondLast)];
+                    let per = e.desc.dim_reductions_over(*a);
                     let at = dims.at(*a);
                     let v = sc.arg(w.arg, &inputs, off, n);
                     for i in 0..n {
@@ -765,8 +765,6 @@ struct Exec {
     /// Each matrix block's loop (its value into its state).
     mats: Vec<UpdatePlan>,
     row_reductions: usize,
-    /// Reductions over the last and the second-to-last dimension.
-    dim_reductions: [usize; 2],
 }
 
 fn leak(s: &str) -> &'static str {
@@ -940,9 +938,7 @@ impl Exec {
             mats.push(UpdatePlan { code, outputs });
         }
         let row_reductions = prog.row_reductions();
-        let dim_reductions = desc.dim_reductions;
         Exec {
-            dim_reductions,
             desc,
             step_nodes,
             tensor_nodes,
@@ -1063,7 +1059,7 @@ struct RowCtx<'a> {
     rows: &'a [f64],
     dims: Dims,
     per_row: usize,
-    per_dim: [usize; 2],
+    desc: &'static KernelDesc,
 }
 
 impl<'a> RowCtx<'a> {
@@ -1072,15 +1068,12 @@ impl<'a> RowCtx<'a> {
             rows,
             dims,
             per_row: e.row_reductions,
-            per_dim: e.dim_reductions,
+            desc: e.desc,
         }
     }
 
     fn per(&self, a: Axis) -> usize {
-        match a {
-            Axis::Last => self.per_dim[0],
-            Axis::SecondLast => self.per_dim[1],
-        }
+        self.desc.dim_reductions_over(a)
     }
 }
 

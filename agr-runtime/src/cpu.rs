@@ -74,6 +74,15 @@ impl KernelDesc {
         }
     }
 
+    /// How many reductions the spec has over `axis` (results per row or
+    /// per column, see [`KernelDesc::dim_reductions`]).
+    pub fn dim_reductions_over(&self, axis: crate::Axis) -> usize {
+        match axis {
+            crate::Axis::Last => self.dim_reductions[0],
+            crate::Axis::SecondLast => self.dim_reductions[1],
+        }
+    }
+
     /// The first of `n` tensors whose finite check in `reduced` (one row of
     /// `nr` results per tensor) failed, or 0.
     pub fn non_finite_slot(&self, reduced: &[f64], n: usize, nr: usize) -> usize {

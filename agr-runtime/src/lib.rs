@@ -124,9 +124,10 @@ impl Dims {
         let row_len = TensorMeta::row_len_of(shape);
         let view = View::of(shape);
         let last_at = numel.checked_div(row_len).unwrap_or(0) * desc.row_reductions;
-        let [per_last, per_second_last] = desc.dim_reductions;
-        let second_last_at = last_at + view.count(Axis::Last, numel) * per_last;
-        let results = second_last_at + view.count(Axis::SecondLast, numel) * per_second_last;
+        let second_last_at =
+            last_at + view.count(Axis::Last, numel) * desc.dim_reductions_over(Axis::Last);
+        let results = second_last_at
+            + view.count(Axis::SecondLast, numel) * desc.dim_reductions_over(Axis::SecondLast);
         Dims {
             row_len,
             rows: view.rows,
