@@ -176,17 +176,7 @@ impl StateInfo {
     /// The buffer's shape for a parameter of `shape` (a reduced dimension is
     /// kept as 1, as torch's `keepdim` does; a per-tensor state is a scalar).
     pub fn shape(&self, shape: &[usize]) -> Vec<usize> {
-        if self.per_tensor {
-            return vec![];
-        }
-        let mut s = shape.to_vec();
-        let n = s.len();
-        match self.reduced {
-            Some(Axis::Last) if n >= 1 => s[n - 1] = 1,
-            Some(Axis::SecondLast) if n >= 2 => s[n - 2] = 1,
-            _ => {}
-        }
-        s
+        agr_codegen::ir::state_shape(self.reduced, self.per_tensor, shape)
     }
 }
 

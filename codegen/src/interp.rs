@@ -21,18 +21,15 @@ pub struct TensorData {
 impl TensorData {
     pub fn new(prog: &Program, shape: Vec<usize>, p: Vec<f32>) -> TensorData {
         let n = p.len();
-        let view = View::of(&shape);
         TensorData {
             g: vec![0.0; n],
             states: prog
                 .states
                 .iter()
                 .map(|s| {
-                    let len = match s.reduced {
-                        _ if s.per_tensor => 1,
-                        Some(a) => view.count(a, n),
-                        None => n,
-                    };
+                    let len = state_shape(s.reduced, s.per_tensor, &shape)
+                        .iter()
+                        .product();
                     vec![s.fill as f32; len]
                 })
                 .collect(),

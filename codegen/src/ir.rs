@@ -254,6 +254,23 @@ impl View {
     }
 }
 
+/// The shape of a state's buffer for a parameter of `shape`: the parameter's
+/// own; with `reduced`, the reduced dimension kept as 1 (torch's `keepdim`);
+/// per tensor, a scalar.
+pub fn state_shape(reduced: Option<Axis>, per_tensor: bool, shape: &[usize]) -> Vec<usize> {
+    if per_tensor {
+        return vec![];
+    }
+    let mut s = shape.to_vec();
+    let n = s.len();
+    match reduced {
+        Some(Axis::Last) if n >= 1 => s[n - 1] = 1,
+        Some(Axis::SecondLast) if n >= 2 => s[n - 2] = 1,
+        _ => {}
+    }
+    s
+}
+
 impl Scope {
     /// Whether its results are read per element (from the row buffer).
     pub fn per_element(self) -> bool {
