@@ -372,6 +372,20 @@ impl Kernel for DynKernel {
         }
     }
 
+    fn matrix_args(&self, block: usize, s: &Scalars, ts: &Scalars, out: &mut Vec<f64>) {
+        out.clear();
+        let e = &*self.exec;
+        if let Some(b) = e.prog.mats.get(block) {
+            out.extend(b.args.iter().map(|&a| {
+                if e.prog.nodes[a].level == Level::Step {
+                    s.0[a]
+                } else {
+                    ts.0[a]
+                }
+            }));
+        }
+    }
+
     fn matrix(
         &self,
         block: usize,
@@ -392,17 +406,8 @@ impl Kernel for DynKernel {
         // nothing else).
         let st2: [&mut [f32]; MAX_STATES] = st.each_mut().map(|x| &mut **x);
         self.write_pass(plan, s, ts, ParamIo::Read(p), g, st2, rows, dims);
-        let args: Vec<f64> = b
-            .args
-            .iter()
-            .map(|&a| {
-                if e.prog.nodes[a].level == Level::Step {
-                    s.0[a]
-                } else {
-                    ts.0[a]
-                }
-            })
-            .collect();
+        let mut args = vec![];
+        self.matrix_args(block, s, ts, &mut args);
         let len = p.len();
         crate::mat::run(
             &b.code,
@@ -848,6 +853,9 @@ fn describe(prog: &Program) -> &'static KernelDesc {
                 .map(|b| MatrixInfo {
                     name: leak(&b.name),
                     phase: b.phase,
+                    state: b.state,
+                    regs: b.regs,
+                    code: Box::leak(b.code.clone().into_boxed_slice()),
                 })
                 .collect::<Vec<_>>()
                 .into_boxed_slice(),

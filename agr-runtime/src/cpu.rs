@@ -21,7 +21,9 @@ pub struct KernelDesc {
     pub cuda_source: &'static str,
     /// The spec's own CUDA C, without the shared prelude (what to snapshot).
     pub cuda_kernel_source: &'static str,
-    /// Its kernels in launch order: one per reduction pass, then the update.
+    /// Its kernels: one per reduction pass and the update, in launch
+    /// order; then one per matrix block (its value per element) and, with
+    /// matrix blocks, their programs' sums and transposes (`X_mat_axpby`).
     pub cuda_kernels: &'static [&'static str],
     /// Every hyperparameter, in spec order.
     pub hypers: &'static [HyperInfo],
@@ -45,19 +47,26 @@ pub struct KernelDesc {
     pub cpu_only: Option<&'static str>,
     /// Whether the step changes the parameter at all.
     pub writes_param: bool,
-    /// Matrix blocks (`matrix x = value { ... }`), in spec order. A spec
-    /// with any runs on the CPU only.
+    /// Matrix blocks (`matrix x = value { ... }`), in spec order.
     pub matrices: &'static [MatrixInfo],
 }
 
 /// A matrix block of a spec: see [`Kernel::matrix`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct MatrixInfo {
     /// The spec's name for its result.
     pub name: &'static str,
     /// It runs after the scalars of this phase are known, before pass
     /// `phase` (the update pass where `phase == passes`).
     pub phase: usize,
+    /// The state buffer that holds its matrix (a state the spec does not
+    /// declare, named after the block).
+    pub state: usize,
+    /// Registers its program uses (register 0 is the block's matrix).
+    pub regs: usize,
+    /// Its program (see [`crate::mat`]); the numbers it reads
+    /// ([`crate::mat::Scal::Arg`]) come from [`Kernel::matrix_args`].
+    pub code: &'static [crate::mat::MatInst],
 }
 
 impl KernelDesc {
@@ -170,6 +179,20 @@ pub trait Kernel: 'static + Clone + Send + Sync {
         out: &mut [f32; MAX_STATES],
     ) {
         let _ = (s, ts, out);
+    }
+
+    /// The numbers matrix block `block`'s program reads
+    /// ([`crate::mat::Scal::Arg`], bools as 0 or 1), from a tensor's scalars,
+    /// into `out` (cleared first).
+    fn matrix_args(
+        &self,
+        block: usize,
+        s: &Self::StepScalars,
+        ts: &Self::TensorScalars,
+        out: &mut Vec<f64>,
+    ) {
+        let _ = (block, s, ts);
+        out.clear();
     }
 
     /// Matrix block `block` (see [`KernelDesc::matrices`]) over one whole

@@ -3,9 +3,12 @@
 //! device buffers or raw device pointers.
 //!
 //! One step launches one kernel per reduction pass and one update kernel,
-//! each covering every parameter through a table of tensors and chunks. A
-//! machine without a driver, a GPU or NVRTC gets an error, never a panic:
-//! cudarc panics when a library is missing, so its presence is checked first.
+//! each covering every parameter through a table of tensors and chunks; a
+//! spec with matrix blocks adds, per block, its kernel and its programs'
+//! products (cuBLAS, strided batched over same-shape tensors) and sums (see
+//! [`crate::matdev`]). A machine without a driver, a GPU, NVRTC or (for
+//! matrix blocks) cuBLAS gets an error, never a panic: cudarc panics when a
+//! library is missing, so its presence is checked first.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -21,9 +24,11 @@ use crate::buf::AlignedBuf;
 use crate::cpu::{Kernel, KernelDesc, StaticKernel};
 use crate::device::{DeviceError, Exec, Launch, RawParam, Store};
 use crate::emulated::{AgrChunk, AgrTensor};
+use crate::matdev::{Axpby, MatBatch, MatDevice, Sgemm};
 use crate::optimizer::skip_pass_of;
 use crate::optimizer::{validate_params, ParamSeen};
 use crate::{NonFinite, Optimizer, ParamMut, StepError, StepReport, MAX_STATES};
+use cudarc::cublas::CudaBlas;
 use std::borrow::Cow;
 
 /// cudarc's stream and the guard that records a buffer's use on one (the
@@ -349,6 +354,10 @@ pub(crate) struct CudaExec {
     d_hypers: Option<CudaSlice<f64>>,
     /// The skip counters: `[0]` per step, `[1 + i]` per parameter.
     d_counts: Option<CudaSlice<u32>>,
+    /// Matrix programs: cuBLAS on the stream (made on first use) and the
+    /// registers.
+    blas: Option<Arc<CudaBlas>>,
+    d_scratch: Option<CudaSlice<f32>>,
 }
 
 /// Grows a device buffer to at least `n` elements (zeroed when replaced).
@@ -401,6 +410,8 @@ impl CudaExec {
             d_counters: None,
             d_hypers: None,
             d_counts: None,
+            blas: None,
+            d_scratch: None,
         })
     }
 
@@ -446,8 +457,19 @@ impl Launch for CudaExec {
         hypers: &[f64],
         chunks: &[AgrChunk],
         tensors: &[AgrTensor],
+        mats: &[MatBatch],
         policy: NonFinite,
     ) -> Result<Option<usize>, DeviceError> {
+        if !mats.is_empty() && self.blas.is_none() {
+            if !culib_present("cublas") {
+                return Err(cuda_err(
+                    "matrix blocks run their products on cuBLAS, and libcublas could not be loaded (install the nvidia-cublas-cu12 wheel or the CUDA toolkit, and put its lib folder on LD_LIBRARY_PATH)",
+                ));
+            }
+            self.blas = Some(Arc::new(
+                CudaBlas::new(self.stream.clone()).map_err(cuda_err)?,
+            ));
+        }
         let stream = self.stream.clone();
         let (nt, nc) = (tensors.len(), chunks.len());
         let nr = desc.reductions.len().max(1);
@@ -498,7 +520,36 @@ impl Launch for CudaExec {
             shared_mem_bytes: 0,
         };
         let nt_arg = nt as i32;
+        // Matrix blocks before pass `k`: the block's kernel, then its programs.
+        let blocks = |k: usize,
+                      reduced: &CudaSlice<f64>,
+                      global: &CudaSlice<f64>,
+                      scratch: &mut Option<CudaSlice<f32>>|
+         -> Result<(), DeviceError> {
+            for (b, info) in desc.matrices.iter().enumerate() {
+                if info.phase != k {
+                    continue;
+                }
+                let mut l = stream.launch_builder(&self.functions[desc.passes + 1 + b]);
+                l.arg(&*d_hypers)
+                    .arg(&*d_chunks)
+                    .arg(&*d_tensors)
+                    .arg(&nt_arg)
+                    .arg(reduced)
+                    .arg(global);
+                l.launch(cfg).map_err(cuda_err)?;
+                let mut dev = GpuMat {
+                    stream: &stream,
+                    blas: self.blas.as_deref().expect("made above"),
+                    axpby: &self.functions[desc.passes + 1 + desc.matrices.len()],
+                    scratch,
+                };
+                crate::matdev::run_batches(&mut dev, mats, b)?;
+            }
+            Ok(())
+        };
         for pass in 0..desc.passes {
+            blocks(pass, reduced, global, &mut self.d_scratch)?;
             if skip_pass_of(desc, pass, policy) {
                 continue;
             }
@@ -521,6 +572,7 @@ impl Launch for CudaExec {
                 }
             }
         }
+        blocks(desc.passes, reduced, global, &mut self.d_scratch)?;
         let mut b = stream.launch_builder(&self.functions[desc.passes]);
         b.arg(&*d_hypers)
             .arg(&*d_chunks)
@@ -781,13 +833,87 @@ impl<K: Kernel> Optimizer<K> {
         self.step_on_device(&raw)
     }
 
-    /// Kernel launches per step on a GPU: one per reduction pass plus the update.
+    /// Kernel launches per step on a GPU: one per reduction pass plus the
+    /// update (and, with matrix blocks, one per block, plus their programs'
+    /// products and sums, one per operation and group of same-shape tensors).
     pub fn launches_per_step(&self) -> usize {
-        self.desc.passes + 1
+        self.desc.passes + 1 + self.desc.matrices.len()
     }
 }
 
 impl<K: StaticKernel> Optimizer<K> {
-    /// Kernel launches per step on a GPU: one per reduction pass plus the update.
-    pub const LAUNCHES_PER_STEP: usize = K::DESC.passes + 1;
+    /// Kernel launches per step on a GPU: one per reduction pass plus the
+    /// update (and one per matrix block, before its programs).
+    pub const LAUNCHES_PER_STEP: usize = K::DESC.passes + 1 + K::DESC.matrices.len();
+}
+
+/// A GPU as the device of matrix programs: cuBLAS for products, the spec's
+/// `X_mat_axpby` for sums and transposes, copies on the stream.
+struct GpuMat<'a> {
+    stream: &'a Arc<CudaStream>,
+    blas: &'a CudaBlas,
+    axpby: &'a CudaFunction,
+    scratch: &'a mut Option<CudaSlice<f32>>,
+}
+
+impl MatDevice for GpuMat<'_> {
+    fn scratch(&mut self, floats: usize) -> Result<u64, DeviceError> {
+        ensure(self.stream, self.scratch, floats)?;
+        let s = self.scratch.as_mut().expect("ensured above");
+        let (ptr, _record) = s.device_ptr_mut(self.stream);
+        Ok(ptr)
+    }
+    unsafe fn copy(&mut self, dst: u64, src: u64, floats: usize) -> Result<(), DeviceError> {
+        self.stream.context().bind_to_thread().map_err(cuda_err)?;
+        cudarc::driver::result::memcpy_dtod_async(dst, src, 4 * floats, self.stream.cu_stream())
+            .map_err(cuda_err)
+    }
+    unsafe fn sgemm(&mut self, g: &Sgemm) -> Result<(), DeviceError> {
+        use cudarc::cublas::sys::cublasOperation_t as T;
+        let op = |t: bool| if t { T::CUBLAS_OP_T } else { T::CUBLAS_OP_N };
+        cudarc::cublas::result::sgemm_strided_batched(
+            *self.blas.handle(),
+            op(g.transa),
+            op(g.transb),
+            g.m,
+            g.n,
+            g.k,
+            &g.alpha,
+            g.a as *const f32,
+            g.lda,
+            g.stride_a,
+            g.b as *const f32,
+            g.ldb,
+            g.stride_b,
+            &g.beta,
+            g.c as *mut f32,
+            g.ldc,
+            g.stride_c,
+            g.batch,
+        )
+        .map_err(cuda_err)
+    }
+    unsafe fn axpby(&mut self, x: &Axpby) -> Result<(), DeviceError> {
+        let blocks = (x.total as u64).div_ceil(u64::from(BLOCK));
+        let cfg = LaunchConfig {
+            grid_dim: (u32::try_from(blocks).map_err(cuda_err)?, 1, 1),
+            block_dim: (BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (a_t, b_t) = (i32::from(x.a_t), i32::from(x.b_t));
+        let mut l = self.stream.launch_builder(self.axpby);
+        l.arg(&x.dst)
+            .arg(&x.a)
+            .arg(&a_t)
+            .arg(&x.alpha)
+            .arg(&x.b)
+            .arg(&b_t)
+            .arg(&x.beta)
+            .arg(&x.m)
+            .arg(&x.n)
+            .arg(&x.stride)
+            .arg(&x.total);
+        l.launch(cfg).map_err(cuda_err)?;
+        Ok(())
+    }
 }

@@ -29,6 +29,7 @@ use std::sync::Arc;
 use crate::buf::AlignedBuf;
 use crate::cpu::{Kernel, KernelDesc};
 use crate::emulated::{self, AgrChunk, AgrTensor, EmulatedError, HostModule};
+use crate::matdev::MatBatch;
 use crate::optimizer::TensorState;
 use crate::{NonFinite, Optimizer, StepError, StepReport, TensorMeta, MAX_STATES};
 
@@ -202,12 +203,15 @@ pub(crate) struct Emulated {
     module: Arc<HostModule>,
     /// `[0]`: steps the update kernel skipped; `[1 + i]`: of those, parameter `i`'s.
     counts: Vec<u32>,
+    /// Matrix programs' registers (see [`crate::matdev`]).
+    scratch: Vec<f32>,
 }
 
 /// The launch layer: runs one step's passes over tables the engine built.
 pub(crate) trait Launch {
     /// Runs every pass of the step (the reduction passes `policy` needs, then
-    /// the update). Under [`NonFinite::Error`] it reads the finite check back
+    /// the update); before the pass of a matrix block's phase, the block's
+    /// kernel and its programs (`mats`, see [`crate::matdev`]). Under [`NonFinite::Error`] it reads the finite check back
     /// after the first pass and returns the slot of a tensor whose gradient
     /// is not finite, having written nothing. Under `Skip` the update kernel
     /// decides, counting into the skip counters; nothing is read back.
@@ -222,6 +226,7 @@ pub(crate) trait Launch {
         hypers: &[f64],
         chunks: &[AgrChunk],
         tensors: &[AgrTensor],
+        mats: &[MatBatch],
         policy: NonFinite,
     ) -> Result<Option<usize>, DeviceError>;
     /// The skip counters' address (`[0]` for the step, `[1 + i]` per parameter).
@@ -248,12 +253,20 @@ impl Launch for Emulated {
         hypers: &[f64],
         chunks: &[AgrChunk],
         tensors: &[AgrTensor],
+        mats: &[MatBatch],
         policy: NonFinite,
     ) -> Result<Option<usize>, DeviceError> {
         let counts = self.counts.as_mut_ptr();
-        Ok(self
-            .module
-            .run(desc, hypers, chunks, tensors, policy, counts))
+        Ok(self.module.run(
+            desc,
+            hypers,
+            chunks,
+            tensors,
+            mats,
+            &mut self.scratch,
+            policy,
+            counts,
+        ))
     }
     fn counts_ptr(&mut self) -> u64 {
         self.counts.as_mut_ptr() as u64
@@ -339,6 +352,7 @@ impl<K: Kernel> Optimizer<K> {
             Device::EmulatedCuda => Exec::Emulated(Emulated {
                 module: HostModule::load(self.desc)?,
                 counts: vec![],
+                scratch: vec![],
             }),
             #[cfg(feature = "cuda")]
             Device::Cuda(n) => Exec::Cuda(Box::new(crate::cuda::CudaExec::new(
@@ -584,9 +598,80 @@ impl<K: Kernel> Optimizer<K> {
             t.first_chunk = first;
             t.n_chunks = n;
         }
+        let mats = self.matrix_batches(params, &metas, &table)?;
         let hypers = emulated::hyper_table(desc, self.groups.iter().map(|g| &g.config));
-        l.run(desc, &hypers, &chunks, &table, policy)
+        let l = self.exec.launch().expect("a CUDA device");
+        l.run(desc, &hypers, &chunks, &table, &mats, policy)
             .map_err(device_error)
+    }
+
+    /// The step's matrix programs on a device (see [`crate::matdev`]): per
+    /// block, the active tensors grouped by shape and by the numbers the
+    /// program reads (computed on the host from the hyperparameters and the
+    /// shape, before any reduction), each group's program resolved once. A
+    /// shape a program cannot run on is an error here, before anything is
+    /// launched.
+    fn matrix_batches(
+        &self,
+        params: &[RawParam<'_>],
+        metas: &[TensorMeta],
+        table: &[AgrTensor],
+    ) -> Result<Vec<MatBatch>, StepError> {
+        let desc = self.desc;
+        if desc.matrices.is_empty() {
+            return Ok(vec![]);
+        }
+        let zeros = vec![0.0; desc.reductions.len()];
+        let ss: Vec<K::StepScalars> = self
+            .groups
+            .iter()
+            .map(|g| {
+                let mut s = K::StepScalars::default();
+                self.kernel.step_scalars(&g.config, 0, &zeros, &mut s);
+                s
+            })
+            .collect();
+        let active = params.iter().enumerate().filter(|(_, p)| p.grad.is_some());
+        let mut batches: Vec<MatBatch> = vec![];
+        let mut keys: Vec<(usize, usize, usize, Vec<u64>)> = vec![];
+        let mut args = vec![];
+        for ((i, p), (meta, t)) in active.zip(metas.iter().zip(table)) {
+            if meta.numel == 0 {
+                continue;
+            }
+            let group = self.group_of.get(i).copied().unwrap_or(0);
+            let config = &self.groups[group].config;
+            let mut ts = K::TensorScalars::default();
+            self.kernel
+                .tensor_scalars(config, 0, &ss[group], meta, &zeros, &mut ts);
+            let (rows, cols) = (meta.numel / meta.row_len, meta.row_len);
+            for (b, info) in desc.matrices.iter().enumerate() {
+                self.kernel.matrix_args(b, &ss[group], &ts, &mut args);
+                let key = (b, rows, cols, args.iter().map(|a| a.to_bits()).collect());
+                let buf = t.st[info.state];
+                match keys.iter().position(|k| *k == key) {
+                    Some(at) => batches[at].bufs.push(buf),
+                    None => {
+                        let prog = crate::matdev::resolve(info.code, info.regs, &args, rows, cols)
+                            .map_err(|message| StepError::Matrix {
+                                index: i,
+                                block: info.name.to_string(),
+                                shape: p.shape.to_vec(),
+                                message,
+                            })?;
+                        keys.push(key);
+                        batches.push(MatBatch {
+                            block: b,
+                            prog,
+                            rows,
+                            cols,
+                            bufs: vec![buf],
+                        });
+                    }
+                }
+            }
+        }
+        Ok(batches)
     }
 
     /// The step path of [`Optimizer::step_params`] on a CUDA device: host

@@ -19,6 +19,8 @@ use std::process::Command;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::cpu::KernelDesc;
+use crate::device::DeviceError;
+use crate::matdev::{Axpby, MatBatch, MatDevice, Sgemm};
 use crate::optimizer::skip_pass_of;
 use crate::{HyperConfig, HyperValue, NonFinite, TensorMeta, MAX_STATES};
 
@@ -169,11 +171,32 @@ type PassFn = unsafe extern "C" fn(
     skipped: *mut u32,
 ) -> i32;
 
+type AxpbyFn = unsafe extern "C" fn(
+    dst: *mut f32,
+    a: *const f32,
+    a_t: i32,
+    alpha: f32,
+    b: *const f32,
+    b_t: i32,
+    beta: f32,
+    m: i32,
+    n: i32,
+    stride: i64,
+    total: i64,
+);
+
+/// Launches one kernel of a step (by pass number) over its scratch arrays
+/// (partials, per-tensor and global reductions).
+type PassLauncher<'a> = dyn FnMut(usize, &mut [f64], &mut [f64], &mut [f64]) + 'a;
+
 /// A spec's kernels compiled for the CPU.
 pub struct HostModule {
     desc: &'static KernelDesc,
     pass: PassFn,
-    // Keeps `pass` valid.
+    /// The matrix programs' sums and transposes (`X_mat_axpby`), where the
+    /// spec has matrix blocks.
+    axpby: Option<AxpbyFn>,
+    // Keeps `pass` and `axpby` valid.
     _lib: libloading::Library,
 }
 
@@ -186,7 +209,8 @@ impl fmt::Debug for HostModule {
 }
 
 /// The host program: the spec's CUDA and one entry point that runs a pass's
-/// kernel once per block.
+/// kernel once per block (pass `passes + 1 + b`: matrix block `b`'s
+/// kernel), and one that runs the matrix programs' sums once per element.
 fn host_source(desc: &KernelDesc) -> String {
     let x = desc.name;
     let mut src = format!("#define AGR_HOST_CHECK 1\n{}\n", desc.cuda_source);
@@ -199,9 +223,21 @@ fn host_source(desc: &KernelDesc) -> String {
         );
     }
     src += &format!(
-        "    case {}:\n        for (int b = 0; b < nchunks; ++b) {{ blockIdx.x = (unsigned)b; {x}_update(h, chunks, tensors, ntensors, reduced, global, skipped); }}\n        return 0;\n    }}\n    return 1;\n}}\n",
+        "    case {}:\n        for (int b = 0; b < nchunks; ++b) {{ blockIdx.x = (unsigned)b; {x}_update(h, chunks, tensors, ntensors, reduced, global, skipped); }}\n        return 0;\n",
         desc.passes
     );
+    for b in 0..desc.matrices.len() {
+        src += &format!(
+            "    case {}:\n        for (int b = 0; b < nchunks; ++b) {{ blockIdx.x = (unsigned)b; {x}_matrix{b}(h, chunks, tensors, ntensors, reduced, global); }}\n        return 0;\n",
+            desc.passes + 1 + b
+        );
+    }
+    src += "    }\n    return 1;\n}\n";
+    if !desc.matrices.is_empty() {
+        src += &format!(
+            "extern \"C\" void agr_emulated_axpby(float* dst, const float* a, int a_t, float alpha, const float* b, int b_t, float beta, int m, int n, long long stride, long long total) {{\n    for (long long e = 0; e < total; ++e) {{ blockIdx.x = (unsigned)e; {x}_mat_axpby(dst, a, a_t, alpha, b, b_t, beta, m, n, stride, total); }}\n}}\n"
+        );
+    }
     src
 }
 
@@ -305,9 +341,20 @@ impl HostModule {
                 .get::<PassFn>(b"agr_emulated_pass\0")
                 .map_err(|e| EmulatedError::Load(e.to_string()))?
         };
+        let axpby = if desc.matrices.is_empty() {
+            None
+        } else {
+            // SAFETY: the symbol has exactly the signature `AxpbyFn` (see `host_source`).
+            Some(unsafe {
+                *lib_handle
+                    .get::<AxpbyFn>(b"agr_emulated_axpby\0")
+                    .map_err(|e| EmulatedError::Load(e.to_string()))?
+            })
+        };
         Ok(HostModule {
             desc,
             pass,
+            axpby,
             _lib: lib_handle,
         })
     }
@@ -318,12 +365,15 @@ impl HostModule {
     /// # Safety
     /// The tables must describe live host buffers of the sizes they say,
     /// written by nothing else during the call.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) unsafe fn run(
         &self,
         desc: &'static KernelDesc,
         hypers: &[f64],
         chunks: &[AgrChunk],
         tensors: &[AgrTensor],
+        mats: &[MatBatch],
+        scratch: &mut Vec<f32>,
         policy: NonFinite,
         counts: *mut u32,
     ) -> Option<usize> {
@@ -361,7 +411,29 @@ impl HostModule {
                 assert_eq!(status, 0, "pass {k} is not a kernel of {}", desc.name);
                 note_launch();
             };
+        // Matrix blocks before pass `k`: the block's kernel, then its programs.
+        let mut blocks = |k: usize,
+                          launch: &mut PassLauncher<'_>,
+                          partials: &mut [f64],
+                          reduced: &mut [f64],
+                          global: &mut [f64]| {
+            for (b, info) in desc.matrices.iter().enumerate() {
+                if info.phase != k {
+                    continue;
+                }
+                launch(desc.passes + 1 + b, partials, reduced, global);
+                let mut dev = HostMat {
+                    module: self,
+                    scratch: &mut *scratch,
+                };
+                // SAFETY: the batches address the tensors' block buffers,
+                // host memory the caller holds for the step.
+                unsafe { crate::matdev::run_batches(&mut dev, mats, b) }
+                    .expect("host memory does not fail");
+            }
+        };
         for k in 0..desc.passes {
+            blocks(k, &mut launch, &mut partials, &mut reduced, &mut global);
             if skip_pass_of(desc, k, policy) {
                 continue;
             }
@@ -373,11 +445,65 @@ impl HostModule {
                 }
             }
         }
+        blocks(
+            desc.passes,
+            &mut launch,
+            &mut partials,
+            &mut reduced,
+            &mut global,
+        );
         launch(desc.passes, &mut partials, &mut reduced, &mut global);
         debug_assert!(
             counters.iter().all(|&c| c == 0),
             "a reduction counter was left set"
         );
         None
+    }
+}
+
+/// The emulated device's matrix device: host memory, the `gemm` crate in
+/// cuBLAS's place, and the spec's `X_mat_axpby` kernel compiled as host C++.
+struct HostMat<'a> {
+    module: &'a HostModule,
+    scratch: &'a mut Vec<f32>,
+}
+
+impl MatDevice for HostMat<'_> {
+    fn scratch(&mut self, floats: usize) -> Result<u64, DeviceError> {
+        if self.scratch.len() < floats {
+            // NaN: a register read before it is written shows.
+            self.scratch.resize(floats, f32::NAN);
+        }
+        Ok(self.scratch.as_mut_ptr() as u64)
+    }
+    unsafe fn copy(&mut self, dst: u64, src: u64, floats: usize) -> Result<(), DeviceError> {
+        std::ptr::copy_nonoverlapping(src as *const f32, dst as *mut f32, floats);
+        Ok(())
+    }
+    unsafe fn sgemm(&mut self, g: &Sgemm) -> Result<(), DeviceError> {
+        note_launch();
+        crate::matdev::host_sgemm(g);
+        Ok(())
+    }
+    unsafe fn axpby(&mut self, x: &Axpby) -> Result<(), DeviceError> {
+        let f = self
+            .module
+            .axpby
+            .expect("a spec with matrix blocks has X_mat_axpby");
+        note_launch();
+        f(
+            x.dst as *mut f32,
+            x.a as *const f32,
+            i32::from(x.a_t),
+            x.alpha,
+            x.b as *const f32,
+            i32::from(x.b_t),
+            x.beta,
+            x.m,
+            x.n,
+            x.stride,
+            x.total,
+        );
+        Ok(())
     }
 }

@@ -31,6 +31,7 @@ pub mod golden;
 pub mod groups;
 mod hyper;
 pub mod mat;
+pub mod matdev;
 pub mod multi;
 pub mod optim;
 mod optimizer;

@@ -12,7 +12,7 @@ pub use agr_codegen::ir::{Mat, MatInst, Scal};
 use agr_codegen::ir::{mat_steps, MatStep};
 
 /// Products with at least this many multiply-adds also use the thread pool.
-const PARALLEL_FLOPS: usize = 1 << 24;
+pub(crate) const PARALLEL_FLOPS: usize = 1 << 24;
 
 /// One register: a rows × cols matrix, row-major.
 #[derive(Clone, Debug, Default)]

@@ -90,9 +90,8 @@ fn every_builtin_steps_on_the_emulated_device_as_on_the_cpu() {
         let mut cpu = b.make();
         let mut emu = b.make();
         if emu.desc().cpu_only.is_some() {
-            // Muon (matrix blocks), Adafactor (reduced states), NAdam (a
-            // per-tensor state) run on the CPU only; the move is refused and
-            // changes nothing.
+            // Adafactor (reduced states) and NAdam (a per-tensor state) run
+            // on the CPU only; the move is refused and changes nothing.
             let e = emu.set_device(dev()).unwrap_err();
             assert!(matches!(e, agr_runtime::DeviceError::CpuOnly { .. }), "{e}");
             assert_eq!(emu.device(), agr_runtime::Device::Cpu);
@@ -358,8 +357,8 @@ fn every_golden_file_replays_on_the_emulated_device() {
         let spec = agr_runtime::compile(b.source).unwrap();
         let mut generated = b.make();
         if spec.desc().cpu_only.is_some() {
-            // Muon (matrix blocks), Adafactor (reduced states) and NAdam
-            // (a per-tensor state) run on the CPU only. The device says so
+            // Adafactor (reduced states) and NAdam (a per-tensor state) run
+            // on the CPU only. The device says so
             // and changes nothing; both CPU paths replay.
             let e = generated.set_device(dev()).unwrap_err();
             assert!(e.to_string().contains("on the CPU only"), "{e}");
@@ -388,17 +387,18 @@ fn every_golden_file_replays_on_the_emulated_device() {
         replayed += 1;
     }
     println!(
-        "{replayed} of {} golden files replayed three ways; on the CPU only (matrix blocks, reduced and per-tensor states): {cpu_only:?}; not built in: {waiting:?}",
+        "{replayed} of {} golden files replayed three ways; on the CPU only (reduced and per-tensor states): {cpu_only:?}; not built in: {waiting:?}",
         files.len()
     );
     assert!(replayed >= 24, "replayed {replayed}");
+    // Muon's matrix blocks run on the device (cuBLAS there, the `gemm`
+    // crate behind the same column-major calls here).
     assert!(
         cpu_only
             .iter()
-            .all(|o| ["muon", "muon_agr", "adafactor", "nadam"].contains(&o.as_str()))
+            .all(|o| ["adafactor", "nadam"].contains(&o.as_str()))
             && cpu_only.iter().any(|o| o == "adafactor")
-            && cpu_only.iter().any(|o| o == "nadam")
-            && cpu_only.len() >= 4,
+            && cpu_only.iter().any(|o| o == "nadam"),
         "{cpu_only:?}"
     );
     assert!(waiting.is_empty(), "{waiting:?}");
@@ -557,4 +557,109 @@ fn a_step_reads_nothing_back_under_skip() {
     opt.set_non_finite_policy(NonFinite::Error);
     let checked = per_try(&mut || step_all(&mut *opt, &mut values, 9, 3));
     assert_eq!(checked, 1, "Error reads the finite check back once");
+}
+
+/// Launches of one Muon step over tensors of `shapes` (zero gradients: only
+/// the count matters).
+fn muon_launches(shapes: &[&[usize]]) -> u64 {
+    let mut opt = builtin("muon").unwrap().make();
+    opt.set_device(Device::EmulatedCuda).unwrap();
+    let mut values: Vec<Vec<f32>> = shapes
+        .iter()
+        .enumerate()
+        .map(|(i, s)| data(s.iter().product(), 40 + i as u64))
+        .collect();
+    let grads: Vec<Vec<f32>> = values.iter().map(|v| data(v.len(), 7)).collect();
+    let mut params: Vec<ParamMut<'_>> = values
+        .iter_mut()
+        .zip(shapes)
+        .zip(&grads)
+        .map(|((v, s), g)| ParamMut::new(v, Some(g), s))
+        .collect();
+    let before = agr_runtime::emulated::launches();
+    opt.step_params(&mut params).unwrap();
+    agr_runtime::emulated::launches() - before
+}
+
+#[test]
+fn same_shape_matrices_share_their_products() {
+    if dev() != Device::EmulatedCuda {
+        println!("skipped: counts the emulated device's launches");
+        return;
+    }
+    // Tensors of one shape are one batch: each product is one strided
+    // batched SGEMM and each sum one kernel, however many tensors.
+    let two = muon_launches(&[&[16, 8], &[16, 8]]);
+    let eight = muon_launches(&[&[16usize, 8][..]; 8]);
+    assert_eq!(two, eight);
+    // A second shape is a second batch: its program again. (16x8 transposes
+    // around the iteration, 8x16 does not: two sums fewer.)
+    let both = muon_launches(&[&[16, 8], &[8, 16], &[16, 8]]);
+    let wide = muon_launches(&[&[8, 16]]);
+    assert_eq!(
+        both,
+        two + wide - 3,
+        "passes and the block's kernel are shared"
+    );
+    assert_eq!(two, wide + 2);
+}
+
+#[test]
+fn a_matrix_block_that_cannot_run_on_a_shape_changes_nothing_on_the_device() {
+    let spec = agr_runtime::compile(
+        "Square { hyper { lr = 0.1 } state { m = 0 } \
+         step { m = 0.5 * m + g; matrix x = m { x = x @ x; } p = p - lr * x; } }",
+    )
+    .unwrap();
+    assert!(spec.desc().cpu_only.is_none());
+    let (mut cpu, mut emu) = (spec.boxed(), spec.boxed());
+    emu.set_device(dev()).unwrap();
+    // A 3x3 and a 2x2 tensor (products of squares); a 2x3 one without a
+    // gradient (skipped) until the last step.
+    let shapes: [&[usize]; 3] = [&[3, 3], &[2, 2], &[2, 3]];
+    let init = || -> Vec<Vec<f32>> { shapes.iter().map(|s| data(s.iter().product(), 3)).collect() };
+    let (mut vc, mut ve) = (init(), init());
+    let step = |opt: &mut Box<dyn DynOptimizer>, vals: &mut Vec<Vec<f32>>, k: u64, odd: bool| {
+        let grads: Vec<Vec<f32>> = vals.iter().map(|v| data(v.len(), 9 + k)).collect();
+        let mut params: Vec<ParamMut<'_>> = vals
+            .iter_mut()
+            .zip(shapes)
+            .zip(&grads)
+            .enumerate()
+            .map(|(i, ((v, s), g))| ParamMut::new(v, (i < 2 || odd).then_some(g.as_slice()), s))
+            .collect();
+        opt.step_params(&mut params)
+    };
+    for k in 0..3 {
+        step(&mut cpu, &mut vc, k, false).unwrap();
+        step(&mut emu, &mut ve, k, false).unwrap();
+    }
+    assert!(worst(&ve, &vc) <= 1.0, "{ve:?} vs {vc:?}");
+    // With the 2x3 tensor's gradient, x @ x is refused before anything runs.
+    let before = ve.clone();
+    let m_before = emu.state_to_host(0, "m").unwrap().to_vec();
+    let steps = emu.steps();
+    let err = step(&mut emu, &mut ve, 3, true).unwrap_err();
+    match &err {
+        StepError::Matrix {
+            index,
+            block,
+            shape,
+            message,
+        } => {
+            assert_eq!(
+                (*index, block.as_str(), shape.as_slice()),
+                (2, "x", &[2, 3][..])
+            );
+            assert_eq!(message, "`@` of a 2x3 and a 2x3 matrix");
+        }
+        other => panic!("{other}"),
+    }
+    // The CPU says the same.
+    let cpu_err = step(&mut cpu, &mut vc, 3, true).unwrap_err();
+    assert_eq!(cpu_err.to_string(), err.to_string());
+    assert_eq!(ve, before);
+    assert_eq!(emu.state_to_host(0, "m").unwrap().to_vec(), m_before);
+    assert!(emu.state_to_host(2, "m").is_none());
+    assert_eq!(emu.steps(), steps);
 }

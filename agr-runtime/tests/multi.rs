@@ -303,11 +303,43 @@ fn checkpoints_resume_bit_for_bit_and_refuse_what_does_not_fit() {
 
 #[test]
 fn a_device_every_part_cannot_take_moves_no_part() {
-    let mut opt = muon_and_adamw();
+    // Adafactor's reduced states run on the CPU only.
+    let mut opt = Multi::new(builtin("adamw_agr"))
+        .part("hidden", |p| p.ndim() >= 2, builtin("adafactor"))
+        .unwrap();
     let err = opt.set_device(Device::EmulatedCuda).unwrap_err();
     assert!(matches!(err, DeviceError::CpuOnly { .. }), "{err}");
     assert_eq!(opt.device(), Device::Cpu);
     assert_eq!(opt.part_ref("hidden").unwrap().device(), Device::Cpu);
+    assert_eq!(opt.part_ref("rest").unwrap().device(), Device::Cpu);
+}
+
+#[test]
+fn muon_agr_and_adamw_agr_step_together_on_the_emulated_device_as_on_the_cpu() {
+    let (mut cpu, mut emu) = (muon_and_adamw(), muon_and_adamw());
+    emu.set_device(Device::EmulatedCuda).unwrap();
+    assert_eq!(
+        emu.part_ref("hidden").unwrap().device(),
+        Device::EmulatedCuda
+    );
+    let (mut mc, mut me) = (model(), model());
+    let names: Vec<String> = mc.iter().map(|(n, _, _)| n.to_string()).collect();
+    cpu.set_param_names(names.clone()).unwrap();
+    emu.set_param_names(names).unwrap();
+    for k in 0..4 {
+        step(&mut cpu, &mut mc, &grads(k));
+        step(&mut emu, &mut me, &grads(k));
+    }
+    assert_eq!(emu.part_of(0), Some("hidden"));
+    for ((name, _, c), (_, _, e)) in mc.iter().zip(&me) {
+        for (a, b) in e.iter().zip(c) {
+            assert!(
+                (a - b).abs() <= 1e-6 + 1e-5 * b.abs(),
+                "{name}: emulated device {a}, cpu {b}"
+            );
+        }
+        assert_ne!(c, &model().iter().find(|m| m.0 == *name).unwrap().2);
+    }
 }
 
 #[test]

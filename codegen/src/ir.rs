@@ -498,11 +498,37 @@ impl Program {
             || self.states.iter().any(|s| s.reduced.is_some())
     }
 
-    /// What keeps the step on the CPU (a matrix block, a reduced state or a
-    /// reduction over one dimension), in words; `None` where it has kernels.
+    /// Whether every number matrix block `b`'s program reads (its loop
+    /// counts, conditions and coefficients) is known on the host before the
+    /// step: made of constants, hyperparameters and the tensor's shape only.
+    /// On a CUDA device the host drives the block's products (cuBLAS), so
+    /// it must know them without reading the device back.
+    pub fn mat_args_on_host(&self, b: usize) -> bool {
+        self.needed(&self.mats[b].args, |_| false).iter().all(|&i| {
+            matches!(
+                self.nodes[i].op,
+                Op::Num(_)
+                    | Op::Bool(_)
+                    | Op::Hyper(_)
+                    | Op::Ndim
+                    | Op::Numel
+                    | Op::RowLen
+                    | Op::Unary(..)
+                    | Op::Binary(..)
+                    | Op::Select(..)
+            )
+        })
+    }
+
+    /// What keeps the step on the CPU (a matrix block whose numbers depend
+    /// on the step, a reduced state, a per-tensor state or a reduction over
+    /// one dimension), in words; `None` where it has kernels.
     pub fn cpu_only(&self) -> Option<String> {
-        if let Some(b) = self.mats.first() {
-            return Some(format!("a matrix block (`{}`)", b.name));
+        if let Some(b) = (0..self.mats.len()).find(|&b| !self.mat_args_on_host(b)) {
+            return Some(format!(
+                "a matrix block (`{}`) whose loop counts, conditions or coefficients depend on `t` or on a reduction",
+                self.mats[b].name
+            ));
         }
         if let Some(s) = self.states.iter().find(|s| s.reduced.is_some()) {
             return Some(format!("a reduced state (`{}`)", s.name));

@@ -37,10 +37,21 @@ pub fn emit(prog: &Program) -> String {
         ));
         return w.out;
     }
+    let passes = pass_kernel_names(prog);
     w.line(&format!(
         "// Kernels, launched in this order with one block per chunk: {}.",
-        kernel_names(prog).join(", ")
+        passes.join(", ")
     ));
+    for (b, block) in prog.mats.iter().enumerate() {
+        let before = passes[block.phase.min(passes.len() - 1)].as_str();
+        w.line(&format!(
+            "// Before {before}, matrix block `{}`: {x}_matrix{b} (its value per element), then",
+            block.name
+        ));
+        w.line(&format!(
+            "// its program, driven by the host: products on cuBLAS, sums and transposes in {x}_mat_axpby."
+        ));
+    }
     w.blank();
     emit_constants(prog, &mut w);
     emit_structs(prog, &mut w);
@@ -49,6 +60,12 @@ pub fn emit(prog: &Program) -> String {
         emit_reduce(prog, pass, &mut w);
     }
     emit_update(prog, &mut w);
+    for b in 0..prog.mats.len() {
+        emit_matrix(prog, b, &mut w);
+    }
+    if !prog.mats.is_empty() {
+        emit_mat_axpby(prog, &mut w);
+    }
     w.out
 }
 
@@ -57,15 +74,28 @@ pub fn full_source(prog: &Program) -> String {
     format!("{PRELUDE}\n{}", emit(prog))
 }
 
-/// Kernel names in launch order.
-pub fn kernel_names(prog: &Program) -> Vec<String> {
-    if prog.cpu_only().is_some() {
-        return vec![];
-    }
+/// The kernels of the passes, in launch order: one per reduction pass, then
+/// the update.
+fn pass_kernel_names(prog: &Program) -> Vec<String> {
     let mut v: Vec<String> = (0..prog.n_phases)
         .map(|k| format!("{}_reduce{k}", prog.name))
         .collect();
     v.push(format!("{}_update", prog.name));
+    v
+}
+
+/// Every kernel: those of the passes in launch order (one per reduction
+/// pass, then the update), then each matrix block's (its value per element)
+/// and, with matrix blocks, the sums and transposes of their programs.
+pub fn kernel_names(prog: &Program) -> Vec<String> {
+    if prog.cpu_only().is_some() {
+        return vec![];
+    }
+    let mut v = pass_kernel_names(prog);
+    v.extend((0..prog.mats.len()).map(|b| format!("{}_matrix{b}", prog.name)));
+    if !prog.mats.is_empty() {
+        v.push(format!("{}_mat_axpby", prog.name));
+    }
     v
 }
 
@@ -375,6 +405,14 @@ fn emit_elem_fn(prog: &Program, fname: &str, pass: &PassPlan<'_>, w: &mut W) -> 
         // Not read: the element function never names the value.
         None => format!("__in_{label}"),
     };
+    // A matrix block's result is read from its state buffer.
+    let state_reader = |i: usize| {
+        reader(Op::State(i)).or_else(|| {
+            (0..prog.mats.len())
+                .filter(|&b| prog.mats[b].state == i)
+                .find_map(|b| reader(Op::MatOut(b)))
+        })
+    };
     let p_read = reader(Op::Param);
     if p_read.is_some() || p_write.is_some() {
         params.push(Param {
@@ -402,7 +440,7 @@ fn emit_elem_fn(prog: &Program, fname: &str, pass: &PassPlan<'_>, w: &mut W) -> 
                 state: Some(i),
                 ..Param::new(
                     &label,
-                    value_name(reader(Op::State(i)), &label),
+                    value_name(state_reader(i), &label),
                     format!("state_{}", s.name),
                 )
             });
@@ -444,7 +482,10 @@ fn emit_elem_fn(prog: &Program, fname: &str, pass: &PassPlan<'_>, w: &mut W) -> 
     }
     for &id in &plan.body {
         let n = &prog.nodes[id];
-        if matches!(n.op, Op::Param | Op::Grad | Op::State(_) | Op::Reduced(_)) {
+        if matches!(
+            n.op,
+            Op::Param | Op::Grad | Op::State(_) | Op::Reduced(_) | Op::MatOut(_)
+        ) {
             continue;
         }
         w.line(&format!(
@@ -773,5 +814,51 @@ fn emit_update(prog: &Program, w: &mut W) {
     w.close("}");
     emit_prologue(prog, prog.n_phases, "update", &f, w);
     emit_loop(prog, "update", &f, 0, &[], w);
+    w.close("}");
+}
+
+/// Matrix block `b`'s kernel: the block's value per element into its state
+/// buffer, once the scalars of its phase are known. The host then runs the
+/// block's program on that buffer (see `agr_runtime`'s matrix programs).
+fn emit_matrix(prog: &Program, b: usize, w: &mut W) {
+    let x = &prog.name;
+    let block = &prog.mats[b];
+    w.blank();
+    w.line(&format!(
+        "// ---- Matrix block `{}` (m{b}): {} per element ----",
+        block.name,
+        describe(prog, block.input, true)
+    ));
+    let fname = format!("matrix{b}");
+    let f = emit_elem_fn(prog, &fname, &PassPlan::matrix(prog, b), w);
+    w.open(&format!(
+        "extern \"C\" __global__ void __launch_bounds__(AGR_BLOCK) {x}_{fname}(const {x}_Hyper* __restrict__ hypers, const AgrChunk* __restrict__ chunks, const AgrTensor* __restrict__ tensors, int ntensors, const double* reduced, const double* global) {{"
+    ));
+    w.line("(void)ntensors;");
+    emit_prologue(prog, block.phase, &fname, &f, w);
+    emit_loop(prog, &fname, &f, 0, &[], w);
+    w.close("}");
+}
+
+/// The sums and transposes of matrix programs (their products run on
+/// cuBLAS): for `total / (m * n)` matrices `stride` floats apart,
+/// `dst = alpha * op(a) + beta * op(b)`, each `m x n` and row-major, `op`
+/// transposing where `a_t` (`b_t`); without `b`, `dst = alpha * op(a)`.
+/// One thread per element; `dst` may be `a` or `b` where that one is not
+/// transposed.
+fn emit_mat_axpby(prog: &Program, w: &mut W) {
+    let x = &prog.name;
+    w.blank();
+    w.line("// ---- Matrix programs: sums and transposes ----");
+    w.open(&format!(
+        "extern \"C\" __global__ void __launch_bounds__(AGR_BLOCK) {x}_mat_axpby(float* dst, const float* a, int a_t, float alpha, const float* b, int b_t, float beta, int m, int n, long long stride, long long total) {{"
+    ));
+    w.line("const long long e = (long long)blockIdx.x * AGR_BLOCK + threadIdx.x;");
+    w.line("if (e >= total) return;");
+    w.line("const long long mn = (long long)m * n;");
+    w.line("const long long at = (e / mn) * stride, r = (e % mn) / n, c = e % n;");
+    w.line("float v = alpha * a[at + (a_t ? c * m + r : r * n + c)];");
+    w.line("if (b != 0) v = v + beta * b[at + (b_t ? c * m + r : r * n + c)];");
+    w.line("dst[at + r * n + c] = v;");
     w.close("}");
 }

@@ -665,10 +665,26 @@ fn emit_kernel(prog: &Program, embedded: Option<Embedded<'_>>, w: &mut W) {
     } else {
         w.open("matrices: &[");
         for b in &prog.mats {
+            w.open(&format!("{RT}::cpu::MatrixInfo {{"));
+            w.line(&format!("name: \"{}\",", b.name));
+            w.line(&format!("phase: {},", b.phase));
+            w.line(&format!("state: {},", b.state));
+            w.line(&format!("regs: {},", b.regs));
+            w.line("// The program, on the block's matrix x (register 0):");
+            for l in mat_listing(&b.code) {
+                w.line(&format!("//     {l}"));
+            }
+            w.open("code: {");
             w.line(&format!(
-                "{RT}::cpu::MatrixInfo {{ name: \"{}\", phase: {} }},",
-                b.name, b.phase
+                "use {RT}::mat::{{Mat as M, MatInst as I, Scal as S}};"
             ));
+            w.open("&[");
+            for i in &b.code {
+                w.line(&format!("{},", mat_inst(i)));
+            }
+            w.close("]");
+            w.close("},");
+            w.close("},");
         }
         w.close("],");
     }
@@ -1140,38 +1156,18 @@ fn emit_dim_sums(prog: &Program, reds: &[(usize, &Reduction)], lp: &Loop, w: &mu
     close_elem_loop(prog, w);
 }
 
-/// `Kernel::matrix`: per block, its value per element into its state, then
-/// its program (printed as a constant table, with its listing) on that.
+/// `Kernel::matrix_args` and `Kernel::matrix`: per block, the numbers its
+/// program reads; its value per element into its state, then its program
+/// (from the description's table) on that.
 fn emit_matrix_fn(prog: &Program, w: &mut W) {
     let name = &prog.name;
     w.blank();
     w.open(&format!(
-        "fn matrix(&self, __block: usize, __s: &{name}StepScalars, __ts: &{name}TensorScalars, __p: &[f32], __g: &[f32], __st: [&mut [f32]; {RT}::MAX_STATES], __rows: &[f64], __dims: {RT}::Dims, __ws: &mut {RT}::mat::Workspace) -> ::core::result::Result<(), ::std::string::String> {{"
+        "fn matrix_args(&self, __block: usize, __s: &{name}StepScalars, __ts: &{name}TensorScalars, __out: &mut ::std::vec::Vec<f64>) {{"
     ));
-    w.line(&format!(
-        "use {RT}::mat::{{Mat as M, MatInst as I, Scal as S}};"
-    ));
-    w.line("let __len = __p.len();");
-    w.line("let __g = &__g[..__len];");
-    emit_dims_prelude(prog, w);
+    w.line("__out.clear();");
     w.open("match __block {");
     for (b, block) in prog.mats.iter().enumerate() {
-        w.open(&format!("{b} => {{"));
-        w.line(&format!(
-            "// `{}`: {} viewed as rows x cols, then:",
-            block.name,
-            describe(prog, block.input, true)
-        ));
-        for l in mat_listing(&block.code) {
-            w.line(&format!("//     {l}"));
-        }
-        emit_write_loop(prog, &PassPlan::matrix(prog, b), w);
-        let st = &prog.states[block.state].name;
-        w.open("const CODE: &[I] = &[");
-        for i in &block.code {
-            w.line(&format!("{},", mat_inst(i)));
-        }
-        w.close("];");
         let args: Vec<String> = block
             .args
             .iter()
@@ -1185,15 +1181,47 @@ fn emit_matrix_fn(prog: &Program, w: &mut W) {
                 }
             })
             .collect();
+        if args.is_empty() {
+            w.line(&format!("{b} => {{}}"));
+        } else {
+            w.line(&format!(
+                "{b} => __out.extend_from_slice(&[{}]),",
+                args.join(", ")
+            ));
+        }
+    }
+    w.line("_ => {}");
+    w.close("}");
+    w.close("}");
+    w.blank();
+    w.open(&format!(
+        "fn matrix(&self, __block: usize, __s: &{name}StepScalars, __ts: &{name}TensorScalars, __p: &[f32], __g: &[f32], __st: [&mut [f32]; {RT}::MAX_STATES], __rows: &[f64], __dims: {RT}::Dims, __ws: &mut {RT}::mat::Workspace) -> ::core::result::Result<(), ::std::string::String> {{"
+    ));
+    w.line("let __len = __p.len();");
+    w.line("let __g = &__g[..__len];");
+    emit_dims_prelude(prog, w);
+    w.open("let __state = match __block {");
+    for (b, block) in prog.mats.iter().enumerate() {
+        w.open(&format!("{b} => {{"));
         w.line(&format!(
-            "{RT}::mat::run(CODE, {}, &[{}], __len / __row_len, __row_len, __state_{st}, __ws)",
-            block.regs,
-            args.join(", ")
+            "// `{}`: {} viewed as rows x cols.",
+            block.name,
+            describe(prog, block.input, true)
         ));
+        emit_write_loop(prog, &PassPlan::matrix(prog, b), w);
+        w.line(&format!("__state_{}", prog.states[block.state].name));
         w.close("}");
     }
-    w.line("_ => ::core::result::Result::Err(::std::format!(\"no matrix block {__block}\")),");
-    w.close("}");
+    w.line(
+        "_ => return ::core::result::Result::Err(::std::format!(\"no matrix block {__block}\")),",
+    );
+    w.close("};");
+    w.line("let __info = &self.desc().matrices[__block];");
+    w.line("let mut __args = ::std::vec::Vec::new();");
+    w.line("self.matrix_args(__block, __s, __ts, &mut __args);");
+    w.line(&format!(
+        "{RT}::mat::run(__info.code, __info.regs, &__args, __len / __row_len, __row_len, __state, __ws)"
+    ));
     w.close("}");
 }
 
