@@ -583,6 +583,22 @@ impl Launch for CudaExec {
             // `Skip`: the update kernel decides and counts (no read back).
             .arg(&skipped);
         b.launch(cfg).map_err(cuda_err)?;
+        if crate::emulated::has_tensor_states(desc) {
+            let at = desc
+                .cuda_kernels
+                .iter()
+                .position(|k| k.ends_with("_tensor_states"))
+                .expect("a spec with per-tensor states has X_tensor_states");
+            let mut b = stream.launch_builder(&self.functions[at]);
+            b.arg(&*d_hypers)
+                .arg(&*d_chunks)
+                .arg(&*d_tensors)
+                .arg(&nt_arg)
+                .arg(&*reduced)
+                .arg(&*global)
+                .arg(&skipped);
+            b.launch(cfg).map_err(cuda_err)?;
+        }
         Ok(None)
     }
 
@@ -624,20 +640,20 @@ impl Launch for CudaExec {
         _index: usize,
     ) -> Result<Store, DeviceError> {
         let s = &self.stream;
-        let n: usize = shape.iter().product();
         let mut bufs = vec![];
         for st in desc.states {
+            // A reduced state holds one value per row or column; a
+            // per-tensor one, one value.
+            let n = st.len(shape);
             bufs.push(if st.fill == 0.0 {
                 s.alloc_zeros::<f32>(n).map_err(cuda_err)?
             } else {
                 s.clone_htod(&vec![st.fill; n]).map_err(cuda_err)?
             });
         }
-        let rows = if desc.row_reductions > 0 {
-            Some(
-                s.alloc_zeros::<f64>(crate::Dims::of(shape, desc).results)
-                    .map_err(cuda_err)?,
-            )
+        let results = crate::Dims::of(shape, desc).results;
+        let rows = if results > 0 {
+            Some(s.alloc_zeros::<f64>(results).map_err(cuda_err)?)
         } else {
             None
         };

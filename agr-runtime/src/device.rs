@@ -588,6 +588,8 @@ impl<K: Kernel> Optimizer<K> {
                 rows,
                 row_len: meta.row_len as i64,
                 skips: counts + 4 * (i as u64 + 1),
+                view_rows: meta.view.rows as i64,
+                view_cols: meta.view.cols as i64,
             });
         }
         if table.is_empty() {

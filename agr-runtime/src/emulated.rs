@@ -44,6 +44,9 @@ pub(crate) struct AgrTensor {
     pub row_len: i64,
     /// This parameter's skip counter (`unsigned*`; 0: none).
     pub skips: u64,
+    /// The tensor as matrices over its last two dimensions.
+    pub view_rows: i64,
+    pub view_cols: i64,
 }
 
 /// One block's share of the work (`AgrChunk` in the prelude).
@@ -232,6 +235,12 @@ fn host_source(desc: &KernelDesc) -> String {
             desc.passes + 1 + b
         );
     }
+    if has_tensor_states(desc) {
+        src += &format!(
+            "    case {}:\n        for (int b = 0; b < nchunks; ++b) {{ blockIdx.x = (unsigned)b; {x}_tensor_states(h, chunks, tensors, ntensors, reduced, global, skipped); }}\n        return 0;\n",
+            tensor_states_pass(desc)
+        );
+    }
     src += "    }\n    return 1;\n}\n";
     if !desc.matrices.is_empty() {
         src += &format!(
@@ -239,6 +248,17 @@ fn host_source(desc: &KernelDesc) -> String {
         );
     }
     src
+}
+
+/// Whether the spec has per-tensor states: then a step ends with the
+/// `X_tensor_states` kernel.
+pub(crate) fn has_tensor_states(desc: &KernelDesc) -> bool {
+    desc.states.iter().any(|s| s.per_tensor)
+}
+
+/// The emulated entry point's number for `X_tensor_states`.
+fn tensor_states_pass(desc: &KernelDesc) -> usize {
+    desc.passes + 1 + desc.matrices.len()
 }
 
 /// Where compiled kernels are kept: `$AGR_EMULATED_DIR`, else the user's
@@ -453,6 +473,14 @@ impl HostModule {
             &mut global,
         );
         launch(desc.passes, &mut partials, &mut reduced, &mut global);
+        if has_tensor_states(desc) {
+            launch(
+                tensor_states_pass(desc),
+                &mut partials,
+                &mut reduced,
+                &mut global,
+            );
+        }
         debug_assert!(
             counters.iter().all(|&c| c == 0),
             "a reduction counter was left set"

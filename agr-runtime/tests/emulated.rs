@@ -89,14 +89,9 @@ fn every_builtin_steps_on_the_emulated_device_as_on_the_cpu() {
     for b in BUILTINS {
         let mut cpu = b.make();
         let mut emu = b.make();
-        if emu.desc().cpu_only.is_some() {
-            // Adafactor (reduced states) and NAdam (a per-tensor state) run
-            // on the CPU only; the move is refused and changes nothing.
-            let e = emu.set_device(dev()).unwrap_err();
-            assert!(matches!(e, agr_runtime::DeviceError::CpuOnly { .. }), "{e}");
-            assert_eq!(emu.device(), agr_runtime::Device::Cpu);
-            continue;
-        }
+        // Every built-in has kernels: matrix blocks, reduced and per-tensor
+        // states included.
+        assert_eq!(emu.desc().cpu_only, None, "{}", b.name);
         emu.set_device(dev()).unwrap();
         assert_eq!(emu.device(), dev());
         let (mut vc, mut ve) = (init(3), init(3));
@@ -387,20 +382,14 @@ fn every_golden_file_replays_on_the_emulated_device() {
         replayed += 1;
     }
     println!(
-        "{replayed} of {} golden files replayed three ways; on the CPU only (reduced and per-tensor states): {cpu_only:?}; not built in: {waiting:?}",
+        "{replayed} of {} golden files replayed three ways; on the CPU only: {cpu_only:?}; not built in: {waiting:?}",
         files.len()
     );
-    assert!(replayed >= 24, "replayed {replayed}");
-    // Muon's matrix blocks run on the device (cuBLAS there, the `gemm`
-    // crate behind the same column-major calls here).
-    assert!(
-        cpu_only
-            .iter()
-            .all(|o| ["adafactor", "nadam"].contains(&o.as_str()))
-            && cpu_only.iter().any(|o| o == "adafactor")
-            && cpu_only.iter().any(|o| o == "nadam"),
-        "{cpu_only:?}"
-    );
+    // Every built-in runs on the device: Muon's matrix blocks (cuBLAS there,
+    // the `gemm` crate behind the same column-major calls here), Adafactor's
+    // reduced states and NAdam's per-tensor state included.
+    assert!(cpu_only.is_empty(), "{cpu_only:?}");
+    assert!(replayed >= 35, "replayed {replayed}");
     assert!(waiting.is_empty(), "{waiting:?}");
 }
 
@@ -459,7 +448,16 @@ fn the_update_kernel_skips_a_non_finite_step_by_itself() {
     // the update kernel sees it and writes nothing. The trajectory with a
     // NaN step in the middle must continue exactly as the CPU's does (the
     // step counts, so the bias corrections, stay right).
-    for name in ["adamw_agr", "adan_agr", "lion_agr"] {
+    // (NAdam: a per-tensor state; Adafactor: reduced states; Muon-AGR: a
+    // matrix block, whose own buffer a skipped step may leave changed.)
+    for name in [
+        "adamw_agr",
+        "adan_agr",
+        "lion_agr",
+        "nadam",
+        "adafactor",
+        "muon_agr",
+    ] {
         let b = builtin(name).unwrap();
         let mut cpu = b.make();
         let mut emu = b.make();
@@ -662,4 +660,28 @@ fn a_matrix_block_that_cannot_run_on_a_shape_changes_nothing_on_the_device() {
     assert_eq!(emu.state_to_host(0, "m").unwrap().to_vec(), m_before);
     assert!(emu.state_to_host(2, "m").is_none());
     assert_eq!(emu.steps(), steps);
+}
+
+#[test]
+fn a_spec_the_device_cannot_run_is_refused_and_stays_on_the_cpu() {
+    // A loop count that depends on the step: the host cannot know it
+    // without reading the device back.
+    let spec = agr_runtime::compile(
+        "Grow { hyper { lr = 0.1 } step { matrix x = g { repeat min(t, 3) { x = 0.5 * x; } } p = p - lr * x; } }",
+    )
+    .unwrap();
+    let why = spec.desc().cpu_only.unwrap();
+    assert!(
+        why.contains("matrix block (`x`)") && why.contains("`t`"),
+        "{why}"
+    );
+    let mut opt = spec.boxed();
+    let e = opt.set_device(dev()).unwrap_err();
+    assert!(matches!(e, agr_runtime::DeviceError::CpuOnly { .. }), "{e}");
+    assert!(e.to_string().contains("on the CPU only"), "{e}");
+    assert_eq!(opt.device(), Device::Cpu);
+    let mut w = vec![1.0f32; 4];
+    opt.step_params(&mut [ParamMut::new(&mut w, Some(&[1.0; 4]), &[2, 2])])
+        .unwrap();
+    assert_eq!(w, vec![0.95; 4]);
 }

@@ -520,9 +520,12 @@ impl Program {
         })
     }
 
-    /// What keeps the step on the CPU (a matrix block whose numbers depend
-    /// on the step, a reduced state, a per-tensor state or a reduction over
-    /// one dimension), in words; `None` where it has kernels.
+    /// What keeps the step on the CPU, in words; `None` where it has
+    /// kernels. Two things do: a matrix block whose numbers depend on the
+    /// step (see [`Program::mat_args_on_host`]), and a reduced state whose
+    /// new value reads, per element, the parameter or a state the update
+    /// writes (the CUDA update writes reduced states after the rest, so it
+    /// would read their new values).
     pub fn cpu_only(&self) -> Option<String> {
         if let Some(b) = (0..self.mats.len()).find(|&b| !self.mat_args_on_host(b)) {
             return Some(format!(
@@ -530,16 +533,31 @@ impl Program {
                 self.mats[b].name
             ));
         }
-        if let Some(s) = self.states.iter().find(|s| s.reduced.is_some()) {
-            return Some(format!("a reduced state (`{}`)", s.name));
+        let written_per_element = |op: Op| match op {
+            Op::Param => true,
+            Op::State(k) => {
+                self.states[k].reduced.is_none()
+                    && !self.states[k].per_tensor
+                    && self.state_written(k)
+            }
+            _ => false,
+        };
+        for (i, s) in self.states.iter().enumerate() {
+            if s.reduced.is_none() || !self.state_written(i) {
+                continue;
+            }
+            let reads = self.needed(&[self.state_out[i]], |n| n.level != Level::Elem);
+            if let Some(&r) = reads
+                .iter()
+                .find(|&&r| written_per_element(self.nodes[r].op))
+            {
+                return Some(format!(
+                    "a reduced state (`{}`) whose new value reads `{}` per element",
+                    s.name, self.nodes[r].name
+                ));
+            }
         }
-        if let Some(s) = self.states.iter().find(|s| s.per_tensor) {
-            return Some(format!("a per-tensor state (`{}`)", s.name));
-        }
-        self.reductions
-            .iter()
-            .find(|r| matches!(r.scope, Scope::Dim(_)))
-            .map(|r| format!("a reduction over one dimension (`{}`)", r.origin))
+        None
     }
 
     /// The per-tensor states (by index): the engine hands each one's value

@@ -5,7 +5,9 @@
 //!   against `agr_codegen::interp` on random data, and the same spec
 //!   compiled at run time (`agr_runtime::compile`) must step bit-identically;
 //! - the CUDA: every spec's kernels compile as host C++ (one g++ run for all)
-//!   and run block by block against the same reference; and, where NVRTC
+//!   and run block by block against the same reference (specs with matrix
+//!   blocks, factored parts or per-tensor states, a few of each per seed,
+//!   through the engine on the emulated CUDA device); and, where NVRTC
 //!   and ptxas are installed (`eval "$(scripts/cuda-tools.sh)"`; required
 //!   when `AGR_REQUIRE_CUDA_TOOLS=1`), compile to PTX and assemble for sm_90,
 //!   with the kernels that spill counted.
@@ -477,10 +479,9 @@ fn the_fused_cpu_step_and_the_run_time_compile_agree_with_the_reference() {
     report("CPU", &failures);
 }
 
-/// The cases with CUDA kernels (case index, case, IR): a spec with a
-/// reduced state, a per-tensor state, a reduction over one dimension or a
-/// matrix block whose numbers depend on the step runs on the CPU only, and
-/// the CUDA printer emits no kernels for it.
+/// The cases with CUDA kernels (case index, case, IR): a spec with a matrix
+/// block whose numbers depend on the step runs on the CPU only, and the
+/// CUDA printer emits no kernels for it.
 fn gpu_cases() -> Vec<(usize, &'static Case, &'static Program)> {
     let all: Vec<_> = CASES
         .iter()
@@ -490,28 +491,50 @@ fn gpu_cases() -> Vec<(usize, &'static Case, &'static Program)> {
         .map(|(i, (c, p))| (i, c, p))
         .collect();
     println!(
-        "{} of {} specs have a factored part, a per-tensor state or a matrix block whose numbers depend on the step (CPU only): no CUDA",
+        "{} of {} specs have a matrix block whose numbers depend on the step (CPU only): no CUDA",
         CASES.len() - all.len(),
         CASES.len()
     );
     all
 }
 
-/// Matrix-block specs the emulated device runs (each compiles its own
-/// host library, about a second of g++): at most this many per seed.
-const EMULATED_MATRIX_SPECS: usize = 16;
+/// Whether a spec's step needs more than the passes the host C++ driver
+/// runs: a matrix block (its programs run between the passes), a factored
+/// part (a tensor per block, reduced states) or a per-tensor state (its own
+/// kernel after the update). The engine runs those on the emulated device.
+fn needs_the_engine(p: &Program) -> bool {
+    !p.mats.is_empty() || p.factored() || !p.per_tensor_states().is_empty()
+}
+
+/// Specs of each kind the emulated device runs (each compiles its own host
+/// library, about a second of g++): at most this many per seed.
+const EMULATED_SPECS_PER_KIND: usize = 16;
 
 #[test]
-fn matrix_blocks_on_the_emulated_device_agree_with_the_reference() {
+fn matrix_blocks_factored_and_per_tensor_states_on_the_emulated_device_agree_with_the_reference() {
     // Each spec through the engine on the emulated CUDA device: its kernels
-    // compiled as host C++, and its matrix programs through the batched,
+    // compiled as host C++, its matrix programs through the batched,
     // column-major SGEMM calls a GPU makes to cuBLAS (evaluated by the
     // `gemm` crate) and the spec's `X_mat_axpby` kernel.
-    let cases: Vec<(usize, &Case, &Program)> = gpu_cases()
-        .into_iter()
-        .filter(|(_, _, p)| !p.mats.is_empty())
-        .take(EMULATED_MATRIX_SPECS)
-        .collect();
+    let all = gpu_cases();
+    let kinds: [&dyn Fn(&Program) -> bool; 3] =
+        [&|p| !p.mats.is_empty(), &|p| p.factored(), &|p| {
+            !p.per_tensor_states().is_empty()
+        }];
+    let mut cases: Vec<(usize, &Case, &Program)> = vec![];
+    for kind in kinds {
+        for c in all
+            .iter()
+            .filter(|(_, _, p)| kind(p))
+            .take(EMULATED_SPECS_PER_KIND)
+        {
+            if !cases.iter().any(|d| d.0 == c.0) {
+                cases.push(*c);
+            }
+        }
+    }
+    let count = |f: &dyn Fn(&Program) -> bool| cases.iter().filter(|c| f(c.2)).count();
+    let counts = kinds.map(|k| count(k));
     let datas = datas();
     let run = |&(i, case, prog): &(usize, &Case, &Program)| -> Result<(), String> {
         let mut opt = agr_runtime::compile(case.source).unwrap().boxed();
@@ -530,24 +553,27 @@ fn matrix_blocks_on_the_emulated_device_agree_with_the_reference() {
         f
     });
     println!(
-        "{} specs with matrix blocks: run on the emulated CUDA device, {} disagreements",
+        "{} specs ({} with a matrix block, {} factored, {} with a per-tensor state): run on the emulated CUDA device, {} disagreements",
         cases.len(),
+        counts[0],
+        counts[1],
+        counts[2],
         failures.len()
     );
     assert!(
-        !cases.is_empty(),
-        "the generator wrote no matrix block the device can run"
+        counts.iter().all(|&n| n > 0),
+        "the generator wrote none of one kind the device can run: {counts:?}"
     );
-    report("matrix blocks on the emulated device", &failures);
+    report("the emulated device", &failures);
 }
 
 #[test]
 fn the_cuda_runs_as_host_cpp_and_agrees_with_the_reference() {
-    // This driver runs the passes only: matrix blocks need their programs
-    // run between them (the emulated device's test above does).
+    // This driver runs the passes only (the emulated device's test above
+    // runs the rest through the engine).
     let cases: Vec<_> = gpu_cases()
         .into_iter()
-        .filter(|(_, _, p)| p.mats.is_empty())
+        .filter(|(_, _, p)| !needs_the_engine(p))
         .collect();
     let refs: Vec<&Program> = cases.iter().map(|&(_, _, p)| p).collect();
     let host = build_host(&refs);

@@ -42,6 +42,11 @@ pub fn emit(prog: &Program) -> String {
         "// Kernels, launched in this order with one block per chunk: {}.",
         passes.join(", ")
     ));
+    if !prog.per_tensor_states().is_empty() {
+        w.line(&format!(
+            "// After {x}_update, {x}_tensor_states (the per-tensor states' new values)."
+        ));
+    }
     for (b, block) in prog.mats.iter().enumerate() {
         let before = passes[block.phase.min(passes.len() - 1)].as_str();
         w.line(&format!(
@@ -65,6 +70,9 @@ pub fn emit(prog: &Program) -> String {
     }
     if !prog.mats.is_empty() {
         emit_mat_axpby(prog, &mut w);
+    }
+    if !prog.per_tensor_states().is_empty() {
+        emit_tensor_states(prog, &mut w);
     }
     w.out
 }
@@ -95,6 +103,9 @@ pub fn kernel_names(prog: &Program) -> Vec<String> {
     v.extend((0..prog.mats.len()).map(|b| format!("{}_matrix{b}", prog.name)));
     if !prog.mats.is_empty() {
         v.push(format!("{}_mat_axpby", prog.name));
+    }
+    if !prog.per_tensor_states().is_empty() {
+        v.push(format!("{}_tensor_states", prog.name));
     }
     v
 }
@@ -240,7 +251,7 @@ fn emit_scalars(prog: &Program, w: &mut W) {
     w.line("// The scalars known after `upto` reduction passes. `reduced` holds this");
     w.line("// tensor's reduction results, `global` the global ones (by reduction index).");
     w.open(&format!(
-        "AGR_HD void {x}_scalars(int upto, const {x}_Hyper& h, double t, double ndim, double numel, double row_len, const double* reduced, const double* global, {x}_Step& s, {x}_Tensor& ts) {{"
+        "AGR_HD void {x}_scalars(int upto, const {x}_Hyper& h, double t, double ndim, double numel, double row_len, double rows_n, double cols_n, float* const* st, const double* reduced, const double* global, {x}_Step& s, {x}_Tensor& ts) {{"
     ));
     let mut phases = scalar_phases(prog, Level::Step);
     phases.extend(scalar_phases(prog, Level::Tensor));
@@ -274,9 +285,10 @@ fn emit_scalars(prog: &Program, w: &mut W) {
                 Op::Ndim => "ndim".into(),
                 Op::Numel => "numel".into(),
                 Op::RowLen => "row_len".into(),
-                Op::DimLen(_) => {
-                    unreachable!("a spec that reduces over one dimension has no kernels")
-                }
+                Op::DimLen(Axis::Last) => "cols_n".into(),
+                Op::DimLen(Axis::SecondLast) => "rows_n".into(),
+                // A per-tensor state's value before the step.
+                Op::State(k) => format!("(double)st[{k}][0]"),
                 Op::Reduced(r) => {
                     let src = if prog.reductions[r].scope == Scope::Global {
                         "global"
@@ -294,7 +306,7 @@ fn emit_scalars(prog: &Program, w: &mut W) {
     if !used_all {
         w.line("// This spec has no scalars.");
     }
-    w.line("(void)h; (void)t; (void)ndim; (void)numel; (void)row_len; (void)reduced; (void)global; (void)s; (void)ts;");
+    w.line("(void)h; (void)t; (void)ndim; (void)numel; (void)row_len; (void)rows_n; (void)cols_n; (void)st; (void)reduced; (void)global; (void)s; (void)ts;");
     w.close("}");
     w.blank();
 }
@@ -302,6 +314,37 @@ fn emit_scalars(prog: &Program, w: &mut W) {
 /// Loads, element function and stores of one loop.
 struct ElemFn {
     params: Vec<Param>,
+}
+
+/// Where a per-element value lives.
+#[derive(Clone, Copy, PartialEq)]
+enum Src {
+    /// Its buffer's element `c.start + i`.
+    Elem,
+    /// A row reduction's result (by its slot among the row reductions).
+    Row(usize),
+    /// A reduction over one of the last two dimensions: its result for the
+    /// element's row (`Last`) or column (`SecondLast`), by its slot among
+    /// the `k` reductions over that dimension.
+    Dim { axis: Axis, slot: usize, k: usize },
+    /// A reduced state: one value per row (`Last`) or column (`SecondLast`).
+    Reduced(Axis),
+}
+
+impl Src {
+    /// Whether the element is its buffer's own (the 128-bit path reads those).
+    fn contiguous(self) -> bool {
+        self == Src::Elem
+    }
+}
+
+/// The index of the row (`Last`) or the column (`SecondLast`) of the last
+/// two dimensions that holds tensor element `e` (see the factored prologue).
+fn line_of(axis: Axis, e: &str) -> String {
+    match axis {
+        Axis::Last => format!("({e}) / __cols"),
+        Axis::SecondLast => format!("(({e}) / (__rows_n * __cols)) * __cols + ({e}) % __cols"),
+    }
 }
 
 /// One per-element input or output of an element function. Every name here
@@ -322,8 +365,8 @@ struct Param {
     written: bool,
     /// `true` for the parameter and gradient (which may be half types).
     typed: bool,
-    /// A row reduction's result, read per element (by its slot).
-    row: Option<usize>,
+    /// Where its element is: see [`Src`].
+    src: Src,
     /// The state it is, by index.
     state: Option<usize>,
 }
@@ -339,7 +382,7 @@ impl Param {
             read: false,
             written: false,
             typed: false,
-            row: None,
+            src: Src::Elem,
             state: None,
         }
     }
@@ -438,6 +481,7 @@ fn emit_elem_fn(prog: &Program, fname: &str, pass: &PassPlan<'_>, w: &mut W) -> 
                 read,
                 written,
                 state: Some(i),
+                src: s.reduced.map_or(Src::Elem, Src::Reduced),
                 ..Param::new(
                     &label,
                     value_name(state_reader(i), &label),
@@ -448,15 +492,24 @@ fn emit_elem_fn(prog: &Program, fname: &str, pass: &PassPlan<'_>, w: &mut W) -> 
     }
     for &id in &plan.body {
         if let Op::Reduced(r) = prog.nodes[id].op {
-            let slot = prog.row_slot(r);
+            let slot = prog
+                .row_slot(r)
+                .expect("only row and dimension reductions are per-element");
+            let (src, label) = match prog.reductions[r].scope {
+                Scope::Dim(axis) => (
+                    Src::Dim {
+                        axis,
+                        slot,
+                        k: prog.scope_reductions(Scope::Dim(axis)),
+                    },
+                    format!("dim{}_{slot}", axis.dim().abs()),
+                ),
+                _ => (Src::Row(slot), format!("row{slot}")),
+            };
             params.push(Param {
                 read: true,
-                row: slot,
-                ..Param::new(
-                    &format!("row{}", slot.expect("only row reductions are per-element")),
-                    ident(prog, id),
-                    String::new(),
-                )
+                src,
+                ..Param::new(&label, ident(prog, id), String::new())
             });
         }
     }
@@ -519,12 +572,37 @@ fn emit_prologue(prog: &Program, upto: usize, fname: &str, f: &ElemFn, w: &mut W
     w.line(&format!("{x}_Step s;"));
     w.line(&format!("{x}_Tensor ts;"));
     w.line(&format!(
-        "{x}_scalars({upto}, h, agr_tensor_step(T), (double)T.ndim, (double)T.numel, (double)T.row_len, reduced + (size_t)c.tensor * {x}_NUM_REDUCTIONS, global, s, ts);"
+        "{x}_scalars({upto}, h, agr_tensor_step(T), (double)T.ndim, (double)T.numel, (double)T.row_len, (double)T.view_rows, (double)T.view_cols, T.st, reduced + (size_t)c.tensor * {x}_NUM_REDUCTIONS, global, s, ts);"
     ));
     w.line(&format!(
         "const {x}_{fname}_args a = {x}_{fname}_args_from(s, ts);"
     ));
-    for p in f.params.iter().filter(|p| p.row.is_none()) {
+    if prog.factored() {
+        let x = &prog.name;
+        w.line("// The tensor as matrices over its last two dimensions (a chunk is the whole");
+        w.line("// tensor); where the results over each of them start in T.rows.");
+        w.line("const long long __cols = T.view_cols, __rows_n = T.view_rows;");
+        w.line(&format!(
+            "const long long __last_at = T.row_len > 0 ? (T.numel / T.row_len) * {x}_ROW_REDUCTIONS : 0;"
+        ));
+        w.line(&format!(
+            "const long long __second_last_at = __last_at + (__cols > 0 ? (T.numel / __cols) * {} : 0);",
+            prog.scope_reductions(Scope::Dim(Axis::Last))
+        ));
+        w.line("(void)__cols; (void)__rows_n; (void)__last_at; (void)__second_last_at;");
+    }
+    emit_buffers(f, w);
+}
+
+/// The kernel's pointers to the buffers an element function reads or writes.
+fn emit_buffers(f: &ElemFn, w: &mut W) {
+    for p in f
+        .params
+        .iter()
+        .filter(|p| matches!(p.src, Src::Elem | Src::Reduced(_)))
+    {
+        // A reduced state is indexed by row or column, not from the chunk.
+        let start = if p.src == Src::Elem { " + c.start" } else { "" };
         let (ty, src) = match p.state {
             Some(i) => (
                 if p.written { "float" } else { "const float" },
@@ -534,28 +612,53 @@ fn emit_prologue(prog: &Program, upto: usize, fname: &str, f: &ElemFn, w: &mut W
             None if p.buf == "P" => ("const AGR_P_T", "T.p".to_string()),
             None => ("const AGR_G_T", "T.g".to_string()),
         };
-        w.line(&format!("{ty}* __restrict__ {} = {src} + c.start;", p.buf));
+        w.line(&format!("{ty}* __restrict__ {} = {src}{start};", p.buf));
     }
 }
 
-/// One element's loads, element function, folds and stores, at index `i`.
-fn emit_element(prog: &Program, fname: &str, f: &ElemFn, n_out: usize, folds: &[Fold], w: &mut W) {
+/// One element's loads, element function, folds and stores, at index `i`
+/// of the chunk. `stores`: where `Some(axis)`, only the reduced states
+/// along `axis` are stored (see [`emit_update`]).
+fn emit_element(
+    prog: &Program,
+    fname: &str,
+    f: &ElemFn,
+    n_out: usize,
+    folds: &[Fold],
+    stores: Option<Axis>,
+    w: &mut W,
+) {
     let x = &prog.name;
     let nrow = prog.row_reductions();
+    let at = |p: &Param| match p.src {
+        Src::Reduced(axis) => line_of(axis, "c.start + i"),
+        _ => "i".to_string(),
+    };
     for p in &f.params {
-        if let Some(slot) = p.row {
-            w.line(&format!(
+        match p.src {
+            Src::Row(slot) => w.line(&format!(
                 "float {} = (float)T.rows[((c.start + i) / T.row_len) * {nrow} + {slot}];",
                 p.local
-            ));
-        } else if p.read {
-            if p.typed {
-                w.line(&format!("float {} = agr_ld({}[i]);", p.local, p.buf));
-            } else {
-                w.line(&format!("float {} = {}[i];", p.local, p.buf));
+            )),
+            Src::Dim { axis, slot, k } => {
+                let base = match axis {
+                    Axis::Last => "__last_at",
+                    Axis::SecondLast => "__second_last_at",
+                };
+                w.line(&format!(
+                    "float {} = (float)T.rows[{base} + ({}) * {k} + {slot}];",
+                    p.local,
+                    line_of(axis, "c.start + i")
+                ));
             }
-        } else {
-            w.line(&format!("float {} = 0.0f;", p.local));
+            Src::Elem | Src::Reduced(_) if p.read => {
+                if p.typed {
+                    w.line(&format!("float {} = agr_ld({}[i]);", p.local, p.buf));
+                } else {
+                    w.line(&format!("float {} = {}[{}];", p.local, p.buf, at(p)));
+                }
+            }
+            _ => w.line(&format!("float {} = 0.0f;", p.local)),
         }
     }
     if n_out > 0 {
@@ -567,25 +670,30 @@ fn emit_element(prog: &Program, fname: &str, f: &ElemFn, n_out: usize, folds: &[
         args.push("out".into());
     }
     w.line(&format!("{x}_{fname}_elem({});", args.join(", ")));
-    for (k, fold) in folds.iter().enumerate() {
+    for fold in folds {
         w.line(&format!(
-            "{}[{}] = agr_fold({0}[{1}], (double)out[{k}], {});",
-            fold.acc, fold.index, fold.is_max
+            "{}[{}] = agr_fold({0}[{1}], (double)out[{}], {});",
+            fold.acc, fold.index, fold.out, fold.is_max
         ));
     }
     for p in &f.params {
-        if p.written {
+        let stored = match stores {
+            None => true,
+            Some(axis) => p.src == Src::Reduced(axis),
+        };
+        if p.written && stored {
             if p.typed {
                 w.line(&format!("agr_st(&{}[i], {});", p.buf, p.local));
             } else {
-                w.line(&format!("{}[i] = {};", p.buf, p.local));
+                w.line(&format!("{}[{}] = {};", p.buf, at(p), p.local));
             }
         }
     }
 }
 
-/// Where an element function's `out[k]` is folded: `acc[index]`.
+/// Where an element function's `out[out]` is folded: `acc[index]`.
 struct Fold {
+    out: usize,
     acc: &'static str,
     index: usize,
     is_max: bool,
@@ -595,7 +703,8 @@ struct Fold {
 /// stores where every buffer allows it, and a path for any type and length.
 fn emit_loop(prog: &Program, fname: &str, f: &ElemFn, n_out: usize, folds: &[Fold], w: &mut W) {
     let x = &prog.name;
-    let reads_rows = f.params.iter().any(|p| p.row.is_some());
+    // Rows, columns and reduced states are not the chunk's own elements.
+    let reads_rows = f.params.iter().any(|p| !p.src.contiguous());
     if !reads_rows {
         let mut cond = vec!["c.len % 4 == 0".to_string()];
         cond.extend(
@@ -632,10 +741,10 @@ fn emit_loop(prog: &Program, fname: &str, f: &ElemFn, n_out: usize, folds: &[Fol
             args.push("out".into());
         }
         w.line(&format!("{x}_{fname}_elem({});", args.join(", ")));
-        for (k, fold) in folds.iter().enumerate() {
+        for fold in folds {
             w.line(&format!(
-                "{}[{}] = agr_fold({0}[{1}], (double)out[{k}], {});",
-                fold.acc, fold.index, fold.is_max
+                "{}[{}] = agr_fold({0}[{1}], (double)out[{}], {});",
+                fold.acc, fold.index, fold.out, fold.is_max
             ));
         }
         w.close("}");
@@ -649,7 +758,7 @@ fn emit_loop(prog: &Program, fname: &str, f: &ElemFn, n_out: usize, folds: &[Fol
         w.depth += 1;
     }
     w.open("for (int i = (int)threadIdx.x; i < c.len; i += AGR_BLOCK) {");
-    emit_element(prog, fname, f, n_out, folds, w);
+    emit_element(prog, fname, f, n_out, folds, None, w);
     w.close("}");
     if !reads_rows {
         w.close("}");
@@ -666,7 +775,8 @@ fn emit_reduce(prog: &Program, pass: usize, w: &mut W) {
             Scope::Global => "over every tensor",
             Scope::Tensor => "per tensor",
             Scope::Rows => "per row",
-            Scope::Dim(_) => unreachable!("a spec that reduces over one dimension has no kernels"),
+            Scope::Dim(Axis::Last) => "per row of the last two dimensions",
+            Scope::Dim(Axis::SecondLast) => "per column of the last two dimensions",
         };
         let op = if r.op == ReduceOp::Sum { "sum" } else { "max" };
         w.line(&format!(
@@ -684,7 +794,7 @@ fn emit_reduce(prog: &Program, pass: usize, w: &mut W) {
     let whole: Vec<(usize, usize, &Reduction)> = reds
         .iter()
         .enumerate()
-        .filter(|(_, (_, r))| r.scope != Scope::Rows)
+        .filter(|(_, (_, r))| !r.scope.per_element())
         .map(|(k, (i, r))| (k, *i, *r))
         .collect();
     let rows: Vec<(usize, usize, &Reduction)> = reds
@@ -697,23 +807,26 @@ fn emit_reduce(prog: &Program, pass: usize, w: &mut W) {
     let is_max = |r: &Reduction| r.op == ReduceOp::Max;
     // out[k] of the element function folds into acc (tensor and global
     // reductions, over the whole chunk) or racc (row reductions, per row).
+    // (Reductions over one of the last two dimensions have loops of their own.)
     let mut folds: Vec<Fold> = vec![];
     for (k, (_, r)) in reds.iter().enumerate() {
         let pos_whole = whole.iter().position(|(kk, _, _)| *kk == k);
         let pos_row = rows.iter().position(|(kk, _, _)| *kk == k);
-        folds.push(match (pos_whole, pos_row) {
-            (Some(j), _) => Fold {
+        match (pos_whole, pos_row) {
+            (Some(j), _) => folds.push(Fold {
+                out: k,
                 acc: "acc",
                 index: j,
                 is_max: is_max(r),
-            },
-            (_, Some(j)) => Fold {
+            }),
+            (_, Some(j)) => folds.push(Fold {
+                out: k,
                 acc: "racc",
                 index: j,
                 is_max: is_max(r),
-            },
-            _ => unreachable!(),
-        });
+            }),
+            _ => {}
+        }
     }
     if !whole.is_empty() {
         let idents: Vec<String> = whole
@@ -726,8 +839,16 @@ fn emit_reduce(prog: &Program, pass: usize, w: &mut W) {
             idents.join(", ")
         ));
     }
+    let dims: Vec<(usize, usize, &Reduction)> = reds
+        .iter()
+        .enumerate()
+        .filter(|(_, (_, r))| matches!(r.scope, Scope::Dim(_)))
+        .map(|(k, (i, r))| (k, *i, *r))
+        .collect();
     if rows.is_empty() {
-        emit_loop(prog, &fname, &f, n, &folds, w);
+        if !whole.is_empty() {
+            emit_loop(prog, &fname, &f, n, &folds, w);
+        }
     } else {
         let nrow = prog.row_reductions();
         w.line(
@@ -746,7 +867,7 @@ fn emit_reduce(prog: &Program, pass: usize, w: &mut W) {
         ));
         w.open("for (long long j = threadIdx.x; j < T.row_len; j += AGR_BLOCK) {");
         w.line("const int i = (int)(r * T.row_len + j);");
-        emit_element(prog, &fname, &f, n, &folds, w);
+        emit_element(prog, &fname, &f, n, &folds, None, w);
         w.close("}");
         for (j, (_, i, r)) in rows.iter().enumerate() {
             let slot = prog.row_slot(*i).unwrap();
@@ -759,6 +880,15 @@ fn emit_reduce(prog: &Program, pass: usize, w: &mut W) {
             ));
         }
         w.close("}");
+    }
+    for axis in [Axis::Last, Axis::SecondLast] {
+        let mine: Vec<&(usize, usize, &Reduction)> = dims
+            .iter()
+            .filter(|(_, _, r)| r.scope == Scope::Dim(axis))
+            .collect();
+        if !mine.is_empty() {
+            emit_dim_sums(prog, &fname, &f, n, axis, &mine, w);
+        }
     }
     if !whole.is_empty() {
         let m = whole.len();
@@ -790,10 +920,93 @@ fn emit_reduce(prog: &Program, pass: usize, w: &mut W) {
     w.blank();
 }
 
+/// Sums over one of the last two dimensions: one thread per row (`Last`) or
+/// column (`SecondLast`) of the tensor (a chunk is the whole tensor), adding
+/// its elements in order in f64, as the CPU does.
+fn emit_dim_sums(
+    prog: &Program,
+    fname: &str,
+    f: &ElemFn,
+    n_out: usize,
+    axis: Axis,
+    reds: &[&(usize, usize, &Reduction)],
+    w: &mut W,
+) {
+    let k = prog.scope_reductions(Scope::Dim(axis));
+    let folds: Vec<Fold> = reds
+        .iter()
+        .enumerate()
+        .map(|(j, (out, _, _))| Fold {
+            out: *out,
+            acc: "dacc",
+            index: j,
+            is_max: false,
+        })
+        .collect();
+    let zeros = vec!["0.0"; reds.len()].join(", ");
+    match axis {
+        Axis::Last => {
+            w.line("// Sums over the last dimension: one thread per row, its elements in order.");
+            w.open("for (long long __l = threadIdx.x; __cols > 0 && __l < c.len / __cols; __l += AGR_BLOCK) {");
+            w.line(&format!("double dacc[{}] = {{{zeros}}};", reds.len()));
+            w.open("for (long long __c = 0; __c < __cols; ++__c) {");
+            w.line("const int i = (int)(__l * __cols + __c);");
+        }
+        Axis::SecondLast => {
+            w.line("// Sums over the second-to-last dimension: one thread per column, its elements in order.");
+            w.open("for (long long __l = threadIdx.x; __rows_n > 0 && __l < c.len / __rows_n; __l += AGR_BLOCK) {");
+            w.line(&format!("double dacc[{}] = {{{zeros}}};", reds.len()));
+            w.open("for (long long __r = 0; __r < __rows_n; ++__r) {");
+            w.line(
+                "const int i = (int)(((__l / __cols) * __rows_n + __r) * __cols + __l % __cols);",
+            );
+        }
+    }
+    emit_element(prog, fname, f, n_out, &folds, None, w);
+    w.close("}");
+    let base = match axis {
+        Axis::Last => "__last_at",
+        Axis::SecondLast => "__second_last_at",
+    };
+    for (j, (_, i, _)) in reds.iter().enumerate() {
+        let slot = prog.row_slot(*i).unwrap();
+        w.line(&format!("T.rows[{base} + __l * {k} + {slot}] = dacc[{j}];"));
+    }
+    w.close("}");
+}
+
 fn emit_update(prog: &Program, w: &mut W) {
     let x = &prog.name;
     w.line("// ---- The update pass ----");
-    let f = emit_elem_fn(prog, "update", &PassPlan::update(prog), w);
+    // Reduced states are written after every element has read them, by one
+    // thread per row or column (a chunk is the whole tensor).
+    let reduced = |i: usize| prog.states[i].reduced.is_some();
+    let f = emit_elem_fn(
+        prog,
+        "update",
+        &PassPlan::update_part(prog, true, |i| !reduced(i)),
+        w,
+    );
+    // One loop per dimension, each with an element function of its own (so
+    // neither reads the states the other writes).
+    let later: Vec<(Axis, &str, ElemFn)> = [
+        (Axis::Last, "update_rows"),
+        (Axis::SecondLast, "update_cols"),
+    ]
+    .into_iter()
+    .filter_map(|(axis, fname)| {
+        let plan = PassPlan::update_part(prog, false, |i| prog.states[i].reduced == Some(axis));
+        if plan.state_writes.is_empty() {
+            return None;
+        }
+        w.line(&format!(
+            "// New values of the states reduced over dimension {}: one per {}.",
+            axis.dim(),
+            if axis == Axis::Last { "row" } else { "column" }
+        ));
+        Some((axis, fname, emit_elem_fn(prog, fname, &plan, w)))
+    })
+    .collect();
     w.open(&format!(
         "extern \"C\" __global__ void __launch_bounds__(AGR_BLOCK) {x}_update(const {x}_Hyper* __restrict__ hypers, const AgrChunk* __restrict__ chunks, const AgrTensor* __restrict__ tensors, int ntensors, const double* reduced, const double* global, unsigned* skipped) {{"
     ));
@@ -814,6 +1027,65 @@ fn emit_update(prog: &Program, w: &mut W) {
     w.close("}");
     emit_prologue(prog, prog.n_phases, "update", &f, w);
     emit_loop(prog, "update", &f, 0, &[], w);
+    if !later.is_empty() {
+        w.line("// Every element has read the reduced states: their new values, each once,");
+        w.line("// at its row's last column or its column's last row (as the CPU writes them).");
+        w.line("__syncthreads();");
+    }
+    for (axis, fname, f2) in &later {
+        w.open("{");
+        w.line(&format!(
+            "const {x}_{fname}_args a = {x}_{fname}_args_from(s, ts);"
+        ));
+        emit_buffers(f2, w);
+        match axis {
+            Axis::Last => {
+                w.open("for (long long __l = threadIdx.x; __cols > 0 && __l < c.len / __cols; __l += AGR_BLOCK) {");
+                w.line("const int i = (int)(__l * __cols + __cols - 1);");
+            }
+            Axis::SecondLast => {
+                w.open("for (long long __l = threadIdx.x; __rows_n > 0 && __l < c.len / __rows_n; __l += AGR_BLOCK) {");
+                w.line("const int i = (int)(((__l / __cols) * __rows_n + __rows_n - 1) * __cols + __l % __cols);");
+            }
+        }
+        emit_element(prog, fname, f2, 0, &[], Some(*axis), w);
+        w.close("}");
+        w.close("}");
+    }
+    w.close("}");
+}
+
+/// The per-tensor states' kernel: their new values (tensor scalars), once
+/// the update has run, by one thread per tensor; a step the update skipped
+/// (a non-finite gradient under `Skip`) leaves them as they were.
+fn emit_tensor_states(prog: &Program, w: &mut W) {
+    let x = &prog.name;
+    w.blank();
+    w.line("// ---- Per-tensor states ----");
+    w.open(&format!(
+        "extern \"C\" __global__ void __launch_bounds__(AGR_BLOCK) {x}_tensor_states(const {x}_Hyper* __restrict__ hypers, const AgrChunk* __restrict__ chunks, const AgrTensor* __restrict__ tensors, int ntensors, const double* reduced, const double* global, unsigned* skipped) {{"
+    ));
+    w.line("(void)ntensors;");
+    w.line(&format!(
+        "if (skipped != 0 && !isfinite(global[{x}_FINITE_CHECK])) return;"
+    ));
+    w.line("const AgrChunk c = chunks[blockIdx.x];");
+    w.line("if (threadIdx.x != 0 || c.start != 0) return;");
+    w.line("const AgrTensor& T = tensors[c.tensor];");
+    w.line(&format!("const {x}_Hyper& h = hypers[T.group];"));
+    w.line(&format!("{x}_Step s;"));
+    w.line(&format!("{x}_Tensor ts;"));
+    w.line(&format!(
+        "{x}_scalars({}, h, agr_tensor_step(T), (double)T.ndim, (double)T.numel, (double)T.row_len, (double)T.view_rows, (double)T.view_cols, T.st, reduced + (size_t)c.tensor * {x}_NUM_REDUCTIONS, global, s, ts);",
+        prog.n_phases
+    ));
+    for i in prog.per_tensor_states() {
+        w.line(&format!(
+            "T.st[{i}][0] = (float)({});  // {}",
+            operand(prog, prog.state_out[i], Ctx::Scalar),
+            prog.states[i].name
+        ));
+    }
     w.close("}");
 }
 

@@ -72,6 +72,11 @@ struct AgrTensor {
     // non-finite gradient); null: none. Its step count is t - *skips, so
     // the host never has to read the skip decision back.
     unsigned* skips;
+    // The tensor as matrices over its last two dimensions: rows (the
+    // second-to-last dimension, 1 below two dimensions) and columns (the
+    // last, 1 for a scalar).
+    long long view_rows;
+    long long view_cols;
 };
 
 __device__ __forceinline__ double agr_tensor_step(const AgrTensor& T) {

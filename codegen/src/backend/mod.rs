@@ -228,10 +228,23 @@ impl<'p> PassPlan<'p> {
 
     /// The update pass.
     pub fn update(prog: &'p Program) -> PassPlan<'p> {
-        let mut roots = vec![prog.param_out];
+        PassPlan::update_part(prog, true, |_| true)
+    }
+
+    /// Part of the update pass: the parameter's new value (where `param`)
+    /// and the new values of the states `keep` selects. (The CUDA update
+    /// writes a reduced state once its rows and columns have been read: in
+    /// a loop of its own.)
+    pub fn update_part(
+        prog: &'p Program,
+        param: bool,
+        keep: impl Fn(usize) -> bool,
+    ) -> PassPlan<'p> {
+        let param_write = (param && prog.param_written()).then_some(prog.param_out);
+        let mut roots: Vec<NodeId> = param_write.into_iter().collect();
         // A state the step leaves as it is (a matrix block's) is not read for
         // it; a per-tensor state is written by the engine, not the loop.
-        let written = |i: &usize| prog.state_written(*i) && !prog.states[*i].per_tensor;
+        let written = |i: &usize| prog.state_written(*i) && !prog.states[*i].per_tensor && keep(*i);
         roots.extend(
             (0..prog.states.len())
                 .filter(written)
@@ -245,7 +258,7 @@ impl<'p> PassPlan<'p> {
                 .filter(written)
                 .map(|i| (i, prog.state_out[i]))
                 .collect(),
-            param_write: prog.param_written().then_some(prog.param_out),
+            param_write,
         }
     }
 
