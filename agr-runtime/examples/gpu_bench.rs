@@ -111,10 +111,13 @@ fn main() {
         let gbs = 8.0 * n as f64 / (copy * 1e-3) / 1e9;
         println!("copy {name}: {copy:.3} ms for {n} floats ({gbs:.0} GB/s device to device)");
         // Ideal traffic in f32 arrays per parameter: reads + writes.
-        let cases: [(&str, usize, f64); 3] = [
+        let cases: [(&str, usize, f64); 5] = [
             ("adamw", 7, step_ms::<AdamWKernel>(&stream, &shapes)),
             ("adamw_agr", 8, step_ms::<AdamWAgrKernel>(&stream, &shapes)),
             ("adan_agr", 12, step_ms::<AdanAgrKernel>(&stream, &shapes)),
+            // A per-tensor state; reduced states (a tensor per block).
+            ("nadam", 7, step_ms::<NAdamKernel>(&stream, &shapes)),
+            ("adafactor", 6, step_ms::<AdafactorKernel>(&stream, &shapes)),
         ];
         for (opt, arrays, ms) in cases {
             let floor = copy * arrays as f64 / 2.0;
@@ -123,6 +126,13 @@ fn main() {
                 ms / floor
             );
         }
+        // Muon's step is mostly its Newton–Schulz products (cuBLAS): its
+        // time, against the bytes floor only (the products are not in it).
+        let ms = step_ms::<MuonKernel>(&stream, &shapes);
+        let floor = copy * 5.0 / 2.0;
+        println!(
+            "time muon {name} median_ms={ms:.3} bytes_floor_ms={floor:.3} (the matrix products are not in this floor)"
+        );
     }
     println!(
         "launches per step: adamw {}, adamw_agr {}, adan_agr {}",

@@ -850,17 +850,31 @@ impl<K: Kernel> Optimizer<K> {
     }
 
     /// Kernel launches per step on a GPU: one per reduction pass plus the
-    /// update (and, with matrix blocks, one per block, plus their programs'
-    /// products and sums, one per operation and group of same-shape tensors).
+    /// update; one per matrix block (plus its programs' products and sums,
+    /// one per operation and group of same-shape tensors, not counted
+    /// here); one for per-tensor states.
     pub fn launches_per_step(&self) -> usize {
-        self.desc.passes + 1 + self.desc.matrices.len()
+        launches(self.desc)
     }
 }
 
 impl<K: StaticKernel> Optimizer<K> {
     /// Kernel launches per step on a GPU: one per reduction pass plus the
-    /// update (and one per matrix block, before its programs).
-    pub const LAUNCHES_PER_STEP: usize = K::DESC.passes + 1 + K::DESC.matrices.len();
+    /// update; one per matrix block (plus its programs' products and sums,
+    /// not counted here); one for per-tensor states.
+    pub const LAUNCHES_PER_STEP: usize = launches(&K::DESC);
+}
+
+const fn launches(desc: &KernelDesc) -> usize {
+    let mut per_tensor = 0;
+    let mut i = 0;
+    while i < desc.states.len() {
+        if desc.states[i].per_tensor {
+            per_tensor = 1;
+        }
+        i += 1;
+    }
+    desc.passes + 1 + desc.matrices.len() + per_tensor
 }
 
 /// A GPU as the device of matrix programs: cuBLAS for products, the spec's

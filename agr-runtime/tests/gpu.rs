@@ -135,6 +135,10 @@ fn golden_files_replay_on_the_gpu() {
             "adamw_gc" => replay_gpu::<AdamWGcKernel>(&stream, &g),
             "adopt" => replay_gpu::<AdoptKernel>(&stream, &g),
             "cadamw_agr" => replay_gpu::<CAdamWAgrKernel>(&stream, &g),
+            "muon" => replay_gpu::<MuonKernel>(&stream, &g),
+            "muon_agr" => replay_gpu::<MuonAgrKernel>(&stream, &g),
+            "adafactor" => replay_gpu::<AdafactorKernel>(&stream, &g),
+            "nadam" => replay_gpu::<NAdamKernel>(&stream, &g),
             other => {
                 println!("{other}: not a built-in of this suite");
                 continue;

@@ -303,9 +303,14 @@ fn checkpoints_resume_bit_for_bit_and_refuse_what_does_not_fit() {
 
 #[test]
 fn a_device_every_part_cannot_take_moves_no_part() {
-    // Adafactor's reduced states run on the CPU only.
+    // A matrix block whose loop count depends on the step runs on the CPU
+    // only.
+    let grow = agr_runtime::compile(
+        "Grow { hyper { lr = 0.1 } step { matrix x = g { repeat min(t, 3) { x = 0.5 * x; } } p = p - lr * x; } }",
+    )
+    .unwrap();
     let mut opt = Multi::new(builtin("adamw_agr"))
-        .part("hidden", |p| p.ndim() >= 2, builtin("adafactor"))
+        .part("hidden", |p| p.ndim() >= 2, grow.boxed())
         .unwrap();
     let err = opt.set_device(Device::EmulatedCuda).unwrap_err();
     assert!(matches!(err, DeviceError::CpuOnly { .. }), "{err}");

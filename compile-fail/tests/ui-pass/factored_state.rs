@@ -29,5 +29,7 @@ fn main() {
     assert_eq!(opt.state(0, "vr").unwrap(), &[2.5f32, 10.0][..]);
     assert_eq!(opt.state(0, "vc").unwrap(), &[2.5f32, 10.0][..]);
     assert_eq!(opt.state(0, "steps").unwrap(), &[1.0f32][..]);
-    assert!(<FactoredRmsKernel as agr_runtime::StaticKernel>::DESC.cpu_only.is_some());
+    // Reduced and per-tensor states have CUDA kernels too.
+    let desc = <FactoredRmsKernel as agr_runtime::StaticKernel>::DESC;
+    assert!(desc.cpu_only.is_none() && desc.cuda_kernels.iter().any(|k| k.ends_with("_tensor_states")));
 }
