@@ -2,57 +2,28 @@
 //! CPU: products through the `gemm` crate, sums and copies in plain loops.
 //!
 //! The planner ([`agr_codegen::lower`]) turns a block into [`MatInst`]s over
-//! registers that each hold one matrix; register 0 is the block's matrix. The
-//! generated kernels and the run-time evaluator both call [`run`]; the
-//! engine runs the blocks of a step's tensors in parallel, one tensor per
-//! thread at a time.
+//! registers that each hold one matrix; register 0 is the block's matrix.
+//! [`crate::matdev::resolve`] decides, for one tensor's shape, what runs (its
+//! loops unrolled, its conditions decided, every shape checked); [`run`]
+//! executes that here, as a CUDA device does in batches. The generated
+//! kernels and the run-time evaluator both call [`run`]; the engine runs the
+//! blocks of a step's tensors in parallel, one tensor per thread at a time.
 
 pub use agr_codegen::ir::{Mat, MatInst, Scal};
 
-use agr_codegen::ir::{mat_steps, MatStep};
+use crate::matdev::{Op, Opnd};
 
 /// Products with at least this many multiply-adds also use the thread pool.
 pub(crate) const PARALLEL_FLOPS: usize = 1 << 24;
 
-/// One register: a rows × cols matrix, row-major.
-#[derive(Clone, Debug, Default)]
-struct Reg {
-    r: usize,
-    c: usize,
-    v: Vec<f32>,
-}
-
-impl Reg {
-    fn dims(&self, t: bool) -> (usize, usize) {
-        if t {
-            (self.c, self.r)
-        } else {
-            (self.r, self.c)
-        }
-    }
-    /// (row stride, column stride) of the operand (transposed where `t`).
-    fn strides(&self, t: bool) -> (isize, isize) {
-        let c = self.c as isize;
-        if t {
-            (1, c)
-        } else {
-            (c, 1)
-        }
-    }
-    fn at(&self, t: bool, i: usize, j: usize) -> f32 {
-        if t {
-            self.v[j * self.c + i]
-        } else {
-            self.v[i * self.c + j]
-        }
-    }
-}
-
-/// The registers of one thread's blocks, kept between tensors and steps so
+/// The registers of one thread's blocks (each a row-major matrix whose
+/// shape the resolved program knows), kept between tensors and steps so
 /// their buffers are allocated once.
 #[derive(Debug, Default)]
 pub struct Workspace {
-    regs: Vec<Reg>,
+    regs: Vec<Vec<f32>>,
+    /// Where a sum is formed before it replaces its destination.
+    tmp: Vec<f32>,
 }
 
 thread_local! {
@@ -91,143 +62,120 @@ pub fn run(
             data.len()
         ));
     }
-    if ws.regs.len() < regs {
-        ws.regs.resize_with(regs, Reg::default);
+    let prog = crate::matdev::resolve(code, regs, args, rows, cols)?;
+    if ws.regs.len() < prog.regs {
+        ws.regs.resize_with(prog.regs, Vec::new);
     }
-    let r0 = &mut ws.regs[0];
-    r0.r = rows;
-    r0.c = cols;
-    r0.v.clear();
-    r0.v.extend_from_slice(data);
-    exec(code, &mut ws.regs, args)?;
-    let r0 = &ws.regs[0];
-    if (r0.r, r0.c) != (rows, cols) {
-        return Err(format!(
-            "the block ends with a {}x{} matrix where the tensor is {rows}x{cols}",
-            r0.r, r0.c
-        ));
-    }
-    data.copy_from_slice(&r0.v);
-    Ok(())
-}
-
-fn exec(code: &[MatInst], regs: &mut [Reg], args: &[f64]) -> Result<(), String> {
-    let scal = |x: Scal| x.value(args);
-    for step in mat_steps(code) {
-        match step {
-            MatStep::Inst(&MatInst::Gemm {
+    ws.regs[0].clear();
+    ws.regs[0].extend_from_slice(data);
+    for op in &prog.ops {
+        match *op {
+            Op::Gemm {
                 dst,
                 a,
                 b,
+                m,
+                n,
+                k,
                 alpha,
-                c,
-            }) => gemm_into(regs, dst, a, b, scal(alpha), c.map(|(m, s)| (m, scal(s))))?,
-            MatStep::Inst(&MatInst::Axpby { dst, a, alpha, b }) => {
-                axpby(regs, dst, a, scal(alpha), b.map(|(m, s)| (m, scal(s))))?
+                beta,
+            } => gemm_into(&mut ws.regs, dst, a, b, (m, n, k), alpha, beta),
+            Op::Axpby {
+                dst,
+                a,
+                alpha,
+                b,
+                m,
+                n,
+            } => {
+                let regs = &ws.regs;
+                let at = |o: Opnd, i: usize, j: usize| {
+                    let v = &regs[o.reg];
+                    if o.t {
+                        v[j * o.c + i]
+                    } else {
+                        v[i * o.c + j]
+                    }
+                };
+                ws.tmp.clear();
+                ws.tmp.extend((0..m * n).map(|e| {
+                    let (i, j) = (e / n, e % n);
+                    let x = alpha * at(a, i, j);
+                    match b {
+                        Some((b, beta)) => x + beta * at(b, i, j),
+                        None => x,
+                    }
+                }));
+                std::mem::swap(&mut ws.tmp, &mut ws.regs[dst]);
             }
-            MatStep::Inst(&MatInst::Move { dst, src }) => {
-                regs.swap(usize::from(dst), usize::from(src))
-            }
-            MatStep::Inst(other) => unreachable!("mat_steps decodes {other:?}"),
-            MatStep::Repeat(count, body) => {
-                let n = scal(count);
-                if !(n >= 0.0 && n.fract() == 0.0 && n <= f64::from(u32::MAX)) {
-                    return Err(format!("`repeat` needs a whole number of times, not {n}"));
-                }
-                for _ in 0..n as u64 {
-                    exec(body, regs, args)?;
-                }
-            }
-            MatStep::If(cond, then, otherwise) => {
-                exec(if scal(cond) != 0.0 { then } else { otherwise }, regs, args)?
-            }
+            Op::Swap(x, y) => ws.regs.swap(x, y),
         }
     }
+    data.copy_from_slice(&ws.regs[0][..rows * cols]);
     Ok(())
 }
 
-/// `r[dst] = alpha * a @ b + beta * c`.
+/// `r[dst] (m × n) = alpha * a @ b + beta * r[dst]` (`dst` is not read
+/// where `beta` is 0): `beta * dst` formed first, the product added to it.
 fn gemm_into(
-    regs: &mut [Reg],
-    dst: u16,
-    a: Mat,
-    b: Mat,
-    alpha: f64,
-    c: Option<(Mat, f64)>,
-) -> Result<(), String> {
-    let (m, k) = regs[usize::from(a.reg)].dims(a.t);
-    let (k2, n) = regs[usize::from(b.reg)].dims(b.t);
-    if k != k2 {
-        return Err(format!("`@` of a {m}x{k} and a {k2}x{n} matrix"));
-    }
-    let mut out = std::mem::take(&mut regs[usize::from(dst)]);
-    let read_dst = match c {
-        Some((cm, beta)) => {
-            let src = if cm.reg == dst {
-                &out
-            } else {
-                &regs[usize::from(cm.reg)]
-            };
-            if src.dims(cm.t) != (m, n) {
-                let (r, cc) = src.dims(cm.t);
-                regs[usize::from(dst)] = out;
-                return Err(format!("`+` of a {m}x{n} and a {r}x{cc} matrix"));
-            }
-            let beta = beta as f32;
-            if cm.reg != dst {
-                // Into dst's own buffer.
-                let src = &regs[usize::from(cm.reg)];
-                out.v.clear();
-                out.v
-                    .extend((0..m * n).map(|e| beta * src.at(cm.t, e / n, e % n)));
-            } else if !cm.t {
-                if beta != 1.0 {
-                    out.v.iter_mut().for_each(|x| *x *= beta);
-                }
-            } else {
-                let scaled: Vec<f32> = (0..m * n)
-                    .map(|e| beta * out.at(true, e / n, e % n))
-                    .collect();
-                out.v = scaled;
-            }
-            true
+    regs: &mut [Vec<f32>],
+    dst: usize,
+    a: Opnd,
+    b: Opnd,
+    (m, n, k): (usize, usize, usize),
+    alpha: f32,
+    beta: f32,
+) {
+    let mut out = std::mem::take(&mut regs[dst]);
+    let read_dst = beta != 0.0;
+    if read_dst {
+        if beta != 1.0 {
+            out.iter_mut().for_each(|x| *x *= beta);
         }
-        None => {
-            out.v.clear();
-            out.v.resize(m * n, 0.0);
-            false
+    } else {
+        out.clear();
+        out.resize(m * n, 0.0);
+    }
+    // (row stride, column stride) of an operand stored row-major r × c.
+    let strides = |o: Opnd| -> (isize, isize) {
+        let c = o.c as isize;
+        if o.t {
+            (1, c)
+        } else {
+            (c, 1)
         }
     };
-    out.r = m;
-    out.c = n;
-    let (ra, rb) = (&regs[usize::from(a.reg)], &regs[usize::from(b.reg)]);
-    let ((a_rs, a_cs), (b_rs, b_cs)) = (ra.strides(a.t), rb.strides(b.t));
+    let ((a_rs, a_cs), (b_rs, b_cs)) = (strides(a), strides(b));
     let parallelism = if m * n * k >= PARALLEL_FLOPS {
         gemm::Parallelism::Rayon(0)
     } else {
         gemm::Parallelism::None
     };
     if m * n > 0 {
+        let (ra, rb) = (&regs[a.reg], &regs[b.reg]);
+        debug_assert!(out.len() >= m * n && ra.len() >= a.r * a.c && rb.len() >= b.r * b.c);
         // SAFETY: `out` holds m×n values (row stride n, column stride 1); a
-        // is m×k and b k×n through their strides, within their buffers; out
-        // is a buffer of its own (taken out of the registers above).
+        // is m×k and b k×n through their strides, within their buffers (the
+        // resolved program's shapes); out is a buffer of its own (taken out
+        // of the registers above, and the program never multiplies into an
+        // operand).
         unsafe {
             gemm::gemm(
                 m,
                 n,
                 k,
-                out.v.as_mut_ptr(),
+                out.as_mut_ptr(),
                 1,
                 n as isize,
                 read_dst,
-                ra.v.as_ptr(),
+                ra.as_ptr(),
                 a_cs,
                 a_rs,
-                rb.v.as_ptr(),
+                rb.as_ptr(),
                 b_cs,
                 b_rs,
                 1.0f32,
-                alpha as f32,
+                alpha,
                 false,
                 false,
                 false,
@@ -235,52 +183,7 @@ fn gemm_into(
             );
         }
     }
-    regs[usize::from(dst)] = out;
-    Ok(())
-}
-
-/// `r[dst] = alpha * a + beta * b`.
-fn axpby(
-    regs: &mut [Reg],
-    dst: u16,
-    a: Mat,
-    alpha: f64,
-    b: Option<(Mat, f64)>,
-) -> Result<(), String> {
-    let mut out = std::mem::take(&mut regs[usize::from(dst)]);
-    // The operands where they are (dst itself, as the accumulator, is the
-    // register taken out above); the result into a buffer of its own.
-    let view = |m: Mat| {
-        if m.reg == dst {
-            &out
-        } else {
-            &regs[usize::from(m.reg)]
-        }
-    };
-    let ra = view(a);
-    let (m, n) = ra.dims(a.t);
-    let rb = b.map(|(bm, beta)| (view(bm), bm.t, beta as f32));
-    if let Some((rb, t, _)) = rb {
-        if rb.dims(t) != (m, n) {
-            let (r, c) = rb.dims(t);
-            regs[usize::from(dst)] = out;
-            return Err(format!("`+` of a {m}x{n} and a {r}x{c} matrix"));
-        }
-    }
-    let alpha = alpha as f32;
-    let v: Vec<f32> = (0..m * n)
-        .map(|e| {
-            let (i, j) = (e / n, e % n);
-            let x = alpha * ra.at(a.t, i, j);
-            match rb {
-                Some((rb, t, beta)) => x + beta * rb.at(t, i, j),
-                None => x,
-            }
-        })
-        .collect();
-    out = Reg { r: m, c: n, v };
-    regs[usize::from(dst)] = out;
-    Ok(())
+    regs[dst] = out;
 }
 
 #[cfg(test)]
