@@ -595,7 +595,16 @@ impl<K: Kernel> Optimizer<K> {
         if table.is_empty() {
             return Ok(None);
         }
-        let (chunks, spans) = emulated::chunk_table(desc, &metas, emulated::CHUNK);
+        let (chunks, spans) =
+            emulated::chunk_table(desc, &metas, emulated::CHUNK).map_err(|(slot, e)| {
+                let index = params
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, p)| p.grad.is_some())
+                    .nth(slot)
+                    .map_or(0, |(i, _)| i);
+                StepError::Device(format!("parameter #{index}: {e}"))
+            })?;
         for (t, (first, n)) in table.iter_mut().zip(spans) {
             t.first_chunk = first;
             t.n_chunks = n;

@@ -77,16 +77,35 @@ pub(crate) fn hyper_table<'a, C: HyperConfig + 'a>(
 }
 
 /// The chunk table: `chunk` elements per block, whole rows per block when the
-/// spec has row reductions; and each tensor's (first chunk, chunk count).
+/// spec has row reductions (a whole tensor for a factored spec); and each
+/// tensor's (first chunk, chunk count). A block's share is an `int` in the
+/// kernels: a chunk longer than `i32::MAX` elements (a row of a spec with
+/// row reductions, a tensor of a factored spec) is an error naming the
+/// tensor's slot.
 pub(crate) fn chunk_table(
     desc: &KernelDesc,
     metas: &[TensorMeta],
     chunk: usize,
-) -> (Vec<AgrChunk>, Vec<(i32, i32)>) {
+) -> Result<(Vec<AgrChunk>, Vec<(i32, i32)>), (usize, String)> {
     let mut chunks = vec![];
     let mut spans = vec![];
     for (slot, m) in metas.iter().enumerate() {
         let size = desc.chunk_len(m.numel, m.row_len, chunk);
+        if size.min(m.numel) > i32::MAX as usize {
+            let what = if desc.factored {
+                "a factored spec steps a tensor in one block"
+            } else {
+                "a spec with row reductions steps whole rows in one block"
+            };
+            return Err((
+                slot,
+                format!(
+                    "{what}, and a block takes at most {} elements on a CUDA device, not {}",
+                    i32::MAX,
+                    size.min(m.numel)
+                ),
+            ));
+        }
         let first = chunks.len();
         let mut start = 0;
         while start < m.numel {
@@ -100,7 +119,7 @@ pub(crate) fn chunk_table(
         }
         spans.push((first as i32, (chunks.len() - first) as i32));
     }
-    (chunks, spans)
+    Ok((chunks, spans))
 }
 
 thread_local! {
@@ -533,5 +552,34 @@ impl MatDevice for HostMat<'_> {
             x.total,
         );
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_block_longer_than_an_int_is_refused_by_slot() {
+        // A factored spec steps each tensor in one block; a block's length
+        // is an `int` in the kernels.
+        let spec = crate::compile(
+            "F { hyper { lr = 0.1 } state { vr: reduced(-1) = 0 } \
+             step { vr = mean(g * g, -1); p = p - lr * g / sqrt(vr + 1); } }",
+        )
+        .unwrap();
+        let desc = spec.desc();
+        let small = TensorMeta::of(&[3, 4], 1);
+        // 2^31 elements: described, never allocated.
+        let huge = TensorMeta::of(&[2, 1 << 30], 1);
+        let (chunks, spans) = chunk_table(desc, &[small, small], CHUNK).unwrap();
+        assert_eq!((chunks.len(), spans), (2, vec![(0, 1), (1, 1)]));
+        let (slot, e) = chunk_table(desc, &[small, huge], CHUNK).unwrap_err();
+        assert_eq!(slot, 1);
+        assert!(e.contains("factored") && e.contains("2147483648"), "{e}");
+        // A spec without row reductions cuts the same tensor in chunks.
+        let plain = crate::compile("P { hyper { lr = 0.1 } step { p = p - lr * g; } }").unwrap();
+        let (chunks, _) = chunk_table(plain.desc(), &[huge], CHUNK).unwrap();
+        assert_eq!(chunks.len(), (1 << 31) / CHUNK);
     }
 }
