@@ -573,22 +573,17 @@ impl Launch for CudaExec {
             }
         }
         blocks(desc.passes, reduced, global, &mut self.d_scratch)?;
-        let mut b = stream.launch_builder(&self.functions[desc.passes]);
-        b.arg(&*d_hypers)
-            .arg(&*d_chunks)
-            .arg(&*d_tensors)
-            .arg(&nt_arg)
-            .arg(&*reduced)
-            .arg(&*global)
-            // `Skip`: the update kernel decides and counts (no read back).
-            .arg(&skipped);
-        b.launch(cfg).map_err(cuda_err)?;
+        // The update, then (with per-tensor states) X_tensor_states: the same
+        // arguments; `Skip`: each decides by itself (no read back).
+        let mut tail = vec![desc.passes];
         if crate::emulated::has_tensor_states(desc) {
-            let at = desc
-                .cuda_kernels
-                .iter()
-                .position(|k| k.ends_with("_tensor_states"))
-                .expect("a spec with per-tensor states has X_tensor_states");
+            tail.extend(
+                desc.cuda_kernels
+                    .iter()
+                    .position(|k| k.ends_with("_tensor_states")),
+            );
+        }
+        for at in tail {
             let mut b = stream.launch_builder(&self.functions[at]);
             b.arg(&*d_hypers)
                 .arg(&*d_chunks)
