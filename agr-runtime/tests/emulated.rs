@@ -161,7 +161,15 @@ fn groups_reach_the_kernels() {
 
 #[test]
 fn a_checkpoint_moves_between_the_cpu_and_the_emulated_device() {
-    let b = builtin("adamw_agr").unwrap();
+    // (Adafactor: reduced states; NAdam: a per-tensor state; Muon-AGR: a
+    // matrix block's buffer.)
+    for name in ["adamw_agr", "adafactor", "nadam", "muon_agr"] {
+        checkpoint_moves(name);
+    }
+}
+
+fn checkpoint_moves(name: &str) {
+    let b = builtin(name).unwrap();
     let mut cpu = b.make();
     let mut v = init(4);
     for k in 0..3 {
@@ -176,7 +184,7 @@ fn a_checkpoint_moves_between_the_cpu_and_the_emulated_device() {
         step_all(&mut *cpu, &mut v, k, 1);
         step_all(&mut *emu, &mut ve, k, 1);
     }
-    assert!(worst(&ve, &v) <= 1.0);
+    assert!(worst(&ve, &v) <= 1.0, "{name}");
     // On the same device (the same arithmetic) a resumed optimizer continues
     // bit-identically.
     let mut again = b.make();
@@ -187,14 +195,17 @@ fn a_checkpoint_moves_between_the_cpu_and_the_emulated_device() {
         step_all(&mut *again, &mut va, k, 1);
         step_all(&mut *emu, &mut ve, k, 1);
     }
-    assert!(va == ve, "a checkpoint resumed on the same device differs");
+    assert!(
+        va == ve,
+        "{name}: a checkpoint resumed on the same device differs"
+    );
     // And back: the emulated device's checkpoint resumes on the CPU.
     let mut back = b.make();
     back.load_checkpoint(&emu.save_checkpoint()).unwrap();
     let mut vb = ve.clone();
     step_all(&mut *back, &mut vb, 7, 1);
     step_all(&mut *emu, &mut ve, 7, 1);
-    assert!(worst(&vb, &ve) <= 1.0);
+    assert!(worst(&vb, &ve) <= 1.0, "{name}");
     assert_eq!(back.non_finite_skips(), 0);
 }
 
