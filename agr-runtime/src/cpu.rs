@@ -42,8 +42,9 @@ pub struct KernelDesc {
     /// dimensions (a reduction over one of them, a reduced state): then each
     /// tensor is one unit of work.
     pub factored: bool,
-    /// What keeps the spec on the CPU (a matrix block, a reduced state, a
-    /// reduction over one dimension), in words; `None` where it has kernels.
+    /// What keeps the spec on the CPU (a matrix block whose loop counts,
+    /// conditions or coefficients depend on `t` or a reduction), in words;
+    /// `None` where it has kernels.
     pub cpu_only: Option<&'static str>,
     /// Whether the step changes the parameter at all.
     pub writes_param: bool,

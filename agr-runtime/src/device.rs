@@ -86,8 +86,9 @@ pub enum DeviceError {
     NoCudaFeature,
     /// The CUDA driver, NVRTC or the GPU failed.
     Cuda(String),
-    /// The spec has a matrix block, a reduced state or a reduction over one
-    /// dimension, which run on the CPU only.
+    /// The spec has what runs on the CPU only: a matrix block whose loop
+    /// counts, conditions or coefficients depend on the step (see
+    /// [`crate::KernelDesc::cpu_only`]).
     CpuOnly { optimizer: String, reason: String },
 }
 
@@ -366,8 +367,8 @@ impl<K: Kernel> Optimizer<K> {
         self.set_exec(exec)
     }
 
-    /// A spec with matrix blocks stays on the CPU: checked before a device's
-    /// kernels are built for it.
+    /// A spec that runs on the CPU only (see [`crate::KernelDesc::cpu_only`])
+    /// stays there: checked before a device's kernels are built for it.
     pub(crate) fn cpu_only(&self, device: Device) -> Result<(), DeviceError> {
         match self.desc.cpu_only {
             Some(why) if device != Device::Cpu => Err(DeviceError::CpuOnly {

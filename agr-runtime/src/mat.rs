@@ -1,7 +1,7 @@
 //! The matrix programs of matrix blocks (`matrix x = value { ... }`) on the
 //! CPU: products through the `gemm` crate, sums and copies in plain loops.
 //!
-//! The planner ([`agr_codegen::lower`]) turns a block into [`MatInst`]s over
+//! The planner ([`agr_codegen::lower`](mod@agr_codegen::lower)) turns a block into [`MatInst`]s over
 //! registers that each hold one matrix; register 0 is the block's matrix.
 //! [`crate::matdev::resolve`] decides, for one tensor's shape, what runs (its
 //! loops unrolled, its conditions decided, every shape checked); [`run`]

@@ -11,13 +11,13 @@
 //!    and register swaps (the CPU's [`crate::mat::run`] executes the same
 //!    list, so both devices decide, and fail, alike);
 //! 2. the tensors whose block has the same shape and the same numbers form
-//!    one [`MatBatch`]: their matrices are gathered into one scratch buffer,
-//!    and each product is one strided batched SGEMM ([`Sgemm`], cuBLAS's
+//!    one `MatBatch`: their matrices are gathered into one scratch buffer,
+//!    and each product is one strided batched SGEMM (`Sgemm`, cuBLAS's
 //!    `cublasSgemmStridedBatched` arguments) and each sum one launch of the
-//!    spec's `X_mat_axpby` kernel ([`Axpby`]) for the whole batch;
-//! 3. [`run_batches`] issues them through a [`MatDevice`]: cuBLAS and the
+//!    spec's `X_mat_axpby` kernel (`Axpby`) for the whole batch;
+//! 3. `run_batches` issues them through a `MatDevice`: cuBLAS and the
 //!    kernel on a GPU; on the emulated device the same column-major SGEMM
-//!    arguments evaluated by the `gemm` crate ([`host_sgemm`]) and the
+//!    arguments evaluated by the `gemm` crate (`host_sgemm`) and the
 //!    kernel compiled as host C++, so the row-major to column-major
 //!    mapping a GPU uses is what CI checks.
 

@@ -490,7 +490,7 @@ impl Program {
 
     /// Whether the step reduces over, or keeps state along, one of the last
     /// two dimensions: then a tensor is stepped whole (its rows and columns
-    /// in one work item), on the CPU only.
+    /// in one work item on the CPU, in one block on a CUDA device).
     pub fn factored(&self) -> bool {
         self.reductions
             .iter()
