@@ -4,7 +4,8 @@
 //! in the same run, on one tensor of 2^24 parameters and on the 150-tensor
 //! GPT-like model. Prints `bench <optimizer> <workload> median_ms= floor_ms=
 //! ratio=` lines, where the floor is the ideal step's bytes at copy
-//! bandwidth. Without a CUDA driver, NVRTC or a GPU it says so and exits
+//! bandwidth (for Muon, plus its Newton–Schulz products as cuBLAS alone runs
+//! them in the same run). Without a CUDA driver, NVRTC or a GPU it says so and exits
 //! with status 2.
 
 use std::sync::Arc;
@@ -92,6 +93,73 @@ where
     median(times[3..].to_vec())
 }
 
+/// Milliseconds cuBLAS takes for Muon's Newton–Schulz products on these
+/// tensors, `ns_steps` iterations: per iteration, on each tensor's short
+/// side `m` and long side `n`, `X Xᵀ` (m×n by n×m), `A·A` (m×m) and `B·X`
+/// (m×m by m×n), each shape's products of a step as one strided batched
+/// SGEMM (as the engine issues a batch of same-shape tensors).
+fn products_ms(stream: &Arc<CudaStream>, shapes: &[Vec<usize>], ns_steps: usize) -> f64 {
+    use cudarc::cublas::{
+        sys::cublasOperation_t as Op, CudaBlas, Gemm, GemmConfig, StridedBatchedConfig,
+    };
+    let mut count: Vec<((usize, usize, usize), usize)> = vec![];
+    for s in shapes {
+        let n_el: usize = s.iter().product();
+        let (r, c) = if s.len() >= 2 {
+            (n_el / s[s.len() - 1], s[s.len() - 1])
+        } else {
+            (1, n_el)
+        };
+        let (m, n) = (r.min(c), r.max(c));
+        for shape in [(m, n, m), (m, m, m), (m, m, n)] {
+            match count.iter_mut().find(|(x, _)| *x == shape) {
+                Some((_, k)) => *k += 1,
+                None => count.push((shape, 1)),
+            }
+        }
+    }
+    let blas = CudaBlas::new(stream.clone()).unwrap();
+    let mut total = 0.0;
+    for ((m, k, n), batch) in count {
+        let a: CudaSlice<f32> = stream.alloc_zeros(batch * m * k).unwrap();
+        let b: CudaSlice<f32> = stream.alloc_zeros(batch * k * n).unwrap();
+        let mut c: CudaSlice<f32> = stream.alloc_zeros(batch * m * n).unwrap();
+        let cfg = StridedBatchedConfig {
+            gemm: GemmConfig {
+                transa: Op::CUBLAS_OP_N,
+                transb: Op::CUBLAS_OP_N,
+                m: n as i32,
+                n: m as i32,
+                k: k as i32,
+                alpha: 1.0f32,
+                lda: n as i32,
+                ldb: k as i32,
+                beta: 0.0f32,
+                ldc: n as i32,
+            },
+            batch_size: batch as i32,
+            stride_a: (k * n) as i64,
+            stride_b: (m * k) as i64,
+            stride_c: (m * n) as i64,
+        };
+        let times = (0..15)
+            .map(|_| {
+                stream.synchronize().unwrap();
+                let t = Instant::now();
+                for _ in 0..ns_steps {
+                    // SAFETY: the buffers hold batch matrices of the shapes the
+                    // configuration describes.
+                    unsafe { blas.gemm_strided_batched(cfg, &b, &a, &mut c) }.unwrap();
+                }
+                stream.synchronize().unwrap();
+                t.elapsed().as_secs_f64() * 1e3
+            })
+            .collect();
+        total += median(times);
+    }
+    total
+}
+
 fn main() {
     if !cuda::driver_available() || !cuda::nvrtc_available() {
         eprintln!("gpu_bench: no CUDA driver or NVRTC on this machine; nothing measured");
@@ -126,12 +194,16 @@ fn main() {
                 ms / floor
             );
         }
-        // Muon's step is mostly its Newton–Schulz products (cuBLAS): its
-        // time, against the bytes floor only (the products are not in it).
+        // Muon (on every tensor: its matrices and, as 1-row matrices, its
+        // vectors): its bytes at copy bandwidth plus its Newton–Schulz
+        // products as cuBLAS runs them alone, timed in this run.
         let ms = step_ms::<MuonKernel>(&stream, &shapes);
-        let floor = copy * 5.0 / 2.0;
+        let bytes = copy * 5.0 / 2.0;
+        let gemm = products_ms(&stream, &shapes, 5);
+        let floor = bytes + gemm;
         println!(
-            "time muon {name} median_ms={ms:.3} bytes_floor_ms={floor:.3} (the matrix products are not in this floor)"
+            "bench muon {name} median_ms={ms:.3} floor_ms={floor:.3} ratio={:.3} gemm_floor_ms={gemm:.3}",
+            ms / floor
         );
     }
     println!(
