@@ -490,6 +490,18 @@ fn dim_closes(a: Axis) -> &'static str {
 /// the same along a row (a reduced state's value, a row's results and what
 /// is computed from them alone) run once per row, before the row's loop.
 fn open_elem_loop(prog: &Program, body: &[String], w: &mut W) {
+    open_elem_loop_with(prog, body, &[], true, w)
+}
+
+/// [`open_elem_loop`] with, for a factored spec, `row_tail` after a row's
+/// row-invariant lines, and the loop over its columns only where `columns`.
+fn open_elem_loop_with(
+    prog: &Program,
+    body: &[String],
+    row_tail: &[String],
+    columns: bool,
+    w: &mut W,
+) {
     if !prog.factored() {
         w.open("for __i in 0..__len {");
         for b in body {
@@ -503,6 +515,12 @@ fn open_elem_loop(prog: &Program, body: &[String], w: &mut W) {
     let (per_row, per_elem) = split_row_invariant(body);
     for b in per_row {
         w.line(b);
+    }
+    for b in row_tail {
+        w.line(b);
+    }
+    if !columns {
+        return;
     }
     w.open("for __c in 0..__cols {");
     w.line("let __i = __il * __cols + __c;");
@@ -536,7 +554,14 @@ fn split_row_invariant(body: &[String]) -> (Vec<&String>, Vec<&String>) {
 }
 
 fn close_elem_loop(prog: &Program, w: &mut W) {
-    w.close("}");
+    close_elem_loop_with(prog, true, w)
+}
+
+/// Closes [`open_elem_loop_with`]'s loops.
+fn close_elem_loop_with(prog: &Program, columns: bool, w: &mut W) {
+    if columns || !prog.factored() {
+        w.close("}");
+    }
     if prog.factored() {
         w.close("}");
     }
@@ -1127,7 +1152,20 @@ fn emit_write_loop(prog: &Program, pass: &PassPlan<'_>, w: &mut W) {
 /// order, each value added in f64 to its row's or column's result.
 fn emit_dim_sums(prog: &Program, reds: &[(usize, &Reduction)], lp: &Loop, w: &mut W) {
     w.line("// One result per row or column of the last two dimensions: in element order, in f64.");
-    for &(i, r) in reds {
+    // A sum over the columns' dimension of a value that is the same along
+    // each row (`mean(vr, -2)`) is the same for every column: added once
+    // per row, in the same order, and written to every column at the
+    // matrix's last row.
+    let (per_row, _) = split_row_invariant(&lp.body);
+    let row_names: Vec<&str> = per_row
+        .iter()
+        .filter_map(|l| l.strip_prefix("let ")?.split(" = ").next())
+        .collect();
+    let once_per_row = |r: &Reduction| {
+        r.scope == Scope::Dim(Axis::SecondLast)
+            && row_names.contains(&operand(prog, r.arg, Ctx::Elem).as_str())
+    };
+    for &(i, r) in reds.iter().filter(|(_, r)| !once_per_row(r)) {
         let Scope::Dim(a) = r.scope else { continue };
         assert_eq!(r.op, ReduceOp::Sum, "reductions over a dimension are sums");
         let k = prog.scope_reductions(r.scope);
@@ -1141,8 +1179,25 @@ fn emit_dim_sums(prog: &Program, reds: &[(usize, &Reduction)], lp: &Loop, w: &mu
         ));
         w.close("}");
     }
-    open_elem_loop(prog, &lp.body, w);
-    for &(i, r) in reds {
+    let mut row_tail = vec![];
+    for &(i, r) in reds.iter().filter(|(_, r)| once_per_row(r)) {
+        let k = prog.scope_reductions(r.scope);
+        let slot = prog.row_slot(i).unwrap();
+        w.line(&format!("let mut __cs{i} = 0.0_f64;"));
+        row_tail.push(format!(
+            "__cs{i} += f64::from({});",
+            operand(prog, r.arg, Ctx::Elem)
+        ));
+        row_tail.push(format!(
+            "if __last_row {{ for __c in 0..__cols {{ __rows[{} + (__is0 + __c) * {k} + {slot}] = __cs{i}; }} __cs{i} = 0.0; }}",
+            dim_at(Axis::SecondLast)
+        ));
+    }
+    let per_element: Vec<&(usize, &Reduction)> =
+        reds.iter().filter(|(_, r)| !once_per_row(r)).collect();
+    let columns = !per_element.is_empty();
+    open_elem_loop_with(prog, &lp.body, &row_tail, columns, w);
+    for &&(i, r) in &per_element {
         let Scope::Dim(a) = r.scope else { continue };
         let k = prog.scope_reductions(r.scope);
         let slot = prog.row_slot(i).unwrap();
@@ -1153,7 +1208,7 @@ fn emit_dim_sums(prog: &Program, reds: &[(usize, &Reduction)], lp: &Loop, w: &mu
             operand(prog, r.arg, Ctx::Elem)
         ));
     }
-    close_elem_loop(prog, w);
+    close_elem_loop_with(prog, columns, w);
 }
 
 /// `Kernel::matrix_args` and `Kernel::matrix`: per block, the numbers its
