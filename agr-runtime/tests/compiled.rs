@@ -271,3 +271,64 @@ fn a_matrix_block_that_does_not_fit_is_an_error_that_changes_nothing() {
     assert_eq!(r.updated, 1);
     assert_eq!(a, vec![1.0 - 0.1f32 * 0.5; 4]);
 }
+
+agr_runtime::optimizer! {
+    /// A sum over the columns' dimension of a value the same along each row
+    /// (`mean(vr, -2)`: added once per row by the generated loop) beside one
+    /// of a per-element value (added per element).
+    ColumnSums {
+        hyper { lr = 0.1 where lr > 0 }
+        state { vr: reduced(-1) = 0 }
+        step {
+            vr = lerp(vr, mean(g * g, -1), 0.5);
+            let a = mean(vr, -2);
+            let b = sum(g, -2);
+            p = p - lr * (a + b) / (1 + abs(a + b));
+        }
+    }
+}
+
+#[test]
+fn column_sums_of_row_invariant_values_step_bit_identically_over_many_matrices() {
+    use agr_runtime::StaticKernel;
+    let desc = <ColumnSumsKernel as StaticKernel>::DESC;
+    assert!(
+        desc.generated_rust.contains("__cs"),
+        "the generated loop adds `mean(vr, -2)` once per row"
+    );
+    // Several matrices per tensor (the sum restarts at each matrix's last
+    // row), one row, one column, a vector, a scalar.
+    let shapes: [&[usize]; 6] = [&[3, 4, 5], &[2, 1, 6], &[4, 3, 1], &[4, 4], &[9], &[]];
+    let mut theirs: Box<dyn DynOptimizer> =
+        Box::new(ColumnSums::with_config(Default::default()).unwrap());
+    let mut ours = compile(desc.spec).unwrap().boxed();
+    let init: Vec<Vec<f32>> = shapes
+        .iter()
+        .enumerate()
+        .map(|(i, s)| data(s.iter().product(), 50 + i as u64))
+        .collect();
+    let (mut vt, mut vo) = (init.clone(), init);
+    for k in 0..4u64 {
+        for (opt, vals) in [(&mut theirs, &mut vt), (&mut ours, &mut vo)] {
+            let grads: Vec<Vec<f32>> = vals
+                .iter()
+                .enumerate()
+                .map(|(i, v)| data(v.len(), 90 + k * 7 + i as u64))
+                .collect();
+            let mut params: Vec<ParamMut<'_>> = vals
+                .iter_mut()
+                .zip(shapes)
+                .zip(&grads)
+                .map(|((v, s), g)| ParamMut::new(v, Some(g), s))
+                .collect();
+            opt.step_params(&mut params).unwrap();
+        }
+        let bits = |v: &[Vec<f32>]| -> Vec<Vec<u32>> {
+            v.iter()
+                .map(|x| x.iter().map(|f| f.to_bits()).collect())
+                .collect()
+        };
+        assert_eq!(bits(&vt), bits(&vo), "step {k}");
+    }
+    assert_ne!(vt[0], data(60, 50), "the parameters moved");
+}
