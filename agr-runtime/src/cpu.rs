@@ -84,6 +84,33 @@ impl KernelDesc {
         }
     }
 
+    /// Where matrix block `b`'s kernel (its value per element) is in
+    /// [`KernelDesc::cuda_kernels`]: after the passes' kernels.
+    pub const fn matrix_kernel(&self, b: usize) -> usize {
+        self.passes + 1 + b
+    }
+
+    /// Where the matrix programs' sums and transposes (`X_mat_axpby`) are
+    /// in [`KernelDesc::cuda_kernels`] (a spec with matrix blocks has them).
+    pub const fn mat_axpby_kernel(&self) -> usize {
+        self.passes + 1 + self.matrices.len()
+    }
+
+    /// Where the per-tensor states' kernel (`X_tensor_states`, run after the
+    /// update) is in [`KernelDesc::cuda_kernels`]; `None` without
+    /// per-tensor states.
+    pub const fn tensor_states_kernel(&self) -> Option<usize> {
+        let mut i = 0;
+        while i < self.states.len() {
+            if self.states[i].per_tensor {
+                let axpby = if self.matrices.is_empty() { 0 } else { 1 };
+                return Some(self.mat_axpby_kernel() + axpby);
+            }
+            i += 1;
+        }
+        None
+    }
+
     /// How many reductions the spec has over `axis` (results per row or
     /// per column, see [`KernelDesc::dim_reductions`]).
     pub fn dim_reductions_over(&self, axis: crate::Axis) -> usize {

@@ -530,7 +530,7 @@ impl Launch for CudaExec {
                 if info.phase != k {
                     continue;
                 }
-                let mut l = stream.launch_builder(&self.functions[desc.passes + 1 + b]);
+                let mut l = stream.launch_builder(&self.functions[desc.matrix_kernel(b)]);
                 l.arg(&*d_hypers)
                     .arg(&*d_chunks)
                     .arg(&*d_tensors)
@@ -541,7 +541,7 @@ impl Launch for CudaExec {
                 let mut dev = GpuMat {
                     stream: &stream,
                     blas: self.blas.as_deref().expect("made above"),
-                    axpby: &self.functions[desc.passes + 1 + desc.matrices.len()],
+                    axpby: &self.functions[desc.mat_axpby_kernel()],
                     scratch,
                 };
                 crate::matdev::run_batches(&mut dev, mats, b)?;
@@ -575,15 +575,7 @@ impl Launch for CudaExec {
         blocks(desc.passes, reduced, global, &mut self.d_scratch)?;
         // The update, then (with per-tensor states) X_tensor_states: the same
         // arguments; `Skip`: each decides by itself (no read back).
-        let mut tail = vec![desc.passes];
-        if crate::emulated::has_tensor_states(desc) {
-            tail.extend(
-                desc.cuda_kernels
-                    .iter()
-                    .position(|k| k.ends_with("_tensor_states")),
-            );
-        }
-        for at in tail {
+        for at in std::iter::once(desc.passes).chain(desc.tensor_states_kernel()) {
             let mut b = stream.launch_builder(&self.functions[at]);
             b.arg(&*d_hypers)
                 .arg(&*d_chunks)
@@ -861,14 +853,11 @@ impl<K: StaticKernel> Optimizer<K> {
 }
 
 const fn launches(desc: &KernelDesc) -> usize {
-    let mut per_tensor = 0;
-    let mut i = 0;
-    while i < desc.states.len() {
-        if desc.states[i].per_tensor {
-            per_tensor = 1;
-        }
-        i += 1;
-    }
+    let per_tensor = if desc.tensor_states_kernel().is_some() {
+        1
+    } else {
+        0
+    };
     desc.passes + 1 + desc.matrices.len() + per_tensor
 }
 

@@ -230,9 +230,10 @@ impl fmt::Debug for HostModule {
     }
 }
 
-/// The host program: the spec's CUDA and one entry point that runs a pass's
-/// kernel once per block (pass `passes + 1 + b`: matrix block `b`'s
-/// kernel), and one that runs the matrix programs' sums once per element.
+/// The host program: the spec's CUDA and one entry point that runs a
+/// kernel once per block, by its place in `cuda_kernels` (the passes, the
+/// matrix blocks', the per-tensor states'), and one that runs the matrix
+/// programs' sums once per element.
 fn host_source(desc: &KernelDesc) -> String {
     let x = desc.name;
     let mut src = format!("#define AGR_HOST_CHECK 1\n{}\n", desc.cuda_source);
@@ -251,13 +252,13 @@ fn host_source(desc: &KernelDesc) -> String {
     for b in 0..desc.matrices.len() {
         src += &format!(
             "    case {}:\n        for (int b = 0; b < nchunks; ++b) {{ blockIdx.x = (unsigned)b; {x}_matrix{b}(h, chunks, tensors, ntensors, reduced, global); }}\n        return 0;\n",
-            desc.passes + 1 + b
+            desc.matrix_kernel(b)
         );
     }
-    if has_tensor_states(desc) {
+    if let Some(at) = desc.tensor_states_kernel() {
         src += &format!(
             "    case {}:\n        for (int b = 0; b < nchunks; ++b) {{ blockIdx.x = (unsigned)b; {x}_tensor_states(h, chunks, tensors, ntensors, reduced, global, skipped); }}\n        return 0;\n",
-            tensor_states_pass(desc)
+            at
         );
     }
     src += "    }\n    return 1;\n}\n";
@@ -267,17 +268,6 @@ fn host_source(desc: &KernelDesc) -> String {
         );
     }
     src
-}
-
-/// Whether the spec has per-tensor states: then a step ends with the
-/// `X_tensor_states` kernel.
-pub(crate) fn has_tensor_states(desc: &KernelDesc) -> bool {
-    desc.states.iter().any(|s| s.per_tensor)
-}
-
-/// The emulated entry point's number for `X_tensor_states`.
-fn tensor_states_pass(desc: &KernelDesc) -> usize {
-    desc.passes + 1 + desc.matrices.len()
 }
 
 /// Where compiled kernels are kept: `$AGR_EMULATED_DIR`, else the user's
@@ -460,7 +450,7 @@ impl HostModule {
                 if info.phase != k {
                     continue;
                 }
-                launch(desc.passes + 1 + b, partials, reduced, global);
+                launch(desc.matrix_kernel(b), partials, reduced, global);
                 let mut dev = HostMat {
                     module: self,
                     scratch: &mut *scratch,
@@ -492,13 +482,8 @@ impl HostModule {
             &mut global,
         );
         launch(desc.passes, &mut partials, &mut reduced, &mut global);
-        if has_tensor_states(desc) {
-            launch(
-                tensor_states_pass(desc),
-                &mut partials,
-                &mut reduced,
-                &mut global,
-            );
+        if let Some(at) = desc.tensor_states_kernel() {
+            launch(at, &mut partials, &mut reduced, &mut global);
         }
         debug_assert!(
             counters.iter().all(|&c| c == 0),

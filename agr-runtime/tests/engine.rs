@@ -685,3 +685,47 @@ fn reduced_and_per_tensor_states_step_tensors_of_every_rank_and_size() {
     let e = fresh.step_params(&mut ps).unwrap_err();
     assert!(matches!(e, StepError::Empty { .. }), "{e}");
 }
+
+#[test]
+fn the_runtime_finds_each_kernel_where_the_printer_lists_it() {
+    // `cuda_kernels` is in the CUDA printer's order; the devices launch by
+    // the description's positions.
+    let mut seen = (0, 0);
+    for b in agr_runtime::optim::BUILTINS {
+        let desc = b.make().desc();
+        let name = |at: usize| desc.cuda_kernels[at];
+        assert!(name(desc.passes).ends_with("_update"), "{}", b.name);
+        for m in 0..desc.matrices.len() {
+            assert!(name(desc.matrix_kernel(m)).ends_with(&format!("_matrix{m}")));
+            assert!(name(desc.mat_axpby_kernel()).ends_with("_mat_axpby"));
+            seen.0 += 1;
+        }
+        match desc.tensor_states_kernel() {
+            Some(at) => {
+                assert!(name(at).ends_with("_tensor_states"), "{}", b.name);
+                assert_eq!(at + 1, desc.cuda_kernels.len());
+                seen.1 += 1;
+            }
+            None => assert!(!desc
+                .cuda_kernels
+                .iter()
+                .any(|k| k.ends_with("_tensor_states"))),
+        }
+    }
+    // Muon and Muon-AGR have a matrix block; NAdam a per-tensor state.
+    assert_eq!(seen, (2, 1));
+    // Both, in a spec compiled at run time.
+    let spec = agr_runtime::compile(
+        "Both { hyper { lr = 0.1 } state { n: per_tensor = 0 } \
+         step { n = n + 1; matrix x = g { x = x @ transpose(x) @ x; } p = p - lr * x / n; } }",
+    )
+    .unwrap();
+    let desc = spec.desc();
+    let names: Vec<&str> = desc.cuda_kernels.to_vec();
+    assert_eq!(
+        names[desc.matrix_kernel(0)..],
+        ["Both_matrix0", "Both_mat_axpby", "Both_tensor_states"]
+    );
+    assert_eq!(desc.mat_axpby_kernel(), desc.matrix_kernel(0) + 1);
+    assert_eq!(desc.tensor_states_kernel(), Some(names.len() - 1));
+}
