@@ -1165,9 +1165,13 @@ fn emit_dim_sums(prog: &Program, reds: &[(usize, &Reduction)], lp: &Loop, w: &mu
         r.scope == Scope::Dim(Axis::SecondLast)
             && row_names.contains(&operand(prog, r.arg, Ctx::Elem).as_str())
     };
-    for &(i, r) in reds.iter().filter(|(_, r)| !once_per_row(r)) {
-        let Scope::Dim(a) = r.scope else { continue };
+    for (_, r) in reds {
         assert_eq!(r.op, ReduceOp::Sum, "reductions over a dimension are sums");
+    }
+    let (once, per_element): (Vec<&(usize, &Reduction)>, Vec<_>) =
+        reds.iter().partition(|(_, r)| once_per_row(r));
+    for &&(i, r) in &per_element {
+        let Scope::Dim(a) = r.scope else { continue };
         let k = prog.scope_reductions(r.scope);
         let slot = prog.row_slot(i).unwrap();
         w.open(&format!(
@@ -1180,7 +1184,7 @@ fn emit_dim_sums(prog: &Program, reds: &[(usize, &Reduction)], lp: &Loop, w: &mu
         w.close("}");
     }
     let mut row_tail = vec![];
-    for &(i, r) in reds.iter().filter(|(_, r)| once_per_row(r)) {
+    for &&(i, r) in &once {
         let k = prog.scope_reductions(r.scope);
         let slot = prog.row_slot(i).unwrap();
         w.line(&format!("let mut __cs{i} = 0.0_f64;"));
@@ -1193,8 +1197,6 @@ fn emit_dim_sums(prog: &Program, reds: &[(usize, &Reduction)], lp: &Loop, w: &mu
             dim_at(Axis::SecondLast)
         ));
     }
-    let per_element: Vec<&(usize, &Reduction)> =
-        reds.iter().filter(|(_, r)| !once_per_row(r)).collect();
     let columns = !per_element.is_empty();
     open_elem_loop_with(prog, &lp.body, &row_tail, columns, w);
     for &&(i, r) in &per_element {
