@@ -563,10 +563,10 @@ fn emit_elem_fn(prog: &Program, fname: &str, pass: &PassPlan<'_>, w: &mut W) -> 
     ElemFn { params }
 }
 
-/// Kernel prologue: the chunk, its tensor, the scalars and the buffers.
-fn emit_prologue(prog: &Program, upto: usize, fname: &str, f: &ElemFn, w: &mut W) {
+/// Chunk `c`'s tensor `T`, its hyperparameters `h`, and its step and tensor
+/// scalars `s` and `ts` known after `upto` reduction passes.
+fn emit_tensor_scalars(prog: &Program, upto: usize, w: &mut W) {
     let x = &prog.name;
-    w.line("const AgrChunk c = chunks[blockIdx.x];");
     w.line("const AgrTensor& T = tensors[c.tensor];");
     w.line(&format!("const {x}_Hyper& h = hypers[T.group];"));
     w.line(&format!("{x}_Step s;"));
@@ -574,6 +574,13 @@ fn emit_prologue(prog: &Program, upto: usize, fname: &str, f: &ElemFn, w: &mut W
     w.line(&format!(
         "{x}_scalars({upto}, h, agr_tensor_step(T), (double)T.ndim, (double)T.numel, (double)T.row_len, (double)T.view_rows, (double)T.view_cols, T.st, reduced + (size_t)c.tensor * {x}_NUM_REDUCTIONS, global, s, ts);"
     ));
+}
+
+/// Kernel prologue: the chunk, its tensor, the scalars and the buffers.
+fn emit_prologue(prog: &Program, upto: usize, fname: &str, f: &ElemFn, w: &mut W) {
+    let x = &prog.name;
+    w.line("const AgrChunk c = chunks[blockIdx.x];");
+    emit_tensor_scalars(prog, upto, w);
     w.line(&format!(
         "const {x}_{fname}_args a = {x}_{fname}_args_from(s, ts);"
     ));
@@ -1071,14 +1078,7 @@ fn emit_tensor_states(prog: &Program, w: &mut W) {
     ));
     w.line("const AgrChunk c = chunks[blockIdx.x];");
     w.line("if (threadIdx.x != 0 || c.start != 0) return;");
-    w.line("const AgrTensor& T = tensors[c.tensor];");
-    w.line(&format!("const {x}_Hyper& h = hypers[T.group];"));
-    w.line(&format!("{x}_Step s;"));
-    w.line(&format!("{x}_Tensor ts;"));
-    w.line(&format!(
-        "{x}_scalars({}, h, agr_tensor_step(T), (double)T.ndim, (double)T.numel, (double)T.row_len, (double)T.view_rows, (double)T.view_cols, T.st, reduced + (size_t)c.tensor * {x}_NUM_REDUCTIONS, global, s, ts);",
-        prog.n_phases
-    ));
+    emit_tensor_scalars(prog, prog.n_phases, w);
     for i in prog.per_tensor_states() {
         w.line(&format!(
             "T.st[{i}][0] = (float)({});  // {}",
