@@ -1,3 +1,5 @@
-//! The `agr` command line's library half: the benchmark.
+//! The `agr` command line's library half: the benchmark and the sharded
+//! commands.
 
 pub mod bench;
+pub mod sharded;

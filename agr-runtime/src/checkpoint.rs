@@ -142,7 +142,18 @@ fn f32_bytes(v: &[f32]) -> Vec<u8> {
 
 impl<K: Kernel> Optimizer<K> {
     /// The whole optimizer state as safetensors bytes.
+    ///
+    /// A sharded optimizer gathers every rank's part first: call it on
+    /// every rank (each gets the whole checkpoint; save it from one).
+    ///
+    /// # Panics
+    /// Only for a sharded optimizer whose ranks cannot exchange (an MPI
+    /// peer that died ends the job before that).
     pub fn save_checkpoint(&self) -> Vec<u8> {
+        let gathered = self
+            .gather_shards()
+            .unwrap_or_else(|e| panic!("gathering the sharded state for a checkpoint: {e}"));
+        let tensors = gathered.as_deref().unwrap_or(&self.tensors);
         let mut meta = HashMap::new();
         meta.insert("format".to_string(), FORMAT.to_string());
         meta.insert("optimizer".to_string(), self.desc.name.to_string());
@@ -182,10 +193,10 @@ impl<K: Kernel> Optimizer<K> {
         );
         // The shapes in their own field: a spec without state stores no
         // tensors to take them from.
-        let shapes: Vec<Option<&[usize]>> = (0..self.tensors.len())
+        let shapes: Vec<Option<&[usize]>> = (0..tensors.len())
             .map(|i| {
                 live(i)
-                    .then(|| self.tensors[i].as_ref().map(|t| t.shape.as_slice()))
+                    .then(|| tensors[i].as_ref().map(|t| t.shape.as_slice()))
                     .flatten()
             })
             .collect();
@@ -194,7 +205,7 @@ impl<K: Kernel> Optimizer<K> {
             serde_json::json!(shapes).to_string(),
         );
         let mut data: Vec<(String, Vec<u8>, Vec<usize>)> = vec![];
-        for (i, t) in self.tensors.iter().enumerate() {
+        for (i, t) in tensors.iter().enumerate() {
             if let Some(t) = t.as_ref().filter(|_| live(i)) {
                 for (k, s) in self.desc.states.iter().enumerate() {
                     data.push((
@@ -465,6 +476,8 @@ impl<K: Kernel> Optimizer<K> {
                 store: Store::Host { bufs, rows },
             }));
         }
+        // Sharded: this rank's parts.
+        let tensors = self.to_shards(tensors);
         // Into the memory of the optimizer's device (a GPU: copied there).
         let tensors = self
             .state_on_this_device(tensors)

@@ -90,6 +90,9 @@ pub enum DeviceError {
     /// counts, conditions or coefficients depend on the step (see
     /// [`crate::KernelDesc::cpu_only`]).
     CpuOnly { optimizer: String, reason: String },
+    /// A sharded optimizer steps on the CPU in this version (see
+    /// [`crate::shard`]).
+    Sharded { optimizer: String },
 }
 
 impl fmt::Display for DeviceError {
@@ -103,6 +106,10 @@ impl fmt::Display for DeviceError {
             DeviceError::CpuOnly { optimizer, reason } => write!(
                 f,
                 "`{optimizer}` has {reason}, which runs on the CPU only in this version; step it on the CPU"
+            ),
+            DeviceError::Sharded { optimizer } => write!(
+                f,
+                "`{optimizer}` is sharded, and sharded steps run on the CPU in this version; keep it on the CPU"
             ),
         }
     }
@@ -154,6 +161,49 @@ impl Store {
                 .map(|(k, s)| AlignedBuf::filled(s.len(shape), s.fill, index * ns + k))
                 .collect(),
             rows: vec![0.0; crate::Dims::of(shape, desc).results],
+        }
+    }
+
+    /// The host state a rank keeps for its part `[lo, hi)` of a parameter
+    /// of `shape` (see [`crate::shard`]): its elements of the per-element
+    /// buffers and the results of its rows; a reduced state (a factored
+    /// spec, whose tensor is one unit) only if it owns the tensor; every
+    /// per-tensor state.
+    pub(crate) fn new_host_part(
+        desc: &KernelDesc,
+        shape: &[usize],
+        index: usize,
+        (lo, hi): (usize, usize),
+    ) -> Store {
+        let numel: usize = shape.iter().product();
+        if (lo, hi) == (0, numel) {
+            return Store::new_host(desc, shape, index);
+        }
+        let ns = desc.states.len();
+        let dims = crate::Dims::of(shape, desc);
+        let rows = if desc.factored || dims.row_len == 0 {
+            // A factored tensor is one unit: not this rank's.
+            0
+        } else {
+            (hi - lo) / dims.row_len * desc.row_reductions
+        };
+        Store::Host {
+            bufs: desc
+                .states
+                .iter()
+                .enumerate()
+                .map(|(k, s)| {
+                    let len = if s.per_tensor {
+                        1
+                    } else if s.reduced.is_some() {
+                        0
+                    } else {
+                        hi - lo
+                    };
+                    AlignedBuf::filled(len, s.fill, index * ns + k)
+                })
+                .collect(),
+            rows: vec![0.0; rows],
         }
     }
 
@@ -381,6 +431,11 @@ impl<K: Kernel> Optimizer<K> {
 
     /// Moves the optimizer to `exec`'s device (see [`Self::set_device`]).
     pub(crate) fn set_exec(&mut self, mut exec: Exec) -> Result<(), DeviceError> {
+        if self.shard.is_some() && !matches!(exec, Exec::Cpu) {
+            return Err(DeviceError::Sharded {
+                optimizer: self.desc.name.to_string(),
+            });
+        }
         // The steps the old device skipped come off the issued ones; then
         // the state moves (a copy: if that fails, nothing has changed).
         self.fold_counts();

@@ -73,6 +73,14 @@ pub trait DynOptimizer: Send {
     fn save_checkpoint(&self) -> Vec<u8>;
     /// See [`Optimizer::load_checkpoint`].
     fn load_checkpoint(&mut self, bytes: &[u8]) -> Result<(), CheckpointError>;
+    /// See [`Optimizer::shard`].
+    fn shard(
+        &mut self,
+        comm: std::sync::Arc<dyn crate::comm::Comm>,
+        grads: crate::shard::GradMode,
+    ) -> Result<(), crate::shard::ShardError>;
+    /// See [`Optimizer::state_bytes`].
+    fn state_bytes(&self) -> crate::shard::StateBytes;
 }
 
 impl<K: Kernel> DynOptimizer for Optimizer<K> {
@@ -172,5 +180,15 @@ impl<K: Kernel> DynOptimizer for Optimizer<K> {
     }
     fn load_checkpoint(&mut self, bytes: &[u8]) -> Result<(), CheckpointError> {
         Optimizer::load_checkpoint(self, bytes)
+    }
+    fn shard(
+        &mut self,
+        comm: std::sync::Arc<dyn crate::comm::Comm>,
+        grads: crate::shard::GradMode,
+    ) -> Result<(), crate::shard::ShardError> {
+        Optimizer::shard(self, comm, grads)
+    }
+    fn state_bytes(&self) -> crate::shard::StateBytes {
+        Optimizer::state_bytes(self)
     }
 }

@@ -105,6 +105,16 @@ pub fn replay(g: &Golden) -> Result<Replay, String> {
 /// Runs the golden trajectory through `opt` (a spec of the user's, say,
 /// compiled with [`crate::compile`]), with the file's hyperparameters.
 pub fn replay_with(g: &Golden, mut opt: Box<dyn DynOptimizer>) -> Result<Replay, String> {
+    replay_observed(g, opt.as_mut(), &mut |_, _| {})
+}
+
+/// [`replay_with`] on an optimizer the caller keeps, handing `observe` the
+/// parameters after each step (1-based), in the file's order.
+pub fn replay_observed(
+    g: &Golden,
+    opt: &mut dyn DynOptimizer,
+    observe: &mut dyn FnMut(usize, &[Vec<f32>]),
+) -> Result<Replay, String> {
     for (name, v) in &g.hyper {
         let value = match v {
             serde_json::Value::Bool(b) => HyperValue::Bool(*b),
@@ -142,6 +152,7 @@ pub fn replay_with(g: &Golden, mut opt: Box<dyn DynOptimizer>) -> Result<Replay,
             .collect();
         opt.step_params(&mut params)
             .map_err(|e| format!("step {}: {e}", k + 1))?;
+        observe(k + 1, &values);
         for (ti, (ours, reference)) in values.iter().zip(&step.params).enumerate() {
             if ours.len() != reference.len() {
                 return Err(format!(

@@ -19,6 +19,7 @@ mod buf;
 #[cfg(feature = "candle")]
 pub mod candle;
 pub mod checkpoint;
+pub mod comm;
 pub mod compiled;
 pub mod cpu;
 #[cfg(feature = "cuda")]
@@ -36,6 +37,7 @@ pub mod multi;
 pub mod optim;
 mod optimizer;
 pub mod schedule;
+pub mod shard;
 #[cfg(feature = "tch")]
 pub mod tch;
 

@@ -811,4 +811,25 @@ impl DynOptimizer for Multi {
         self.skips = skips;
         Ok(())
     }
+    /// Every part, over the same ranks (each part's parameters are
+    /// planned on their own).
+    fn shard(
+        &mut self,
+        comm: std::sync::Arc<dyn crate::comm::Comm>,
+        grads: crate::shard::GradMode,
+    ) -> Result<(), crate::shard::ShardError> {
+        for p in &mut self.parts {
+            p.opt.shard(comm.clone(), grads)?;
+        }
+        Ok(())
+    }
+    fn state_bytes(&self) -> crate::shard::StateBytes {
+        let mut b = crate::shard::StateBytes::default();
+        for p in &self.parts {
+            let s = p.opt.state_bytes();
+            b.state += s.state;
+            b.results += s.results;
+        }
+        b
+    }
 }

@@ -7,6 +7,7 @@ use rayon::prelude::*;
 use crate::cpu::{Kernel, KernelDesc, StaticKernel};
 use crate::device::{Exec, Store};
 use crate::groups::{self, Group, GroupError, Override, ParamGroups, DEFAULT_GROUP};
+use crate::shard::{GradMode, ShardPlan};
 use crate::{ConfigError, Dims, HyperConfig, HyperValue, Scope, TensorMeta, MAX_STATES};
 
 /// One parameter tensor for a step: its values (updated in place), its
@@ -102,6 +103,11 @@ pub enum StepError {
         shape: Vec<usize>,
         message: String,
     },
+    /// A sharded step's collective failed (see [`crate::shard`]). Before
+    /// the update nothing was changed; a failure in the final gather leaves
+    /// this rank's own part updated and the others' not (MPI ends the job
+    /// instead: see [`crate::comm`]).
+    Comm(crate::comm::CommError),
 }
 
 impl fmt::Display for StepError {
@@ -135,6 +141,7 @@ impl fmt::Display for StepError {
                 f,
                 "parameter #{index} (shape {shape:?}): matrix block `{block}`: {message}; nothing was changed (give this optimizer parameters its matrix block fits, e.g. through parameter groups)"
             ),
+            StepError::Comm(e) => write!(f, "the sharded step's ranks could not exchange: {e}"),
         }
     }
 }
@@ -240,6 +247,13 @@ pub(crate) struct Ptrs {
     /// 0 for a per-tensor state, which the passes never see).
     pub(crate) st_len: [Option<usize>; MAX_STATES],
     pub(crate) rows: *mut f64,
+    /// Where this rank's part of the tensor starts (0 unsharded): its
+    /// per-element state buffers hold elements from here on.
+    pub(crate) st_off: usize,
+    /// The same for the gradient: 0 when `g` is the whole tensor's.
+    pub(crate) g_off: usize,
+    /// The first row whose results `rows` holds.
+    pub(crate) rows_off: usize,
     pub(crate) dims: Dims,
     /// A factored spec's work item is the whole tensor, with all its results.
     pub(crate) whole: bool,
@@ -269,6 +283,14 @@ struct Scratch<K: Kernel> {
     /// Parameters whose state this step created (removed again if the step
     /// is skipped, so a skipped step changes nothing).
     created: Vec<usize>,
+    /// The work items this rank runs (all of them unsharded).
+    own: std::ops::Range<usize>,
+    /// Sharded: work items per rank.
+    item_counts: Vec<usize>,
+    /// Sharded: this rank's partial results, sent to the others.
+    send: Vec<f64>,
+    /// Sharded with a reduce-scatter: this rank's summed gradients.
+    grads: Vec<f32>,
 }
 
 impl<K: Kernel> Default for Scratch<K> {
@@ -285,6 +307,10 @@ impl<K: Kernel> Default for Scratch<K> {
             ss: vec![],
             slot_group: vec![],
             created: vec![],
+            own: 0..0,
+            item_counts: vec![],
+            send: vec![],
+            grads: vec![],
         }
     }
 }
@@ -317,6 +343,8 @@ pub struct Optimizer<K: Kernel> {
     /// Whether the first step looked for parameters their gradient cannot
     /// move (see `frozen`).
     pub(crate) frozen_checked: bool,
+    /// Sharded: the communicator and who owns what (see [`crate::shard`]).
+    pub(crate) shard: Option<crate::shard::Shard>,
     scratch: Scratch<K>,
     /// The variables a candle optimizer updates (`candle_nn::Optimizer::new`).
     #[cfg(feature = "candle")]
@@ -345,6 +373,7 @@ impl<K: Kernel> Clone for Optimizer<K> {
             non_finite: self.non_finite,
             non_finite_skips: self.non_finite_skips,
             frozen_checked: self.frozen_checked,
+            shard: self.shard.clone(),
             scratch: Scratch::default(),
             #[cfg(feature = "candle")]
             vars: self.vars.clone(),
@@ -405,6 +434,7 @@ impl<K: Kernel> Optimizer<K> {
             non_finite: NonFinite::default(),
             non_finite_skips: 0,
             frozen_checked: false,
+            shard: None,
             scratch: Scratch::default(),
             #[cfg(feature = "candle")]
             vars: vec![],
@@ -664,6 +694,28 @@ impl<K: Kernel> Optimizer<K> {
         if !matches!(self.exec, Exec::Cpu) {
             return self.step_host_params_on_device(params);
         }
+        if let Some(sh) = &mut self.shard {
+            if sh.plan.is_none() {
+                let shapes: Vec<&[usize]> = params.iter().map(|p| p.shape).collect();
+                let plan = ShardPlan::new(self.desc, &shapes, sh.comm.size(), sh.comm.rank());
+                // State a checkpoint loaded before the first step is whole.
+                let loaded = std::mem::take(&mut self.tensors);
+                self.tensors = crate::shard::cut_to_parts(self.desc, &plan, loaded);
+                sh.plan = Some(plan);
+            }
+            if let GradMode::ReduceScatter { mean } = sh.grads {
+                let plan = sh.plan.as_ref().expect("made above");
+                let grads: Vec<Option<&[f32]>> = params.iter().map(|p| p.grad).collect();
+                self.scratch.grads = sh
+                    .reduce_scatter(plan, &grads, mean)
+                    .map_err(StepError::Comm)?;
+            }
+        }
+        let plan = self.shard.as_ref().and_then(|sh| sh.plan.as_ref());
+        let scattered = self
+            .shard
+            .as_ref()
+            .is_some_and(|sh| matches!(sh.grads, GradMode::ReduceScatter { .. }));
         // What a skipped step restores: on the first step nothing exists yet.
         let (n_params_before, tensors_before) = (self.n_params, self.tensors.len());
         self.n_params = Some(params.len());
@@ -675,6 +727,9 @@ impl<K: Kernel> Optimizer<K> {
         let ns = desc.states.len();
         let nr = desc.reductions.len();
         let sc = &mut self.scratch;
+        // Sharded with a reduce-scatter: where each parameter's part of this
+        // rank's gradients starts.
+        let mut grads_at = 0;
         sc.active.clear();
         sc.ptrs.clear();
         sc.metas.clear();
@@ -682,6 +737,11 @@ impl<K: Kernel> Optimizer<K> {
         sc.slot_group.clear();
         sc.created.clear();
         for (i, p) in params.iter_mut().enumerate() {
+            // Sharded: this rank's elements of the tensor (all of them
+            // unsharded), whose state it keeps.
+            let (lo, hi) = plan.map_or((0, p.value.len()), |pl| pl.part(i));
+            let part_at = grads_at;
+            grads_at += hi - lo;
             let Some(g) = p.grad else { continue };
             if self.tensors[i].is_none() {
                 sc.created.push(i);
@@ -689,7 +749,7 @@ impl<K: Kernel> Optimizer<K> {
             let st = self.tensors[i].get_or_insert_with(|| TensorState {
                 shape: p.shape.to_vec(),
                 t: 0,
-                store: Store::new_host(desc, p.shape, i),
+                store: Store::new_host_part(desc, p.shape, i, (lo, hi)),
             });
             // Without the `cuda` feature host memory is the only kind.
             #[allow(irrefutable_let_patterns)]
@@ -715,13 +775,25 @@ impl<K: Kernel> Optimizer<K> {
             }
             let n = p.value.len();
             let dims = Dims::of(p.shape, desc);
-            debug_assert_eq!(rows.len(), dims.results);
+            let (g, g_off) = if scattered {
+                // This rank's summed gradients: its parts, in parameter order.
+                (sc.grads[part_at..].as_ptr(), lo)
+            } else {
+                (g.as_ptr(), 0)
+            };
             sc.ptrs.push(Ptrs {
                 p: p.value.as_mut_ptr(),
-                g: g.as_ptr(),
+                g,
                 st: stp,
                 st_len,
                 rows: rows.as_mut_ptr(),
+                st_off: lo,
+                g_off,
+                rows_off: if desc.factored || dims.row_len == 0 {
+                    0
+                } else {
+                    lo / dims.row_len
+                },
                 dims,
                 whole: desc.factored,
             });
@@ -732,6 +804,20 @@ impl<K: Kernel> Optimizer<K> {
                 let len = chunk.min(n - start);
                 sc.items.push(Item { slot, start, len });
                 start += len;
+            }
+        }
+        // The work items this rank runs: one contiguous run, as units are
+        // owned in order (see `ShardPlan`).
+        match plan {
+            None => sc.own = 0..sc.items.len(),
+            Some(pl) => {
+                sc.item_counts.clear();
+                sc.item_counts.resize(pl.size, 0);
+                for item in &sc.items {
+                    sc.item_counts[pl.owner(sc.active[item.slot], item.start)] += 1;
+                }
+                let first: usize = sc.item_counts[..pl.rank].iter().sum();
+                sc.own = first..first + sc.item_counts[pl.rank];
             }
         }
         let na = sc.active.len();
@@ -750,6 +836,7 @@ impl<K: Kernel> Optimizer<K> {
         sc.ss.clear();
         sc.ss.resize(ng, K::StepScalars::default());
         let mut mat_err: Option<(usize, String, String)> = None;
+        let mut comm_err: Option<crate::comm::CommError> = None;
         let bad_slot: Option<usize> = {
             'passes: {
                 for phase in 0..=desc.passes {
@@ -783,13 +870,33 @@ impl<K: Kernel> Optimizer<K> {
                                 .matrix(b, ss, &ts[j], p, g, st, rows, pt.dims, ws)
                                 .map_err(|e| (j, info.name.to_string(), e))
                         };
+                        // Sharded: the tensors this rank owns (a matrix
+                        // block's tensor is one unit).
+                        let mine = |j: &usize| {
+                            plan.is_none_or(|pl| {
+                                let (a, b) = pl.part(sc.active[*j]);
+                                a < b
+                            })
+                        };
                         let res: Result<(), (usize, String, String)> = (0..na)
                             .into_par_iter()
+                            .filter(mine)
                             .map(|j| crate::mat::with_workspace(|ws| run(ws, j)))
                             .collect();
-                        if let Err(e) = res {
-                            mat_err = Some(e);
-                            break 'passes None;
+                        let res = match self.shard.as_ref().filter(|_| plan.is_some()) {
+                            Some(sh) => agree_on_matrix(sh, b, res, &mut sc.send),
+                            None => res.map_err(Ok),
+                        };
+                        match res {
+                            Ok(()) => {}
+                            Err(Ok(e)) => {
+                                mat_err = Some(e);
+                                break 'passes None;
+                            }
+                            Err(Err(e)) => {
+                                comm_err = Some(e);
+                                break 'passes None;
+                            }
                         }
                     }
                     if phase < desc.passes && skip_pass_of(desc, phase, self.non_finite) {
@@ -806,14 +913,32 @@ impl<K: Kernel> Optimizer<K> {
                             let ss = &sss[slot_group[item.slot]];
                             kernel.reduce(phase, ss, &ts[item.slot], p, g, st, rows, pt.dims, acc);
                         };
+                        let own = sc.own.clone();
                         if nr > 0 {
+                            let items = &sc.items[own.clone()];
+                            let acc = &mut sc.acc[own.start * nr..own.end * nr];
                             if parallel {
-                                sc.items
-                                    .par_iter()
-                                    .zip(sc.acc.par_chunks_mut(nr))
-                                    .for_each(run);
+                                items.par_iter().zip(acc.par_chunks_mut(nr)).for_each(run);
                             } else {
-                                sc.items.iter().zip(sc.acc.chunks_mut(nr)).for_each(run);
+                                items.iter().zip(acc.chunks_mut(nr)).for_each(run);
+                            }
+                        }
+                        if let (Some(sh), true) = (&self.shard, plan.is_some() && nr > 0) {
+                            // Every rank's partials, in item order: the
+                            // fold below then sees the unsharded step's.
+                            sc.send.clear();
+                            sc.send
+                                .extend_from_slice(&sc.acc[own.start * nr..own.end * nr]);
+                            let counts: Vec<usize> =
+                                sc.item_counts.iter().map(|c| c * nr).collect();
+                            if let Err(e) = sh.comm.all_gather_f64(
+                                &format!("the partial results of reduction pass {phase}"),
+                                &sc.send,
+                                &counts,
+                                &mut sc.acc,
+                            ) {
+                                comm_err = Some(e);
+                                break 'passes None;
                             }
                         }
                         combine(
@@ -842,17 +967,18 @@ impl<K: Kernel> Optimizer<K> {
                             let ss = &sss[slot_group[item.slot]];
                             kernel.update(ss, &ts[item.slot], p, g, st, rows, pt.dims);
                         };
+                        let items = &sc.items[sc.own.clone()];
                         if parallel {
-                            sc.items.par_iter().for_each(run);
+                            items.par_iter().for_each(run);
                         } else {
-                            sc.items.iter().for_each(run);
+                            items.iter().for_each(run);
                         }
                     }
                 }
                 None
             }
         };
-        if mat_err.is_some() || bad_slot.is_some() {
+        if mat_err.is_some() || bad_slot.is_some() || comm_err.is_some() {
             // Neither the parameters nor the spec's states have been
             // written (at most a matrix block's own buffer): leave
             // everything as it was, including state this step created and
@@ -862,6 +988,9 @@ impl<K: Kernel> Optimizer<K> {
             }
             self.tensors.truncate(tensors_before);
             self.n_params = n_params_before;
+        }
+        if let Some(e) = comm_err {
+            return Err(StepError::Comm(e));
         }
         if let Some((j, block, message)) = mat_err {
             let index = sc.active[j];
@@ -884,6 +1013,13 @@ impl<K: Kernel> Optimizer<K> {
                 skipped: params.len(),
                 skipped_non_finite: Some(index),
             });
+        }
+        if let Some(sh) = &self.shard {
+            if let Some(pl) = plan {
+                let mut values: Vec<&mut [f32]> =
+                    params.iter_mut().map(|p| &mut *p.value).collect();
+                sh.gather_params(pl, &mut values).map_err(StepError::Comm)?;
+            }
         }
         // The step succeeded: per-tensor states take their new values.
         let per_tensor = desc.states.iter().any(|s| s.per_tensor);
@@ -932,6 +1068,47 @@ fn named(optimizer: &str, e: GroupError) -> GroupError {
             },
         },
         e => e,
+    }
+}
+
+/// Sharded: whether matrix block `block` failed on any rank. Each rank
+/// sends the slot of its failure (or -1); every rank then fails with the
+/// lowest slot: `Err(Ok(..))` with the owner's message where it is this
+/// rank's, a pointer to the owner's otherwise.
+fn agree_on_matrix(
+    sh: &crate::shard::Shard,
+    block: usize,
+    res: Result<(), (usize, String, String)>,
+    buf: &mut Vec<f64>,
+) -> Result<(), Result<(usize, String, String), crate::comm::CommError>> {
+    let size = sh.comm.size();
+    let mine = match &res {
+        Ok(()) => -1.0,
+        Err((j, ..)) => *j as f64,
+    };
+    buf.clear();
+    buf.resize(size, 0.0);
+    sh.comm
+        .all_gather_f64(
+            &format!("whether matrix block {block} failed"),
+            &[mine],
+            &vec![1; size],
+            buf,
+        )
+        .map_err(Err)?;
+    let failed = buf
+        .iter()
+        .enumerate()
+        .filter(|(_, &j)| j >= 0.0)
+        .min_by(|a, b| a.1.total_cmp(b.1));
+    match (failed, res) {
+        (None, _) => Ok(()),
+        (Some((_, &j)), Err(e)) if e.0 == j as usize => Err(Ok(e)),
+        (Some((r, &j)), _) => Err(Ok((
+            j as usize,
+            format!("block {block}"),
+            format!("failed on rank {r}, which owns this parameter (its message is there)"),
+        ))),
     }
 }
 
@@ -989,7 +1166,7 @@ unsafe fn rows_of<'a>(pt: Ptrs, start: usize, len: usize, per_row: usize) -> &'a
     if per_row == 0 || len == 0 {
         return &mut [];
     }
-    let first = start / pt.dims.row_len;
+    let first = start / pt.dims.row_len - pt.rows_off;
     let count = len.div_ceil(pt.dims.row_len);
     std::slice::from_raw_parts_mut(pt.rows.add(first * per_row), count * per_row)
 }
@@ -1001,12 +1178,12 @@ unsafe fn chunk_ref<'a>(
     len: usize,
 ) -> (&'a [f32], &'a [f32], [&'a [f32]; MAX_STATES]) {
     let p = std::slice::from_raw_parts(pt.p.add(start), len);
-    let g = std::slice::from_raw_parts(pt.g.add(start), len);
+    let g = std::slice::from_raw_parts(pt.g.add(start - pt.g_off), len);
     let mut st: [&[f32]; MAX_STATES] = [&[]; MAX_STATES];
     for ((s, &ptr), &whole) in st.iter_mut().zip(&pt.st).zip(&pt.st_len).take(ns) {
         *s = match whole {
             Some(n) => std::slice::from_raw_parts(ptr, n),
-            None => std::slice::from_raw_parts(ptr.add(start), len),
+            None => std::slice::from_raw_parts(ptr.add(start - pt.st_off), len),
         };
     }
     (p, g, st)
@@ -1019,12 +1196,12 @@ unsafe fn chunk_mut<'a>(
     len: usize,
 ) -> (&'a mut [f32], &'a [f32], [&'a mut [f32]; MAX_STATES]) {
     let p = std::slice::from_raw_parts_mut(pt.p.add(start), len);
-    let g = std::slice::from_raw_parts(pt.g.add(start), len);
+    let g = std::slice::from_raw_parts(pt.g.add(start - pt.g_off), len);
     let mut st: [&mut [f32]; MAX_STATES] = Default::default();
     for ((s, &ptr), &whole) in st.iter_mut().zip(&pt.st).zip(&pt.st_len).take(ns) {
         *s = match whole {
             Some(n) => std::slice::from_raw_parts_mut(ptr, n),
-            None => std::slice::from_raw_parts_mut(ptr.add(start), len),
+            None => std::slice::from_raw_parts_mut(ptr.add(start - pt.st_off), len),
         };
     }
     (p, g, st)

@@ -42,8 +42,31 @@ enum Command {
         /// `cuda` / `cuda:N` (a GPU; built with `--features cuda`).
         #[arg(long, default_value = "cpu")]
         device: agr_runtime::Device,
+        /// Shard the optimizer over the MPI ranks of `mpirun -np N agr replay
+        /// --sharded ...` (built with `--features mpi`): each file is also
+        /// replayed by one process on every rank, and passes only if every
+        /// rank's parameters are bitwise the same after every step. Rank 0
+        /// prints; the others print only errors.
+        #[arg(long)]
+        sharded: bool,
         #[arg(required = true)]
         files: Vec<PathBuf>,
+    },
+    /// Time a sharded built-in under `mpirun -np N` (built with `--features
+    /// mpi`): state bytes per rank against one process's, and the median
+    /// step time of the slowest rank.
+    ShardBench {
+        #[arg(long, default_value = "adamw_agr")]
+        optimizer: String,
+        /// one_2^24 or gpt_150 (see `agr bench`).
+        #[arg(long, default_value = "gpt_150")]
+        workload: String,
+        #[arg(long, default_value_t = 11)]
+        steps: usize,
+        /// `full`: every rank passes the same gradients; `reduce-scatter`:
+        /// each its own, summed in rank order by one all-to-all (ZeRO-2).
+        #[arg(long, default_value = "full")]
+        grads: String,
     },
     /// List the built-in optimizers.
     List,
@@ -96,8 +119,43 @@ fn main() -> ExitCode {
         Command::Replay {
             spec,
             device,
+            sharded: false,
             files,
         } => replay(spec.as_deref(), device, &files),
+        Command::Replay {
+            spec,
+            device,
+            sharded: true,
+            files,
+        } => {
+            if device != agr_runtime::Device::Cpu {
+                eprintln!("--sharded steps on the CPU in this version (not --device {device})");
+                return ExitCode::FAILURE;
+            }
+            with_mpi(|comm| {
+                if agr::sharded::replay_sharded(&comm, spec.as_deref(), &files) {
+                    Ok(())
+                } else {
+                    Err(String::new())
+                }
+            })
+        }
+        Command::ShardBench {
+            optimizer,
+            workload,
+            steps,
+            grads,
+        } => {
+            let grads = match grads.as_str() {
+                "full" => agr_runtime::shard::GradMode::Full,
+                "reduce-scatter" => agr_runtime::shard::GradMode::ReduceScatter { mean: true },
+                other => {
+                    eprintln!("--grads {other}: use `full` or `reduce-scatter`");
+                    return ExitCode::FAILURE;
+                }
+            };
+            with_mpi(|comm| agr::sharded::shard_bench(&comm, &optimizer, &workload, steps, grads))
+        }
         Command::Bench {
             optimizers,
             workloads,
@@ -219,6 +277,39 @@ fn emit(target: Target, spec: &str) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Runs `f` on MPI's world communicator (an error is printed, and is the
+/// exit status of every rank).
+#[cfg(feature = "mpi")]
+fn with_mpi(
+    f: impl FnOnce(std::sync::Arc<dyn agr_runtime::comm::Comm>) -> Result<(), String>,
+) -> ExitCode {
+    let comm = match agr_runtime::comm::Mpi::init() {
+        Ok(c) => std::sync::Arc::new(c),
+        Err(e) => {
+            eprintln!("agr: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let rank = agr_runtime::comm::Comm::rank(comm.as_ref());
+    match f(comm) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if !e.is_empty() {
+                eprintln!("agr: rank {rank}: {e}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(not(feature = "mpi"))]
+fn with_mpi(
+    _: impl FnOnce(std::sync::Arc<dyn agr_runtime::comm::Comm>) -> Result<(), String>,
+) -> ExitCode {
+    eprintln!("this build of agr has no MPI: build it with `--features mpi` and run it under `mpirun -np N`");
+    ExitCode::FAILURE
 }
 
 fn replay(spec: Option<&Path>, device: agr_runtime::Device, files: &[PathBuf]) -> ExitCode {

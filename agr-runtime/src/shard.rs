@@ -1,0 +1,508 @@
+//! Optimizer state sharded across ranks (ZeRO stage 1, and 2 with
+//! [`GradMode::ReduceScatter`]), with every reduction exact.
+//!
+//! The parameters, flattened in order, are cut into *units*: the chunks the
+//! engine steps as one work item ([`crate::optimizer::CHUNK`] elements,
+//! whole rows under a row reduction), or whole tensors for a factored spec
+//! or one with matrix blocks, whose work reads a tensor at once. Each rank
+//! owns a contiguous run of units (so a tensor may be split between ranks,
+//! at a chunk boundary) and keeps state for those alone; per-tensor states
+//! and step counts, a few values per tensor, are kept by every rank.
+//!
+//! A step on rank `r`:
+//! 1. each reduction pass computes its per-chunk partial results for the
+//!    chunks `r` owns; one all-gather per pass (every reduction of the pass
+//!    packed into one buffer) gives every rank every chunk's partials, which
+//!    it folds exactly as the single-process step does: chunks in element
+//!    order per tensor, then tensors in parameter order. So each rank holds
+//!    the bits of the unsharded step's per-tensor and global results,
+//!    whatever the number of ranks;
+//! 2. the update runs over the chunks `r` owns;
+//! 3. one all-gather of the updated parameters.
+//!
+//! The collectives move values and never add them (see [`crate::comm`]),
+//! so the step is bitwise identical to the single-process one.
+//!
+//! A spec with matrix blocks adds one small all-gather per pass that runs
+//! a block, so that a block that fails on its owner (an operand's shape)
+//! fails the step on every rank. With [`GradMode::ReduceScatter`] one
+//! all-to-all before the step brings each rank the gradients of its units
+//! from every rank, summed in rank order.
+
+use std::fmt;
+use std::sync::Arc;
+
+use crate::buf::AlignedBuf;
+use crate::comm::{offsets, Comm, CommError};
+use crate::cpu::KernelDesc;
+use crate::device::Store;
+use crate::optimizer::CHUNK;
+use crate::TensorMeta;
+
+/// What a sharded step is given as gradients.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum GradMode {
+    /// Every rank passes the same, full gradients (after the trainer's own
+    /// all-reduce). Each rank reads the part it owns.
+    #[default]
+    Full,
+    /// Every rank passes its local gradients; before the step one
+    /// all-to-all brings each rank every rank's gradients for its units,
+    /// summed in rank order (`g_0 + g_1 + …`) and, with `mean`, divided by
+    /// the number of ranks: the same bits as an all-reduce that adds in
+    /// rank order. (ZeRO stage 2's reduce-scatter, made exact.)
+    ReduceScatter { mean: bool },
+}
+
+/// Why an optimizer cannot be sharded, or a sharded step failed.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ShardError {
+    /// Sharding is decided before the first step (the state it would split
+    /// already exists).
+    AfterFirstStep {
+        optimizer: String,
+    },
+    /// Sharded steps run on the CPU engine in this version.
+    Device {
+        optimizer: String,
+        device: String,
+    },
+    Comm(CommError),
+}
+
+impl fmt::Display for ShardError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ShardError::AfterFirstStep { optimizer } => write!(
+                f,
+                "`{optimizer}` has stepped already: shard it before its first step (its state would have to be split)"
+            ),
+            ShardError::Device { optimizer, device } => write!(
+                f,
+                "`{optimizer}` is on {device}: sharded steps run on the CPU in this version"
+            ),
+            ShardError::Comm(e) => e.fmt(f),
+        }
+    }
+}
+
+impl std::error::Error for ShardError {}
+
+impl From<CommError> for ShardError {
+    fn from(e: CommError) -> Self {
+        ShardError::Comm(e)
+    }
+}
+
+/// Which rank owns what, decided once from the parameters' shapes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShardPlan {
+    pub size: usize,
+    pub rank: usize,
+    /// Per parameter: elements per unit (0 for an empty tensor).
+    unit: Vec<usize>,
+    /// Per parameter: its first unit's index.
+    first_unit: Vec<usize>,
+    /// Per parameter: where it starts in the flattened parameters.
+    start: Vec<usize>,
+    numel: Vec<usize>,
+    /// The owner of each unit (non-decreasing).
+    owner: Vec<u32>,
+    /// Per rank: its flattened elements `[lo, hi)`.
+    ranges: Vec<(usize, usize)>,
+}
+
+impl ShardPlan {
+    /// The plan for `shapes` stepped by `desc`, over `size` ranks.
+    ///
+    /// Unit `u`, whose middle is flattened element `m` of `E`, goes to
+    /// rank `⌊m·size / E⌋`: contiguous runs, balanced by elements to within
+    /// half a unit at each end. With more ranks than units, some ranks own nothing (and still
+    /// take part in every collective).
+    pub fn new(desc: &KernelDesc, shapes: &[&[usize]], size: usize, rank: usize) -> ShardPlan {
+        let size = size.max(1);
+        let whole = desc.factored || !desc.matrices.is_empty();
+        let mut plan = ShardPlan {
+            size,
+            rank,
+            unit: vec![],
+            first_unit: vec![],
+            start: vec![],
+            numel: vec![],
+            owner: vec![],
+            ranges: vec![],
+        };
+        let total: usize = shapes.iter().map(|s| s.iter().product::<usize>()).sum();
+        let mut at = 0usize;
+        let mut unit_starts = vec![];
+        for shape in shapes {
+            let n: usize = shape.iter().product();
+            let unit = if n == 0 {
+                0
+            } else if whole {
+                n
+            } else {
+                desc.chunk_len(n, TensorMeta::row_len_of(shape), CHUNK)
+            };
+            plan.unit.push(unit);
+            plan.first_unit.push(unit_starts.len());
+            plan.start.push(at);
+            plan.numel.push(n);
+            let mut s = 0;
+            while s < n {
+                unit_starts.push(at + s);
+                s += unit;
+            }
+            at += n;
+        }
+        plan.owner = (0..unit_starts.len())
+            .map(|u| {
+                let end = unit_starts.get(u + 1).copied().unwrap_or(total);
+                // Twice the middle, over twice the total.
+                let mid2 = (unit_starts[u] + end) as u128;
+                ((mid2 * size as u128) / (2 * total.max(1)) as u128).min(size as u128 - 1) as u32
+            })
+            .collect();
+        plan.ranges = (0..size)
+            .map(|r| {
+                let units: Vec<usize> = (0..plan.owner.len())
+                    .filter(|&u| plan.owner[u] as usize == r)
+                    .collect();
+                match (units.first(), units.last()) {
+                    (Some(&a), Some(&b)) => {
+                        let end = unit_starts.get(b + 1).copied().unwrap_or(total);
+                        (unit_starts[a], end)
+                    }
+                    _ => {
+                        // No units: an empty range where the next rank's starts.
+                        let next = plan.owner.iter().position(|&o| o as usize > r);
+                        let at = next.map_or(total, |u| unit_starts[u]);
+                        (at, at)
+                    }
+                }
+            })
+            .collect();
+        plan
+    }
+
+    /// How many parameters the plan was made for.
+    pub fn params(&self) -> usize {
+        self.numel.len()
+    }
+
+    /// The rank that owns element `at` of parameter `i`.
+    pub fn owner(&self, i: usize, at: usize) -> usize {
+        self.owner[self.first_unit[i] + at / self.unit[i]] as usize
+    }
+
+    /// The elements of parameter `i` that `rank` owns, `[lo, hi)` within
+    /// the tensor (empty: `lo == hi`).
+    pub fn part_of(&self, rank: usize, i: usize) -> (usize, usize) {
+        let (lo, hi) = self.ranges[rank];
+        let (s, n) = (self.start[i], self.numel[i]);
+        let a = lo.clamp(s, s + n) - s;
+        let b = hi.clamp(s, s + n) - s;
+        (a, b.max(a))
+    }
+
+    /// [`Self::part_of`] this rank.
+    pub fn part(&self, i: usize) -> (usize, usize) {
+        self.part_of(self.rank, i)
+    }
+
+    /// Each rank's flattened elements, `[lo, hi)`.
+    pub fn ranges(&self) -> &[(usize, usize)] {
+        &self.ranges
+    }
+
+    /// How many elements each rank owns.
+    pub fn counts(&self) -> Vec<usize> {
+        self.ranges.iter().map(|(a, b)| b - a).collect()
+    }
+}
+
+/// A sharded optimizer's communicator, gradient mode and plan.
+#[derive(Clone)]
+pub(crate) struct Shard {
+    pub(crate) comm: Arc<dyn Comm>,
+    pub(crate) grads: GradMode,
+    /// Made on the first step, from the parameters' shapes.
+    pub(crate) plan: Option<ShardPlan>,
+}
+
+impl Shard {
+    /// All-gathers the updated parameters: each rank sends the values of
+    /// its flattened range, every rank receives every range.
+    pub(crate) fn gather_params(
+        &self,
+        plan: &ShardPlan,
+        values: &mut [&mut [f32]],
+    ) -> Result<(), CommError> {
+        let (lo, hi) = plan.ranges[plan.rank];
+        let mut send = Vec::with_capacity(hi - lo);
+        for (i, v) in values.iter().enumerate() {
+            let (a, b) = plan.part(i);
+            send.extend_from_slice(&v[a..b]);
+        }
+        let counts = plan.counts();
+        let total: usize = counts.iter().sum();
+        let mut all = vec![0.0f32; total];
+        self.comm
+            .all_gather_f32("the updated parameters", &send, &counts, &mut all)?;
+        let mut at = 0;
+        for (i, v) in values.iter_mut().enumerate() {
+            let n = plan.numel[i];
+            v.copy_from_slice(&all[at..at + n]);
+            at += n;
+        }
+        Ok(())
+    }
+
+    /// ZeRO-2: from every rank's local gradients (`None`: a parameter
+    /// without one, the same on every rank), this rank's summed gradients
+    /// for its units, flattened in order. `parts[i]` is the slice of the
+    /// result that is parameter `i`'s part.
+    pub(crate) fn reduce_scatter(
+        &self,
+        plan: &ShardPlan,
+        grads: &[Option<&[f32]>],
+        mean: bool,
+    ) -> Result<Vec<f32>, CommError> {
+        let size = plan.size;
+        // What this rank sends to each rank: its gradients over that rank's
+        // range (zeros where a parameter has none).
+        let mut send_counts = vec![0usize; size];
+        let mut send = Vec::new();
+        for r in 0..size {
+            for (i, g) in grads.iter().enumerate() {
+                let (a, b) = plan.part_of(r, i);
+                match g {
+                    Some(g) => send.extend_from_slice(&g[a..b]),
+                    None => send.resize(send.len() + (b - a), 0.0),
+                }
+                send_counts[r] += b - a;
+            }
+        }
+        let mine = send_counts[plan.rank];
+        let recv_counts = vec![mine; size];
+        let mut recv = vec![0.0f32; mine * size];
+        self.comm.all_to_all_f32(
+            "the local gradients (reduce-scatter)",
+            &send,
+            &send_counts,
+            &mut recv,
+            &recv_counts,
+        )?;
+        let at = offsets(&recv_counts);
+        let mut sum = recv[..mine].to_vec();
+        for &from in &at[1..] {
+            for (s, &x) in sum.iter_mut().zip(&recv[from..from + mine]) {
+                *s += x;
+            }
+        }
+        if mean {
+            let n = size as f32;
+            for s in &mut sum {
+                *s /= n;
+            }
+        }
+        Ok(sum)
+    }
+}
+
+/// Bytes of optimizer state one rank holds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StateBytes {
+    /// State buffers the spec declares (per element, reduced, per tensor).
+    pub state: usize,
+    /// Per-row and per-dimension reduction results kept between passes.
+    pub results: usize,
+}
+
+impl StateBytes {
+    pub fn total(&self) -> usize {
+        self.state + self.results
+    }
+}
+
+impl<K: crate::Kernel> crate::Optimizer<K> {
+    /// Shards this optimizer over `comm`'s ranks: each rank keeps the state
+    /// of its part of the parameters and updates that part; every step
+    /// ends with all of them updated on every rank, bitwise as one process
+    /// would (see the module's documentation). Call on every rank, before
+    /// the first step, with the same parameters passed in the same order
+    /// on every rank. On the CPU in this version.
+    pub fn shard(&mut self, comm: Arc<dyn Comm>, grads: GradMode) -> Result<(), ShardError> {
+        if self.n_params.is_some() || self.tensors.iter().any(Option::is_some) {
+            return Err(ShardError::AfterFirstStep {
+                optimizer: self.desc.name.to_string(),
+            });
+        }
+        if self.device() != crate::Device::Cpu {
+            return Err(ShardError::Device {
+                optimizer: self.desc.name.to_string(),
+                device: self.device().to_string(),
+            });
+        }
+        self.shard = Some(Shard {
+            comm,
+            grads,
+            plan: None,
+        });
+        Ok(())
+    }
+
+    /// Who owns what, once the first sharded step has seen the parameters.
+    pub fn shard_plan(&self) -> Option<&ShardPlan> {
+        self.shard.as_ref().and_then(|s| s.plan.as_ref())
+    }
+
+    /// The communicator of a sharded optimizer.
+    pub fn shard_comm(&self) -> Option<&Arc<dyn Comm>> {
+        self.shard.as_ref().map(|s| &s.comm)
+    }
+
+    /// Bytes of optimizer state this rank holds (all of it unsharded).
+    pub fn state_bytes(&self) -> StateBytes {
+        let mut b = StateBytes::default();
+        for t in self.tensors.iter().flatten() {
+            #[allow(irrefutable_let_patterns)]
+            if let Store::Host { bufs, rows } = &t.store {
+                b.state += bufs.iter().map(|x| x.as_slice().len() * 4).sum::<usize>();
+                b.results += rows.len() * 8;
+            } else {
+                b.state += self
+                    .desc
+                    .states
+                    .iter()
+                    .map(|s| s.len(&t.shape) * 4)
+                    .sum::<usize>();
+            }
+        }
+        b
+    }
+}
+
+impl<K: crate::Kernel> crate::Optimizer<K> {
+    /// Sharded: every rank's state, whole (a collective: every rank calls
+    /// it); `None` unsharded or before the plan (the state is then whole).
+    pub(crate) fn gather_shards(
+        &self,
+    ) -> Result<Option<Vec<Option<crate::optimizer::TensorState>>>, CommError> {
+        let Some((sh, plan)) = self
+            .shard
+            .as_ref()
+            .and_then(|sh| sh.plan.as_ref().map(|p| (sh, p)))
+        else {
+            return Ok(None);
+        };
+        let desc = self.desc;
+        let ns = desc.states.len();
+        let mut out = Vec::with_capacity(self.tensors.len());
+        for (i, t) in self.tensors.iter().enumerate() {
+            let Some(t) = t else {
+                out.push(None);
+                continue;
+            };
+            #[allow(irrefutable_let_patterns)]
+            let Store::Host { bufs, .. } = &t.store
+            else {
+                unreachable!("a sharded optimizer keeps its state on the CPU")
+            };
+            let numel: usize = t.shape.iter().product();
+            let mut whole = Vec::with_capacity(ns);
+            for (k, s) in desc.states.iter().enumerate() {
+                let len = s.len(&t.shape);
+                let mut buf = AlignedBuf::filled(len, 0.0, i * ns + k);
+                if s.per_tensor {
+                    // Every rank keeps it.
+                    buf.as_mut_slice().copy_from_slice(bufs[k].as_slice());
+                } else {
+                    let counts: Vec<usize> = (0..plan.size)
+                        .map(|r| {
+                            let (a, b) = plan.part_of(r, i);
+                            match s.reduced {
+                                Some(_) if (a, b) == (0, numel) => len,
+                                Some(_) => 0,
+                                None => b - a,
+                            }
+                        })
+                        .collect();
+                    sh.comm.all_gather_f32(
+                        &format!("state `{}` of parameter #{i}", s.name),
+                        bufs[k].as_slice(),
+                        &counts,
+                        buf.as_mut_slice(),
+                    )?;
+                }
+                whole.push(buf);
+            }
+            out.push(Some(crate::optimizer::TensorState {
+                shape: t.shape.clone(),
+                t: t.t,
+                store: Store::Host {
+                    bufs: whole,
+                    rows: vec![0.0; crate::Dims::of(&t.shape, desc).results],
+                },
+            }));
+        }
+        Ok(Some(out))
+    }
+
+    /// Sharded, once the plan is made: whole host state (a checkpoint's)
+    /// cut to this rank's parts. Otherwise unchanged.
+    pub(crate) fn to_shards(
+        &self,
+        tensors: Vec<Option<crate::optimizer::TensorState>>,
+    ) -> Vec<Option<crate::optimizer::TensorState>> {
+        match self.shard_plan() {
+            Some(plan) => cut_to_parts(self.desc, plan, tensors),
+            None => tensors,
+        }
+    }
+}
+
+/// Whole host state cut to `plan`'s parts for its rank (state already cut
+/// is left as it is).
+pub(crate) fn cut_to_parts(
+    desc: &KernelDesc,
+    plan: &ShardPlan,
+    tensors: Vec<Option<crate::optimizer::TensorState>>,
+) -> Vec<Option<crate::optimizer::TensorState>> {
+    tensors
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let mut t = t?;
+            let numel: usize = t.shape.iter().product();
+            let (lo, hi) = plan.part(i);
+            #[allow(irrefutable_let_patterns)]
+            let Store::Host { bufs, .. } = &t.store
+            else {
+                return Some(t);
+            };
+            let whole = desc
+                .states
+                .iter()
+                .zip(bufs.iter())
+                .all(|(s, b)| b.as_slice().len() == s.len(&t.shape));
+            if !whole || (lo, hi) == (0, numel) {
+                return Some(t);
+            }
+            let mut part = Store::new_host_part(desc, &t.shape, i, (lo, hi));
+            #[allow(irrefutable_let_patterns)]
+            if let Store::Host { bufs: out, .. } = &mut part {
+                for ((s, o), b) in desc.states.iter().zip(out.iter_mut()).zip(bufs) {
+                    let from = if s.per_tensor || s.reduced.is_some() {
+                        &b.as_slice()[..o.as_slice().len()]
+                    } else {
+                        &b.as_slice()[lo..hi]
+                    };
+                    o.as_mut_slice().copy_from_slice(from);
+                }
+            }
+            t.store = part;
+            Some(t)
+        })
+        .collect()
+}

@@ -1,0 +1,239 @@
+//! `agr replay --sharded` and `agr shard-bench`: sharded optimizers over a
+//! communicator's ranks (MPI under `mpirun`). Rank 0 prints; the others
+//! print only errors (to stderr).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use agr_runtime::comm::Comm;
+use agr_runtime::golden;
+use agr_runtime::optim;
+use agr_runtime::shard::GradMode;
+use agr_runtime::{CompiledSpec, DynOptimizer, ParamMut};
+
+/// The optimizer a golden file names (or `spec`), with its label.
+fn optimizer_for(
+    g: &golden::Golden,
+    spec: Option<&CompiledSpec>,
+) -> Result<(Box<dyn DynOptimizer>, String), String> {
+    Ok(match spec {
+        Some(c) => (c.boxed(), format!("{} (file: {})", c.name(), g.optimizer)),
+        None => (
+            optim::builtin_or_err(&g.optimizer)
+                .map_err(|e| format!("{e} (or replay a spec: --spec FILE.agr)"))?
+                .make(),
+            g.optimizer.clone(),
+        ),
+    })
+}
+
+/// What one rank found replaying one file.
+struct Outcome {
+    replay: golden::Replay,
+    /// Steps whose parameters differ (in any bit) from one process's.
+    differing_steps: usize,
+    /// This rank's state bytes, and one process's.
+    state_bytes: usize,
+    whole_bytes: usize,
+}
+
+fn replay_one(
+    comm: &Arc<dyn Comm>,
+    f: &Path,
+    spec: Option<&CompiledSpec>,
+) -> Result<Outcome, String> {
+    let g = golden::load(f)?;
+    // One process first: its parameters after each step, as bits.
+    let (mut single, _) = optimizer_for(&g, spec)?;
+    let mut want: Vec<Vec<Vec<u32>>> = vec![];
+    golden::replay_observed(&g, single.as_mut(), &mut |_, v| {
+        want.push(
+            v.iter()
+                .map(|t| t.iter().map(|x| x.to_bits()).collect())
+                .collect(),
+        )
+    })?;
+    let (mut opt, label) = optimizer_for(&g, spec)?;
+    opt.shard(comm.clone(), GradMode::Full)
+        .map_err(|e| e.to_string())?;
+    let mut differing_steps = 0;
+    let mut replay = golden::replay_observed(&g, opt.as_mut(), &mut |k, v| {
+        let same = v
+            .iter()
+            .zip(&want[k - 1])
+            .all(|(a, b)| a.iter().map(|x| x.to_bits()).eq(b.iter().copied()));
+        differing_steps += usize::from(!same);
+    })?;
+    replay.optimizer = label;
+    Ok(Outcome {
+        replay,
+        differing_steps,
+        state_bytes: opt.state_bytes().total(),
+        whole_bytes: single.state_bytes().total(),
+    })
+}
+
+/// Every rank's value of `x`, on every rank.
+fn gather(comm: &Arc<dyn Comm>, what: &str, x: f64) -> Result<Vec<f64>, String> {
+    let n = comm.size();
+    let mut all = vec![0.0; n];
+    comm.all_gather_f64(what, &[x], &vec![1; n], &mut all)
+        .map_err(|e| e.to_string())?;
+    Ok(all)
+}
+
+/// `agr replay --sharded`: each file replayed by a sharded optimizer over
+/// `comm`'s ranks and by one process on every rank; a file passes when it
+/// matches its reference and every rank's parameters after every step are
+/// bitwise those of one process. Returns whether every file passed (the
+/// same on every rank).
+pub fn replay_sharded(comm: &Arc<dyn Comm>, spec: Option<&Path>, files: &[PathBuf]) -> bool {
+    let (rank, size) = (comm.rank(), comm.size());
+    let compiled = match spec.map(agr_runtime::compile_file).transpose() {
+        Ok(c) => c,
+        Err(e) => {
+            if rank == 0 {
+                eprintln!("{e}");
+            }
+            return false;
+        }
+    };
+    let mut failed = false;
+    for f in files {
+        let name = f
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let outcome = replay_one(comm, f, compiled.as_ref());
+        // Every rank learns every rank's verdict (-1: an error here).
+        let mine = match &outcome {
+            Ok(o) => o.differing_steps as f64,
+            Err(_) => -1.0,
+        };
+        let bytes = outcome.as_ref().map_or(0.0, |o| o.state_bytes as f64);
+        let (verdicts, bytes) = match (
+            gather(comm, "each rank's verdict", mine),
+            gather(comm, "each rank's state bytes", bytes),
+        ) {
+            (Ok(v), Ok(b)) => (v, b),
+            (Err(e), _) | (_, Err(e)) => {
+                eprintln!("agr: rank {rank}: {e}");
+                return false;
+            }
+        };
+        let bad_ranks: Vec<usize> = (0..size).filter(|&r| verdicts[r] != 0.0).collect();
+        match outcome {
+            Ok(o) => {
+                let pass = o.replay.pass && bad_ranks.is_empty();
+                failed |= !pass;
+                if rank == 0 {
+                    let most = bytes.iter().copied().fold(0.0, f64::max) as usize;
+                    let identical = if bad_ranks.is_empty() {
+                        "bit-identical to 1 process".to_string()
+                    } else {
+                        format!("DIFFERS from 1 process on ranks {bad_ranks:?}")
+                    };
+                    println!(
+                        "{name:<28} {} ranks={size} {identical} state_bytes/rank<={most} (1 process: {})",
+                        o.replay, o.whole_bytes
+                    );
+                }
+            }
+            Err(e) => {
+                failed = true;
+                if rank == 0 {
+                    println!("{name:<28} ERROR {e}");
+                } else {
+                    eprintln!("agr: rank {rank}: {name}: {e}");
+                }
+            }
+        }
+    }
+    !failed
+}
+
+/// `agr shard-bench`: `steps` sharded steps of a built-in on a workload;
+/// rank 0 prints the ranks, the most state bytes a rank holds against one
+/// process's, and the median step time (the slowest rank's).
+pub fn shard_bench(
+    comm: &Arc<dyn Comm>,
+    optimizer: &str,
+    workload: &str,
+    steps: usize,
+    grads: GradMode,
+) -> Result<(), String> {
+    let w = crate::bench::workloads()
+        .into_iter()
+        .find(|w| w.name == workload)
+        .ok_or_else(|| format!("no workload `{workload}`"))?;
+    let shapes: Vec<&[usize]> = w.shapes.iter().map(|s| s.as_slice()).collect();
+    let b = optim::builtin_or_err(optimizer)?;
+    let mut opt = b.make();
+    opt.shard(comm.clone(), grads).map_err(|e| e.to_string())?;
+    let mut values: Vec<Vec<f32>> = shapes
+        .iter()
+        .map(|s| vec![0.5f32; s.iter().product()])
+        .collect();
+    let g: Vec<Vec<f32>> = shapes
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let n: usize = s.iter().product();
+            (0..n)
+                .map(|k| (((k * 2654435761 + i * 97) % 2001) as f32 - 1000.0) * 1e-4)
+                .collect()
+        })
+        .collect();
+    let mut times = vec![];
+    for _ in 0..steps.max(1) {
+        let mut params: Vec<ParamMut<'_>> = values
+            .iter_mut()
+            .zip(&shapes)
+            .zip(&g)
+            .map(|((v, s), g)| ParamMut::new(v, Some(g), s))
+            .collect();
+        let t0 = Instant::now();
+        opt.step_params(&mut params).map_err(|e| e.to_string())?;
+        times.push(t0.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+    let all_times = gather(comm, "each rank's step time", median)?;
+    let all_bytes = gather(
+        comm,
+        "each rank's state bytes",
+        opt.state_bytes().total() as f64,
+    )?;
+    if comm.rank() == 0 {
+        let whole = {
+            let mut one = b.make();
+            let mut v: Vec<Vec<f32>> = shapes
+                .iter()
+                .map(|s| vec![0.5f32; s.iter().product()])
+                .collect();
+            let mut params: Vec<ParamMut<'_>> = v
+                .iter_mut()
+                .zip(&shapes)
+                .zip(&g)
+                .map(|((v, s), g)| ParamMut::new(v, Some(g), s))
+                .collect();
+            one.step_params(&mut params).map_err(|e| e.to_string())?;
+            one.state_bytes().total()
+        };
+        let most = all_bytes.iter().copied().fold(0.0, f64::max);
+        let slowest = all_times.iter().copied().fold(0.0, f64::max);
+        println!(
+            "shard-bench {optimizer} {workload} ranks={} grads={} state_bytes/rank={} (1 process: {whole}, ratio {:.3}) step_ms={:.2}",
+            comm.size(),
+            match grads {
+                GradMode::Full => "full",
+                GradMode::ReduceScatter { .. } => "reduce-scatter",
+            },
+            most as usize,
+            most / whole.max(1) as f64,
+            slowest * 1e3
+        );
+    }
+    Ok(())
+}
