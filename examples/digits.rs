@@ -15,9 +15,11 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use agr_runtime::candle::CandleDyn;
+use agr_runtime::comm::Comm;
 use agr_runtime::groups::ParamGroups;
 use agr_runtime::multi::Multi;
 use agr_runtime::schedule::{Constant, Schedule, WarmupCosine};
+use agr_runtime::shard::GradMode;
 use agr_runtime::{optim, DynOptimizer, HyperValue};
 use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::{Linear, VarBuilder, VarMap};
@@ -26,6 +28,7 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
+use std::sync::Arc;
 
 #[derive(Parser, Debug)]
 #[command(about = "Train a digit classifier with agr's optimizers and compare them")]
@@ -75,6 +78,15 @@ struct Args {
     /// says so and uses the CPU).
     #[arg(long, default_value = "cpu")]
     device: agr_runtime::Device,
+    /// Data-parallel over N ranks: each mini-batch is cut into N slices,
+    /// each rank's gradient is its slice's share of the batch's loss, the
+    /// ranks' gradients are added in rank order and the optimizer is
+    /// sharded (each rank keeps the state of 1/N of the parameters).
+    /// Under `mpirun -np N` (built with `--features mpi`) each process is a
+    /// rank; in one process the N slices run one after the other, with the
+    /// same arithmetic: the two give the same bits. CPU only.
+    #[arg(long)]
+    ranks: Option<usize>,
     /// The data: gzipped CSV, 64 pixels (0..16) then the label per line.
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/data/digits.csv.gz"))]
     data: PathBuf,
@@ -523,6 +535,206 @@ fn plot(
     Ok(())
 }
 
+/// The communicator of a data-parallel run: MPI's world under `mpirun`
+/// (with the `mpi` feature), else none (one process runs every slice).
+#[cfg(feature = "mpi")]
+fn world(ranks: usize) -> Result<Option<Arc<dyn Comm>>, String> {
+    let launched = std::env::var_os("OMPI_COMM_WORLD_SIZE").is_some()
+        || std::env::var_os("PMI_SIZE").is_some();
+    if !launched {
+        return Ok(None);
+    }
+    let comm: Arc<dyn Comm> = Arc::new(agr_runtime::comm::Mpi::init().map_err(|e| e.to_string())?);
+    match comm.size() {
+        1 => Ok(None),
+        n if n == ranks => Ok(Some(comm)),
+        n => Err(format!(
+            "--ranks {ranks} under mpirun -np {n}: give both the same number"
+        )),
+    }
+}
+
+#[cfg(not(feature = "mpi"))]
+fn world(_: usize) -> Result<Option<Arc<dyn Comm>>, String> {
+    if std::env::var_os("OMPI_COMM_WORLD_SIZE").is_some_and(|n| n != "1") {
+        return Err(
+            "this build has no MPI: build the example with `--features mpi` to run it under mpirun"
+                .into(),
+        );
+    }
+    Ok(None)
+}
+
+/// One data-parallel run over `ranks` ranks (see `--ranks`): this process
+/// is rank `comm.rank()` of them, or all of them without `comm`.
+fn train_ranks(
+    name: &str,
+    lr: f64,
+    seed: u64,
+    args: &Args,
+    (train, test): (&Data, &Data),
+    ranks: usize,
+    comm: Option<&Arc<dyn Comm>>,
+) -> Result<Curve, String> {
+    let e = |e: candle_core::Error| format!("{name} seed {seed}: {e}");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let dev = Device::Cpu;
+    let model = Mlp::new(&mut rng, &dev).map_err(e)?;
+    // The variables in name order: the same on every rank.
+    let mut named: Vec<(String, Var)> = model
+        .varmap
+        .data()
+        .lock()
+        .expect("not poisoned")
+        .iter()
+        .map(|(n, v)| (n.clone(), v.clone()))
+        .collect();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    let shapes: Vec<Vec<usize>> = named.iter().map(|(_, v)| v.dims().to_vec()).collect();
+    let mut opt = make(name, lr, agr_runtime::Device::Cpu)?;
+    let names: Vec<String> = named.iter().map(|(n, _)| n.clone()).collect();
+    opt.set_param_names(names.clone())
+        .map_err(|e| e.to_string())?;
+    if args.groups == Groups::Paper {
+        let params: Vec<(&str, &[usize])> = names
+            .iter()
+            .zip(&shapes)
+            .map(|(n, s)| (n.as_str(), s.as_slice()))
+            .collect();
+        opt.set_param_groups(&ParamGroups::paper(), &params)
+            .map_err(|e| format!("{name}: {e}"))?;
+    }
+    if let Some(c) = comm {
+        // Each rank hands over its own gradients; the optimizer adds them
+        // in rank order (one all-to-all) and steps its shard.
+        opt.shard(c.clone(), GradMode::ReduceScatter { mean: false })
+            .map_err(|e| format!("{name}: {e}"))?;
+    }
+    let mine: Vec<usize> = match comm {
+        Some(c) => vec![c.rank()],
+        None => (0..ranks).collect(),
+    };
+    let train_t = Tensors::new(train, &dev).map_err(e)?;
+    let test_t = Tensors::new(test, &dev).map_err(e)?;
+    let mut order: Vec<u32> = (0..train.len() as u32).collect();
+    let steps_per_epoch = train.len().div_ceil(args.batch) as u64;
+    let schedule: Box<dyn Schedule> = match args.schedule {
+        ScheduleKind::Constant => Box::new(Constant(lr)),
+        ScheduleKind::Cosine => Box::new(WarmupCosine {
+            peak: lr,
+            floor: lr / 100.0,
+            warmup: steps_per_epoch,
+            total: steps_per_epoch * args.epochs as u64,
+        }),
+    };
+    let mut step = 0u64;
+    let mut curve = Curve::default();
+    for _ in 0..args.epochs {
+        order.shuffle(&mut rng);
+        let mut epoch_loss = 0.0f32;
+        for batch in order.chunks(args.batch) {
+            let b = batch.len();
+            // Rank r's slice of the batch, and its share of the batch's
+            // mean loss (its slice's mean times its size over the batch's).
+            let mut losses = vec![0.0f64; ranks];
+            let mut local: Vec<Vec<Vec<f32>>> = vec![];
+            for &r in &mine {
+                let (lo, hi) = (b * r / ranks, b * (r + 1) / ranks);
+                if lo == hi {
+                    local.push(
+                        shapes
+                            .iter()
+                            .map(|s| vec![0.0; s.iter().product()])
+                            .collect(),
+                    );
+                    continue;
+                }
+                let idx = Tensor::from_slice(&batch[lo..hi], hi - lo, &dev).map_err(e)?;
+                let x = train_t.x.index_select(&idx, 0).map_err(e)?;
+                let y = train_t.y.index_select(&idx, 0).map_err(e)?;
+                let loss = (candle_nn::loss::cross_entropy(&model.logits(&x).map_err(e)?, &y)
+                    .map_err(e)?
+                    * ((hi - lo) as f64 / b as f64))
+                    .map_err(e)?;
+                losses[r] = f64::from(loss.to_scalar::<f32>().map_err(e)?);
+                let grads = loss.backward().map_err(e)?;
+                let mut g = vec![];
+                for (n, v) in &named {
+                    let t = grads
+                        .get(v.as_tensor())
+                        .ok_or_else(|| format!("{name}: no gradient for {n}"))?;
+                    g.push(
+                        t.flatten_all()
+                            .and_then(|t| t.to_vec1::<f32>())
+                            .map_err(e)?,
+                    );
+                }
+                local.push(g);
+            }
+            if let Some(c) = comm {
+                // Every rank's share of the loss (for the curve).
+                let mut all = vec![0.0; ranks];
+                c.all_gather_f64(
+                    "the ranks' losses",
+                    &[losses[c.rank()]],
+                    &vec![1; ranks],
+                    &mut all,
+                )
+                .map_err(|e| e.to_string())?;
+                losses = all;
+            }
+            // The batch's loss: the shares added in rank order.
+            epoch_loss += losses.iter().fold(0.0f32, |a, &l| a + l as f32) * b as f32;
+            let grads: Vec<Vec<f32>> = if comm.is_some() {
+                local.pop().expect("this rank's gradients")
+            } else {
+                // One process: the ranks' gradients added in rank order, as
+                // the sharded optimizer adds them.
+                let mut sum = local[0].clone();
+                for g in &local[1..] {
+                    for (a, b) in sum.iter_mut().zip(g) {
+                        for (x, y) in a.iter_mut().zip(b) {
+                            *x += y;
+                        }
+                    }
+                }
+                sum
+            };
+            let mut values: Vec<Vec<f32>> = named
+                .iter()
+                .map(|(_, v)| v.as_tensor().flatten_all().and_then(|t| t.to_vec1::<f32>()))
+                .collect::<candle_core::Result<_>>()
+                .map_err(e)?;
+            opt.set_lr(schedule.lr(step))
+                .map_err(|e| format!("{name}: {e}"))?;
+            step += 1;
+            {
+                let mut params: Vec<agr_runtime::ParamMut<'_>> = values
+                    .iter_mut()
+                    .zip(&grads)
+                    .zip(&shapes)
+                    .map(|((v, g), s)| agr_runtime::ParamMut::new(v, Some(g), s))
+                    .collect();
+                let report = opt
+                    .step_params(&mut params)
+                    .map_err(|e| format!("{name} seed {seed}: {e}"))?;
+                if let Some(i) = report.skipped_non_finite {
+                    eprintln!("{name} seed {seed}: skipped a step, the gradient of variable #{i} was not finite");
+                }
+            }
+            for ((_, var), (v, s)) in named.iter().zip(values.into_iter().zip(&shapes)) {
+                var.set(&Tensor::from_vec(v, s.as_slice(), &dev).map_err(e)?)
+                    .map_err(e)?;
+            }
+        }
+        let (test_loss, test_acc) = test_t.evaluate(&model).map_err(e)?;
+        curve.train_loss.push(epoch_loss / train.len() as f32);
+        curve.test_loss.push(test_loss);
+        curve.test_acc.push(test_acc);
+    }
+    Ok(curve)
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = Args::parse();
     if let agr_runtime::Device::Cuda(_) = args.device {
@@ -537,6 +749,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if args.epochs == 0 || args.seeds == 0 || args.batch == 0 {
         return Err("--epochs, --seeds and --batch must be at least 1".into());
     }
+    // Data-parallel: the communicator (MPI's world under mpirun).
+    let comm = match args.ranks {
+        None => None,
+        Some(0) => return Err("--ranks must be at least 1".into()),
+        Some(n) => {
+            if args.device != agr_runtime::Device::Cpu {
+                return Err("--ranks trains on the CPU in this version".into());
+            }
+            world(n)?
+        }
+    };
+    let rank = comm.as_ref().map_or(0, |c| c.rank());
     let started = Instant::now();
     let data = load(&args.data)?;
     let (train_set, test_set) = split(&data);
@@ -544,25 +768,42 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Unknown names and broken specs fail before any training.
         make(name, 1e-3, args.device)?;
     }
-    eprintln!(
-        "digits: {} train / {} test images; {} optimizers x {} seeds x {} epochs; agr's steps on {}",
-        train_set.len(),
-        test_set.len(),
-        args.optimizers.len(),
-        args.seeds,
-        args.epochs,
-        args.device
-    );
+    if rank == 0 {
+        eprintln!(
+            "digits: {} train / {} test images; {} optimizers x {} seeds x {} epochs; agr's steps on {}{}",
+            train_set.len(),
+            test_set.len(),
+            args.optimizers.len(),
+            args.seeds,
+            args.epochs,
+            args.device,
+            match (args.ranks, &comm) {
+                (Some(n), Some(_)) => format!(", data-parallel over {n} MPI ranks"),
+                (Some(n), None) => format!(", data-parallel over {n} ranks in one process"),
+                _ => String::new(),
+            }
+        );
+    }
     let jobs: Vec<(usize, u64)> = (0..args.optimizers.len())
         .flat_map(|o| (0..args.seeds).map(move |s| (o, s)))
         .collect();
-    let results: Vec<Result<((usize, u64), Curve), String>> = jobs
-        .par_iter()
-        .map(|&(o, seed)| {
-            let name = &args.optimizers[o];
-            let lr = args.lr.unwrap_or_else(|| default_lr(name));
-            let t = Instant::now();
-            let curve = train(name, lr, seed, &args, &train_set, &test_set)?;
+    let run = |&(o, seed): &(usize, u64)| {
+        let name = &args.optimizers[o];
+        let lr = args.lr.unwrap_or_else(|| default_lr(name));
+        let t = Instant::now();
+        let curve = match args.ranks {
+            None => train(name, lr, seed, &args, &train_set, &test_set)?,
+            Some(n) => train_ranks(
+                name,
+                lr,
+                seed,
+                &args,
+                (&train_set, &test_set),
+                n,
+                comm.as_ref(),
+            )?,
+        };
+        if rank == 0 {
             eprintln!(
                 "  {name:<12} seed {seed}  lr {:<6}  test acc {:.4}  test loss {:.4}  ({:.1} s)",
                 lr_label(name, lr),
@@ -570,15 +811,37 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 curve.test_loss.last().unwrap(),
                 t.elapsed().as_secs_f32()
             );
-            Ok(((o, seed), curve))
-        })
-        .collect();
+        }
+        Ok(((o, seed), curve))
+    };
+    // Ranks of one MPI job take their collectives in the same order: one
+    // run at a time.
+    let results: Vec<Result<((usize, u64), Curve), String>> = if comm.is_some() {
+        jobs.iter().map(run).collect()
+    } else {
+        jobs.par_iter().map(run).collect()
+    };
     let results: Vec<((usize, u64), Curve)> = results.into_iter().collect::<Result<_, _>>()?;
+    if rank != 0 {
+        // Rank 0 writes the results.
+        return Ok(());
+    }
 
     std::fs::create_dir_all(&args.out)?;
     let mut table = String::new();
     if args.device != agr_runtime::Device::Cpu {
         writeln!(table, "agr's optimizers stepped on `{}`.\n", args.device)?;
+    }
+    if let Some(n) = args.ranks {
+        writeln!(
+            table,
+            "Data-parallel over {n} ranks ({}), each optimizer sharded over them.\n",
+            if comm.is_some() {
+                "MPI processes"
+            } else {
+                "in one process"
+            }
+        )?;
     }
     writeln!(
         table,

@@ -153,87 +153,210 @@ pub fn replay_sharded(comm: &Arc<dyn Comm>, spec: Option<&Path>, files: &[PathBu
     !failed
 }
 
-/// `agr shard-bench`: `steps` sharded steps of a built-in on a workload;
-/// rank 0 prints the ranks, the most state bytes a rank holds against one
-/// process's, and the median step time (the slowest rank's).
-pub fn shard_bench(
-    comm: &Arc<dyn Comm>,
-    optimizer: &str,
-    workload: &str,
-    steps: usize,
-    grads: GradMode,
-) -> Result<(), String> {
-    let w = crate::bench::workloads()
-        .into_iter()
-        .find(|w| w.name == workload)
-        .ok_or_else(|| format!("no workload `{workload}`"))?;
-    let shapes: Vec<&[usize]> = w.shapes.iter().map(|s| s.as_slice()).collect();
-    let b = optim::builtin_or_err(optimizer)?;
-    let mut opt = b.make();
-    opt.shard(comm.clone(), grads).map_err(|e| e.to_string())?;
-    let mut values: Vec<Vec<f32>> = shapes
-        .iter()
-        .map(|s| vec![0.5f32; s.iter().product()])
-        .collect();
-    let g: Vec<Vec<f32>> = shapes
+/// Shapes that split tensors between ranks: two tensors of several
+/// chunks, one that is a single row, small ones and a scalar; matrices
+/// only for specs with matrix blocks (Muon).
+fn shard_mix(matrices_only: bool) -> Vec<Vec<usize>> {
+    if matrices_only {
+        // Each matrix is one unit (its block reads it whole).
+        vec![
+            vec![40, 24],
+            vec![24, 40],
+            vec![8, 8],
+            vec![64, 48],
+            vec![48, 64],
+            vec![16, 16],
+        ]
+    } else {
+        vec![
+            vec![300, 250],
+            vec![70_000],
+            vec![4, 3],
+            vec![33],
+            vec![96, 64],
+            vec![1],
+        ]
+    }
+}
+
+/// Rank `rank`'s gradients on step `k` (deterministic, so every rank can
+/// compute every rank's).
+fn local_grads(shapes: &[Vec<usize>], rank: usize, k: usize) -> Vec<Vec<f32>> {
+    shapes
         .iter()
         .enumerate()
         .map(|(i, s)| {
             let n: usize = s.iter().product();
             (0..n)
-                .map(|k| (((k * 2654435761 + i * 97) % 2001) as f32 - 1000.0) * 1e-4)
+                .map(|e| {
+                    let h = (e as u64)
+                        .wrapping_mul(2654435761)
+                        .wrapping_add((i * 97 + rank * 7919 + k * 104729) as u64)
+                        % 2001;
+                    (h as f32 - 1000.0) * 1e-4
+                })
                 .collect()
         })
+        .collect()
+}
+
+/// The gradients one process steps with: under a reduce-scatter the mean
+/// of every rank's, added in rank order; else rank 0's (every rank's).
+fn reference_grads(shapes: &[Vec<usize>], size: usize, k: usize, grads: GradMode) -> Vec<Vec<f32>> {
+    let mut g = local_grads(shapes, 0, k);
+    if let GradMode::ReduceScatter { mean } = grads {
+        for r in 1..size {
+            for (a, b) in g.iter_mut().zip(local_grads(shapes, r, k)) {
+                for (x, y) in a.iter_mut().zip(b) {
+                    *x += y;
+                }
+            }
+        }
+        if mean {
+            for x in g.iter_mut().flatten() {
+                *x /= size as f32;
+            }
+        }
+    }
+    g
+}
+
+fn step(
+    opt: &mut dyn DynOptimizer,
+    shapes: &[Vec<usize>],
+    values: &mut [Vec<f32>],
+    g: &[Vec<f32>],
+) -> Result<f64, String> {
+    let mut params: Vec<ParamMut<'_>> = values
+        .iter_mut()
+        .zip(shapes)
+        .zip(g)
+        .map(|((v, s), g)| ParamMut::new(v, Some(g), s))
         .collect();
-    let mut times = vec![];
-    for _ in 0..steps.max(1) {
-        let mut params: Vec<ParamMut<'_>> = values
-            .iter_mut()
-            .zip(&shapes)
-            .zip(&g)
-            .map(|((v, s), g)| ParamMut::new(v, Some(g), s))
-            .collect();
-        let t0 = Instant::now();
-        opt.step_params(&mut params).map_err(|e| e.to_string())?;
-        times.push(t0.elapsed().as_secs_f64());
-    }
-    times.sort_by(f64::total_cmp);
-    let median = times[times.len() / 2];
-    let all_times = gather(comm, "each rank's step time", median)?;
-    let all_bytes = gather(
-        comm,
-        "each rank's state bytes",
-        opt.state_bytes().total() as f64,
-    )?;
-    if comm.rank() == 0 {
-        let whole = {
-            let mut one = b.make();
-            let mut v: Vec<Vec<f32>> = shapes
-                .iter()
-                .map(|s| vec![0.5f32; s.iter().product()])
-                .collect();
-            let mut params: Vec<ParamMut<'_>> = v
-                .iter_mut()
-                .zip(&shapes)
-                .zip(&g)
-                .map(|((v, s), g)| ParamMut::new(v, Some(g), s))
-                .collect();
-            one.step_params(&mut params).map_err(|e| e.to_string())?;
-            one.state_bytes().total()
+    let t0 = Instant::now();
+    opt.step_params(&mut params).map_err(|e| e.to_string())?;
+    Ok(t0.elapsed().as_secs_f64())
+}
+
+/// `agr shard-bench`: `steps` sharded steps of each built-in on a workload;
+/// rank 0 prints the ranks, the most state bytes a rank holds against one
+/// process's, and the median step time (the slowest rank's). With `check`,
+/// every rank also steps one process's optimizer and the line says whether
+/// every rank's parameters were bitwise the same after every step (an
+/// error if not).
+pub fn shard_bench(
+    comm: &Arc<dyn Comm>,
+    optimizers: &[String],
+    workload: &str,
+    steps: usize,
+    grads: GradMode,
+    check: bool,
+) -> Result<(), String> {
+    let names: Vec<&str> = if optimizers.iter().any(|o| o == "all") {
+        optim::BUILTINS.iter().map(|b| b.name).collect()
+    } else {
+        optimizers.iter().map(String::as_str).collect()
+    };
+    let mut failed = vec![];
+    for name in names {
+        let b = optim::builtin_or_err(name)?;
+        let matrices = !b.make().desc().matrices.is_empty();
+        let shapes = if workload == "shard_mix" {
+            shard_mix(matrices)
+        } else {
+            crate::bench::workloads()
+                .into_iter()
+                .find(|w| w.name == workload)
+                .ok_or_else(|| format!("no workload `{workload}` (shard_mix, one_2^24, gpt_150)"))?
+                .shapes
         };
-        let most = all_bytes.iter().copied().fold(0.0, f64::max);
-        let slowest = all_times.iter().copied().fold(0.0, f64::max);
-        println!(
-            "shard-bench {optimizer} {workload} ranks={} grads={} state_bytes/rank={} (1 process: {whole}, ratio {:.3}) step_ms={:.2}",
-            comm.size(),
-            match grads {
-                GradMode::Full => "full",
-                GradMode::ReduceScatter { .. } => "reduce-scatter",
-            },
-            most as usize,
-            most / whole.max(1) as f64,
-            slowest * 1e3
-        );
+        if matrices && shapes.iter().any(|s| s.len() != 2) {
+            return Err(format!(
+                "{name} steps matrices only: use --workload shard_mix"
+            ));
+        }
+        let init = |i: usize, n: usize| -> Vec<f32> {
+            (0..n)
+                .map(|e| 0.5 - ((e * 31 + i * 7) % 97) as f32 * 0.01)
+                .collect()
+        };
+        let fresh = || -> Vec<Vec<f32>> {
+            shapes
+                .iter()
+                .enumerate()
+                .map(|(i, s)| init(i, s.iter().product()))
+                .collect()
+        };
+        let mut opt = b.make();
+        opt.shard(comm.clone(), grads).map_err(|e| e.to_string())?;
+        let mut single = b.make();
+        let (mut values, mut want) = (fresh(), fresh());
+        let mut times = vec![];
+        let mut differing = 0usize;
+        for k in 1..=steps.max(1) {
+            let mine = match grads {
+                GradMode::Full => local_grads(&shapes, 0, k),
+                GradMode::ReduceScatter { .. } => local_grads(&shapes, comm.rank(), k),
+            };
+            times.push(step(opt.as_mut(), &shapes, &mut values, &mine)?);
+            if check {
+                let g = reference_grads(&shapes, comm.size(), k, grads);
+                step(single.as_mut(), &shapes, &mut want, &g)?;
+                let same = values.iter().zip(&want).all(|(a, b)| {
+                    a.iter()
+                        .map(|x| x.to_bits())
+                        .eq(b.iter().map(|x| x.to_bits()))
+                });
+                differing += usize::from(!same);
+            }
+        }
+        times.sort_by(f64::total_cmp);
+        let median = times[times.len() / 2];
+        let all_times = gather(comm, "each rank's step time", median)?;
+        let all_bytes = gather(
+            comm,
+            "each rank's state bytes",
+            opt.state_bytes().total() as f64,
+        )?;
+        let verdicts = gather(comm, "each rank's check", differing as f64)?;
+        let bad: Vec<usize> = (0..comm.size()).filter(|&r| verdicts[r] != 0.0).collect();
+        if !bad.is_empty() {
+            failed.push(name);
+        }
+        if comm.rank() == 0 {
+            let whole = if check {
+                single.state_bytes().total()
+            } else {
+                let mut one = b.make();
+                let mut v = fresh();
+                step(one.as_mut(), &shapes, &mut v, &local_grads(&shapes, 0, 1))?;
+                one.state_bytes().total()
+            };
+            let most = all_bytes.iter().copied().fold(0.0, f64::max);
+            let slowest = all_times.iter().copied().fold(0.0, f64::max);
+            let verdict = match (check, bad.is_empty()) {
+                (false, _) => String::new(),
+                (true, true) => format!(" bit-identical to 1 process over {steps} steps"),
+                (true, false) => format!(" DIFFERS from 1 process on ranks {bad:?}"),
+            };
+            println!(
+                "shard-bench {name} {workload} ranks={} grads={} state_bytes/rank={} (1 process: {whole}, ratio {:.3}) step_ms={:.2}{verdict}",
+                comm.size(),
+                match grads {
+                    GradMode::Full => "full",
+                    GradMode::ReduceScatter { .. } => "reduce-scatter",
+                },
+                most as usize,
+                most / whole.max(1) as f64,
+                slowest * 1e3
+            );
+        }
     }
-    Ok(())
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "sharded steps differ from one process's for {failed:?}"
+        ))
+    }
 }

@@ -333,7 +333,7 @@ impl<K: crate::Kernel> crate::Optimizer<K> {
     /// the first step, with the same parameters passed in the same order
     /// on every rank. On the CPU in this version.
     pub fn shard(&mut self, comm: Arc<dyn Comm>, grads: GradMode) -> Result<(), ShardError> {
-        if self.n_params.is_some() || self.tensors.iter().any(Option::is_some) {
+        if self.steps > 0 || self.tensors.iter().any(Option::is_some) {
             return Err(ShardError::AfterFirstStep {
                 optimizer: self.desc.name.to_string(),
             });

@@ -56,11 +56,17 @@ enum Command {
     /// mpi`): state bytes per rank against one process's, and the median
     /// step time of the slowest rank.
     ShardBench {
-        #[arg(long, default_value = "adamw_agr")]
-        optimizer: String,
-        /// one_2^24 or gpt_150 (see `agr bench`).
+        /// Built-ins to step (`all`: every one).
+        #[arg(long, value_delimiter = ',', default_value = "adamw_agr")]
+        optimizers: Vec<String>,
+        /// one_2^24 or gpt_150 (see `agr bench`), or shard_mix (small
+        /// tensors and tensors of several chunks, split between ranks).
         #[arg(long, default_value = "gpt_150")]
         workload: String,
+        /// Also step one process's optimizer on every rank and fail unless
+        /// every rank's parameters are bitwise the same after every step.
+        #[arg(long)]
+        check: bool,
         #[arg(long, default_value_t = 11)]
         steps: usize,
         /// `full`: every rank passes the same gradients; `reduce-scatter`:
@@ -141,8 +147,9 @@ fn main() -> ExitCode {
             })
         }
         Command::ShardBench {
-            optimizer,
+            optimizers,
             workload,
+            check,
             steps,
             grads,
         } => {
@@ -154,7 +161,9 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            with_mpi(|comm| agr::sharded::shard_bench(&comm, &optimizer, &workload, steps, grads))
+            with_mpi(|comm| {
+                agr::sharded::shard_bench(&comm, &optimizers, &workload, steps, grads, check)
+            })
         }
         Command::Bench {
             optimizers,
