@@ -13,7 +13,7 @@ case "${1:-}" in
 build)
     rm -rf "$bundle" && mkdir -p "$bundle/bin" "$bundle/golden"
     # The test binaries gpu, emulated and cuda_kernels, and the example gpu_bench.
-    cargo test -p agr-runtime --features cuda --release --no-run --message-format=json \
+    cargo test -p agr-runtime --features cuda,nccl --release --no-run --message-format=json \
         | python3 scripts/bundle.py "$bundle/bin" gpu emulated gpu_bench cuda_kernels
     for b in gpu emulated gpu_bench cuda_kernels; do
         [ -x "$bundle/bin/$b" ] || { echo "gpu-check: $b was not built" >&2; exit 1; }
@@ -65,6 +65,12 @@ run)
     # The repository's own references travel with the working tree.
     export AGR_REPO_GOLDEN_DIR="$PWD/tests/golden"
     (nvidia-smi || true) > "$out/nvidia-smi.txt" 2>&1
+    # NCCL (one rank, in the gpu suite): libnccl from the machine's
+    # nvidia-nccl wheel if it has one (too large to travel with the bundle).
+    nccl_lib="$(python3 -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib"))' 2>/dev/null || true)"
+    if [ -n "$nccl_lib" ] && [ -d "$nccl_lib" ]; then
+        export LD_LIBRARY_PATH="$nccl_lib:$LD_LIBRARY_PATH"
+    fi
     status=0
     # The GPU tests are #[ignore]d (a run without a GPU lists them as ignored):
     # run them all here, where a missing GPU fails them.

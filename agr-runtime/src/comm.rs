@@ -564,7 +564,7 @@ mod mpi_comm {
 }
 
 #[cfg(feature = "nccl")]
-pub use self::nccl_comm::{new_nccl_id, Nccl};
+pub use self::nccl_comm::{nccl_available, new_nccl_id, Nccl};
 
 #[cfg(feature = "nccl")]
 mod nccl_comm {
@@ -591,9 +591,28 @@ mod nccl_comm {
     unsafe impl Send for Nccl {}
     unsafe impl Sync for Nccl {}
 
+    /// Whether libnccl can be loaded (from the `nvidia-nccl-cu12` wheel,
+    /// say, its `lib` folder on `LD_LIBRARY_PATH`).
+    pub fn nccl_available() -> bool {
+        crate::cuda::culib_present("nccl")
+    }
+
+    fn missing(rank: usize, what: &str) -> CommError {
+        CommError {
+            rank,
+            what: what.to_string(),
+            message: "libnccl.so.2 not found: install the nvidia-nccl-cu12 wheel and put its \
+                      nvidia/nccl/lib folder on LD_LIBRARY_PATH"
+                .into(),
+        }
+    }
+
     /// A new NCCL unique id (made on one rank, handed to the others by the
     /// launcher: MPI, a file, the environment), as its 128 bytes.
     pub fn new_nccl_id() -> Result<[u8; 128], CommError> {
+        if !nccl_available() {
+            return Err(missing(0, "ncclGetUniqueId"));
+        }
         let id = Id::new().map_err(|e| nccl_error(0, "ncclGetUniqueId", e))?;
         Ok(id.internal().map(|c| c as u8))
     }
@@ -614,6 +633,9 @@ mod nccl_comm {
             size: usize,
             id: [u8; 128],
         ) -> Result<Nccl, CommError> {
+            if !nccl_available() {
+                return Err(missing(rank, "ncclCommInitRank"));
+            }
             let id = Id::uninit(id.map(|b| b as core::ffi::c_char));
             let comm = NcclComm::from_rank(stream.clone(), rank, size, id)
                 .map_err(|e| nccl_error(rank, "ncclCommInitRank", e))?;

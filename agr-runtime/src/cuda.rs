@@ -96,8 +96,8 @@ fn preload_nvrtc() {
 /// where it loads its libraries at run time; where it links them (candle's
 /// `cuda` feature turns that on), they are loaded with the program, and
 /// opening one by its SONAME finds it.
-fn culib_present(lib: &str) -> bool {
-    ["", ".13", ".12", ".11", ".10", ".9", ".1"]
+pub(crate) fn culib_present(lib: &str) -> bool {
+    ["", ".13", ".12", ".11", ".10", ".9", ".2", ".1"]
         .iter()
         .any(|suffix| {
             // SAFETY: only opens the library (CUDA's libraries run no

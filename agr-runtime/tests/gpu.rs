@@ -386,3 +386,62 @@ fn a_non_finite_first_step_leaves_the_gpu_optimizer_as_new() {
         }
     }
 }
+
+/// One rank of NCCL on the GPU: its collectives move values exactly, and
+/// a sharded step over it is bitwise the unsharded step (one rank cannot
+/// split anything; several ranks need several GPUs, which the GPU machine
+/// does not have: the packing and folding are the MPI path's, tested with
+/// 1 to 4 ranks in tests/mpi.rs).
+#[cfg(feature = "nccl")]
+#[test]
+#[ignore = "needs a CUDA GPU and libnccl: scripts/gpu-check.sh runs it (--include-ignored)"]
+fn nccl_on_one_gpu_gathers_exactly_and_steps_a_sharded_optimizer_bit_identically() {
+    use agr_runtime::comm::{new_nccl_id, Comm, Nccl};
+    use agr_runtime::shard::GradMode;
+    let stream = gpu();
+    let id = new_nccl_id().unwrap_or_else(|e| panic!("{e}"));
+    let comm: Arc<dyn Comm> = Arc::new(Nccl::new(stream, 0, 1, id).unwrap_or_else(|e| panic!("{e}")));
+    let send: Vec<f64> = vec![1.0, -0.0, f64::MIN_POSITIVE, 3.5e300, f64::NAN];
+    let mut recv = vec![0.0f64; 5];
+    comm.all_gather_f64("a test", &send, &[5], &mut recv).unwrap();
+    assert!(send.iter().zip(&recv).all(|(a, b)| a.to_bits() == b.to_bits()));
+    let send32: Vec<f32> = data(1000, 3);
+    let mut recv32 = vec![0.0f32; 1000];
+    comm.all_to_all_f32("a test", &send32, &[1000], &mut recv32, &[1000])
+        .unwrap();
+    assert_eq!(send32, recv32);
+    let shapes: Vec<Vec<usize>> = vec![vec![300, 250], vec![70_000], vec![7]];
+    let run = |sharded: bool| {
+        let mut opt = AdamWAgr::with_config(Default::default()).unwrap();
+        if sharded {
+            opt.shard(comm.clone(), GradMode::Full).unwrap();
+        }
+        let mut values: Vec<Vec<f32>> = shapes
+            .iter()
+            .enumerate()
+            .map(|(i, s)| data(s.iter().product(), i as u64))
+            .collect();
+        for k in 0..3u64 {
+            let grads: Vec<Vec<f32>> = shapes
+                .iter()
+                .enumerate()
+                .map(|(i, s)| data(s.iter().product(), 100 + k * 10 + i as u64))
+                .collect();
+            let mut params: Vec<ParamMut<'_>> = values
+                .iter_mut()
+                .zip(&grads)
+                .zip(&shapes)
+                .map(|((v, g), s)| ParamMut::new(v, Some(g), s))
+                .collect();
+            opt.step_params(&mut params).unwrap();
+        }
+        values
+    };
+    let (a, b) = (run(true), run(false));
+    assert!(a
+        .iter()
+        .flatten()
+        .zip(b.iter().flatten())
+        .all(|(x, y)| x.to_bits() == y.to_bits()));
+    eprintln!("NCCL, one rank: collectives exact, the sharded step bit-identical");
+}
