@@ -240,7 +240,8 @@ fn step(
 
 /// `agr shard-bench`: `steps` sharded steps of each built-in on a workload;
 /// rank 0 prints the ranks, the most state bytes a rank holds against one
-/// process's, and the median step time (the slowest rank's). With `check`,
+/// process's, and the median step time (the slowest rank's) against one
+/// process's unsharded step, timed alternately with it on every rank. With `check`,
 /// every rank also steps one process's optimizer and the line says whether
 /// every rank's parameters were bitwise the same after every step (an
 /// error if not).
@@ -291,7 +292,7 @@ pub fn shard_bench(
         opt.shard(comm.clone(), grads).map_err(|e| e.to_string())?;
         let mut single = b.make();
         let (mut values, mut want) = (fresh(), fresh());
-        let mut times = vec![];
+        let (mut times, mut single_times) = (vec![], vec![]);
         let mut differing = 0usize;
         for k in 1..=steps.max(1) {
             let mine = match grads {
@@ -299,9 +300,11 @@ pub fn shard_bench(
                 GradMode::ReduceScatter { .. } => local_grads(&shapes, comm.rank(), k),
             };
             times.push(step(opt.as_mut(), &shapes, &mut values, &mine)?);
+            // The yardstick, alternating with it: one process's step (on
+            // every rank, so the ranks share the machine alike).
+            let g = reference_grads(&shapes, comm.size(), k, grads);
+            single_times.push(step(single.as_mut(), &shapes, &mut want, &g)?);
             if check {
-                let g = reference_grads(&shapes, comm.size(), k, grads);
-                step(single.as_mut(), &shapes, &mut want, &g)?;
                 let same = values.iter().zip(&want).all(|(a, b)| {
                     a.iter()
                         .map(|x| x.to_bits())
@@ -311,8 +314,11 @@ pub fn shard_bench(
             }
         }
         times.sort_by(f64::total_cmp);
+        single_times.sort_by(f64::total_cmp);
         let median = times[times.len() / 2];
+        let single_median = single_times[single_times.len() / 2];
         let all_times = gather(comm, "each rank's step time", median)?;
+        let all_single = gather(comm, "each rank's unsharded step time", single_median)?;
         let all_bytes = gather(
             comm,
             "each rank's state bytes",
@@ -324,23 +330,17 @@ pub fn shard_bench(
             failed.push(name);
         }
         if comm.rank() == 0 {
-            let whole = if check {
-                single.state_bytes().total()
-            } else {
-                let mut one = b.make();
-                let mut v = fresh();
-                step(one.as_mut(), &shapes, &mut v, &local_grads(&shapes, 0, 1))?;
-                one.state_bytes().total()
-            };
+            let whole = single.state_bytes().total();
             let most = all_bytes.iter().copied().fold(0.0, f64::max);
             let slowest = all_times.iter().copied().fold(0.0, f64::max);
+            let single_slowest = all_single.iter().copied().fold(0.0, f64::max);
             let verdict = match (check, bad.is_empty()) {
                 (false, _) => String::new(),
                 (true, true) => format!(" bit-identical to 1 process over {steps} steps"),
                 (true, false) => format!(" DIFFERS from 1 process on ranks {bad:?}"),
             };
             println!(
-                "shard-bench {name} {workload} ranks={} grads={} state_bytes/rank={} (1 process: {whole}, ratio {:.3}) step_ms={:.2}{verdict}",
+                "shard-bench {name} {workload} ranks={} grads={} state_bytes/rank={} (1 process: {whole}, ratio {:.3}) step_ms={:.2} unsharded_ms={:.2} ratio_vs_unsharded={:.2}{verdict}",
                 comm.size(),
                 match grads {
                     GradMode::Full => "full",
@@ -348,7 +348,9 @@ pub fn shard_bench(
                 },
                 most as usize,
                 most / whole.max(1) as f64,
-                slowest * 1e3
+                slowest * 1e3,
+                single_slowest * 1e3,
+                slowest / single_slowest
             );
         }
     }

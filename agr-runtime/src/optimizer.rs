@@ -289,8 +289,9 @@ struct Scratch<K: Kernel> {
     item_counts: Vec<usize>,
     /// Sharded: this rank's partial results, sent to the others.
     send: Vec<f64>,
-    /// Sharded with a reduce-scatter: this rank's summed gradients.
-    grads: Vec<f32>,
+    /// Sharded: the collectives' buffers (and, after a reduce-scatter,
+    /// this rank's summed gradients).
+    shard: crate::shard::ShardBufs,
 }
 
 impl<K: Kernel> Default for Scratch<K> {
@@ -310,7 +311,7 @@ impl<K: Kernel> Default for Scratch<K> {
             own: 0..0,
             item_counts: vec![],
             send: vec![],
-            grads: vec![],
+            shard: Default::default(),
         }
     }
 }
@@ -706,16 +707,17 @@ impl<K: Kernel> Optimizer<K> {
             if let GradMode::ReduceScatter { mean } = sh.grads {
                 let plan = sh.plan.as_ref().expect("made above");
                 let grads: Vec<Option<&[f32]>> = params.iter().map(|p| p.grad).collect();
-                self.scratch.grads = sh
-                    .reduce_scatter(plan, &grads, mean)
-                    .map_err(StepError::Comm)?;
+                if plan.size > 1 {
+                    sh.reduce_scatter(plan, &grads, mean, &mut self.scratch.shard)
+                        .map_err(StepError::Comm)?;
+                }
             }
         }
         let plan = self.shard.as_ref().and_then(|sh| sh.plan.as_ref());
-        let scattered = self
-            .shard
-            .as_ref()
-            .is_some_and(|sh| matches!(sh.grads, GradMode::ReduceScatter { .. }));
+        // One rank alone steps with its own gradients.
+        let scattered = self.shard.as_ref().is_some_and(|sh| {
+            matches!(sh.grads, GradMode::ReduceScatter { .. }) && sh.comm.size() > 1
+        });
         // What a skipped step restores: on the first step nothing exists yet.
         let (n_params_before, tensors_before) = (self.n_params, self.tensors.len());
         self.n_params = Some(params.len());
@@ -777,7 +779,7 @@ impl<K: Kernel> Optimizer<K> {
             let dims = Dims::of(p.shape, desc);
             let (g, g_off) = if scattered {
                 // This rank's summed gradients: its parts, in parameter order.
-                (sc.grads[part_at..].as_ptr(), lo)
+                (sc.shard.grads[part_at..].as_ptr(), lo)
             } else {
                 (g.as_ptr(), 0)
             };
@@ -1018,7 +1020,8 @@ impl<K: Kernel> Optimizer<K> {
             if let Some(pl) = plan {
                 let mut values: Vec<&mut [f32]> =
                     params.iter_mut().map(|p| &mut *p.value).collect();
-                sh.gather_params(pl, &mut values).map_err(StepError::Comm)?;
+                sh.gather_params(pl, &mut values, &mut sc.shard)
+                    .map_err(StepError::Comm)?;
             }
         }
         // The step succeeded: per-tensor states take their new values.

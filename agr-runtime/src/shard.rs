@@ -232,27 +232,39 @@ pub(crate) struct Shard {
 
 impl Shard {
     /// All-gathers the updated parameters: each rank sends the values of
-    /// its flattened range, every rank receives every range.
+    /// its flattened range, every rank receives every range and copies the
+    /// others' into its tensors. `buf` is reused between steps. One rank
+    /// alone has nothing to receive.
     pub(crate) fn gather_params(
         &self,
         plan: &ShardPlan,
         values: &mut [&mut [f32]],
+        bufs: &mut ShardBufs,
     ) -> Result<(), CommError> {
-        let (lo, hi) = plan.ranges[plan.rank];
-        let mut send = Vec::with_capacity(hi - lo);
+        if plan.size == 1 {
+            return Ok(());
+        }
+        let ShardBufs {
+            send, recv: buf, ..
+        } = bufs;
+        send.clear();
         for (i, v) in values.iter().enumerate() {
             let (a, b) = plan.part(i);
             send.extend_from_slice(&v[a..b]);
         }
         let counts = plan.counts();
         let total: usize = counts.iter().sum();
-        let mut all = vec![0.0f32; total];
+        // Grown once (and zeroed only then): every value is overwritten.
+        buf.resize(total, 0.0);
         self.comm
-            .all_gather_f32("the updated parameters", &send, &counts, &mut all)?;
+            .all_gather_f32("the updated parameters", send, &counts, buf)?;
         let mut at = 0;
         for (i, v) in values.iter_mut().enumerate() {
             let n = plan.numel[i];
-            v.copy_from_slice(&all[at..at + n]);
+            let (a, b) = plan.part(i);
+            // Everything but this rank's own part, which is already there.
+            v[..a].copy_from_slice(&buf[at..at + a]);
+            v[b..].copy_from_slice(&buf[at + b..at + n]);
             at += n;
         }
         Ok(())
@@ -260,19 +272,25 @@ impl Shard {
 
     /// ZeRO-2: from every rank's local gradients (`None`: a parameter
     /// without one, the same on every rank), this rank's summed gradients
-    /// for its units, flattened in order. `parts[i]` is the slice of the
-    /// result that is parameter `i`'s part.
+    /// for its units, flattened in order, into `bufs.grads`. (One rank
+    /// alone steps with its own gradients: see the engine.)
     pub(crate) fn reduce_scatter(
         &self,
         plan: &ShardPlan,
         grads: &[Option<&[f32]>],
         mean: bool,
-    ) -> Result<Vec<f32>, CommError> {
+        bufs: &mut ShardBufs,
+    ) -> Result<(), CommError> {
         let size = plan.size;
+        let ShardBufs {
+            send,
+            recv,
+            grads: sum,
+        } = bufs;
         // What this rank sends to each rank: its gradients over that rank's
         // range (zeros where a parameter has none).
         let mut send_counts = vec![0usize; size];
-        let mut send = Vec::new();
+        send.clear();
         for r in 0..size {
             for (i, g) in grads.iter().enumerate() {
                 let (a, b) = plan.part_of(r, i);
@@ -285,29 +303,39 @@ impl Shard {
         }
         let mine = send_counts[plan.rank];
         let recv_counts = vec![mine; size];
-        let mut recv = vec![0.0f32; mine * size];
+        recv.resize(mine * size, 0.0);
         self.comm.all_to_all_f32(
             "the local gradients (reduce-scatter)",
-            &send,
+            send,
             &send_counts,
-            &mut recv,
+            recv,
             &recv_counts,
         )?;
         let at = offsets(&recv_counts);
-        let mut sum = recv[..mine].to_vec();
+        sum.clear();
+        sum.extend_from_slice(&recv[..mine]);
         for &from in &at[1..] {
             for (s, &x) in sum.iter_mut().zip(&recv[from..from + mine]) {
                 *s += x;
             }
         }
-        if mean {
+        if mean && size > 1 {
             let n = size as f32;
-            for s in &mut sum {
+            for s in sum.iter_mut() {
                 *s /= n;
             }
         }
-        Ok(sum)
+        Ok(())
     }
+}
+
+/// Buffers a sharded step reuses (grown once, not zeroed each step).
+#[derive(Default)]
+pub(crate) struct ShardBufs {
+    pub(crate) send: Vec<f32>,
+    pub(crate) recv: Vec<f32>,
+    /// This rank's summed gradients, after a reduce-scatter.
+    pub(crate) grads: Vec<f32>,
 }
 
 /// Bytes of optimizer state one rank holds.

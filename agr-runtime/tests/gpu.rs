@@ -400,11 +400,16 @@ fn nccl_on_one_gpu_gathers_exactly_and_steps_a_sharded_optimizer_bit_identically
     use agr_runtime::shard::GradMode;
     let stream = gpu();
     let id = new_nccl_id().unwrap_or_else(|e| panic!("{e}"));
-    let comm: Arc<dyn Comm> = Arc::new(Nccl::new(stream, 0, 1, id).unwrap_or_else(|e| panic!("{e}")));
+    let comm: Arc<dyn Comm> =
+        Arc::new(Nccl::new(stream, 0, 1, id).unwrap_or_else(|e| panic!("{e}")));
     let send: Vec<f64> = vec![1.0, -0.0, f64::MIN_POSITIVE, 3.5e300, f64::NAN];
     let mut recv = vec![0.0f64; 5];
-    comm.all_gather_f64("a test", &send, &[5], &mut recv).unwrap();
-    assert!(send.iter().zip(&recv).all(|(a, b)| a.to_bits() == b.to_bits()));
+    comm.all_gather_f64("a test", &send, &[5], &mut recv)
+        .unwrap();
+    assert!(send
+        .iter()
+        .zip(&recv)
+        .all(|(a, b)| a.to_bits() == b.to_bits()));
     let send32: Vec<f32> = data(1000, 3);
     let mut recv32 = vec![0.0f32; 1000];
     comm.all_to_all_f32("a test", &send32, &[1000], &mut recv32, &[1000])
