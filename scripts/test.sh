@@ -14,4 +14,4 @@ eval "$(scripts/cuda-tools.sh)"
 eval "$(scripts/libtorch.sh)"
 scripts/mpi.sh
 export AGR_REQUIRE_CUDA_TOOLS="${AGR_REQUIRE_CUDA_TOOLS:-1}"
-cargo test --workspace --features agr-runtime/cuda,agr-runtime/candle,agr-runtime/tch,candle-bench,mpi "$@"
+cargo test --workspace --features agr-runtime/cuda,agr-runtime/nccl,agr-runtime/candle,agr-runtime/tch,candle-bench,mpi "$@"

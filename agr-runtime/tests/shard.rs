@@ -367,3 +367,37 @@ fn a_sharded_optimizer_stays_on_the_cpu_and_is_sharded_before_it_steps() {
     assert!(e.to_string().contains("before its first step"), "{e}");
     assert_eq!(bits(&v), bits(&w));
 }
+
+#[test]
+fn a_collective_with_wrong_counts_is_an_error_before_anything_moves() {
+    let solo = Solo;
+    let mut recv = vec![7.0f64; 3];
+    let e = solo
+        .all_gather_f64("a test", &[1.0, 2.0], &[3], &mut recv)
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("sending 2 values where this rank's count is 3"),
+        "{e}"
+    );
+    assert_eq!(recv, vec![7.0; 3]);
+    let e = solo
+        .all_gather_f64("a test", &[1.0], &[1, 1], &mut recv)
+        .unwrap_err();
+    assert!(e.to_string().contains("2 counts for 1 ranks"), "{e}");
+    // Threads: a rank that expects more than another sends fails, naming it.
+    let results = on_ranks(2, |r, comm| {
+        let send = vec![1.0f32; 4];
+        let mut recv = vec![0.0f32; 4 + r];
+        comm.all_to_all_f32("a test", &send, &[2, 2], &mut recv, &[2, 2 + r])
+            .err()
+            .map(|e| e.to_string())
+    });
+    assert!(results[0].is_none(), "{results:?}");
+    assert!(
+        results[1]
+            .as_deref()
+            .is_some_and(|e| e.contains("rank 1 sent 2 values where this rank expected 3")),
+        "{results:?}"
+    );
+}
