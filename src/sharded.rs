@@ -42,10 +42,13 @@ fn replay_one(
     comm: &Arc<dyn Comm>,
     f: &Path,
     spec: Option<&CompiledSpec>,
+    device: agr_runtime::Device,
 ) -> Result<Outcome, String> {
     let g = golden::load(f)?;
-    // One process first: its parameters after each step, as bits.
+    // One process first, on the same device: its parameters after each
+    // step, as bits.
     let (mut single, _) = optimizer_for(&g, spec)?;
+    single.set_device(device).map_err(|e| e.to_string())?;
     let mut want: Vec<Vec<Vec<u32>>> = vec![];
     golden::replay_observed(&g, single.as_mut(), &mut |_, v| {
         want.push(
@@ -55,6 +58,7 @@ fn replay_one(
         )
     })?;
     let (mut opt, label) = optimizer_for(&g, spec)?;
+    opt.set_device(device).map_err(|e| e.to_string())?;
     opt.shard(comm.clone(), GradMode::Full)
         .map_err(|e| e.to_string())?;
     let mut differing_steps = 0;
@@ -88,7 +92,12 @@ fn gather(comm: &Arc<dyn Comm>, what: &str, x: f64) -> Result<Vec<f64>, String> 
 /// matches its reference and every rank's parameters after every step are
 /// bitwise those of one process. Returns whether every file passed (the
 /// same on every rank).
-pub fn replay_sharded(comm: &Arc<dyn Comm>, spec: Option<&Path>, files: &[PathBuf]) -> bool {
+pub fn replay_sharded(
+    comm: &Arc<dyn Comm>,
+    spec: Option<&Path>,
+    device: agr_runtime::Device,
+    files: &[PathBuf],
+) -> bool {
     let (rank, size) = (comm.rank(), comm.size());
     let compiled = match spec.map(agr_runtime::compile_file).transpose() {
         Ok(c) => c,
@@ -105,7 +114,7 @@ pub fn replay_sharded(comm: &Arc<dyn Comm>, spec: Option<&Path>, files: &[PathBu
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let outcome = replay_one(comm, f, compiled.as_ref());
+        let outcome = replay_one(comm, f, compiled.as_ref(), device);
         // Every rank learns every rank's verdict (-1: an error here).
         let mine = match &outcome {
             Ok(o) => o.differing_steps as f64,
@@ -252,6 +261,7 @@ pub fn shard_bench(
     steps: usize,
     grads: GradMode,
     check: bool,
+    device: agr_runtime::Device,
 ) -> Result<(), String> {
     let names: Vec<&str> = if optimizers.iter().any(|o| o == "all") {
         optim::BUILTINS.iter().map(|b| b.name).collect()
@@ -289,8 +299,10 @@ pub fn shard_bench(
                 .collect()
         };
         let mut opt = b.make();
+        opt.set_device(device).map_err(|e| e.to_string())?;
         opt.shard(comm.clone(), grads).map_err(|e| e.to_string())?;
         let mut single = b.make();
+        single.set_device(device).map_err(|e| e.to_string())?;
         let (mut values, mut want) = (fresh(), fresh());
         let (mut times, mut single_times) = (vec![], vec![]);
         let mut differing = 0usize;
@@ -340,7 +352,7 @@ pub fn shard_bench(
                 (true, false) => format!(" DIFFERS from 1 process on ranks {bad:?}"),
             };
             println!(
-                "shard-bench {name} {workload} ranks={} grads={} state_bytes/rank={} (1 process: {whole}, ratio {:.3}) step_ms={:.2} unsharded_ms={:.2} ratio_vs_unsharded={:.2}{verdict}",
+                "shard-bench {name} {workload} device={device} ranks={} grads={} state_bytes/rank={} (1 process: {whole}, ratio {:.3}) step_ms={:.2} unsharded_ms={:.2} ratio_vs_unsharded={:.2}{verdict}",
                 comm.size(),
                 match grads {
                     GradMode::Full => "full",

@@ -120,6 +120,49 @@ fn every_builtin_with_tensors_split_between_ranks_is_bit_identical_in_both_gradi
     }
 }
 
+#[test]
+fn on_the_emulated_cuda_device_golden_files_and_split_tensors_shard_bit_identically() {
+    // Factored specs (Adafactor) shard on the CPU only.
+    let files: Vec<PathBuf> = golden_files()
+        .into_iter()
+        .filter(|f| !f.to_string_lossy().contains("adafactor"))
+        .collect();
+    for n in [2, 3, 4] {
+        let mut c = mpirun(n);
+        c.args(["replay", "--sharded", "--device", "emulated-cuda"])
+            .args(&files);
+        let (ok, out, err) = run(c);
+        assert!(ok, "{n} ranks:\n{out}\n{err}");
+        assert_eq!(out.lines().count(), files.len(), "{out}");
+        for l in out.lines() {
+            assert!(
+                l.contains(" PASS ")
+                    && l.contains(&format!("ranks={n} bit-identical to 1 process")),
+                "{n} ranks: {l}"
+            );
+        }
+        let mut c = mpirun(n);
+        c.args([
+            "shard-bench",
+            "--check",
+            "--device",
+            "emulated-cuda",
+            "--optimizers",
+            "adamw_agr,adan_agr,lamb,adamw_gc,nadam,muon_agr",
+            "--workload",
+            "shard_mix",
+            "--steps",
+            "3",
+        ]);
+        let (ok, out, err) = run(c);
+        assert!(ok, "{n} ranks:\n{out}\n{err}");
+        assert_eq!(out.lines().count(), 6, "{out}");
+        for l in out.lines() {
+            assert!(l.contains("bit-identical to 1 process over 3 steps"), "{l}");
+        }
+    }
+}
+
 /// The pids of `mpirun` `job`'s children (the ranks) that are `agr`
 /// with OMPI's rank `rank`.
 fn rank_pids(job: u32, rank: usize) -> Vec<u32> {

@@ -294,6 +294,14 @@ pub(crate) struct DeviceState {
 }
 
 impl DeviceState {
+    /// Values in the state buffers and the row results.
+    pub(crate) fn lens(&self) -> (usize, usize) {
+        (
+            self.bufs.iter().map(|b| b.len()).sum(),
+            self.rows.as_ref().map_or(0, |r| r.len()),
+        )
+    }
+
     pub(crate) fn to_host(&self, k: usize) -> Result<Vec<f32>, CudaError> {
         Ok(self.stream.clone_dtoh(&self.bufs[k])?)
     }
@@ -459,6 +467,7 @@ impl Launch for CudaExec {
         tensors: &[AgrTensor],
         mats: &[MatBatch],
         policy: NonFinite,
+        mut gather: Option<crate::device::GatherPartials<'_>>,
     ) -> Result<Option<usize>, DeviceError> {
         if !mats.is_empty() && self.blas.is_none() {
             if !culib_present("cublas") {
@@ -553,16 +562,58 @@ impl Launch for CudaExec {
             if skip_pass_of(desc, pass, policy) {
                 continue;
             }
-            let mut b = stream.launch_builder(&self.functions[pass]);
-            b.arg(&*d_hypers)
-                .arg(&*d_chunks)
-                .arg(&*d_tensors)
-                .arg(&nt_arg)
-                .arg(&mut *partials)
-                .arg(&mut *reduced)
-                .arg(&mut *global)
-                .arg(&mut *counters);
-            b.launch(cfg).map_err(cuda_err)?;
+            match gather.as_mut() {
+                None => {
+                    let mut b = stream.launch_builder(&self.functions[pass]);
+                    b.arg(&*d_hypers)
+                        .arg(&*d_chunks)
+                        .arg(&*d_tensors)
+                        .arg(&nt_arg)
+                        .arg(&mut *partials)
+                        .arg(&mut *reduced)
+                        .arg(&mut *global)
+                        .arg(&mut *counters);
+                    b.launch(cfg).map_err(cuda_err)?;
+                }
+                Some(gather) => {
+                    // Sharded (see `crate::shard`): the chunks' partials
+                    // alone (no counters), gathered through the host, then
+                    // the fold alone (no chunk table, one block per tensor).
+                    let null = 0u64;
+                    let mut b = stream.launch_builder(&self.functions[pass]);
+                    b.arg(&*d_hypers)
+                        .arg(&*d_chunks)
+                        .arg(&*d_tensors)
+                        .arg(&nt_arg)
+                        .arg(&mut *partials)
+                        .arg(&mut *reduced)
+                        .arg(&mut *global)
+                        .arg(&null);
+                    b.launch(cfg).map_err(cuda_err)?;
+                    let mut host = stream
+                        .clone_dtoh(&partials.slice(..nc * nr))
+                        .map_err(cuda_err)?;
+                    gather(pass, &mut host)?;
+                    stream
+                        .memcpy_htod(&host, &mut partials.slice_mut(..nc * nr))
+                        .map_err(cuda_err)?;
+                    let fold = LaunchConfig {
+                        grid_dim: (nt as u32, 1, 1),
+                        block_dim: (BLOCK, 1, 1),
+                        shared_mem_bytes: 0,
+                    };
+                    let mut b = stream.launch_builder(&self.functions[pass]);
+                    b.arg(&*d_hypers)
+                        .arg(&null)
+                        .arg(&*d_tensors)
+                        .arg(&nt_arg)
+                        .arg(&mut *partials)
+                        .arg(&mut *reduced)
+                        .arg(&mut *global)
+                        .arg(&mut *counters);
+                    b.launch(fold).map_err(cuda_err)?;
+                }
+            }
             if pass == 0 && policy == NonFinite::Error {
                 // `Error` must answer before the update: one small read back.
                 let g = stream.clone_dtoh(&*global).map_err(cuda_err)?;
@@ -625,20 +676,35 @@ impl Launch for CudaExec {
         desc: &KernelDesc,
         shape: &[usize],
         _index: usize,
+        (lo, hi): (usize, usize),
     ) -> Result<Store, DeviceError> {
         let s = &self.stream;
+        let numel: usize = shape.iter().product();
+        let whole = (lo, hi) == (0, numel);
         let mut bufs = vec![];
         for st in desc.states {
             // A reduced state holds one value per row or column; a
-            // per-tensor one, one value.
-            let n = st.len(shape);
+            // per-tensor one, one value; a sharded rank's per-element one,
+            // its part (at least one value: no empty allocation).
+            let n = if whole || st.per_tensor {
+                st.len(shape)
+            } else if st.reduced.is_some() {
+                1
+            } else {
+                (hi - lo).max(1)
+            };
             bufs.push(if st.fill == 0.0 {
                 s.alloc_zeros::<f32>(n).map_err(cuda_err)?
             } else {
                 s.clone_htod(&vec![st.fill; n]).map_err(cuda_err)?
             });
         }
-        let results = crate::Dims::of(shape, desc).results;
+        let dims = crate::Dims::of(shape, desc);
+        let results = if whole || desc.factored || dims.row_len == 0 {
+            dims.results
+        } else {
+            (hi - lo) / dims.row_len * desc.row_reductions
+        };
         let rows = if results > 0 {
             Some(s.alloc_zeros::<f64>(results).map_err(cuda_err)?)
         } else {
@@ -823,6 +889,11 @@ impl<K: Kernel> Optimizer<K> {
                 "this optimizer runs on {}; device pointers need set_device(Device::Cuda(n))",
                 self.device()
             )));
+        }
+        if self.shard.is_some() {
+            return Err(StepError::Device(
+                "a sharded optimizer takes host parameters (step_params) in this version, not device pointers".into(),
+            ));
         }
         let raw: Vec<RawParam<'_>> = params
             .iter()

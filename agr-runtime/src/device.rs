@@ -90,8 +90,8 @@ pub enum DeviceError {
     /// counts, conditions or coefficients depend on the step (see
     /// [`crate::KernelDesc::cpu_only`]).
     CpuOnly { optimizer: String, reason: String },
-    /// A sharded optimizer steps on the CPU in this version (see
-    /// [`crate::shard`]).
+    /// A sharded optimizer stays on the device it was sharded on (its
+    /// parts follow that device's chunks; see [`crate::shard`]).
     Sharded { optimizer: String },
 }
 
@@ -109,7 +109,7 @@ impl fmt::Display for DeviceError {
             ),
             DeviceError::Sharded { optimizer } => write!(
                 f,
-                "`{optimizer}` is sharded, and sharded steps run on the CPU in this version; keep it on the CPU"
+                "`{optimizer}` is sharded, and a sharded optimizer stays on the device it was sharded on; move it before `shard`"
             ),
         }
     }
@@ -222,6 +222,17 @@ impl Store {
         }
     }
 
+    /// Values in the state buffers (f32) and the row results (f64).
+    pub(crate) fn lens(&self) -> (usize, usize) {
+        match self {
+            Store::Host { bufs, rows } => {
+                (bufs.iter().map(|b| b.as_slice().len()).sum(), rows.len())
+            }
+            #[cfg(feature = "cuda")]
+            Store::Cuda(d) => d.lens(),
+        }
+    }
+
     /// The buffers as the kernels address them: the states and the rows.
     fn pointers(&mut self) -> ([u64; MAX_STATES], u64) {
         match self {
@@ -279,6 +290,7 @@ pub(crate) trait Launch {
         tensors: &[AgrTensor],
         mats: &[MatBatch],
         policy: NonFinite,
+        gather: Option<GatherPartials<'_>>,
     ) -> Result<Option<usize>, DeviceError>;
     /// The skip counters' address (`[0]` for the step, `[1 + i]` per parameter).
     fn counts_ptr(&mut self) -> u64;
@@ -288,14 +300,23 @@ pub(crate) trait Launch {
     fn counts_len(&self) -> usize;
     /// Replaces the skip counters by `n` zeros.
     fn reset_counts(&mut self, n: usize) -> Result<(), DeviceError>;
-    /// A new parameter's state buffers, each at its fill value.
+    /// A new parameter's state buffers, each at its fill value, for its
+    /// elements `part` (all of them unsharded: see [`Store::new_host_part`]).
     fn new_store(
         &mut self,
         desc: &KernelDesc,
         shape: &[usize],
         index: usize,
+        part: (usize, usize),
     ) -> Result<Store, DeviceError>;
 }
+
+/// A sharded step's exchange of one reduction pass's chunk partials (see
+/// [`crate::shard`]): called with the pass and the whole partials buffer
+/// (every chunk's), this rank's chunks filled in; it fills in the others'.
+/// The reduction kernel is then launched a second time, to fold them.
+pub(crate) type GatherPartials<'a> =
+    &'a mut dyn FnMut(usize, &mut [f64]) -> Result<(), DeviceError>;
 
 impl Launch for Emulated {
     unsafe fn run(
@@ -306,9 +327,10 @@ impl Launch for Emulated {
         tensors: &[AgrTensor],
         mats: &[MatBatch],
         policy: NonFinite,
+        gather: Option<GatherPartials<'_>>,
     ) -> Result<Option<usize>, DeviceError> {
         let counts = self.counts.as_mut_ptr();
-        Ok(self.module.run(
+        self.module.run(
             desc,
             hypers,
             chunks,
@@ -317,7 +339,8 @@ impl Launch for Emulated {
             &mut self.scratch,
             policy,
             counts,
-        ))
+            gather,
+        )
     }
     fn counts_ptr(&mut self) -> u64 {
         self.counts.as_mut_ptr() as u64
@@ -338,8 +361,9 @@ impl Launch for Emulated {
         desc: &KernelDesc,
         shape: &[usize],
         index: usize,
+        part: (usize, usize),
     ) -> Result<Store, DeviceError> {
-        Ok(Store::new_host(desc, shape, index))
+        Ok(Store::new_host_part(desc, shape, index, part))
     }
 }
 
@@ -431,7 +455,8 @@ impl<K: Kernel> Optimizer<K> {
 
     /// Moves the optimizer to `exec`'s device (see [`Self::set_device`]).
     pub(crate) fn set_exec(&mut self, mut exec: Exec) -> Result<(), DeviceError> {
-        if self.shard.is_some() && !matches!(exec, Exec::Cpu) {
+        // A sharded optimizer's parts are planned for its device's chunks.
+        if self.shard.is_some() {
             return Err(DeviceError::Sharded {
                 optimizer: self.desc.name.to_string(),
             });
@@ -612,14 +637,35 @@ impl<K: Kernel> Optimizer<K> {
         desc: &'static KernelDesc,
         policy: NonFinite,
     ) -> Result<Option<usize>, StepError> {
+        // Sharded (see `crate::shard`): the plan, made on the first step
+        // with this device's chunks.
+        if let Some(sh) = &mut self.shard {
+            if sh.plan.is_none() {
+                let shapes: Vec<&[usize]> = params.iter().map(|p| p.shape).collect();
+                sh.plan = Some(crate::shard::ShardPlan::with_chunk(
+                    desc,
+                    &shapes,
+                    emulated::CHUNK,
+                    sh.comm.size(),
+                    sh.comm.rank(),
+                ));
+            }
+        }
+        let plan = self.shard.as_ref().and_then(|sh| sh.plan.clone());
         let l = self.exec.launch().expect("a CUDA device");
         let counts = l.counts_ptr();
         let mut metas = vec![];
         let mut table = vec![];
+        let mut active = vec![];
         for (i, p) in params.iter().enumerate() {
             let Some(g) = p.grad else { continue };
+            let numel: usize = p.shape.iter().product();
+            let (lo, hi) = plan.as_ref().map_or((0, numel), |pl| pl.part(i));
+            active.push(i);
             if self.tensors[i].is_none() {
-                let store = l.new_store(desc, p.shape, i).map_err(device_error)?;
+                let store = l
+                    .new_store(desc, p.shape, i, (lo, hi))
+                    .map_err(device_error)?;
                 created.push(i);
                 self.tensors[i] = Some(TensorState {
                     shape: p.shape.to_vec(),
@@ -646,12 +692,19 @@ impl<K: Kernel> Optimizer<K> {
                 skips: counts + 4 * (i as u64 + 1),
                 view_rows: meta.view.rows as i64,
                 view_cols: meta.view.cols as i64,
+                st_off: lo as i64,
+                g_off: 0,
+                rows_off: if desc.row_reductions > 0 {
+                    (lo / meta.row_len.max(1)) as i64
+                } else {
+                    0
+                },
             });
         }
         if table.is_empty() {
             return Ok(None);
         }
-        let (chunks, spans) =
+        let (mut chunks, spans) =
             emulated::chunk_table(desc, &metas, emulated::CHUNK).map_err(|(slot, e)| {
                 let index = params
                     .iter()
@@ -665,10 +718,49 @@ impl<K: Kernel> Optimizer<K> {
             t.first_chunk = first;
             t.n_chunks = n;
         }
-        let mats = self.matrix_batches(params, &metas, &table)?;
+        // Sharded: every rank launches every chunk (so the partials, the
+        // skip counters and the per-tensor states line up), the others'
+        // with no elements; the chunks a rank owns are one run of the table.
+        let mut chunk_counts = vec![];
+        if let Some(pl) = &plan {
+            chunk_counts = vec![0usize; pl.size];
+            for c in &mut chunks {
+                let owner = pl.owner(active[c.tensor as usize], c.start as usize);
+                chunk_counts[owner] += 1;
+                if owner != pl.rank {
+                    c.len = 0;
+                }
+            }
+        }
+        let mats = self.matrix_batches(params, &metas, &table, plan.as_ref())?;
         let hypers = emulated::hyper_table(desc, self.groups.iter().map(|g| &g.config));
+        let nr = desc.reductions.len().max(1);
+        let comm = self.shard.as_ref().map(|sh| sh.comm.clone());
+        let mut send = vec![];
+        let mut gather = |pass: usize, partials: &mut [f64]| -> Result<(), DeviceError> {
+            let (Some(comm), Some(pl)) = (&comm, &plan) else {
+                return Ok(());
+            };
+            let first: usize = chunk_counts[..pl.rank].iter().sum();
+            let own = first * nr..(first + chunk_counts[pl.rank]) * nr;
+            send.clear();
+            send.extend_from_slice(&partials[own]);
+            let counts: Vec<usize> = chunk_counts.iter().map(|c| c * nr).collect();
+            comm.all_gather_f64(
+                &format!("the chunk partials of reduction pass {pass}"),
+                &send,
+                &counts,
+                &mut partials[..counts.iter().sum::<usize>()],
+            )
+            .map_err(|e| DeviceError::Cuda(e.to_string()))
+        };
+        let gather: Option<GatherPartials<'_>> = if plan.is_some() {
+            Some(&mut gather)
+        } else {
+            None
+        };
         let l = self.exec.launch().expect("a CUDA device");
-        l.run(desc, &hypers, &chunks, &table, &mats, policy)
+        l.run(desc, &hypers, &chunks, &table, &mats, policy, gather)
             .map_err(device_error)
     }
 
@@ -683,6 +775,7 @@ impl<K: Kernel> Optimizer<K> {
         params: &[RawParam<'_>],
         metas: &[TensorMeta],
         table: &[AgrTensor],
+        plan: Option<&crate::shard::ShardPlan>,
     ) -> Result<Vec<MatBatch>, StepError> {
         let desc = self.desc;
         if desc.matrices.is_empty() {
@@ -716,7 +809,16 @@ impl<K: Kernel> Optimizer<K> {
                 self.kernel.matrix_args(b, &ss[group], &ts, &mut args);
                 let key = (b, rows, cols, args.iter().map(|a| a.to_bits()).collect());
                 let buf = t.st[info.state];
+                // Sharded: every rank resolves every tensor's program (so a
+                // shape it cannot take fails on every rank), and runs its own.
+                let mine = plan.is_none_or(|pl| {
+                    let (a, b) = pl.part(i);
+                    a < b
+                });
                 match keys.iter().position(|k| *k == key) {
+                    Some(at) if !mine => {
+                        let _ = at;
+                    }
                     Some(at) => batches[at].bufs.push(buf),
                     None => {
                         let prog = crate::matdev::resolve(info.code, info.regs, &args, rows, cols)
@@ -732,12 +834,14 @@ impl<K: Kernel> Optimizer<K> {
                             prog,
                             rows,
                             cols,
-                            bufs: vec![buf],
+                            bufs: if mine { vec![buf] } else { vec![] },
                         });
                     }
                 }
             }
         }
+        // A rank that owns none of a batch's tensors has nothing to run.
+        batches.retain(|b| !b.bufs.is_empty());
         Ok(batches)
     }
 
@@ -747,7 +851,7 @@ impl<K: Kernel> Optimizer<K> {
         &mut self,
         params: &mut [crate::ParamMut<'_>],
     ) -> Result<StepReport, StepError> {
-        match &self.exec {
+        let report = match &self.exec {
             Exec::Cpu => unreachable!("the CPU steps in the engine"),
             Exec::Emulated(_) => {
                 let raw: Vec<RawParam<'_>> = params
@@ -765,7 +869,18 @@ impl<K: Kernel> Optimizer<K> {
             }
             #[cfg(feature = "cuda")]
             Exec::Cuda(_) => crate::cuda::step_host_params(self, params),
+        }?;
+        // Sharded: every rank's updated parts, on every rank.
+        if let Some((sh, pl)) = self
+            .shard
+            .as_ref()
+            .and_then(|sh| sh.plan.as_ref().map(|pl| (sh, pl)))
+        {
+            let mut values: Vec<&mut [f32]> = params.iter_mut().map(|p| &mut *p.value).collect();
+            sh.gather_params(pl, &mut values, &mut Default::default())
+                .map_err(StepError::Comm)?;
         }
+        Ok(report)
     }
 }
 

@@ -47,6 +47,11 @@ pub(crate) struct AgrTensor {
     /// The tensor as matrices over its last two dimensions.
     pub view_rows: i64,
     pub view_cols: i64,
+    /// Sharded: where this rank's state buffers (and scattered gradient)
+    /// begin in the tensor, and its first row (see [`crate::shard`]).
+    pub st_off: i64,
+    pub g_off: i64,
+    pub rows_off: i64,
 }
 
 /// One block's share of the work (`AgrChunk` in the prelude).
@@ -209,7 +214,17 @@ type AxpbyFn = unsafe extern "C" fn(
 
 /// Launches one kernel of a step (by pass number) over its scratch arrays
 /// (partials, per-tensor and global reductions).
-type PassLauncher<'a> = dyn FnMut(usize, &mut [f64], &mut [f64], &mut [f64]) + 'a;
+type PassLauncher<'a> = dyn FnMut(usize, Mode, &mut [f64], &mut [f64], &mut [f64]) + 'a;
+
+/// How a pass is launched: whole, or (a sharded step's reduction pass)
+/// twice: the chunks' partials alone (no counters), then, once they are
+/// gathered, the fold alone (no chunk table, one block per tensor).
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    Whole,
+    PartialsOnly,
+    FoldOnly,
+}
 
 /// A spec's kernels compiled for the CPU.
 pub struct HostModule {
@@ -405,7 +420,8 @@ impl HostModule {
         scratch: &mut Vec<f32>,
         policy: NonFinite,
         counts: *mut u32,
-    ) -> Option<usize> {
+        mut gather: Option<crate::device::GatherPartials<'_>>,
+    ) -> Result<Option<usize>, crate::DeviceError> {
         let nt = tensors.len();
         let nr = desc.reductions.len().max(1);
         let mut partials = vec![0.0f64; chunks.len() * nr];
@@ -420,26 +436,37 @@ impl HostModule {
         } else {
             std::ptr::null_mut()
         };
-        let mut launch =
-            |k: usize, partials: &mut [f64], reduced: &mut [f64], global: &mut [f64]| {
-                // SAFETY: the tables describe the caller's valid buffers; the
-                // scratch arrays have the sizes the kernels index.
-                let status = (self.pass)(
-                    k as i32,
-                    hypers.as_ptr(),
-                    chunks.as_ptr(),
-                    chunks.len() as i32,
-                    tensors.as_ptr(),
-                    nt as i32,
-                    partials.as_mut_ptr(),
-                    reduced.as_mut_ptr(),
-                    global.as_mut_ptr(),
-                    counters.as_mut_ptr(),
-                    skipped,
-                );
-                assert_eq!(status, 0, "pass {k} is not a kernel of {}", desc.name);
-                note_launch();
+        let mut launch = |k: usize,
+                          mode: Mode,
+                          partials: &mut [f64],
+                          reduced: &mut [f64],
+                          global: &mut [f64]| {
+            let (chunk_ptr, grid) = match mode {
+                Mode::FoldOnly => (std::ptr::null(), nt),
+                _ => (chunks.as_ptr(), chunks.len()),
             };
+            let counter_ptr = match mode {
+                Mode::PartialsOnly => std::ptr::null_mut(),
+                _ => counters.as_mut_ptr(),
+            };
+            // SAFETY: the tables describe the caller's valid buffers; the
+            // scratch arrays have the sizes the kernels index.
+            let status = (self.pass)(
+                k as i32,
+                hypers.as_ptr(),
+                chunk_ptr,
+                grid as i32,
+                tensors.as_ptr(),
+                nt as i32,
+                partials.as_mut_ptr(),
+                reduced.as_mut_ptr(),
+                global.as_mut_ptr(),
+                counter_ptr,
+                skipped,
+            );
+            assert_eq!(status, 0, "pass {k} is not a kernel of {}", desc.name);
+            note_launch();
+        };
         // Matrix blocks before pass `k`: the block's kernel, then its programs.
         let mut blocks = |k: usize,
                           launch: &mut PassLauncher<'_>,
@@ -450,7 +477,13 @@ impl HostModule {
                 if info.phase != k {
                     continue;
                 }
-                launch(desc.matrix_kernel(b), partials, reduced, global);
+                launch(
+                    desc.matrix_kernel(b),
+                    Mode::Whole,
+                    partials,
+                    reduced,
+                    global,
+                );
                 let mut dev = HostMat {
                     module: self,
                     scratch: &mut *scratch,
@@ -466,11 +499,24 @@ impl HostModule {
             if skip_pass_of(desc, k, policy) {
                 continue;
             }
-            launch(k, &mut partials, &mut reduced, &mut global);
+            match gather.as_mut() {
+                None => launch(k, Mode::Whole, &mut partials, &mut reduced, &mut global),
+                Some(gather) => {
+                    launch(
+                        k,
+                        Mode::PartialsOnly,
+                        &mut partials,
+                        &mut reduced,
+                        &mut global,
+                    );
+                    gather(k, &mut partials)?;
+                    launch(k, Mode::FoldOnly, &mut partials, &mut reduced, &mut global);
+                }
+            }
             if k == 0 && policy == NonFinite::Error {
                 note_read_back();
                 if !global[desc.finite_check].is_finite() {
-                    return Some(desc.non_finite_slot(&reduced, nt, nr));
+                    return Ok(Some(desc.non_finite_slot(&reduced, nt, nr)));
                 }
             }
         }
@@ -481,15 +527,21 @@ impl HostModule {
             &mut reduced,
             &mut global,
         );
-        launch(desc.passes, &mut partials, &mut reduced, &mut global);
+        launch(
+            desc.passes,
+            Mode::Whole,
+            &mut partials,
+            &mut reduced,
+            &mut global,
+        );
         if let Some(at) = desc.tensor_states_kernel() {
-            launch(at, &mut partials, &mut reduced, &mut global);
+            launch(at, Mode::Whole, &mut partials, &mut reduced, &mut global);
         }
         debug_assert!(
             counters.iter().all(|&c| c == 0),
             "a reduction counter was left set"
         );
-        None
+        Ok(None)
     }
 }
 

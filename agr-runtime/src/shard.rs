@@ -62,7 +62,8 @@ pub enum ShardError {
     AfterFirstStep {
         optimizer: String,
     },
-    /// Sharded steps run on the CPU engine in this version.
+    /// On a CUDA device this version shards specs without factored
+    /// states, with full gradients.
     Device {
         optimizer: String,
         device: String,
@@ -79,7 +80,7 @@ impl fmt::Display for ShardError {
             ),
             ShardError::Device { optimizer, device } => write!(
                 f,
-                "`{optimizer}` is on {device}: sharded steps run on the CPU in this version"
+                "`{optimizer}` is on {device}: on a CUDA device this version shards specs without factored states, with full gradients (GradMode::Full); shard it on the CPU"
             ),
             ShardError::Comm(e) => e.fmt(f),
         }
@@ -120,6 +121,19 @@ impl ShardPlan {
     /// half a unit at each end. With more ranks than units, some ranks own nothing (and still
     /// take part in every collective).
     pub fn new(desc: &KernelDesc, shapes: &[&[usize]], size: usize, rank: usize) -> ShardPlan {
+        ShardPlan::with_chunk(desc, shapes, CHUNK, size, rank)
+    }
+
+    /// [`ShardPlan::new`] with the chunks of a device that steps `chunk`
+    /// elements per work item (a CUDA device's blocks are smaller than the
+    /// CPU's work items).
+    pub fn with_chunk(
+        desc: &KernelDesc,
+        shapes: &[&[usize]],
+        chunk: usize,
+        size: usize,
+        rank: usize,
+    ) -> ShardPlan {
         let size = size.max(1);
         let whole = desc.factored || !desc.matrices.is_empty();
         let mut plan = ShardPlan {
@@ -142,7 +156,7 @@ impl ShardPlan {
             } else if whole {
                 n
             } else {
-                desc.chunk_len(n, TensorMeta::row_len_of(shape), CHUNK)
+                desc.chunk_len(n, TensorMeta::row_len_of(shape), chunk)
             };
             plan.unit.push(unit);
             plan.first_unit.push(unit_starts.len());
@@ -359,14 +373,16 @@ impl<K: crate::Kernel> crate::Optimizer<K> {
     /// ends with all of them updated on every rank, bitwise as one process
     /// would (see the module's documentation). Call on every rank, before
     /// the first step, with the same parameters passed in the same order
-    /// on every rank. On the CPU in this version.
+    /// on every rank. On the CPU, or on a CUDA device (the one it is on:
+    /// move it first) for a spec without factored states and with
+    /// [`GradMode::Full`]; a sharded optimizer does not move.
     pub fn shard(&mut self, comm: Arc<dyn Comm>, grads: GradMode) -> Result<(), ShardError> {
         if self.steps > 0 || self.tensors.iter().any(Option::is_some) {
             return Err(ShardError::AfterFirstStep {
                 optimizer: self.desc.name.to_string(),
             });
         }
-        if self.device() != crate::Device::Cpu {
+        if self.device() != crate::Device::Cpu && (self.desc.factored || grads != GradMode::Full) {
             return Err(ShardError::Device {
                 optimizer: self.desc.name.to_string(),
                 device: self.device().to_string(),
@@ -394,18 +410,9 @@ impl<K: crate::Kernel> crate::Optimizer<K> {
     pub fn state_bytes(&self) -> StateBytes {
         let mut b = StateBytes::default();
         for t in self.tensors.iter().flatten() {
-            #[allow(irrefutable_let_patterns)]
-            if let Store::Host { bufs, rows } = &t.store {
-                b.state += bufs.iter().map(|x| x.as_slice().len() * 4).sum::<usize>();
-                b.results += rows.len() * 8;
-            } else {
-                b.state += self
-                    .desc
-                    .states
-                    .iter()
-                    .map(|s| s.len(&t.shape) * 4)
-                    .sum::<usize>();
-            }
+            let (state, results) = t.store.lens();
+            b.state += state * 4;
+            b.results += results * 8;
         }
         b
     }
@@ -432,19 +439,15 @@ impl<K: crate::Kernel> crate::Optimizer<K> {
                 out.push(None);
                 continue;
             };
-            #[allow(irrefutable_let_patterns)]
-            let Store::Host { bufs, .. } = &t.store
-            else {
-                unreachable!("a sharded optimizer keeps its state on the CPU")
-            };
             let numel: usize = t.shape.iter().product();
             let mut whole = Vec::with_capacity(ns);
             for (k, s) in desc.states.iter().enumerate() {
                 let len = s.len(&t.shape);
                 let mut buf = AlignedBuf::filled(len, 0.0, i * ns + k);
+                let part = t.store.to_host(k);
                 if s.per_tensor {
                     // Every rank keeps it.
-                    buf.as_mut_slice().copy_from_slice(bufs[k].as_slice());
+                    buf.as_mut_slice().copy_from_slice(&part);
                 } else {
                     let counts: Vec<usize> = (0..plan.size)
                         .map(|r| {
@@ -458,7 +461,7 @@ impl<K: crate::Kernel> crate::Optimizer<K> {
                         .collect();
                     sh.comm.all_gather_f32(
                         &format!("state `{}` of parameter #{i}", s.name),
-                        bufs[k].as_slice(),
+                        &part,
                         &counts,
                         buf.as_mut_slice(),
                     )?;

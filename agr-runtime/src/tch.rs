@@ -624,7 +624,10 @@ impl<O: TchEngine> Tch<O> {
                 | StepError::Empty { index }
                 | StepError::NonFinite { index }
                 | StepError::Matrix { index, .. } => Some(*index),
-                StepError::NoParams | StepError::ParamCount { .. } | StepError::Device(_) => None,
+                StepError::NoParams
+                | StepError::ParamCount { .. }
+                | StepError::Device(_)
+                | StepError::Comm(_) => None,
             };
             TchError::Step {
                 error,

@@ -450,3 +450,77 @@ fn nccl_on_one_gpu_gathers_exactly_and_steps_a_sharded_optimizer_bit_identically
         .all(|(x, y)| x.to_bits() == y.to_bits()));
     eprintln!("NCCL, one rank: collectives exact, the sharded step bit-identical");
 }
+
+/// Sharded on the GPU: 1 to 3 ranks as threads of this process, each with
+/// its own stream on the one GPU, exchanging through `comm::Threads`; the
+/// chunks' partials go through the host between a reduction pass's two
+/// launches. Every rank's parameters must be bitwise the unsharded GPU
+/// step's.
+#[test]
+#[ignore = "needs a CUDA GPU: scripts/gpu-check.sh runs it (--include-ignored)"]
+fn sharded_steps_on_the_gpu_are_bit_identical_to_unsharded_ones() {
+    use agr_runtime::comm::Threads;
+    use agr_runtime::shard::GradMode;
+    let stream = gpu();
+    let shapes: Vec<Vec<usize>> = vec![vec![300, 250], vec![70_000], vec![4, 3], vec![1]];
+    let grads = |k: u64| -> Vec<Vec<f32>> {
+        shapes
+            .iter()
+            .enumerate()
+            .map(|(i, s)| data(s.iter().product(), 100 + k * 10 + i as u64))
+            .collect()
+    };
+    let run = |opt: &mut Optimizer<AdamWAgrKernel>| {
+        let mut values: Vec<Vec<f32>> = shapes
+            .iter()
+            .enumerate()
+            .map(|(i, s)| data(s.iter().product(), i as u64))
+            .collect();
+        for k in 0..3u64 {
+            let g = grads(k);
+            let mut params: Vec<ParamMut<'_>> = values
+                .iter_mut()
+                .zip(&g)
+                .zip(&shapes)
+                .map(|((v, g), s)| ParamMut::new(v, Some(g), s))
+                .collect();
+            opt.step_params(&mut params).unwrap();
+        }
+        values
+    };
+    let want = run(&mut on_gpu::<AdamWAgrKernel>(
+        &stream,
+        Default::default(),
+        DType::F32,
+    ));
+    for n in 1..=3 {
+        let comms = Threads::group(n);
+        let got: Vec<Vec<Vec<f32>>> = std::thread::scope(|s| {
+            let handles: Vec<_> = comms
+                .into_iter()
+                .map(|comm| {
+                    let ctx = stream.context().clone();
+                    let run = &run;
+                    s.spawn(move || {
+                        let mine = ctx.new_stream().unwrap();
+                        let mut opt =
+                            on_gpu::<AdamWAgrKernel>(&mine, Default::default(), DType::F32);
+                        opt.shard(comm, GradMode::Full).unwrap();
+                        run(&mut opt)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for (r, v) in got.iter().enumerate() {
+            assert!(
+                v.iter()
+                    .flatten()
+                    .zip(want.iter().flatten())
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{n} ranks on the GPU: rank {r} differs from the unsharded GPU step"
+            );
+        }
+    }
+    eprintln!("sharded on the GPU over 1-3 ranks: bit-identical to the unsharded GPU step");
+}

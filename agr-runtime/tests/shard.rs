@@ -401,3 +401,79 @@ fn a_collective_with_wrong_counts_is_an_error_before_anything_moves() {
         "{results:?}"
     );
 }
+
+/// Built-ins a CUDA device shards (not the factored Adafactor).
+fn device_shardable(b: &agr_runtime::optim::Builtin) -> bool {
+    !b.make().desc().factored
+}
+
+#[test]
+fn on_the_emulated_cuda_device_sharded_steps_are_bit_identical_to_unsharded_ones() {
+    use agr_runtime::Device;
+    for b in BUILTINS.iter().filter(|b| device_shardable(b)) {
+        let shapes = shapes_for(b.make().as_ref());
+        let mut reference = b.make();
+        reference.set_device(Device::EmulatedCuda).unwrap();
+        let mut want = init(shapes);
+        let mut trajectory = vec![];
+        for k in 1..=STEPS {
+            step(reference.as_mut(), shapes, &mut want, &grads(shapes, k, 0));
+            trajectory.push(bits(&want));
+        }
+        for n in [1, 3, 4] {
+            let per_rank = on_ranks(n, |_, comm| {
+                let mut opt = b.make();
+                opt.set_device(Device::EmulatedCuda).unwrap();
+                opt.shard(comm, GradMode::Full).unwrap();
+                let mut v = init(shapes);
+                let mut got = vec![];
+                for k in 1..=STEPS {
+                    step(opt.as_mut(), shapes, &mut v, &grads(shapes, k, 0));
+                    got.push(bits(&v));
+                }
+                (got, opt.save_checkpoint())
+            });
+            for (r, (got, ck)) in per_rank.iter().enumerate() {
+                assert!(
+                    got == &trajectory,
+                    "{} on the emulated device over {n} ranks: rank {r}'s parameters differ from one process's",
+                    b.name
+                );
+                let mut loaded = b.make();
+                loaded.load_checkpoint(ck).unwrap();
+                for i in 0..shapes.len() {
+                    for s in loaded.desc().states {
+                        let (a, w) = (
+                            loaded.state_to_host(i, s.name).unwrap(),
+                            reference.state_to_host(i, s.name).unwrap(),
+                        );
+                        assert!(
+                            a.iter().map(|x| x.to_bits()).eq(w.iter().map(|x| x.to_bits())),
+                            "{} on the emulated device over {n} ranks: rank {r}'s checkpoint: `{}` of #{i}",
+                            b.name,
+                            s.name
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn a_device_refuses_what_it_cannot_shard_and_a_sharded_optimizer_does_not_move() {
+    use agr_runtime::Device;
+    let mut f = agr_runtime::optim::builtin("adafactor").unwrap().make();
+    f.set_device(Device::EmulatedCuda).unwrap();
+    let e = f.shard(Arc::new(Solo), GradMode::Full).unwrap_err();
+    assert!(e.to_string().contains("without factored states"), "{e}");
+    let mut a = agr_runtime::optim::builtin("adamw_agr").unwrap().make();
+    a.set_device(Device::EmulatedCuda).unwrap();
+    let e = a
+        .shard(Arc::new(Solo), GradMode::ReduceScatter { mean: true })
+        .unwrap_err();
+    assert!(e.to_string().contains("GradMode::Full"), "{e}");
+    a.shard(Arc::new(Solo), GradMode::Full).unwrap();
+    let e = a.set_device(Device::Cpu).unwrap_err();
+    assert!(e.to_string().contains("sharded"), "{e}");
+}

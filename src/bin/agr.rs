@@ -44,9 +44,9 @@ enum Command {
         device: agr_runtime::Device,
         /// Shard the optimizer over the MPI ranks of `mpirun -np N agr replay
         /// --sharded ...` (built with `--features mpi`): each file is also
-        /// replayed by one process on every rank, and passes only if every
-        /// rank's parameters are bitwise the same after every step. Rank 0
-        /// prints; the others print only errors.
+        /// replayed by one process on every rank, on the same device, and
+        /// passes only if every rank's parameters are bitwise the same after
+        /// every step. Rank 0 prints; the others print only errors.
         #[arg(long)]
         sharded: bool,
         #[arg(required = true)]
@@ -73,6 +73,10 @@ enum Command {
         /// each its own, summed in rank order by one all-to-all (ZeRO-2).
         #[arg(long, default_value = "full")]
         grads: String,
+        /// `cpu` or a CUDA device (`emulated-cuda`, `cuda`): specs without
+        /// factored states, with `--grads full`.
+        #[arg(long, default_value = "cpu")]
+        device: agr_runtime::Device,
     },
     /// List the built-in optimizers.
     List,
@@ -133,25 +137,20 @@ fn main() -> ExitCode {
             device,
             sharded: true,
             files,
-        } => {
-            if device != agr_runtime::Device::Cpu {
-                eprintln!("--sharded steps on the CPU in this version (not --device {device})");
-                return ExitCode::FAILURE;
+        } => with_mpi(|comm| {
+            if agr::sharded::replay_sharded(&comm, spec.as_deref(), device, &files) {
+                Ok(())
+            } else {
+                Err(String::new())
             }
-            with_mpi(|comm| {
-                if agr::sharded::replay_sharded(&comm, spec.as_deref(), &files) {
-                    Ok(())
-                } else {
-                    Err(String::new())
-                }
-            })
-        }
+        }),
         Command::ShardBench {
             optimizers,
             workload,
             check,
             steps,
             grads,
+            device,
         } => {
             let grads = match grads.as_str() {
                 "full" => agr_runtime::shard::GradMode::Full,
@@ -162,7 +161,15 @@ fn main() -> ExitCode {
                 }
             };
             with_mpi(|comm| {
-                agr::sharded::shard_bench(&comm, &optimizers, &workload, steps, grads, check)
+                agr::sharded::shard_bench(
+                    &comm,
+                    &optimizers,
+                    &workload,
+                    steps,
+                    grads,
+                    check,
+                    device,
+                )
             })
         }
         Command::Bench {

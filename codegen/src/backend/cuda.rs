@@ -608,8 +608,14 @@ fn emit_buffers(f: &ElemFn, w: &mut W) {
         .iter()
         .filter(|p| matches!(p.src, Src::Elem | Src::Reduced(_)))
     {
-        // A reduced state is indexed by row or column, not from the chunk.
-        let start = if p.src == Src::Elem { " + c.start" } else { "" };
+        // A reduced state is indexed by row or column, not from the chunk;
+        // a sharded rank's state (and scattered gradient) starts at its part.
+        let start = match (p.src, p.state, p.buf.as_str()) {
+            (Src::Elem, Some(_), _) => " + (c.start - T.st_off)",
+            (Src::Elem, None, "P") => " + c.start",
+            (Src::Elem, None, _) => " + (c.start - T.g_off)",
+            _ => "",
+        };
         let (ty, src) = match p.state {
             Some(i) => (
                 if p.written { "float" } else { "const float" },
@@ -644,7 +650,7 @@ fn emit_element(
     for p in &f.params {
         match p.src {
             Src::Row(slot) => w.line(&format!(
-                "float {} = (float)T.rows[((c.start + i) / T.row_len) * {nrow} + {slot}];",
+                "float {} = (float)T.rows[((c.start + i) / T.row_len - T.rows_off) * {nrow} + {slot}];",
                 p.local
             )),
             Src::Dim { axis, slot, k } => {
@@ -797,13 +803,44 @@ fn emit_reduce(prog: &Program, pass: usize, w: &mut W) {
     w.open(&format!(
         "extern \"C\" __global__ void __launch_bounds__(AGR_BLOCK) {x}_reduce{pass}(const {x}_Hyper* __restrict__ hypers, const AgrChunk* __restrict__ chunks, const AgrTensor* __restrict__ tensors, int ntensors, double* partials, double* reduced, double* global, unsigned* counters) {{"
     ));
-    emit_prologue(prog, pass, &fname, &f, w);
     let whole: Vec<(usize, usize, &Reduction)> = reds
         .iter()
         .enumerate()
         .filter(|(_, (_, r))| !r.scope.per_element())
         .map(|(k, (i, r))| (k, *i, *r))
         .collect();
+    let is_max = |r: &Reduction| r.op == ReduceOp::Max;
+    if !whole.is_empty() {
+        let m = whole.len();
+        let ids: Vec<String> = whole.iter().map(|(_, i, _)| i.to_string()).collect();
+        let maxes: Vec<String> = whole
+            .iter()
+            .map(|(_, _, r)| is_max(r).to_string())
+            .collect();
+        let globals: Vec<String> = whole
+            .iter()
+            .map(|(_, _, r)| (r.scope == Scope::Global).to_string())
+            .collect();
+        w.line(&format!("const int ids[{m}] = {{{}}};", ids.join(", ")));
+        w.line(&format!(
+            "const bool is_max[{m}] = {{{}}};",
+            maxes.join(", ")
+        ));
+        w.line(&format!(
+            "const bool is_global[{m}] = {{{}}};",
+            globals.join(", ")
+        ));
+        w.line("// A sharded step's second launch: fold the gathered chunk partials.");
+        w.open("if (chunks == 0) {");
+        w.line(&format!(
+            "agr_fold_only<{m}>(ids, is_max, is_global, {x}_NUM_REDUCTIONS, tensors, ntensors, partials, reduced, global, counters);"
+        ));
+        w.line("return;");
+        w.close("}");
+    } else {
+        w.line("if (chunks == 0) return;");
+    }
+    emit_prologue(prog, pass, &fname, &f, w);
     let rows: Vec<(usize, usize, &Reduction)> = reds
         .iter()
         .enumerate()
@@ -811,7 +848,6 @@ fn emit_reduce(prog: &Program, pass: usize, w: &mut W) {
         .map(|(k, (i, r))| (k, *i, *r))
         .collect();
     let n = reds.len();
-    let is_max = |r: &Reduction| r.op == ReduceOp::Max;
     // out[k] of the element function folds into acc (tensor and global
     // reductions, over the whole chunk) or racc (row reductions, per row).
     // (Reductions over one of the last two dimensions have loops of their own.)
@@ -883,7 +919,7 @@ fn emit_reduce(prog: &Program, pass: usize, w: &mut W) {
                 is_max(r)
             ));
             w.line(&format!(
-                "if (threadIdx.x == 0) T.rows[(c.start / T.row_len + r) * {nrow} + {slot}] = row{j};"
+                "if (threadIdx.x == 0) T.rows[(c.start / T.row_len - T.rows_off + r) * {nrow} + {slot}] = row{j};"
             ));
         }
         w.close("}");
@@ -899,24 +935,6 @@ fn emit_reduce(prog: &Program, pass: usize, w: &mut W) {
     }
     if !whole.is_empty() {
         let m = whole.len();
-        let ids: Vec<String> = whole.iter().map(|(_, i, _)| i.to_string()).collect();
-        let maxes: Vec<String> = whole
-            .iter()
-            .map(|(_, _, r)| is_max(r).to_string())
-            .collect();
-        let globals: Vec<String> = whole
-            .iter()
-            .map(|(_, _, r)| (r.scope == Scope::Global).to_string())
-            .collect();
-        w.line(&format!("const int ids[{m}] = {{{}}};", ids.join(", ")));
-        w.line(&format!(
-            "const bool is_max[{m}] = {{{}}};",
-            maxes.join(", ")
-        ));
-        w.line(&format!(
-            "const bool is_global[{m}] = {{{}}};",
-            globals.join(", ")
-        ));
         w.line(&format!(
             "agr_finish<{m}>(acc, ids, is_max, is_global, {x}_NUM_REDUCTIONS, c, T, ntensors, partials, reduced, global, counters);"
         ));

@@ -77,6 +77,12 @@ struct AgrTensor {
     // last, 1 for a scalar).
     long long view_rows;
     long long view_cols;
+    // Sharded steps: the element where this rank's per-element state
+    // buffers (and, with a reduce-scatter, its gradient) begin, and the row
+    // where its row results begin; 0 otherwise.
+    long long st_off;
+    long long g_off;
+    long long rows_off;
 };
 
 __device__ __forceinline__ double agr_tensor_step(const AgrTensor& T) {
@@ -144,32 +150,15 @@ __device__ __forceinline__ double agr_block_fold(double v, bool is_max, double* 
     return r;
 }
 
-// Finishes the reductions of one pass, deterministically and in one launch:
-// each block folds its threads' partials in a fixed tree and stores them per
-// chunk; the last block of a tensor to finish (found with an integer atomic
-// ticket, which decides only *who* combines, never the order) folds that
-// tensor's chunk partials in a fixed pattern; for global reductions the last
-// tensor to finish folds the tensors' results the same way. Counters are
-// left at zero for the next launch.
+// Folds tensor `tensor`'s chunk partials (in a fixed pattern) into
+// `reduced`; where the pass has global reductions, the last tensor to
+// finish (an integer atomic ticket: it decides only *who* folds) folds the
+// tensors' results into `global` the same way. Counters are left at zero.
 template <int NR>
-__device__ void agr_finish(const double (&acc)[NR], const int (&ids)[NR], const bool (&is_max)[NR],
-                           const bool (&is_global)[NR], int nrt, const AgrChunk& c, const AgrTensor& T,
-                           int ntensors, double* partials, double* reduced, double* global,
-                           unsigned* counters) {
-    __shared__ double sm[AGR_BLOCK];
-    __shared__ bool last;
-    double v[NR];
-#pragma unroll
-    for (int k = 0; k < NR; ++k) v[k] = agr_block_fold(acc[k], is_max[k], sm);
-    if (threadIdx.x == 0) {
-#pragma unroll
-        for (int k = 0; k < NR; ++k) partials[(size_t)blockIdx.x * nrt + ids[k]] = v[k];
-        __threadfence();
-        unsigned ticket = atomicAdd(&counters[c.tensor], 1u);
-        last = ticket == (unsigned)T.n_chunks - 1u;
-    }
-    __syncthreads();
-    if (!last) return;
+__device__ void agr_fold_tensor(const int (&ids)[NR], const bool (&is_max)[NR],
+                                const bool (&is_global)[NR], int nrt, int tensor, const AgrTensor& T,
+                                int ntensors, double* partials, double* reduced, double* global,
+                                unsigned* counters, double* sm) {
     __threadfence();
     const volatile double* vp = partials;
     bool any_global = false;
@@ -179,16 +168,16 @@ __device__ void agr_finish(const double (&acc)[NR], const int (&ids)[NR], const 
         for (int j = (int)threadIdx.x; j < T.n_chunks; j += AGR_BLOCK)
             x = agr_fold(x, vp[(size_t)(T.first_chunk + j) * nrt + ids[k]], is_max[k]);
         x = agr_block_fold(x, is_max[k], sm);
-        if (threadIdx.x == 0) reduced[(size_t)c.tensor * nrt + ids[k]] = x;
+        if (threadIdx.x == 0) reduced[(size_t)tensor * nrt + ids[k]] = x;
         any_global |= is_global[k];
     }
     if (!any_global) {
-        if (threadIdx.x == 0) counters[c.tensor] = 0;
+        if (threadIdx.x == 0) counters[tensor] = 0;
         return;
     }
     __shared__ bool last_tensor;
     if (threadIdx.x == 0) {
-        counters[c.tensor] = 0;
+        counters[tensor] = 0;
         __threadfence();
         unsigned ticket = atomicAdd(&counters[ntensors], 1u);
         last_tensor = ticket == (unsigned)ntensors - 1u;
@@ -207,6 +196,54 @@ __device__ void agr_finish(const double (&acc)[NR], const int (&ids)[NR], const 
         if (threadIdx.x == 0) global[ids[k]] = x;
     }
     if (threadIdx.x == 0) counters[ntensors] = 0;
+}
+
+// Finishes the reductions of one pass, deterministically and in one launch:
+// each block folds its threads' partials in a fixed tree and stores them per
+// chunk; the last block of a tensor to finish (found with an integer atomic
+// ticket, which decides only *who* combines, never the order) folds that
+// tensor's chunk partials (see agr_fold_tensor). Without counters (a
+// sharded step's first launch) the partials are stored and nothing is
+// folded: the host gathers every rank's, and a second launch without a
+// chunk table folds them (agr_fold_only), in the same pattern.
+template <int NR>
+__device__ void agr_finish(const double (&acc)[NR], const int (&ids)[NR], const bool (&is_max)[NR],
+                           const bool (&is_global)[NR], int nrt, const AgrChunk& c, const AgrTensor& T,
+                           int ntensors, double* partials, double* reduced, double* global,
+                           unsigned* counters) {
+    __shared__ double sm[AGR_BLOCK];
+    __shared__ bool last;
+    double v[NR];
+#pragma unroll
+    for (int k = 0; k < NR; ++k) v[k] = agr_block_fold(acc[k], is_max[k], sm);
+    if (threadIdx.x == 0) {
+#pragma unroll
+        for (int k = 0; k < NR; ++k) partials[(size_t)blockIdx.x * nrt + ids[k]] = v[k];
+    }
+    if (counters == 0) return;
+    if (threadIdx.x == 0) {
+        __threadfence();
+        unsigned ticket = atomicAdd(&counters[c.tensor], 1u);
+        last = ticket == (unsigned)T.n_chunks - 1u;
+    }
+    __syncthreads();
+    if (!last) return;
+    agr_fold_tensor<NR>(ids, is_max, is_global, nrt, c.tensor, T, ntensors, partials, reduced, global,
+                        counters, sm);
+}
+
+// A sharded step's second launch of a reduction pass: one block per tensor
+// folds the gathered chunk partials as agr_finish's last block would.
+template <int NR>
+__device__ void agr_fold_only(const int (&ids)[NR], const bool (&is_max)[NR],
+                              const bool (&is_global)[NR], int nrt, const AgrTensor* tensors,
+                              int ntensors, double* partials, double* reduced, double* global,
+                              unsigned* counters) {
+    __shared__ double sm[AGR_BLOCK];
+    const int tensor = (int)blockIdx.x;
+    if (tensor >= ntensors) return;
+    agr_fold_tensor<NR>(ids, is_max, is_global, nrt, tensor, tensors[tensor], ntensors, partials,
+                        reduced, global, counters, sm);
 }
 
 #endif  // AGR_PRELUDE_CUH
