@@ -122,11 +122,7 @@ fn every_builtin_with_tensors_split_between_ranks_is_bit_identical_in_both_gradi
 
 #[test]
 fn on_the_emulated_cuda_device_golden_files_and_split_tensors_shard_bit_identically() {
-    // Factored specs (Adafactor) shard on the CPU only.
-    let files: Vec<PathBuf> = golden_files()
-        .into_iter()
-        .filter(|f| !f.to_string_lossy().contains("adafactor"))
-        .collect();
+    let files = golden_files();
     for n in [2, 3, 4] {
         let mut c = mpirun(n);
         c.args(["replay", "--sharded", "--device", "emulated-cuda"])
@@ -148,7 +144,7 @@ fn on_the_emulated_cuda_device_golden_files_and_split_tensors_shard_bit_identica
             "--device",
             "emulated-cuda",
             "--optimizers",
-            "adamw_agr,adan_agr,lamb,adamw_gc,nadam,muon_agr",
+            "adamw_agr,adan_agr,lamb,adamw_gc,nadam,adafactor,muon_agr",
             "--workload",
             "shard_mix",
             "--steps",
@@ -156,7 +152,7 @@ fn on_the_emulated_cuda_device_golden_files_and_split_tensors_shard_bit_identica
         ]);
         let (ok, out, err) = run(c);
         assert!(ok, "{n} ranks:\n{out}\n{err}");
-        assert_eq!(out.lines().count(), 6, "{out}");
+        assert_eq!(out.lines().count(), 7, "{out}");
         for l in out.lines() {
             assert!(l.contains("bit-identical to 1 process over 3 steps"), "{l}");
         }

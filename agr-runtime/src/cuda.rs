@@ -700,8 +700,11 @@ impl Launch for CudaExec {
             });
         }
         let dims = crate::Dims::of(shape, desc);
-        let results = if whole || desc.factored || dims.row_len == 0 {
+        let results = if whole {
             dims.results
+        } else if desc.factored || dims.row_len == 0 {
+            // A factored tensor is one unit: not this rank's.
+            0
         } else {
             (hi - lo) / dims.row_len * desc.row_reductions
         };

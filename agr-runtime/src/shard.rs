@@ -62,8 +62,7 @@ pub enum ShardError {
     AfterFirstStep {
         optimizer: String,
     },
-    /// On a CUDA device this version shards specs without factored
-    /// states, with full gradients.
+    /// On a CUDA device this version shards with full gradients.
     Device {
         optimizer: String,
         device: String,
@@ -80,7 +79,7 @@ impl fmt::Display for ShardError {
             ),
             ShardError::Device { optimizer, device } => write!(
                 f,
-                "`{optimizer}` is on {device}: on a CUDA device this version shards specs without factored states, with full gradients (GradMode::Full); shard it on the CPU"
+                "`{optimizer}` is on {device}: on a CUDA device this version shards with full gradients (GradMode::Full); shard it on the CPU to hand over local gradients"
             ),
             ShardError::Comm(e) => e.fmt(f),
         }
@@ -374,15 +373,15 @@ impl<K: crate::Kernel> crate::Optimizer<K> {
     /// would (see the module's documentation). Call on every rank, before
     /// the first step, with the same parameters passed in the same order
     /// on every rank. On the CPU, or on a CUDA device (the one it is on:
-    /// move it first) for a spec without factored states and with
-    /// [`GradMode::Full`]; a sharded optimizer does not move.
+    /// move it first) with [`GradMode::Full`]; a sharded optimizer does
+    /// not move.
     pub fn shard(&mut self, comm: Arc<dyn Comm>, grads: GradMode) -> Result<(), ShardError> {
         if self.steps > 0 || self.tensors.iter().any(Option::is_some) {
             return Err(ShardError::AfterFirstStep {
                 optimizer: self.desc.name.to_string(),
             });
         }
-        if self.device() != crate::Device::Cpu && (self.desc.factored || grads != GradMode::Full) {
+        if self.device() != crate::Device::Cpu && grads != GradMode::Full {
             return Err(ShardError::Device {
                 optimizer: self.desc.name.to_string(),
                 device: self.device().to_string(),

@@ -402,15 +402,10 @@ fn a_collective_with_wrong_counts_is_an_error_before_anything_moves() {
     );
 }
 
-/// Built-ins a CUDA device shards (not the factored Adafactor).
-fn device_shardable(b: &agr_runtime::optim::Builtin) -> bool {
-    !b.make().desc().factored
-}
-
 #[test]
 fn on_the_emulated_cuda_device_sharded_steps_are_bit_identical_to_unsharded_ones() {
     use agr_runtime::Device;
-    for b in BUILTINS.iter().filter(|b| device_shardable(b)) {
+    for b in BUILTINS {
         let shapes = shapes_for(b.make().as_ref());
         let mut reference = b.make();
         reference.set_device(Device::EmulatedCuda).unwrap();
@@ -463,10 +458,6 @@ fn on_the_emulated_cuda_device_sharded_steps_are_bit_identical_to_unsharded_ones
 #[test]
 fn a_device_refuses_what_it_cannot_shard_and_a_sharded_optimizer_does_not_move() {
     use agr_runtime::Device;
-    let mut f = agr_runtime::optim::builtin("adafactor").unwrap().make();
-    f.set_device(Device::EmulatedCuda).unwrap();
-    let e = f.shard(Arc::new(Solo), GradMode::Full).unwrap_err();
-    assert!(e.to_string().contains("without factored states"), "{e}");
     let mut a = agr_runtime::optim::builtin("adamw_agr").unwrap().make();
     a.set_device(Device::EmulatedCuda).unwrap();
     let e = a

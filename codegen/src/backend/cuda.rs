@@ -580,6 +580,11 @@ fn emit_tensor_scalars(prog: &Program, upto: usize, w: &mut W) {
 fn emit_prologue(prog: &Program, upto: usize, fname: &str, f: &ElemFn, w: &mut W) {
     let x = &prog.name;
     w.line("const AgrChunk c = chunks[blockIdx.x];");
+    if prog.factored() {
+        // Its work reads the whole tensor, not the chunk's elements.
+        w.line("// A sharded rank's block of a tensor it does not own has no elements.");
+        w.line("if (c.len == 0) return;");
+    }
     emit_tensor_scalars(prog, upto, w);
     w.line(&format!(
         "const {x}_{fname}_args a = {x}_{fname}_args_from(s, ts);"
