@@ -390,6 +390,20 @@ impl Stepper {
     }
 }
 
+/// The learning-rate schedule of a run over `n_train` images.
+fn schedule_of(args: &Args, lr: f64, n_train: usize) -> Box<dyn Schedule> {
+    let steps_per_epoch = n_train.div_ceil(args.batch) as u64;
+    match args.schedule {
+        ScheduleKind::Constant => Box::new(Constant(lr)),
+        ScheduleKind::Cosine => Box::new(WarmupCosine {
+            peak: lr,
+            floor: lr / 100.0,
+            warmup: steps_per_epoch,
+            total: steps_per_epoch * args.epochs as u64,
+        }),
+    }
+}
+
 fn train(
     name: &str,
     lr: f64,
@@ -406,16 +420,7 @@ fn train(
     let train_t = Tensors::new(train, &dev).map_err(e)?;
     let test_t = Tensors::new(test, &dev).map_err(e)?;
     let mut order: Vec<u32> = (0..train.len() as u32).collect();
-    let steps_per_epoch = train.len().div_ceil(args.batch) as u64;
-    let schedule: Box<dyn Schedule> = match args.schedule {
-        ScheduleKind::Constant => Box::new(Constant(lr)),
-        ScheduleKind::Cosine => Box::new(WarmupCosine {
-            peak: lr,
-            floor: lr / 100.0,
-            warmup: steps_per_epoch,
-            total: steps_per_epoch * args.epochs as u64,
-        }),
-    };
+    let schedule = schedule_of(args, lr, train.len());
     let mut step = 0u64;
     let mut reported_skips = 0u64;
     let mut curve = Curve::default();
@@ -617,16 +622,7 @@ fn train_ranks(
     let train_t = Tensors::new(train, &dev).map_err(e)?;
     let test_t = Tensors::new(test, &dev).map_err(e)?;
     let mut order: Vec<u32> = (0..train.len() as u32).collect();
-    let steps_per_epoch = train.len().div_ceil(args.batch) as u64;
-    let schedule: Box<dyn Schedule> = match args.schedule {
-        ScheduleKind::Constant => Box::new(Constant(lr)),
-        ScheduleKind::Cosine => Box::new(WarmupCosine {
-            peak: lr,
-            floor: lr / 100.0,
-            warmup: steps_per_epoch,
-            total: steps_per_epoch * args.epochs as u64,
-        }),
-    };
+    let schedule = schedule_of(args, lr, train.len());
     let mut step = 0u64;
     let mut curve = Curve::default();
     for _ in 0..args.epochs {

@@ -13,7 +13,7 @@ use agr_runtime::shard::GradMode;
 use agr_runtime::{CompiledSpec, DynOptimizer, ParamMut};
 
 /// The optimizer a golden file names (or `spec`), with its label.
-fn optimizer_for(
+pub fn optimizer_for(
     g: &golden::Golden,
     spec: Option<&CompiledSpec>,
 ) -> Result<(Box<dyn DynOptimizer>, String), String> {

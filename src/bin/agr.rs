@@ -343,15 +343,7 @@ fn replay(spec: Option<&Path>, device: agr_runtime::Device, files: &[PathBuf]) -
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         let run = |g: golden::Golden| {
-            let (mut opt, label) = match &compiled {
-                Some(c) => (c.boxed(), format!("{} (file: {})", c.name(), g.optimizer)),
-                None => (
-                    optim::builtin_or_err(&g.optimizer)
-                        .map_err(|e| format!("{e} (or replay a spec: --spec FILE.agr)"))?
-                        .make(),
-                    g.optimizer.clone(),
-                ),
-            };
+            let (mut opt, label) = agr::sharded::optimizer_for(&g, compiled.as_ref())?;
             opt.set_device(device).map_err(|e| e.to_string())?;
             golden::replay_with(&g, opt).map(|mut r| {
                 r.optimizer = label;
