@@ -137,24 +137,34 @@ fn on_the_emulated_cuda_device_golden_files_and_split_tensors_shard_bit_identica
                 "{n} ranks: {l}"
             );
         }
-        let mut c = mpirun(n);
-        c.args([
-            "shard-bench",
-            "--check",
-            "--device",
-            "emulated-cuda",
-            "--optimizers",
-            "adamw_agr,adan_agr,lamb,adamw_gc,nadam,adafactor,muon_agr",
-            "--workload",
-            "shard_mix",
-            "--steps",
-            "3",
-        ]);
-        let (ok, out, err) = run(c);
-        assert!(ok, "{n} ranks:\n{out}\n{err}");
-        assert_eq!(out.lines().count(), 7, "{out}");
-        for l in out.lines() {
-            assert!(l.contains("bit-identical to 1 process over 3 steps"), "{l}");
+        // Both gradient modes (a reduce-scatter with 3 ranks only: time).
+        let modes: &[&str] = if n == 3 {
+            &["full", "reduce-scatter"]
+        } else {
+            &["full"]
+        };
+        for grads in modes {
+            let mut c = mpirun(n);
+            c.args([
+                "shard-bench",
+                "--check",
+                "--device",
+                "emulated-cuda",
+                "--grads",
+                grads,
+                "--optimizers",
+                "adamw_agr,adan_agr,lamb,adamw_gc,nadam,adafactor,muon_agr",
+                "--workload",
+                "shard_mix",
+                "--steps",
+                "3",
+            ]);
+            let (ok, out, err) = run(c);
+            assert!(ok, "{n} ranks, {grads}:\n{out}\n{err}");
+            assert_eq!(out.lines().count(), 7, "{out}");
+            for l in out.lines() {
+                assert!(l.contains("bit-identical to 1 process over 3 steps"), "{l}");
+            }
         }
     }
 }

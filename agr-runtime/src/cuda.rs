@@ -755,7 +755,7 @@ pub(crate) fn step_host_params<K: Kernel>(
             shape: p.shape,
         })
         .collect();
-    let report = opt.step_cuda(&mut cuda)?;
+    let report = opt.step_cuda_buffers(&mut cuda)?;
     drop(cuda);
     for (v, p) in values.iter().zip(params.iter_mut()) {
         stream
@@ -831,8 +831,21 @@ impl<K: Kernel> Optimizer<K> {
 
     /// One step over f32 parameters in cudarc buffers, on the optimizer's
     /// GPU (see [`Optimizer::set_device`]). Validated like
-    /// [`Optimizer::step_params`]; on error nothing is modified.
+    /// [`Optimizer::step_params`]; on error nothing is modified. A sharded
+    /// optimizer takes host parameters ([`Optimizer::step_params`]) in this
+    /// version.
     pub fn step_cuda(&mut self, params: &mut [CudaParam<'_>]) -> Result<StepReport, StepError> {
+        if self.shard.is_some() {
+            return Err(StepError::Device(
+                "a sharded optimizer takes host parameters (step_params) in this version, not GPU buffers".into(),
+            ));
+        }
+        self.step_cuda_buffers(params)
+    }
+
+    /// [`Optimizer::step_cuda`] without the sharding check: the host
+    /// parameters' path, which gathers a sharded step's parameters itself.
+    fn step_cuda_buffers(&mut self, params: &mut [CudaParam<'_>]) -> Result<StepReport, StepError> {
         let Exec::Cuda(c) = &self.exec else {
             return Err(StepError::Device(format!(
                 "this optimizer runs on {}; GPU buffers need set_device(Device::Cuda(n))",

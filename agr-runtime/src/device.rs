@@ -637,20 +637,7 @@ impl<K: Kernel> Optimizer<K> {
         desc: &'static KernelDesc,
         policy: NonFinite,
     ) -> Result<Option<usize>, StepError> {
-        // Sharded (see `crate::shard`): the plan, made on the first step
-        // with this device's chunks.
-        if let Some(sh) = &mut self.shard {
-            if sh.plan.is_none() {
-                let shapes: Vec<&[usize]> = params.iter().map(|p| p.shape).collect();
-                sh.plan = Some(crate::shard::ShardPlan::with_chunk(
-                    desc,
-                    &shapes,
-                    emulated::CHUNK,
-                    sh.comm.size(),
-                    sh.comm.rank(),
-                ));
-            }
-        }
+        // Sharded (see `crate::shard`): the plan the host path made.
         let plan = self.shard.as_ref().and_then(|sh| sh.plan.clone());
         let l = self.exec.launch().expect("a CUDA device");
         let counts = l.counts_ptr();
@@ -845,9 +832,76 @@ impl<K: Kernel> Optimizer<K> {
         Ok(batches)
     }
 
+    /// Sharded on a device: the plan (once, with the device's chunks), and
+    /// with a reduce-scatter (more than one rank) each tensor's summed
+    /// gradients over this rank's part, zeros elsewhere.
+    fn scatter_on_host(
+        &mut self,
+        params: &[crate::ParamMut<'_>],
+    ) -> Result<Option<Vec<Vec<f32>>>, StepError> {
+        let Some(sh) = &mut self.shard else {
+            return Ok(None);
+        };
+        if sh.plan.is_none() {
+            let shapes: Vec<&[usize]> = params.iter().map(|p| p.shape).collect();
+            sh.plan = Some(crate::shard::ShardPlan::with_chunk(
+                self.desc,
+                &shapes,
+                emulated::CHUNK,
+                sh.comm.size(),
+                sh.comm.rank(),
+            ));
+        }
+        let (crate::shard::GradMode::ReduceScatter { mean }, Some(plan)) = (sh.grads, &sh.plan)
+        else {
+            return Ok(None);
+        };
+        if plan.size == 1 {
+            return Ok(None);
+        }
+        let grads: Vec<Option<&[f32]>> = params.iter().map(|p| p.grad).collect();
+        let mut bufs = crate::shard::ShardBufs::default();
+        sh.reduce_scatter(plan, &grads, mean, &mut bufs)
+            .map_err(StepError::Comm)?;
+        let mut at = 0;
+        let mut out = Vec::with_capacity(params.len());
+        for (i, p) in params.iter().enumerate() {
+            let (lo, hi) = plan.part(i);
+            let mut g = vec![0.0f32; p.value.len()];
+            g[lo..hi].copy_from_slice(&bufs.grads[at..at + (hi - lo)]);
+            at += hi - lo;
+            out.push(g);
+        }
+        Ok(Some(out))
+    }
+
     /// The step path of [`Optimizer::step_params`] on a CUDA device: host
     /// parameters (on a GPU: copied there and back, for checks, not speed).
     pub(crate) fn step_host_params_on_device(
+        &mut self,
+        params: &mut [crate::ParamMut<'_>],
+    ) -> Result<StepReport, StepError> {
+        // Sharded with a reduce-scatter: this rank's summed gradients, in
+        // tensors of full length (the parts of other ranks are never read:
+        // their chunks have no elements here).
+        match self.scatter_on_host(params)? {
+            None => self.step_host_params_here(params),
+            Some(sums) => {
+                let mut with_sums: Vec<crate::ParamMut<'_>> = params
+                    .iter_mut()
+                    .zip(&sums)
+                    .map(|(p, s)| crate::ParamMut {
+                        value: &mut *p.value,
+                        grad: p.grad.map(|_| s.as_slice()),
+                        shape: p.shape,
+                    })
+                    .collect();
+                self.step_host_params_here(&mut with_sums)
+            }
+        }
+    }
+
+    fn step_host_params_here(
         &mut self,
         params: &mut [crate::ParamMut<'_>],
     ) -> Result<StepReport, StepError> {

@@ -62,11 +62,6 @@ pub enum ShardError {
     AfterFirstStep {
         optimizer: String,
     },
-    /// On a CUDA device this version shards with full gradients.
-    Device {
-        optimizer: String,
-        device: String,
-    },
     Comm(CommError),
 }
 
@@ -76,10 +71,6 @@ impl fmt::Display for ShardError {
             ShardError::AfterFirstStep { optimizer } => write!(
                 f,
                 "`{optimizer}` has stepped already: shard it before its first step (its state would have to be split)"
-            ),
-            ShardError::Device { optimizer, device } => write!(
-                f,
-                "`{optimizer}` is on {device}: on a CUDA device this version shards with full gradients (GradMode::Full); shard it on the CPU to hand over local gradients"
             ),
             ShardError::Comm(e) => e.fmt(f),
         }
@@ -372,19 +363,12 @@ impl<K: crate::Kernel> crate::Optimizer<K> {
     /// ends with all of them updated on every rank, bitwise as one process
     /// would (see the module's documentation). Call on every rank, before
     /// the first step, with the same parameters passed in the same order
-    /// on every rank. On the CPU, or on a CUDA device (the one it is on:
-    /// move it first) with [`GradMode::Full`]; a sharded optimizer does
-    /// not move.
+    /// on every rank. On the CPU or on a CUDA device (the one it is on:
+    /// move it first; a sharded optimizer does not move).
     pub fn shard(&mut self, comm: Arc<dyn Comm>, grads: GradMode) -> Result<(), ShardError> {
         if self.steps > 0 || self.tensors.iter().any(Option::is_some) {
             return Err(ShardError::AfterFirstStep {
                 optimizer: self.desc.name.to_string(),
-            });
-        }
-        if self.device() != crate::Device::Cpu && grads != GradMode::Full {
-            return Err(ShardError::Device {
-                optimizer: self.desc.name.to_string(),
-                device: self.device().to_string(),
             });
         }
         self.shard = Some(Shard {

@@ -456,15 +456,41 @@ fn on_the_emulated_cuda_device_sharded_steps_are_bit_identical_to_unsharded_ones
 }
 
 #[test]
-fn a_device_refuses_what_it_cannot_shard_and_a_sharded_optimizer_does_not_move() {
+fn on_the_emulated_device_a_reduce_scatter_is_an_all_reduce_in_rank_order_and_nothing_moves() {
     use agr_runtime::Device;
-    let mut a = agr_runtime::optim::builtin("adamw_agr").unwrap().make();
-    a.set_device(Device::EmulatedCuda).unwrap();
-    let e = a
-        .shard(Arc::new(Solo), GradMode::ReduceScatter { mean: true })
-        .unwrap_err();
-    assert!(e.to_string().contains("GradMode::Full"), "{e}");
-    a.shard(Arc::new(Solo), GradMode::Full).unwrap();
-    let e = a.set_device(Device::Cpu).unwrap_err();
-    assert!(e.to_string().contains("sharded"), "{e}");
+    for name in ["adamw_agr", "adafactor"] {
+        let b = agr_runtime::optim::builtin(name).unwrap();
+        let n = 3;
+        let local = |r: usize, k: u64| grads(SHAPES, k, r as u64 + 1);
+        let mut reference = b.make();
+        reference.set_device(Device::EmulatedCuda).unwrap();
+        let mut want = init(SHAPES);
+        for k in 1..=STEPS {
+            let mut g = local(0, k);
+            for r in 1..n {
+                for (a, b) in g.iter_mut().zip(local(r, k)) {
+                    for (x, y) in a.iter_mut().zip(b) {
+                        *x += y;
+                    }
+                }
+            }
+            step(reference.as_mut(), SHAPES, &mut want, &g);
+        }
+        let got = on_ranks(n, |r, comm| {
+            let mut opt = b.make();
+            opt.set_device(Device::EmulatedCuda).unwrap();
+            opt.shard(comm, GradMode::ReduceScatter { mean: false })
+                .unwrap();
+            let mut v = init(SHAPES);
+            for k in 1..=STEPS {
+                step(opt.as_mut(), SHAPES, &mut v, &local(r, k));
+            }
+            let moved = opt.set_device(Device::Cpu).unwrap_err().to_string();
+            (bits(&v), moved)
+        });
+        for (r, (g, moved)) in got.iter().enumerate() {
+            assert!(g == &bits(&want), "{name}: rank {r} differs");
+            assert!(moved.contains("sharded"), "{moved}");
+        }
+    }
 }
