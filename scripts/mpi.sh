@@ -4,7 +4,7 @@
 # (the mpi crate generates its bindings with bindgen).
 set -euo pipefail
 if command -v mpirun >/dev/null 2>&1 && command -v mpicc >/dev/null 2>&1 \
-    && compgen -G "/usr/lib/llvm-*/lib/libclang*.so*" >/dev/null; then
+    && compgen -G "/usr/lib/llvm-*/lib/libclang.so*" >/dev/null; then
     exit 0
 fi
 sudo=""
