@@ -131,8 +131,20 @@ fn the_golden_files_replay_through_tch_on_the_emulated_cuda_device() {
 
 /// A two-layer net fitting a fixed smooth function; returns the losses
 /// before and after `steps` steps.
+/// libtorch's generator is global and the tests run on parallel threads:
+/// a test seeds it and draws its initial weights holding this lock, or
+/// another test's draws would come between (and change its numbers).
+static TORCH_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Seeds libtorch's generator; draw from it while the guard lives.
+fn seeded(seed: i64) -> std::sync::MutexGuard<'static, ()> {
+    let guard = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
+    tch::manual_seed(seed);
+    guard
+}
+
 fn train<K: Kernel>(config: K::Config, steps: usize) -> (f64, f64) {
-    tch::manual_seed(7);
+    let rng = seeded(7);
     let vs = nn::VarStore::new(Device::Cpu);
     let net = nn::seq()
         .add(nn::linear(vs.root() / "fc1", 4, 32, Default::default()))
@@ -140,6 +152,7 @@ fn train<K: Kernel>(config: K::Config, steps: usize) -> (f64, f64) {
         .add(nn::linear(vs.root() / "fc2", 32, 1, Default::default()));
     let x = Tensor::linspace(-1.0, 1.0, 256, (Kind::Float, Device::Cpu)).reshape([64, 4]);
     let y = (&x * 3.0).sin().sum_dim_intlist(1, true, Kind::Float);
+    drop(rng);
     let mut opt = TchOptimizer::<K>::new(&vs, config).unwrap();
     assert_eq!(
         opt.names(),
@@ -185,10 +198,11 @@ fn training_a_varstore_model_with_each_builtin_lowers_the_loss() {
 
 #[test]
 fn groups_use_varstore_names_and_checkpoints_resume_bit_identically() {
-    tch::manual_seed(3);
+    let rng = seeded(3);
     let vs = nn::VarStore::new(Device::Cpu);
     let lin = nn::linear(vs.root() / "fc", 6, 5, Default::default());
     let x = Tensor::randn([16, 6], (Kind::Float, Device::Cpu));
+    drop(rng);
     let loss = |lin: &nn::Linear| lin.forward(&x).pow_tensor_scalar(2).mean(Kind::Float);
     let groups = ParamGroups::new()
         .group("vectors", select::ndim_below(2))
@@ -459,10 +473,11 @@ fn an_optimizer_of_two_specs_steps_a_varstore_as_its_parts_do_alone() {
     use agr_runtime::multi::Multi;
     use agr_runtime::tch::TchDyn;
     let builtin = |n: &str| agr_runtime::optim::builtin(n).unwrap().make();
-    tch::manual_seed(5);
+    let rng = seeded(5);
     let vs = nn::VarStore::new(Device::Cpu);
     let lin = nn::linear(vs.root() / "fc", 6, 5, Default::default());
     let x = Tensor::randn([16, 6], (Kind::Float, Device::Cpu));
+    drop(rng);
     let loss = |lin: &nn::Linear| lin.forward(&x).pow_tensor_scalar(2).mean(Kind::Float);
     // The same start, for the two optimizers stepping alone.
     let (w0, b0) = (lin.ws.copy(), lin.bs.as_ref().unwrap().copy());
