@@ -638,7 +638,7 @@ impl<K: Kernel> Optimizer<K> {
         policy: NonFinite,
     ) -> Result<Option<usize>, StepError> {
         // Sharded (see `crate::shard`): the plan the host path made.
-        let plan = self.shard.as_ref().and_then(|sh| sh.plan.clone());
+        let plan = self.shard.as_ref().and_then(|sh| sh.plan.as_ref());
         let l = self.exec.launch().expect("a CUDA device");
         let counts = l.counts_ptr();
         let mut metas = vec![];
@@ -719,27 +719,17 @@ impl<K: Kernel> Optimizer<K> {
                 }
             }
         }
-        let mats = self.matrix_batches(params, &metas, &table, plan.as_ref())?;
+        let mats = self.matrix_batches(params, &metas, &table, plan)?;
         let hypers = emulated::hyper_table(desc, self.groups.iter().map(|g| &g.config));
         let nr = desc.reductions.len().max(1);
-        let comm = self.shard.as_ref().map(|sh| sh.comm.clone());
+        let shard = self.shard.as_ref();
         let mut send = vec![];
         let mut gather = |pass: usize, partials: &mut [f64]| -> Result<(), DeviceError> {
-            let (Some(comm), Some(pl)) = (&comm, &plan) else {
+            let Some(sh) = shard else {
                 return Ok(());
             };
-            let first: usize = chunk_counts[..pl.rank].iter().sum();
-            let own = first * nr..(first + chunk_counts[pl.rank]) * nr;
-            send.clear();
-            send.extend_from_slice(&partials[own]);
-            let counts: Vec<usize> = chunk_counts.iter().map(|c| c * nr).collect();
-            comm.all_gather_f64(
-                &format!("the chunk partials of reduction pass {pass}"),
-                &send,
-                &counts,
-                &mut partials[..counts.iter().sum::<usize>()],
-            )
-            .map_err(|e| DeviceError::Cuda(e.to_string()))
+            sh.gather_partials(pass, &chunk_counts, nr, partials, &mut send)
+                .map_err(|e| DeviceError::Cuda(e.to_string()))
         };
         let gather: Option<GatherPartials<'_>> = if plan.is_some() {
             Some(&mut gather)
@@ -839,19 +829,11 @@ impl<K: Kernel> Optimizer<K> {
         &mut self,
         params: &[crate::ParamMut<'_>],
     ) -> Result<Option<Vec<Vec<f32>>>, StepError> {
+        let shapes: Vec<&[usize]> = params.iter().map(|p| p.shape).collect();
+        self.plan_shards(&shapes, emulated::CHUNK)?;
         let Some(sh) = &mut self.shard else {
             return Ok(None);
         };
-        if sh.plan.is_none() {
-            let shapes: Vec<&[usize]> = params.iter().map(|p| p.shape).collect();
-            sh.plan = Some(crate::shard::ShardPlan::with_chunk(
-                self.desc,
-                &shapes,
-                emulated::CHUNK,
-                sh.comm.size(),
-                sh.comm.rank(),
-            ));
-        }
         let (crate::shard::GradMode::ReduceScatter { mean }, Some(plan)) = (sh.grads, &sh.plan)
         else {
             return Ok(None);

@@ -7,7 +7,7 @@ use rayon::prelude::*;
 use crate::cpu::{Kernel, KernelDesc, StaticKernel};
 use crate::device::{Exec, Store};
 use crate::groups::{self, Group, GroupError, Override, ParamGroups, DEFAULT_GROUP};
-use crate::shard::{GradMode, ShardPlan};
+use crate::shard::GradMode;
 use crate::{ConfigError, Dims, HyperConfig, HyperValue, Scope, TensorMeta, MAX_STATES};
 
 /// One parameter tensor for a step: its values (updated in place), its
@@ -695,15 +695,9 @@ impl<K: Kernel> Optimizer<K> {
         if !matches!(self.exec, Exec::Cpu) {
             return self.step_host_params_on_device(params);
         }
+        let shapes: Vec<&[usize]> = params.iter().map(|p| p.shape).collect();
+        self.plan_shards(&shapes, CHUNK)?;
         if let Some(sh) = &mut self.shard {
-            if sh.plan.is_none() {
-                let shapes: Vec<&[usize]> = params.iter().map(|p| p.shape).collect();
-                let plan = ShardPlan::new(self.desc, &shapes, sh.comm.size(), sh.comm.rank());
-                // State a checkpoint loaded before the first step is whole.
-                let loaded = std::mem::take(&mut self.tensors);
-                self.tensors = crate::shard::cut_to_parts(self.desc, &plan, loaded);
-                sh.plan = Some(plan);
-            }
             if let GradMode::ReduceScatter { mean } = sh.grads {
                 let plan = sh.plan.as_ref().expect("made above");
                 let grads: Vec<Option<&[f32]>> = params.iter().map(|p| p.grad).collect();
@@ -928,16 +922,12 @@ impl<K: Kernel> Optimizer<K> {
                         if let (Some(sh), true) = (&self.shard, plan.is_some() && nr > 0) {
                             // Every rank's partials, in item order: the
                             // fold below then sees the unsharded step's.
-                            sc.send.clear();
-                            sc.send
-                                .extend_from_slice(&sc.acc[own.start * nr..own.end * nr]);
-                            let counts: Vec<usize> =
-                                sc.item_counts.iter().map(|c| c * nr).collect();
-                            if let Err(e) = sh.comm.all_gather_f64(
-                                &format!("the partial results of reduction pass {phase}"),
-                                &sc.send,
-                                &counts,
+                            if let Err(e) = sh.gather_partials(
+                                phase,
+                                &sc.item_counts,
+                                nr,
                                 &mut sc.acc,
+                                &mut sc.send,
                             ) {
                                 comm_err = Some(e);
                                 break 'passes None;

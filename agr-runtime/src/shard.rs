@@ -333,6 +333,33 @@ impl Shard {
     }
 }
 
+impl Shard {
+    /// Exchanges one reduction pass's per-item partials (`nr` values per
+    /// item, items in order, `counts[r]` of them rank `r`'s): this rank's
+    /// run goes out, every rank's comes into `partials`.
+    pub(crate) fn gather_partials(
+        &self,
+        pass: usize,
+        counts: &[usize],
+        nr: usize,
+        partials: &mut [f64],
+        send: &mut Vec<f64>,
+    ) -> Result<(), CommError> {
+        let rank = self.comm.rank();
+        let first: usize = counts[..rank].iter().sum();
+        send.clear();
+        send.extend_from_slice(&partials[first * nr..(first + counts[rank]) * nr]);
+        let counts: Vec<usize> = counts.iter().map(|c| c * nr).collect();
+        let total = counts.iter().sum();
+        self.comm.all_gather_f64(
+            &format!("the partial results of reduction pass {pass}"),
+            send,
+            &counts,
+            &mut partials[..total],
+        )
+    }
+}
+
 /// Buffers a sharded step reuses (grown once, not zeroed each step).
 #[derive(Default)]
 pub(crate) struct ShardBufs {
@@ -402,6 +429,54 @@ impl<K: crate::Kernel> crate::Optimizer<K> {
 }
 
 impl<K: crate::Kernel> crate::Optimizer<K> {
+    /// Sharded, on the first step: the plan, from the parameters' shapes
+    /// and the device's work items of `chunk` elements. State a checkpoint
+    /// loaded before it is whole: it is cut to this rank's parts, in this
+    /// device's memory.
+    pub(crate) fn plan_shards(
+        &mut self,
+        shapes: &[&[usize]],
+        chunk: usize,
+    ) -> Result<(), crate::StepError> {
+        let Some(sh) = self.shard.as_ref().filter(|sh| sh.plan.is_none()) else {
+            return Ok(());
+        };
+        let plan = ShardPlan::with_chunk(self.desc, shapes, chunk, sh.comm.size(), sh.comm.rank());
+        if self.tensors.iter().any(Option::is_some) {
+            let ns = self.desc.states.len();
+            let whole: Vec<Option<crate::optimizer::TensorState>> = self
+                .tensors
+                .iter()
+                .enumerate()
+                .map(|(i, t)| {
+                    t.as_ref().map(|t| crate::optimizer::TensorState {
+                        shape: t.shape.clone(),
+                        t: t.t,
+                        store: Store::Host {
+                            bufs: (0..ns)
+                                .map(|k| {
+                                    let v = t.store.to_host(k);
+                                    let mut b = AlignedBuf::filled(v.len(), 0.0, i * ns + k);
+                                    b.as_mut_slice().copy_from_slice(&v);
+                                    b
+                                })
+                                .collect(),
+                            rows: vec![0.0; crate::Dims::of(&t.shape, self.desc).results],
+                        },
+                    })
+                })
+                .collect();
+            let parts = cut_to_parts(self.desc, &plan, whole);
+            self.tensors = self
+                .state_on_this_device(parts)
+                .map_err(|e| crate::StepError::Device(e.to_string()))?;
+        }
+        if let Some(sh) = self.shard.as_mut() {
+            sh.plan = Some(plan);
+        }
+        Ok(())
+    }
+
     /// Sharded: every rank's state, whole (a collective: every rank calls
     /// it); `None` unsharded or before the plan (the state is then whole).
     pub(crate) fn gather_shards(

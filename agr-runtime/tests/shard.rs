@@ -494,3 +494,39 @@ fn on_the_emulated_device_a_reduce_scatter_is_an_all_reduce_in_rank_order_and_no
         }
     }
 }
+
+#[test]
+fn a_checkpoint_loaded_before_the_first_sharded_step_on_a_device_is_cut_to_each_rank() {
+    use agr_runtime::Device;
+    for name in ["adamw_agr", "adafactor"] {
+        let b = agr_runtime::optim::builtin(name).unwrap();
+        let mut single = b.make();
+        single.set_device(Device::EmulatedCuda).unwrap();
+        let mut want = init(SHAPES);
+        for k in 1..=2 {
+            step(single.as_mut(), SHAPES, &mut want, &grads(SHAPES, k, 0));
+        }
+        let ck = single.save_checkpoint();
+        let at_ck = want.clone();
+        for k in 3..=4 {
+            step(single.as_mut(), SHAPES, &mut want, &grads(SHAPES, k, 0));
+        }
+        let got = on_ranks(3, |_, comm| {
+            let mut opt = b.make();
+            opt.set_device(Device::EmulatedCuda).unwrap();
+            opt.shard(comm, GradMode::Full).unwrap();
+            opt.load_checkpoint(&ck).unwrap();
+            let mut v = at_ck.clone();
+            for k in 3..=4 {
+                step(opt.as_mut(), SHAPES, &mut v, &grads(SHAPES, k, 0));
+            }
+            bits(&v)
+        });
+        for (r, g) in got.iter().enumerate() {
+            assert!(
+                g == &bits(&want),
+                "{name}: rank {r} differs from the resumed single run"
+            );
+        }
+    }
+}
