@@ -842,8 +842,8 @@ impl<K: Kernel> Optimizer<K> {
             return Ok(None);
         }
         let grads: Vec<Option<&[f32]>> = params.iter().map(|p| p.grad).collect();
-        let mut bufs = crate::shard::ShardBufs::default();
-        sh.reduce_scatter(plan, &grads, mean, &mut bufs)
+        let bufs = &mut self.scratch.shard;
+        sh.reduce_scatter(plan, &grads, mean, bufs)
             .map_err(StepError::Comm)?;
         let mut at = 0;
         let mut out = Vec::with_capacity(params.len());
@@ -913,7 +913,7 @@ impl<K: Kernel> Optimizer<K> {
             .and_then(|sh| sh.plan.as_ref().map(|pl| (sh, pl)))
         {
             let mut values: Vec<&mut [f32]> = params.iter_mut().map(|p| &mut *p.value).collect();
-            sh.gather_params(pl, &mut values, &mut Default::default())
+            sh.gather_params(pl, &mut values, &mut self.scratch.shard)
                 .map_err(StepError::Comm)?;
         }
         Ok(report)

@@ -267,7 +267,7 @@ unsafe impl Sync for Ptrs {}
 
 /// Scratch space reused by every step, so steps allocate nothing once the
 /// set of parameters with gradients is stable.
-struct Scratch<K: Kernel> {
+pub(crate) struct Scratch<K: Kernel> {
     active: Vec<usize>,
     ptrs: Vec<Ptrs>,
     metas: Vec<TensorMeta>,
@@ -291,7 +291,7 @@ struct Scratch<K: Kernel> {
     send: Vec<f64>,
     /// Sharded: the collectives' buffers (and, after a reduce-scatter,
     /// this rank's summed gradients).
-    shard: crate::shard::ShardBufs,
+    pub(crate) shard: crate::shard::ShardBufs,
 }
 
 impl<K: Kernel> Default for Scratch<K> {
@@ -346,7 +346,7 @@ pub struct Optimizer<K: Kernel> {
     pub(crate) frozen_checked: bool,
     /// Sharded: the communicator and who owns what (see [`crate::shard`]).
     pub(crate) shard: Option<crate::shard::Shard>,
-    scratch: Scratch<K>,
+    pub(crate) scratch: Scratch<K>,
     /// The variables a candle optimizer updates (`candle_nn::Optimizer::new`).
     #[cfg(feature = "candle")]
     pub(crate) vars: Vec<candle_core::Var>,
