@@ -219,6 +219,7 @@ impl Comm for Solo {
 /// packing, folding and bit-identity checked without `mpirun`.
 pub struct Threads {
     rank: usize,
+    size: usize,
     shared: Arc<Exchange>,
 }
 
@@ -240,6 +241,7 @@ impl Threads {
             .map(|rank| {
                 Arc::new(Threads {
                     rank,
+                    size: n,
                     shared: shared.clone(),
                 }) as Arc<dyn Comm>
             })
@@ -267,11 +269,7 @@ impl Comm for Threads {
         self.rank
     }
     fn size(&self) -> usize {
-        self.shared
-            .posted
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .len()
+        self.size
     }
     fn kind(&self) -> &'static str {
         "threads"
