@@ -829,8 +829,7 @@ impl<K: Kernel> Optimizer<K> {
         &mut self,
         params: &[crate::ParamMut<'_>],
     ) -> Result<Option<Vec<Vec<f32>>>, StepError> {
-        let shapes: Vec<&[usize]> = params.iter().map(|p| p.shape).collect();
-        self.plan_shards(&shapes, emulated::CHUNK)?;
+        self.plan_shards(params, emulated::CHUNK)?;
         let Some(sh) = &mut self.shard else {
             return Ok(None);
         };

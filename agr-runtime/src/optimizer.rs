@@ -695,8 +695,7 @@ impl<K: Kernel> Optimizer<K> {
         if !matches!(self.exec, Exec::Cpu) {
             return self.step_host_params_on_device(params);
         }
-        let shapes: Vec<&[usize]> = params.iter().map(|p| p.shape).collect();
-        self.plan_shards(&shapes, CHUNK)?;
+        self.plan_shards(params, CHUNK)?;
         if let Some(sh) = &mut self.shard {
             if let GradMode::ReduceScatter { mean } = sh.grads {
                 let plan = sh.plan.as_ref().expect("made above");

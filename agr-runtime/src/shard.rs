@@ -432,16 +432,17 @@ impl<K: crate::Kernel> crate::Optimizer<K> {
     /// Sharded, on the first step: the plan, from the parameters' shapes
     /// and the device's work items of `chunk` elements. State a checkpoint
     /// loaded before it is whole: it is cut to this rank's parts, in this
-    /// device's memory.
+    /// device's memory. (Otherwise nothing, and no allocation.)
     pub(crate) fn plan_shards(
         &mut self,
-        shapes: &[&[usize]],
+        params: &[crate::ParamMut<'_>],
         chunk: usize,
     ) -> Result<(), crate::StepError> {
         let Some(sh) = self.shard.as_ref().filter(|sh| sh.plan.is_none()) else {
             return Ok(());
         };
-        let plan = ShardPlan::with_chunk(self.desc, shapes, chunk, sh.comm.size(), sh.comm.rank());
+        let shapes: Vec<&[usize]> = params.iter().map(|p| p.shape).collect();
+        let plan = ShardPlan::with_chunk(self.desc, &shapes, chunk, sh.comm.size(), sh.comm.rank());
         if self.tensors.iter().any(Option::is_some) {
             let ns = self.desc.states.len();
             let whole: Vec<Option<crate::optimizer::TensorState>> = self
