@@ -5,6 +5,8 @@
 use std::alloc::{alloc, dealloc, Layout};
 use std::ptr::NonNull;
 
+use crate::precision::{self, Storage, Q8_BLOCK};
+
 pub(crate) struct AlignedBuf {
     ptr: NonNull<f32>,
     len: usize,
@@ -81,6 +83,222 @@ impl Clone for AlignedBuf {
         let mut b = AlignedBuf::filled(self.len, 0.0, stagger);
         b.as_mut_slice().copy_from_slice(self.as_slice());
         b
+    }
+}
+
+/// A state buffer in its storage (see [`crate::precision`]): f32 in place,
+/// or narrowed (bf16, f16, 8-bit codes with a scale per block), which the
+/// engine widens into f32 scratch around each kernel call.
+#[derive(Clone)]
+pub(crate) enum StateBuf {
+    F32(AlignedBuf),
+    /// bf16 or f16 words.
+    Half {
+        kind: Storage,
+        words: Vec<u16>,
+    },
+    /// q8 or uq8: a code per value, an f32 scale per block of `Q8_BLOCK`.
+    Q8 {
+        kind: Storage,
+        codes: Vec<u8>,
+        scales: Vec<f32>,
+    },
+}
+
+/// A narrowed state buffer's memory, for the engine's work items (each
+/// touches a disjoint range of values and, for q8, of whole blocks).
+#[derive(Clone, Copy)]
+pub(crate) struct RawState {
+    pub(crate) kind: Storage,
+    pub(crate) data: *mut u8,
+    pub(crate) scales: *mut f32,
+}
+
+impl RawState {
+    pub(crate) const NONE: RawState = RawState {
+        kind: Storage::F32,
+        data: std::ptr::null_mut(),
+        scales: std::ptr::null_mut(),
+    };
+
+    /// Widens values `[start, start + out.len())` into `out`.
+    ///
+    /// # Safety
+    /// The range lies in the buffer and, for q8, `start` is a multiple of
+    /// `Q8_BLOCK`; no other thread writes it meanwhile.
+    pub(crate) unsafe fn load(self, start: usize, out: &mut [f32]) {
+        match self.kind {
+            Storage::Bf16 | Storage::F16 => {
+                let w = std::slice::from_raw_parts((self.data as *const u16).add(start), out.len());
+                precision::widen(self.kind, w, out);
+            }
+            Storage::Q8 | Storage::Uq8 => {
+                let codes = std::slice::from_raw_parts(self.data.add(start), out.len());
+                for (b, (o, c)) in out
+                    .chunks_mut(Q8_BLOCK)
+                    .zip(codes.chunks(Q8_BLOCK))
+                    .enumerate()
+                {
+                    let scale = *self.scales.add(start / Q8_BLOCK + b);
+                    precision::q8_dequantise(self.kind, c, scale, o);
+                }
+            }
+            Storage::F32 => unreachable!("f32 state is read in place"),
+        }
+    }
+
+    /// Narrows `vals` into values `[start, start + vals.len())`
+    /// (round-to-nearest-even; q8 blocks re-scaled).
+    ///
+    /// # Safety
+    /// As [`RawState::load`], and the range ends at the end of a q8 block
+    /// or of the buffer.
+    pub(crate) unsafe fn store(self, start: usize, vals: &[f32]) {
+        match self.kind {
+            Storage::Bf16 | Storage::F16 => {
+                let w =
+                    std::slice::from_raw_parts_mut((self.data as *mut u16).add(start), vals.len());
+                precision::narrow_nearest(self.kind, vals, w);
+            }
+            Storage::Q8 | Storage::Uq8 => {
+                let codes = std::slice::from_raw_parts_mut(self.data.add(start), vals.len());
+                for (b, (v, c)) in vals
+                    .chunks(Q8_BLOCK)
+                    .zip(codes.chunks_mut(Q8_BLOCK))
+                    .enumerate()
+                {
+                    *self.scales.add(start / Q8_BLOCK + b) =
+                        precision::q8_quantise(self.kind, v, c);
+                }
+            }
+            Storage::F32 => unreachable!("f32 state is written in place"),
+        }
+    }
+}
+
+impl StateBuf {
+    /// `len` copies of `fill` in `storage` (`stagger`: see [`AlignedBuf::filled`]).
+    pub(crate) fn filled(storage: Storage, len: usize, fill: f32, stagger: usize) -> StateBuf {
+        match storage {
+            Storage::F32 => StateBuf::F32(AlignedBuf::filled(len, fill, stagger)),
+            _ => StateBuf::from_f32(storage, &vec![fill; len], stagger),
+        }
+    }
+
+    /// `vals` stored in `storage`.
+    pub(crate) fn from_f32(storage: Storage, vals: &[f32], stagger: usize) -> StateBuf {
+        match storage {
+            Storage::F32 => {
+                let mut b = AlignedBuf::filled(vals.len(), 0.0, stagger);
+                b.as_mut_slice().copy_from_slice(vals);
+                StateBuf::F32(b)
+            }
+            Storage::Bf16 | Storage::F16 => {
+                let mut words = vec![0u16; vals.len()];
+                precision::narrow_nearest(storage, vals, &mut words);
+                StateBuf::Half {
+                    kind: storage,
+                    words,
+                }
+            }
+            Storage::Q8 | Storage::Uq8 => {
+                let mut codes = vec![0u8; vals.len()];
+                let scales = vals
+                    .chunks(Q8_BLOCK)
+                    .zip(codes.chunks_mut(Q8_BLOCK))
+                    .map(|(v, c)| precision::q8_quantise(storage, v, c))
+                    .collect();
+                StateBuf::Q8 {
+                    kind: storage,
+                    codes,
+                    scales,
+                }
+            }
+        }
+    }
+
+    pub(crate) fn storage(&self) -> Storage {
+        match self {
+            StateBuf::F32(_) => Storage::F32,
+            StateBuf::Half { kind, .. } | StateBuf::Q8 { kind, .. } => *kind,
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            StateBuf::F32(b) => b.as_slice().len(),
+            StateBuf::Half { words, .. } => words.len(),
+            StateBuf::Q8 { codes, .. } => codes.len(),
+        }
+    }
+
+    /// Bytes of memory the values take.
+    pub(crate) fn bytes(&self) -> usize {
+        match self {
+            StateBuf::F32(b) => b.as_slice().len() * 4,
+            StateBuf::Half { words, .. } => words.len() * 2,
+            StateBuf::Q8 { codes, scales, .. } => codes.len() + scales.len() * 4,
+        }
+    }
+
+    /// The values, widened to f32 where narrowed.
+    pub(crate) fn to_f32(&self) -> std::borrow::Cow<'_, [f32]> {
+        match self {
+            StateBuf::F32(b) => std::borrow::Cow::Borrowed(b.as_slice()),
+            _ => {
+                let mut out = vec![0.0; self.len()];
+                let mut me = self.clone();
+                // SAFETY: the whole buffer, from its start; `me` is ours.
+                unsafe { me.raw().load(0, &mut out) };
+                std::borrow::Cow::Owned(out)
+            }
+        }
+    }
+
+    /// An f32 buffer's values. Reduced and per-tensor states, matrix-block
+    /// buffers and every state on a device are f32 (the planner narrows
+    /// per-element states on the CPU only).
+    pub(crate) fn f32s(&self) -> &[f32] {
+        match self {
+            StateBuf::F32(b) => b.as_slice(),
+            _ => unreachable!("only per-element states on the CPU are narrowed"),
+        }
+    }
+
+    pub(crate) fn f32s_mut(&mut self) -> &mut [f32] {
+        match self {
+            StateBuf::F32(b) => b.as_mut_slice(),
+            _ => unreachable!("only per-element states on the CPU are narrowed"),
+        }
+    }
+
+    /// An f32 buffer's pointer (null for a narrowed one, see [`StateBuf::raw`]).
+    pub(crate) fn f32_ptr(&mut self) -> *mut f32 {
+        match self {
+            StateBuf::F32(b) => b.as_mut_ptr(),
+            _ => std::ptr::null_mut(),
+        }
+    }
+
+    /// A narrowed buffer's memory ([`RawState::NONE`] for f32).
+    pub(crate) fn raw(&mut self) -> RawState {
+        match self {
+            StateBuf::F32(_) => RawState::NONE,
+            StateBuf::Half { kind, words } => RawState {
+                kind: *kind,
+                data: words.as_mut_ptr() as *mut u8,
+                scales: std::ptr::null_mut(),
+            },
+            StateBuf::Q8 {
+                kind,
+                codes,
+                scales,
+            } => RawState {
+                kind: *kind,
+                data: codes.as_mut_ptr(),
+                scales: scales.as_mut_ptr(),
+            },
+        }
     }
 }
 

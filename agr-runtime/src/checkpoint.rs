@@ -11,7 +11,7 @@ use std::path::Path;
 
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 
-use crate::buf::AlignedBuf;
+use crate::buf::{AlignedBuf, StateBuf};
 use crate::cpu::Kernel;
 use crate::device::Store;
 use crate::groups::{self, Group, Override, DEFAULT_GROUP};
@@ -212,6 +212,13 @@ impl<K: Kernel> Optimizer<K> {
                         format!("{i}.{}", s.name),
                         f32_bytes(&t.store.to_host(k)),
                         s.shape(&t.shape),
+                    ));
+                }
+                if let Some(m) = &t.master {
+                    data.push((
+                        format!("{i}:master"),
+                        f32_bytes(m.as_slice()),
+                        t.shape.clone(),
                     ));
                 }
             }
@@ -452,11 +459,20 @@ impl<K: Kernel> Optimizer<K> {
                     _ => {}
                 }
                 let n: usize = view.shape().iter().product();
-                let mut b = AlignedBuf::filled(n, 0.0, i * self.desc.states.len() + k);
-                for (x, chunk) in b.as_mut_slice().iter_mut().zip(view.data().chunks_exact(4)) {
-                    *x = f32::from_le_bytes(chunk.try_into().unwrap());
-                }
-                bufs.push(b);
+                let vals: Vec<f32> = view
+                    .data()
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                    .take(n)
+                    .collect();
+                // Stored in this optimizer's precision (bf16 and f16 values
+                // come back exactly; q8 codes are derived again).
+                let kind = self.storage.get(k).copied().unwrap_or_default();
+                bufs.push(StateBuf::from_f32(
+                    kind,
+                    &vals,
+                    i * self.desc.states.len() + k,
+                ));
             }
             let Some(shape) = shape else {
                 return Err(corrupt(format!("no shape for parameter #{i}")));
@@ -470,10 +486,32 @@ impl<K: Kernel> Optimizer<K> {
                 }
             }
             let rows = vec![0.0; crate::Dims::of(&shape, self.desc).results];
+            // An f32 master copy of a bf16/f16 parameter, if it was saved
+            // and this optimizer keeps one (else the next step takes it
+            // from the parameter).
+            let master = match st.tensor(&format!("{i}:master")) {
+                Ok(view) if self.precision.master => {
+                    let numel: usize = shape.iter().product();
+                    if view.dtype() != Dtype::F32 || view.shape() != shape.as_slice() {
+                        return Err(corrupt(format!(
+                            "`{i}:master` is {:?} {:?}, not F32 {shape:?}",
+                            view.dtype(),
+                            view.shape()
+                        )));
+                    }
+                    let mut b = AlignedBuf::filled(numel, 0.0, i);
+                    for (x, c) in b.as_mut_slice().iter_mut().zip(view.data().chunks_exact(4)) {
+                        *x = f32::from_le_bytes(c.try_into().unwrap());
+                    }
+                    Some(b)
+                }
+                _ => None,
+            };
             tensors.push(Some(TensorState {
                 shape,
                 t,
                 store: Store::Host { bufs, rows },
+                master,
             }));
         }
         // Sharded: this rank's parts.

@@ -20,7 +20,7 @@ use cudarc::driver::{
 };
 use cudarc::nvrtc::{CompileOptions, Ptx};
 
-use crate::buf::AlignedBuf;
+use crate::buf::{AlignedBuf, StateBuf};
 use crate::cpu::{Kernel, KernelDesc, StaticKernel};
 use crate::device::{DeviceError, Exec, Launch, RawParam, Store};
 use crate::emulated::{AgrChunk, AgrTensor};
@@ -325,7 +325,7 @@ impl DeviceState {
             let host = self.stream.clone_dtoh(b).map_err(cuda_err)?;
             let mut a = AlignedBuf::filled(host.len(), 0.0, k);
             a.as_mut_slice().copy_from_slice(&host);
-            bufs.push(a);
+            bufs.push(StateBuf::F32(a));
         }
         let rows = match &self.rows {
             Some(r) => self.stream.clone_dtoh(r).map_err(cuda_err)?,
@@ -443,7 +443,7 @@ impl CudaExec {
                 stream: s.clone(),
                 bufs: bufs
                     .iter()
-                    .map(|b| s.clone_htod(b.as_slice()))
+                    .map(|b| s.clone_htod(b.f32s()))
                     .collect::<Result<_, _>>()
                     .map_err(cuda_err)?,
                 rows: if rows.is_empty() {

@@ -26,11 +26,12 @@ use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
 
-use crate::buf::AlignedBuf;
+use crate::buf::StateBuf;
 use crate::cpu::{Kernel, KernelDesc};
 use crate::emulated::{self, AgrChunk, AgrTensor, EmulatedError, HostModule};
 use crate::matdev::MatBatch;
 use crate::optimizer::TensorState;
+use crate::precision::Storage;
 use crate::{NonFinite, Optimizer, StepError, StepReport, TensorMeta, MAX_STATES};
 
 /// Where an optimizer's steps run.
@@ -93,6 +94,9 @@ pub enum DeviceError {
     /// A sharded optimizer stays on the device it was sharded on (its
     /// parts follow that device's chunks; see [`crate::shard`]).
     Sharded { optimizer: String },
+    /// Narrowed states or master copies (see
+    /// [`crate::Optimizer::set_precision`]) live on the CPU in this version.
+    Narrowed { optimizer: String },
 }
 
 impl fmt::Display for DeviceError {
@@ -106,6 +110,10 @@ impl fmt::Display for DeviceError {
             DeviceError::CpuOnly { optimizer, reason } => write!(
                 f,
                 "`{optimizer}` has {reason}, which runs on the CPU only in this version; step it on the CPU"
+            ),
+            DeviceError::Narrowed { optimizer } => write!(
+                f,
+                "`{optimizer}` keeps narrowed states or f32 master copies, which step on the CPU only in this version; set f32 precision (`set_precision(Precision::f32())`) before moving it"
             ),
             DeviceError::Sharded { optimizer } => write!(
                 f,
@@ -127,7 +135,8 @@ impl From<EmulatedError> for DeviceError {
 pub(crate) enum Store {
     /// Host memory (the CPU and the emulated CUDA device).
     Host {
-        bufs: Vec<AlignedBuf>,
+        /// One per spec state, each in its storage (see [`crate::precision`]).
+        bufs: Vec<StateBuf>,
         /// Row-reduction results of the current step (`ROW_REDUCTIONS` per row).
         rows: Vec<f64>,
     },
@@ -151,14 +160,23 @@ impl Clone for Store {
 
 impl Store {
     /// A new parameter's host state: each buffer at its spec's fill value.
-    pub(crate) fn new_host(desc: &KernelDesc, shape: &[usize], index: usize) -> Store {
+    /// `storage[k]` is state `k`'s storage (f32 where `storage` is shorter).
+    pub(crate) fn new_host(
+        desc: &KernelDesc,
+        shape: &[usize],
+        index: usize,
+        storage: &[Storage],
+    ) -> Store {
         let ns = desc.states.len();
         Store::Host {
             bufs: desc
                 .states
                 .iter()
                 .enumerate()
-                .map(|(k, s)| AlignedBuf::filled(s.len(shape), s.fill, index * ns + k))
+                .map(|(k, s)| {
+                    let kind = storage.get(k).copied().unwrap_or_default();
+                    StateBuf::filled(kind, s.len(shape), s.fill, index * ns + k)
+                })
                 .collect(),
             rows: vec![0.0; crate::Dims::of(shape, desc).results],
         }
@@ -174,10 +192,11 @@ impl Store {
         shape: &[usize],
         index: usize,
         (lo, hi): (usize, usize),
+        storage: &[Storage],
     ) -> Store {
         let numel: usize = shape.iter().product();
         if (lo, hi) == (0, numel) {
-            return Store::new_host(desc, shape, index);
+            return Store::new_host(desc, shape, index, storage);
         }
         let ns = desc.states.len();
         let dims = crate::Dims::of(shape, desc);
@@ -200,7 +219,8 @@ impl Store {
                     } else {
                         hi - lo
                     };
-                    AlignedBuf::filled(len, s.fill, index * ns + k)
+                    let kind = storage.get(k).copied().unwrap_or_default();
+                    StateBuf::filled(kind, len, s.fill, index * ns + k)
                 })
                 .collect(),
             rows: vec![0.0; rows],
@@ -213,7 +233,7 @@ impl Store {
     /// If the copy from the GPU fails (its context is lost).
     pub(crate) fn to_host(&self, k: usize) -> Cow<'_, [f32]> {
         match self {
-            Store::Host { bufs, .. } => Cow::Borrowed(bufs[k].as_slice()),
+            Store::Host { bufs, .. } => bufs[k].to_f32(),
             #[cfg(feature = "cuda")]
             Store::Cuda(d) => Cow::Owned(
                 d.to_host(k)
@@ -222,14 +242,15 @@ impl Store {
         }
     }
 
-    /// Values in the state buffers (f32) and the row results (f64).
+    /// Bytes of the state buffers and values of the row results (f64).
     pub(crate) fn lens(&self) -> (usize, usize) {
         match self {
-            Store::Host { bufs, rows } => {
-                (bufs.iter().map(|b| b.as_slice().len()).sum(), rows.len())
-            }
+            Store::Host { bufs, rows } => (bufs.iter().map(|b| b.bytes()).sum(), rows.len()),
             #[cfg(feature = "cuda")]
-            Store::Cuda(d) => d.lens(),
+            Store::Cuda(d) => {
+                let (values, rows) = d.lens();
+                (values * 4, rows)
+            }
         }
     }
 
@@ -239,7 +260,7 @@ impl Store {
             Store::Host { bufs, rows } => {
                 let mut st = [0u64; MAX_STATES];
                 for (k, b) in bufs.iter_mut().enumerate() {
-                    st[k] = b.as_mut_ptr() as u64;
+                    st[k] = b.f32_ptr() as u64;
                 }
                 (st, rows.as_mut_ptr() as u64)
             }
@@ -363,7 +384,7 @@ impl Launch for Emulated {
         index: usize,
         part: (usize, usize),
     ) -> Result<Store, DeviceError> {
-        Ok(Store::new_host_part(desc, shape, index, part))
+        Ok(Store::new_host_part(desc, shape, index, part, &[]))
     }
 }
 
@@ -422,6 +443,11 @@ impl<K: Kernel> Optimizer<K> {
             return Ok(());
         }
         self.cpu_only(device)?;
+        if self.narrows() && device != Device::Cpu {
+            return Err(DeviceError::Narrowed {
+                optimizer: self.desc.name.to_string(),
+            });
+        }
         let exec = match device {
             Device::Cpu => Exec::Cpu,
             Device::EmulatedCuda => Exec::Emulated(Emulated {
@@ -658,6 +684,7 @@ impl<K: Kernel> Optimizer<K> {
                     shape: p.shape.to_vec(),
                     t: 0,
                     store,
+                    master: None,
                 });
             }
             let st = self.tensors[i].as_mut().expect("created above");
@@ -950,6 +977,7 @@ fn move_state(
                 shape: t.shape.clone(),
                 t: t.t,
                 store,
+                master: t.master.clone(),
             }))
         })
         .collect::<Result<Vec<_>, _>>()

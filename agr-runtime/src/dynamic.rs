@@ -81,6 +81,23 @@ pub trait DynOptimizer: Send {
     ) -> Result<(), crate::shard::ShardError>;
     /// See [`Optimizer::state_bytes`].
     fn state_bytes(&self) -> crate::shard::StateBytes;
+    /// See [`Optimizer::set_precision`].
+    fn set_precision(
+        &mut self,
+        precision: crate::Precision,
+    ) -> Result<(), crate::precision::PrecisionError>;
+    /// See [`Optimizer::precision`].
+    fn precision(&self) -> crate::Precision;
+    /// [`Optimizer::step_params_of`] for bf16 parameters.
+    fn step_params_bf16(
+        &mut self,
+        params: &mut [ParamMut<'_, half::bf16>],
+    ) -> Result<StepReport, StepError>;
+    /// [`Optimizer::step_params_of`] for f16 parameters.
+    fn step_params_f16(
+        &mut self,
+        params: &mut [ParamMut<'_, half::f16>],
+    ) -> Result<StepReport, StepError>;
 }
 
 impl<K: Kernel> DynOptimizer for Optimizer<K> {
@@ -190,5 +207,26 @@ impl<K: Kernel> DynOptimizer for Optimizer<K> {
     }
     fn state_bytes(&self) -> crate::shard::StateBytes {
         Optimizer::state_bytes(self)
+    }
+    fn set_precision(
+        &mut self,
+        precision: crate::Precision,
+    ) -> Result<(), crate::precision::PrecisionError> {
+        Optimizer::set_precision(self, precision)
+    }
+    fn precision(&self) -> crate::Precision {
+        Optimizer::precision(self).clone()
+    }
+    fn step_params_bf16(
+        &mut self,
+        params: &mut [ParamMut<'_, half::bf16>],
+    ) -> Result<StepReport, StepError> {
+        Optimizer::step_params_of(self, params)
+    }
+    fn step_params_f16(
+        &mut self,
+        params: &mut [ParamMut<'_, half::f16>],
+    ) -> Result<StepReport, StepError> {
+        Optimizer::step_params_of(self, params)
     }
 }

@@ -45,7 +45,10 @@ fn gradient_ignored<K: Kernel>(config: &K::Config, shape: &[usize]) -> bool {
 
 /// Logs (once, at the optimizer's first step) the one-element parameters
 /// whose gradient has no effect under their group's hyperparameters.
-pub(crate) fn warn_frozen_scalars<K: Kernel>(opt: &Optimizer<K>, params: &[ParamMut<'_>]) {
+pub(crate) fn warn_frozen_scalars<K: Kernel, T: crate::precision::Element>(
+    opt: &Optimizer<K>,
+    params: &[ParamMut<'_, T>],
+) {
     if !log::log_enabled!(log::Level::Warn) {
         return;
     }

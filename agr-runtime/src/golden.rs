@@ -7,7 +7,7 @@ use std::path::Path;
 use serde::Deserialize;
 
 use crate::optim;
-use crate::{DynOptimizer, HyperValue, ParamMut};
+use crate::{DynOptimizer, HyperValue, ParamMut, Precision, Storage};
 
 #[derive(Debug, Deserialize)]
 pub struct Golden {
@@ -21,6 +21,45 @@ pub struct Golden {
     pub params: Vec<GoldenParam>,
     pub steps: Vec<GoldenStep>,
     pub tolerance: Tolerance,
+    /// Optional: the precision the reference stepped in (absent: f32).
+    #[serde(default)]
+    pub precision: Option<GoldenPrecision>,
+}
+
+/// How a reference stored its parameters and states (see
+/// [`crate::precision`]). Parameter values and gradients in the file are
+/// exactly representable in `params`.
+#[derive(Debug, Deserialize)]
+pub struct GoldenPrecision {
+    /// `f32`, `bf16` or `f16`.
+    #[serde(default = "f32_name")]
+    pub params: String,
+    /// An f32 master copy of bf16/f16 parameters.
+    #[serde(default)]
+    pub master: bool,
+    /// State storage by name (`f32`, `bf16`, `f16`, `q8`, `uq8`).
+    #[serde(default)]
+    pub states: std::collections::BTreeMap<String, String>,
+}
+
+fn f32_name() -> String {
+    "f32".into()
+}
+
+impl GoldenPrecision {
+    /// The parameters' storage and the optimizer precision it names.
+    pub fn parse(&self) -> Result<(Storage, Precision), String> {
+        let params = Storage::parse(&self.params)
+            .filter(|s| s.for_params())
+            .ok_or_else(|| format!("precision.params `{}`: not f32, bf16 or f16", self.params))?;
+        let mut p = Precision::f32().with_master(self.master);
+        for (name, kind) in &self.states {
+            let kind = Storage::parse(kind)
+                .ok_or_else(|| format!("precision.states.{name} `{kind}`: unknown storage"))?;
+            p = p.state(name, kind);
+        }
+        Ok((params, p))
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -130,6 +169,14 @@ pub fn replay_observed(
         };
         opt.set_hyper(name, value).map_err(|e| e.to_string())?;
     }
+    let params_kind = match &g.precision {
+        None => Storage::F32,
+        Some(p) => {
+            let (kind, precision) = p.parse()?;
+            opt.set_precision(precision).map_err(|e| e.to_string())?;
+            kind
+        }
+    };
     let mut values: Vec<Vec<f32>> = g.params.iter().map(|p| p.init.clone()).collect();
     let mut worst = Replay {
         optimizer: g.optimizer.clone(),
@@ -144,13 +191,7 @@ pub fn replay_observed(
         if step.grads.len() != values.len() || step.params.len() != values.len() {
             return Err(format!("step {}: expected {} tensors", k + 1, values.len()));
         }
-        let mut params: Vec<ParamMut<'_>> = values
-            .iter_mut()
-            .zip(&g.params)
-            .zip(&step.grads)
-            .map(|((v, p), gr)| ParamMut::new(v, Some(gr), &p.shape))
-            .collect();
-        opt.step_params(&mut params)
+        step_as(opt, params_kind, &mut values, &g.params, &step.grads)
             .map_err(|e| format!("step {}: {e}", k + 1))?;
         observe(k + 1, &values);
         for (ti, (ours, reference)) in values.iter().zip(&step.params).enumerate() {
@@ -189,4 +230,61 @@ pub fn replay_observed(
     }
     worst.pass = worst.worst_ratio <= 1.0;
     Ok(worst)
+}
+
+/// One step of `opt` over `values` stored as `kind` (bf16/f16 values are
+/// narrowed, stepped and widened back: exact, as they are representable).
+fn step_as(
+    opt: &mut dyn DynOptimizer,
+    kind: Storage,
+    values: &mut [Vec<f32>],
+    params: &[GoldenParam],
+    grads: &[Vec<f32>],
+) -> Result<(), crate::StepError> {
+    use half::{bf16, f16};
+    fn narrowed<T: Copy>(v: &[Vec<f32>], f: impl Fn(f32) -> T) -> Vec<Vec<T>> {
+        v.iter()
+            .map(|x| x.iter().map(|&y| f(y)).collect())
+            .collect()
+    }
+    match kind {
+        Storage::Bf16 => {
+            let mut vs = narrowed(values, bf16::from_f32);
+            let gs = narrowed(grads, bf16::from_f32);
+            let mut ps: Vec<ParamMut<'_, bf16>> = vs
+                .iter_mut()
+                .zip(params)
+                .zip(&gs)
+                .map(|((v, p), gr)| ParamMut::new(v, Some(gr), &p.shape))
+                .collect();
+            opt.step_params_bf16(&mut ps)?;
+            for (out, v) in values.iter_mut().zip(&vs) {
+                out.iter_mut().zip(v).for_each(|(o, x)| *o = x.to_f32());
+            }
+        }
+        Storage::F16 => {
+            let mut vs = narrowed(values, f16::from_f32);
+            let gs = narrowed(grads, f16::from_f32);
+            let mut ps: Vec<ParamMut<'_, f16>> = vs
+                .iter_mut()
+                .zip(params)
+                .zip(&gs)
+                .map(|((v, p), gr)| ParamMut::new(v, Some(gr), &p.shape))
+                .collect();
+            opt.step_params_f16(&mut ps)?;
+            for (out, v) in values.iter_mut().zip(&vs) {
+                out.iter_mut().zip(v).for_each(|(o, x)| *o = x.to_f32());
+            }
+        }
+        _ => {
+            let mut ps: Vec<ParamMut<'_>> = values
+                .iter_mut()
+                .zip(params)
+                .zip(grads)
+                .map(|((v, p), gr)| ParamMut::new(v, Some(gr), &p.shape))
+                .collect();
+            opt.step_params(&mut ps)?;
+        }
+    }
+    Ok(())
 }

@@ -36,6 +36,7 @@ pub mod matdev;
 pub mod multi;
 pub mod optim;
 mod optimizer;
+pub mod precision;
 pub mod schedule;
 pub mod shard;
 #[cfg(feature = "tch")]
@@ -53,6 +54,7 @@ pub use dynamic::DynOptimizer;
 pub use groups::{GroupError, ParamGroups};
 pub use hyper::{ConfigError, HyperConfig, HyperInfo, HyperKind, HyperValue};
 pub use optimizer::{NonFinite, Optimizer, ParamMut, StepError, StepReport};
+pub use precision::{Element, Precision, Rounding, Storage};
 
 /// Most state buffers a spec may declare.
 pub const MAX_STATES: usize = 8;

@@ -832,4 +832,40 @@ impl DynOptimizer for Multi {
         }
         b
     }
+
+    /// A `Multi` keeps f32 everywhere in this version: set the precision of
+    /// its parts' optimizers before building it.
+    fn set_precision(
+        &mut self,
+        precision: crate::Precision,
+    ) -> Result<(), crate::precision::PrecisionError> {
+        if precision == crate::Precision::f32() {
+            return Ok(());
+        }
+        Err(crate::precision::PrecisionError(
+            "a Multi's precision is its parts' (set it on each part's optimizer before building the Multi)".into(),
+        ))
+    }
+
+    fn precision(&self) -> crate::Precision {
+        crate::Precision::f32()
+    }
+
+    fn step_params_bf16(
+        &mut self,
+        _: &mut [ParamMut<'_, half::bf16>],
+    ) -> Result<StepReport, StepError> {
+        Err(StepError::Precision(
+            "a Multi steps f32 parameters only in this version".into(),
+        ))
+    }
+
+    fn step_params_f16(
+        &mut self,
+        _: &mut [ParamMut<'_, half::f16>],
+    ) -> Result<StepReport, StepError> {
+        Err(StepError::Precision(
+            "a Multi steps f32 parameters only in this version".into(),
+        ))
+    }
 }

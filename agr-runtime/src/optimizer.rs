@@ -4,23 +4,27 @@ use std::fmt;
 
 use rayon::prelude::*;
 
+use crate::buf::{AlignedBuf, RawState};
 use crate::cpu::{Kernel, KernelDesc, StaticKernel};
 use crate::device::{Exec, Store};
 use crate::groups::{self, Group, GroupError, Override, ParamGroups, DEFAULT_GROUP};
+use crate::precision::{Element, Precision, Rounding, Storage};
 use crate::shard::GradMode;
 use crate::{ConfigError, Dims, HyperConfig, HyperValue, Scope, TensorMeta, MAX_STATES};
 
 /// One parameter tensor for a step: its values (updated in place), its
 /// gradient (`None` skips the tensor this step, as PyTorch skips a parameter
-/// whose `.grad` is `None`) and its shape (row-major).
-pub struct ParamMut<'a> {
-    pub value: &'a mut [f32],
-    pub grad: Option<&'a [f32]>,
+/// whose `.grad` is `None`) and its shape (row-major). Values and gradient
+/// are `f32` (the default), `half::bf16` or `half::f16`: see
+/// [`Optimizer::set_precision`].
+pub struct ParamMut<'a, T: Element = f32> {
+    pub value: &'a mut [T],
+    pub grad: Option<&'a [T]>,
     pub shape: &'a [usize],
 }
 
-impl<'a> ParamMut<'a> {
-    pub fn new(value: &'a mut [f32], grad: Option<&'a [f32]>, shape: &'a [usize]) -> Self {
+impl<'a, T: Element> ParamMut<'a, T> {
+    pub fn new(value: &'a mut [T], grad: Option<&'a [T]>, shape: &'a [usize]) -> Self {
         ParamMut { value, grad, shape }
     }
 }
@@ -108,6 +112,9 @@ pub enum StepError {
     /// this rank's own part updated and the others' not (MPI ends the job
     /// instead: see [`crate::comm`]).
     Comm(crate::comm::CommError),
+    /// bf16/f16 parameters or narrowed state where this optimizer cannot
+    /// step them (see [`Optimizer::set_precision`]).
+    Precision(String),
 }
 
 impl fmt::Display for StepError {
@@ -142,6 +149,7 @@ impl fmt::Display for StepError {
                 "parameter #{index} (shape {shape:?}): matrix block `{block}`: {message}; nothing was changed (give this optimizer parameters its matrix block fits, e.g. through parameter groups)"
             ),
             StepError::Comm(e) => write!(f, "the sharded step's ranks could not exchange: {e}"),
+            StepError::Precision(why) => write!(f, "{why}; nothing was changed"),
         }
     }
 }
@@ -218,6 +226,9 @@ pub(crate) struct TensorState {
     pub(crate) t: u64,
     /// Its state buffers, in its device's memory.
     pub(crate) store: Store,
+    /// The f32 master copy of a bf16/f16 parameter (see
+    /// [`Precision::master`]), made from the parameter on its first step.
+    pub(crate) master: Option<AlignedBuf>,
 }
 
 /// Elements per unit of parallel work. Fixed, so the reduction order (and so
@@ -257,6 +268,45 @@ pub(crate) struct Ptrs {
     pub(crate) dims: Dims,
     /// A factored spec's work item is the whole tensor, with all its results.
     pub(crate) whole: bool,
+    /// What the kernel sees in f32 but is stored narrower (see `staged`).
+    pub(crate) narrow: Narrow,
+}
+
+/// A tensor's buffers stored in fewer bytes than the kernels compute in: the
+/// engine widens them into f32 scratch for each work item and narrows back
+/// what the update wrote (see [`crate::precision`]).
+#[derive(Clone, Copy)]
+pub(crate) struct Narrow {
+    /// bf16/f16 parameter words (null: `Ptrs::p` is the f32 parameter).
+    pub(crate) p: *mut u16,
+    /// bf16/f16 gradient words (null: `Ptrs::g` is f32).
+    pub(crate) g: *const u16,
+    /// The parameters' and gradients' storage.
+    pub(crate) kind: Storage,
+    /// `Ptrs::p` is the f32 master copy: the words are written as its rounding.
+    pub(crate) master: bool,
+    /// Narrowed per-element states (`RawState::NONE`: `Ptrs::st` is f32).
+    pub(crate) st: [RawState; MAX_STATES],
+    /// Whether anything is narrowed (else the kernels run in place).
+    pub(crate) any: bool,
+    /// The parameter's index and the step, for stochastic rounding.
+    pub(crate) index: usize,
+    pub(crate) step: u64,
+    pub(crate) rounding: Rounding,
+}
+
+impl Narrow {
+    pub(crate) const NONE: Narrow = Narrow {
+        p: std::ptr::null_mut(),
+        g: std::ptr::null(),
+        kind: Storage::F32,
+        master: false,
+        st: [RawState::NONE; MAX_STATES],
+        any: false,
+        index: 0,
+        step: 0,
+        rounding: Rounding::Nearest,
+    };
 }
 
 // SAFETY: the pointers are only dereferenced inside `Optimizer::step`, for
@@ -339,6 +389,11 @@ pub struct Optimizer<K: Kernel> {
     pub(crate) n_params: Option<usize>,
     pub(crate) steps: u64,
     pub(crate) non_finite: NonFinite,
+    /// The storage of parameters' master copies and of states (see
+    /// [`Optimizer::set_precision`]).
+    pub(crate) precision: Precision,
+    /// Each state's storage, from `precision` and the spec.
+    pub(crate) storage: Vec<Storage>,
     /// Steps skipped (on a CUDA device, plus the device's count).
     pub(crate) non_finite_skips: u64,
     /// Whether the first step looked for parameters their gradient cannot
@@ -372,6 +427,8 @@ impl<K: Kernel> Clone for Optimizer<K> {
             n_params: self.n_params,
             steps: self.steps,
             non_finite: self.non_finite,
+            precision: self.precision.clone(),
+            storage: self.storage.clone(),
             non_finite_skips: self.non_finite_skips,
             frozen_checked: self.frozen_checked,
             shard: self.shard.clone(),
@@ -433,6 +490,8 @@ impl<K: Kernel> Optimizer<K> {
             n_params: None,
             steps: 0,
             non_finite: NonFinite::default(),
+            precision: Precision::default(),
+            storage: vec![],
             non_finite_skips: 0,
             frozen_checked: false,
             shard: None,
@@ -539,7 +598,11 @@ impl<K: Kernel> Optimizer<K> {
         let t = self.tensors.get(index)?.as_ref()?;
         match &t.store {
             // State a step skipped on the device created is not there yet.
-            Store::Host { bufs, .. } if self.tensor_steps(index) > 0 => Some(bufs[s].as_slice()),
+            Store::Host { bufs, .. }
+                if self.tensor_steps(index) > 0 && bufs[s].storage() == Storage::F32 =>
+            {
+                Some(bufs[s].f32s())
+            }
             _ => None,
         }
     }
@@ -665,7 +728,7 @@ impl<K: Kernel> Optimizer<K> {
         Ok(())
     }
 
-    pub(crate) fn validate(&self, params: &[ParamMut<'_>]) -> Result<(), StepError> {
+    pub(crate) fn validate<T: Element>(&self, params: &[ParamMut<'_, T>]) -> Result<(), StepError> {
         let stored = |i: usize| {
             self.tensors
                 .get(i)
@@ -684,8 +747,29 @@ impl<K: Kernel> Optimizer<K> {
     /// in the same order every step. On error nothing is modified. (Not
     /// named `step`: in a candle program `opt.step(&grads)` is
     /// `candle_nn::Optimizer::step`.)
+    /// (bf16 and f16 parameters: [`Optimizer::step_params_of`].)
     pub fn step_params(&mut self, params: &mut [ParamMut<'_>]) -> Result<StepReport, StepError> {
+        self.step_params_of(params)
+    }
+
+    /// [`Optimizer::step_params`] for parameters and gradients of `T`:
+    /// `f32`, `half::bf16` or `half::f16` (one type per call). The
+    /// arithmetic is f32 either way; [`Optimizer::set_precision`] says how
+    /// bf16/f16 parameters are kept (an f32 master copy or not, how they are
+    /// rounded). bf16/f16 parameters step on the CPU, unsharded.
+    pub fn step_params_of<T: Element>(
+        &mut self,
+        params: &mut [ParamMut<'_, T>],
+    ) -> Result<StepReport, StepError> {
         self.validate(params)?;
+        if T::STORAGE != Storage::F32 {
+            if let Some(why) = self.narrow_refused() {
+                return Err(StepError::Precision(format!(
+                    "{} parameters: {why}",
+                    T::STORAGE
+                )));
+            }
+        }
         if !self.frozen_checked {
             // Once: one-element parameters Ψ (or the like) freezes are
             // logged as a warning.
@@ -693,13 +777,18 @@ impl<K: Kernel> Optimizer<K> {
             crate::frozen::warn_frozen_scalars(self, params);
         }
         if !matches!(self.exec, Exec::Cpu) {
+            let params = T::f32_params(params).expect("bf16/f16 parameters refused off the CPU");
             return self.step_host_params_on_device(params);
         }
-        self.plan_shards(params, CHUNK)?;
+        if self.shard.is_some() {
+            let p32 = T::f32_params(params).expect("bf16/f16 parameters refused when sharded");
+            self.plan_shards(p32, CHUNK)?;
+        }
         if let Some(sh) = &mut self.shard {
             if let GradMode::ReduceScatter { mean } = sh.grads {
                 let plan = sh.plan.as_ref().expect("made above");
-                let grads: Vec<Option<&[f32]>> = params.iter().map(|p| p.grad).collect();
+                let p32 = T::f32_params(params).expect("bf16/f16 parameters refused when sharded");
+                let grads: Vec<Option<&[f32]>> = p32.iter().map(|p| p.grad).collect();
                 if plan.size > 1 {
                     sh.reduce_scatter(plan, &grads, mean, &mut self.scratch.shard)
                         .map_err(StepError::Comm)?;
@@ -741,11 +830,22 @@ impl<K: Kernel> Optimizer<K> {
             if self.tensors[i].is_none() {
                 sc.created.push(i);
             }
+            let storage = &self.storage;
             let st = self.tensors[i].get_or_insert_with(|| TensorState {
                 shape: p.shape.to_vec(),
                 t: 0,
-                store: Store::new_host_part(desc, p.shape, i, (lo, hi)),
+                store: Store::new_host_part(desc, p.shape, i, (lo, hi), storage),
+                master: None,
             });
+            let words = T::words(p.value).map(|w| w.as_ptr() as *mut u16);
+            if let (Some(w), true, None) = (words, self.precision.master, &st.master) {
+                // The master copy starts as the parameter, exactly.
+                let mut m = AlignedBuf::filled(p.value.len(), 0.0, i);
+                // SAFETY: `w` points at the parameter's `len` words.
+                let w = unsafe { std::slice::from_raw_parts(w, p.value.len()) };
+                crate::precision::widen(T::STORAGE, w, m.as_mut_slice());
+                st.master = Some(m);
+            }
             // Without the `cuda` feature host memory is the only kind.
             #[allow(irrefutable_let_patterns)]
             let Store::Host { bufs, rows } = &mut st.store
@@ -759,25 +859,52 @@ impl<K: Kernel> Optimizer<K> {
             let mut stp = [std::ptr::null_mut(); MAX_STATES];
             let mut st_len = [None; MAX_STATES];
             let mut meta = TensorMeta::of(p.shape, st.t + 1);
+            let mut narrow = Narrow {
+                kind: T::STORAGE,
+                index: i,
+                step: self.steps + 1,
+                rounding: self.precision.rounding,
+                ..Narrow::NONE
+            };
             for (k, b) in bufs.iter_mut().enumerate() {
-                stp[k] = b.as_mut_ptr();
+                stp[k] = b.f32_ptr();
+                narrow.st[k] = b.raw();
+                narrow.any |= b.storage() != Storage::F32;
                 if desc.states[k].per_tensor {
-                    meta.state[k] = b.as_slice()[0];
+                    meta.state[k] = b.f32s()[0];
                     st_len[k] = Some(0);
                 } else if desc.states[k].reduced.is_some() {
-                    st_len[k] = Some(b.as_slice().len());
+                    st_len[k] = Some(b.len());
                 }
             }
+            // The parameter the kernels step in f32: the f32 parameter, the
+            // master copy, or (null) the bf16/f16 words widened per item.
+            let value = match (words, st.master.as_mut()) {
+                (None, _) => p.value.as_mut_ptr() as *mut f32,
+                (Some(w), Some(m)) => {
+                    narrow.p = w;
+                    narrow.master = true;
+                    m.as_mut_ptr()
+                }
+                (Some(w), None) => {
+                    narrow.p = w;
+                    std::ptr::null_mut()
+                }
+            };
+            narrow.any |= words.is_some();
             let n = p.value.len();
             let dims = Dims::of(p.shape, desc);
             let (g, g_off) = if scattered {
                 // This rank's summed gradients: its parts, in parameter order.
                 (sc.shard.grads[part_at..].as_ptr(), lo)
+            } else if let Some(w) = T::words(g) {
+                narrow.g = w.as_ptr();
+                (std::ptr::null(), 0)
             } else {
-                (g.as_ptr(), 0)
+                (g.as_ptr() as *const f32, 0)
             };
             sc.ptrs.push(Ptrs {
-                p: p.value.as_mut_ptr(),
+                p: value,
                 g,
                 st: stp,
                 st_len,
@@ -791,6 +918,7 @@ impl<K: Kernel> Optimizer<K> {
                 },
                 dims,
                 whole: desc.factored,
+                narrow,
             });
             sc.metas.push(meta);
             let chunk = desc.chunk_len(n, dims.row_len, CHUNK);
@@ -858,12 +986,15 @@ impl<K: Kernel> Optimizer<K> {
                             let n = metas[j].numel;
                             // SAFETY: see `Ptrs`; one call per tensor, each
                             // writing only its own block's state buffer.
-                            let (p, g, st) = unsafe { chunk_mut(pt, ns, 0, n) };
                             let rows = unsafe { rows_of(pt, 0, n, desc.row_reductions) };
                             let ss = &sss[slot_group[j]];
-                            kernel
-                                .matrix(b, ss, &ts[j], p, g, st, rows, pt.dims, ws)
-                                .map_err(|e| (j, info.name.to_string(), e))
+                            // The block writes only its own (f32) buffer.
+                            unsafe {
+                                staged(pt, ns, 0, n, Write::Nothing, |p, g, st| {
+                                    kernel.matrix(b, ss, &ts[j], p, g, st, rows, pt.dims, ws)
+                                })
+                            }
+                            .map_err(|e| (j, info.name.to_string(), e))
                         };
                         // Sharded: the tensors this rank owns (a matrix
                         // block's tensor is one unit).
@@ -900,13 +1031,27 @@ impl<K: Kernel> Optimizer<K> {
                     if phase < desc.passes {
                         let run = |(item, acc): (&Item, &mut [f64])| {
                             let pt = ptrs[item.slot];
-                            // SAFETY: see `Ptrs`; read-only access to [start, start+len).
-                            let (p, g, st) = unsafe { chunk_ref(pt, ns, item.start, item.len) };
                             // SAFETY: whole rows per item, so items' row ranges are disjoint.
                             let rows =
                                 unsafe { rows_of(pt, item.start, item.len, desc.row_reductions) };
                             let ss = &sss[slot_group[item.slot]];
-                            kernel.reduce(phase, ss, &ts[item.slot], p, g, st, rows, pt.dims, acc);
+                            // SAFETY: see `Ptrs`; read-only access to [start, start+len).
+                            unsafe {
+                                staged(pt, ns, item.start, item.len, Write::Nothing, |p, g, st| {
+                                    let st = st.map(|s| &*s);
+                                    kernel.reduce(
+                                        phase,
+                                        ss,
+                                        &ts[item.slot],
+                                        p,
+                                        g,
+                                        st,
+                                        rows,
+                                        pt.dims,
+                                        acc,
+                                    );
+                                })
+                            }
                         };
                         let own = sc.own.clone();
                         if nr > 0 {
@@ -951,12 +1096,15 @@ impl<K: Kernel> Optimizer<K> {
                     } else {
                         let run = |item: &Item| {
                             let pt = ptrs[item.slot];
-                            // SAFETY: see `Ptrs`; work items cover disjoint ranges.
-                            let (p, g, st) = unsafe { chunk_mut(pt, ns, item.start, item.len) };
                             let rows =
                                 unsafe { rows_of(pt, item.start, item.len, desc.row_reductions) };
                             let ss = &sss[slot_group[item.slot]];
-                            kernel.update(ss, &ts[item.slot], p, g, st, rows, pt.dims);
+                            // SAFETY: see `Ptrs`; work items cover disjoint ranges.
+                            unsafe {
+                                staged(pt, ns, item.start, item.len, Write::Update, |p, g, st| {
+                                    kernel.update(ss, &ts[item.slot], p, g, st, rows, pt.dims)
+                                })
+                            }
                         };
                         let items = &sc.items[sc.own.clone()];
                         if parallel {
@@ -1007,8 +1155,8 @@ impl<K: Kernel> Optimizer<K> {
         }
         if let Some(sh) = &self.shard {
             if let Some(pl) = plan {
-                let mut values: Vec<&mut [f32]> =
-                    params.iter_mut().map(|p| &mut *p.value).collect();
+                let p32 = T::f32_params(params).expect("bf16/f16 parameters refused when sharded");
+                let mut values: Vec<&mut [f32]> = p32.iter_mut().map(|p| &mut *p.value).collect();
                 sh.gather_params(pl, &mut values, &mut sc.shard)
                     .map_err(StepError::Comm)?;
             }
@@ -1030,7 +1178,7 @@ impl<K: Kernel> Optimizer<K> {
                 };
                 for (k, info) in desc.states.iter().enumerate() {
                     if info.per_tensor {
-                        bufs[k].as_mut_slice()[0] = out[k];
+                        bufs[k].f32s_mut()[0] = out[k];
                     }
                 }
             }
@@ -1163,24 +1311,6 @@ unsafe fn rows_of<'a>(pt: Ptrs, start: usize, len: usize, per_row: usize) -> &'a
     std::slice::from_raw_parts_mut(pt.rows.add(first * per_row), count * per_row)
 }
 
-unsafe fn chunk_ref<'a>(
-    pt: Ptrs,
-    ns: usize,
-    start: usize,
-    len: usize,
-) -> (&'a [f32], &'a [f32], [&'a [f32]; MAX_STATES]) {
-    let p = std::slice::from_raw_parts(pt.p.add(start), len);
-    let g = std::slice::from_raw_parts(pt.g.add(start - pt.g_off), len);
-    let mut st: [&[f32]; MAX_STATES] = [&[]; MAX_STATES];
-    for ((s, &ptr), &whole) in st.iter_mut().zip(&pt.st).zip(&pt.st_len).take(ns) {
-        *s = match whole {
-            Some(n) => std::slice::from_raw_parts(ptr, n),
-            None => std::slice::from_raw_parts(ptr.add(start - pt.st_off), len),
-        };
-    }
-    (p, g, st)
-}
-
 unsafe fn chunk_mut<'a>(
     pt: Ptrs,
     ns: usize,
@@ -1197,4 +1327,105 @@ unsafe fn chunk_mut<'a>(
         };
     }
     (p, g, st)
+}
+
+/// What [`staged`] narrows back after the kernel ran.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Write {
+    /// Nothing: a reduction pass, or a matrix block (which writes only its
+    /// own f32 buffer).
+    Nothing,
+    /// The parameter and every narrowed state: the update pass.
+    Update,
+}
+
+thread_local! {
+    /// Each thread's f32 scratch for narrowed buffers (kept between steps).
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` over the f32 values of elements `[start, start + len)` of a
+/// tensor: its buffers in place where they are f32; where `pt.narrow` says
+/// they are stored narrower, copies widened into this thread's scratch,
+/// narrowed back afterwards as `write` says (the parameter with its
+/// rounding; states to nearest, q8 blocks re-scaled).
+///
+/// # Safety
+/// As `chunk_mut`: see [`Ptrs`].
+unsafe fn staged<R>(
+    pt: Ptrs,
+    ns: usize,
+    start: usize,
+    len: usize,
+    write: Write,
+    f: impl FnOnce(&mut [f32], &[f32], [&mut [f32]; MAX_STATES]) -> R,
+) -> R {
+    let nw = pt.narrow;
+    if !nw.any {
+        let (p, g, st) = chunk_mut(pt, ns, start, len);
+        return f(p, g, st);
+    }
+    // Taken, not borrowed: a matrix block's products may run another work
+    // item on this thread (rayon), which then takes a fresh buffer.
+    let mut buf = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
+    let need = len * (2 + ns);
+    if buf.len() < need {
+        buf.resize(need, 0.0);
+    }
+    let base = buf.as_mut_ptr();
+    let stage_p = !nw.p.is_null() && !nw.master;
+    let p: *mut f32 = if stage_p {
+        let w = std::slice::from_raw_parts(nw.p.add(start), len);
+        crate::precision::widen(nw.kind, w, std::slice::from_raw_parts_mut(base, len));
+        base
+    } else {
+        pt.p.add(start)
+    };
+    let g: *const f32 = if nw.g.is_null() {
+        pt.g.add(start - pt.g_off)
+    } else {
+        let w = std::slice::from_raw_parts(nw.g.add(start - pt.g_off), len);
+        let out = base.add(len);
+        crate::precision::widen(nw.kind, w, std::slice::from_raw_parts_mut(out, len));
+        out
+    };
+    let mut st: [&mut [f32]; MAX_STATES] = Default::default();
+    for (k, s) in st.iter_mut().enumerate().take(ns) {
+        *s = if nw.st[k].kind != Storage::F32 {
+            let out = std::slice::from_raw_parts_mut(base.add((2 + k) * len), len);
+            nw.st[k].load(start - pt.st_off, out);
+            out
+        } else {
+            match pt.st_len[k] {
+                Some(n) => std::slice::from_raw_parts_mut(pt.st[k], n),
+                None => std::slice::from_raw_parts_mut(pt.st[k].add(start - pt.st_off), len),
+            }
+        };
+    }
+    let r = f(
+        std::slice::from_raw_parts_mut(p, len),
+        std::slice::from_raw_parts(g, len),
+        st,
+    );
+    if write == Write::Update {
+        if !nw.p.is_null() {
+            // The new parameter (or the master copy's rounding).
+            let words = std::slice::from_raw_parts_mut(nw.p.add(start), len);
+            let vals = std::slice::from_raw_parts(p, len);
+            crate::precision::narrow(nw.kind, nw.rounding, nw.step, nw.index, start, vals, words);
+        }
+        for k in 0..ns {
+            if nw.st[k].kind != Storage::F32 {
+                let vals = std::slice::from_raw_parts(base.add((2 + k) * len), len);
+                nw.st[k].store(start - pt.st_off, vals);
+            }
+        }
+    }
+    SCRATCH.with(|s| {
+        let mut s = s.borrow_mut();
+        if s.capacity() < buf.capacity() {
+            *s = buf;
+        }
+    });
+    r
 }

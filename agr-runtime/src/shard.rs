@@ -32,11 +32,12 @@
 use std::fmt;
 use std::sync::Arc;
 
-use crate::buf::AlignedBuf;
+use crate::buf::{AlignedBuf, StateBuf};
 use crate::comm::{offsets, Comm, CommError};
 use crate::cpu::KernelDesc;
 use crate::device::Store;
 use crate::optimizer::CHUNK;
+use crate::precision::Storage;
 use crate::TensorMeta;
 
 /// What a sharded step is given as gradients.
@@ -62,12 +63,20 @@ pub enum ShardError {
     AfterFirstStep {
         optimizer: String,
     },
+    /// Narrowed states and master copies are not sharded in this version.
+    Narrowed {
+        optimizer: String,
+    },
     Comm(CommError),
 }
 
 impl fmt::Display for ShardError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            ShardError::Narrowed { optimizer } => write!(
+                f,
+                "`{optimizer}` keeps narrowed states or f32 master copies, which are not sharded in this version; shard it with f32 precision"
+            ),
             ShardError::AfterFirstStep { optimizer } => write!(
                 f,
                 "`{optimizer}` has stepped already: shard it before its first step (its state would have to be split)"
@@ -398,6 +407,11 @@ impl<K: crate::Kernel> crate::Optimizer<K> {
                 optimizer: self.desc.name.to_string(),
             });
         }
+        if self.narrows() {
+            return Err(ShardError::Narrowed {
+                optimizer: self.desc.name.to_string(),
+            });
+        }
         self.shard = Some(Shard {
             comm,
             grads,
@@ -421,7 +435,7 @@ impl<K: crate::Kernel> crate::Optimizer<K> {
         let mut b = StateBytes::default();
         for t in self.tensors.iter().flatten() {
             let (state, results) = t.store.lens();
-            b.state += state * 4;
+            b.state += state + t.master.as_ref().map_or(0, |m| m.as_slice().len() * 4);
             b.results += results * 8;
         }
         b
@@ -456,14 +470,16 @@ impl<K: crate::Kernel> crate::Optimizer<K> {
                         store: Store::Host {
                             bufs: (0..ns)
                                 .map(|k| {
-                                    let v = t.store.to_host(k);
-                                    let mut b = AlignedBuf::filled(v.len(), 0.0, i * ns + k);
-                                    b.as_mut_slice().copy_from_slice(&v);
-                                    b
+                                    StateBuf::from_f32(
+                                        Storage::F32,
+                                        &t.store.to_host(k),
+                                        i * ns + k,
+                                    )
                                 })
                                 .collect(),
                             rows: vec![0.0; crate::Dims::of(&t.shape, self.desc).results],
                         },
+                        master: None,
                     })
                 })
                 .collect();
@@ -525,7 +541,7 @@ impl<K: crate::Kernel> crate::Optimizer<K> {
                         buf.as_mut_slice(),
                     )?;
                 }
-                whole.push(buf);
+                whole.push(StateBuf::F32(buf));
             }
             out.push(Some(crate::optimizer::TensorState {
                 shape: t.shape.clone(),
@@ -534,6 +550,7 @@ impl<K: crate::Kernel> crate::Optimizer<K> {
                     bufs: whole,
                     rows: vec![0.0; crate::Dims::of(&t.shape, desc).results],
                 },
+                master: None,
             }));
         }
         Ok(Some(out))
@@ -575,20 +592,20 @@ pub(crate) fn cut_to_parts(
                 .states
                 .iter()
                 .zip(bufs.iter())
-                .all(|(s, b)| b.as_slice().len() == s.len(&t.shape));
+                .all(|(s, b)| b.len() == s.len(&t.shape));
             if !whole || (lo, hi) == (0, numel) {
                 return Some(t);
             }
-            let mut part = Store::new_host_part(desc, &t.shape, i, (lo, hi));
+            let mut part = Store::new_host_part(desc, &t.shape, i, (lo, hi), &[]);
             #[allow(irrefutable_let_patterns)]
             if let Store::Host { bufs: out, .. } = &mut part {
                 for ((s, o), b) in desc.states.iter().zip(out.iter_mut()).zip(bufs) {
                     let from = if s.per_tensor || s.reduced.is_some() {
-                        &b.as_slice()[..o.as_slice().len()]
+                        &b.f32s()[..o.len()]
                     } else {
-                        &b.as_slice()[lo..hi]
+                        &b.f32s()[lo..hi]
                     };
-                    o.as_mut_slice().copy_from_slice(from);
+                    o.f32s_mut().copy_from_slice(from);
                 }
             }
             t.store = part;
