@@ -16,6 +16,7 @@ use crate::cpu::Kernel;
 use crate::device::Store;
 use crate::groups::{self, Group, Override, DEFAULT_GROUP};
 use crate::optimizer::TensorState;
+use crate::precision::Storage;
 use crate::{HyperConfig, HyperValue, Optimizer};
 
 /// The format tag stored in every checkpoint.
@@ -204,19 +205,43 @@ impl<K: Kernel> Optimizer<K> {
             "tensor_shapes".to_string(),
             serde_json::json!(shapes).to_string(),
         );
-        let mut data: Vec<(String, Vec<u8>, Vec<usize>)> = vec![];
+        let mut data: Vec<(String, Dtype, Vec<u8>, Vec<usize>)> = vec![];
         for (i, t) in tensors.iter().enumerate() {
             if let Some(t) = t.as_ref().filter(|_| live(i)) {
                 for (k, s) in self.desc.states.iter().enumerate() {
-                    data.push((
-                        format!("{i}.{}", s.name),
-                        f32_bytes(&t.store.to_host(k)),
-                        s.shape(&t.shape),
-                    ));
+                    let name = format!("{i}.{}", s.name);
+                    let shape = s.shape(&t.shape);
+                    // A narrowed state is saved as it is stored: bf16/f16
+                    // words, or q8 codes and their blocks' scales.
+                    match t.store.host_buf(k) {
+                        Some(StateBuf::Half { kind, words }) => {
+                            let dtype = match kind {
+                                Storage::Bf16 => Dtype::BF16,
+                                _ => Dtype::F16,
+                            };
+                            let bytes = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+                            data.push((name, dtype, bytes, shape));
+                        }
+                        Some(StateBuf::Q8 {
+                            kind,
+                            codes,
+                            scales,
+                        }) => {
+                            data.push((
+                                format!("{name}:{kind}scales"),
+                                Dtype::F32,
+                                f32_bytes(scales),
+                                vec![scales.len()],
+                            ));
+                            data.push((name, Dtype::U8, codes.clone(), shape));
+                        }
+                        _ => data.push((name, Dtype::F32, f32_bytes(&t.store.to_host(k)), shape)),
+                    }
                 }
                 if let Some(m) = &t.master {
                     data.push((
                         format!("{i}:master"),
+                        Dtype::F32,
                         f32_bytes(m.as_slice()),
                         t.shape.clone(),
                     ));
@@ -225,10 +250,10 @@ impl<K: Kernel> Optimizer<K> {
         }
         let views: Vec<(String, TensorView<'_>)> = data
             .iter()
-            .map(|(n, b, s)| {
+            .map(|(n, d, b, s)| {
                 (
                     n.clone(),
-                    TensorView::new(Dtype::F32, s.clone(), b).expect("sizes match"),
+                    TensorView::new(*d, s.clone(), b).expect("sizes match"),
                 )
             })
             .collect();
@@ -431,8 +456,11 @@ impl<K: Kernel> Optimizer<K> {
                 let view = st
                     .tensor(&name)
                     .map_err(|e| corrupt(format!("`{name}`: {e}")))?;
-                if view.dtype() != Dtype::F32 {
-                    return Err(corrupt(format!("`{name}` is {:?}, not F32", view.dtype())));
+                if ![Dtype::F32, Dtype::BF16, Dtype::F16, Dtype::U8].contains(&view.dtype()) {
+                    return Err(corrupt(format!(
+                        "`{name}` is {:?}, not F32, BF16, F16 or U8",
+                        view.dtype()
+                    )));
                 }
                 match &shape {
                     None if s.reduced.is_none() => shape = Some(view.shape().to_vec()),
@@ -458,21 +486,14 @@ impl<K: Kernel> Optimizer<K> {
                     }
                     _ => {}
                 }
-                let n: usize = view.shape().iter().product();
-                let vals: Vec<f32> = view
-                    .data()
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-                    .take(n)
-                    .collect();
-                // Stored in this optimizer's precision (bf16 and f16 values
-                // come back exactly; q8 codes are derived again).
                 let kind = self.storage.get(k).copied().unwrap_or_default();
-                bufs.push(StateBuf::from_f32(
+                bufs.push(state_buf(
+                    &st,
+                    &name,
+                    &view,
                     kind,
-                    &vals,
                     i * self.desc.states.len() + k,
-                ));
+                )?);
             }
             let Some(shape) = shape else {
                 return Err(corrupt(format!("no shape for parameter #{i}")));
@@ -532,4 +553,77 @@ impl<K: Kernel> Optimizer<K> {
         self.install_state(tensors, n_params, steps);
         Ok(())
     }
+}
+
+/// A saved state in this optimizer's storage `kind`: as saved where the
+/// storage is the same (bf16/f16 words, q8 codes and scales), else through
+/// f32 (exact to f32 and to a wider storage; narrower rounds to nearest).
+fn state_buf(
+    st: &SafeTensors<'_>,
+    name: &str,
+    view: &TensorView<'_>,
+    kind: Storage,
+    stagger: usize,
+) -> Result<StateBuf, CheckpointError> {
+    let n: usize = view.shape().iter().product();
+    let data = view.data();
+    let vals: Vec<f32> = match view.dtype() {
+        Dtype::BF16 | Dtype::F16 => {
+            let saved = if view.dtype() == Dtype::BF16 {
+                Storage::Bf16
+            } else {
+                Storage::F16
+            };
+            let words: Vec<u16> = data
+                .chunks_exact(2)
+                .map(|c| u16::from_le_bytes([c[0], c[1]]))
+                .take(n)
+                .collect();
+            if saved == kind {
+                return Ok(StateBuf::Half { kind, words });
+            }
+            let mut v = vec![0.0; n];
+            crate::precision::widen(saved, &words, &mut v);
+            v
+        }
+        Dtype::U8 => {
+            let (saved, scales) = [Storage::Q8, Storage::Uq8]
+                .into_iter()
+                .find_map(|q| st.tensor(&format!("{name}:{q}scales")).ok().map(|s| (q, s)))
+                .ok_or_else(|| {
+                    corrupt(format!(
+                        "`{name}` holds 8-bit codes but no `{name}:q8scales` or `{name}:uq8scales`"
+                    ))
+                })?;
+            let blocks = n.div_ceil(crate::precision::Q8_BLOCK);
+            if scales.dtype() != Dtype::F32 || scales.shape() != [blocks] {
+                return Err(corrupt(format!(
+                    "`{name}:{saved}scales` is {:?} {:?}, not F32 [{blocks}]",
+                    scales.dtype(),
+                    scales.shape()
+                )));
+            }
+            let scales: Vec<f32> = scales
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect();
+            let codes = data[..n].to_vec();
+            let buf = StateBuf::Q8 {
+                kind: saved,
+                codes,
+                scales,
+            };
+            if saved == kind {
+                return Ok(buf);
+            }
+            buf.to_f32().into_owned()
+        }
+        _ => data
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .take(n)
+            .collect(),
+    };
+    Ok(StateBuf::from_f32(kind, &vals, stagger))
 }

@@ -242,6 +242,15 @@ impl Store {
         }
     }
 
+    /// State buffer `k` where it is in host memory.
+    pub(crate) fn host_buf(&self, k: usize) -> Option<&StateBuf> {
+        match self {
+            Store::Host { bufs, .. } => bufs.get(k),
+            #[cfg(feature = "cuda")]
+            Store::Cuda(_) => None,
+        }
+    }
+
     /// Bytes of the state buffers and values of the row results (f64).
     pub(crate) fn lens(&self) -> (usize, usize) {
         match self {

@@ -1,0 +1,339 @@
+//! Precision modes (`agr_runtime::precision`): bf16/f16 parameters with or
+//! without an f32 master copy, stochastic rounding, bf16/f16/8-bit states,
+//! against references and independent computations; misuse is an error that
+//! changes nothing.
+
+use std::path::PathBuf;
+
+use agr_runtime::optim::{self, AdamW, AdamWConfig};
+use agr_runtime::{golden, DynOptimizer, ParamMut, Precision, Storage};
+use half::{bf16, f16};
+
+mod common;
+use common::data;
+
+fn precision_file(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/golden/precision")
+        .join(name)
+}
+
+#[test]
+fn precision_references_replay() {
+    // (file, worst tolerance ratio allowed: the file's own tolerance)
+    for name in [
+        "adamw_bf16_fused.json",
+        "adamw_bf16_foreach.json",
+        "adamw_bf16_master.json",
+        "adamw_q8.json",
+    ] {
+        let g = golden::load(&precision_file(name)).unwrap();
+        let r = golden::replay(&g).unwrap();
+        println!("{name}: {r}");
+        assert!(r.pass, "{name}: {r}");
+        // The master copy and the 8-bit moments are computed the way agr
+        // computes them: to the bit.
+        if name.contains("master") || name.contains("q8") {
+            assert_eq!(r.worst_abs, 0.0, "{name}: {r}");
+        }
+    }
+}
+
+#[test]
+fn without_a_master_copy_small_updates_are_lost() {
+    // The master reference's updates are mostly below half a bf16 ulp:
+    // stepping the bf16 parameters themselves cannot follow it.
+    let mut g = golden::load(&precision_file("adamw_bf16_master.json")).unwrap();
+    g.precision.as_mut().unwrap().master = false;
+    let r = golden::replay(&g).unwrap();
+    println!("without master: {r}");
+    assert!(!r.pass && r.worst_ratio > 2.0, "{r}");
+}
+
+const SHAPES: &[&[usize]] = &[&[3, 12000], &[8, 40], &[5, 3]];
+
+fn grads_at(t: u64) -> Vec<Vec<f32>> {
+    SHAPES
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            // bf16 values: the gradient a bf16 model produces.
+            data(s.iter().product(), 7 * t + i as u64)
+                .into_iter()
+                .map(|x| bf16::from_f32(0.1 * x).to_f32())
+                .collect()
+        })
+        .collect()
+}
+
+fn init_bf16() -> Vec<Vec<f32>> {
+    SHAPES
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            data(s.iter().product(), 1000 + i as u64)
+                .into_iter()
+                .map(|x| bf16::from_f32(x).to_f32())
+                .collect()
+        })
+        .collect()
+}
+
+fn step_f32(opt: &mut dyn DynOptimizer, values: &mut [Vec<f32>], grads: &[Vec<f32>]) {
+    let mut ps: Vec<ParamMut<'_>> = values
+        .iter_mut()
+        .zip(grads)
+        .zip(SHAPES)
+        .map(|((v, g), s)| ParamMut::new(v, Some(g), s))
+        .collect();
+    opt.step_params(&mut ps).unwrap();
+}
+
+fn step_bf16(opt: &mut dyn DynOptimizer, values: &mut [Vec<bf16>], grads: &[Vec<f32>]) {
+    let gs: Vec<Vec<bf16>> = grads
+        .iter()
+        .map(|g| g.iter().map(|&x| bf16::from_f32(x)).collect())
+        .collect();
+    let mut ps: Vec<ParamMut<'_, bf16>> = values
+        .iter_mut()
+        .zip(&gs)
+        .zip(SHAPES)
+        .map(|((v, g), s)| ParamMut::new(v, Some(g), s))
+        .collect();
+    opt.step_params_bf16(&mut ps).unwrap();
+}
+
+/// With a master copy, every built-in steps its f32 master exactly as the
+/// f32 engine steps f32 parameters, and the bf16 parameters are the master
+/// rounded to nearest.
+#[test]
+fn every_builtin_with_a_master_copy_is_the_f32_step_rounded() {
+    for b in optim::BUILTINS {
+        let mut reference = b.make();
+        let mut ours = b.make();
+        ours.set_precision(Precision::f32().with_master(true))
+            .unwrap();
+        let mut master: Vec<Vec<f32>> = init_bf16();
+        let mut values: Vec<Vec<bf16>> = init_bf16()
+            .iter()
+            .map(|v| v.iter().map(|&x| bf16::from_f32(x)).collect())
+            .collect();
+        for t in 1..=4 {
+            let grads = grads_at(t);
+            step_f32(reference.as_mut(), &mut master, &grads);
+            step_bf16(ours.as_mut(), &mut values, &grads);
+            for (m, v) in master.iter().zip(&values) {
+                for (x, y) in m.iter().zip(v) {
+                    assert_eq!(
+                        bf16::from_f32(*x).to_bits(),
+                        y.to_bits(),
+                        "{}: step {t}",
+                        b.name
+                    );
+                }
+            }
+        }
+        // The master copy is saved with the state and comes back.
+        let bytes = ours.save_checkpoint();
+        let mut resumed = b.make();
+        resumed
+            .set_precision(Precision::f32().with_master(true))
+            .unwrap();
+        resumed.load_checkpoint(&bytes).unwrap();
+        let mut v2 = values.clone();
+        let grads = grads_at(5);
+        step_bf16(ours.as_mut(), &mut values, &grads);
+        step_bf16(resumed.as_mut(), &mut v2, &grads);
+        assert!(values == v2, "{}: resumed differs", b.name);
+    }
+}
+
+/// Narrowed states: each kernel sees exactly the f32 values its states
+/// hold, widened; a step from a checkpoint continues bit for bit.
+#[test]
+fn narrowed_states_round_trip_through_checkpoints_and_count_their_bytes() {
+    let names = ["m", "v"];
+    for (kind, bytes_per) in [
+        (Storage::Bf16, 2.0),
+        (Storage::F16, 2.0),
+        (Storage::Q8, 1.0 + 4.0 / 256.0),
+    ] {
+        let precision = Precision::f32().state("m", kind).state(
+            "v",
+            if kind == Storage::Q8 {
+                Storage::Uq8
+            } else {
+                kind
+            },
+        );
+        let mut opt = AdamW::with_config(AdamWConfig::default().with_lr(1e-2)).unwrap();
+        opt.set_precision(precision.clone()).unwrap();
+        assert_eq!(opt.state_storage()[0], kind);
+        let mut values = init_bf16();
+        for t in 1..=3 {
+            step_f32(&mut opt, &mut values, &grads_at(t));
+        }
+        // The state reads back in f32 only through a copy.
+        assert!(opt.state(0, "m").is_none());
+        let m = opt.state_to_host(0, "m").unwrap();
+        assert!(m.iter().any(|&x| x != 0.0));
+        let numel: usize = SHAPES.iter().map(|s| s.iter().product::<usize>()).sum();
+        let blocks: usize = SHAPES
+            .iter()
+            .map(|s| s.iter().product::<usize>().div_ceil(256))
+            .sum();
+        let expected = match kind {
+            Storage::Q8 => 2 * (numel + 4 * blocks),
+            _ => (2.0 * bytes_per * numel as f64) as usize,
+        };
+        assert_eq!(opt.state_bytes().state, expected, "{kind}");
+        let ckpt = opt.save_checkpoint();
+        let mut resumed = AdamW::with_config(AdamWConfig::default().with_lr(1e-2)).unwrap();
+        resumed.set_precision(precision).unwrap();
+        resumed.load_checkpoint(&ckpt).unwrap();
+        let mut v2 = values.clone();
+        step_f32(&mut opt, &mut values, &grads_at(4));
+        step_f32(&mut resumed, &mut v2, &grads_at(4));
+        assert!(values == v2, "{kind}: resumed differs");
+        // Saved as stored: about the state's bytes, not 4 per value.
+        assert!(ckpt.len() < expected + 4096, "{kind}: {} bytes", ckpt.len());
+        for name in names {
+            assert_eq!(
+                opt.state_to_host(1, name),
+                resumed.state_to_host(1, name),
+                "{kind}: {name}"
+            );
+        }
+        // Back to f32: the values are kept (widened exactly).
+        let before = opt.state_to_host(0, "v").unwrap();
+        opt.set_precision(Precision::f32()).unwrap();
+        assert_eq!(opt.state(0, "v").unwrap(), before.as_slice());
+    }
+}
+
+/// Stochastic rounding: unbiased, reproducible from its seed, the same
+/// whatever the thread count.
+#[test]
+fn stochastic_rounding_is_unbiased_and_reproducible() {
+    let spec = "Sgd { hyper { lr = 0.0001 } step { p = p - lr * g; } }";
+    let n = 4096;
+    let steps = 1000;
+    let run = |precision: Precision, threads: usize| -> Vec<bf16> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let mut opt = agr_runtime::compile(spec).unwrap().optimizer();
+            opt.set_precision(precision).unwrap();
+            let mut p = vec![bf16::ONE; n];
+            let g = vec![bf16::from_f32(-1.0); n];
+            let shape = [n];
+            for _ in 0..steps {
+                let mut ps = [ParamMut::new(&mut p[..], Some(&g[..]), &shape)];
+                opt.step_params_bf16(&mut ps).unwrap();
+            }
+            p
+        })
+    };
+    let exact = 1.0 + steps as f64 * 1e-4; // 1.1
+    let nearest = run(Precision::f32(), 1);
+    // Each update is 1e-4, below half an ulp (2^-8) at 1: nearest never moves.
+    assert!(nearest.iter().all(|&x| x == bf16::ONE));
+    let sr = run(Precision::f32().stochastic(42), 2);
+    let mean = sr.iter().map(|x| x.to_f64()).sum::<f64>() / n as f64;
+    // Per element the rounding errors are a martingale with per-step
+    // variance at most ulp²/4 (ulp = 2^-7 on [1, 2)): the mean of n
+    // elements has sd <= sqrt(steps)/2 * 2^-7 / sqrt(n) = 0.0019. 5 sd:
+    let bound = 5.0 * (steps as f64).sqrt() / 2.0 * 2f64.powi(-7) / (n as f64).sqrt();
+    println!("stochastic rounding: mean {mean:.5} (exact {exact}), bound {bound:.5}");
+    assert!(
+        (mean - exact).abs() < bound,
+        "mean {mean}, exact {exact}, bound {bound}"
+    );
+    // Reproducible from the seed, whatever the threads; another seed differs.
+    assert_eq!(sr, run(Precision::f32().stochastic(42), 1));
+    assert_ne!(sr, run(Precision::f32().stochastic(43), 2));
+}
+
+#[test]
+fn f16_parameters_step_with_a_master_copy_too() {
+    let mut opt = AdamW::with_config(AdamWConfig::default()).unwrap();
+    opt.set_precision(Precision::f32().with_master(true))
+        .unwrap();
+    let mut reference = AdamW::with_config(AdamWConfig::default()).unwrap();
+    let init: Vec<f32> = data(1000, 3)
+        .iter()
+        .map(|&x| f16::from_f32(x).to_f32())
+        .collect();
+    let mut master = init.clone();
+    let mut p: Vec<f16> = init.iter().map(|&x| f16::from_f32(x)).collect();
+    for t in 0..5 {
+        let g: Vec<f32> = data(1000, 50 + t)
+            .iter()
+            .map(|&x| f16::from_f32(x).to_f32())
+            .collect();
+        let gh: Vec<f16> = g.iter().map(|&x| f16::from_f32(x)).collect();
+        reference
+            .step_params(&mut [ParamMut::new(&mut master, Some(&g), &[1000])])
+            .unwrap();
+        opt.step_params_of(&mut [ParamMut::new(&mut p, Some(&gh), &[1000])])
+            .unwrap();
+        let want: Vec<f16> = master.iter().map(|&x| f16::from_f32(x)).collect();
+        assert_eq!(p, want);
+    }
+}
+
+#[test]
+fn misuse_is_an_error_that_changes_nothing() {
+    // A state the spec does not have.
+    let mut opt = AdamW::with_config(AdamWConfig::default()).unwrap();
+    let e = opt
+        .set_precision(Precision::f32().state("u", Storage::Bf16))
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("`AdamW` has no state `u` (its states: m, v)"),
+        "{e}"
+    );
+    assert_eq!(opt.state_storage(), vec![Storage::F32; 2]);
+    // A reduced state.
+    let mut ada = optim::builtin("adafactor").unwrap().make();
+    let e = ada
+        .set_precision(Precision::f32().state("vr", Storage::Bf16))
+        .unwrap_err();
+    assert!(e.to_string().contains("is a reduced state"), "{e}");
+    // q8 where work items are whole rows.
+    let mut gc = optim::builtin("adamw_gc").unwrap().make();
+    let e = gc
+        .set_precision(Precision::f32().state("m", Storage::Q8))
+        .unwrap_err();
+    assert!(e.to_string().contains("reduces per row"), "{e}");
+    gc.set_precision(Precision::f32().state("m", Storage::Bf16))
+        .unwrap();
+    // Narrowed optimizers stay on the CPU and unsharded.
+    opt.set_precision(Precision::f32().state("m", Storage::Bf16))
+        .unwrap();
+    let e = opt
+        .set_device(agr_runtime::Device::EmulatedCuda)
+        .unwrap_err();
+    assert!(e.to_string().contains("step on the CPU only"), "{e}");
+    assert_eq!(opt.device(), agr_runtime::Device::Cpu);
+    let comm = agr_runtime::comm::Threads::group(1).remove(0);
+    let e = opt
+        .shard(comm, agr_runtime::shard::GradMode::Full)
+        .unwrap_err();
+    assert!(e.to_string().contains("not sharded"), "{e}");
+    // bf16 parameters on the emulated device are refused before anything runs.
+    let mut dev = AdamW::with_config(AdamWConfig::default()).unwrap();
+    if dev.set_device(agr_runtime::Device::EmulatedCuda).is_ok() {
+        let mut p = vec![bf16::ONE; 4];
+        let g = vec![bf16::ONE; 4];
+        let e = dev
+            .step_params_of(&mut [ParamMut::new(&mut p, Some(&g), &[4])])
+            .unwrap_err();
+        assert!(e.to_string().contains("bf16 parameters"), "{e}");
+        assert_eq!(dev.steps(), 0);
+        assert!(p.iter().all(|&x| x == bf16::ONE));
+    }
+}
