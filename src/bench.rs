@@ -359,7 +359,43 @@ pub struct Stepper {
     values: Vec<Vec<f32>>,
     grads: Vec<Vec<f32>>,
     shapes: Vec<Vec<usize>>,
+    /// bf16 parameters and gradients (then `values` and `grads` are empty).
+    bf16: Option<(Vec<Vec<half::bf16>>, Vec<Vec<half::bf16>>)>,
 }
+
+/// A precision mode `agr bench --precision` measures: `(name, bf16
+/// parameters, the optimizer's precision)` for a spec with states `states`.
+pub fn precision_mode(name: &str, states: &[&str]) -> Option<(bool, agr_runtime::Precision)> {
+    use agr_runtime::{Precision, Storage};
+    let all = |kind: Storage| {
+        states.iter().fold(Precision::f32(), |p, s| {
+            // A second moment (`v`, `n`) is never negative: uq8.
+            let k = if kind == Storage::Q8 && matches!(*s, "v" | "n") {
+                Storage::Uq8
+            } else {
+                kind
+            };
+            p.state(s, k)
+        })
+    };
+    Some(match name {
+        "bf16-state" => (false, all(Storage::Bf16)),
+        "q8-state" => (false, all(Storage::Q8)),
+        "bf16-params-master" => (true, Precision::f32().with_master(true)),
+        "bf16-params-sr" => (true, all(Storage::Bf16).stochastic(1)),
+        "bf16-params" => (true, all(Storage::Bf16)),
+        _ => return None,
+    })
+}
+
+/// The precision modes `agr bench --precision` knows.
+pub const PRECISION_MODES: &[&str] = &[
+    "bf16-state",
+    "q8-state",
+    "bf16-params",
+    "bf16-params-sr",
+    "bf16-params-master",
+];
 
 /// The floor's traffic for a spec: its parameter, gradient and states read
 /// once per pass that touches them (approximated as: everything once, plus
@@ -411,12 +447,68 @@ impl Stepper {
             values,
             grads,
             shapes: w.shapes.clone(),
+            bf16: None,
         })
+    }
+
+    /// In precision mode `mode` (see [`precision_mode`]).
+    pub fn with_precision(mut self, mode: &str) -> Result<Stepper, String> {
+        let states: Vec<&str> = self
+            .opt
+            .desc()
+            .states
+            .iter()
+            .filter(|s| s.reduced.is_none() && !s.per_tensor)
+            .map(|s| s.name)
+            .collect();
+        let (bf16, precision) = precision_mode(mode, &states).ok_or_else(|| {
+            format!(
+                "unknown precision mode `{mode}` (known: {})",
+                PRECISION_MODES.join(", ")
+            )
+        })?;
+        self.opt
+            .set_precision(precision)
+            .map_err(|e| e.to_string())?;
+        if bf16 {
+            let narrow = |v: &Vec<Vec<f32>>| -> Vec<Vec<half::bf16>> {
+                v.iter()
+                    .map(|x| x.iter().map(|&y| half::bf16::from_f32(y)).collect())
+                    .collect()
+            };
+            self.bf16 = Some((narrow(&self.values), narrow(&self.grads)));
+            self.values = vec![];
+            self.grads = vec![];
+        }
+        Ok(self)
+    }
+
+    /// Bytes per parameter a step keeps: parameter, gradient and state.
+    pub fn bytes_per_param(&self) -> f64 {
+        let n: usize = self
+            .shapes
+            .iter()
+            .map(|s| s.iter().product::<usize>())
+            .sum();
+        let pg = if self.bf16.is_some() { 4.0 } else { 8.0 };
+        pg + self.opt.state_bytes().state as f64 / n as f64
     }
 
     /// One timed step, in milliseconds.
     pub fn run_ms(&mut self) -> Result<f64, String> {
         let start = Instant::now();
+        if let Some((values, grads)) = &mut self.bf16 {
+            let mut params: Vec<ParamMut<'_, half::bf16>> = values
+                .iter_mut()
+                .zip(grads.iter())
+                .zip(&self.shapes)
+                .map(|((v, g), s)| ParamMut::new(v, Some(g), s))
+                .collect();
+            self.opt
+                .step_params_bf16(&mut params)
+                .map_err(|e| e.to_string())?;
+            return Ok(start.elapsed().as_secs_f64() * 1e3);
+        }
         let mut params: Vec<ParamMut<'_>> = self
             .values
             .iter_mut()

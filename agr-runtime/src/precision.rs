@@ -394,8 +394,13 @@ pub(crate) fn widen(kind: Storage, words: &[u16], out: &mut [f32]) {
 pub(crate) fn narrow_nearest(kind: Storage, vals: &[f32], out: &mut [u16]) {
     match kind {
         Storage::Bf16 => {
+            // Branch-free so the loop vectorises: round to nearest even on
+            // the bits; a NaN keeps its sign and becomes a quiet NaN.
             for (o, &v) in out.iter_mut().zip(vals) {
-                *o = bf16::from_f32(v).to_bits();
+                let b = v.to_bits();
+                let rounded = (b.wrapping_add(0x7FFF + ((b >> 16) & 1)) >> 16) as u16;
+                let nan = ((b >> 16) as u16) | 0x0040;
+                *o = if v.is_nan() { nan } else { rounded };
             }
         }
         Storage::F16 => {
@@ -559,6 +564,30 @@ pub fn q8_dequantise(kind: Storage, codes: &[u8], scale: f32, out: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bf16_narrowing_is_the_half_crates_round_to_nearest_even() {
+        // Every 2^-11th f32 bit pattern, and the specials.
+        let mut vals: Vec<f32> = (0..=u32::MAX).step_by(2047).map(f32::from_bits).collect();
+        vals.extend([
+            f32::NAN,
+            -f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::MAX,
+            f32::MIN,
+        ]);
+        let mut out = vec![0u16; vals.len()];
+        narrow_nearest(Storage::Bf16, &vals, &mut out);
+        for (v, o) in vals.iter().zip(&out) {
+            let want = bf16::from_f32(*v);
+            if v.is_nan() {
+                assert!(bf16::from_bits(*o).is_nan());
+            } else {
+                assert_eq!(*o, want.to_bits(), "{v:e}");
+            }
+        }
+    }
 
     #[test]
     fn bf16_nearest_and_widen_round_trip() {

@@ -106,6 +106,13 @@ enum Command {
         /// `.agr` specs to measure, compiled at run time.
         #[arg(long, value_delimiter = ',')]
         spec: Vec<PathBuf>,
+        /// Instead of the floor: step each optimizer in these precision
+        /// modes (bf16-state, q8-state, bf16-params, bf16-params-sr,
+        /// bf16-params-master), each against the same optimizer in f32
+        /// timed alternately with it (`ratio_vs_f32=`), with the bytes per
+        /// parameter each keeps.
+        #[arg(long, value_delimiter = ',')]
+        precision: Vec<String>,
     },
 }
 
@@ -178,7 +185,14 @@ fn main() -> ExitCode {
             iters,
             run_time,
             spec,
-        } => bench(&optimizers, &workloads, iters, run_time, &spec),
+            precision,
+        } => {
+            if precision.is_empty() {
+                bench(&optimizers, &workloads, iters, run_time, &spec)
+            } else {
+                bench_precision(&optimizers, &workloads, iters, &precision)
+            }
+        }
         Command::List => {
             for b in optim::BUILTINS {
                 let doc = b
@@ -419,6 +433,48 @@ fn bench_muon(
     );
     rows.push(row);
     Ok(())
+}
+
+/// `agr bench --precision`: each mode against f32, timed alternately.
+fn bench_precision(
+    optimizers: &[String],
+    workloads: &[String],
+    iters: usize,
+    modes: &[String],
+) -> ExitCode {
+    use agr::bench::{self, Stepper};
+    println!(
+        "threads: {}; each ratio is against the same optimizer in f32 (parameters, gradients, state) timed alternately with it",
+        rayon::current_num_threads()
+    );
+    for w in bench::workloads()
+        .into_iter()
+        .filter(|w| workloads.iter().any(|n| n == w.name))
+    {
+        for name in optimizers.iter().filter(|n| !n.starts_with("muon")) {
+            for mode in modes {
+                let run = || -> Result<(), String> {
+                    let mut f32_step = Stepper::new(name, &w, true)?;
+                    let mut ours = Stepper::new(name, &w, true)?.with_precision(mode)?;
+                    let (ms, base) =
+                        bench::interleaved(iters.max(1), || ours.run_ms(), || f32_step.run_ms())?;
+                    println!(
+                        "{name:<12} {:<9} precision={mode:<18} bytes/param={:>5.2} (f32 {:>5.2}) median_ms={ms:>8.2} f32_ms={base:>8.2} ratio_vs_f32={:.2}",
+                        w.name,
+                        ours.bytes_per_param(),
+                        f32_step.bytes_per_param(),
+                        ms / base
+                    );
+                    Ok(())
+                };
+                if let Err(e) = run() {
+                    eprintln!("bench: {name} {mode}: {e}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+    }
+    ExitCode::SUCCESS
 }
 
 fn bench(
