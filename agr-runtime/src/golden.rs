@@ -242,40 +242,40 @@ fn step_as(
     grads: &[Vec<f32>],
 ) -> Result<(), crate::StepError> {
     use half::{bf16, f16};
-    fn narrowed<T: Copy>(v: &[Vec<f32>], f: impl Fn(f32) -> T) -> Vec<Vec<T>> {
-        v.iter()
-            .map(|x| x.iter().map(|&y| f(y)).collect())
-            .collect()
+    /// Narrows the values and gradients to `T`, steps, widens back.
+    fn via<T: crate::Element>(
+        values: &mut [Vec<f32>],
+        params: &[GoldenParam],
+        grads: &[Vec<f32>],
+        narrow: fn(f32) -> T,
+        widen: fn(T) -> f32,
+        step: impl FnOnce(&mut [ParamMut<'_, T>]) -> Result<crate::StepReport, crate::StepError>,
+    ) -> Result<(), crate::StepError> {
+        let to_t = |v: &[Vec<f32>]| -> Vec<Vec<T>> {
+            v.iter()
+                .map(|x| x.iter().map(|&y| narrow(y)).collect())
+                .collect()
+        };
+        let (mut vs, gs) = (to_t(values), to_t(grads));
+        let mut ps: Vec<ParamMut<'_, T>> = vs
+            .iter_mut()
+            .zip(params)
+            .zip(&gs)
+            .map(|((v, p), gr)| ParamMut::new(v, Some(gr), &p.shape))
+            .collect();
+        step(&mut ps)?;
+        for (out, v) in values.iter_mut().zip(&vs) {
+            out.iter_mut().zip(v).for_each(|(o, &x)| *o = widen(x));
+        }
+        Ok(())
     }
     match kind {
-        Storage::Bf16 => {
-            let mut vs = narrowed(values, bf16::from_f32);
-            let gs = narrowed(grads, bf16::from_f32);
-            let mut ps: Vec<ParamMut<'_, bf16>> = vs
-                .iter_mut()
-                .zip(params)
-                .zip(&gs)
-                .map(|((v, p), gr)| ParamMut::new(v, Some(gr), &p.shape))
-                .collect();
-            opt.step_params_bf16(&mut ps)?;
-            for (out, v) in values.iter_mut().zip(&vs) {
-                out.iter_mut().zip(v).for_each(|(o, x)| *o = x.to_f32());
-            }
-        }
-        Storage::F16 => {
-            let mut vs = narrowed(values, f16::from_f32);
-            let gs = narrowed(grads, f16::from_f32);
-            let mut ps: Vec<ParamMut<'_, f16>> = vs
-                .iter_mut()
-                .zip(params)
-                .zip(&gs)
-                .map(|((v, p), gr)| ParamMut::new(v, Some(gr), &p.shape))
-                .collect();
-            opt.step_params_f16(&mut ps)?;
-            for (out, v) in values.iter_mut().zip(&vs) {
-                out.iter_mut().zip(v).for_each(|(o, x)| *o = x.to_f32());
-            }
-        }
+        Storage::Bf16 => via(values, params, grads, bf16::from_f32, bf16::to_f32, |ps| {
+            opt.step_params_bf16(ps)
+        })?,
+        Storage::F16 => via(values, params, grads, f16::from_f32, f16::to_f32, |ps| {
+            opt.step_params_f16(ps)
+        })?,
         _ => {
             let mut ps: Vec<ParamMut<'_>> = values
                 .iter_mut()

@@ -212,31 +212,27 @@ impl Element for f32 {
     }
 }
 
-impl Element for bf16 {
-    const STORAGE: Storage = Storage::Bf16;
-    fn words(v: &[Self]) -> Option<&[u16]> {
-        Some(half::slice::HalfFloatSliceExt::reinterpret_cast(v))
-    }
-    fn as_f32(_: &[Self]) -> Option<&[f32]> {
-        None
-    }
-    fn f32_params<'s, 'a>(_: &'s mut [ParamMut<'a, Self>]) -> Option<&'s mut [ParamMut<'a, f32>]> {
-        None
-    }
+/// bf16 and f16: 16-bit words, never f32.
+macro_rules! half_element {
+    ($($t:ty => $storage:expr),*) => {$(
+        impl Element for $t {
+            const STORAGE: Storage = $storage;
+            fn words(v: &[Self]) -> Option<&[u16]> {
+                Some(half::slice::HalfFloatSliceExt::reinterpret_cast(v))
+            }
+            fn as_f32(_: &[Self]) -> Option<&[f32]> {
+                None
+            }
+            fn f32_params<'s, 'a>(
+                _: &'s mut [ParamMut<'a, Self>],
+            ) -> Option<&'s mut [ParamMut<'a, f32>]> {
+                None
+            }
+        }
+    )*};
 }
 
-impl Element for f16 {
-    const STORAGE: Storage = Storage::F16;
-    fn words(v: &[Self]) -> Option<&[u16]> {
-        Some(half::slice::HalfFloatSliceExt::reinterpret_cast(v))
-    }
-    fn as_f32(_: &[Self]) -> Option<&[f32]> {
-        None
-    }
-    fn f32_params<'s, 'a>(_: &'s mut [ParamMut<'a, Self>]) -> Option<&'s mut [ParamMut<'a, f32>]> {
-        None
-    }
-}
+half_element!(bf16 => Storage::Bf16, f16 => Storage::F16);
 
 /// Why an optimizer's precision cannot be set.
 #[derive(Clone, Debug, PartialEq, Eq)]
