@@ -627,7 +627,8 @@ impl<O: TchEngine> Tch<O> {
                 StepError::NoParams
                 | StepError::ParamCount { .. }
                 | StepError::Device(_)
-                | StepError::Comm(_) => None,
+                | StepError::Comm(_)
+                | StepError::Precision(_) => None,
             };
             TchError::Step {
                 error,
