@@ -838,6 +838,7 @@ fn describe(prog: &Program) -> &'static KernelDesc {
         states: Box::leak(states.into_boxed_slice()),
         reductions: Box::leak(reductions.into_boxed_slice()),
         passes: prog.n_phases,
+        pass_reads: Box::leak(backend::pass_reads(prog).into_boxed_slice()),
         finite_check: prog.finite_check,
         row_reductions: prog.row_reductions(),
         dim_reductions: [

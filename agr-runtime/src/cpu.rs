@@ -31,6 +31,11 @@ pub struct KernelDesc {
     pub reductions: &'static [ReductionInfo],
     /// Reduction passes before the update pass.
     pub passes: usize,
+    /// What each reduction pass reads per element: bit `k` for state `k`,
+    /// bit 30 the parameter, bit 31 the gradient (`agr_codegen`'s
+    /// `READS_P`, `READS_G`). Narrowed buffers a pass does not read are not
+    /// widened for it.
+    pub pass_reads: &'static [u32],
     /// The reduction (`global_sum(g * 0)`, pass 0) that finds NaN and infinities.
     pub finite_check: usize,
     /// Reductions with one result per row (see `row_sum`).

@@ -990,7 +990,7 @@ impl<K: Kernel> Optimizer<K> {
                             let ss = &sss[slot_group[j]];
                             // The block writes only its own (f32) buffer.
                             unsafe {
-                                staged(pt, ns, 0, n, Write::Nothing, |p, g, st| {
+                                staged(pt, ns, 0, n, Write::Nothing, u32::MAX, |p, g, st| {
                                     kernel.matrix(b, ss, &ts[j], p, g, st, rows, pt.dims, ws)
                                 })
                             }
@@ -1029,6 +1029,7 @@ impl<K: Kernel> Optimizer<K> {
                         continue;
                     }
                     if phase < desc.passes {
+                        let reads = desc.pass_reads.get(phase).copied().unwrap_or(u32::MAX);
                         let run = |(item, acc): (&Item, &mut [f64])| {
                             let pt = ptrs[item.slot];
                             // SAFETY: whole rows per item, so items' row ranges are disjoint.
@@ -1037,20 +1038,28 @@ impl<K: Kernel> Optimizer<K> {
                             let ss = &sss[slot_group[item.slot]];
                             // SAFETY: see `Ptrs`; read-only access to [start, start+len).
                             unsafe {
-                                staged(pt, ns, item.start, item.len, Write::Nothing, |p, g, st| {
-                                    let st = st.map(|s| &*s);
-                                    kernel.reduce(
-                                        phase,
-                                        ss,
-                                        &ts[item.slot],
-                                        p,
-                                        g,
-                                        st,
-                                        rows,
-                                        pt.dims,
-                                        acc,
-                                    );
-                                })
+                                staged(
+                                    pt,
+                                    ns,
+                                    item.start,
+                                    item.len,
+                                    Write::Nothing,
+                                    reads,
+                                    |p, g, st| {
+                                        let st = st.map(|s| &*s);
+                                        kernel.reduce(
+                                            phase,
+                                            ss,
+                                            &ts[item.slot],
+                                            p,
+                                            g,
+                                            st,
+                                            rows,
+                                            pt.dims,
+                                            acc,
+                                        );
+                                    },
+                                )
                             }
                         };
                         let own = sc.own.clone();
@@ -1101,9 +1110,17 @@ impl<K: Kernel> Optimizer<K> {
                             let ss = &sss[slot_group[item.slot]];
                             // SAFETY: see `Ptrs`; work items cover disjoint ranges.
                             unsafe {
-                                staged(pt, ns, item.start, item.len, Write::Update, |p, g, st| {
-                                    kernel.update(ss, &ts[item.slot], p, g, st, rows, pt.dims)
-                                })
+                                staged(
+                                    pt,
+                                    ns,
+                                    item.start,
+                                    item.len,
+                                    Write::Update,
+                                    u32::MAX,
+                                    |p, g, st| {
+                                        kernel.update(ss, &ts[item.slot], p, g, st, rows, pt.dims)
+                                    },
+                                )
                             }
                         };
                         let items = &sc.items[sc.own.clone()];
@@ -1348,7 +1365,10 @@ thread_local! {
 /// tensor: its buffers in place where they are f32; where `pt.narrow` says
 /// they are stored narrower, copies widened into this thread's scratch,
 /// narrowed back afterwards as `write` says (the parameter with its
-/// rounding; states to nearest, q8 blocks re-scaled).
+/// rounding; states to nearest, q8 blocks re-scaled). A narrowed buffer
+/// `reads` (a `KernelDesc::pass_reads` mask) leaves out is not widened: a
+/// state is then an empty slice, the parameter or gradient scratch of the
+/// right length.
 ///
 /// # Safety
 /// As `chunk_mut`: see [`Ptrs`].
@@ -1358,8 +1378,10 @@ unsafe fn staged<R>(
     start: usize,
     len: usize,
     write: Write,
+    reads: u32,
     f: impl FnOnce(&mut [f32], &[f32], [&mut [f32]; MAX_STATES]) -> R,
 ) -> R {
+    use agr_codegen::backend::{READS_G, READS_P};
     let nw = pt.narrow;
     if !nw.any {
         let (p, g, st) = chunk_mut(pt, ns, start, len);
@@ -1375,8 +1397,10 @@ unsafe fn staged<R>(
     let base = buf.as_mut_ptr();
     let stage_p = !nw.p.is_null() && !nw.master;
     let p: *mut f32 = if stage_p {
-        let w = std::slice::from_raw_parts(nw.p.add(start), len);
-        crate::precision::widen(nw.kind, w, std::slice::from_raw_parts_mut(base, len));
+        if reads & READS_P != 0 {
+            let w = std::slice::from_raw_parts(nw.p.add(start), len);
+            crate::precision::widen(nw.kind, w, std::slice::from_raw_parts_mut(base, len));
+        }
         base
     } else {
         pt.p.add(start)
@@ -1384,14 +1408,18 @@ unsafe fn staged<R>(
     let g: *const f32 = if nw.g.is_null() {
         pt.g.add(start - pt.g_off)
     } else {
-        let w = std::slice::from_raw_parts(nw.g.add(start - pt.g_off), len);
         let out = base.add(len);
-        crate::precision::widen(nw.kind, w, std::slice::from_raw_parts_mut(out, len));
+        if reads & READS_G != 0 {
+            let w = std::slice::from_raw_parts(nw.g.add(start - pt.g_off), len);
+            crate::precision::widen(nw.kind, w, std::slice::from_raw_parts_mut(out, len));
+        }
         out
     };
     let mut st: [&mut [f32]; MAX_STATES] = Default::default();
     for (k, s) in st.iter_mut().enumerate().take(ns) {
-        *s = if nw.st[k].kind != Storage::F32 {
+        *s = if nw.st[k].kind != Storage::F32 && reads & (1 << k) == 0 {
+            &mut []
+        } else if nw.st[k].kind != Storage::F32 {
             let out = std::slice::from_raw_parts_mut(base.add((2 + k) * len), len);
             nw.st[k].load(start - pt.st_off, out);
             out

@@ -337,3 +337,62 @@ fn misuse_is_an_error_that_changes_nothing() {
         assert!(p.iter().all(|&x| x == bf16::ONE));
     }
 }
+
+/// Every built-in with its per-element states narrowed steps as the f32
+/// optimizer does when its states are rounded after each step (done here
+/// through checkpoints: saved in f32, loaded into a narrowed optimizer,
+/// saved as stored, loaded back into the f32 one). Each reduction pass
+/// widens only what it reads, so this also checks those masks.
+#[test]
+fn every_builtin_with_narrowed_states_is_the_f32_step_with_rounded_states() {
+    for kind in [Storage::Bf16, Storage::Q8] {
+        let mut tested = vec![];
+        for b in optim::BUILTINS {
+            let desc = b.make().desc();
+            let narrowable: Vec<&str> = desc
+                .states
+                .iter()
+                .enumerate()
+                .filter(|(k, s)| {
+                    s.reduced.is_none()
+                        && !s.per_tensor
+                        && !desc.matrices.iter().any(|m| m.state == *k)
+                })
+                .map(|(_, s)| s.name)
+                .collect();
+            let precision = narrowable
+                .iter()
+                .fold(Precision::f32(), |p, s| p.state(s, kind));
+            let mut ours = b.make();
+            if narrowable.is_empty() || ours.set_precision(precision.clone()).is_err() {
+                // No per-element state, or q8 on a spec with row reductions.
+                continue;
+            }
+            let mut reference = b.make();
+            let mut rounder = b.make();
+            rounder.set_precision(precision).unwrap();
+            let mut a = init_bf16();
+            let mut r = init_bf16();
+            for t in 1..=4 {
+                let grads = grads_at(t);
+                step_f32(ours.as_mut(), &mut a, &grads);
+                step_f32(reference.as_mut(), &mut r, &grads);
+                rounder
+                    .load_checkpoint(&reference.save_checkpoint())
+                    .unwrap();
+                reference
+                    .load_checkpoint(&rounder.save_checkpoint())
+                    .unwrap();
+                assert!(a == r, "{} with {kind} states: step {t} differs", b.name);
+            }
+            tested.push(b.name);
+        }
+        println!("{kind}: {} built-ins: {}", tested.len(), tested.join(" "));
+        // All but Adafactor (no per-element state but on vectors) and, for
+        // q8, the row-reducing adamw_gc.
+        assert!(
+            tested.len() >= optim::BUILTINS.len() - 2,
+            "{kind}: {tested:?}"
+        );
+    }
+}

@@ -194,6 +194,38 @@ impl LoopPlan {
     }
 }
 
+/// In a [`pass_reads`] mask: the pass reads the parameter per element.
+pub const READS_P: u32 = 1 << 30;
+/// In a [`pass_reads`] mask: the pass reads the gradient per element.
+pub const READS_G: u32 = 1 << 31;
+
+impl LoopPlan {
+    /// What the loop reads per element: bit `k` for state `k`, [`READS_P`],
+    /// [`READS_G`].
+    pub fn reads(&self, prog: &Program) -> u32 {
+        let mut mask = 0;
+        for &id in &self.body {
+            mask |= match prog.nodes[id].op {
+                Op::Param => READS_P,
+                Op::Grad => READS_G,
+                _ => 0,
+            };
+        }
+        for &s in &self.states_read {
+            mask |= 1 << s;
+        }
+        mask
+    }
+}
+
+/// What each reduction pass reads per element (see [`LoopPlan::reads`]):
+/// where buffers are stored narrower than f32, the engine widens only these.
+pub fn pass_reads(prog: &Program) -> Vec<u32> {
+    (0..prog.n_phases)
+        .map(|pass| PassPlan::reduce(prog, pass).lp.reads(prog))
+        .collect()
+}
+
 /// One pass of a step as every back end runs it, decided once here: what it
 /// reduces, the element loop that computes it, and (the update) what it
 /// writes. The Rust and CUDA printers and the run-time evaluator take their

@@ -672,6 +672,14 @@ fn emit_kernel(prog: &Program, embedded: Option<Embedded<'_>>, w: &mut W) {
     }
     w.close("],");
     w.line(&format!("passes: {np},"));
+    w.line(&format!(
+        "pass_reads: &[{}],",
+        super::pass_reads(prog)
+            .iter()
+            .map(|m| format!("{m:#x}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
     w.line(&format!("finite_check: {},", prog.finite_check));
     w.line(&format!("row_reductions: {},", prog.row_reductions()));
     w.line(&format!(
