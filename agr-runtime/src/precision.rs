@@ -368,15 +368,69 @@ impl<K: Kernel> Optimizer<K> {
     }
 }
 
+/// Calls `$f(args)` built with AVX2 where the CPU has it (the loops below
+/// then vectorise 8 wide), else the baseline build: the same operations,
+/// the same bits. It returns from the calling function, which must return
+/// `()` right after.
+macro_rules! with_avx2 {
+    ($f:ident($($a:expr),*)) => {{
+        #[cfg(target_arch = "x86_64")]
+        if crate::cpu::has_avx2() {
+            // SAFETY: the CPU supports AVX2 (checked at run time).
+            return unsafe { avx2::$f($($a),*) };
+        }
+        $f($($a),*)
+    }};
+}
+
+/// The conversion loops built with AVX2 (see `with_avx2!`).
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn bf16_widen_loop(words: &[u16], out: &mut [f32]) {
+        super::bf16_widen_loop(words, out)
+    }
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn bf16_nearest_loop(vals: &[f32], out: &mut [u16]) {
+        super::bf16_nearest_loop(vals, out)
+    }
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn bf16_sr_loop(key: u64, first: usize, vals: &[f32], out: &mut [u16]) {
+        super::bf16_sr_loop(key, first, vals, out)
+    }
+}
+
+/// Exact: the bf16 bits are the f32's high half.
+#[inline(always)]
+fn bf16_widen_loop(words: &[u16], out: &mut [f32]) {
+    for (o, &w) in out.iter_mut().zip(words) {
+        *o = f32::from_bits((w as u32) << 16);
+    }
+}
+
+/// Round to nearest even on the bits, branch-free so the loop vectorises;
+/// a NaN keeps its sign and becomes a quiet NaN.
+#[inline(always)]
+fn bf16_nearest_loop(vals: &[f32], out: &mut [u16]) {
+    for (o, &v) in out.iter_mut().zip(vals) {
+        let b = v.to_bits();
+        let rounded = (b.wrapping_add(0x7FFF + ((b >> 16) & 1)) >> 16) as u16;
+        let nan = ((b >> 16) as u16) | 0x0040;
+        *o = if v.is_nan() { nan } else { rounded };
+    }
+}
+
+#[inline(always)]
+fn bf16_sr_loop(key: u64, first: usize, vals: &[f32], out: &mut [u16]) {
+    for (i, (o, &v)) in out.iter_mut().zip(vals).enumerate() {
+        *o = bf16_stochastic(v, noise_at(key, first + i) as u16);
+    }
+}
+
 /// Widens 16-bit words of `kind` (bf16 or f16) into `out`.
 pub(crate) fn widen(kind: Storage, words: &[u16], out: &mut [f32]) {
     match kind {
-        Storage::Bf16 => {
-            // Exact: the bf16 bits are the f32's high half.
-            for (o, &w) in out.iter_mut().zip(words) {
-                *o = f32::from_bits((w as u32) << 16);
-            }
-        }
+        Storage::Bf16 => with_avx2!(bf16_widen_loop(words, out)),
         Storage::F16 => {
             use half::slice::HalfFloatSliceExt;
             let h: &[f16] = half::slice::HalfBitsSliceExt::reinterpret_cast(words);
@@ -389,16 +443,7 @@ pub(crate) fn widen(kind: Storage, words: &[u16], out: &mut [f32]) {
 /// Narrows `vals` into 16-bit words of `kind` with round-to-nearest-even.
 pub(crate) fn narrow_nearest(kind: Storage, vals: &[f32], out: &mut [u16]) {
     match kind {
-        Storage::Bf16 => {
-            // Branch-free so the loop vectorises: round to nearest even on
-            // the bits; a NaN keeps its sign and becomes a quiet NaN.
-            for (o, &v) in out.iter_mut().zip(vals) {
-                let b = v.to_bits();
-                let rounded = (b.wrapping_add(0x7FFF + ((b >> 16) & 1)) >> 16) as u16;
-                let nan = ((b >> 16) as u16) | 0x0040;
-                *o = if v.is_nan() { nan } else { rounded };
-            }
-        }
+        Storage::Bf16 => with_avx2!(bf16_nearest_loop(vals, out)),
         Storage::F16 => {
             use half::slice::HalfFloatSliceExt;
             let h: &mut [f16] = half::slice::HalfBitsSliceExt::reinterpret_cast_mut(out);
@@ -408,13 +453,24 @@ pub(crate) fn narrow_nearest(kind: Storage, vals: &[f32], out: &mut [u16]) {
     }
 }
 
-/// The random 64 bits of element `index` of parameter `param` on `step`.
+/// The key of parameter `param`'s random numbers on `step`.
 #[inline]
-pub(crate) fn noise(seed: u64, step: u64, param: usize, index: usize) -> u64 {
+pub(crate) fn noise_key(seed: u64, step: u64, param: usize) -> u64 {
     let mut x = seed ^ 0x243F_6A88_85A3_08D3;
     x = mix(x ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-    x = mix(x ^ (param as u64).wrapping_mul(0xC2B2_AE3D_27D4_EB4F));
-    mix(x ^ index as u64)
+    mix(x ^ (param as u64).wrapping_mul(0xC2B2_AE3D_27D4_EB4F))
+}
+
+/// The random 64 bits of element `index` under `key` (see [`noise_key`]).
+#[inline]
+pub(crate) fn noise_at(key: u64, index: usize) -> u64 {
+    mix(key ^ index as u64)
+}
+
+/// The random 64 bits of element `index` of parameter `param` on `step`.
+#[cfg(test)]
+fn noise(seed: u64, step: u64, param: usize, index: usize) -> u64 {
+    noise_at(noise_key(seed, step, param), index)
 }
 
 /// splitmix64's finaliser.
@@ -494,15 +550,13 @@ pub(crate) fn narrow(
         Rounding::Nearest => narrow_nearest(kind, vals, out),
         Rounding::Stochastic { seed } => match kind {
             Storage::Bf16 => {
-                for (i, (o, &v)) in out.iter_mut().zip(vals).enumerate() {
-                    let r = noise(seed, step, param, first + i) as u16;
-                    *o = bf16_stochastic(v, r);
-                }
+                let key = noise_key(seed, step, param);
+                with_avx2!(bf16_sr_loop(key, first, vals, out))
             }
             Storage::F16 => {
+                let key = noise_key(seed, step, param);
                 for (i, (o, &v)) in out.iter_mut().zip(vals).enumerate() {
-                    let u = (noise(seed, step, param, first + i) >> 11) as f64
-                        * (1.0 / (1u64 << 53) as f64);
+                    let u = (noise_at(key, first + i) >> 11) as f64 * (1.0 / (1u64 << 53) as f64);
                     *o = f16_stochastic(v, u);
                 }
             }
@@ -519,15 +573,62 @@ fn qmap(kind: Storage) -> &'static [f32; 256] {
     }
 }
 
-/// The code of `x` (already divided by its block's scale) in `map`.
+/// The largest `c` with `map[c] <= x` (0 where there is none, and for
+/// NaN), by torchao's branch-free binary search.
 #[inline]
-fn q8_code(map: &[f32; 256], x: f32) -> u8 {
+fn q8_floor_search(map: &[f32; 256], x: f32) -> usize {
     let mut c = if x >= map[128] { 128usize } else { 0 };
     for step in [64, 32, 16, 8, 4, 2, 1] {
         if x >= map[c + step] {
             c += step;
         }
     }
+    c
+}
+
+/// For each bf16 bucket of f32 bit patterns (the top 16 bits), the floor
+/// code of the bucket's smallest value: the search starts there and steps
+/// over the few map entries inside the bucket.
+fn q8_floor_table(kind: Storage) -> &'static [u8; 65536] {
+    static TABLES: [std::sync::OnceLock<Box<[u8; 65536]>>; 2] =
+        [std::sync::OnceLock::new(), std::sync::OnceLock::new()];
+    let at = usize::from(kind != Storage::Q8);
+    TABLES[at].get_or_init(|| {
+        let map = qmap(kind);
+        let mut t = Box::new([0u8; 65536]);
+        for (b, c) in t.iter_mut().enumerate() {
+            let bits = (b as u32) << 16;
+            // The bucket's smallest value: its first pattern when positive,
+            // its last when negative.
+            let low = if bits & 0x8000_0000 == 0 {
+                f32::from_bits(bits)
+            } else {
+                f32::from_bits(bits | 0xFFFF)
+            };
+            *c = q8_floor_search(map, low) as u8;
+        }
+        t
+    })
+}
+
+/// The floor code of `x` through `table`: the same as [`q8_floor_search`].
+#[inline]
+fn q8_floor(map: &[f32; 256], table: &[u8; 65536], x: f32) -> usize {
+    if x.is_nan() {
+        return 0;
+    }
+    let mut c = table[(x.to_bits() >> 16) as usize] as usize;
+    while c < 255 && map[c + 1] <= x {
+        c += 1;
+    }
+    c
+}
+
+/// The code of `x` (already divided by its block's scale) in `map`:
+/// torchao's floor search and tie rule (see the module docs).
+#[inline]
+fn q8_code(map: &[f32; 256], table: &[u8; 65536], x: f32) -> u8 {
+    let c = q8_floor(map, table, x);
     let up = (c + 1).min(255);
     let (lo, hi) = (map[c], map[up]);
     if x - lo >= (hi - lo) * 0.5 {
@@ -540,11 +641,11 @@ fn q8_code(map: &[f32; 256], x: f32) -> u8 {
 /// Quantises one block (at most [`Q8_BLOCK`] values): its codes into
 /// `codes`, its scale returned.
 pub fn q8_quantise(kind: Storage, vals: &[f32], codes: &mut [u8]) -> f32 {
-    let map = qmap(kind);
+    let (map, table) = (qmap(kind), q8_floor_table(kind));
     let absmax = vals.iter().fold(0.0f32, |m, v| m.max(v.abs()));
     let scale = absmax.max(1e-12);
     for (c, &v) in codes.iter_mut().zip(vals) {
-        *c = q8_code(map, v / scale);
+        *c = q8_code(map, table, v / scale);
     }
     scale
 }
@@ -657,13 +758,34 @@ mod tests {
                 } else {
                     i as f32 / 2000.0
                 };
-                let c = q8_code(map, x) as usize;
+                let c = q8_code(map, q8_floor_table(kind), x) as usize;
                 let best = (0..256)
                     .min_by(|&a, &b| (map[a] - x).abs().total_cmp(&(map[b] - x).abs()))
                     .unwrap();
                 assert!(
                     (map[c] - x).abs() <= (map[best] - x).abs(),
                     "{kind} {x}: {c} vs {best}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_table_search_finds_torchaos_binary_search_floor() {
+        for kind in [Storage::Q8, Storage::Uq8] {
+            let (map, table) = (qmap(kind), q8_floor_table(kind));
+            // Every 997th f32 bit pattern (both signs, all magnitudes) and
+            // every map entry with its neighbours.
+            let mut xs: Vec<f32> = (0..=u32::MAX).step_by(997).map(f32::from_bits).collect();
+            for &m in map.iter() {
+                let b = m.to_bits();
+                xs.extend([m, f32::from_bits(b + 1), f32::from_bits(b.wrapping_sub(1))]);
+            }
+            for x in xs {
+                assert_eq!(
+                    q8_floor(map, table, x),
+                    q8_floor_search(map, x),
+                    "{kind} {x:e}"
                 );
             }
         }
