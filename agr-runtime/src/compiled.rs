@@ -807,6 +807,7 @@ fn describe(prog: &Program) -> &'static KernelDesc {
             fill: s.fill as f32,
             reduced: s.reduced,
             per_tensor: s.per_tensor,
+            storage: crate::Storage::parse(s.storage).unwrap_or_default(),
         })
         .collect();
     let reductions: Vec<ReductionInfo> = prog

@@ -113,7 +113,7 @@ impl fmt::Display for DeviceError {
             ),
             DeviceError::Narrowed { optimizer } => write!(
                 f,
-                "`{optimizer}` keeps narrowed states or f32 master copies, which step on the CPU only in this version; set f32 precision (`set_precision(Precision::f32())`) before moving it"
+                "`{optimizer}` keeps narrowed states or f32 master copies, which step on the CPU only in this version; store its states in f32 and drop the master copy (`set_precision`) before moving it"
             ),
             DeviceError::Sharded { optimizer } => write!(
                 f,

@@ -170,6 +170,9 @@ pub struct StateInfo {
     pub reduced: Option<Axis>,
     /// `per_tensor`: one value per tensor (see [`crate::Kernel::tensor_states`]).
     pub per_tensor: bool,
+    /// How the spec declares the buffer stored (`m: bf16 = 0`); see
+    /// [`crate::Optimizer::set_precision`], which can change it.
+    pub storage: crate::Storage,
 }
 
 impl StateInfo {

@@ -474,8 +474,9 @@ impl<K: Kernel> Optimizer<K> {
     pub fn with_config(config: K::Config) -> Result<Self, ConfigError> {
         config.validate()?;
         let kernel = K::of_config(&config);
+        let desc = kernel.desc();
         Ok(Optimizer {
-            desc: kernel.desc(),
+            desc,
             exec: Exec::Cpu,
             kernel,
             groups: vec![Group {
@@ -491,7 +492,15 @@ impl<K: Kernel> Optimizer<K> {
             steps: 0,
             non_finite: NonFinite::default(),
             precision: Precision::default(),
-            storage: vec![],
+            // As the spec declares its states (`m: bf16 = 0`).
+            storage: {
+                let declared: Vec<Storage> = desc.states.iter().map(|s| s.storage).collect();
+                if declared.iter().all(|&k| k == Storage::F32) {
+                    vec![]
+                } else {
+                    declared
+                }
+            },
             non_finite_skips: 0,
             frozen_checked: false,
             shard: None,

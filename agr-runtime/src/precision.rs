@@ -262,7 +262,8 @@ impl<K: Kernel> Optimizer<K> {
     /// On error nothing changes.
     pub fn set_precision(&mut self, precision: Precision) -> Result<(), PrecisionError> {
         let desc = self.desc;
-        let mut storage = vec![Storage::F32; desc.states.len()];
+        // The spec's declared storage, then the overrides.
+        let mut storage: Vec<Storage> = desc.states.iter().map(|s| s.storage).collect();
         for (name, kind) in &precision.states {
             let Some(k) = desc.states.iter().position(|s| s.name == *name) else {
                 let known: Vec<&str> = desc.states.iter().map(|s| s.name).collect();

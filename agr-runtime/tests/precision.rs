@@ -396,3 +396,62 @@ fn every_builtin_with_narrowed_states_is_the_f32_step_with_rounded_states() {
         );
     }
 }
+
+/// A spec may declare how a state is stored; it steps as the same spec with
+/// that precision set, and the config can still change it.
+#[test]
+fn storage_declared_in_the_spec_is_the_default_precision() {
+    let declared = "AdamWLow {
+        hyper { lr = 0.01, beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 0.01 }
+        state { m: bf16 = 0, v: uq8 = 0 }
+        step {
+            p = p * (1 - lr * weight_decay);
+            m = beta1 * m + (1 - beta1) * g;
+            v = beta2 * v + (1 - beta2) * g * g;
+            p = p - lr / (1 - beta1 ^ t) * m / (sqrt(v) / sqrt(1 - beta2 ^ t) + eps);
+        }
+    }";
+    let plain = declared.replace("m: bf16 = 0, v: uq8 = 0", "m = 0, v = 0");
+    let mut ours = agr_runtime::compile(declared).unwrap().optimizer();
+    assert_eq!(ours.state_storage(), vec![Storage::Bf16, Storage::Uq8]);
+    let mut reference = agr_runtime::compile(&plain).unwrap().optimizer();
+    reference
+        .set_precision(
+            Precision::f32()
+                .state("m", Storage::Bf16)
+                .state("v", Storage::Uq8),
+        )
+        .unwrap();
+    let (mut a, mut r) = (init_bf16(), init_bf16());
+    for t in 1..=3 {
+        step_f32(&mut ours, &mut a, &grads_at(t));
+        step_f32(&mut reference, &mut r, &grads_at(t));
+    }
+    assert!(a == r);
+    assert_eq!(ours.state_to_host(0, "v"), reference.state_to_host(0, "v"));
+    // Overridden per state; the others keep the declaration.
+    ours.set_precision(Precision::f32().state("v", Storage::F32))
+        .unwrap();
+    assert_eq!(ours.state_storage(), vec![Storage::Bf16, Storage::F32]);
+    // Kept on the CPU, with the reason.
+    let e = ours
+        .set_device(agr_runtime::Device::EmulatedCuda)
+        .unwrap_err();
+    assert!(e.to_string().contains("step on the CPU only"), "{e}");
+}
+
+#[test]
+fn storage_words_are_checked_where_they_are_written() {
+    let spec = |state: &str, step: &str| {
+        format!("S {{ hyper {{ lr = 0.1 }} state {{ {state} }} step {{ {step} }} }}")
+    };
+    let err = |src: String| agr_runtime::compile(&src).unwrap_err().to_string();
+    let e = err(spec("m: bf16(2) = 0", "m = g; p = p - lr * m;"));
+    assert!(e.contains("the storage `bf16` takes no number"), "{e}");
+    let e = err(spec("m: bf17 = 0", "m = g; p = p - lr * m;"));
+    assert!(e.contains("unknown state shape `bf17`"), "{e}");
+    // q8 blocks and whole-row work items do not mix.
+    let e = err(spec("m: q8 = 0", "m = g - row_mean(g); p = p - lr * m;"));
+    assert!(e.contains("state `m` is stored in q8"), "{e}");
+    agr_runtime::compile(&spec("m: bf16 = 0", "m = g - row_mean(g); p = p - lr * m;")).unwrap();
+}

@@ -407,6 +407,9 @@ pub struct State {
     /// `per_tensor`: one value per tensor, read and computed at the tensor
     /// level (see [`Program::per_tensor_states`]).
     pub per_tensor: bool,
+    /// How the buffer is stored (`m: bf16 = 0`): one of
+    /// `agr_grammar::check::STORAGE_WORDS`; `f32` unless declared.
+    pub storage: &'static str,
 }
 
 #[derive(Clone, Debug, PartialEq)]

@@ -19,7 +19,31 @@ pub fn lower(spec: &ast::Spec) -> Result<Program, Vec<Diagnostic>> {
     if !errors.is_empty() {
         return Err(errors);
     }
-    Ok(lower_checked(spec))
+    let prog = lower_checked(spec);
+    // 8-bit states scale blocks of 256 values: a spec whose work items are
+    // whole rows cannot keep them.
+    if prog.row_reductions() > 0 && !prog.factored() {
+        let errors: Vec<Diagnostic> = spec
+            .states
+            .iter()
+            .filter(|s| matches!(check::state_storage(s), "q8" | "uq8"))
+            .map(|s| {
+                let sh = s.shape.as_ref().expect("a storage word was written");
+                Diagnostic::new(
+                    sh.span.clone(),
+                    format!(
+                        "state `{}` is stored in {}, whose scales cover blocks of 256 values, but this spec reduces per row, so its work items are whole rows",
+                        s.name.name, sh.word.name
+                    ),
+                    "store it in `bf16` or `f16`",
+                )
+            })
+            .collect();
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+    }
+    Ok(prog)
 }
 
 /// Parses, checks and lowers spec text.
@@ -201,6 +225,7 @@ pub fn lower_checked(spec: &ast::Spec) -> Program {
             init_text: print::expr(&s.init),
             reduced: agr_grammar::check::state_axis(s),
             per_tensor: agr_grammar::check::state_form(s) == check::StateForm::PerTensor,
+            storage: agr_grammar::check::state_storage(s),
         });
     }
     l.scopes.push(HashMap::new());
@@ -776,6 +801,7 @@ impl Lowerer<'_> {
             init_text: "0".into(),
             reduced: None,
             per_tensor: false,
+            storage: "f32",
         });
         self.mat = Some(MatCtx {
             code: vec![],

@@ -98,6 +98,23 @@ pub fn state_form(s: &StateDecl) -> StateForm {
     }
 }
 
+/// The storage words a per-element state may declare (`m: bf16 = 0`):
+/// how its buffer is kept; the arithmetic is f32 either way.
+pub const STORAGE_WORDS: [&str; 5] = ["f32", "bf16", "f16", "q8", "uq8"];
+
+/// A state's declared storage: `f32` unless it is declared with one of
+/// [`STORAGE_WORDS`].
+pub fn state_storage(s: &StateDecl) -> &'static str {
+    match s.shape.as_ref() {
+        Some(sh) if sh.dim.is_none() => STORAGE_WORDS
+            .iter()
+            .find(|w| **w == sh.word.name)
+            .copied()
+            .unwrap_or("f32"),
+        _ => "f32",
+    }
+}
+
 /// A state's reduced dimension, if it is declared `reduced(..)`.
 pub fn state_axis(s: &StateDecl) -> Option<Axis> {
     match state_form(s) {
@@ -429,7 +446,7 @@ impl<'a> Checker<'a> {
         let Some(sh) = s.shape.as_ref() else {
             return StateForm::Elem;
         };
-        let forms = "a state is per element, `reduced(-1)` (one value per row of the last dimension), `reduced(-2)` (one per column of the last two dimensions) or `per_tensor` (one per tensor)";
+        let forms = "a state is per element, `reduced(-1)` (one value per row of the last dimension), `reduced(-2)` (one per column of the last two dimensions) or `per_tensor` (one per tensor); a per-element state may say how it is stored: `f32`, `bf16`, `f16`, `q8` or `uq8`";
         let (what, form) = match (sh.word.name.as_str(), sh.dim) {
             ("reduced", Some(d)) => match Axis::from_dim(d) {
                 Some(a) => ("reduced", StateForm::Reduced(a)),
@@ -451,6 +468,15 @@ impl<'a> Checker<'a> {
                 return StateForm::Elem;
             }
             ("per_tensor", None) => ("per-tensor", StateForm::PerTensor),
+            (w, None) if STORAGE_WORDS.contains(&w) => return StateForm::Elem,
+            (w, Some(_)) if STORAGE_WORDS.contains(&w) => {
+                self.err(
+                    sh.span.clone(),
+                    format!("the storage `{w}` takes no number"),
+                    format!("write `{w}`"),
+                );
+                return StateForm::Elem;
+            }
             ("per_tensor", Some(_)) => {
                 self.err(
                     sh.span.clone(),

@@ -642,14 +642,21 @@ fn emit_kernel(prog: &Program, embedded: Option<Embedded<'_>>, w: &mut W) {
     w.open("states: &[");
     for s in &prog.states {
         w.line(&format!(
-            "{RT}::StateInfo {{ name: \"{}\", fill: {}, reduced: {}, per_tensor: {} }},",
+            "{RT}::StateInfo {{ name: \"{}\", fill: {}, reduced: {}, per_tensor: {}, storage: {RT}::Storage::{} }},",
             s.name,
             f32_lit(s.fill),
             match s.reduced {
                 Some(a) => format!("Some({RT}::Axis::{a:?})"),
                 None => "None".into(),
             },
-            s.per_tensor
+            s.per_tensor,
+            match s.storage {
+                "bf16" => "Bf16",
+                "f16" => "F16",
+                "q8" => "Q8",
+                "uq8" => "Uq8",
+                _ => "F32",
+            }
         ));
     }
     w.close("],");
