@@ -138,6 +138,12 @@ impl InplaceOp1 for Nest<'_, '_> {
             (CpuStorage::F32(data), Some((start, end))) => {
                 (data[start..end].as_mut_ptr() as u64, DType::F32)
             }
+            (CpuStorage::BF16(data), Some((start, end))) => {
+                (data[start..end].as_mut_ptr() as u64, DType::BF16)
+            }
+            (CpuStorage::F16(data), Some((start, end))) => {
+                (data[start..end].as_mut_ptr() as u64, DType::F16)
+            }
             (storage, _) => (0, candle_core::backend::BackendStorage::dtype(&*storage)),
         };
         self.descend(seen_at(ptr, offsets, dtype, DeviceLocation::Cpu))
@@ -397,7 +403,7 @@ fn location_name(place: DeviceLocation) -> String {
 /// there (in a build with GPU support for candle, `gpu`, or without).
 fn stepped_dtypes(place: DeviceLocation, gpu: bool) -> Result<&'static [DType], String> {
     match place {
-        DeviceLocation::Cpu => Ok(&[DType::F32]),
+        DeviceLocation::Cpu => Ok(&[DType::F32, DType::BF16, DType::F16]),
         DeviceLocation::Cuda { .. } if gpu => {
             Ok(&[DType::F32, DType::BF16, DType::F16])
         }
@@ -432,10 +438,6 @@ fn check_devices_in(vars: &[Seen], gpu: bool) -> Result<(DeviceLocation, DType),
         }
         if !dtypes.contains(&v.dtype) {
             return Err(match first.place {
-                DeviceLocation::Cpu => format!(
-                    "variable #{i} is not f32 but {:?}; on the CPU agr's candle adapter updates f32 variables",
-                    v.dtype
-                ),
                 place => format!(
                     "variable #{i} is {:?}; on {} agr's candle adapter updates f32, bf16 and f16 variables",
                     v.dtype,
@@ -544,6 +546,9 @@ trait Engine {
     /// A step over CPU `f32` variables.
     fn step_host(&mut self, params: &mut [ParamMut<'_>]) -> Result<StepReport, String>;
 
+    /// A step over CPU bf16 or f16 variables.
+    fn step_host_half(&mut self, params: HalfParams<'_, '_>) -> Result<StepReport, String>;
+
     /// A step over variables of `dtype` on `stream`'s GPU, as device
     /// pointers; the engine moves there first if it is elsewhere.
     ///
@@ -559,10 +564,24 @@ trait Engine {
     ) -> Result<StepReport, String>;
 }
 
+/// CPU bf16 or f16 variables for a step.
+enum HalfParams<'s, 'a> {
+    Bf16(&'s mut [ParamMut<'a, half::bf16>]),
+    F16(&'s mut [ParamMut<'a, half::f16>]),
+}
+
 impl Engine for dyn DynOptimizer + '_ {
     fn step_host(&mut self, params: &mut [ParamMut<'_>]) -> Result<StepReport, String> {
         self.step_params(params)
             .map_err(|e: StepError| e.to_string())
+    }
+
+    fn step_host_half(&mut self, params: HalfParams<'_, '_>) -> Result<StepReport, String> {
+        match params {
+            HalfParams::Bf16(p) => self.step_params_bf16(p),
+            HalfParams::F16(p) => self.step_params_f16(p),
+        }
+        .map_err(|e: StepError| e.to_string())
     }
 
     #[cfg(feature = "candle-cuda")]
@@ -587,6 +606,10 @@ struct HostOnly<'f, E>(&'f mut dyn FnMut(&mut [ParamMut<'_>]) -> Result<StepRepo
 impl<E: std::fmt::Display> Engine for HostOnly<'_, E> {
     fn step_host(&mut self, params: &mut [ParamMut<'_>]) -> Result<StepReport, String> {
         (self.0)(params).map_err(|e| e.to_string())
+    }
+
+    fn step_host_half(&mut self, _: HalfParams<'_, '_>) -> Result<StepReport, String> {
+        Err("step_vars hands f32 slices to its function; bf16 and f16 CPU variables step through an agr optimizer".into())
     }
 
     #[cfg(feature = "candle-cuda")]
@@ -634,6 +657,12 @@ fn seen_grad<'g>(
     let offsets = layout.contiguous_offsets();
     let ptr = match (storage, offsets) {
         (Storage::Cpu(CpuStorage::F32(data)), Some((start, end))) => {
+            data[start..end].as_ptr() as u64
+        }
+        (Storage::Cpu(CpuStorage::BF16(data)), Some((start, end))) => {
+            data[start..end].as_ptr() as u64
+        }
+        (Storage::Cpu(CpuStorage::F16(data)), Some((start, end))) => {
             data[start..end].as_ptr() as u64
         }
         #[cfg(feature = "candle-cuda")]
@@ -731,6 +760,14 @@ fn step_seen<E: Engine + ?Sized>(
     engine: &mut E,
 ) -> Result<StepReport, String> {
     match check_seen(seen, grads)? {
+        (DeviceLocation::Cpu, DType::BF16) => {
+            let mut params = half_params::<half::bf16>(seen, grads, shapes);
+            engine.step_host_half(HalfParams::Bf16(&mut params))
+        }
+        (DeviceLocation::Cpu, DType::F16) => {
+            let mut params = half_params::<half::f16>(seen, grads, shapes);
+            engine.step_host_half(HalfParams::F16(&mut params))
+        }
         (DeviceLocation::Cpu, _) => {
             let mut params: Vec<ParamMut<'_>> = seen
                 .iter()
@@ -770,6 +807,36 @@ fn step_seen<E: Engine + ?Sized>(
             location_name(place)
         )),
     }
+}
+
+/// Seen CPU bf16 or f16 variables and gradients (of type `T`, as
+/// `check_seen` found them) as parameters.
+fn half_params<'a, T: crate::Element>(
+    seen: &[Seen],
+    grads: &[Option<Seen>],
+    shapes: &'a [Vec<usize>],
+) -> Vec<ParamMut<'a, T>> {
+    seen.iter()
+        .zip(grads)
+        .zip(shapes)
+        .map(|((v, g), s)| {
+            // SAFETY: as for f32 in `step_seen`: checked by `check_seen` to
+            // be live, exclusively locked (gradients read only), contiguous
+            // CPU tensors of `T` and of their variables' lengths, the
+            // variables' storages distinct.
+            let value: &mut [T] = match v.len {
+                0 => &mut [],
+                n => unsafe { std::slice::from_raw_parts_mut(v.ptr as *mut T, n) },
+            };
+            let grad = g.as_ref().map(|g| -> &[T] {
+                match g.len {
+                    0 => &[],
+                    n => unsafe { std::slice::from_raw_parts(g.ptr as *const T, n) },
+                }
+            });
+            ParamMut::new(value, grad, s)
+        })
+        .collect()
 }
 
 /// A seen CPU f32 tensor as a mutable slice (empty where it has no elements).
@@ -980,17 +1047,12 @@ mod tests {
             cpu(64),
             seen(DeviceLocation::Cpu, DType::F64, 8, 4),
         ]));
-        assert!(e.contains("variable #1 is not f32 but F64"), "{e}");
-        let e = problem(check_devices(&[seen(
-            DeviceLocation::Cpu,
-            DType::BF16,
-            8,
-            4,
-        )]));
-        assert!(
-            e.contains("on the CPU agr's candle adapter updates f32"),
-            "{e}"
-        );
+        assert!(e.contains("variable #1 is F64; on cpu agr's candle adapter updates f32, bf16 and f16 variables"), "{e}");
+        // CPU bf16 and f16 variables step too (one dtype per step).
+        let bf = seen(DeviceLocation::Cpu, DType::BF16, 8, 4);
+        assert_eq!(check_devices(&[bf]), Ok((DeviceLocation::Cpu, DType::BF16)));
+        let e = problem(check_devices(&[cpu(64), bf]));
+        assert!(e.contains("variable #1 is BF16 and variable #0 F32"), "{e}");
         let e = problem(check_devices(&[cpu(64), seen(CUDA0, DType::F32, 8, 4)]));
         assert!(
             e.contains("variable #1 is on cuda:0 and variable #0 on cpu"),

@@ -185,8 +185,8 @@ fn device_name(d: Device) -> String {
 
 /// Checks that a tensor can be stepped with the variables, which are on
 /// `device` and of `kind` (those of the first variable): contiguous, on the
-/// same device, of the same kind, and of a kind agr steps there (f32 on the
-/// CPU; f32, bf16 or f16 on a GPU, with f32 state and arithmetic).
+/// same device, of the same kind, and of a kind agr steps (f32, bf16 or
+/// f16, with f32 arithmetic; see [`crate::Optimizer::set_precision`]).
 fn check_tensor(
     name: &str,
     what: &str,
@@ -214,20 +214,14 @@ fn check_tensor(
         ));
     }
     let allowed: &[Kind] = match device {
-        Device::Cpu => &[Kind::Float],
         _ => &[Kind::Float, Kind::BFloat16, Kind::Half],
     };
     if !allowed.contains(&t.kind) {
         return Err(param_error(
             name,
             format!(
-                "{what} is {:?}; the tch adapter steps {} tensors on {} (convert with `.to_kind(..)`)",
+                "{what} is {:?}; the tch adapter steps f32, bf16 or f16 tensors on {} (convert with `.to_kind(..)`)",
                 t.kind,
-                if device == Device::Cpu {
-                    "f32"
-                } else {
-                    "f32, bf16 or f16"
-                },
                 device_name(device)
             ),
         ));
@@ -367,6 +361,38 @@ fn check_step(
     // every step (a variable's data can be replaced between steps).
     check_disjoint(names, vars, &grad_facts)?;
     Ok((device, kind))
+}
+
+/// CPU bf16 or f16 variables and their gradients (of `T`, checked by
+/// [`check_step`]) as parameters.
+fn host_params<'a, T: crate::Element>(
+    vars: &'a [Tensor],
+    grads: &'a [Option<Tensor>],
+    shapes: &'a [Vec<usize>],
+) -> Vec<ParamMut<'a, T>> {
+    let size = std::mem::size_of::<T>();
+    vars.iter()
+        .zip(grads)
+        .zip(shapes)
+        .map(|((v, g), shape)| {
+            // SAFETY: as for f32 in `step`: contiguous, aligned CPU storage
+            // of `T`, `numel` elements, no variable overlapping another or
+            // a gradient; gradients only read; the tensors outlive the step.
+            let value: &mut [T] = match byte_range(&Facts::of(v)) {
+                None => &mut [],
+                Some((start, end)) => unsafe {
+                    std::slice::from_raw_parts_mut(start as *mut T, (end - start) / size)
+                },
+            };
+            let grad: Option<&[T]> = g.as_ref().map(|g| match byte_range(&Facts::of(g)) {
+                None => &[][..],
+                Some((start, end)) => unsafe {
+                    std::slice::from_raw_parts(start as *const T, (end - start) / size)
+                },
+            });
+            ParamMut::new(value, grad, shape)
+        })
+        .collect()
 }
 
 /// The dtype the GPU kernels are compiled for, for tensors of `kind`.
@@ -534,6 +560,19 @@ impl<O: TchEngine> Tch<O> {
                 grad_facts.iter().map(|g| g.as_ref().map(|g| g.0)).collect();
             return self.step_cuda(ordinal, kind, &vars, &grads);
         }
+        match kind {
+            Kind::BFloat16 => {
+                let mut params = host_params::<half::bf16>(&self.vars, &grads, &self.shapes);
+                let result = tch::no_grad(|| self.inner.engine_mut().step_params_bf16(&mut params));
+                return self.named(result);
+            }
+            Kind::Half => {
+                let mut params = host_params::<half::f16>(&self.vars, &grads, &self.shapes);
+                let result = tch::no_grad(|| self.inner.engine_mut().step_params_f16(&mut params));
+                return self.named(result);
+            }
+            _ => {}
+        }
         let mut params: Vec<ParamMut<'_>> = Vec::with_capacity(self.vars.len());
         for ((v, g), shape) in self.vars.iter().zip(&grads).zip(&self.shapes) {
             // SAFETY: checked above: contiguous, aligned f32 CPU storage of
@@ -700,7 +739,7 @@ mod tests {
         ];
         let p = problem(check_step(&names(2), &vars, &sizes, &g));
         assert!(p.starts_with("v0: the gradient is on the CPU"), "{p}");
-        // Kinds: bf16 and f16 on a GPU, f32 only on the CPU, one kind per optimizer.
+        // Kinds: f32, bf16 and f16 on a GPU and on the CPU, one kind per optimizer.
         let f64_gpu = [facts(GPU, Kind::Double, 0x1000, 8)];
         let p = problem(check_step(&names(1), &f64_gpu, &sizes[..1], &[None]));
         assert!(
@@ -708,8 +747,10 @@ mod tests {
             "{p}"
         );
         let bf16_cpu = [facts(Device::Cpu, Kind::BFloat16, 0x1000, 8)];
-        let p = problem(check_step(&names(1), &bf16_cpu, &sizes[..1], &[None]));
-        assert!(p.contains("steps f32 tensors on the CPU"), "{p}");
+        assert_eq!(
+            check_step(&names(1), &bf16_cpu, &sizes[..1], &[None]).unwrap(),
+            (Device::Cpu, Kind::BFloat16)
+        );
         let kinds = [vars[0], facts(GPU, Kind::Float, 0x2000, 8)];
         let p = problem(check_step(&names(2), &kinds, &sizes, &[None, None]));
         assert!(

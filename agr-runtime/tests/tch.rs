@@ -288,7 +288,7 @@ fn missing_gradients_are_skipped_and_bad_tensors_are_errors() {
     assert!(matches!(&e, TchError::Param { name, .. } if name == "0"));
     assert!(
         e.to_string()
-            .contains("is Double; the tch adapter steps f32 tensors"),
+            .contains("is Double; the tch adapter steps f32, bf16 or f16 tensors on the CPU"),
         "{e}"
     );
     let e = TchOptimizer::<AdamWAgrKernel>::from_tensors(
@@ -520,4 +520,61 @@ fn an_optimizer_of_two_specs_steps_a_varstore_as_its_parts_do_alone() {
     assert_eq!(bits(&to_vec(lin.bs.as_ref().unwrap())), bits(&together.1));
     // And the split was by name: Muon's momentum is the weight's.
     assert_eq!(opt.state(1, "buf").map(|b| b.len()), Some(30));
+}
+
+/// CPU bf16 and f16 tensors step through the adapter exactly as the engine
+/// steps the same values as slices (bf16 with an f32 master copy, f16 with
+/// f16 moments).
+#[test]
+fn cpu_bf16_and_f16_tensors_step_as_the_engine_steps_them() {
+    use agr_runtime::optim::{AdamW, AdamWConfig, AdamWKernel};
+    use agr_runtime::{ParamMut, Precision, Storage};
+    for (kind, precision) in [
+        (Kind::BFloat16, Precision::f32().with_master(true)),
+        (
+            Kind::Half,
+            Precision::f32()
+                .state("m", Storage::F16)
+                .state("v", Storage::F16),
+        ),
+    ] {
+        let init: Vec<f32> = (0..24).map(|i| ((i * 7 % 11) as f32 - 5.0) * 0.1).collect();
+        let w = tensor(&init, &[4, 6]).to_kind(kind).set_requires_grad(true);
+        let mut opt = TchOptimizer::<AdamWKernel>::from_tensors(
+            vec![w.shallow_clone()],
+            AdamWConfig::default().with_lr(1e-2),
+        )
+        .unwrap();
+        opt.set_precision(precision.clone()).unwrap();
+        let mut reference = AdamW::with_config(AdamWConfig::default().with_lr(1e-2)).unwrap();
+        reference.set_precision(precision).unwrap();
+        let mut mine = to_vec(&w.to_kind(Kind::Float));
+        for t in 0..4 {
+            let gv: Vec<f32> = (0..24)
+                .map(|i| (((i + 5 * t) % 9) as f32 - 4.0) * 0.05)
+                .collect();
+            let g = tensor(&gv, &[4, 6]).to_kind(kind);
+            // The gradient of Σ w·G is exactly G.
+            opt.backward_step(&(&w * &g).sum(kind)).unwrap();
+            let gf = to_vec(&g.to_kind(Kind::Float));
+            if kind == Kind::BFloat16 {
+                let mut p: Vec<half::bf16> =
+                    mine.iter().map(|&x| half::bf16::from_f32(x)).collect();
+                let g: Vec<half::bf16> = gf.iter().map(|&x| half::bf16::from_f32(x)).collect();
+                reference
+                    .step_params_of(&mut [ParamMut::new(&mut p, Some(&g), &[4, 6])])
+                    .unwrap();
+                mine = p.iter().map(|x| x.to_f32()).collect();
+            } else {
+                let mut p: Vec<half::f16> = mine.iter().map(|&x| half::f16::from_f32(x)).collect();
+                let g: Vec<half::f16> = gf.iter().map(|&x| half::f16::from_f32(x)).collect();
+                reference
+                    .step_params_of(&mut [ParamMut::new(&mut p, Some(&g), &[4, 6])])
+                    .unwrap();
+                mine = p.iter().map(|x| x.to_f32()).collect();
+            }
+            assert_eq!(to_vec(&w.to_kind(Kind::Float)), mine, "{kind:?}: step {t}");
+        }
+        assert_ne!(mine, init, "{kind:?}: the tensor moved");
+    }
 }
