@@ -698,3 +698,112 @@ mod tests {
         assert!(muon_pair("adamw").is_none());
     }
 }
+
+/// PyTorch's steps on a workload, timed one at a time by
+/// `scripts/torch_step_server.py` in a child process (so they can alternate
+/// with agr's): `torch.optim.AdamW(fused=True)`, for `adamw_agr` after the
+/// published AGR line on each gradient.
+pub struct TorchStepper {
+    child: std::process::Child,
+    to: std::process::ChildStdin,
+    from: std::io::BufReader<std::process::ChildStdout>,
+    /// The torch version that answered.
+    pub version: String,
+}
+
+impl TorchStepper {
+    /// The torch counterpart of built-in `name`, if it has one.
+    pub fn counterpart(name: &str) -> Option<&'static str> {
+        match name {
+            "adamw" => Some("torch AdamW(fused=True)"),
+            "adamw_agr" => Some("published AGR line + torch AdamW(fused=True)"),
+            _ => None,
+        }
+    }
+
+    /// Starts `python` on the server script with `name`'s counterpart on
+    /// `w`, its parameters of `dtype` (`f32` or `bf16`).
+    pub fn new(
+        python: &str,
+        name: &str,
+        w: &Workload,
+        dtype: &str,
+    ) -> Result<TorchStepper, String> {
+        use std::io::Write;
+        use std::process::{Command, Stdio};
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/torch_step_server.py");
+        let mut child = Command::new(python)
+            .arg(script)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("starting {python} {script}: {e}"))?;
+        let to = child.stdin.take().expect("piped");
+        let from = std::io::BufReader::new(child.stdout.take().expect("piped"));
+        let mut s = TorchStepper {
+            child,
+            to,
+            from,
+            version: String::new(),
+        };
+        let setup = serde_json::json!({
+            "cmd": "setup",
+            "shapes": w.shapes,
+            "dtype": dtype,
+            "optimizer": name,
+            "threads": rayon::current_num_threads(),
+        });
+        writeln!(s.to, "{setup}").map_err(|e| format!("torch: {e}"))?;
+        let answer = s.answer()?;
+        s.version = answer["torch"].as_str().unwrap_or("?").to_string();
+        Ok(s)
+    }
+
+    fn answer(&mut self) -> Result<serde_json::Value, String> {
+        use std::io::BufRead;
+        let mut line = String::new();
+        self.from
+            .read_line(&mut line)
+            .map_err(|e| format!("torch: {e}"))?;
+        if line.is_empty() {
+            return Err("torch: the step server ended (see its error above)".into());
+        }
+        let v: serde_json::Value =
+            serde_json::from_str(&line).map_err(|e| format!("torch: `{line}`: {e}"))?;
+        match v.get("error") {
+            Some(e) => Err(format!("torch: {e}")),
+            None => Ok(v),
+        }
+    }
+
+    /// One timed step, in milliseconds (torch's own timing of it).
+    pub fn run_ms(&mut self) -> Result<f64, String> {
+        use std::io::Write;
+        writeln!(self.to, "{{\"cmd\": \"step\"}}").map_err(|e| format!("torch: {e}"))?;
+        self.answer()?["ms"]
+            .as_f64()
+            .ok_or_else(|| "torch: no time in the answer".to_string())
+    }
+}
+
+impl Drop for TorchStepper {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The Python with the pinned torch (`scripts/torch.sh` installs it under
+/// `.tools/torch` on first use).
+pub fn torch_python() -> Result<String, String> {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/torch.sh");
+    let out = std::process::Command::new("bash")
+        .arg(script)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .map_err(|e| format!("{script}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("{script} failed ({})", out.status));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}

@@ -208,3 +208,26 @@ fn replay_takes_a_spec_of_the_users_and_a_device() {
     assert_eq!(code, 2);
     assert!(err.contains("unknown device `tpu`"), "{err}");
 }
+
+#[test]
+fn bench_names_its_yardsticks_and_precision_modes() {
+    let (code, _, err) = agr(&["bench", "--against", "jax", "--iters", "1"]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("--against jax: the one yardstick is `torch`"),
+        "{err}"
+    );
+    let (code, _, err) = agr(&[
+        "bench",
+        "--precision",
+        "fp8",
+        "--optimizers",
+        "adamw",
+        "--workloads",
+        "vars_100k",
+        "--iters",
+        "1",
+    ]);
+    assert_ne!(code, 0);
+    assert!(err.contains("unknown precision mode `fp8`"), "{err}");
+}

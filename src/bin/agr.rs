@@ -113,6 +113,15 @@ enum Command {
         /// parameter each keeps.
         #[arg(long, value_delimiter = ',')]
         precision: Vec<String>,
+        /// `torch`: time PyTorch beside each optimizer that has a
+        /// counterpart (adamw: `AdamW(fused=True)`; adamw_agr: the published
+        /// AGR line, then the fused AdamW), alternating, and print
+        /// `ratio_vs_torch=`; agr with its non-finite check off (torch has
+        /// none) and on. With `--precision bf16-params`, also both on bf16
+        /// parameters (and bf16 moments, as torch keeps them). Installs
+        /// torch 2.15.0 under .tools/torch on first use.
+        #[arg(long)]
+        against: Option<String>,
     },
 }
 
@@ -186,8 +195,15 @@ fn main() -> ExitCode {
             run_time,
             spec,
             precision,
+            against,
         } => {
-            if precision.is_empty() {
+            if let Some(a) = against {
+                if a != "torch" {
+                    eprintln!("agr bench: --against {a}: the one yardstick is `torch`");
+                    return ExitCode::FAILURE;
+                }
+                bench_torch(&optimizers, &workloads, iters, &precision)
+            } else if precision.is_empty() {
                 bench(&optimizers, &workloads, iters, run_time, &spec)
             } else {
                 bench_precision(&optimizers, &workloads, iters, &precision)
@@ -433,6 +449,76 @@ fn bench_muon(
     );
     rows.push(row);
     Ok(())
+}
+
+/// `agr bench --against torch`: agr and PyTorch on the same workloads,
+/// alternately.
+fn bench_torch(
+    optimizers: &[String],
+    workloads: &[String],
+    iters: usize,
+    precision: &[String],
+) -> ExitCode {
+    use agr::bench::{self, Stepper, TorchStepper};
+    let fail = |e: String| {
+        eprintln!("bench: {e}");
+        ExitCode::FAILURE
+    };
+    let python = match bench::torch_python() {
+        Ok(p) => p,
+        Err(e) => return fail(e),
+    };
+    let mut said = false;
+    for w in bench::workloads()
+        .into_iter()
+        .filter(|w| workloads.iter().any(|n| n == w.name))
+    {
+        for name in optimizers {
+            let Some(theirs) = TorchStepper::counterpart(name) else {
+                eprintln!("{name}: no PyTorch counterpart; skipped");
+                continue;
+            };
+            let mut modes = vec![("f32", None)];
+            if precision.iter().any(|p| p == "bf16-params") {
+                modes.push(("bf16", Some("bf16-params")));
+            }
+            for (dtype, mode) in modes {
+                let mut run = || -> Result<(), String> {
+                    let mut torch = TorchStepper::new(&python, name, &w, dtype)?;
+                    if !said {
+                        println!(
+                            "threads: {}; torch {} in the same run, alternating with agr; each ratio is agr's median over torch's",
+                            rayon::current_num_threads(),
+                            torch.version
+                        );
+                        said = true;
+                    }
+                    for check in [false, true] {
+                        let mut ours = Stepper::new(name, &w, check)?;
+                        if let Some(m) = mode {
+                            ours = ours.with_precision(m)?;
+                        }
+                        let (ms, t) =
+                            bench::interleaved(iters.max(1), || ours.run_ms(), || torch.run_ms())?;
+                        println!(
+                            "{name:<10} {:<9} params={dtype:<4} finite_check={:<3} median_ms={ms:>8.2} torch_ms={t:>8.2} ratio_vs_torch={:.2}  ({theirs})",
+                            w.name,
+                            if check { "on" } else { "off" },
+                            ms / t
+                        );
+                    }
+                    Ok(())
+                };
+                if let Err(e) = run() {
+                    return fail(format!("{name} on {}: {e}", w.name));
+                }
+            }
+        }
+    }
+    if precision.iter().any(|p| p.starts_with("q8")) {
+        eprintln!("q8-state: PyTorch has no 8-bit optimizer state of its own (torchao's is not installed); no ratio");
+    }
+    ExitCode::SUCCESS
 }
 
 /// `agr bench --precision`: each mode against f32, timed alternately.
