@@ -98,6 +98,10 @@ pub trait DynOptimizer: Send {
         &mut self,
         params: &mut [ParamMut<'_, half::f16>],
     ) -> Result<StepReport, StepError>;
+    /// [`DynOptimizer::check_params`] for bf16 parameters.
+    fn check_params_bf16(&self, params: &[ParamMut<'_, half::bf16>]) -> Result<(), StepError>;
+    /// [`DynOptimizer::check_params`] for f16 parameters.
+    fn check_params_f16(&self, params: &[ParamMut<'_, half::f16>]) -> Result<(), StepError>;
 }
 
 impl<K: Kernel> DynOptimizer for Optimizer<K> {
@@ -228,5 +232,11 @@ impl<K: Kernel> DynOptimizer for Optimizer<K> {
         params: &mut [ParamMut<'_, half::f16>],
     ) -> Result<StepReport, StepError> {
         Optimizer::step_params_of(self, params)
+    }
+    fn check_params_bf16(&self, params: &[ParamMut<'_, half::bf16>]) -> Result<(), StepError> {
+        Optimizer::validate(self, params)
+    }
+    fn check_params_f16(&self, params: &[ParamMut<'_, half::f16>]) -> Result<(), StepError> {
+        Optimizer::validate(self, params)
     }
 }

@@ -248,6 +248,88 @@ impl Multi {
 
     /// Steps every part with parameters (`step` on part `k`'s share), those
     /// with matrix blocks first, and counts the step.
+    /// A step over parameters of `T`: split between the parts, each part's
+    /// share checked (`check`) before any part steps (`step`), the
+    /// non-finite check over every gradient first.
+    fn step_typed<T: crate::Element>(
+        &mut self,
+        params: &mut [ParamMut<'_, T>],
+        check: impl Fn(&dyn DynOptimizer, &[ParamMut<'_, T>]) -> Result<(), StepError>,
+        mut step: impl FnMut(
+            &mut dyn DynOptimizer,
+            &mut [ParamMut<'_, T>],
+        ) -> Result<StepReport, StepError>,
+    ) -> Result<StepReport, StepError> {
+        let route = self.route_of(params.iter().map(|p| p.shape))?;
+        let members: Vec<Vec<usize>> = (0..self.parts.len())
+            .map(|k| Self::members(&route, k))
+            .collect();
+        let mut subs: Vec<Vec<ParamMut<'_, T>>> = (0..self.parts.len()).map(|_| vec![]).collect();
+        for (i, p) in params.iter_mut().enumerate() {
+            subs[route[i].0].push(ParamMut {
+                value: &mut *p.value,
+                grad: p.grad,
+                shape: p.shape,
+            });
+        }
+        for (k, sub) in subs.iter().enumerate() {
+            if !sub.is_empty() {
+                check(self.parts[k].opt.as_ref(), sub)
+                    .map_err(|e| Self::global_error(e, &members[k]))?;
+            }
+        }
+        let on_host = self
+            .parts
+            .iter()
+            .all(|p| matches!(p.opt.device(), Device::Cpu));
+        if self.policy != NonFinite::Ignore && on_host {
+            // In step order, so the lowest index is the one reported.
+            let mut grads: Vec<(usize, &[T])> = subs
+                .iter()
+                .enumerate()
+                .flat_map(|(k, sub)| {
+                    let m = &members[k];
+                    sub.iter()
+                        .enumerate()
+                        .filter_map(move |(j, p)| Some((m[j], p.grad?)))
+                })
+                .collect();
+            grads.sort_by_key(|&(i, _)| i);
+            let bad = grads
+                .par_iter()
+                .find_first(|(_, g)| g.iter().any(|x| !x.to_f32().is_finite()))
+                .map(|&(i, _)| i);
+            if let Some(index) = bad {
+                if self.policy == NonFinite::Error {
+                    return Err(StepError::NonFinite { index });
+                }
+                self.skips += 1;
+                return Ok(StepReport {
+                    step: self.steps,
+                    updated: 0,
+                    skipped: 0,
+                    skipped_non_finite: Some(index),
+                });
+            }
+        }
+        if self.route.is_none() {
+            self.set_route(route);
+        }
+        self.step_parts(&mut subs, &members, |opt, sub| step(opt, sub))
+    }
+
+    /// The count of parameters a step passes, against the split.
+    fn check_count(&self, n: usize) -> Result<(), StepError> {
+        match &self.route {
+            Some(r) if r.len() != n => Err(StepError::ParamCount {
+                expected: r.len(),
+                got: n,
+            }),
+            _ if n == 0 => Err(StepError::NoParams),
+            _ => Ok(()),
+        }
+    }
+
     fn step_parts<P>(
         &mut self,
         subs: &mut [Vec<P>],
@@ -430,77 +512,13 @@ impl DynOptimizer for Multi {
     }
 
     fn step_params(&mut self, params: &mut [ParamMut<'_>]) -> Result<StepReport, StepError> {
-        let route = self.route_of(params.iter().map(|p| p.shape))?;
-        let members: Vec<Vec<usize>> = (0..self.parts.len())
-            .map(|k| Self::members(&route, k))
-            .collect();
-        let mut subs: Vec<Vec<ParamMut<'_>>> = (0..self.parts.len()).map(|_| vec![]).collect();
-        for (i, p) in params.iter_mut().enumerate() {
-            subs[route[i].0].push(ParamMut {
-                value: &mut *p.value,
-                grad: p.grad,
-                shape: p.shape,
-            });
-        }
-        for (k, sub) in subs.iter().enumerate() {
-            if !sub.is_empty() {
-                self.parts[k]
-                    .opt
-                    .check_params(sub)
-                    .map_err(|e| Self::global_error(e, &members[k]))?;
-            }
-        }
-        let on_host = self
-            .parts
-            .iter()
-            .all(|p| matches!(p.opt.device(), Device::Cpu));
-        if self.policy != NonFinite::Ignore && on_host {
-            // In step order, so the lowest index is the one reported.
-            let mut grads: Vec<(usize, &[f32])> = subs
-                .iter()
-                .enumerate()
-                .flat_map(|(k, sub)| {
-                    let m = &members[k];
-                    sub.iter()
-                        .enumerate()
-                        .filter_map(move |(j, p)| Some((m[j], p.grad?)))
-                })
-                .collect();
-            grads.sort_by_key(|&(i, _)| i);
-            let bad = grads
-                .par_iter()
-                .find_first(|(_, g)| g.iter().any(|x| !x.is_finite()))
-                .map(|&(i, _)| i);
-            if let Some(index) = bad {
-                if self.policy == NonFinite::Error {
-                    return Err(StepError::NonFinite { index });
-                }
-                self.skips += 1;
-                return Ok(StepReport {
-                    step: self.steps,
-                    updated: 0,
-                    skipped: 0,
-                    skipped_non_finite: Some(index),
-                });
-            }
-        }
-        if self.route.is_none() {
-            self.set_route(route);
-        }
-        self.step_parts(&mut subs, &members, |opt, sub| opt.step_params(sub))
+        self.step_typed(params, |o, p| o.check_params(p), |o, p| o.step_params(p))
     }
 
     /// The count alone: each part checks its own parameters when a step
     /// splits them (before any part moves).
     fn check_params(&self, params: &[ParamMut<'_>]) -> Result<(), StepError> {
-        match &self.route {
-            Some(r) if r.len() != params.len() => Err(StepError::ParamCount {
-                expected: r.len(),
-                got: params.len(),
-            }),
-            _ if params.is_empty() => Err(StepError::NoParams),
-            _ => Ok(()),
-        }
+        self.check_count(params.len())
     }
 
     /// The rest's learning rate.
@@ -853,19 +871,31 @@ impl DynOptimizer for Multi {
 
     fn step_params_bf16(
         &mut self,
-        _: &mut [ParamMut<'_, half::bf16>],
+        params: &mut [ParamMut<'_, half::bf16>],
     ) -> Result<StepReport, StepError> {
-        Err(StepError::Precision(
-            "a Multi steps f32 parameters only in this version".into(),
-        ))
+        self.step_typed(
+            params,
+            |o, p| o.check_params_bf16(p),
+            |o, p| o.step_params_bf16(p),
+        )
     }
 
     fn step_params_f16(
         &mut self,
-        _: &mut [ParamMut<'_, half::f16>],
+        params: &mut [ParamMut<'_, half::f16>],
     ) -> Result<StepReport, StepError> {
-        Err(StepError::Precision(
-            "a Multi steps f32 parameters only in this version".into(),
-        ))
+        self.step_typed(
+            params,
+            |o, p| o.check_params_f16(p),
+            |o, p| o.step_params_f16(p),
+        )
+    }
+
+    fn check_params_bf16(&self, params: &[ParamMut<'_, half::bf16>]) -> Result<(), StepError> {
+        self.check_count(params.len())
+    }
+
+    fn check_params_f16(&self, params: &[ParamMut<'_, half::f16>]) -> Result<(), StepError> {
+        self.check_count(params.len())
     }
 }

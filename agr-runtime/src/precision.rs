@@ -187,6 +187,9 @@ pub trait Element: Copy + Send + Sync + 'static + private::Sealed {
     /// The slice as f32, `None` for bf16 and f16.
     #[doc(hidden)]
     fn as_f32(v: &[Self]) -> Option<&[f32]>;
+    /// The value in f32 (exact).
+    #[doc(hidden)]
+    fn to_f32(self) -> f32;
     /// The parameters as f32 ones, `None` for bf16 and f16.
     #[doc(hidden)]
     fn f32_params<'s, 'a>(p: &'s mut [ParamMut<'a, Self>]) -> Option<&'s mut [ParamMut<'a, f32>]>;
@@ -207,6 +210,9 @@ impl Element for f32 {
     fn as_f32(v: &[Self]) -> Option<&[f32]> {
         Some(v)
     }
+    fn to_f32(self) -> f32 {
+        self
+    }
     fn f32_params<'s, 'a>(p: &'s mut [ParamMut<'a, Self>]) -> Option<&'s mut [ParamMut<'a, f32>]> {
         Some(p)
     }
@@ -222,6 +228,9 @@ macro_rules! half_element {
             }
             fn as_f32(_: &[Self]) -> Option<&[f32]> {
                 None
+            }
+            fn to_f32(self) -> f32 {
+                <$t>::to_f32(self)
             }
             fn f32_params<'s, 'a>(
                 _: &'s mut [ParamMut<'a, Self>],

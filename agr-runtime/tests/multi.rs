@@ -391,3 +391,52 @@ fn names_given_before_the_first_step_split_the_parameters() {
     );
     assert_eq!(fresh.part_of(0), None, "nothing was split");
 }
+
+/// bf16 parameters: each part steps its share as it would alone, and a
+/// non-finite bf16 gradient skips the whole step.
+#[test]
+fn bf16_parameters_step_as_the_parts_do_alone() {
+    use half::bf16;
+    type B = Vec<(&'static str, Vec<usize>, Vec<bf16>)>;
+    let narrow = |v: &[f32]| -> Vec<bf16> { v.iter().map(|&x| bf16::from_f32(x)).collect() };
+    let step16 = |opt: &mut dyn DynOptimizer, params: &mut B, g: &[Vec<f32>]| {
+        let gs: Vec<Vec<bf16>> = g.iter().map(|g| narrow(g)).collect();
+        let mut ps: Vec<ParamMut<'_, bf16>> = params
+            .iter_mut()
+            .zip(&gs)
+            .map(|((_, s, v), g)| ParamMut::new(v, Some(g), s))
+            .collect();
+        opt.step_params_bf16(&mut ps).unwrap()
+    };
+    let to16 = |m: Vec<(&'static str, Vec<usize>, Vec<f32>)>| -> B {
+        m.into_iter().map(|(n, s, v)| (n, s, narrow(&v))).collect()
+    };
+    let mut multi = muon_and_adamw();
+    with_groups(&mut multi, &model());
+    let mut muon = builtin("muon_agr");
+    let mut adamw = builtin("adamw_agr");
+    adamw.set_hyper("lr", HyperValue::Float(2e-3)).unwrap();
+    let all = model();
+    let (hidden_f, rest_f) = (
+        vec![all[0].clone(), all[3].clone()],
+        vec![all[1].clone(), all[2].clone()],
+    );
+    with_groups(muon.as_mut(), &hidden_f);
+    with_groups(adamw.as_mut(), &rest_f);
+    let (mut m, mut hidden, mut rest) = (to16(model()), to16(hidden_f), to16(rest_f));
+    for s in 0..4 {
+        let g = grads(s);
+        step16(&mut multi, &mut m, &g);
+        step16(muon.as_mut(), &mut hidden, &[g[0].clone(), g[3].clone()]);
+        step16(adamw.as_mut(), &mut rest, &[g[1].clone(), g[2].clone()]);
+    }
+    assert_eq!((&m[0].2, &m[3].2), (&hidden[0].2, &hidden[1].2));
+    assert_eq!((&m[1].2, &m[2].2), (&rest[0].2, &rest[1].2));
+    // A NaN in a bf16 gradient: nothing moves.
+    let before = m.clone();
+    let mut g = grads(9);
+    g[2][1] = f32::NAN;
+    let report = step16(&mut multi, &mut m, &g);
+    assert_eq!(report.skipped_non_finite, Some(2));
+    assert_eq!(m, before);
+}
