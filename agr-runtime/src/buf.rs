@@ -134,14 +134,11 @@ impl RawState {
             }
             Storage::Q8 | Storage::Uq8 => {
                 let codes = std::slice::from_raw_parts(self.data.add(start), out.len());
-                for (b, (o, c)) in out
-                    .chunks_mut(Q8_BLOCK)
-                    .zip(codes.chunks(Q8_BLOCK))
-                    .enumerate()
-                {
-                    let scale = *self.scales.add(start / Q8_BLOCK + b);
-                    precision::q8_dequantise(self.kind, c, scale, o);
-                }
+                let scales = std::slice::from_raw_parts(
+                    self.scales.add(start / Q8_BLOCK),
+                    out.len().div_ceil(Q8_BLOCK),
+                );
+                precision::q8_dequantise_blocks(self.kind, codes, scales, out);
             }
             Storage::F32 => unreachable!("f32 state is read in place"),
         }
@@ -162,14 +159,11 @@ impl RawState {
             }
             Storage::Q8 | Storage::Uq8 => {
                 let codes = std::slice::from_raw_parts_mut(self.data.add(start), vals.len());
-                for (b, (v, c)) in vals
-                    .chunks(Q8_BLOCK)
-                    .zip(codes.chunks_mut(Q8_BLOCK))
-                    .enumerate()
-                {
-                    *self.scales.add(start / Q8_BLOCK + b) =
-                        precision::q8_quantise(self.kind, v, c);
-                }
+                let scales = std::slice::from_raw_parts_mut(
+                    self.scales.add(start / Q8_BLOCK),
+                    vals.len().div_ceil(Q8_BLOCK),
+                );
+                precision::q8_quantise_blocks(self.kind, vals, codes, scales);
             }
             Storage::F32 => unreachable!("f32 state is written in place"),
         }
@@ -203,11 +197,8 @@ impl StateBuf {
             }
             Storage::Q8 | Storage::Uq8 => {
                 let mut codes = vec![0u8; vals.len()];
-                let scales = vals
-                    .chunks(Q8_BLOCK)
-                    .zip(codes.chunks_mut(Q8_BLOCK))
-                    .map(|(v, c)| precision::q8_quantise(storage, v, c))
-                    .collect();
+                let mut scales = vec![0.0; vals.len().div_ceil(Q8_BLOCK)];
+                precision::q8_quantise_blocks(storage, vals, &mut codes, &mut scales);
                 StateBuf::Q8 {
                     kind: storage,
                     codes,
@@ -243,14 +234,22 @@ impl StateBuf {
 
     /// The values, widened to f32 where narrowed.
     pub(crate) fn to_f32(&self) -> std::borrow::Cow<'_, [f32]> {
+        use std::borrow::Cow;
         match self {
-            StateBuf::F32(b) => std::borrow::Cow::Borrowed(b.as_slice()),
-            _ => {
-                let mut out = vec![0.0; self.len()];
-                let mut me = self.clone();
-                // SAFETY: the whole buffer, from its start; `me` is ours.
-                unsafe { me.raw().load(0, &mut out) };
-                std::borrow::Cow::Owned(out)
+            StateBuf::F32(b) => Cow::Borrowed(b.as_slice()),
+            StateBuf::Half { kind, words } => {
+                let mut out = vec![0.0; words.len()];
+                precision::widen(*kind, words, &mut out);
+                Cow::Owned(out)
+            }
+            StateBuf::Q8 {
+                kind,
+                codes,
+                scales,
+            } => {
+                let mut out = vec![0.0; codes.len()];
+                precision::q8_dequantise_blocks(*kind, codes, scales, &mut out);
+                Cow::Owned(out)
             }
         }
     }

@@ -660,6 +660,28 @@ pub fn q8_quantise(kind: Storage, vals: &[f32], codes: &mut [u8]) -> f32 {
     scale
 }
 
+/// Quantises `vals`, from the start of a block, block by block: codes into
+/// `codes`, one scale per block into `scales`.
+pub(crate) fn q8_quantise_blocks(
+    kind: Storage,
+    vals: &[f32],
+    codes: &mut [u8],
+    scales: &mut [f32],
+) {
+    let blocks = vals.chunks(Q8_BLOCK).zip(codes.chunks_mut(Q8_BLOCK));
+    for ((v, c), s) in blocks.zip(scales) {
+        *s = q8_quantise(kind, v, c);
+    }
+}
+
+/// The values of `codes`, from the start of a block, one scale per block.
+pub(crate) fn q8_dequantise_blocks(kind: Storage, codes: &[u8], scales: &[f32], out: &mut [f32]) {
+    let blocks = out.chunks_mut(Q8_BLOCK).zip(codes.chunks(Q8_BLOCK));
+    for ((o, c), &s) in blocks.zip(scales) {
+        q8_dequantise(kind, c, s, o);
+    }
+}
+
 /// The values of one block of codes.
 pub fn q8_dequantise(kind: Storage, codes: &[u8], scale: f32, out: &mut [f32]) {
     let map = qmap(kind);
