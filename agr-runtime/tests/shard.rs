@@ -279,21 +279,31 @@ fn a_matrix_block_that_fails_on_its_owner_fails_the_step_on_every_rank() {
     }
 }
 
+/// One process on `device`: 2 steps, a checkpoint, 2 more steps. Returns
+/// the checkpoint, the parameters at it and the parameters at the end.
+fn single_run(
+    b: &agr_runtime::optim::Builtin,
+    device: agr_runtime::Device,
+) -> (Vec<u8>, Vec<Vec<f32>>, Vec<Vec<f32>>) {
+    let mut single = b.make();
+    single.set_device(device).unwrap();
+    let mut want = init(SHAPES);
+    for k in 1..=2 {
+        step(single.as_mut(), SHAPES, &mut want, &grads(SHAPES, k, 0));
+    }
+    let ck = single.save_checkpoint();
+    let at_ck = want.clone();
+    for k in 3..=4 {
+        step(single.as_mut(), SHAPES, &mut want, &grads(SHAPES, k, 0));
+    }
+    (ck, at_ck, want)
+}
+
 #[test]
 fn checkpoints_move_between_sharded_and_single_process_runs() {
     for name in ["adamw_agr", "adafactor", "nadam"] {
         let b = agr_runtime::optim::builtin(name).unwrap();
-        // One process: 2 steps, a checkpoint, 2 more steps.
-        let mut single = b.make();
-        let mut want = init(SHAPES);
-        for k in 1..=2 {
-            step(single.as_mut(), SHAPES, &mut want, &grads(SHAPES, k, 0));
-        }
-        let ck = single.save_checkpoint();
-        let at_ck = want.clone();
-        for k in 3..=4 {
-            step(single.as_mut(), SHAPES, &mut want, &grads(SHAPES, k, 0));
-        }
+        let (ck, at_ck, want) = single_run(b, agr_runtime::Device::Cpu);
         // Sharded over 3 ranks from the single process's checkpoint (whole
         // state, cut on the first step), then its own gathered checkpoint
         // back into one process.
@@ -500,17 +510,7 @@ fn a_checkpoint_loaded_before_the_first_sharded_step_on_a_device_is_cut_to_each_
     use agr_runtime::Device;
     for name in ["adamw_agr", "adafactor"] {
         let b = agr_runtime::optim::builtin(name).unwrap();
-        let mut single = b.make();
-        single.set_device(Device::EmulatedCuda).unwrap();
-        let mut want = init(SHAPES);
-        for k in 1..=2 {
-            step(single.as_mut(), SHAPES, &mut want, &grads(SHAPES, k, 0));
-        }
-        let ck = single.save_checkpoint();
-        let at_ck = want.clone();
-        for k in 3..=4 {
-            step(single.as_mut(), SHAPES, &mut want, &grads(SHAPES, k, 0));
-        }
+        let (ck, at_ck, want) = single_run(b, Device::EmulatedCuda);
         let got = on_ranks(3, |_, comm| {
             let mut opt = b.make();
             opt.set_device(Device::EmulatedCuda).unwrap();
