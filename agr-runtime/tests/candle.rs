@@ -17,6 +17,9 @@ use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor, Var};
 use candle_nn::Optimizer as _;
 
+mod common;
+use common::step_narrowed;
+
 /// The candle device the tests' variables live on.
 fn dev() -> Device {
     match std::env::var("AGR_TEST_CANDLE_DEVICE").as_deref() {
@@ -1003,7 +1006,7 @@ fn a_multi_part_optimizer_steps_candle_variables_as_its_parts_do_alone() {
 /// for bf16, and f16 states for f16).
 #[test]
 fn cpu_bf16_and_f16_variables_step_as_the_engine_steps_them() {
-    use agr_runtime::{ParamMut, Precision, Storage};
+    use agr_runtime::{Precision, Storage};
     use candle_core::DType;
     if !matches!(dev(), Device::Cpu) {
         return; // GPU variables of these dtypes: the GPU suite.
@@ -1053,24 +1056,20 @@ fn cpu_bf16_and_f16_variables_step_as_the_engine_steps_them() {
             opt.step(&grads).unwrap();
             let gf = as_f32(&g);
             match dtype {
-                DType::BF16 => {
-                    let mut p: Vec<half::bf16> =
-                        mine.iter().map(|&x| half::bf16::from_f32(x)).collect();
-                    let g: Vec<half::bf16> = gf.iter().map(|&x| half::bf16::from_f32(x)).collect();
-                    reference
-                        .step_params_of(&mut [ParamMut::new(&mut p, Some(&g), &[8, 12])])
-                        .unwrap();
-                    mine = p.iter().map(|x| x.to_f32()).collect();
-                }
-                _ => {
-                    let mut p: Vec<half::f16> =
-                        mine.iter().map(|&x| half::f16::from_f32(x)).collect();
-                    let g: Vec<half::f16> = gf.iter().map(|&x| half::f16::from_f32(x)).collect();
-                    reference
-                        .step_params_of(&mut [ParamMut::new(&mut p, Some(&g), &[8, 12])])
-                        .unwrap();
-                    mine = p.iter().map(|x| x.to_f32()).collect();
-                }
+                DType::BF16 => step_narrowed(
+                    &mut reference,
+                    &mut mine,
+                    &gf,
+                    &[8, 12],
+                    half::bf16::from_f32,
+                ),
+                _ => step_narrowed(
+                    &mut reference,
+                    &mut mine,
+                    &gf,
+                    &[8, 12],
+                    half::f16::from_f32,
+                ),
             }
             assert_eq!(as_f32(w.as_tensor()), mine, "{dtype:?}: step {t}");
         }

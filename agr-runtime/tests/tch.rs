@@ -14,6 +14,9 @@ use agr_runtime::{HyperConfig, HyperValue, Kernel};
 use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
 
+mod common;
+use common::step_narrowed;
+
 fn golden_dir() -> PathBuf {
     std::env::var_os("AGR_GOLDEN_DIR")
         .map(PathBuf::from)
@@ -528,7 +531,7 @@ fn an_optimizer_of_two_specs_steps_a_varstore_as_its_parts_do_alone() {
 #[test]
 fn cpu_bf16_and_f16_tensors_step_as_the_engine_steps_them() {
     use agr_runtime::optim::{AdamW, AdamWConfig, AdamWKernel};
-    use agr_runtime::{ParamMut, Precision, Storage};
+    use agr_runtime::{Precision, Storage};
     for (kind, precision) in [
         (Kind::BFloat16, Precision::f32().with_master(true)),
         (
@@ -558,20 +561,15 @@ fn cpu_bf16_and_f16_tensors_step_as_the_engine_steps_them() {
             opt.backward_step(&(&w * &g).sum(kind)).unwrap();
             let gf = to_vec(&g.to_kind(Kind::Float));
             if kind == Kind::BFloat16 {
-                let mut p: Vec<half::bf16> =
-                    mine.iter().map(|&x| half::bf16::from_f32(x)).collect();
-                let g: Vec<half::bf16> = gf.iter().map(|&x| half::bf16::from_f32(x)).collect();
-                reference
-                    .step_params_of(&mut [ParamMut::new(&mut p, Some(&g), &[4, 6])])
-                    .unwrap();
-                mine = p.iter().map(|x| x.to_f32()).collect();
+                step_narrowed(
+                    &mut reference,
+                    &mut mine,
+                    &gf,
+                    &[4, 6],
+                    half::bf16::from_f32,
+                );
             } else {
-                let mut p: Vec<half::f16> = mine.iter().map(|&x| half::f16::from_f32(x)).collect();
-                let g: Vec<half::f16> = gf.iter().map(|&x| half::f16::from_f32(x)).collect();
-                reference
-                    .step_params_of(&mut [ParamMut::new(&mut p, Some(&g), &[4, 6])])
-                    .unwrap();
-                mine = p.iter().map(|x| x.to_f32()).collect();
+                step_narrowed(&mut reference, &mut mine, &gf, &[4, 6], half::f16::from_f32);
             }
             assert_eq!(to_vec(&w.to_kind(Kind::Float)), mine, "{kind:?}: step {t}");
         }
