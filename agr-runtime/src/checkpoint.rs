@@ -486,7 +486,7 @@ impl<K: Kernel> Optimizer<K> {
                     }
                     _ => {}
                 }
-                let kind = self.storage.get(k).copied().unwrap_or_default();
+                let kind = self.storage[k];
                 bufs.push(state_buf(
                     &st,
                     &name,

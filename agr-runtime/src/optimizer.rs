@@ -392,7 +392,7 @@ pub struct Optimizer<K: Kernel> {
     /// The storage of parameters' master copies and of states (see
     /// [`Optimizer::set_precision`]).
     pub(crate) precision: Precision,
-    /// Each state's storage, from `precision` and the spec.
+    /// Each state's storage, from `precision` and the spec (one per state).
     pub(crate) storage: Vec<Storage>,
     /// Steps skipped (on a CUDA device, plus the device's count).
     pub(crate) non_finite_skips: u64,
@@ -493,14 +493,7 @@ impl<K: Kernel> Optimizer<K> {
             non_finite: NonFinite::default(),
             precision: Precision::default(),
             // As the spec declares its states (`m: bf16 = 0`).
-            storage: {
-                let declared: Vec<Storage> = desc.states.iter().map(|s| s.storage).collect();
-                if declared.iter().all(|&k| k == Storage::F32) {
-                    vec![]
-                } else {
-                    declared
-                }
-            },
+            storage: desc.states.iter().map(|s| s.storage).collect(),
             non_finite_skips: 0,
             frozen_checked: false,
             shard: None,

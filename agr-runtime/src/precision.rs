@@ -332,11 +332,7 @@ impl<K: Kernel> Optimizer<K> {
                 t.master = None;
             }
         }
-        self.storage = if storage.iter().all(|&k| k == Storage::F32) {
-            vec![]
-        } else {
-            storage
-        };
+        self.storage = storage;
         self.precision = precision;
         Ok(())
     }
@@ -347,10 +343,8 @@ impl<K: Kernel> Optimizer<K> {
     }
 
     /// Each state's storage, in spec order.
-    pub fn state_storage(&self) -> Vec<Storage> {
-        (0..self.desc.states.len())
-            .map(|k| self.storage.get(k).copied().unwrap_or_default())
-            .collect()
+    pub fn state_storage(&self) -> &[Storage] {
+        &self.storage
     }
 
     /// Whether this optimizer keeps anything narrower than f32 or a
