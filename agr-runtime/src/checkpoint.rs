@@ -238,11 +238,11 @@ impl<K: Kernel> Optimizer<K> {
                         _ => data.push((name, Dtype::F32, f32_bytes(&t.store.to_host(k)), shape)),
                     }
                 }
-                if let Some(m) = &t.master {
+                if let Some(m) = t.store.master_to_host() {
                     data.push((
                         format!("{i}:master"),
                         Dtype::F32,
-                        f32_bytes(m.as_slice()),
+                        f32_bytes(&m),
                         t.shape.clone(),
                     ));
                 }
@@ -531,8 +531,7 @@ impl<K: Kernel> Optimizer<K> {
             tensors.push(Some(TensorState {
                 shape,
                 t,
-                store: Store::Host { bufs, rows },
-                master,
+                store: Store::Host { bufs, rows, master },
             }));
         }
         // Sharded: this rank's parts.

@@ -26,12 +26,12 @@ use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
 
-use crate::buf::StateBuf;
+use crate::buf::{AlignedBuf, StateBuf};
 use crate::cpu::{Kernel, KernelDesc};
 use crate::emulated::{self, AgrChunk, AgrTensor, EmulatedError, HostModule};
 use crate::matdev::MatBatch;
 use crate::optimizer::TensorState;
-use crate::precision::Storage;
+use crate::precision::{KernelTypes, Rounding, Storage};
 use crate::{NonFinite, Optimizer, StepError, StepReport, TensorMeta, MAX_STATES};
 
 /// Where an optimizer's steps run.
@@ -94,8 +94,8 @@ pub enum DeviceError {
     /// A sharded optimizer stays on the device it was sharded on (its
     /// parts follow that device's chunks; see [`crate::shard`]).
     Sharded { optimizer: String },
-    /// Narrowed states or master copies (see
-    /// [`crate::Optimizer::set_precision`]) live on the CPU in this version.
+    /// 8-bit states (see [`crate::Optimizer::set_precision`]) live on the
+    /// CPU in this version.
     Narrowed { optimizer: String },
 }
 
@@ -113,7 +113,7 @@ impl fmt::Display for DeviceError {
             ),
             DeviceError::Narrowed { optimizer } => write!(
                 f,
-                "`{optimizer}` keeps narrowed states or f32 master copies, which step on the CPU only in this version; store its states in f32 and drop the master copy (`set_precision`) before moving it"
+                "`{optimizer}` keeps 8-bit (q8/uq8) states, which step on the CPU only in this version; store them in bf16, f16 or f32 (`set_precision`) before moving it"
             ),
             DeviceError::Sharded { optimizer } => write!(
                 f,
@@ -139,6 +139,10 @@ pub(crate) enum Store {
         bufs: Vec<StateBuf>,
         /// Row-reduction results of the current step (`ROW_REDUCTIONS` per row).
         rows: Vec<f64>,
+        /// The f32 master copy of a bf16/f16 parameter (see
+        /// [`crate::Precision::master`]), made from the parameter on its
+        /// first step.
+        master: Option<AlignedBuf>,
     },
     /// GPU memory.
     #[cfg(feature = "cuda")]
@@ -148,9 +152,10 @@ pub(crate) enum Store {
 impl Clone for Store {
     fn clone(&self) -> Self {
         match self {
-            Store::Host { bufs, rows } => Store::Host {
+            Store::Host { bufs, rows, master } => Store::Host {
                 bufs: bufs.clone(),
                 rows: rows.clone(),
+                master: master.clone(),
             },
             #[cfg(feature = "cuda")]
             Store::Cuda(d) => Store::Cuda(d.clone()),
@@ -179,6 +184,7 @@ impl Store {
                 })
                 .collect(),
             rows: vec![0.0; crate::Dims::of(shape, desc).results],
+            master: None,
         }
     }
 
@@ -224,6 +230,7 @@ impl Store {
                 })
                 .collect(),
             rows: vec![0.0; rows],
+            master: None,
         }
     }
 
@@ -251,27 +258,68 @@ impl Store {
         }
     }
 
-    /// Bytes of the state buffers and values of the row results (f64).
+    /// Bytes of the state buffers (the master copy included) and values of
+    /// the row results (f64).
     pub(crate) fn lens(&self) -> (usize, usize) {
         match self {
-            Store::Host { bufs, rows } => (bufs.iter().map(|b| b.bytes()).sum(), rows.len()),
+            Store::Host { bufs, rows, master } => (
+                bufs.iter().map(|b| b.bytes()).sum::<usize>()
+                    + master.as_ref().map_or(0, |m| m.as_slice().len() * 4),
+                rows.len(),
+            ),
             #[cfg(feature = "cuda")]
-            Store::Cuda(d) => {
-                let (values, rows) = d.lens();
-                (values * 4, rows)
-            }
+            Store::Cuda(d) => d.lens(),
         }
     }
 
-    /// The buffers as the kernels address them: the states and the rows.
-    fn pointers(&mut self) -> ([u64; MAX_STATES], u64) {
+    /// The master copy in host memory (copied from a GPU), if there is one.
+    ///
+    /// # Panics
+    /// If the copy from the GPU fails (its context is lost).
+    pub(crate) fn master_to_host(&self) -> Option<Cow<'_, [f32]>> {
         match self {
-            Store::Host { bufs, rows } => {
+            Store::Host { master, .. } => master.as_ref().map(|m| Cow::Borrowed(m.as_slice())),
+            #[cfg(feature = "cuda")]
+            Store::Cuda(d) => d.master_to_host().map(|m| {
+                Cow::Owned(
+                    m.unwrap_or_else(|e| panic!("reading a master copy back from the GPU: {e}")),
+                )
+            }),
+        }
+    }
+
+    /// Whether the parameter has a master copy here.
+    pub(crate) fn has_master(&self) -> bool {
+        match self {
+            Store::Host { master, .. } => master.is_some(),
+            #[cfg(feature = "cuda")]
+            Store::Cuda(d) => d.has_master(),
+        }
+    }
+
+    /// Drops the master copy (the parameter is stepped in its own storage).
+    pub(crate) fn drop_master(&mut self) {
+        match self {
+            Store::Host { master, .. } => *master = None,
+            #[cfg(feature = "cuda")]
+            Store::Cuda(d) => d.drop_master(),
+        }
+    }
+
+    /// The buffers as the kernels address them: the states (each in its
+    /// storage), the rows and the master copy (0: none).
+    fn pointers(&mut self) -> ([u64; MAX_STATES], u64, u64) {
+        match self {
+            Store::Host { bufs, rows, master } => {
                 let mut st = [0u64; MAX_STATES];
                 for (k, b) in bufs.iter_mut().enumerate() {
-                    st[k] = b.f32_ptr() as u64;
+                    st[k] = match b.storage() {
+                        Storage::F32 => b.f32_ptr() as u64,
+                        _ => b.raw().data as u64,
+                    };
                 }
-                (st, rows.as_mut_ptr() as u64)
+                let m = master.as_mut().map_or(0, |m| m.as_mut_ptr() as u64);
+                (st, rows.as_mut_ptr() as u64, m)
             }
             #[cfg(feature = "cuda")]
             Store::Cuda(d) => d.pointers(),
@@ -330,15 +378,38 @@ pub(crate) trait Launch {
     fn counts_len(&self) -> usize;
     /// Replaces the skip counters by `n` zeros.
     fn reset_counts(&mut self, n: usize) -> Result<(), DeviceError>;
-    /// A new parameter's state buffers, each at its fill value, for its
-    /// elements `part` (all of them unsharded: see [`Store::new_host_part`]).
+    /// A new parameter's state buffers, each at its fill value in its
+    /// storage, for its elements `part` (all of them unsharded: see
+    /// [`Store::new_host_part`]).
     fn new_store(
         &mut self,
         desc: &KernelDesc,
         shape: &[usize],
         index: usize,
         part: (usize, usize),
+        storage: &[Storage],
     ) -> Result<Store, DeviceError>;
+    /// Makes the kernels for buffers stored as `types` the ones a step
+    /// runs (compiled once per set of types, then reused).
+    fn use_types(
+        &mut self,
+        desc: &'static KernelDesc,
+        types: KernelTypes,
+    ) -> Result<(), DeviceError>;
+    /// Puts the f32 master copy of the bf16/f16 parameter at `value` (`len`
+    /// words of `kind`; parameter `index`) into `store`: its words widened,
+    /// exactly.
+    ///
+    /// # Safety
+    /// `value` must address `len` live words in this device's memory.
+    unsafe fn make_master(
+        &mut self,
+        store: &mut Store,
+        value: u64,
+        len: usize,
+        kind: Storage,
+        index: usize,
+    ) -> Result<(), DeviceError>;
 }
 
 /// A sharded step's exchange of one reduction pass's chunk partials (see
@@ -392,8 +463,37 @@ impl Launch for Emulated {
         shape: &[usize],
         index: usize,
         part: (usize, usize),
+        storage: &[Storage],
     ) -> Result<Store, DeviceError> {
-        Ok(Store::new_host_part(desc, shape, index, part, &[]))
+        Ok(Store::new_host_part(desc, shape, index, part, storage))
+    }
+    fn use_types(
+        &mut self,
+        desc: &'static KernelDesc,
+        types: KernelTypes,
+    ) -> Result<(), DeviceError> {
+        if self.module.types() != types {
+            self.module = HostModule::load_for(desc, types)?;
+        }
+        Ok(())
+    }
+    unsafe fn make_master(
+        &mut self,
+        store: &mut Store,
+        value: u64,
+        len: usize,
+        kind: Storage,
+        index: usize,
+    ) -> Result<(), DeviceError> {
+        #[allow(irrefutable_let_patterns)]
+        let Store::Host { master, .. } = store
+        else {
+            unreachable!("the emulated device keeps state in host memory")
+        };
+        // SAFETY: the caller's contract; host memory is the device's.
+        let words = unsafe { std::slice::from_raw_parts(value as *const u16, len) };
+        *master = Some(crate::precision::master_of(kind, words, index));
+        Ok(())
     }
 }
 
@@ -452,15 +552,14 @@ impl<K: Kernel> Optimizer<K> {
             return Ok(());
         }
         self.cpu_only(device)?;
-        if self.narrows() && device != Device::Cpu {
-            return Err(DeviceError::Narrowed {
-                optimizer: self.desc.name.to_string(),
-            });
-        }
+        self.no_q8_on(device)?;
         let exec = match device {
             Device::Cpu => Exec::Cpu,
             Device::EmulatedCuda => Exec::Emulated(Emulated {
-                module: HostModule::load(self.desc)?,
+                module: HostModule::load_for(
+                    self.desc,
+                    KernelTypes::new(Storage::F32, &self.storage),
+                )?,
                 counts: vec![],
                 scratch: vec![],
             }),
@@ -488,6 +587,16 @@ impl<K: Kernel> Optimizer<K> {
         }
     }
 
+    /// 8-bit states have no kernels: they keep an optimizer on the CPU.
+    fn no_q8_on(&self, device: Device) -> Result<(), DeviceError> {
+        if device != Device::Cpu && self.storage.iter().any(|s| s.is_q8()) {
+            return Err(DeviceError::Narrowed {
+                optimizer: self.desc.name.to_string(),
+            });
+        }
+        Ok(())
+    }
+
     /// Moves the optimizer to `exec`'s device (see [`Self::set_device`]).
     pub(crate) fn set_exec(&mut self, mut exec: Exec) -> Result<(), DeviceError> {
         // A sharded optimizer's parts are planned for its device's chunks.
@@ -496,6 +605,7 @@ impl<K: Kernel> Optimizer<K> {
                 optimizer: self.desc.name.to_string(),
             });
         }
+        self.no_q8_on(exec.device())?;
         // The steps the old device skipped come off the issued ones; then
         // the state moves (a copy: if that fails, nothing has changed).
         self.fold_counts();
@@ -611,6 +721,7 @@ impl<K: Kernel> Optimizer<K> {
     pub(crate) unsafe fn step_on_device(
         &mut self,
         params: &[RawParam<'_>],
+        param: Storage,
     ) -> Result<StepReport, StepError> {
         let desc = self.desc;
         let policy = self.non_finite;
@@ -628,7 +739,7 @@ impl<K: Kernel> Optimizer<K> {
             self.tensors.resize_with(params.len(), || None);
         }
         let mut created = vec![];
-        let result = self.step_on_device_inner(params, &mut created, desc, policy);
+        let result = self.step_on_device_inner(params, param, &mut created, desc, policy);
         if !matches!(result, Ok(None)) {
             // An error, or a non-finite gradient under `Error`: nothing was
             // written; undo what this step created.
@@ -668,6 +779,7 @@ impl<K: Kernel> Optimizer<K> {
     unsafe fn step_on_device_inner(
         &mut self,
         params: &[RawParam<'_>],
+        param: Storage,
         created: &mut Vec<usize>,
         desc: &'static KernelDesc,
         policy: NonFinite,
@@ -675,7 +787,16 @@ impl<K: Kernel> Optimizer<K> {
         // Sharded (see `crate::shard`): the plan the host path made.
         let plan = self.shard.as_ref().and_then(|sh| sh.plan.as_ref());
         let l = self.exec.launch().expect("a CUDA device");
+        // The kernels for this step's storage types.
+        l.use_types(desc, KernelTypes::new(param, &self.storage))
+            .map_err(device_error)?;
         let counts = l.counts_ptr();
+        // bf16/f16 parameters: a master copy, and how they are rounded.
+        let master = self.precision.master && param != Storage::F32;
+        let (sr, sr_seed) = match self.precision.rounding {
+            Rounding::Stochastic { seed } if param != Storage::F32 => (1, seed),
+            _ => (0, 0),
+        };
         let mut metas = vec![];
         let mut table = vec![];
         let mut active = vec![];
@@ -686,18 +807,21 @@ impl<K: Kernel> Optimizer<K> {
             active.push(i);
             if self.tensors[i].is_none() {
                 let store = l
-                    .new_store(desc, p.shape, i, (lo, hi))
+                    .new_store(desc, p.shape, i, (lo, hi), &self.storage)
                     .map_err(device_error)?;
                 created.push(i);
                 self.tensors[i] = Some(TensorState {
                     shape: p.shape.to_vec(),
                     t: 0,
                     store,
-                    master: None,
                 });
             }
             let st = self.tensors[i].as_mut().expect("created above");
-            let (bufs, rows) = st.store.pointers();
+            if master && !st.store.has_master() {
+                l.make_master(&mut st.store, p.value, numel, param, i)
+                    .map_err(device_error)?;
+            }
+            let (bufs, rows, master_ptr) = st.store.pointers();
             let meta = TensorMeta::of(p.shape, st.t + 1);
             metas.push(meta);
             table.push(AgrTensor {
@@ -722,6 +846,12 @@ impl<K: Kernel> Optimizer<K> {
                 } else {
                     0
                 },
+                master: if master { master_ptr } else { 0 },
+                sr_seed,
+                sr_step: (self.steps + 1) as i64,
+                sr_skipped: counts,
+                sr_param: i as i64,
+                sr,
             });
         }
         if table.is_empty() {
@@ -918,6 +1048,31 @@ impl<K: Kernel> Optimizer<K> {
         }
     }
 
+    /// The step path of [`Optimizer::step_params_of`] for bf16/f16 host
+    /// parameters on a CUDA device (unsharded: checked before); on a GPU
+    /// they are copied there and back, for checks, not speed.
+    pub(crate) fn step_narrow_params_on_device<T: crate::Element>(
+        &mut self,
+        params: &mut [crate::ParamMut<'_, T>],
+    ) -> Result<StepReport, StepError> {
+        #[cfg(feature = "cuda")]
+        if matches!(self.exec, Exec::Cuda(_)) {
+            return crate::cuda::step_narrow_host_params(self, params);
+        }
+        let raw: Vec<RawParam<'_>> = params
+            .iter_mut()
+            .map(|p| RawParam {
+                value: p.value.as_mut_ptr() as u64,
+                grad: p.grad.map(|g| g.as_ptr() as u64),
+                shape: p.shape,
+            })
+            .collect();
+        // SAFETY: validated host slices of `T`, held `&mut` (values) and `&`
+        // (gradients) for the whole step; the emulated device's memory is
+        // host memory and its launches return when done.
+        unsafe { self.step_on_device(&raw, T::STORAGE) }
+    }
+
     fn step_host_params_here(
         &mut self,
         params: &mut [crate::ParamMut<'_>],
@@ -936,7 +1091,7 @@ impl<K: Kernel> Optimizer<K> {
                 // SAFETY: validated host slices, held `&mut` (values) and `&`
                 // (gradients) for the whole step; the emulated device's
                 // memory is host memory and its launches return when done.
-                unsafe { self.step_on_device(&raw) }
+                unsafe { self.step_on_device(&raw, Storage::F32) }
             }
             #[cfg(feature = "cuda")]
             Exec::Cuda(_) => crate::cuda::step_host_params(self, params),
@@ -986,7 +1141,6 @@ fn move_state(
                 shape: t.shape.clone(),
                 t: t.t,
                 store,
-                master: t.master.clone(),
             }))
         })
         .collect::<Result<Vec<_>, _>>()

@@ -22,6 +22,7 @@ use crate::cpu::KernelDesc;
 use crate::device::DeviceError;
 use crate::matdev::{Axpby, MatBatch, MatDevice, Sgemm};
 use crate::optimizer::skip_pass_of;
+use crate::precision::KernelTypes;
 use crate::{HyperConfig, HyperValue, NonFinite, TensorMeta, MAX_STATES};
 
 /// Elements per chunk (one block's work); `AGR_CHUNK` in the prelude.
@@ -52,6 +53,16 @@ pub(crate) struct AgrTensor {
     pub st_off: i64,
     pub g_off: i64,
     pub rows_off: i64,
+    /// A bf16/f16 parameter's f32 master copy (`float*`; 0: none).
+    pub master: u64,
+    /// Stochastic rounding of bf16/f16 parameters (`sr` 0: nearest): the
+    /// seed, the steps issued (this one included), the device's count of
+    /// skipped steps (`unsigned*`; 0: none) and the parameter's index.
+    pub sr_seed: u64,
+    pub sr_step: i64,
+    pub sr_skipped: u64,
+    pub sr_param: i64,
+    pub sr: i64,
 }
 
 /// One block's share of the work (`AgrChunk` in the prelude).
@@ -229,6 +240,8 @@ enum Mode {
 /// A spec's kernels compiled for the CPU.
 pub struct HostModule {
     desc: &'static KernelDesc,
+    /// The storage types it was compiled for.
+    types: KernelTypes,
     pass: PassFn,
     /// The matrix programs' sums and transposes (`X_mat_axpby`), where the
     /// spec has matrix blocks.
@@ -249,9 +262,13 @@ impl fmt::Debug for HostModule {
 /// kernel once per block, by its place in `cuda_kernels` (the passes, the
 /// matrix blocks', the per-tensor states'), and one that runs the matrix
 /// programs' sums once per element.
-fn host_source(desc: &KernelDesc) -> String {
+fn host_source(desc: &KernelDesc, types: KernelTypes) -> String {
     let x = desc.name;
-    let mut src = format!("#define AGR_HOST_CHECK 1\n{}\n", desc.cuda_source);
+    let mut src = "#define AGR_HOST_CHECK 1\n".to_string();
+    for (name, value) in types.defines() {
+        src += &format!("#define {name} {value}\n");
+    }
+    src += &format!("{}\n", desc.cuda_source);
     src += &format!(
         "extern \"C\" int agr_emulated_pass(int pass, const double* hypers, const AgrChunk* chunks, int nchunks, const AgrTensor* tensors, int ntensors, double* partials, double* reduced, double* global, unsigned* counters, unsigned* skipped) {{\n    const {x}_Hyper* h = (const {x}_Hyper*)hypers;\n    switch (pass) {{\n"
     );
@@ -326,23 +343,38 @@ fn fnv1a(text: &str) -> u64 {
 }
 
 impl HostModule {
-    /// Compiles (or finds in the cache) the spec's kernels for the CPU.
+    /// Compiles (or finds in the cache) the spec's kernels for the CPU,
+    /// every buffer f32.
     pub fn load(desc: &'static KernelDesc) -> Result<Arc<HostModule>, EmulatedError> {
-        static CACHE: OnceLock<Mutex<HashMap<usize, Arc<HostModule>>>> = OnceLock::new();
+        Self::load_for(desc, KernelTypes::default())
+    }
+
+    /// The spec's kernels for buffers stored as `types` says.
+    pub(crate) fn load_for(
+        desc: &'static KernelDesc,
+        types: KernelTypes,
+    ) -> Result<Arc<HostModule>, EmulatedError> {
+        type Cache = Mutex<HashMap<(usize, KernelTypes), Arc<HostModule>>>;
+        static CACHE: OnceLock<Cache> = OnceLock::new();
         let cache = CACHE.get_or_init(Default::default);
-        let key = desc as *const KernelDesc as usize;
+        let key = (desc as *const KernelDesc as usize, types);
         let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(m) = cache.get(&key) {
             return Ok(m.clone());
         }
-        let m = Arc::new(Self::build(desc)?);
+        let m = Arc::new(Self::build(desc, types)?);
         cache.insert(key, m.clone());
         Ok(m)
     }
 
-    fn build(desc: &'static KernelDesc) -> Result<HostModule, EmulatedError> {
+    /// The storage types it was compiled for.
+    pub(crate) fn types(&self) -> KernelTypes {
+        self.types
+    }
+
+    fn build(desc: &'static KernelDesc, types: KernelTypes) -> Result<HostModule, EmulatedError> {
         let compiler = std::env::var("AGR_CXX").unwrap_or_else(|_| "g++".into());
-        let src = host_source(desc);
+        let src = host_source(desc, types);
         let dir = cache_dir();
         create_private_dir(&dir)
             .map_err(|e| EmulatedError::Load(format!("cannot create {}: {e}", dir.display())))?;
@@ -397,6 +429,7 @@ impl HostModule {
         };
         Ok(HostModule {
             desc,
+            types,
             pass,
             axpby,
             _lib: lib_handle,

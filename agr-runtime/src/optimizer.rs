@@ -4,7 +4,7 @@ use std::fmt;
 
 use rayon::prelude::*;
 
-use crate::buf::{AlignedBuf, RawState};
+use crate::buf::RawState;
 use crate::cpu::{Kernel, KernelDesc, StaticKernel};
 use crate::device::{Exec, Store};
 use crate::groups::{self, Group, GroupError, Override, ParamGroups, DEFAULT_GROUP};
@@ -224,11 +224,9 @@ pub(crate) struct TensorState {
     /// Steps issued to this tensor (on a CUDA device, the device's count of
     /// those it skipped comes off: see [`crate::device`]).
     pub(crate) t: u64,
-    /// Its state buffers, in its device's memory.
+    /// Its state buffers (and a bf16/f16 parameter's master copy), in its
+    /// device's memory.
     pub(crate) store: Store,
-    /// The f32 master copy of a bf16/f16 parameter (see
-    /// [`Precision::master`]), made from the parameter on its first step.
-    pub(crate) master: Option<AlignedBuf>,
 }
 
 /// Elements per unit of parallel work. Fixed, so the reduction order (and so
@@ -765,7 +763,7 @@ impl<K: Kernel> Optimizer<K> {
     ) -> Result<StepReport, StepError> {
         self.validate(params)?;
         if T::STORAGE != Storage::F32 {
-            if let Some(why) = self.narrow_refused() {
+            if let Some(why) = self.narrow_refused(&self.storage) {
                 return Err(StepError::Precision(format!(
                     "{} parameters: {why}",
                     T::STORAGE
@@ -779,8 +777,10 @@ impl<K: Kernel> Optimizer<K> {
             crate::frozen::warn_frozen_scalars(self, params);
         }
         if !matches!(self.exec, Exec::Cpu) {
-            let params = T::f32_params(params).expect("bf16/f16 parameters refused off the CPU");
-            return self.step_host_params_on_device(params);
+            return match T::f32_params(params) {
+                Some(p32) => self.step_host_params_on_device(p32),
+                None => self.step_narrow_params_on_device(params),
+            };
         }
         if self.shard.is_some() {
             let p32 = T::f32_params(params).expect("bf16/f16 parameters refused when sharded");
@@ -837,23 +837,19 @@ impl<K: Kernel> Optimizer<K> {
                 shape: p.shape.to_vec(),
                 t: 0,
                 store: Store::new_host_part(desc, p.shape, i, (lo, hi), storage),
-                master: None,
             });
-            let words = T::words(p.value).map(|w| w.as_ptr() as *mut u16);
-            if let (Some(w), true, None) = (words, self.precision.master, &st.master) {
-                // The master copy starts as the parameter, exactly.
-                let mut m = AlignedBuf::filled(p.value.len(), 0.0, i);
-                // SAFETY: `w` points at the parameter's `len` words.
-                let w = unsafe { std::slice::from_raw_parts(w, p.value.len()) };
-                crate::precision::widen(T::STORAGE, w, m.as_mut_slice());
-                st.master = Some(m);
-            }
+            let words = T::words_mut(p.value).map(|w| w.as_mut_ptr());
             // Without the `cuda` feature host memory is the only kind.
             #[allow(irrefutable_let_patterns)]
-            let Store::Host { bufs, rows } = &mut st.store
+            let Store::Host { bufs, rows, master } = &mut st.store
             else {
                 unreachable!("the CPU keeps state in host memory")
             };
+            if let (Some(w), true, None) = (words, self.precision.master, &master) {
+                // SAFETY: `w` points at the parameter's `len` words.
+                let w = unsafe { std::slice::from_raw_parts(w, p.value.len()) };
+                *master = Some(crate::precision::master_of(T::STORAGE, w, i));
+            }
             let slot = sc.active.len();
             sc.active.push(i);
             sc.slot_group
@@ -881,7 +877,7 @@ impl<K: Kernel> Optimizer<K> {
             }
             // The parameter the kernels step in f32: the f32 parameter, the
             // master copy, or (null) the bf16/f16 words widened per item.
-            let value = match (words, st.master.as_mut()) {
+            let value = match (words, master.as_mut()) {
                 (None, _) => p.value.as_mut_ptr() as *mut f32,
                 (Some(w), Some(m)) => {
                     narrow.p = w;

@@ -33,7 +33,7 @@ use std::fmt;
 
 use half::{bf16, f16};
 
-use crate::buf::StateBuf;
+use crate::buf::{AlignedBuf, StateBuf};
 use crate::cpu::Kernel;
 use crate::device::{Exec, Store};
 use crate::{Optimizer, ParamMut};
@@ -112,6 +112,63 @@ impl fmt::Display for Storage {
     }
 }
 
+/// The storage types a spec's CUDA kernels are compiled for: the
+/// parameters' and gradients', and each state's (per-element states only;
+/// see the prelude's `AGR_P_T`, `AGR_G_T` and `AGR_S<k>_T`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub(crate) struct KernelTypes {
+    pub(crate) param: Storage,
+    pub(crate) states: [Storage; crate::MAX_STATES],
+}
+
+impl KernelTypes {
+    /// Parameters in `param`, state `k` in `states[k]` (f32 past its end).
+    pub(crate) fn new(param: Storage, states: &[Storage]) -> KernelTypes {
+        let mut t = KernelTypes {
+            param,
+            ..KernelTypes::default()
+        };
+        t.states[..states.len()].copy_from_slice(states);
+        t
+    }
+
+    /// The preprocessor definitions that select them: `(name, value)`.
+    pub(crate) fn defines(&self) -> Vec<(String, &'static str)> {
+        fn c_type(s: Storage) -> &'static str {
+            match s {
+                Storage::Bf16 => "__nv_bfloat16",
+                Storage::F16 => "__half",
+                Storage::F32 => "float",
+                Storage::Q8 | Storage::Uq8 => unreachable!("8-bit states step on the CPU only"),
+            }
+        }
+        let mut d = vec![];
+        if self.param != Storage::F32 {
+            d.push(("AGR_P_T".to_string(), c_type(self.param)));
+            d.push(("AGR_G_T".to_string(), c_type(self.param)));
+        }
+        for (k, &s) in self.states.iter().enumerate() {
+            if s != Storage::F32 {
+                d.push((format!("AGR_S{k}_T"), c_type(s)));
+            }
+        }
+        let all = || std::iter::once(self.param).chain(self.states);
+        if all().any(|s| s == Storage::F16) {
+            d.push(("AGR_USE_HALF".to_string(), "1"));
+        }
+        if all().any(|s| s == Storage::Bf16) {
+            d.push(("AGR_USE_BF16".to_string(), "1"));
+        }
+        d
+    }
+
+    /// Whether every buffer is f32.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn all_f32(&self) -> bool {
+        *self == KernelTypes::default()
+    }
+}
+
 /// How f32 results are narrowed into bf16 or f16 parameters.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Rounding {
@@ -184,6 +241,9 @@ pub trait Element: Copy + Send + Sync + 'static + private::Sealed {
     /// The slice as raw 16-bit words (bf16 and f16), `None` for f32.
     #[doc(hidden)]
     fn words(v: &[Self]) -> Option<&[u16]>;
+    /// The same, writable.
+    #[doc(hidden)]
+    fn words_mut(v: &mut [Self]) -> Option<&mut [u16]>;
     /// The slice as f32, `None` for bf16 and f16.
     #[doc(hidden)]
     fn as_f32(v: &[Self]) -> Option<&[f32]>;
@@ -207,6 +267,9 @@ impl Element for f32 {
     fn words(_: &[Self]) -> Option<&[u16]> {
         None
     }
+    fn words_mut(_: &mut [Self]) -> Option<&mut [u16]> {
+        None
+    }
     fn as_f32(v: &[Self]) -> Option<&[f32]> {
         Some(v)
     }
@@ -225,6 +288,9 @@ macro_rules! half_element {
             const STORAGE: Storage = $storage;
             fn words(v: &[Self]) -> Option<&[u16]> {
                 Some(half::slice::HalfFloatSliceExt::reinterpret_cast(v))
+            }
+            fn words_mut(v: &mut [Self]) -> Option<&mut [u16]> {
+                Some(half::slice::HalfFloatSliceExt::reinterpret_cast_mut(v))
             }
             fn as_f32(_: &[Self]) -> Option<&[f32]> {
                 None
@@ -263,7 +329,8 @@ impl<K: Kernel> Optimizer<K> {
     ///   `per_tensor` or a matrix block's); q8/uq8 also need work items
     ///   aligned to their blocks, so not a spec with row reductions.
     /// - Narrowed states, master copies and bf16/f16 parameters step on the
-    ///   CPU, unsharded: a device or a sharded optimizer refuses them.
+    ///   CPU and on CUDA devices (the kernels load and store each buffer in
+    ///   its type), unsharded; 8-bit states step on the CPU only.
     /// - Existing state is converted (to f32 exactly; narrower with
     ///   round-to-nearest); master copies are dropped when `master` is
     ///   off and made from the parameters on their next step when it is on.
@@ -312,24 +379,36 @@ impl<K: Kernel> Optimizer<K> {
         }
         let narrows = precision.master || storage.iter().any(|&k| k != Storage::F32);
         if narrows {
-            if let Some(why) = self.narrow_refused() {
+            if let Some(why) = self.narrow_refused(&storage) {
                 return Err(PrecisionError(why));
             }
         }
-        // Everything checked: convert the existing state.
+        // Everything checked: convert the existing state. A GPU's goes
+        // through the host, all of it before anything changes.
         let ns = desc.states.len();
-        for (i, t) in self.tensors.iter_mut().enumerate() {
-            let Some(t) = t else { continue };
-            #[allow(irrefutable_let_patterns)]
-            if let Store::Host { bufs, .. } = &mut t.store {
-                for (k, b) in bufs.iter_mut().enumerate() {
-                    if b.storage() != storage[k] {
-                        *b = StateBuf::from_f32(storage[k], &b.to_f32(), i * ns + k);
-                    }
-                }
+        #[cfg(feature = "cuda")]
+        let mut on_gpu = vec![];
+        #[cfg(feature = "cuda")]
+        if let Exec::Cuda(c) = &self.exec {
+            for (i, t) in self.tensors.iter().enumerate() {
+                let Some(Store::Cuda(d)) = t.as_ref().map(|t| &t.store) else {
+                    continue;
+                };
+                let gpu = |e: crate::DeviceError| PrecisionError(e.to_string());
+                let mut host = d.download().map_err(gpu)?;
+                convert_store(&mut host, &storage, precision.master, i * ns);
+                on_gpu.push((i, c.upload_store(&host).map_err(gpu)?));
             }
-            if !precision.master {
-                t.master = None;
+        }
+        #[cfg(feature = "cuda")]
+        for (i, store) in on_gpu {
+            if let Some(t) = self.tensors[i].as_mut() {
+                t.store = store;
+            }
+        }
+        for (i, t) in self.tensors.iter_mut().enumerate() {
+            if let Some(t) = t {
+                convert_store(&mut t.store, &storage, precision.master, i * ns);
             }
         }
         self.storage = storage;
@@ -353,11 +432,12 @@ impl<K: Kernel> Optimizer<K> {
         self.precision.master || self.storage.iter().any(|&k| k != Storage::F32)
     }
 
-    /// Why this optimizer cannot step narrowed buffers now, if it cannot.
-    pub(crate) fn narrow_refused(&self) -> Option<String> {
-        if !matches!(self.exec, Exec::Cpu) {
+    /// Why this optimizer cannot step narrowed buffers (its states in
+    /// `storage`) now, if it cannot.
+    pub(crate) fn narrow_refused(&self, storage: &[Storage]) -> Option<String> {
+        if !matches!(self.exec, Exec::Cpu) && storage.iter().any(|s| s.is_q8()) {
             return Some(format!(
-                "`{}` is on {}: bf16/f16 parameters on the host, narrowed states and master copies step on the CPU only in this version (move it to the CPU first)",
+                "`{}` is on {}: 8-bit (q8/uq8) states step on the CPU only in this version (move it to the CPU first, or store them in bf16 or f16)",
                 self.desc.name,
                 self.exec.device()
             ));
@@ -369,6 +449,23 @@ impl<K: Kernel> Optimizer<K> {
             ));
         }
         None
+    }
+}
+
+/// Stores `store`'s host buffers as `storage` says (`stagger`: the first
+/// buffer's, see [`AlignedBuf::filled`]); without `master` its master copy
+/// goes. (A GPU's store is converted through the host by the caller.)
+fn convert_store(store: &mut Store, storage: &[Storage], master: bool, stagger: usize) {
+    if !master {
+        store.drop_master();
+    }
+    #[allow(irrefutable_let_patterns)]
+    if let Store::Host { bufs, .. } = store {
+        for (k, b) in bufs.iter_mut().enumerate() {
+            if b.storage() != storage[k] {
+                *b = StateBuf::from_f32(storage[k], &b.to_f32(), stagger + k);
+            }
+        }
     }
 }
 
@@ -442,6 +539,14 @@ pub(crate) fn widen(kind: Storage, words: &[u16], out: &mut [f32]) {
         }
         _ => unreachable!("only 16-bit storages are widened from words"),
     }
+}
+
+/// A bf16/f16 parameter's f32 master copy: its words of `kind` widened,
+/// exactly (`index`: the parameter's, for the buffer's stagger).
+pub(crate) fn master_of(kind: Storage, words: &[u16], index: usize) -> AlignedBuf {
+    let mut m = AlignedBuf::filled(words.len(), 0.0, index);
+    widen(kind, words, m.as_mut_slice());
+    m
 }
 
 /// Narrows `vals` into 16-bit words of `kind` with round-to-nearest-even.

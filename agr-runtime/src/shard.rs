@@ -435,7 +435,7 @@ impl<K: crate::Kernel> crate::Optimizer<K> {
         let mut b = StateBytes::default();
         for t in self.tensors.iter().flatten() {
             let (state, results) = t.store.lens();
-            b.state += state + t.master.as_ref().map_or(0, |m| m.as_slice().len() * 4);
+            b.state += state;
             b.results += results * 8;
         }
         b
@@ -478,8 +478,8 @@ impl<K: crate::Kernel> crate::Optimizer<K> {
                                 })
                                 .collect(),
                             rows: vec![0.0; crate::Dims::of(&t.shape, self.desc).results],
+                            master: None,
                         },
-                        master: None,
                     })
                 })
                 .collect();
@@ -549,8 +549,8 @@ impl<K: crate::Kernel> crate::Optimizer<K> {
                 store: Store::Host {
                     bufs: whole,
                     rows: vec![0.0; crate::Dims::of(&t.shape, desc).results],
+                    master: None,
                 },
-                master: None,
             }));
         }
         Ok(Some(out))

@@ -1,6 +1,7 @@
 //! Every built-in's generated CUDA compiles through the same cudarc NVRTC
-//! path the runtime uses, for compute_80 and compute_90 and for f32, f16 and
-//! bf16 parameters, and assembles with ptxas for sm_80 and sm_90 without
+//! path the runtime uses, for compute_80 and compute_90, for f32, f16 and
+//! bf16 parameters and for bf16/f16 parameters with bf16/f16 states, and
+//! assembles with ptxas for sm_80 and sm_90 without
 //! spills and within the register budget.
 //!
 //! Needs NVRTC (and ptxas for the second half): `eval "$(scripts/cuda-tools.sh)"`
@@ -12,7 +13,7 @@ use std::process::Command;
 
 use agr_runtime::cuda::{self, DType};
 use agr_runtime::optim::*;
-use agr_runtime::{Device, KernelDesc, ParamMut};
+use agr_runtime::{Device, KernelDesc, ParamMut, Storage};
 
 /// The most registers a generated kernel may use: at 256 threads per block
 /// this still allows 4 resident blocks (32 warps) per SM on sm_80/sm_90.
@@ -56,12 +57,42 @@ fn ptxas_usage(text: &str) -> Vec<Usage> {
     out
 }
 
+/// The storage variants each spec is compiled in: parameters in f32, bf16
+/// or f16 with f32 states, and bf16 or f16 parameters with every
+/// per-element state in their type (the narrowed loads and stores, the
+/// master copy and stochastic rounding all in the kernels).
+fn variants(desc: &KernelDesc) -> Vec<(DType, Vec<Storage>, &'static str)> {
+    let narrowed = |kind: Storage| -> Vec<Storage> {
+        desc.states
+            .iter()
+            .enumerate()
+            .map(|(k, s)| {
+                let narrowable = s.reduced.is_none()
+                    && !s.per_tensor
+                    && !desc.matrices.iter().any(|m| m.state == k);
+                if narrowable {
+                    kind
+                } else {
+                    Storage::F32
+                }
+            })
+            .collect()
+    };
+    vec![
+        (DType::F32, vec![], "F32"),
+        (DType::BF16, vec![], "BF16"),
+        (DType::F16, vec![], "F16"),
+        (DType::BF16, narrowed(Storage::Bf16), "BF16+st"),
+        (DType::F16, narrowed(Storage::F16), "F16+st"),
+    ]
+}
+
 fn check(desc: &KernelDesc, report: &mut Vec<String>) {
     let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("ptx");
     std::fs::create_dir_all(&dir).unwrap();
     for (arch, sm) in [("compute_80", "sm_80"), ("compute_90", "sm_90")] {
-        for dtype in [DType::F32, DType::BF16, DType::F16] {
-            let ptx = cuda::compile_source(desc.name, desc.cuda_source, arch, dtype)
+        for (dtype, states, label) in variants(desc) {
+            let ptx = cuda::compile_stored(desc.name, desc.cuda_source, arch, dtype, &states)
                 .unwrap_or_else(|e| panic!("{e}"));
             let src = ptx.to_src();
             for k in desc.cuda_kernels {
@@ -74,7 +105,7 @@ fn check(desc: &KernelDesc, report: &mut Vec<String>) {
                 assert!(!required(), "AGR_PTXAS is not set");
                 continue;
             };
-            let file = dir.join(format!("{}_{arch}_{dtype:?}.ptx", desc.name));
+            let file = dir.join(format!("{}_{arch}_{label}.ptx", desc.name));
             std::fs::write(&file, &src).unwrap();
             let out = Command::new(&ptxas)
                 .arg(format!("-arch={sm}"))
@@ -88,7 +119,7 @@ fn check(desc: &KernelDesc, report: &mut Vec<String>) {
                 + &String::from_utf8_lossy(&out.stdout);
             assert!(
                 out.status.success(),
-                "ptxas failed for {} {arch} {dtype:?}:\n{text}",
+                "ptxas failed for {} {arch} {label}:\n{text}",
                 desc.name
             );
             let usage = ptxas_usage(&text);
@@ -96,10 +127,7 @@ fn check(desc: &KernelDesc, report: &mut Vec<String>) {
             for u in usage {
                 report.push(format!(
                     "{:<22} {sm} {:<5} registers={:<3} spill_bytes={}",
-                    u.kernel,
-                    format!("{dtype:?}"),
-                    u.registers,
-                    u.spill_bytes
+                    u.kernel, label, u.registers, u.spill_bytes
                 ));
                 // At most 80 bytes stored and reloaded: since the kernels
                 // read a per-group table of hyperparameters, decide a
@@ -113,13 +141,13 @@ fn check(desc: &KernelDesc, report: &mut Vec<String>) {
                 let abi_save = u.spill_bytes <= 80;
                 assert!(
                     u.spill_bytes == 0 || abi_save,
-                    "{} spills {} bytes on {sm} ({dtype:?}):\n{text}",
+                    "{} spills {} bytes on {sm} ({label}):\n{text}",
                     u.kernel,
                     u.spill_bytes
                 );
                 assert!(
                     u.registers <= REGISTER_BUDGET,
-                    "{} uses {} registers on {sm} ({dtype:?}), budget {REGISTER_BUDGET}",
+                    "{} uses {} registers on {sm} ({label}), budget {REGISTER_BUDGET}",
                     u.kernel,
                     u.registers
                 );

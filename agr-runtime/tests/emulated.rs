@@ -10,7 +10,9 @@ mod common;
 use agr_runtime::golden;
 use agr_runtime::groups::{select, ParamGroups};
 use agr_runtime::optim::{builtin, BUILTINS};
-use agr_runtime::{Device, DynOptimizer, HyperValue, NonFinite, ParamMut, StepError};
+use agr_runtime::{
+    Device, DynOptimizer, HyperValue, NonFinite, ParamMut, Precision, StepError, Storage,
+};
 use common::data;
 
 /// The CUDA device under test: the emulated one, or `$AGR_TEST_DEVICE`.
@@ -695,4 +697,282 @@ fn a_spec_the_device_cannot_run_is_refused_and_stays_on_the_cpu() {
     opt.step_params(&mut [ParamMut::new(&mut w, Some(&[1.0; 4]), &[2, 2])])
         .unwrap();
     assert_eq!(w, vec![0.95; 4]);
+}
+
+// ---- Precision on the device ----
+
+/// The precision modes the device is checked in: (name, parameter storage,
+/// precision; states narrowed where `Some`).
+fn precision_modes() -> Vec<(&'static str, Storage, Precision, Option<Storage>)> {
+    let p = Precision::f32;
+    vec![
+        ("bf16 states", Storage::F32, p(), Some(Storage::Bf16)),
+        ("f16 states", Storage::F32, p(), Some(Storage::F16)),
+        ("bf16 parameters", Storage::Bf16, p(), None),
+        (
+            "bf16 parameters, master, bf16 states",
+            Storage::Bf16,
+            p().with_master(true),
+            Some(Storage::Bf16),
+        ),
+        (
+            "bf16 parameters, stochastic",
+            Storage::Bf16,
+            p().stochastic(7),
+            None,
+        ),
+        (
+            "f16 parameters, master, stochastic",
+            Storage::F16,
+            p().with_master(true).stochastic(9),
+            None,
+        ),
+        (
+            "f16 parameters, bf16 states",
+            Storage::F16,
+            p(),
+            Some(Storage::Bf16),
+        ),
+    ]
+}
+
+/// `precision` with every per-element state of `opt` stored as `states`.
+fn with_states(opt: &dyn DynOptimizer, precision: Precision, states: Option<Storage>) -> Precision {
+    let desc = opt.desc();
+    let Some(kind) = states else {
+        return precision;
+    };
+    desc.states
+        .iter()
+        .enumerate()
+        .filter(|(k, s)| {
+            s.reduced.is_none() && !s.per_tensor && !desc.matrices.iter().any(|m| m.state == *k)
+        })
+        .fold(precision, |p, (_, s)| p.state(s.name, kind))
+}
+
+/// Step `k` over `values` stored as `kind` (narrowed exactly: they are
+/// representable), with a NaN in tensor 1's gradient where `nan`.
+fn step_kind(
+    opt: &mut dyn DynOptimizer,
+    kind: Storage,
+    values: &mut [Vec<f32>],
+    k: usize,
+    nan: bool,
+) {
+    fn via<T: agr_runtime::Element>(
+        values: &mut [Vec<f32>],
+        grads: &[Option<Vec<f32>>],
+        narrow: fn(f32) -> T,
+        step: impl FnOnce(&mut [ParamMut<'_, T>]),
+    ) {
+        let mut vs: Vec<Vec<T>> = values
+            .iter()
+            .map(|v| v.iter().map(|&x| narrow(x)).collect())
+            .collect();
+        let gs: Vec<Option<Vec<T>>> = grads
+            .iter()
+            .map(|g| g.as_ref().map(|g| g.iter().map(|&x| narrow(x)).collect()))
+            .collect();
+        let mut ps: Vec<ParamMut<'_, T>> = vs
+            .iter_mut()
+            .zip(SHAPES)
+            .zip(&gs)
+            .map(|((v, s), g)| ParamMut::new(v, g.as_deref(), s))
+            .collect();
+        step(&mut ps);
+        for (out, v) in values.iter_mut().zip(&vs) {
+            out.iter_mut()
+                .zip(v)
+                .for_each(|(o, &x)| *o = agr_runtime::Element::to_f32(x));
+        }
+    }
+    let grads: Vec<Option<Vec<f32>>> = values
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let mut g = data(v.len(), 31 * k as u64 + i as u64);
+            if nan && i == 1 {
+                g[3] = f32::NAN;
+            }
+            // The 3rd tensor has no gradient every other step.
+            (i != 2 || k % 2 == 0).then_some(g)
+        })
+        .collect();
+    use half::{bf16, f16};
+    match kind {
+        Storage::F32 => {
+            let mut ps: Vec<ParamMut<'_>> = values
+                .iter_mut()
+                .zip(SHAPES)
+                .zip(&grads)
+                .map(|((v, s), g)| ParamMut::new(v, g.as_deref(), s))
+                .collect();
+            opt.step_params(&mut ps).unwrap();
+        }
+        Storage::Bf16 => via(values, &grads, bf16::from_f32, |ps| {
+            opt.step_params_bf16(ps).unwrap();
+        }),
+        Storage::F16 => via(values, &grads, f16::from_f32, |ps| {
+            opt.step_params_f16(ps).unwrap();
+        }),
+        _ => unreachable!(),
+    }
+}
+
+/// The largest difference between `a` and `b` in units of `kind`'s last
+/// place at `b` (f32: one unit is 1e-5 |b| + 1e-6, as [`worst`]).
+fn worst_ulps(a: &[f32], b: &[f32], kind: Storage) -> f64 {
+    let rel = match kind {
+        Storage::Bf16 => 2f64.powi(-8),
+        Storage::F16 => 2f64.powi(-11),
+        _ => 1e-5,
+    };
+    a.iter()
+        .zip(b)
+        .map(|(&x, &y)| (f64::from(x) - f64::from(y)).abs() / (1e-6 + rel * f64::from(y).abs()))
+        .fold(0.0, f64::max)
+}
+
+/// Each built-in in one precision mode (the modes in turn, AdamW in all
+/// of them) steps on the device as on the CPU: bit for bit where the
+/// spec has no reduction (the kernels' arithmetic is the CPU's, and so are
+/// the conversions and the stochastic rounding's random bits); else within
+/// a unit of the storage's last place, as reductions fold in another order.
+/// A non-finite step is skipped in between (stochastic rounding's step
+/// count then comes from the device's skip counter), the optimizer moves
+/// to the device after its first step, and the device's state comes back
+/// through a checkpoint.
+#[test]
+fn precision_modes_step_on_the_device_as_on_the_cpu() {
+    let modes = precision_modes();
+    let mut runs: Vec<(&str, usize)> = BUILTINS
+        .iter()
+        .enumerate()
+        .map(|(j, b)| (b.name, j % modes.len()))
+        .collect();
+    runs.extend((0..modes.len()).map(|m| ("adamw", m)));
+    let mut exact = 0;
+    for (name, m) in runs {
+        let (mode, kind, precision, states) = &modes[m];
+        let b = builtin(name).unwrap();
+        let mut cpu = b.make();
+        let mut emu = b.make();
+        let precision = with_states(&*cpu, precision.clone(), *states);
+        cpu.set_precision(precision.clone()).unwrap();
+        emu.set_precision(precision.clone()).unwrap();
+        cpu.set_non_finite_policy(NonFinite::Skip);
+        emu.set_non_finite_policy(NonFinite::Skip);
+        let narrow = |v: Vec<Vec<f32>>| -> Vec<Vec<f32>> {
+            v.into_iter()
+                .map(|x| match kind {
+                    Storage::Bf16 => x
+                        .iter()
+                        .map(|&y| half::bf16::from_f32(y).to_f32())
+                        .collect(),
+                    Storage::F16 => x.iter().map(|&y| half::f16::from_f32(y).to_f32()).collect(),
+                    _ => x,
+                })
+                .collect()
+        };
+        let (mut vc, mut ve) = (narrow(init(3)), narrow(init(3)));
+        for k in 0..6 {
+            if k == 1 {
+                emu.set_device(dev()).unwrap();
+            }
+            step_kind(&mut *cpu, *kind, &mut vc, k, k == 3);
+            step_kind(&mut *emu, *kind, &mut ve, k, k == 3);
+        }
+        assert_eq!(emu.steps(), 5, "{name}, {mode}");
+        assert_eq!(cpu.steps(), 5, "{name}, {mode}");
+        // No reduction but the finite check (whose result changes no value).
+        let desc = b.make().desc();
+        let bitwise =
+            (0..desc.reductions.len()).all(|r| r == desc.finite_check) && desc.matrices.is_empty();
+        for (i, (e, c)) in ve.iter().zip(&vc).enumerate() {
+            if bitwise {
+                assert!(e == c, "{name}, {mode}: parameter {i} differs");
+            } else {
+                let w = worst_ulps(e, c, *kind);
+                assert!(w <= 1.0, "{name}, {mode}: parameter {i} is {w} units off");
+            }
+        }
+        // The state, through a checkpoint made on the device and loaded
+        // into a CPU optimizer in the same precision.
+        let mut back = b.make();
+        back.set_precision(precision.clone()).unwrap();
+        back.load_checkpoint(&emu.save_checkpoint()).unwrap();
+        for s in b.make().desc().states {
+            let s_kind = precision
+                .states
+                .iter()
+                .find(|(n, _)| n == s.name)
+                .map(|(_, k)| *k);
+            for i in 0..SHAPES.len() {
+                let (a, c) = (back.state_to_host(i, s.name), cpu.state_to_host(i, s.name));
+                assert_eq!(a.is_some(), c.is_some(), "{name}, {mode}: {}", s.name);
+                let (Some(a), Some(c)) = (a, c) else { continue };
+                if bitwise {
+                    assert!(a == c, "{name}, {mode}: state {} of {i} differs", s.name);
+                } else {
+                    let w = worst_ulps(&a, &c, s_kind.unwrap_or(Storage::F32));
+                    assert!(
+                        w <= 1.0,
+                        "{name}, {mode}: state {} of {i}: {w} units off",
+                        s.name
+                    );
+                }
+            }
+        }
+        // And it steps on from there as the CPU does.
+        let mut vb = ve.clone();
+        step_kind(&mut *back, *kind, &mut vb, 6, false);
+        step_kind(&mut *emu, *kind, &mut ve, 6, false);
+        if bitwise {
+            assert!(vb == ve, "{name}, {mode}: resumed on the CPU differs");
+            exact += 1;
+        }
+        println!(
+            "{name}, {mode}: {}",
+            if bitwise {
+                "bit for bit"
+            } else {
+                "within a unit"
+            }
+        );
+    }
+    assert!(exact >= 14, "{exact} runs compared bit for bit");
+}
+
+/// The precision references (`tests/golden/precision`) replay on the
+/// device as on the CPU: torch's bf16 AdamW, fused and foreach, and the
+/// f32 master copy (bit for bit); the 8-bit one stays on the CPU.
+#[test]
+fn precision_references_replay_on_the_device() {
+    let dir = std::env::var_os("AGR_REPO_GOLDEN_DIR").map_or_else(
+        || std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/golden"),
+        std::path::PathBuf::from,
+    );
+    for name in [
+        "adamw_bf16_fused",
+        "adamw_bf16_foreach",
+        "adamw_bf16_master",
+        "adamw_q8",
+    ] {
+        let g = golden::load(&dir.join("precision").join(format!("{name}.json"))).unwrap();
+        let mut opt = builtin(&g.optimizer).unwrap().make();
+        opt.set_device(dev()).unwrap();
+        let r = golden::replay_with(&g, opt);
+        if name.contains("q8") {
+            let e = r.unwrap_err();
+            assert!(e.contains("8-bit (q8/uq8) states"), "{e}");
+            continue;
+        }
+        let r = r.unwrap();
+        println!("{name} on {}: {r}", dev());
+        assert!(r.pass, "{name}: {r}");
+        if name.contains("master") {
+            assert_eq!(r.worst_abs, 0.0, "{name}: {r}");
+        }
+    }
 }

@@ -334,6 +334,81 @@ fn bf16_parameters_step_with_f32_arithmetic() {
     println!("bf16: {n} values within bf16 rounding of the f32 CPU step");
 }
 
+/// bf16 device parameters with an f32 master copy in GPU memory, bf16
+/// moments and stochastic rounding, stepped through `step_raw` five times:
+/// within two bf16 units of the CPU engine in the same precision (the GPU
+/// contracts multiply-adds, so a rounding can flip); the state comes back
+/// through a checkpoint in its storage.
+#[test]
+#[ignore = "needs a CUDA GPU: scripts/gpu-check.sh runs it (--include-ignored)"]
+fn narrowed_states_master_copies_and_stochastic_rounding_on_the_gpu() {
+    use agr_runtime::{Precision, Storage};
+    let stream = gpu();
+    let n = 20_000;
+    let precision = Precision::f32()
+        .with_master(true)
+        .stochastic(11)
+        .state("m", Storage::Bf16)
+        .state("v", Storage::Bf16);
+    let config = AdamWConfig::default().with_lr(1e-2);
+    let init: Vec<u16> = data(n, 1).into_iter().map(to_bf16).collect();
+    let mut d_p = stream.clone_htod(&init).unwrap();
+    let mut opt = on_gpu::<AdamWKernel>(&stream, config.clone(), DType::BF16);
+    opt.set_precision(precision.clone()).unwrap();
+    let mut cpu = AdamW::with_config(config.clone()).unwrap();
+    cpu.set_precision(precision.clone()).unwrap();
+    let mut host: Vec<half::bf16> = init.iter().map(|&x| half::bf16::from_bits(x)).collect();
+    for t in 0..5u64 {
+        let grad: Vec<u16> = data(n, 10 + t).into_iter().map(to_bf16).collect();
+        let d_g = stream.clone_htod(&grad).unwrap();
+        {
+            let (p, _sp) = d_p.device_ptr_mut(&stream);
+            let (g, _sg) = d_g.device_ptr(&stream);
+            let shape = [n];
+            // SAFETY: both buffers hold n bf16 values on this stream.
+            unsafe {
+                opt.step_raw(&[RawCudaParam {
+                    value: p,
+                    grad: Some(g),
+                    shape: &shape,
+                }])
+                .unwrap()
+            };
+        }
+        let g16: Vec<half::bf16> = grad.iter().map(|&x| half::bf16::from_bits(x)).collect();
+        cpu.step_params_of(&mut [ParamMut::new(&mut host, Some(&g16), &[n])])
+            .unwrap();
+    }
+    let out: Vec<f32> = stream
+        .clone_dtoh(&d_p)
+        .unwrap()
+        .into_iter()
+        .map(from_bf16)
+        .collect();
+    let unit = |y: f32| 2.0 * (2f32.powi(-8) * y.abs() + 1e-6);
+    for (x, y) in out.iter().zip(&host) {
+        let y = y.to_f32();
+        assert!((x - y).abs() <= unit(y), "bf16 GPU {x} vs CPU {y}");
+    }
+    // The master copy and the bf16 moments, saved from the GPU.
+    let mut back = AdamW::with_config(config).unwrap();
+    back.set_precision(precision).unwrap();
+    back.load_checkpoint(&opt.save_checkpoint()).unwrap();
+    for name in ["m", "v"] {
+        let (a, c) = (
+            back.state_to_host(0, name).unwrap(),
+            cpu.state_to_host(0, name).unwrap(),
+        );
+        for (x, y) in a.iter().zip(&c) {
+            assert!(
+                (x - y).abs() <= unit(*y),
+                "state {name}: GPU {x} vs CPU {y}"
+            );
+        }
+    }
+    println!("bf16 + master + bf16 moments + stochastic rounding: {n} values within two bf16 units of the CPU");
+}
+
 #[test]
 #[ignore = "needs a CUDA GPU: scripts/gpu-check.sh runs it (--include-ignored)"]
 fn a_non_finite_first_step_leaves_the_gpu_optimizer_as_new() {

@@ -311,30 +311,29 @@ fn misuse_is_an_error_that_changes_nothing() {
     assert!(e.to_string().contains("reduces per row"), "{e}");
     gc.set_precision(Precision::f32().state("m", Storage::Bf16))
         .unwrap();
-    // Narrowed optimizers stay on the CPU and unsharded.
-    opt.set_precision(Precision::f32().state("m", Storage::Bf16))
+    // 8-bit states stay on the CPU; narrowed optimizers are not sharded.
+    opt.set_precision(Precision::f32().state("m", Storage::Q8))
         .unwrap();
     let e = opt
         .set_device(agr_runtime::Device::EmulatedCuda)
         .unwrap_err();
-    assert!(e.to_string().contains("step on the CPU only"), "{e}");
+    assert!(e.to_string().contains("8-bit (q8/uq8) states"), "{e}");
     assert_eq!(opt.device(), agr_runtime::Device::Cpu);
+    opt.set_precision(Precision::f32().state("m", Storage::Bf16))
+        .unwrap();
     let comm = agr_runtime::comm::Threads::group(1).remove(0);
     let e = opt
         .shard(comm, agr_runtime::shard::GradMode::Full)
         .unwrap_err();
     assert!(e.to_string().contains("not sharded"), "{e}");
-    // bf16 parameters on the emulated device are refused before anything runs.
+    // On a device, 8-bit states are refused and nothing changes.
     let mut dev = AdamW::with_config(AdamWConfig::default()).unwrap();
     if dev.set_device(agr_runtime::Device::EmulatedCuda).is_ok() {
-        let mut p = vec![bf16::ONE; 4];
-        let g = vec![bf16::ONE; 4];
         let e = dev
-            .step_params_of(&mut [ParamMut::new(&mut p, Some(&g), &[4])])
+            .set_precision(Precision::f32().state("v", Storage::Uq8))
             .unwrap_err();
-        assert!(e.to_string().contains("bf16 parameters"), "{e}");
-        assert_eq!(dev.steps(), 0);
-        assert!(p.iter().all(|&x| x == bf16::ONE));
+        assert!(e.to_string().contains("8-bit (q8/uq8) states"), "{e}");
+        assert_eq!(dev.state_storage(), vec![Storage::F32; 2]);
     }
 }
 
@@ -433,11 +432,22 @@ fn storage_declared_in_the_spec_is_the_default_precision() {
     ours.set_precision(Precision::f32().state("v", Storage::F32))
         .unwrap();
     assert_eq!(ours.state_storage(), vec![Storage::Bf16, Storage::F32]);
-    // Kept on the CPU, with the reason.
-    let e = ours
+    // A declared 8-bit state keeps the optimizer on the CPU, with the
+    // reason; bf16 moves to the device and steps there as here.
+    let mut q8 = agr_runtime::compile(declared).unwrap().optimizer();
+    let e = q8
         .set_device(agr_runtime::Device::EmulatedCuda)
         .unwrap_err();
-    assert!(e.to_string().contains("step on the CPU only"), "{e}");
+    assert!(e.to_string().contains("8-bit (q8/uq8) states"), "{e}");
+    reference
+        .set_precision(Precision::f32().state("m", Storage::Bf16))
+        .unwrap();
+    if ours.set_device(agr_runtime::Device::EmulatedCuda).is_ok() {
+        step_f32(&mut ours, &mut a, &grads_at(4));
+        step_f32(&mut reference, &mut r, &grads_at(4));
+        assert!(a == r);
+        assert_eq!(ours.state_to_host(0, "m"), reference.state_to_host(0, "m"));
+    }
 }
 
 #[test]

@@ -363,7 +363,8 @@ struct Param {
     buf: String,
     read: bool,
     written: bool,
-    /// `true` for the parameter and gradient (which may be half types).
+    /// `true` for the parameter, the gradient and per-element states, whose
+    /// storage type the host picks (`AGR_P_T`, `AGR_G_T`, `AGR_S<k>_T`).
     typed: bool,
     /// Where its element is: see [`Src`].
     src: Src,
@@ -480,6 +481,7 @@ fn emit_elem_fn(prog: &Program, fname: &str, pass: &PassPlan<'_>, w: &mut W) -> 
             params.push(Param {
                 read,
                 written,
+                typed: s.reduced.is_none(),
                 state: Some(i),
                 src: s.reduced.map_or(Src::Elem, Src::Reduced),
                 ..Param::new(
@@ -621,16 +623,23 @@ fn emit_buffers(f: &ElemFn, w: &mut W) {
             (Src::Elem, None, _) => " + (c.start - T.g_off)",
             _ => "",
         };
+        let cv = if p.written { "" } else { "const " };
         let (ty, src) = match p.state {
-            Some(i) => (
-                if p.written { "float" } else { "const float" },
-                format!("T.st[{i}]"),
-            ),
-            None if p.buf == "P" && p.written => ("AGR_P_T", "T.p".to_string()),
-            None if p.buf == "P" => ("const AGR_P_T", "T.p".to_string()),
-            None => ("const AGR_G_T", "T.g".to_string()),
+            // Per-element states in their storage type, the others f32.
+            Some(i) if p.typed => (format!("AGR_S{i}_T"), format!("(AGR_S{i}_T*)T.st[{i}]")),
+            Some(i) => ("float".into(), format!("T.st[{i}]")),
+            None if p.buf == "P" => ("AGR_P_T".into(), "T.p".to_string()),
+            None => ("AGR_G_T".into(), "T.g".to_string()),
         };
-        w.line(&format!("{ty}* __restrict__ {} = {src}{start};", p.buf));
+        w.line(&format!("{cv}{ty}* __restrict__ {} = {src}{start};", p.buf));
+        if p.buf == "P" {
+            w.line(&format!(
+                "{cv}float* __restrict__ PM = T.master ? T.master + c.start : 0;  // the master copy"
+            ));
+            if p.written {
+                w.line("const AgrRound __round = agr_round(T, c.start);");
+            }
+        }
     }
 }
 
@@ -670,7 +679,9 @@ fn emit_element(
                 ));
             }
             Src::Elem | Src::Reduced(_) if p.read => {
-                if p.typed {
+                if p.buf == "P" {
+                    w.line(&format!("float {} = agr_ld_param(P, PM, i);", p.local));
+                } else if p.typed {
                     w.line(&format!("float {} = agr_ld({}[i]);", p.local, p.buf));
                 } else {
                     w.line(&format!("float {} = {}[{}];", p.local, p.buf, at(p)));
@@ -700,7 +711,9 @@ fn emit_element(
             Some(axis) => p.src == Src::Reduced(axis),
         };
         if p.written && stored {
-            if p.typed {
+            if p.buf == "P" {
+                w.line(&format!("agr_st_param(P, PM, i, {}, __round);", p.local));
+            } else if p.typed {
                 w.line(&format!("agr_st(&{}[i], {});", p.buf, p.local));
             } else {
                 w.line(&format!("{}[{}] = {};", p.buf, at(p), p.local));
@@ -731,8 +744,12 @@ fn emit_loop(prog: &Program, fname: &str, f: &ElemFn, n_out: usize, folds: &[Fol
                 .filter(|p| p.typed)
                 .map(|p| format!("agr_is_f32({})", p.buf)),
         );
+        if f.params.iter().any(|p| p.buf == "P") {
+            cond.push("PM == 0".into());
+        }
         cond.extend(f.params.iter().map(|p| format!("agr_aligned16({})", p.buf)));
-        w.line("// 128-bit loads and stores where every buffer is f32 and aligned.");
+        w.line("// 128-bit loads and stores where every buffer is f32 and aligned (and the");
+        w.line("// parameter has no master copy).");
         w.open(&format!("if ({}) {{", cond.join(" && ")));
         w.open("for (int j = (int)threadIdx.x; j < c.len / 4; j += AGR_BLOCK) {");
         for p in &f.params {

@@ -28,19 +28,52 @@ struct float4 { float x, y, z, w; };
 #define AGR_HD __host__ __device__ __forceinline__
 #endif
 
-// Parameter and gradient element types: float (default), __half or __nv_bfloat16.
-// Arithmetic is always f32, state is always f32, host scalars are f64.
+// Storage types, chosen by the host when it compiles the kernels: the
+// parameter and gradient (AGR_P_T, AGR_G_T) and each per-element state k
+// (AGR_S<k>_T) are float (the default), __half or __nv_bfloat16. Arithmetic
+// is always f32 and host scalars f64; only loads and stores convert.
 #ifndef AGR_P_T
 #define AGR_P_T float
 #endif
 #ifndef AGR_G_T
 #define AGR_G_T float
 #endif
-#if defined(AGR_USE_HALF) && !defined(AGR_HOST_CHECK)
+#ifndef AGR_S0_T
+#define AGR_S0_T float
+#endif
+#ifndef AGR_S1_T
+#define AGR_S1_T float
+#endif
+#ifndef AGR_S2_T
+#define AGR_S2_T float
+#endif
+#ifndef AGR_S3_T
+#define AGR_S3_T float
+#endif
+#ifndef AGR_S4_T
+#define AGR_S4_T float
+#endif
+#ifndef AGR_S5_T
+#define AGR_S5_T float
+#endif
+#ifndef AGR_S6_T
+#define AGR_S6_T float
+#endif
+#ifndef AGR_S7_T
+#define AGR_S7_T float
+#endif
+#ifdef AGR_HOST_CHECK
+// On the host the 16-bit types are their bits; the conversions below are
+// the CPU engine's, bit for bit.
+struct __half { unsigned short x; };
+struct __nv_bfloat16 { unsigned short x; };
+#else
+#if defined(AGR_USE_HALF)
 #include <cuda_fp16.h>
 #endif
-#if defined(AGR_USE_BF16) && !defined(AGR_HOST_CHECK)
+#if defined(AGR_USE_BF16)
 #include <cuda_bf16.h>
+#endif
 #endif
 
 #define AGR_MAX_STATES 8
@@ -83,6 +116,18 @@ struct AgrTensor {
     long long st_off;
     long long g_off;
     long long rows_off;
+    // bf16/f16 parameters: their f32 master copy, stepped in their place
+    // and rounded into them (null: the parameter itself is widened).
+    float* master;
+    // Stochastic rounding of bf16/f16 parameters (sr = 0: to nearest): the
+    // random bits of element e hash (seed, step, param, e), where the step
+    // is sr_step less the steps the device skipped (*sr_skipped), as on the
+    // CPU.
+    unsigned long long sr_seed;
+    long long sr_step;
+    const unsigned* sr_skipped;
+    long long sr_param;
+    long long sr;
 };
 
 __device__ __forceinline__ double agr_tensor_step(const AgrTensor& T) {
@@ -113,16 +158,165 @@ AGR_HD double agr_fold(double a, double b, bool is_max) {
 #endif
 AGR_HD double agr_identity(bool is_max) { return is_max ? AGR_NEG_INF : 0.0; }
 
+// ---- Storage conversions (see the engine's `precision` module) ----
+AGR_HD unsigned agr_f32_bits(float x) {
+    union { float f; unsigned u; } c;
+    c.f = x;
+    return c.u;
+}
+AGR_HD float agr_bits_f32(unsigned u) {
+    union { float f; unsigned u; } c;
+    c.u = u;
+    return c.f;
+}
+// bf16: round to nearest even; a NaN keeps its sign and becomes quiet.
+AGR_HD unsigned short agr_bf16_rn(float v) {
+    const unsigned b = agr_f32_bits(v);
+    if (v != v) return (unsigned short)((b >> 16) | 0x0040u);
+    return (unsigned short)((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
+}
+// f16: round to nearest even (IEEE; the `half` crate's conversion).
+AGR_HD unsigned short agr_f16_rn(float value) {
+    const unsigned x = agr_f32_bits(value);
+    const unsigned sign = x & 0x80000000u, exp = x & 0x7F800000u, man = x & 0x007FFFFFu;
+    if (exp == 0x7F800000u) {
+        const unsigned nan_bit = man == 0 ? 0u : 0x0200u;
+        return (unsigned short)((sign >> 16) | 0x7C00u | nan_bit | (man >> 13));
+    }
+    const unsigned half_sign = sign >> 16;
+    const int half_exp = (int)(exp >> 23) - 127 + 15;
+    if (half_exp >= 0x1F) return (unsigned short)(half_sign | 0x7C00u);
+    if (half_exp <= 0) {
+        if (14 - half_exp > 24) return (unsigned short)half_sign;
+        const unsigned m = man | 0x00800000u;
+        unsigned half_man = m >> (14 - half_exp);
+        const unsigned round_bit = 1u << (13 - half_exp);
+        if ((m & round_bit) != 0 && (m & (3u * round_bit - 1u)) != 0) half_man += 1;
+        return (unsigned short)(half_sign | half_man);
+    }
+    const unsigned out = half_sign | ((unsigned)half_exp << 10) | (man >> 13);
+    const unsigned round_bit = 0x00001000u;
+    if ((man & round_bit) != 0 && (man & (3u * round_bit - 1u)) != 0) return (unsigned short)(out + 1u);
+    return (unsigned short)out;
+}
+// f16 to f32, exactly.
+AGR_HD float agr_f16_f32(unsigned short h) {
+    const unsigned sign = (unsigned)(h & 0x8000u) << 16;
+    const unsigned exp = (h >> 10) & 0x1Fu, man = h & 0x03FFu;
+    if (exp == 0x1Fu) return agr_bits_f32(sign | 0x7F800000u | (man << 13) | (man ? 0x00400000u : 0u));
+    if (exp == 0) {
+        const float mag = (float)man * 5.9604644775390625e-08f;  // 2^-24, exact
+        return sign ? -mag : mag;
+    }
+    return agr_bits_f32(sign | ((exp + 112u) << 23) | (man << 13));
+}
+
+// splitmix64's finaliser, and the random bits of stochastic rounding.
+AGR_HD unsigned long long agr_mix(unsigned long long z) {
+    z += 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+AGR_HD unsigned long long agr_noise_key(unsigned long long seed, unsigned long long step,
+                                        unsigned long long param) {
+    unsigned long long x = seed ^ 0x243F6A8885A308D3ull;
+    x = agr_mix(x ^ (step * 0x9E3779B97F4A7C15ull));
+    return agr_mix(x ^ (param * 0xC2B2AE3D27D4EB4Full));
+}
+// bf16 stochastic rounding with 16 random bits r (torchao's rule).
+AGR_HD unsigned short agr_bf16_sr(float x, unsigned r) {
+    const unsigned bits = agr_f32_bits(x);
+    if ((bits & 0x7F800000u) == 0x7F800000u) return agr_bf16_rn(x);
+    const unsigned down = bits & 0xFFFF0000u;
+    return (unsigned short)(((r & 0xFFFFu) < (bits & 0xFFFFu) ? down + 0x10000u : down) >> 16);
+}
+// f16 stochastic rounding with a uniform u in [0, 1): the upper neighbour
+// with probability (x - lo) / (hi - lo).
+AGR_HD unsigned short agr_f16_sr(float x, double u) {
+    const unsigned short near = agr_f16_rn(x);
+    const float back = agr_f16_f32(near);
+    const bool finite = (agr_f32_bits(x) & 0x7F800000u) != 0x7F800000u;
+    const bool back_finite = (agr_f32_bits(back) & 0x7F800000u) != 0x7F800000u;
+    if (!finite || !back_finite || back == x) return near;
+    const bool away = fabsf(back) < fabsf(x);
+    int mag = (int)(near & 0x7FFFu) + (away ? 1 : -1);
+    if ((near & 0x7FFFu) == 0 && !away) mag = 1;
+    const unsigned short other = (unsigned short)((x < 0.0f ? 0x8000u : 0u) | (unsigned)mag);
+    const unsigned short lo = back < x ? near : other, hi = back < x ? other : near;
+    const double l = (double)agr_f16_f32(lo), h = (double)agr_f16_f32(hi);
+    return u < ((double)x - l) / (h - l) ? hi : lo;
+}
+
+// How a step rounds its parameters: nearest, or stochastically under the
+// key of (seed, step, parameter); e = base + i is the element's index.
+struct AgrRound {
+    bool sr;
+    unsigned long long key;
+    long long base;
+};
+__device__ __forceinline__ AgrRound agr_round(const AgrTensor& T, long long base) {
+    AgrRound r = {T.sr != 0, 0ull, base};
+    if (r.sr) {
+        const unsigned long long skipped = T.sr_skipped ? (unsigned long long)*T.sr_skipped : 0ull;
+        r.key = agr_noise_key(T.sr_seed, (unsigned long long)T.sr_step - skipped,
+                              (unsigned long long)T.sr_param);
+    }
+    return r;
+}
+
 __device__ __forceinline__ float agr_ld(float x) { return x; }
 __device__ __forceinline__ void agr_st(float* at, float v) { *at = v; }
+__device__ __forceinline__ void agr_st_rounded(float* at, float v, const AgrRound&, long long) { *at = v; }
+#ifdef AGR_HOST_CHECK
+inline float agr_ld(__half x) { return agr_f16_f32(x.x); }
+inline void agr_st(__half* at, float v) { at->x = agr_f16_rn(v); }
+inline float agr_ld(__nv_bfloat16 x) { return agr_bits_f32((unsigned)x.x << 16); }
+inline void agr_st(__nv_bfloat16* at, float v) { at->x = agr_bf16_rn(v); }
+inline void agr_st_bits(__half* at, unsigned short b) { at->x = b; }
+inline void agr_st_bits(__nv_bfloat16* at, unsigned short b) { at->x = b; }
+#define AGR_HAS_HALF 1
+#define AGR_HAS_BF16 1
+#else
 #ifdef AGR_USE_HALF
 __device__ __forceinline__ float agr_ld(__half x) { return __half2float(x); }
 __device__ __forceinline__ void agr_st(__half* at, float v) { *at = __float2half_rn(v); }
+__device__ __forceinline__ void agr_st_bits(__half* at, unsigned short b) { *at = __ushort_as_half(b); }
+#define AGR_HAS_HALF 1
 #endif
 #ifdef AGR_USE_BF16
 __device__ __forceinline__ float agr_ld(__nv_bfloat16 x) { return __bfloat162float(x); }
 __device__ __forceinline__ void agr_st(__nv_bfloat16* at, float v) { *at = __float2bfloat16_rn(v); }
+__device__ __forceinline__ void agr_st_bits(__nv_bfloat16* at, unsigned short b) { *at = __ushort_as_bfloat16(b); }
+#define AGR_HAS_BF16 1
 #endif
+#endif
+#ifdef AGR_HAS_HALF
+__device__ __forceinline__ void agr_st_rounded(__half* at, float v, const AgrRound& r, long long i) {
+    if (!r.sr) return agr_st(at, v);
+    const unsigned long long n = agr_mix(r.key ^ (unsigned long long)(r.base + i));
+    agr_st_bits(at, agr_f16_sr(v, (double)(n >> 11) * (1.0 / 9007199254740992.0)));
+}
+#endif
+#ifdef AGR_HAS_BF16
+__device__ __forceinline__ void agr_st_rounded(__nv_bfloat16* at, float v, const AgrRound& r, long long i) {
+    if (!r.sr) return agr_st(at, v);
+    agr_st_bits(at, agr_bf16_sr(v, (unsigned)(agr_mix(r.key ^ (unsigned long long)(r.base + i)) & 0xFFFFull)));
+}
+#endif
+
+// The parameter's element i as the kernels step it: its master copy M
+// where it has one, else the parameter widened; and its new value stored
+// into both, the parameter rounded as the step says.
+template <class P>
+__device__ __forceinline__ float agr_ld_param(const P* p, const float* m, int i) {
+    return m ? m[i] : agr_ld(p[i]);
+}
+template <class P>
+__device__ __forceinline__ void agr_st_param(P* p, float* m, int i, float v, const AgrRound& r) {
+    if (m) m[i] = v;
+    agr_st_rounded(&p[i], v, r, i);
+}
 
 // Whether a buffer holds f32 (the 128-bit path handles f32 only).
 __device__ __forceinline__ bool agr_is_f32(const float*) { return true; }
