@@ -254,20 +254,20 @@ impl StateBuf {
         }
     }
 
-    /// An f32 buffer's values. Reduced and per-tensor states, matrix-block
-    /// buffers and every state on a device are f32 (the planner narrows
-    /// per-element states on the CPU only).
+    /// An f32 buffer's values. Reduced and per-tensor states and
+    /// matrix-block buffers are always f32 (only per-element states are
+    /// narrowed).
     pub(crate) fn f32s(&self) -> &[f32] {
         match self {
             StateBuf::F32(b) => b.as_slice(),
-            _ => unreachable!("only per-element states on the CPU are narrowed"),
+            _ => unreachable!("only per-element states are narrowed"),
         }
     }
 
     pub(crate) fn f32s_mut(&mut self) -> &mut [f32] {
         match self {
             StateBuf::F32(b) => b.as_mut_slice(),
-            _ => unreachable!("only per-element states on the CPU are narrowed"),
+            _ => unreachable!("only per-element states are narrowed"),
         }
     }
 

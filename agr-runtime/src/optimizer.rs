@@ -756,7 +756,8 @@ impl<K: Kernel> Optimizer<K> {
     /// `f32`, `half::bf16` or `half::f16` (one type per call). The
     /// arithmetic is f32 either way; [`Optimizer::set_precision`] says how
     /// bf16/f16 parameters are kept (an f32 master copy or not, how they are
-    /// rounded). bf16/f16 parameters step on the CPU, unsharded.
+    /// rounded). bf16/f16 parameters step on the CPU and on CUDA devices
+    /// (on a GPU: copied there and back, for checks), unsharded.
     pub fn step_params_of<T: Element>(
         &mut self,
         params: &mut [ParamMut<'_, T>],
