@@ -1102,6 +1102,17 @@ impl<K: Kernel> Optimizer<K> {
                             break 'passes Some(desc.non_finite_slot(&sc.reduced, na, nr));
                         }
                     } else {
+                        // An update whose elements are independent of
+                        // each other's position stages in pieces.
+                        let update_write = if desc.factored
+                            || desc.row_reductions > 0
+                            || desc.dim_reductions != [0, 0]
+                            || desc.states.iter().any(|s| s.reduced.is_some())
+                        {
+                            Write::Update
+                        } else {
+                            Write::UpdatePieces
+                        };
                         let run = |item: &Item| {
                             let pt = ptrs[item.slot];
                             let rows =
@@ -1114,7 +1125,7 @@ impl<K: Kernel> Optimizer<K> {
                                     ns,
                                     item.start,
                                     item.len,
-                                    Write::Update,
+                                    update_write,
                                     u32::MAX,
                                     |p, g, st| {
                                         kernel.update(ss, &ts[item.slot], p, g, st, rows, pt.dims)
@@ -1353,7 +1364,17 @@ enum Write {
     Nothing,
     /// The parameter and every narrowed state: the update pass.
     Update,
+    /// As `Update`, for an update whose every element is computed from
+    /// that element alone (no rows, columns or reduced states): staged in
+    /// pieces of [`PIECE`] values, so the scratch stays in the first-level
+    /// cache and every buffer streams from memory at once, as in one fused
+    /// loop. The same bits as one piece.
+    UpdatePieces,
 }
+
+/// Values per piece of a [`Write::UpdatePieces`] update: a q8 block, so a
+/// piece of a block-aligned work item stores whole blocks.
+const PIECE: usize = crate::precision::Q8_BLOCK;
 
 thread_local! {
     /// Each thread's f32 scratch for narrowed buffers (kept between steps).
@@ -1378,14 +1399,41 @@ unsafe fn staged<R>(
     len: usize,
     write: Write,
     reads: u32,
-    f: impl FnOnce(&mut [f32], &[f32], [&mut [f32]; MAX_STATES]) -> R,
+    mut f: impl FnMut(&mut [f32], &[f32], [&mut [f32]; MAX_STATES]) -> R,
 ) -> R {
-    use agr_codegen::backend::{READS_G, READS_P};
-    let nw = pt.narrow;
-    if !nw.any {
+    if !pt.narrow.any {
         let (p, g, st) = chunk_mut(pt, ns, start, len);
         return f(p, g, st);
     }
+    if write == Write::UpdatePieces && len > PIECE {
+        let mut o = 0;
+        loop {
+            let m = PIECE.min(len - o);
+            let r = staged_range(pt, ns, start + o, m, Write::Update, reads, &mut f);
+            o += m;
+            if o == len {
+                return r;
+            }
+        }
+    }
+    staged_range(pt, ns, start, len, write, reads, &mut f)
+}
+
+/// [`staged`] over one range, in one piece.
+///
+/// # Safety
+/// As [`staged`].
+unsafe fn staged_range<R>(
+    pt: Ptrs,
+    ns: usize,
+    start: usize,
+    len: usize,
+    write: Write,
+    reads: u32,
+    f: &mut dyn FnMut(&mut [f32], &[f32], [&mut [f32]; MAX_STATES]) -> R,
+) -> R {
+    use agr_codegen::backend::{READS_G, READS_P};
+    let nw = pt.narrow;
     // Taken, not borrowed: a matrix block's products may run another work
     // item on this thread (rayon), which then takes a fresh buffer.
     let mut buf = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
@@ -1434,7 +1482,7 @@ unsafe fn staged<R>(
         std::slice::from_raw_parts(g, len),
         st,
     );
-    if write == Write::Update {
+    if write != Write::Nothing {
         if !nw.p.is_null() {
             // The new parameter (or the master copy's rounding).
             let words = std::slice::from_raw_parts_mut(nw.p.add(start), len);
