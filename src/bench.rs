@@ -494,6 +494,45 @@ impl Stepper {
         pg + self.opt.state_bytes().state as f64 / n as f64
     }
 
+    /// Bytes per parameter an ideal step moves in this stepper's precision,
+    /// for a spec whose f32 floor reads `reads` and writes `writes` arrays
+    /// (see [`ideal_traffic`]): each state buffer (a master copy included)
+    /// read and written once at its storage's size, the parameter read and
+    /// written once, the gradient read `reads - 1 - states` times, at theirs.
+    /// In f32 this is `4 * (reads + writes)`.
+    pub fn traffic_bytes(&self, (reads, writes): (usize, usize)) -> f64 {
+        let n: usize = self
+            .shapes
+            .iter()
+            .map(|s| s.iter().product::<usize>())
+            .sum();
+        let per_element = self
+            .opt
+            .desc()
+            .states
+            .iter()
+            .filter(|s| s.reduced.is_none() && !s.per_tensor)
+            .count();
+        let state = self.opt.state_bytes().state as f64 / n as f64;
+        let g_reads = reads.saturating_sub(1 + per_element) as f64;
+        let master = self.opt.precision().master && self.bf16.is_some();
+        let (p, g) = if self.bf16.is_some() {
+            (2.0, 2.0)
+        } else {
+            (4.0, 4.0)
+        };
+        // With a master copy the parameter is only written (its rounding);
+        // the master is read and written as state.
+        let p_traffic = if master {
+            p
+        } else if writes > per_element {
+            2.0 * p
+        } else {
+            p
+        };
+        2.0 * state + p_traffic + g * g_reads
+    }
+
     /// One timed step, in milliseconds.
     pub fn run_ms(&mut self) -> Result<f64, String> {
         let start = Instant::now();
@@ -696,6 +735,33 @@ mod tests {
         s.run_ms().unwrap();
         assert!(s.opt.state(0, "buf").is_some() && s.opt.state(1, "m").is_some());
         assert!(muon_pair("adamw").is_none());
+    }
+
+    #[test]
+    fn precision_traffic_counts_each_buffer_at_its_storage_size() {
+        let w = Workload {
+            name: "t",
+            shapes: vec![vec![512], vec![3, 100]],
+        };
+        let rw = ideal_traffic("adamw").unwrap();
+        let traffic = |mode: Option<&str>| {
+            let mut s = Stepper::new("adamw", &w, true).unwrap();
+            if let Some(m) = mode {
+                s = s.with_precision(m).unwrap();
+            }
+            s.run_ms().unwrap();
+            s.traffic_bytes(rw)
+        };
+        // f32: the floor's own arrays, 4 bytes each.
+        assert_eq!(traffic(None), 4.0 * (rw.0 + rw.1) as f64);
+        // bf16 moments: p read and written (8), g read (4), m and v read
+        // and written at 2 bytes (8).
+        assert_eq!(traffic(Some("bf16-state")), 20.0);
+        // bf16 parameters and moments: 4 + 2 + 8.
+        assert_eq!(traffic(Some("bf16-params")), 14.0);
+        // A master copy: f32 m, v and master read and written (24), the
+        // bf16 parameter written (2), the bf16 gradient read (2).
+        assert_eq!(traffic(Some("bf16-params-master")), 28.0);
     }
 }
 

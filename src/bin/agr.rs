@@ -528,9 +528,9 @@ fn bench_precision(
     iters: usize,
     modes: &[String],
 ) -> ExitCode {
-    use agr::bench::{self, Stepper};
+    use agr::bench::{self, Floor, Stepper};
     println!(
-        "threads: {}; each ratio is against the same optimizer in f32 (parameters, gradients, state) timed alternately with it",
+        "threads: {}; ratio_vs_f32: against the same optimizer in f32 (parameters, gradients, state) timed alternately with it; ratio_vs_floor: against the f32 floor kernel, timed alternately with it and scaled by the bytes the mode moves (traffic=, per parameter) over the bytes it moves",
         rayon::current_num_threads()
     );
     for w in bench::workloads()
@@ -544,8 +544,25 @@ fn bench_precision(
                     let mut ours = Stepper::new(name, &w, true)?.with_precision(mode)?;
                     let (ms, base) =
                         bench::interleaved(iters.max(1), || ours.run_ms(), || f32_step.run_ms())?;
+                    let floor = match bench::ideal_traffic(name) {
+                        Some(rw) => {
+                            let mut floor = Floor::new(&w, rw.0, rw.1);
+                            let (ms2, f) = bench::interleaved(
+                                iters.max(1),
+                                || ours.run_ms(),
+                                || Ok(floor.run_ms()),
+                            )?;
+                            let traffic = ours.traffic_bytes(rw);
+                            let scaled = f * traffic / (4.0 * (rw.0 + rw.1) as f64);
+                            format!(
+                                " traffic={traffic:>5.2} floor_ms={scaled:>8.2} ratio_vs_floor={:.2}",
+                                ms2 / scaled
+                            )
+                        }
+                        None => " (no floor defined)".into(),
+                    };
                     println!(
-                        "{name:<12} {:<9} precision={mode:<18} bytes/param={:>5.2} (f32 {:>5.2}) median_ms={ms:>8.2} f32_ms={base:>8.2} ratio_vs_f32={:.2}",
+                        "{name:<12} {:<9} precision={mode:<18} bytes/param={:>5.2} (f32 {:>5.2}) median_ms={ms:>8.2} f32_ms={base:>8.2} ratio_vs_f32={:.2}{floor}",
                         w.name,
                         ours.bytes_per_param(),
                         f32_step.bytes_per_param(),
