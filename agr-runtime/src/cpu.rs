@@ -142,6 +142,65 @@ impl KernelDesc {
 /// The Rust back end implements it for each spec with straight-line loops
 /// (a unit struct, see [`StaticKernel`]); [`crate::compile`] implements it
 /// for a spec read at run time.
+/// One stored value of a buffer an update loop converts as it goes: `f32`
+/// itself, or [`Bf16Bits`].
+pub trait Word: Copy {
+    /// The value, exactly.
+    fn get(self) -> f32;
+    /// `v` stored: bf16 rounds to nearest even (a NaN stays a NaN).
+    fn put(v: f32) -> Self;
+}
+
+impl Word for f32 {
+    #[inline(always)]
+    fn get(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn put(v: f32) -> Self {
+        v
+    }
+}
+
+/// The bits of a bf16 value (`half::bf16`'s), as an update loop stores them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(transparent)]
+pub struct Bf16Bits(pub u16);
+
+impl Word for Bf16Bits {
+    #[inline(always)]
+    fn get(self) -> f32 {
+        f32::from_bits(u32::from(self.0) << 16)
+    }
+    /// Branch-free, so the loop vectorises: the rule of
+    /// `precision::narrow_nearest`, to the bit.
+    #[inline(always)]
+    fn put(v: f32) -> Self {
+        let b = v.to_bits();
+        let rounded = (b.wrapping_add(0x7FFF + ((b >> 16) & 1)) >> 16) as u16;
+        let nan = ((b >> 16) as u16) | 0x0040;
+        Bf16Bits(if v.is_nan() { nan } else { rounded })
+    }
+}
+
+/// A buffer an update writes, as stored.
+pub enum Words<'a> {
+    F32(&'a mut [f32]),
+    Bf16(&'a mut [Bf16Bits]),
+}
+
+impl Default for Words<'_> {
+    fn default() -> Self {
+        Words::F32(&mut [])
+    }
+}
+
+/// A buffer an update reads (the gradient), as stored.
+pub enum WordsRef<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [Bf16Bits]),
+}
+
 pub trait Kernel: 'static + Clone + Send + Sync {
     type Config: HyperConfig + Clone + std::fmt::Debug + Send + Sync;
     type StepScalars: Default + Clone + Send + Sync;
@@ -200,6 +259,28 @@ pub trait Kernel: 'static + Clone + Send + Sync {
         rows: &[f64],
         dims: crate::Dims,
     );
+    /// The update pass over buffers as they are stored: f32 or bf16 words
+    /// (converted in the loop, round-to-nearest-even on the way out), for
+    /// an update whose elements are independent and whose states are all
+    /// per-element. Returns `false`, having done nothing, where this kernel
+    /// has no such loop or not for these storages (the engine then stages
+    /// the buffers through f32 scratch). The same bits as the f32 update on
+    /// the widened values, narrowed after.
+    #[allow(clippy::too_many_arguments)]
+    fn update_words(
+        &self,
+        s: &Self::StepScalars,
+        ts: &Self::TensorScalars,
+        p: Words<'_>,
+        g: WordsRef<'_>,
+        st: [Words<'_>; MAX_STATES],
+        rows: &[f64],
+        dims: crate::Dims,
+    ) -> bool {
+        let _ = (s, ts, p, g, st, rows, dims);
+        false
+    }
+
     /// The new values of the spec's per-tensor states (`per_tensor`), by
     /// state index, from the tensor's scalars after the step's last phase:
     /// the engine stores them once the step has succeeded. (The passes never

@@ -1118,6 +1118,17 @@ impl<K: Kernel> Optimizer<K> {
                             let rows =
                                 unsafe { rows_of(pt, item.start, item.len, desc.row_reductions) };
                             let ss = &sss[slot_group[item.slot]];
+                            // Buffers the kernel's loop converts as it goes
+                            // (bf16 with rounding to nearest): no scratch.
+                            // SAFETY: see `Ptrs`; work items cover disjoint ranges.
+                            if let Some((p, g, st)) =
+                                unsafe { stored_words(pt, ns, item.start, item.len) }
+                            {
+                                let ts = &ts[item.slot];
+                                if kernel.update_words(ss, ts, p, g, st, rows, pt.dims) {
+                                    return;
+                                }
+                            }
                             // SAFETY: see `Ptrs`; work items cover disjoint ranges.
                             unsafe {
                                 staged(
@@ -1417,6 +1428,61 @@ unsafe fn staged<R>(
         }
     }
     staged_range(pt, ns, start, len, write, reads, &mut f)
+}
+
+/// Elements `[start, start + len)` of a tensor with something narrowed, as
+/// [`crate::cpu::Kernel::update_words`] takes them, where every narrowed
+/// buffer is bf16 rounded to nearest (no master copy) and every state a
+/// per-element one; else `None` (the engine stages them).
+///
+/// # Safety
+/// As `chunk_mut`: see [`Ptrs`].
+unsafe fn stored_words<'a>(
+    pt: Ptrs,
+    ns: usize,
+    start: usize,
+    len: usize,
+) -> Option<(
+    crate::cpu::Words<'a>,
+    crate::cpu::WordsRef<'a>,
+    [crate::cpu::Words<'a>; MAX_STATES],
+)> {
+    use crate::cpu::{Bf16Bits, Words, WordsRef};
+    use std::slice::{from_raw_parts, from_raw_parts_mut};
+    let nw = pt.narrow;
+    if !nw.any || nw.master || nw.rounding != crate::precision::Rounding::Nearest {
+        return None;
+    }
+    let half = |ptr: *mut u16| ptr as *mut Bf16Bits;
+    if (!nw.p.is_null() || !nw.g.is_null()) && nw.kind != Storage::Bf16 {
+        return None;
+    }
+    let p = if nw.p.is_null() {
+        Words::F32(from_raw_parts_mut(pt.p.add(start), len))
+    } else {
+        Words::Bf16(from_raw_parts_mut(half(nw.p).add(start), len))
+    };
+    let g = if nw.g.is_null() {
+        WordsRef::F32(from_raw_parts(pt.g.add(start - pt.g_off), len))
+    } else {
+        WordsRef::Bf16(from_raw_parts(
+            half(nw.g as *mut u16).add(start - pt.g_off),
+            len,
+        ))
+    };
+    let mut st: [Words<'a>; MAX_STATES] = Default::default();
+    for (k, s) in st.iter_mut().enumerate().take(ns) {
+        let at = start - pt.st_off;
+        *s = match (nw.st[k].kind, pt.st_len[k]) {
+            (Storage::F32, None) => Words::F32(from_raw_parts_mut(pt.st[k].add(at), len)),
+            (Storage::Bf16, _) => Words::Bf16(from_raw_parts_mut(
+                (nw.st[k].data as *mut Bf16Bits).add(at),
+                len,
+            )),
+            _ => return None,
+        };
+    }
+    Some((p, g, st))
 }
 
 /// [`staged`] over one range, in one piece.

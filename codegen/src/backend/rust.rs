@@ -856,6 +856,10 @@ fn emit_kernel(prog: &Program, embedded: Option<Embedded<'_>>, w: &mut W) {
         w.line(&format!("Self::{f}_body({args})"));
         w.close("}");
     }
+    let words = words_update(prog);
+    if words {
+        emit_words_dispatch(prog, w);
+    }
     if !prog.mats.is_empty() {
         emit_matrix_fn(prog, w);
     }
@@ -883,6 +887,9 @@ fn emit_kernel(prog: &Program, embedded: Option<Embedded<'_>>, w: &mut W) {
     w.line("#[allow(unused_variables, unused_mut, non_snake_case, clippy::all)]");
     w.open(&format!("impl {name}Kernel {{"));
     w.out.push_str(&bw.out);
+    if words {
+        emit_words_bodies(prog, w);
+    }
     for (f, sig, args) in [
         ("reduce", &reduce_sig, reduce_args),
         ("update", &update_sig, update_args),
@@ -894,6 +901,167 @@ fn emit_kernel(prog: &Program, embedded: Option<Embedded<'_>>, w: &mut W) {
         w.line(&format!("Self::{f}_body({args})"));
         w.close("}");
     }
+    w.close("}");
+}
+
+/// Whether the update has a loop over buffers as stored
+/// (`Kernel::update_words`): its elements independent of each other (no
+/// rows, columns, matrix blocks or factored views) and every state
+/// per-element.
+fn words_update(prog: &Program) -> bool {
+    !prog.factored()
+        && prog.row_reductions() == 0
+        && prog.scope_reductions(Scope::Dim(Axis::Last)) == 0
+        && prog.scope_reductions(Scope::Dim(Axis::SecondLast)) == 0
+        && prog.mats.is_empty()
+        && prog
+            .states
+            .iter()
+            .all(|s| s.reduced.is_none() && !s.per_tensor)
+}
+
+/// `Kernel::update_words`: the storages it has loops for, by type: bf16
+/// states with f32 parameters, and bf16 parameters with bf16 or f32 states.
+fn emit_words_dispatch(prog: &Program, w: &mut W) {
+    let name = &prog.name;
+    w.blank();
+    w.open(&format!(
+        "fn update_words(&self, __s: &{name}StepScalars, __ts: &{name}TensorScalars, __p: {RT}::cpu::Words<'_>, __g: {RT}::cpu::WordsRef<'_>, __st: [{RT}::cpu::Words<'_>; {RT}::MAX_STATES], __rows: &[f64], __dims: {RT}::Dims) -> bool {{"
+    ));
+    w.line(&format!(
+        "use {RT}::cpu::{{Bf16Bits as __B, Words as __W, WordsRef as __R}};"
+    ));
+    let states: Vec<String> = prog
+        .states
+        .iter()
+        .map(|s| format!("__state_{}", s.name))
+        .collect();
+    if !states.is_empty() {
+        w.line(&format!("let [{}, ..] = __st;", states.join(", ")));
+    }
+    let pat = |p: &str, s: &str| {
+        let mut v = vec![format!("__W::{p}(__p)"), format!("__R::{p}(__g)")];
+        v.extend(states.iter().map(|n| format!("__W::{s}({n})")));
+        format!("({})", v.join(", "))
+    };
+    let mut scrutinee = vec!["__p".to_string(), "__g".to_string()];
+    scrutinee.extend(states.iter().cloned());
+    let mut args = vec!["__s", "__ts", "__p", "__g"]
+        .into_iter()
+        .map(String::from)
+        .collect::<Vec<_>>();
+    args.extend(states.iter().cloned());
+    let args = args.join(", ");
+    w.open(&format!("match ({}) {{", scrutinee.join(", ")));
+    let arms = if states.is_empty() {
+        vec![("Bf16", "F32", "__B, f32")]
+    } else {
+        vec![
+            ("F32", "Bf16", "f32, __B"),
+            ("Bf16", "Bf16", "__B, __B"),
+            ("Bf16", "F32", "__B, f32"),
+        ]
+    };
+    for (p, st, tys) in arms {
+        w.line(&format!(
+            "{} => Self::update_words_run::<{tys}>({args}),",
+            pat(p, st)
+        ));
+    }
+    w.line("_ => return false,");
+    w.close("}");
+    w.line("true");
+    w.close("}");
+}
+
+/// The update's loop over buffers as stored, generic over the parameter's
+/// and the states' [`Word`](agr_runtime::cpu::Word): the f32 update's lines,
+/// each load through `Word::get` and each store through `Word::put`;
+/// dispatched to an AVX2 build where the CPU has it.
+fn emit_words_bodies(prog: &Program, w: &mut W) {
+    let name = &prog.name;
+    let pass = PassPlan::update(prog);
+    let lp = elem_code(prog, &pass.lp);
+    let mut sig = vec![
+        format!("__s: &{name}StepScalars"),
+        format!("__ts: &{name}TensorScalars"),
+        "__p: &mut [P]".to_string(),
+        "__g: &[P]".to_string(),
+    ];
+    let mut args = vec!["__s", "__ts", "__p", "__g"]
+        .into_iter()
+        .map(String::from)
+        .collect::<Vec<_>>();
+    for s in &prog.states {
+        sig.push(format!("__state_{}: &mut [S]", s.name));
+        args.push(format!("__state_{}", s.name));
+    }
+    let (sig, args) = (sig.join(", "), args.join(", "));
+    let generics = format!("P: {RT}::cpu::Word, S: {RT}::cpu::Word");
+    w.blank();
+    w.line("#[inline(always)]");
+    w.open(&format!("fn update_words_body<{generics}>({sig}) {{"));
+    w.line("let __len = __p.len();");
+    w.line("let __g = &__g[..__len];");
+    for s in &prog.states {
+        w.line(&format!(
+            "let __state_{0} = &mut __state_{0}[..__len];",
+            s.name
+        ));
+    }
+    for h in &lp.hoisted {
+        w.line(h);
+    }
+    let mut loads = vec!["__p[__i]".to_string(), "__g[__i]".to_string()];
+    loads.extend(
+        prog.states
+            .iter()
+            .map(|s| format!("__state_{}[__i]", s.name)),
+    );
+    w.open("for __i in 0..__len {");
+    for b in &lp.body {
+        let line = loads
+            .iter()
+            .find_map(|l| {
+                b.strip_suffix(&format!(" = {l};"))
+                    .map(|lhs| format!("{lhs} = {RT}::cpu::Word::get({l});"))
+            })
+            .unwrap_or_else(|| b.clone());
+        w.line(&line);
+    }
+    if let Some(p) = pass.param_write {
+        w.line(&format!(
+            "__p[__i] = {RT}::cpu::Word::put({});",
+            operand(prog, p, Ctx::Elem)
+        ));
+    }
+    for &(i, value) in &pass.state_writes {
+        w.line(&format!(
+            "__state_{}[__i] = {RT}::cpu::Word::put({});",
+            prog.states[i].name,
+            operand(prog, value, Ctx::Elem)
+        ));
+    }
+    w.close("}");
+    w.close("}");
+    w.blank();
+    w.open(&format!("fn update_words_run<{generics}>({sig}) {{"));
+    w.line("#[cfg(target_arch = \"x86_64\")]");
+    w.open(&format!("if {RT}::cpu::has_avx2() {{"));
+    w.line("// SAFETY: the CPU supports AVX2 (checked at run time).");
+    w.line(&format!(
+        "return unsafe {{ Self::update_words_avx2::<P, S>({args}) }};"
+    ));
+    w.close("}");
+    w.line(&format!("Self::update_words_body::<P, S>({args})"));
+    w.close("}");
+    w.blank();
+    w.line("#[cfg(target_arch = \"x86_64\")]");
+    w.line("#[target_feature(enable = \"avx2\")]");
+    w.open(&format!(
+        "unsafe fn update_words_avx2<{generics}>({sig}) {{"
+    ));
+    w.line(&format!("Self::update_words_body::<P, S>({args})"));
     w.close("}");
 }
 
