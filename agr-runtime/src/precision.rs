@@ -4,10 +4,14 @@
 //!
 //! The kernels a spec compiles to always compute in f32. Where a step's
 //! parameters, gradients or states are stored in fewer bytes, the CPU
-//! engine widens each work item's values into per-thread f32 scratch before
-//! the kernel runs and narrows what the kernel wrote after it (see
-//! [`crate::Optimizer::set_precision`]); with every buffer in f32 the
-//! kernels read and write the buffers in place, as they always have. On a
+//! engine hands an element-wise update its bf16 buffers as they are stored
+//! ([`crate::cpu::Kernel::update_words`]: the loop converts as it loads and
+//! stores), where every narrowed buffer is bf16 rounded to nearest without
+//! a master copy; otherwise it widens each work item's values into
+//! per-thread f32 scratch before the kernel runs and narrows what the
+//! kernel wrote after it (see [`crate::Optimizer::set_precision`]); with
+//! every buffer in f32 the kernels read and write the buffers in place, as
+//! they always have. On a
 //! CUDA device (and the emulated one) the kernels are compiled for the
 //! buffers' types and convert in their loads and stores, with the same
 //! rules and the same random bits; 8-bit states have no kernels and keep
