@@ -149,6 +149,24 @@ pub trait Word: Copy {
     fn get(self) -> f32;
     /// `v` stored: bf16 rounds to nearest even (a NaN stays a NaN).
     fn put(v: f32) -> Self;
+    /// `v` stored as element `i` of an update's parameter, rounded as
+    /// `round` says (stochastic rounding draws element `round.base + i`'s
+    /// random bits).
+    #[inline(always)]
+    fn put_param(v: f32, round: Round, i: usize) -> Self {
+        let _ = (round, i);
+        Self::put(v)
+    }
+}
+
+/// How an update stores bf16 parameters: to nearest, or stochastically
+/// with the random bits of `key` (see `precision::noise_key`) at element
+/// `base + i` of the tensor.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Round {
+    pub stochastic: bool,
+    pub key: u64,
+    pub base: usize,
 }
 
 impl Word for f32 {
@@ -180,6 +198,16 @@ impl Word for Bf16Bits {
         let rounded = (b.wrapping_add(0x7FFF + ((b >> 16) & 1)) >> 16) as u16;
         let nan = ((b >> 16) as u16) | 0x0040;
         Bf16Bits(if v.is_nan() { nan } else { rounded })
+    }
+    /// Stochastic rounding as `precision::narrow` does it, to the bit.
+    #[inline(always)]
+    fn put_param(v: f32, round: Round, i: usize) -> Self {
+        if round.stochastic {
+            let r = crate::precision::noise_at(round.key, round.base + i) as u16;
+            Bf16Bits(crate::precision::bf16_stochastic(v, r))
+        } else {
+            Self::put(v)
+        }
     }
 }
 
@@ -274,10 +302,11 @@ pub trait Kernel: 'static + Clone + Send + Sync {
         p: Words<'_>,
         g: WordsRef<'_>,
         st: [Words<'_>; MAX_STATES],
+        round: Round,
         rows: &[f64],
         dims: crate::Dims,
     ) -> bool {
-        let _ = (s, ts, p, g, st, rows, dims);
+        let _ = (s, ts, p, g, st, round, rows, dims);
         false
     }
 

@@ -1121,11 +1121,11 @@ impl<K: Kernel> Optimizer<K> {
                             // Buffers the kernel's loop converts as it goes
                             // (bf16 with rounding to nearest): no scratch.
                             // SAFETY: see `Ptrs`; work items cover disjoint ranges.
-                            if let Some((p, g, st)) =
+                            if let Some((p, g, st, round)) =
                                 unsafe { stored_words(pt, ns, item.start, item.len) }
                             {
                                 let ts = &ts[item.slot];
-                                if kernel.update_words(ss, ts, p, g, st, rows, pt.dims) {
+                                if kernel.update_words(ss, ts, p, g, st, round, rows, pt.dims) {
                                     return;
                                 }
                             }
@@ -1431,9 +1431,9 @@ unsafe fn staged<R>(
 }
 
 /// Elements `[start, start + len)` of a tensor with something narrowed, as
-/// [`crate::cpu::Kernel::update_words`] takes them, where every narrowed
-/// buffer is bf16 rounded to nearest (no master copy) and every state a
-/// per-element one; else `None` (the engine stages them).
+/// [`crate::cpu::Kernel::update_words`] takes them, with how the parameter
+/// is rounded, where every narrowed buffer is bf16 (no master copy) and
+/// every state a per-element one; else `None` (the engine stages them).
 ///
 /// # Safety
 /// As `chunk_mut`: see [`Ptrs`].
@@ -1446,13 +1446,23 @@ unsafe fn stored_words<'a>(
     crate::cpu::Words<'a>,
     crate::cpu::WordsRef<'a>,
     [crate::cpu::Words<'a>; MAX_STATES],
+    crate::cpu::Round,
 )> {
-    use crate::cpu::{Bf16Bits, Words, WordsRef};
+    use crate::cpu::{Bf16Bits, Round, Words, WordsRef};
     use std::slice::{from_raw_parts, from_raw_parts_mut};
     let nw = pt.narrow;
-    if !nw.any || nw.master || nw.rounding != crate::precision::Rounding::Nearest {
+    if !nw.any || nw.master {
         return None;
     }
+    // The parameter's random bits, as `precision::narrow` draws them.
+    let round = match nw.rounding {
+        crate::precision::Rounding::Stochastic { seed } if !nw.p.is_null() => Round {
+            stochastic: true,
+            key: crate::precision::noise_key(seed, nw.step, nw.index),
+            base: start,
+        },
+        _ => Round::default(),
+    };
     let half = |ptr: *mut u16| ptr as *mut Bf16Bits;
     if (!nw.p.is_null() || !nw.g.is_null()) && nw.kind != Storage::Bf16 {
         return None;
@@ -1482,7 +1492,7 @@ unsafe fn stored_words<'a>(
             _ => return None,
         };
     }
-    Some((p, g, st))
+    Some((p, g, st, round))
 }
 
 /// [`staged`] over one range, in one piece.

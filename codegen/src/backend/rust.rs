@@ -926,7 +926,7 @@ fn emit_words_dispatch(prog: &Program, w: &mut W) {
     let name = &prog.name;
     w.blank();
     w.open(&format!(
-        "fn update_words(&self, __s: &{name}StepScalars, __ts: &{name}TensorScalars, __p: {RT}::cpu::Words<'_>, __g: {RT}::cpu::WordsRef<'_>, __st: [{RT}::cpu::Words<'_>; {RT}::MAX_STATES], __rows: &[f64], __dims: {RT}::Dims) -> bool {{"
+        "fn update_words(&self, __s: &{name}StepScalars, __ts: &{name}TensorScalars, __p: {RT}::cpu::Words<'_>, __g: {RT}::cpu::WordsRef<'_>, __st: [{RT}::cpu::Words<'_>; {RT}::MAX_STATES], __round: {RT}::cpu::Round, __rows: &[f64], __dims: {RT}::Dims) -> bool {{"
     ));
     w.line(&format!(
         "use {RT}::cpu::{{Bf16Bits as __B, Words as __W, WordsRef as __R}};"
@@ -946,7 +946,7 @@ fn emit_words_dispatch(prog: &Program, w: &mut W) {
     };
     let mut scrutinee = vec!["__p".to_string(), "__g".to_string()];
     scrutinee.extend(states.iter().cloned());
-    let mut args = vec!["__s", "__ts", "__p", "__g"]
+    let mut args = vec!["__s", "__ts", "__p", "__g", "__round"]
         .into_iter()
         .map(String::from)
         .collect::<Vec<_>>();
@@ -976,7 +976,8 @@ fn emit_words_dispatch(prog: &Program, w: &mut W) {
 
 /// The update's loop over buffers as stored, generic over the parameter's
 /// and the states' [`Word`](agr_runtime::cpu::Word): the f32 update's lines,
-/// each load through `Word::get` and each store through `Word::put`;
+/// each load through `Word::get` and each store through `Word::put` (the
+/// parameter's through `Word::put_param`, which rounds as `__round` says);
 /// dispatched to an AVX2 build where the CPU has it.
 fn emit_words_bodies(prog: &Program, w: &mut W) {
     let name = &prog.name;
@@ -987,8 +988,9 @@ fn emit_words_bodies(prog: &Program, w: &mut W) {
         format!("__ts: &{name}TensorScalars"),
         "__p: &mut [P]".to_string(),
         "__g: &[P]".to_string(),
+        format!("__round: {RT}::cpu::Round"),
     ];
-    let mut args = vec!["__s", "__ts", "__p", "__g"]
+    let mut args = vec!["__s", "__ts", "__p", "__g", "__round"]
         .into_iter()
         .map(String::from)
         .collect::<Vec<_>>();
@@ -1031,7 +1033,7 @@ fn emit_words_bodies(prog: &Program, w: &mut W) {
     }
     if let Some(p) = pass.param_write {
         w.line(&format!(
-            "__p[__i] = {RT}::cpu::Word::put({});",
+            "__p[__i] = {RT}::cpu::Word::put_param({}, __round, __i);",
             operand(prog, p, Ctx::Elem)
         ));
     }
