@@ -843,14 +843,25 @@ impl TorchStepper {
     }
 
     /// One timed step, in milliseconds (torch's own timing of it).
+    ///
+    /// torch's OpenMP threads keep spinning for a while after a step
+    /// (libgomp's default wait policy, which torch's own timing gains from
+    /// between the parallel regions of one step); a pause after it, not
+    /// timed, lets them go idle before the agr step timed next, which they
+    /// would otherwise take cores from.
     pub fn run_ms(&mut self) -> Result<f64, String> {
         use std::io::Write;
         writeln!(self.to, "{{\"cmd\": \"step\"}}").map_err(|e| format!("torch: {e}"))?;
-        self.answer()?["ms"]
+        let ms = self.answer()?["ms"]
             .as_f64()
-            .ok_or_else(|| "torch: no time in the answer".to_string())
+            .ok_or_else(|| "torch: no time in the answer".to_string())?;
+        std::thread::sleep(std::time::Duration::from_millis(SETTLE_MS));
+        Ok(ms)
     }
 }
+
+/// The untimed pause after each torch step (see [`TorchStepper::run_ms`]).
+pub const SETTLE_MS: u64 = 50;
 
 impl Drop for TorchStepper {
     fn drop(&mut self) {
