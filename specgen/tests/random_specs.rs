@@ -516,7 +516,7 @@ fn bf16_storage_steps_the_same_through_the_printed_loops_and_the_evaluator() {
                 Some(seed) => precision.clone().stochastic(seed),
                 None => precision.clone(),
             };
-            let mut run = |mut opt: Box<dyn DynOptimizer>| -> Vec<u32> {
+            let run = |mut opt: Box<dyn DynOptimizer>| -> Vec<u32> {
                 opt.set_precision(precision.clone()).unwrap();
                 let narrow =
                     |v: &Vec<f32>| -> Vec<bf16> { v.iter().map(|&x| bf16::from_f32(x)).collect() };
