@@ -51,11 +51,17 @@ pub fn workloads() -> Vec<Workload> {
 
 /// Arrays an ideal fused step must read and write per parameter (f32):
 /// every state and the parameter are read and written once, the gradient
-/// read once, plus one more read of the gradient where a reduction over it
-/// must finish before the update (Ψ's Σ|g|).
+/// read once, plus one more read of each array a reduction reads where it
+/// must finish before the update (Ψ's Σ|g|; C-AdamW-AGR's count of its
+/// mask). Every built-in has one but Muon's, whose floor adds its
+/// products' FLOPs (see [`MuonFloor`]).
 pub fn ideal_traffic(name: &str) -> Option<(usize, usize)> {
     Some(match name {
-        "adamw" | "adam" | "lamb" | "adamw_gc" | "nadam" => (4, 3),
+        "adamw" | "adam" | "nadam" => (4, 3),
+        // The row means of g (gradient centralisation), then the update.
+        "adamw_gc" => (5, 3),
+        // ‖p‖ and ‖update‖ (p, g, m, v), then the update (p, g, m, v).
+        "lamb" => (8, 3),
         // p and g for norm(p) and the row and column sums, g for the norm
         // of the update, p and g for the update; writes p (the factored
         // moments are a row and a column per matrix).
@@ -63,7 +69,13 @@ pub fn ideal_traffic(name: &str) -> Option<(usize, usize)> {
         "adamw_agr" | "adamw_agr_m" => (5, 3),
         "adan" => (6, 5),
         "adan_agr" => (7, 5),
-        "sgdm" | "lion" | "rmsprop" | "acprop" => return None,
+        // One state.
+        "sgdm" | "lion" => (3, 2),
+        "sgdm_agr" | "lion_agr" => (4, 2),
+        // Two states, no reduction before the update.
+        "rmsprop" | "acprop" | "adopt" => (4, 3),
+        // Σ|g| (g), then sum(mask) (g, m, v), then the update (p, g, m, v).
+        "cadamw_agr" => (8, 3),
         _ => return None,
     })
 }
@@ -735,6 +747,22 @@ mod tests {
         s.run_ms().unwrap();
         assert!(s.opt.state(0, "buf").is_some() && s.opt.state(1, "m").is_some());
         assert!(muon_pair("adamw").is_none());
+    }
+
+    #[test]
+    fn every_builtin_has_a_floor() {
+        for b in agr_runtime::optim::BUILTINS {
+            let floor = ideal_traffic(b.name);
+            assert_eq!(floor.is_none(), b.name.starts_with("muon"), "{}", b.name);
+            if let Some((r, w)) = floor {
+                // The floor kernels this file has.
+                assert!(
+                    (2..=10).contains(&r) && (1..=5.min(r - 1)).contains(&w),
+                    "{}",
+                    b.name
+                );
+            }
+        }
     }
 
     #[test]
