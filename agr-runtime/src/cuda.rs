@@ -956,25 +956,14 @@ pub(crate) fn step_narrow_host_params<K: Kernel, T: crate::Element>(
         })
         .collect::<Result<Vec<_>, _>>()?;
     let report = {
-        let mut guards = vec![];
-        let mut raw = Vec::with_capacity(params.len());
-        for ((v, g), p) in values.iter_mut().zip(&grads).zip(params.iter()) {
-            let (vp, gv) = v.device_ptr_mut(&stream);
-            guards.push(gv);
-            let gp = match g {
-                Some(g) => {
-                    let (ptr, gg) = g.device_ptr(&stream);
-                    guards.push(gg);
-                    Some(ptr)
-                }
-                None => None,
-            };
-            raw.push(RawParam {
-                value: vp,
-                grad: gp,
-                shape: p.shape,
-            });
-        }
+        let (raw, _guards) = device_pointers(
+            &stream,
+            values
+                .iter_mut()
+                .zip(&grads)
+                .zip(params.iter())
+                .map(|((v, g), p)| (v, g.as_ref(), p.shape)),
+        );
         // SAFETY: buffers just made from the validated host slices, held
         // for the whole step.
         unsafe { opt.step_on_device(&raw, T::STORAGE) }?
@@ -984,6 +973,32 @@ pub(crate) fn step_narrow_host_params<K: Kernel, T: crate::Element>(
         stream.memcpy_dtoh(v, w).map_err(dev)?;
     }
     Ok(report)
+}
+
+/// The device pointers of parameters in cudarc buffers (value, gradient,
+/// shape), as the engine takes them, with the guards that record their use
+/// on `stream` when dropped (keep them until the step is launched).
+fn device_pointers<'b, 's, T: 'b>(
+    stream: &'b Arc<CudaStream>,
+    params: impl Iterator<Item = (&'b mut CudaSlice<T>, Option<&'b CudaSlice<T>>, &'s [usize])>,
+) -> (Vec<RawParam<'s>>, Vec<cudarc::driver::SyncOnDrop<'b>>) {
+    let mut guards = vec![];
+    let mut raw = vec![];
+    for (value, grad, shape) in params {
+        let (v, gv) = value.device_ptr_mut(stream);
+        guards.push(gv);
+        let g = grad.map(|g| {
+            let (ptr, gg) = g.device_ptr(stream);
+            guards.push(gg);
+            ptr
+        });
+        raw.push(RawParam {
+            value: v,
+            grad: g,
+            shape,
+        });
+    }
+    (raw, guards)
 }
 
 /// Validates parameters given as device addresses (lengths from the shapes,
@@ -1084,25 +1099,10 @@ impl<K: Kernel> Optimizer<K> {
             .iter()
             .map(|p| (p.value.len(), p.grad.map(|g| g.len())))
             .collect();
-        let mut guards = vec![];
-        let mut raw = Vec::with_capacity(params.len());
-        for p in params.iter_mut() {
-            let (v, gv) = p.value.device_ptr_mut(&stream);
-            guards.push(gv);
-            let g = match p.grad {
-                Some(g) => {
-                    let (ptr, gg) = g.device_ptr(&stream);
-                    guards.push(gg);
-                    Some(ptr)
-                }
-                None => None,
-            };
-            raw.push(RawParam {
-                value: v,
-                grad: g,
-                shape: p.shape,
-            });
-        }
+        let (raw, _guards) = device_pointers(
+            &stream,
+            params.iter_mut().map(|p| (&mut *p.value, p.grad, p.shape)),
+        );
         validate_raw(self, &raw, Some(&lens))?;
         // SAFETY: the pointers come from live buffers of the lengths just
         // checked, held for the whole step.

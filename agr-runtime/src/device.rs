@@ -1059,6 +1059,15 @@ impl<K: Kernel> Optimizer<K> {
         if matches!(self.exec, Exec::Cuda(_)) {
             return crate::cuda::step_narrow_host_params(self, params);
         }
+        self.step_emulated(params)
+    }
+
+    /// A step of the emulated device over validated host parameters of `T`
+    /// (its memory is host memory).
+    fn step_emulated<T: crate::Element>(
+        &mut self,
+        params: &mut [crate::ParamMut<'_, T>],
+    ) -> Result<StepReport, StepError> {
         let raw: Vec<RawParam<'_>> = params
             .iter_mut()
             .map(|p| RawParam {
@@ -1079,20 +1088,7 @@ impl<K: Kernel> Optimizer<K> {
     ) -> Result<StepReport, StepError> {
         let report = match &self.exec {
             Exec::Cpu => unreachable!("the CPU steps in the engine"),
-            Exec::Emulated(_) => {
-                let raw: Vec<RawParam<'_>> = params
-                    .iter_mut()
-                    .map(|p| RawParam {
-                        value: p.value.as_mut_ptr() as u64,
-                        grad: p.grad.map(|g| g.as_ptr() as u64),
-                        shape: p.shape,
-                    })
-                    .collect();
-                // SAFETY: validated host slices, held `&mut` (values) and `&`
-                // (gradients) for the whole step; the emulated device's
-                // memory is host memory and its launches return when done.
-                unsafe { self.step_on_device(&raw, Storage::F32) }
-            }
+            Exec::Emulated(_) => self.step_emulated(params),
             #[cfg(feature = "cuda")]
             Exec::Cuda(_) => crate::cuda::step_host_params(self, params),
         }?;
